@@ -1,0 +1,271 @@
+"""A throwaway host for the demo and the tests, built from real parts in one folder:
+
+- a private systemd --user manager (its own XDG_RUNTIME_DIR and XDG_CONFIG_HOME),
+- a bare `origin`, a prod clone on `main`, a dev work tree (git worktree) on `dev`,
+  and a `seed` clone where new releases are committed and pushed,
+- the sample app running in both envs as user units, and a config.toml.
+
+Nothing outside the folder is touched except a cgroup of its own under
+/sys/fs/cgroup/unified, removed again by UserManager.stop().
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_APP = REPO_ROOT / "sample_app"
+CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
+
+
+class UserManagerError(RuntimeError):
+    pass
+
+
+class UserManager:
+    """A private `systemd --user`, started in a cgroup it may write."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.runtime = self.root / "run"
+        self.config_home = self.root / "config"
+        self.unit_dir = self.config_home / "systemd" / "user"
+        self.cgroup = CGROUP_ROOT / f"safedeploy-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.proc = None
+
+    @property
+    def env(self):
+        return {"XDG_RUNTIME_DIR": str(self.runtime), "XDG_CONFIG_HOME": str(self.config_home)}
+
+    def start(self, timeout=20):
+        systemd = shutil.which("systemd", path="/lib/systemd:/usr/lib/systemd")
+        if not systemd:
+            raise UserManagerError("no /lib/systemd/systemd on this machine (apt-get install systemd)")
+        self.runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.unit_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            Path("/run/systemd/system").mkdir(parents=True, exist_ok=True)
+            self.cgroup.mkdir()
+        except OSError as exc:
+            raise UserManagerError(f"cannot prepare a cgroup for systemd --user ({exc}); run as root") from exc
+        log = open(self.root / "systemd-user.log", "wb")
+        script = 'echo $$ > "$1/cgroup.procs" && exec "$2" --user'
+        self.proc = subprocess.Popen(["sh", "-c", script, "sh", str(self.cgroup), systemd],
+                                     env={**os.environ, **self.env}, stdout=log, stderr=log,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        state = ""
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            state = self.systemctl("is-system-running", check=False).stdout.strip()
+            if state in ("running", "degraded"):
+                return self
+            time.sleep(0.1)
+        tail = (self.root / "systemd-user.log").read_text(errors="replace")[-400:]
+        self.stop()
+        raise UserManagerError(f"systemd --user did not come up (state {state!r}): {tail}")
+
+    def systemctl(self, *args, check=True, timeout=60):
+        return subprocess.run(["systemctl", "--user", *args], env={**os.environ, **self.env},
+                              capture_output=True, text=True, check=check, timeout=timeout)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.kill_leftovers()
+        remove_cgroup(self.cgroup)
+
+    def kill_leftovers(self):
+        for procs in self.cgroup.rglob("cgroup.procs") if self.cgroup.exists() else []:
+            for pid in procs.read_text().split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def remove_cgroup(path):
+    if not path.exists():
+        return
+    for child in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        for _ in range(50):
+            try:
+                child.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def git(cwd, *args, check=True):
+    env = {**os.environ, "GIT_AUTHOR_NAME": "Sandbox", "GIT_AUTHOR_EMAIL": "sandbox@example.invalid",
+           "GIT_COMMITTER_NAME": "Sandbox", "GIT_COMMITTER_EMAIL": "sandbox@example.invalid",
+           "GIT_TERMINAL_PROMPT": "0"}
+    proc = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)} in {cwd} failed: {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+UNIT_TEMPLATE = """\
+[Unit]
+Description=sample app ({env})
+
+[Service]
+WorkingDirectory={path}
+ExecStart={python} app.py --port {port} --db instance/app.db
+Environment=DEPLOY_STATUS=1
+Restart=on-failure
+RestartSec=0.5
+
+[Install]
+WantedBy=default.target
+"""
+
+CONFIG_TEMPLATE = """\
+# A sandbox host: the sample app in dev and prod.
+[defaults]
+remote = "origin"
+health_path = "/health"
+health_timeout = {health_timeout}
+backup_dir = "backups"
+state_dir = "state"
+
+[env.prod]
+path = "{root}/prod"
+branch = "main"
+port = {prod_port}
+db = "instance/app.db"
+unit = "sample-prod.service"
+promote_from = "dev"
+
+[env.dev]
+path = "{root}/dev"
+branch = "dev"
+port = {dev_port}
+db = "instance/app.db"
+unit = "sample-dev.service"
+"""
+
+
+class Sandbox:
+    """The sample app in dev and prod, on a private user manager, in one folder."""
+
+    def __init__(self, root, manager, health_timeout=10):
+        self.root = Path(root)
+        self.manager = manager
+        self.health_timeout = health_timeout
+        self.ports = {"prod": free_port(), "dev": free_port()}
+        self.config = self.root / "config.toml"
+
+    @property
+    def env(self):
+        """The environment the scripts run with: the private user manager's."""
+        return {**os.environ, **self.manager.env, "NO_COLOR": "1"}
+
+    def path(self, env):
+        return self.root / env
+
+    def unit(self, env):
+        return f"sample-{env}.service"
+
+    def build(self):
+        origin, seed = self.root / "origin.git", self.root / "seed"
+        git(self.root, "init", "--quiet", "--bare", "--initial-branch=main", str(origin))
+        git(self.root, "clone", "--quiet", str(origin), str(seed))
+        shutil.copytree(SAMPLE_APP, seed, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "instance"))
+        git(seed, "checkout", "--quiet", "-B", "main")
+        git(seed, "add", "-A")
+        git(seed, "commit", "--quiet", "-m", "sample app, first release")
+        git(seed, "push", "--quiet", "origin", "main")
+        git(seed, "push", "--quiet", "origin", "main:dev")
+        git(seed, "branch", "--quiet", "--track", "dev", "origin/dev")
+        git(self.root, "clone", "--quiet", "--branch", "main", str(origin), str(self.path("prod")))
+        git(self.path("prod"), "worktree", "add", "--quiet", "-b", "dev", str(self.path("dev")), "origin/dev")
+        for env in ("prod", "dev"):
+            self.write_unit(env)
+        self.config.write_text(CONFIG_TEMPLATE.format(root=self.root, prod_port=self.ports["prod"],
+                                                      dev_port=self.ports["dev"],
+                                                      health_timeout=self.health_timeout))
+        os.chmod(self.config, 0o600)
+        self.manager.systemctl("daemon-reload")
+        for env in ("prod", "dev"):
+            self.manager.systemctl("start", self.unit(env))
+        for env in ("prod", "dev"):
+            self.wait_serving(env)
+        return self
+
+    def write_unit(self, env, **extra):
+        text = UNIT_TEMPLATE.format(env=env, path=self.path(env), python=sys.executable, port=self.ports[env])
+        (self.manager.unit_dir / self.unit(env)).write_text(text)
+
+    def url(self, env, path="/health"):
+        return f"http://127.0.0.1:{self.ports[env]}{path}"
+
+    def wait_serving(self, env, timeout=15):
+        import requests
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(self.url(env), timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"sample app in {env} did not start")
+
+    def release(self, branch, files, message):
+        """Commit files ({name: text}) on branch in the seed clone and push it; return the sha."""
+        seed = self.root / "seed"
+        git(seed, "checkout", "--quiet", branch)
+        git(seed, "pull", "--quiet", "--ff-only", "origin", branch)
+        for name, text in files.items():
+            (seed / name).write_text(text)
+        git(seed, "add", "-A")
+        git(seed, "commit", "--quiet", "-m", message)
+        git(seed, "push", "--quiet", "origin", branch)
+        return git(seed, "rev-parse", "HEAD")
+
+    def merge_to_main(self, ref="origin/dev", message=None):
+        """Promote: merge dev into main in the seed clone and push; return main's sha."""
+        seed = self.root / "seed"
+        git(seed, "fetch", "--quiet", "origin")
+        git(seed, "checkout", "--quiet", "main")
+        git(seed, "pull", "--quiet", "--ff-only", "origin", "main")
+        args = ["merge", "--quiet", "--no-edit", ref] if message is None else \
+            ["merge", "--quiet", "--no-ff", "-m", message, ref]
+        git(seed, *args)
+        git(seed, "push", "--quiet", "origin", "main")
+        return git(seed, "rev-parse", "HEAD")
+
+    def run(self, script, *args, input=None, timeout=180):
+        argv = [sys.executable, str(REPO_ROOT / script), *args, "--config", str(self.config)]
+        return subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout,
+                              input=input, stdin=None if input is not None else subprocess.DEVNULL)
+
+    def stop_units(self):
+        for env in ("prod", "dev"):
+            self.manager.systemctl("stop", self.unit(env), check=False)

@@ -1,0 +1,334 @@
+#!/usr/bin/env python3
+"""deploy.py ENV: put the env's branch (or --ref) live, safely.
+
+The runbook, in order: lock the env; preflight; fetch and pick the target;
+the promotion gate; confirm; tag what runs; back up the database and the unit
+file; move the work tree; run pre_restart; restart the unit; wait for health;
+write REVISION; record the deploy; print the rollback command.
+"""
+
+import getpass
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+from safedeploy import backups, cli, commands, health, units
+from safedeploy.errors import EXIT_HUMAN, EXIT_LOCKED, DeployError, usage_error
+from safedeploy.files import write_atomic
+from safedeploy.gitrepo import Repo
+from safedeploy.state import (EnvLock, StepClock, deploy_log, lock_holder, now_iso, running_commit,
+                              utc_stamp, verified_log)
+
+
+def main():
+    args = parse_arguments()
+    config = cli.load_config(args)
+    env = config.env(args.env)
+    if args.dry_run:
+        return show_plan(config, env, args)
+    with EnvLock(env.state_dir, env.name, "deploy"):
+        plan = prepare(config, env, args)
+        if plan.nothing_to_deploy:
+            cli.say(f"nothing to deploy: {env.name} already runs {plan.target[:12]} ({plan.target_subject})")
+            return 0
+        if env.promote_from:
+            cli.confirm_env(env.name, args.yes, f"deploy {plan.target[:12]}")
+        return carry_out(config, env, plan)
+
+
+def parse_arguments():
+    p = cli.parser("deploy.py", "Deploy the env's branch (or --ref) with a backup, a tag and a health check.",
+                   ["python3 deploy.py dev", "python3 deploy.py prod --dry-run",
+                    "python3 deploy.py prod --ref 3f2a9c1 --yes",
+                    "python3 deploy.py prod --force --reason 'hotfix for login outage'"])
+    p.add_argument("env", metavar="ENV", help="the env to deploy, as named in config.toml")
+    p.add_argument("--ref", help="deploy this commit, tag or branch instead of the env's branch tip")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation (needed without a terminal)")
+    p.add_argument("--dry-run", action="store_true", help="print every step it would take; change nothing")
+    p.add_argument("--no-fetch", action="store_true", help="do not fetch the remote first")
+    p.add_argument("--force", action="store_true", help="deploy past the promotion gate or a non-fast-forward")
+    p.add_argument("--reason", help="why --force is needed (recorded in the deploy log)")
+    args = p.parse_args()
+    if args.force and not (args.reason or "").strip():
+        raise usage_error("--force needs --reason TEXT: the deploy log records why the gate was overridden")
+    if args.reason and not args.force:
+        raise usage_error("--reason goes with --force")
+    return args
+
+
+@dataclass
+class Plan:
+    repo: Repo
+    running: str            # what the env runs: its last deploy's commit, else HEAD
+    head: str
+    target: str
+    target_subject: str
+    unit_file: str
+    fast_forward: bool
+    reason: str = ""
+    forced_because: list = field(default_factory=list)
+
+    @property
+    def nothing_to_deploy(self):
+        return self.target == self.running == self.head
+
+
+# -- preparing: nothing is changed here except fetched remote refs ---------------
+def prepare(config, env, args, fetch=True):
+    repo, unit_state = preflight(env)
+    if fetch and env.remote and not args.no_fetch:
+        repo.fetch(env.remote)
+    head = repo.head()
+    running = running_commit(deploy_log(env).read()) or head
+    target = resolve_target(repo, env, args)
+    plan = Plan(repo=repo, running=running, head=head, target=target,
+                target_subject=repo.subject(target), unit_file=unit_state.fragment_path,
+                fast_forward=repo.is_ancestor(head, target), reason=args.reason or "")
+    if not plan.nothing_to_deploy:
+        check_promotion_gate(config, env, plan, args)
+        check_direction(plan, args)
+    return plan
+
+
+def preflight(env):
+    repo = Repo(env.path)
+    branch = repo.current_branch()
+    if branch != env.branch:
+        raise DeployError(f"{env.path} is on {branch or 'a detached HEAD'}, not on {env.name}'s branch "
+                          f"{env.branch!r}: run `git -C {env.path} switch {env.branch}`")
+    dirty = repo.dirty_files()
+    if dirty:
+        raise DeployError(f"{env.path} has uncommitted changes to tracked files ({', '.join(f.strip() for f in dirty[:3])}"
+                          f"{', ...' if len(dirty) > 3 else ''}): commit or stash them first")
+    unit_state = units.require_known(env.unit)
+    if env.db.exists():
+        need, free = backups.needed_bytes(env.db), backups.free_bytes(env.backup_dir)
+        if free < need:
+            raise DeployError(f"not enough free disk for a backup of {env.db} in {env.backup_dir}: "
+                              f"{free >> 20} MiB free, {need >> 20} MiB needed")
+    return repo, unit_state
+
+
+def resolve_target(repo, env, args):
+    if args.ref:
+        candidates = [args.ref] + ([f"{env.remote}/{args.ref}"] if env.remote else [])
+        for ref in candidates:
+            sha = repo.resolve(ref)
+            if sha:
+                return sha
+        raise usage_error(f"--ref {args.ref!r}: no such commit, tag or branch in {env.path}")
+    ref = f"{env.remote}/{env.branch}" if env.remote else f"refs/heads/{env.branch}"
+    sha = repo.resolve(ref)
+    if not sha:
+        raise DeployError(f"{ref} does not exist in {env.path}: push the branch, or fetch it")
+    return sha
+
+
+def check_promotion_gate(config, env, plan, args):
+    """A promoted env deploys only a tree that its promote_from env verified."""
+    if not env.promote_from:
+        return
+    source = config.env(env.promote_from)
+    verified = verified_log(source.name, source.state_dir).read()
+    tree = plan.repo.tree_of(plan.target)
+    if any(v.get("tree") == tree for v in verified):
+        return
+    if args.force:
+        plan.forced_because.append(f"promotion gate: {plan.target[:12]} was not verified in {source.name}")
+        return
+    last = verified[-1] if verified else None
+    if last:
+        hint = (f"{source.name} last verified {last['commit'][:12]} at {last['time']}; to promote it: "
+                + cli.script_command(config, "deploy.py", env.name, "--ref", last["commit"]))
+    else:
+        hint = (f"nothing has been verified in {source.name} yet: deploy it there and run "
+                + cli.script_command(config, "verify.py", source.name))
+    raise DeployError(f"promotion gate: {plan.target[:12]} ({plan.target_subject}) has not been verified in "
+                      f"{source.name}. {hint} (or override with --force --reason TEXT)")
+
+
+def check_direction(plan, args):
+    if plan.fast_forward:
+        return
+    if args.force:
+        plan.forced_because.append(f"not a fast-forward from {plan.head[:12]}")
+        return
+    raise DeployError(f"{plan.target[:12]} is not a fast-forward of {plan.head[:12]} (the work tree's HEAD): "
+                      "deploying it would leave commits behind; use rollback.py to go back, or --force --reason TEXT")
+
+
+# -- carrying it out ---------------------------------------------------------------
+def carry_out(config, env, plan):
+    clock = StepClock()
+    record = {"kind": "deploy", "env": env.name, "time": now_iso(), "user": user_name(),
+              "from": plan.running, "to": plan.target, "forced": plan.forced_because,
+              "reason": plan.reason}
+    log = deploy_log(env)
+    try:
+        with clock.step("tag"):
+            record["tag"], record["tag_pushed"] = tag_running_commit(env, plan)
+        with clock.step("backup"):
+            backup = back_up(env, plan)
+            record["backup"] = backup.path if backup else None
+    except (DeployError, KeyboardInterrupt) as exc:
+        record.update(result="failed", failed_step=clock.current, error=str(exc) or "interrupted",
+                      steps=clock.seconds, running=plan.running)
+        log.append(record)
+        raise DeployError(f"deploy of {env.name} stopped before any change to what runs "
+                          f"({clock.current} failed: {exc or 'interrupted'}); {env.name} still runs {plan.running[:12]}")
+    try:
+        with clock.step("switch"):
+            switch_work_tree(plan)
+        with clock.step("pre_restart"):
+            commands.run_all(env.pre_restart, env.path, env.command_timeout)
+        with clock.step("restart"):
+            units.restart(env.unit)
+        with clock.step("health"):
+            result = wait_for_health(env)
+        with clock.step("revision"):
+            write_revision(env, plan)
+    except (DeployError, KeyboardInterrupt) as exc:
+        return report_failure_after_switch(config, env, plan, record, clock, exc)
+    with clock.step("record"):
+        record.update(result="ok", running=plan.target, steps=clock.seconds, health=result.describe())
+        log.append(record)
+        mark_verified(env, plan, "deploy")
+    print_summary(config, env, plan, record, backup, result, clock)
+    return 0
+
+
+def user_name():
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
+def tag_running_commit(env, plan):
+    name = f"{env.name}-before-deploy-{utc_stamp()}"
+    message = (f"{env.name} ran {plan.running} on {env.branch} before deploying {plan.target}\n\n"
+               f"commit: {plan.running}\nbranch: {env.branch}\nbackup dir: {env.backup_dir}\n")
+    plan.repo.create_tag(name, plan.running, message)
+    if not env.remote:
+        return name, False
+    try:
+        plan.repo.push_tag(env.remote, name)
+        return name, True
+    except DeployError as exc:
+        cli.err(f"warning: could not push tag {name} to {env.remote} (the deploy goes on): {exc}")
+        return name, False
+
+
+def back_up(env, plan):
+    if not env.db.exists():
+        cli.say(f"note: {env.db} does not exist yet; no database to back up")
+        return None
+    return backups.backup_database(env.db, env.backup_dir, env.name, "pre-deploy",
+                                   commit=plan.running, unit_file=plan.unit_file or None)
+
+
+def switch_work_tree(plan):
+    if plan.head == plan.target:
+        return
+    if plan.fast_forward:
+        plan.repo.fast_forward(plan.target)
+    else:
+        plan.repo.reset_hard(plan.target)
+
+
+def wait_for_health(env):
+    def still_starting():
+        return units.state(env.unit).active in ("active", "activating", "reloading")
+
+    result, waited = health.wait_healthy(env.health_url, env.health_timeout, still_starting)
+    if not result.ok:
+        st = units.state(env.unit)
+        raise DeployError(f"{env.unit} did not turn healthy within {waited:.1f}s: {env.health_url} gave "
+                          f"{result.describe()}; the unit is {st.active} ({st.sub})")
+    return result
+
+
+def write_revision(env, plan):
+    plan.repo.exclude("/REVISION")
+    data = {"commit": plan.target, "env": env.name, "branch": env.branch, "time": now_iso()}
+    write_atomic(env.path / "REVISION", json.dumps(data, indent=2) + "\n", mode=0o644)
+
+
+def mark_verified(env, plan, by):
+    verified_log(env.name, env.state_dir).append(
+        {"time": now_iso(), "commit": plan.target, "tree": plan.repo.tree_of(plan.target), "by": by})
+
+
+def report_failure_after_switch(config, env, plan, record, clock, exc):
+    failed = clock.current
+    record.update(result="failed", failed_step=failed, error=str(exc) or "interrupted", steps=clock.seconds)
+    deploy_log(env).append(record)
+    rollback = cli.script_command(config, "rollback.py", env.name, "--to", record["tag"])
+    lines = [f"error: deploy of {env.name} failed at step {failed}: {exc or 'interrupted by Ctrl-C'}"]
+    output = getattr(exc, "output", "")
+    journal = units.journal_tail(env.unit) if failed in ("restart", "health") else []
+    for extra in (output.splitlines() if output else journal):
+        lines.append(f"  | {extra}")
+    lines.append(f"{env.name} is NOT back as it was: the work tree is at {plan.target[:12]}, "
+                 f"it ran {plan.running[:12]} before (tag {record['tag']}, backup {record.get('backup')}).")
+    lines.append(f"to restore it, run: {rollback}")
+    for line in lines:
+        cli.err(line)
+    return EXIT_HUMAN
+
+
+def print_summary(config, env, plan, record, backup, result, clock):
+    steps = ", ".join(f"{name} {secs:.2f}s" for name, secs in clock.seconds.items())
+    cli.say(f"{cli.paint('deployed', 'green')} {env.name}: {plan.running[:12]} -> {plan.target[:12]} "
+            f"({plan.target_subject}) in {clock.total:.1f}s")
+    cli.say(f"  tag     {record['tag']}{' (pushed)' if record['tag_pushed'] else ''}")
+    cli.say(f"  backup  {backup.path if backup else 'none (no database yet)'}")
+    cli.say(f"  health  {env.health_url}: {result.describe()}")
+    cli.say(f"  steps   {steps}")
+    for why in plan.forced_because:
+        cli.say(f"  forced  {why}")
+    cli.say(f"rollback: {cli.script_command(config, 'rollback.py', env.name, '--to', record['tag'])}")
+
+
+# -- the dry run ---------------------------------------------------------------------
+def show_plan(config, env, args):
+    holder = lock_holder(env.state_dir, env.name)
+    if holder:
+        raise DeployError(f"env {env.name} is locked: {holder}", EXIT_LOCKED)
+    plan = prepare(config, env, args, fetch=False)
+    say = cli.say
+    say(f"dry run: deploy {env.name}, nothing will be changed")
+    if env.remote and not args.no_fetch:
+        say(f"  (the real run fetches first: git -C {env.path} fetch --prune --no-tags {env.remote}; "
+            "this dry run uses what is already fetched)")
+    if plan.nothing_to_deploy:
+        say(f"nothing to deploy: {env.name} already runs {plan.target[:12]} ({plan.target_subject})")
+        return 0
+    stamp = utc_stamp()
+    tag = f"{env.name}-before-deploy-{stamp}"
+    steps = [
+        f"take the lock {env.state_dir / (env.name + '.lock')}",
+        f"confirm by typing {env.name!r} (or --yes)" if env.promote_from else None,
+        f"tag {plan.running[:12]} (what runs) as {tag}: git tag --annotate {tag} {plan.running}",
+        f"push the tag: git push {env.remote} refs/tags/{tag}" if env.remote else None,
+        (f"back up {env.db} (SQLite online backup, integrity_check, sha256) to "
+         f"{env.backup_dir}/{env.name}-{stamp}-pre-deploy.sqlite3, and the unit file {plan.unit_file}")
+        if env.db.exists() else f"no database at {env.db} yet: no backup",
+        (f"move {env.path} to {plan.target[:12]} ({plan.target_subject}): "
+         + (f"git merge --ff-only {plan.target}" if plan.fast_forward else f"git reset --hard {plan.target}")),
+        *[f"run in {env.path}: {' '.join(argv)}" for argv in env.pre_restart],
+        f"restart the unit: systemctl --user restart {env.unit}",
+        f"wait up to {env.health_timeout:g}s for {env.health_url} to answer 2xx/3xx",
+        f"write {env.path / 'REVISION'}",
+        f"record the deploy in {env.state_dir / (env.name + '.deploys.jsonl')}",
+    ]
+    for i, step in enumerate(s for s in steps if s):
+        say(f"  {i + 1:2}. {step}")
+    for why in plan.forced_because:
+        say(f"  forced: {why}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,92 @@
+"""What every script shares: argument parsing, the error boundary, output, confirmation."""
+
+import argparse
+import os
+import shlex
+import sys
+
+from . import config as configmod
+from .errors import EXIT_USAGE, DeployError, usage_error
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line and exit 2."""
+
+    def error(self, message):
+        raise usage_error(f"{self.prog}: {message} (see --help)")
+
+
+def parser(prog, description, examples):
+    p = Parser(prog=prog, description=description,
+               epilog="examples:\n" + "\n".join(f"  {line}" for line in examples),
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE",
+                   help="config file (default: $DEPLOY_CONFIG, else config.toml beside the scripts)")
+    return p
+
+
+def run(main):
+    """Call main(); turn a DeployError into one line on stderr and its exit code."""
+    try:
+        code = main()
+    except DeployError as exc:
+        err(f"error: {exc}")
+        output = getattr(exc, "output", "")
+        if output:
+            err(output)
+        code = exc.code
+    except BrokenPipeError:
+        code = 1
+    sys.exit(code or 0)
+
+
+# -- output ---------------------------------------------------------------
+def use_colour(stream):
+    return stream.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
+def paint(text, colour, stream=None):
+    codes = {"green": "32", "red": "31", "yellow": "33", "bold": "1", "dim": "2"}
+    if use_colour(stream or sys.stdout):
+        return f"\033[{codes[colour]}m{text}\033[0m"
+    return text
+
+
+def mark(ok, stream=None):
+    return paint("PASS", "green", stream) if ok else paint("FAIL", "red", stream)
+
+
+def say(text=""):
+    print(text, flush=True)
+
+
+def err(text):
+    print(paint(text, "red", sys.stderr) if text.startswith("error") else text, file=sys.stderr, flush=True)
+
+
+# -- confirmation -----------------------------------------------------------
+def confirm_env(env, yes, action):
+    """For an env that guards promotion, the operator types its name; no terminal: --yes."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise usage_error(f"{action} on {env} needs confirmation and there is no terminal to ask: add --yes")
+    try:
+        answer = input(f"{action} on {paint(env, 'bold')}: type the env's name to go on: ").strip()
+    except EOFError:
+        answer = ""
+    if answer != env:
+        raise DeployError(f"not confirmed (typed {answer!r}, expected {env!r}); nothing was changed", EXIT_USAGE)
+
+
+# -- commands an operator pastes --------------------------------------------
+def script_command(config, script, *args):
+    """The exact command line to run one of the scripts against this config."""
+    words = ["python3", str(configmod.SCRIPTS_DIR / script), *args]
+    if config.explicit:
+        words += ["--config", str(config.file)]
+    return shlex.join(words)
+
+
+def load_config(args):
+    return configmod.load(args.config)

@@ -1,0 +1,280 @@
+"""Load and validate config.toml (see the contract). Every error names the file and the key."""
+
+import difflib
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import usage_error
+
+SCRIPTS_DIR = Path(__file__).resolve().parent.parent
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
+UNIT_RE = re.compile(r"^[A-Za-z0-9:_.\\@-]+\.service$")
+REMOTE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+DOMAIN_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+# key -> (default, description of the expected value); None default = required.
+ENV_KEYS = {
+    "path": (None, "a folder"),
+    "branch": (None, "a branch name"),
+    "port": (None, "an integer from 1 to 65535"),
+    "db": (None, "a file path"),
+    "unit": (None, "a systemd unit name ending in .service"),
+    "domain": ("", "a host name"),
+    "promote_from": ("", "the name of another env"),
+    "pre_restart": ([], "a list of argv lists, e.g. [[\"venv/bin/pip\", \"install\", \"-r\", \"requirements.txt\"]]"),
+    "remote": ("origin", "a remote name, or \"\" for none"),
+    "health_path": ("/", "a path starting with /"),
+    "health_timeout": (30, "a number of seconds from 1 to 3600"),
+    "command_timeout": (900, "a number of seconds from 1 to 86400"),
+    "backup_dir": ("backups", "a folder"),
+    "state_dir": ("state", "a folder"),
+}
+REQUIRED_ENV_KEYS = [k for k, (default, _) in ENV_KEYS.items() if default is None]
+RETENTION_KEYS = {"daily": 7, "weekly": 4, "monthly": 6}
+TOP_KEYS = ["defaults", "retention", "env"]
+
+
+@dataclass
+class Env:
+    name: str
+    path: Path
+    branch: str
+    port: int
+    db: Path
+    unit: str
+    domain: str
+    promote_from: str
+    pre_restart: list
+    remote: str
+    health_path: str
+    health_timeout: float
+    command_timeout: float
+    backup_dir: Path          # this env's own folder: <backup_dir>/<env>
+    state_dir: Path
+
+    @property
+    def health_url(self):
+        return f"http://127.0.0.1:{self.port}{self.health_path}"
+
+    @property
+    def domain_url(self):
+        return f"https://{self.domain}{self.health_path}" if self.domain else ""
+
+
+@dataclass
+class Config:
+    file: Path
+    envs: dict
+    retention: dict = field(default_factory=lambda: dict(RETENTION_KEYS))
+    explicit: bool = False      # named with --config or $DEPLOY_CONFIG
+
+    def env(self, name):
+        if name not in self.envs:
+            raise usage_error(f"{self.file}: no env named {name!r}{did_you_mean(name, self.envs)}"
+                              f" (envs: {', '.join(self.envs)})")
+        return self.envs[name]
+
+
+def find_config_file(cli_value=None):
+    """--config FILE, else $DEPLOY_CONFIG, else config.toml beside the scripts."""
+    if cli_value:
+        return Path(cli_value), True
+    if os.environ.get("DEPLOY_CONFIG"):
+        return Path(os.environ["DEPLOY_CONFIG"]), True
+    return SCRIPTS_DIR / "config.toml", False
+
+
+def load(cli_value=None):
+    file, explicit = find_config_file(cli_value)
+    file = file.absolute()
+    data = read_toml(file)
+    config = parse(data, file)
+    config.explicit = explicit
+    return config
+
+
+def read_toml(file):
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        raise usage_error(f"{file}: config file not found (use --config FILE or $DEPLOY_CONFIG)") from None
+    except OSError as exc:
+        raise usage_error(f"{file}: cannot read config file: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise usage_error(f"{file}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise usage_error(f"{file}: TOML syntax error: {exc}") from None
+
+
+def did_you_mean(word, choices):
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse(data, file):
+    def fail(key, message):
+        raise usage_error(f"{file}: {key}: {message}")
+
+    for key in data:
+        if key not in TOP_KEYS:
+            fail(key, f"unknown key{did_you_mean(key, TOP_KEYS)}")
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict):
+        fail("defaults", "must be a table: [defaults]")
+    for key in defaults:
+        if key not in ENV_KEYS or key == "path":
+            fail(f"defaults.{key}", f"unknown key{did_you_mean(key, ENV_KEYS)}")
+
+    retention = parse_retention(data.get("retention", {}), fail)
+
+    env_tables = data.get("env")
+    if not env_tables:
+        fail("env", "no environments: add at least one [env.NAME] table")
+    if not isinstance(env_tables, dict):
+        fail("env", "must be tables: [env.NAME]")
+    envs = {}
+    for name, table in env_tables.items():
+        if not NAME_RE.match(name):
+            fail(f"env.{name}", "env names may hold only letters, digits, '-' and '_' (they name files and tags)")
+        if not isinstance(table, dict):
+            fail(f"env.{name}", "must be a table: [env.NAME]")
+        envs[name] = parse_env(name, table, defaults, file.parent, fail)
+    check_across_envs(envs, fail)
+    return Config(file=file, envs=envs, retention=retention)
+
+
+def parse_retention(table, fail):
+    if not isinstance(table, dict):
+        fail("retention", "must be a table: [retention]")
+    retention = dict(RETENTION_KEYS)
+    for key, value in table.items():
+        if key not in RETENTION_KEYS:
+            fail(f"retention.{key}", f"unknown key{did_you_mean(key, RETENTION_KEYS)}")
+        if not is_int(value) or value < 0:
+            fail(f"retention.{key}", f"must be a whole number of backups to keep (0 or more), got {value!r}")
+        retention[key] = value
+    return retention
+
+
+def is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parse_env(name, table, defaults, base, fail):
+    for key in table:
+        if key not in ENV_KEYS:
+            fail(f"env.{name}.{key}", f"unknown key{did_you_mean(key, ENV_KEYS)}")
+    merged = {k: default for k, (default, _) in ENV_KEYS.items() if default is not None}
+    merged.update(defaults)
+    merged.update(table)
+    for key in REQUIRED_ENV_KEYS:
+        if key not in merged:
+            fail(f"env.{name}.{key}", f"missing; expected {ENV_KEYS[key][1]}")
+
+    def key_of(k):
+        return f"env.{name}.{k}" if k in table else f"defaults.{k}"
+
+    def expect(k, ok):
+        if not ok:
+            fail(key_of(k), f"expected {ENV_KEYS[k][1]}, got {merged[k]!r}")
+        return merged[k]
+
+    for k in ("path", "branch", "db", "unit", "domain", "promote_from", "remote",
+              "health_path", "backup_dir", "state_dir"):
+        expect(k, isinstance(merged[k], str))
+    for k in ("path", "db", "backup_dir", "state_dir"):
+        expect(k, merged[k] != "" and "\0" not in merged[k])
+    expect("branch", valid_branch(merged["branch"]))
+    expect("port", is_int(merged["port"]) and 1 <= merged["port"] <= 65535)
+    expect("unit", bool(UNIT_RE.match(merged["unit"])))
+    expect("domain", merged["domain"] == "" or bool(DOMAIN_RE.match(merged["domain"])))
+    expect("promote_from", merged["promote_from"] == "" or bool(NAME_RE.match(merged["promote_from"])))
+    expect("remote", merged["remote"] == "" or bool(REMOTE_RE.match(merged["remote"])))
+    expect("health_path", merged["health_path"].startswith("/") and not any(c.isspace() for c in merged["health_path"]))
+    expect("health_timeout", is_number(merged["health_timeout"]) and 1 <= merged["health_timeout"] <= 3600)
+    expect("command_timeout", is_number(merged["command_timeout"]) and 1 <= merged["command_timeout"] <= 86400)
+    check_pre_restart(merged["pre_restart"], key_of("pre_restart"), fail)
+
+    path = resolve(base, merged["path"])
+    if not path.is_dir():
+        fail(key_of("path"), f"{path} is not an existing folder")
+    return Env(
+        name=name,
+        path=path,
+        branch=merged["branch"],
+        port=merged["port"],
+        db=resolve(path, merged["db"]),
+        unit=merged["unit"],
+        domain=merged["domain"],
+        promote_from=merged["promote_from"],
+        pre_restart=[list(argv) for argv in merged["pre_restart"]],
+        remote=merged["remote"],
+        health_path=merged["health_path"],
+        health_timeout=float(merged["health_timeout"]),
+        command_timeout=float(merged["command_timeout"]),
+        backup_dir=resolve(base, merged["backup_dir"]) / name,
+        state_dir=resolve(base, merged["state_dir"]),
+    )
+
+
+def resolve(base, value):
+    return Path(os.path.normpath(Path(base) / os.path.expanduser(value)))
+
+
+def valid_branch(name):
+    """git check-ref-format rules for a branch name, checked without running git."""
+    if not name or name.startswith(("-", "/", ".")) or name.endswith(("/", ".", ".lock")) or name == "@":
+        return False
+    if ".." in name or "//" in name or "@{" in name or "/." in name:
+        return False
+    return not any(c in name for c in " ~^:?*[\\\t\n\r\x7f") and all(ord(c) >= 32 for c in name)
+
+
+def check_pre_restart(value, key, fail):
+    if not isinstance(value, list):
+        fail(key, f"expected {ENV_KEYS['pre_restart'][1]}, got {value!r}: commands run without a shell, "
+                  "so write each as a list of words")
+    for i, argv in enumerate(value):
+        if not isinstance(argv, list) or not argv or not all(isinstance(w, str) and w for w in argv):
+            fail(f"{key}[{i}]", f"expected a non-empty list of non-empty strings (an argv list, no shell), got {argv!r}")
+
+
+def check_across_envs(envs, fail):
+    for field_name in ("port", "db", "unit"):
+        seen = {}
+        for env in envs.values():
+            value = getattr(env, field_name)
+            if value in seen:
+                fail(f"env.{env.name}.{field_name}", f"{value} is also env {seen[value]}'s; each env needs its own")
+            seen[value] = env.name
+    seen = {}
+    for env in envs.values():
+        real = env.path.resolve()
+        if real in seen:
+            other = envs[seen[real]]
+            if other.branch == env.branch:
+                fail(f"env.{env.name}.path", f"{env.path} is also env {other.name}'s; each env needs its own work tree")
+            fail(f"env.{env.name}.path",
+                 f"{env.path} is also env {other.name}'s work tree, but on branch {other.branch!r}, not "
+                 f"{env.branch!r}: one folder can hold one branch; give {env.name} its own work tree with: "
+                 f"git -C {other.path} worktree add {other.path}-{env.name} {env.branch}")
+        seen[real] = env.name
+    for env in envs.values():
+        if env.promote_from:
+            if env.promote_from == env.name:
+                fail(f"env.{env.name}.promote_from", "an env cannot promote from itself")
+            if env.promote_from not in envs:
+                fail(f"env.{env.name}.promote_from",
+                     f"no env named {env.promote_from!r}{did_you_mean(env.promote_from, envs)}")

@@ -1,0 +1,68 @@
+"""Durable file writes: temp file, fsync, atomic rename, fsync of the folder."""
+
+import errno
+import os
+from pathlib import Path
+
+from .errors import DeployError
+
+
+def fsync_dir(folder):
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_private_dir(folder):
+    """Create folder (and parents) as 0700; tighten it if it is looser."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if folder.stat().st_mode & 0o077:
+        os.chmod(folder, 0o700)
+    return folder
+
+
+def temp_path_for(final):
+    final = Path(final)
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+def write_atomic(path, data, mode=0o600):
+    """Write bytes or str to path so that readers see the old or the new file, never half."""
+    path = Path(path)
+    if isinstance(data, str):
+        data = data.encode()
+    tmp = temp_path_for(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        remove_quietly(tmp)
+        raise disk_error(exc, path) from exc
+
+
+def remove_quietly(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def disk_error(exc, path):
+    """Turn an OSError into a one-line DeployError that says what to do."""
+    if exc.errno == errno.ENOSPC:
+        return DeployError(f"disk full while writing {path}: free some space and run again")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return DeployError(f"cannot write {path}: {exc.strerror}")
+    return DeployError(f"cannot write {path}: {exc.strerror or exc}")

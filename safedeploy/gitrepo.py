@@ -1,0 +1,117 @@
+"""git, through GitPython's command layer: every call an argv list with a timeout,
+never a prompt for a password."""
+
+import os
+
+import git
+
+from .errors import DeployError
+
+GIT_TIMEOUT = 60          # local operations
+NETWORK_TIMEOUT = 120     # fetch and push
+NO_PROMPT = {"GIT_TERMINAL_PROMPT": "0", "GIT_SSH_COMMAND": "ssh -o BatchMode=yes -o ConnectTimeout=20"}
+
+
+class Repo:
+    def __init__(self, path):
+        self.path = path
+        try:
+            self.repo = git.Repo(path)
+        except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+            raise DeployError(f"{path} is not a git work tree") from None
+
+    def run(self, *args, timeout=GIT_TIMEOUT, check=True):
+        """Run `git ARGS` in the work tree; return stdout, or raise DeployError with git's words."""
+        argv = ["git", *args]
+        try:
+            status, out, err = self.repo.git.execute(
+                argv, with_extended_output=True, with_exceptions=False,
+                kill_after_timeout=timeout, env={**os.environ, **NO_PROMPT},
+                strip_newline_in_stdout=True)
+        except git.GitCommandNotFound:
+            raise DeployError("git is not installed (no `git` on PATH)") from None
+        if status != 0 and check:
+            detail = (err or out or f"exit {status}").strip().splitlines()
+            if status == -9 or (status is None):
+                detail = [f"timed out after {timeout}s"]
+            raise DeployError(f"git {' '.join(args)} in {self.path} failed: {detail[-1] if detail else status}")
+        return out if check else (status, out, err)
+
+    # -- reading ---------------------------------------------------------
+    def head(self):
+        return self.run("rev-parse", "--verify", "HEAD")
+
+    def current_branch(self):
+        status, out, _ = self.run("symbolic-ref", "--quiet", "--short", "HEAD", check=False)
+        return out.strip() if status == 0 else None
+
+    def dirty_files(self):
+        """Tracked files with uncommitted changes (untracked files do not count)."""
+        return self.run("status", "--porcelain", "--untracked-files=no").splitlines()
+
+    def resolve(self, ref):
+        """The full commit sha REF names, or None."""
+        if not ref or ref.startswith("-") or any(c in ref for c in "\0\n"):
+            return None
+        status, out, _ = self.run("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False)
+        return out.strip() if status == 0 and out.strip() else None
+
+    def tree_of(self, commit):
+        return self.run("rev-parse", "--verify", f"{commit}^{{tree}}")
+
+    def subject(self, commit):
+        status, out, _ = self.run("log", "-1", "--format=%s", commit, "--", check=False)
+        return out if status == 0 else ""
+
+    def is_ancestor(self, older, newer):
+        status, _, _ = self.run("merge-base", "--is-ancestor", older, newer, check=False)
+        return status == 0
+
+    def tags(self, pattern):
+        """Tags matching a glob, newest first by tag creation date: [(name, commit)]."""
+        out = self.run("for-each-ref", "--sort=-creatordate", "--sort=-refname",
+                       "--format=%(refname:short) %(*objectname)%(objectname)", f"refs/tags/{pattern}")
+        result = []
+        for line in out.splitlines():
+            name, _, shas = line.partition(" ")
+            result.append((name, shas[:40] if len(shas) == 80 else shas))
+        return sorted(result, key=lambda t: t[0], reverse=True)
+
+    def tag_message(self, name):
+        status, out, _ = self.run("tag", "-l", "--format=%(contents)", name, check=False)
+        return out if status == 0 else ""
+
+    def common_dir(self):
+        out = self.run("rev-parse", "--git-common-dir")
+        return os.path.normpath(os.path.join(self.path, out))
+
+    # -- changing ---------------------------------------------------------
+    def fetch(self, remote):
+        self.run("fetch", "--prune", "--no-tags", remote, timeout=NETWORK_TIMEOUT)
+
+    def create_tag(self, name, commit, message):
+        if self.resolve(f"refs/tags/{name}"):
+            raise DeployError(f"tag {name} exists already")
+        self.run("tag", "--annotate", "--message", message, name, commit)
+
+    def push_tag(self, remote, name):
+        self.run("push", "--quiet", remote, f"refs/tags/{name}", timeout=NETWORK_TIMEOUT)
+
+    def fast_forward(self, commit):
+        self.run("merge", "--ff-only", "--quiet", commit)
+
+    def reset_hard(self, commit):
+        self.run("reset", "--hard", "--quiet", commit)
+
+    def exclude(self, pattern):
+        """Keep an untracked file out of `git status` via the repo's info/exclude."""
+        path = os.path.join(self.common_dir(), "info", "exclude")
+        try:
+            with open(path) as fh:
+                lines = fh.read().splitlines()
+        except FileNotFoundError:
+            lines = []
+        if pattern not in lines:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "a") as fh:
+                fh.write(f"{pattern}\n")

@@ -1,0 +1,204 @@
+"""Locks and the deploy log, kept in state_dir.
+
+- <env>.lock: an flock()ed file; the kernel drops the lock when its holder dies,
+  so a dead holder never blocks anyone. The file holds who holds it (pid,
+  command, start time) for the message others see.
+- <env>.deploys.jsonl: one JSON object a line, one line an operation
+  (deploy, rollback, ...), rewritten atomically on each record.
+- <env>.verified.jsonl: the commits and trees verified in the env
+  (by a passing verify.py or a healthy deploy); the promotion gate reads it.
+"""
+
+import fcntl
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .errors import EXIT_LOCKED, DeployError
+from .files import disk_error, make_private_dir, write_atomic
+
+
+def now_iso():
+    return datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def utc_stamp():
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+def parse_time(text):
+    try:
+        value = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def age_seconds(text):
+    value = parse_time(text)
+    return None if value is None else (datetime.now(timezone.utc) - value).total_seconds()
+
+
+def human_age(seconds):
+    if seconds is None:
+        return "unknown age"
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+class EnvLock:
+    """Exclusive lock on one env. Use as a context manager."""
+
+    def __init__(self, state_dir, env, operation, wait=0.0):
+        self.path = Path(state_dir) / f"{env}.lock"
+        self.env = env
+        self.operation = operation
+        self.wait = wait
+        self.fd = None
+
+    def __enter__(self):
+        try:
+            make_private_dir(self.path.parent)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise disk_error(exc, self.path) from exc
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = describe_holder(self.path)
+                    os.close(self.fd)
+                    self.fd = None
+                    raise DeployError(f"env {self.env} is locked: {holder}", EXIT_LOCKED) from None
+                time.sleep(0.2)
+        info = {"pid": os.getpid(), "operation": self.operation,
+                "command": " ".join(sys.argv), "since": now_iso()}
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(info).encode(), 0)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def read_holder(path):
+    try:
+        return json.loads(Path(path).read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def describe_holder(path):
+    info = read_holder(path)
+    if not info:
+        return "another operation is just starting (no holder recorded yet); try again in a moment"
+    return (f"{info.get('operation', 'an operation')} by pid {info.get('pid', '?')} "
+            f"({info.get('command', '?')}) since {info.get('since', '?')}")
+
+
+def lock_holder(state_dir, env):
+    """Who holds the env's lock now, or None. Reads only; creates nothing."""
+    path = Path(state_dir) / f"{env}.lock"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return describe_holder(path)
+    finally:
+        os.close(fd)
+
+
+class JsonLog:
+    """An append-only list of JSON records, rewritten atomically on each append."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def read(self):
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise DeployError(f"cannot read {self.path}: {exc.strerror}") from None
+        records = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue            # a damaged line costs that line, never the log
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
+    def append(self, record):
+        make_private_dir(self.path.parent)
+        try:
+            old = self.path.read_bytes()
+        except FileNotFoundError:
+            old = b""
+        if old and not old.endswith(b"\n"):
+            old += b"\n"
+        write_atomic(self.path, old + json.dumps(record, sort_keys=True).encode() + b"\n")
+
+
+def deploy_log(env):
+    return JsonLog(env.state_dir / f"{env.name}.deploys.jsonl")
+
+
+def verified_log(env_name, state_dir):
+    return JsonLog(Path(state_dir) / f"{env_name}.verified.jsonl")
+
+
+def running_commit(records):
+    """The commit the env runs according to its log (the newest record that says), or None."""
+    for record in reversed(records):
+        if record.get("running"):
+            return record["running"]
+    return None
+
+
+class StepClock:
+    """Times the named steps of an operation; remembers which one was running when it failed."""
+
+    def __init__(self):
+        self.seconds = {}
+        self.current = None
+
+    def step(self, name):
+        clock = self
+
+        class _Step:
+            def __enter__(self):
+                clock.current = name
+                self.start = time.monotonic()
+
+            def __exit__(self, exc_type, *rest):
+                clock.seconds[name] = round(time.monotonic() - self.start, 3)
+                if exc_type is None:
+                    clock.current = None
+                return False
+
+        return _Step()
+
+    @property
+    def total(self):
+        return round(sum(self.seconds.values()), 3)

@@ -1,0 +1,123 @@
+"""systemd --user units, through systemctl and journalctl (argv lists, timeouts)."""
+
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from .errors import DeployError
+
+SYSTEMCTL_TIMEOUT = 30
+RESTART_TIMEOUT = 120
+PROPS = ["LoadState", "ActiveState", "SubState", "FragmentPath", "NRestarts", "MainPID",
+         "ActiveEnterTimestampMonotonic", "NeedDaemonReload", "Result", "ExecMainStatus"]
+
+
+def systemctl(*args, timeout=SYSTEMCTL_TIMEOUT, check=True):
+    argv = ["systemctl", "--user", *args]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise DeployError("systemctl is not installed: this tool needs systemd") from None
+    except subprocess.TimeoutExpired:
+        raise DeployError(f"`{' '.join(argv)}` did not answer within {timeout}s") from None
+    if check and proc.returncode != 0:
+        why = (proc.stderr or proc.stdout).strip().splitlines()
+        raise DeployError(f"`{' '.join(argv)}` failed: {why[-1] if why else f'exit {proc.returncode}'}")
+    return proc
+
+
+@dataclass
+class UnitState:
+    name: str
+    load: str
+    active: str
+    sub: str
+    fragment_path: str
+    restarts: int
+    main_pid: int
+    uptime: float | None
+    need_reload: bool
+    result: str
+
+    @property
+    def is_active(self):
+        return self.active == "active"
+
+    @property
+    def known(self):
+        return self.load == "loaded"
+
+
+def state(unit):
+    proc = systemctl("show", unit, "--property=" + ",".join(PROPS), check=False)
+    if proc.returncode != 0:
+        why = (proc.stderr or "no answer").strip().splitlines()
+        raise DeployError(f"cannot ask the systemd user manager about {unit}: {why[-1] if why else ''}"
+                          " (is `systemctl --user` working for this user? see README: loginctl enable-linger)")
+    props = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    entered = int(props.get("ActiveEnterTimestampMonotonic") or 0)
+    uptime = None
+    if props.get("ActiveState") == "active" and entered:
+        uptime = max(0.0, time.clock_gettime(time.CLOCK_MONOTONIC) - entered / 1e6)
+    return UnitState(
+        name=unit,
+        load=props.get("LoadState", ""),
+        active=props.get("ActiveState", ""),
+        sub=props.get("SubState", ""),
+        fragment_path=props.get("FragmentPath", ""),
+        restarts=int(props.get("NRestarts") or 0),
+        main_pid=int(props.get("MainPID") or 0),
+        uptime=uptime,
+        need_reload=props.get("NeedDaemonReload") == "yes",
+        result=props.get("Result", ""),
+    )
+
+
+def require_known(unit):
+    st = state(unit)
+    if not st.known:
+        raise DeployError(f"the systemd user manager does not know {unit} (LoadState={st.load or 'none'}): "
+                          f"install it in ~/.config/systemd/user/ and run `systemctl --user daemon-reload`")
+    return st
+
+
+def daemon_reload():
+    systemctl("daemon-reload")
+
+
+def restart(unit):
+    """Restart the unit (reloading unit files first if they changed on disk)."""
+    if state(unit).need_reload:
+        daemon_reload()
+    systemctl("restart", unit, timeout=RESTART_TIMEOUT)
+
+
+def stop(unit):
+    systemctl("stop", unit, timeout=RESTART_TIMEOUT)
+
+
+def is_restart_looping(st):
+    """Active but restarted by systemd recently, or waiting to be restarted again."""
+    if st.sub == "auto-restart" or st.active in ("activating", "failed"):
+        return True
+    return st.restarts > 0 and (st.uptime or 0) < 60
+
+
+def journal_tail(unit, lines=10):
+    """The unit's last journal lines, or [] where there is no journal."""
+    try:
+        proc = subprocess.run(["journalctl", "--user", "--unit", unit, "--lines", str(lines),
+                               "--no-pager", "--output", "cat", "--quiet"],
+                              capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line for line in proc.stdout.splitlines() if line.strip()][-lines:]
+
+
+def uptime_text(st):
+    if st.uptime is None:
+        return ""
+    since = datetime.now(timezone.utc).timestamp() - st.uptime
+    return datetime.fromtimestamp(since, timezone.utc).astimezone().isoformat(timespec="seconds")

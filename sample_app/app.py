@@ -1,0 +1,105 @@
+"""A small sample web app for the demo and the tests (standard library only).
+
+It stands in for the operator's Flask app: an HTTP server on a loopback port
+with an SQLite database in WAL mode, a /health route, and /_deploy/status
+reporting the REVISION file that deploy.py writes (when DEPLOY_STATUS=1).
+
+Its behaviour is set by the file MODE beside it, so a test can commit a bad
+release: "ok", "crash" (exits at start), "http500" (health answers 500),
+"nobind" (runs but never listens), "slow SECONDS" (starts late).
+"""
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def read_mode():
+    try:
+        words = (HERE / "MODE").read_text().split()
+    except FileNotFoundError:
+        words = []
+    return (words or ["ok"])[0], words[1:]
+
+
+def open_db(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA busy_timeout = 10000")
+    schema = HERE / "schema.sql"
+    if schema.exists():
+        conn.executescript(schema.read_text())
+    return conn
+
+
+def make_handler(conn, mode):
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/health":
+                conn.execute("SELECT 1").fetchone()
+                return self.reply(500 if mode == "http500" else 200, {"ok": mode != "http500"})
+            if self.path == "/_deploy/status" and os.environ.get("DEPLOY_STATUS") == "1":
+                try:
+                    return self.reply(200, json.loads((HERE / "REVISION").read_text()))
+                except (OSError, ValueError):
+                    return self.reply(404, {"error": "no REVISION"})
+            if self.path == "/":
+                version = (HERE / "VERSION").read_text().strip() if (HERE / "VERSION").exists() else "?"
+                notes = conn.execute("SELECT count(*) FROM notes").fetchone()[0]
+                return self.reply(200, {"app": "sample", "version": version, "notes": notes})
+            return self.reply(404, {"error": "not found"})
+
+        def do_POST(self):
+            if self.path == "/notes":
+                length = int(self.headers.get("Content-Length") or 0)
+                text = self.rfile.read(length).decode(errors="replace")
+                cur = conn.execute("INSERT INTO notes (body) VALUES (?)", (text,))
+                return self.reply(201, {"id": cur.lastrowid})
+            return self.reply(404, {"error": "not found"})
+
+        def reply(self, status, body):
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    return Handler
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--db", default="instance/app.db")
+    args = parser.parse_args()
+    mode, extra = read_mode()
+    print(f"sample app starting: mode={mode} port={args.port}", flush=True)
+    if mode == "crash":
+        print("sample app: crashing on start, as MODE asks", file=sys.stderr, flush=True)
+        sys.exit(3)
+    if mode == "slow":
+        time.sleep(float(extra[0]) if extra else 1.0)
+    conn = open_db(Path(args.db))
+    if mode == "nobind":
+        while True:
+            time.sleep(3600)
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(conn, mode))
+    server.daemon_threads = True
+    print("sample app ready", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
