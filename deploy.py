@@ -10,7 +10,6 @@ write REVISION; record the deploy; print the rollback command.
 import getpass
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 
 from safedeploy import backups, cli, commands, health, units
@@ -209,7 +208,7 @@ def tag_running_commit(env, plan):
     name = f"{env.name}-before-deploy-{utc_stamp()}"
     message = (f"{env.name} ran {plan.running} on {env.branch} before deploying {plan.target}\n\n"
                f"commit: {plan.running}\nbranch: {env.branch}\nbackup dir: {env.backup_dir}\n")
-    plan.repo.create_tag(name, plan.running, message)
+    name = plan.repo.create_tag(name, plan.running, message)
     if not env.remote:
         return name, False
     try:

@@ -158,25 +158,28 @@ path = "{root}/prod"
 branch = "main"
 port = {prod_port}
 db = "instance/app.db"
-unit = "sample-prod.service"
+unit = "{prod_unit}"
 promote_from = "dev"
+{prod_extra}
 
 [env.dev]
 path = "{root}/dev"
 branch = "dev"
 port = {dev_port}
 db = "instance/app.db"
-unit = "sample-dev.service"
+unit = "{dev_unit}"
+{dev_extra}
 """
 
 
 class Sandbox:
     """The sample app in dev and prod, on a private user manager, in one folder."""
 
-    def __init__(self, root, manager, health_timeout=10):
+    def __init__(self, root, manager, health_timeout=10, name="sample"):
         self.root = Path(root)
         self.manager = manager
         self.health_timeout = health_timeout
+        self.name = name
         self.ports = {"prod": free_port(), "dev": free_port()}
         self.config = self.root / "config.toml"
 
@@ -189,7 +192,7 @@ class Sandbox:
         return self.root / env
 
     def unit(self, env):
-        return f"sample-{env}.service"
+        return f"{self.name}-{env}.service"
 
     def build(self):
         origin, seed = self.root / "origin.git", self.root / "seed"
@@ -207,10 +210,7 @@ class Sandbox:
         git(self.path("prod"), "worktree", "add", "--quiet", "-b", "dev", str(self.path("dev")), "origin/dev")
         for env in ("prod", "dev"):
             self.write_unit(env)
-        self.config.write_text(CONFIG_TEMPLATE.format(root=self.root, prod_port=self.ports["prod"],
-                                                      dev_port=self.ports["dev"],
-                                                      health_timeout=self.health_timeout))
-        os.chmod(self.config, 0o600)
+        self.write_config()
         self.manager.systemctl("daemon-reload")
         for env in ("prod", "dev"):
             self.manager.systemctl("start", self.unit(env))
@@ -218,7 +218,15 @@ class Sandbox:
             self.wait_serving(env)
         return self
 
-    def write_unit(self, env, **extra):
+    def write_config(self, **extra):
+        """(Re)write config.toml; extra={"dev": 'pre_restart = [["false"]]'} adds lines to an env."""
+        self.config.write_text(CONFIG_TEMPLATE.format(
+            root=self.root, prod_port=self.ports["prod"], dev_port=self.ports["dev"],
+            prod_unit=self.unit("prod"), dev_unit=self.unit("dev"), health_timeout=self.health_timeout,
+            prod_extra=extra.get("prod", ""), dev_extra=extra.get("dev", "")))
+        os.chmod(self.config, 0o600)
+
+    def write_unit(self, env):
         text = UNIT_TEMPLATE.format(env=env, path=self.path(env), python=sys.executable, port=self.ports[env])
         (self.manager.unit_dir / self.unit(env)).write_text(text)
 
@@ -269,3 +277,8 @@ class Sandbox:
     def stop_units(self):
         for env in ("prod", "dev"):
             self.manager.systemctl("stop", self.unit(env), check=False)
+            (self.manager.unit_dir / self.unit(env)).unlink(missing_ok=True)
+        self.manager.systemctl("daemon-reload", check=False)
+
+    def head(self, env):
+        return git(self.path(env), "rev-parse", "HEAD")

@@ -2,6 +2,7 @@
 never a prompt for a password."""
 
 import os
+import socket
 
 import git
 
@@ -22,7 +23,7 @@ class Repo:
 
     def run(self, *args, timeout=GIT_TIMEOUT, check=True):
         """Run `git ARGS` in the work tree; return stdout, or raise DeployError with git's words."""
-        argv = ["git", *args]
+        argv = ["git", "--no-optional-locks", *args]   # reads never rewrite the index
         try:
             status, out, err = self.repo.git.execute(
                 argv, with_extended_output=True, with_exceptions=False,
@@ -90,9 +91,21 @@ class Repo:
         self.run("fetch", "--prune", "--no-tags", remote, timeout=NETWORK_TIMEOUT)
 
     def create_tag(self, name, commit, message):
-        if self.resolve(f"refs/tags/{name}"):
-            raise DeployError(f"tag {name} exists already")
-        self.run("tag", "--annotate", "--message", message, name, commit)
+        """Create an annotated tag; NAME-2, NAME-3, ... when NAME is taken. Returns the name used."""
+        base, n = name, 1
+        while self.resolve(f"refs/tags/{name}"):
+            n += 1
+            name = f"{base}-{n}"
+        self.run(*self.identity(), "tag", "--annotate", "--message", message, name, commit)
+        return name
+
+    def identity(self):
+        """-c options naming the tagger when git has no user configured (a service account)."""
+        status, out, _ = self.run("config", "user.email", check=False)
+        if status == 0 and out.strip():
+            return []
+        user = os.environ.get("USER") or "operator"
+        return ["-c", f"user.name=safe-deploy ({user})", "-c", f"user.email={user}@{socket.gethostname()}"]
 
     def push_tag(self, remote, name):
         self.run("push", "--quiet", remote, f"refs/tags/{name}", timeout=NETWORK_TIMEOUT)

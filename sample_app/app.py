@@ -40,7 +40,7 @@ def open_db(path):
     return conn
 
 
-def make_handler(conn, mode):
+def make_handler(conn, mode, version):
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
             if self.path == "/health":
@@ -52,7 +52,6 @@ def make_handler(conn, mode):
                 except (OSError, ValueError):
                     return self.reply(404, {"error": "no REVISION"})
             if self.path == "/":
-                version = (HERE / "VERSION").read_text().strip() if (HERE / "VERSION").exists() else "?"
                 notes = conn.execute("SELECT count(*) FROM notes").fetchone()[0]
                 return self.reply(200, {"app": "sample", "version": version, "notes": notes})
             return self.reply(404, {"error": "not found"})
@@ -91,11 +90,12 @@ def main():
         sys.exit(3)
     if mode == "slow":
         time.sleep(float(extra[0]) if extra else 1.0)
+    version = (HERE / "VERSION").read_text().strip() if (HERE / "VERSION").exists() else "?"
     conn = open_db(Path(args.db))
     if mode == "nobind":
         while True:
             time.sleep(3600)
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(conn, mode))
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(conn, mode, version))
     server.daemon_threads = True
     print("sample app ready", flush=True)
     server.serve_forever()

@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""status.py [ENV]: every env at a glance, with the exact rollback command to paste.
+
+For each env: the unit's state and uptime, the commit it runs (subject, branch),
+the last deploy and its result, the last backup and its age, HTTP health and
+latency, a lock held by a running operation, and the rollback command. The envs
+are looked at in parallel, with short timeouts. Exit 0 when every env shown is
+active and healthy, 1 otherwise (so monitoring can use it), 2 on a config error.
+"""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+from safedeploy import backups, cli, health, units
+from safedeploy.errors import EXIT_FAILED, DeployError
+from safedeploy.gitrepo import Repo
+from safedeploy.state import age_seconds, deploy_log, human_age, lock_holder, running_commit
+
+HEALTH_TIMEOUT = 2.0
+
+
+def main():
+    args = parse_arguments()
+    config = cli.load_config(args)
+    envs = [config.env(args.env)] if args.env else list(config.envs.values())
+    with ThreadPoolExecutor(max_workers=max(1, len(envs))) as pool:
+        reports = dict(zip((e.name for e in envs), pool.map(lambda e: look_at(config, e), envs)))
+    show(reports, args.json)
+    return 0 if all(r["unit"]["active"] and r["health"]["ok"] for r in reports.values()) else EXIT_FAILED
+
+
+def parse_arguments():
+    p = cli.parser("status.py", "Show every env at a glance, with the rollback command to paste.",
+                   ["python3 status.py", "python3 status.py prod --json"])
+    p.add_argument("env", metavar="ENV", nargs="?", help="show only this env")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return p.parse_args()
+
+
+def look_at(config, env):
+    """Everything status shows about one env; a part that cannot be read says why."""
+    report = {"commit": None, "subject": "", "branch": None, "unit": {"active": False, "state": "unknown"},
+              "health": {"ok": False, "status": None, "ms": None}, "last_deploy": None, "last_backup": None,
+              "rollback": None, "lock": lock_holder(env.state_dir, env.name), "problems": []}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        probe = pool.submit(health.check, env.health_url, HEALTH_TIMEOUT)
+        for part in (unit_part, code_part, log_part, backup_part):
+            try:
+                report.update(part(config, env))
+            except DeployError as exc:
+                report["problems"].append(str(exc))
+        result = probe.result()
+    report["health"] = {"ok": result.ok, "status": result.status, "ms": result.ms, "url": env.health_url}
+    if result.error:
+        report["health"]["error"] = result.error
+    return report
+
+
+def unit_part(config, env):
+    st = units.state(env.unit)
+    return {"unit": {"active": st.is_active, "state": st.active, "sub": st.sub, "name": env.unit,
+                     "since": units.uptime_text(st) or None, "restarts": st.restarts,
+                     "looping": units.is_restart_looping(st) if st.is_active else False}}
+
+
+def code_part(config, env):
+    repo = Repo(env.path)
+    records = deploy_log(env).read()
+    head = repo.head()
+    commit = running_commit(records) or head
+    part = {"commit": commit, "subject": repo.subject(commit), "branch": repo.current_branch(), "head": head}
+    tags = repo.tags(f"{env.name}-before-deploy-*")
+    if tags:
+        part["rollback"] = cli.script_command(config, "rollback.py", env.name, "--to", tags[0][0])
+    return part
+
+
+def log_part(config, env):
+    records = [r for r in deploy_log(env).read() if r.get("kind") == "deploy"]
+    return {"last_deploy": records[-1] if records else None}
+
+
+def backup_part(config, env):
+    found = backups.list_backups(env.backup_dir)
+    if not found:
+        return {"last_backup": None}
+    newest = found[0]
+    return {"last_backup": {"path": newest.path, "time": newest.time, "reason": newest.reason,
+                            "age_seconds": age_seconds(newest.time)}}
+
+
+def show(reports, as_json):
+    if as_json:
+        print(json.dumps({"envs": reports}, indent=2))
+        return
+    for name, r in reports.items():
+        unit, h = r["unit"], r["health"]
+        good = unit["active"] and h["ok"]
+        cli.say(cli.paint(f"== {name} ", "bold") + (cli.paint("OK", "green") if good else cli.paint("PROBLEM", "red")))
+        since = f" since {unit['since']}" if unit.get("since") else ""
+        loop = " RESTART-LOOPING" if unit.get("looping") else ""
+        cli.say(f"  unit      {unit.get('name', '?')}: {unit['state']} ({unit.get('sub', '?')}){since}{loop}")
+        if r["commit"]:
+            moved = f" (work tree at {r['head'][:12]}!)" if r.get("head") and r["head"] != r["commit"] else ""
+            cli.say(f"  commit    {r['commit'][:12]} {r['subject']} [{r['branch']}]{moved}")
+        health_text = f"HTTP {h['status']} in {h['ms']:.0f} ms" if h["status"] else h.get("error", "no answer")
+        cli.say(f"  health    {h.get('url', '')}: {health_text}")
+        d = r["last_deploy"]
+        if d:
+            cli.say(f"  deploy    {d.get('time')} {d.get('result')}: {str(d.get('from'))[:12]} -> "
+                    f"{str(d.get('to'))[:12]} by {d.get('user')}"
+                    + (f" (failed at {d.get('failed_step')})" if d.get("result") != "ok" else ""))
+        else:
+            cli.say("  deploy    none recorded")
+        b = r["last_backup"]
+        cli.say(f"  backup    {b['path']} ({b['reason']}, {human_age(b['age_seconds'])})" if b else "  backup    none")
+        if r["lock"]:
+            cli.say(f"  lock      {r['lock']}")
+        for problem in r["problems"]:
+            cli.say(cli.paint(f"  problem   {problem}", "red"))
+        cli.say(f"  rollback  {r['rollback'] or 'no rollback point yet (the first deploy makes one)'}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,151 @@
+"""config.toml: the shipped example, good configs, and bad ones (exit 2, one line naming file and key)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from safedeploy import config
+from safedeploy.errors import DeployError
+
+from helpers import listing, one_line_error
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path, text):
+    (tmp_path / "prod").mkdir(exist_ok=True)
+    (tmp_path / "dev").mkdir(exist_ok=True)
+    f = tmp_path / "config.toml"
+    f.write_bytes(text.encode() if isinstance(text, str) else text)
+    return f
+
+
+GOOD = """
+[defaults]
+health_path = "/health"
+
+[retention]
+daily = 3
+
+[env.prod]
+path = "prod"
+branch = "main"
+port = 8000
+db = "instance/app.db"
+unit = "app.service"
+promote_from = "dev"
+pre_restart = [["venv/bin/pip", "install", "-r", "requirements.txt"]]
+
+[env.dev]
+path = "dev"
+branch = "dev"
+port = 8001
+db = "/srv/dev.db"
+unit = "app-dev.service"
+remote = ""
+"""
+
+
+def test_good_config_resolves_paths_and_defaults(tmp_path):
+    cfg = config.load(str(write(tmp_path, GOOD)))
+    prod, dev = cfg.envs["prod"], cfg.envs["dev"]
+    assert prod.path == tmp_path / "prod"
+    assert prod.db == tmp_path / "prod" / "instance" / "app.db"
+    assert dev.db == Path("/srv/dev.db")
+    assert prod.backup_dir == tmp_path / "backups" / "prod"
+    assert prod.state_dir == tmp_path / "state"
+    assert prod.remote == "origin" and dev.remote == ""
+    assert prod.health_url == "http://127.0.0.1:8000/health"
+    assert prod.health_timeout == 30
+    assert cfg.retention == {"daily": 3, "weekly": 4, "monthly": 6}
+    assert prod.pre_restart == [["venv/bin/pip", "install", "-r", "requirements.txt"]]
+
+
+def test_shipped_config_is_the_seed_host():
+    data = config.read_toml(ROOT / "config.toml")
+    assert data["env"]["prod"]["branch"] == "main" and data["env"]["prod"]["port"] == 8000
+    assert data["env"]["dev"]["unit"] == "datatracker-dev.service"
+    # it is valid apart from the seed host's folders, which do not exist here
+    with pytest.raises(DeployError, match=r"env\.prod\.path: /home/ubuntu/datatracker is not an existing folder"):
+        config.parse(data, ROOT / "config.toml")
+
+
+def test_config_found_by_env_variable(tmp_path, monkeypatch):
+    f = write(tmp_path, GOOD)
+    monkeypatch.setenv("DEPLOY_CONFIG", str(f))
+    cfg = config.load()
+    assert cfg.file == f and cfg.explicit
+
+
+BAD = [
+    ("", r"env: no environments"),
+    ("[env.prod\n", r"TOML syntax error"),
+    (GOOD.replace("port = 8000", "port = 70000"), r"env\.prod\.port: expected an integer from 1 to 65535"),
+    (GOOD.replace("port = 8000", 'port = "8000"'), r"env\.prod\.port"),
+    (GOOD.replace("port = 8000", "port = true"), r"env\.prod\.port"),
+    (GOOD.replace("port = 8001", "port = 8000"), r"env\.dev\.port: 8000 is also env prod's"),
+    (GOOD.replace('unit = "app-dev.service"', 'unit = "app.service"'), r"env\.dev\.unit: .*also env prod's"),
+    (GOOD.replace('unit = "app.service"', 'unit = "app"'), r"env\.prod\.unit: expected a systemd unit name"),
+    (GOOD.replace('branch = "main"\n', ""), r"env\.prod\.branch: missing"),
+    (GOOD.replace("brach", "x").replace('branch = "dev"', 'brnch = "dev"'), r"env\.dev\.brnch: unknown key \(did you mean 'branch'\?\)"),
+    (GOOD.replace("[retention]", "[retension]"), r"retension: unknown key \(did you mean 'retention'\?\)"),
+    (GOOD.replace("daily = 3", "daily = -1"), r"retention\.daily"),
+    (GOOD.replace('health_path = "/health"', 'health_pth = "/health"'), r"defaults\.health_pth: unknown key \(did you mean 'health_path'\?\)"),
+    (GOOD.replace('health_path = "/health"', 'health_path = "health"'), r"defaults\.health_path"),
+    (GOOD.replace('[["venv/bin/pip", "install", "-r", "requirements.txt"]]', '"pip install -r requirements.txt"'),
+     r"env\.prod\.pre_restart: .*without a shell"),
+    (GOOD.replace('[["venv/bin/pip", "install", "-r", "requirements.txt"]]', '[[]]'), r"env\.prod\.pre_restart\[0\]"),
+    (GOOD.replace('promote_from = "dev"', 'promote_from = "stage"'), r"env\.prod\.promote_from: no env named 'stage'"),
+    (GOOD.replace('promote_from = "dev"', 'promote_from = "prod"'), r"promote_from: an env cannot promote from itself"),
+    (GOOD.replace("[env.dev]", "[env.'dev;rm -rf']"), r"env\.dev;rm -rf: env names may hold only"),
+    (GOOD.replace("[env.dev]", "[env.'../x']"), r"env names may hold only"),
+    (GOOD.replace('branch = "dev"', 'branch = "de..v"'), r"env\.dev\.branch"),
+    (GOOD.replace('path = "dev"', 'path = "nowhere"'), r"env\.dev\.path: .*nowhere is not an existing folder"),
+    (GOOD.replace('path = "dev"', 'path = "prod"').replace('db = "/srv/dev.db"', 'db = "x.db"'),
+     r"env\.dev\.path: .*also env prod's work tree, but on branch 'main', not 'dev'.*git -C .*prod worktree add .*prod-dev dev"),
+    (GOOD.replace("health_timeout", "x").replace('[defaults]', '[defaults]\nhealth_timeout = 0'), r"defaults\.health_timeout"),
+    (GOOD.replace('remote = ""', 'remote = "a b"'), r"env\.dev\.remote"),
+    (GOOD + "\n[extra]\n", r"extra: unknown key"),
+    (b"[env.prod]\npath = \"\xff\"\n", r"not UTF-8"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD, ids=[f"bad{i}" for i in range(len(BAD))])
+def test_bad_config_is_refused_naming_file_and_key(tmp_path, text, message):
+    f = write(tmp_path, text)
+    with pytest.raises(DeployError, match=message) as info:
+        config.load(str(f))
+    assert info.value.code == 2
+    assert str(f) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("script", ["deploy.py", "verify.py", "status.py", "rollback.py", "backup.py"])
+def test_scripts_report_a_bad_config_in_one_line_and_change_nothing(tmp_path, script):
+    f = write(tmp_path, GOOD.replace("port = 8000", "port = 0"))
+    before = listing(tmp_path)
+    args = [] if script in ("status.py", "backup.py") else ["prod"]
+    if script == "backup.py":
+        args = ["--all"]
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args, "--config", str(f)],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2
+    line = one_line_error(proc)
+    assert str(f) in line and "env.prod.port" in line
+    assert listing(tmp_path) == before
+
+
+def test_missing_config_file_is_a_usage_error(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "status.py"), "--config", str(tmp_path / "none.toml")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "config file not found" in one_line_error(proc)
+
+
+@pytest.mark.parametrize("script", ["deploy.py", "verify.py", "status.py", "rollback.py", "backup.py"])
+def test_help_has_an_example(script):
+    proc = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    assert f"python3 {script}" in proc.stdout and "--config" in proc.stdout

@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""verify.py ENV: the checklist that says an env is good, with an exit code scripts can trust.
+
+Checks, in order: the unit is active and not restart-looping; HTTP health on the
+port; HTTPS on the domain with a valid certificate (when a domain is set); the
+work tree at the last deployed commit, clean, on its branch; PRAGMA quick_check
+of the database; the newest backup present, younger than a day and matching its
+checksum; a before-deploy tag to roll back to. Exit 0 only when all pass; then
+the commit's tree is recorded as verified in this env (the promotion gate reads it).
+"""
+
+import json
+import sqlite3
+from dataclasses import asdict, dataclass
+
+from safedeploy import backups, cli, health, units
+from safedeploy.errors import EXIT_FAILED, DeployError
+from safedeploy.gitrepo import Repo
+from safedeploy.state import age_seconds, deploy_log, human_age, now_iso, running_commit, verified_log
+
+MAX_BACKUP_AGE = 24 * 3600
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def main():
+    args = parse_arguments()
+    config = cli.load_config(args)
+    env = config.env(args.env)
+    checks = run_checks(env)
+    ok = all(c.ok for c in checks)
+    if ok:
+        record_verified(env)
+    show(env, checks, ok, args.json)
+    return 0 if ok else EXIT_FAILED
+
+
+def parse_arguments():
+    p = cli.parser("verify.py", "Check that an env is healthy; exit 0 only when every check passes.",
+                   ["python3 verify.py dev", "python3 verify.py prod --json"])
+    p.add_argument("env", metavar="ENV", help="the env to check, as named in config.toml")
+    p.add_argument("--json", action="store_true", help="print the checklist as JSON")
+    return p.parse_args()
+
+
+def run_checks(env):
+    return [guarded(name, fn, env) for name, fn in (
+        ("unit", check_unit), ("health", check_health), ("domain", check_domain),
+        ("commit", check_commit), ("database", check_database), ("backup", check_backup),
+        ("rollback point", check_rollback_point))]
+
+
+def guarded(name, fn, env):
+    """A check that cannot run fails with the reason; it never stops the checklist."""
+    try:
+        ok, detail = fn(env)
+    except DeployError as exc:
+        ok, detail = False, str(exc)
+    return Check(name, ok, detail)
+
+
+def check_unit(env):
+    st = units.state(env.unit)
+    if not st.known:
+        return False, f"{env.unit} is not known to the user manager ({st.load})"
+    detail = f"{env.unit} is {st.active} ({st.sub}), {st.restarts} automatic restarts"
+    if not st.is_active:
+        return False, detail
+    if units.is_restart_looping(st):
+        return False, detail + f", up only {st.uptime or 0:.0f}s: restart-looping"
+    return True, detail + (f", up {human_age(st.uptime).removesuffix(' ago')}" if st.uptime is not None else "")
+
+
+def check_health(env):
+    result = health.check(env.health_url, timeout=5)
+    return result.ok, f"{env.health_url}: {result.describe()}"
+
+
+def check_domain(env):
+    if not env.domain:
+        return True, "no domain set for this env: skipped"
+    result = health.check(env.domain_url, timeout=10, verify=True)
+    return result.ok, f"{env.domain_url}: {result.describe()}"
+
+
+def check_commit(env):
+    repo = Repo(env.path)
+    head, branch, dirty = repo.head(), repo.current_branch(), repo.dirty_files()
+    problems = []
+    if branch != env.branch:
+        problems.append(f"on {branch or 'a detached HEAD'}, not {env.branch}")
+    if dirty:
+        problems.append(f"{len(dirty)} tracked files changed")
+    deployed = running_commit(deploy_log(env).read())
+    if deployed and deployed != head:
+        problems.append(f"HEAD {head[:12]} is not the last deployed commit {deployed[:12]}")
+    where = f"{head[:12]} ({repo.subject(head)}) on {branch}"
+    if problems:
+        return False, f"{where}: " + "; ".join(problems)
+    return True, where + ("" if deployed else ", no deploy recorded yet")
+
+
+def check_database(env):
+    try:
+        conn = backups.open_readonly(env.db)
+        try:
+            verdict = backups.integrity(conn, quick=True)
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        return False, f"{env.db}: cannot open: {exc}"
+    return verdict == "ok", f"{env.db}: quick_check {verdict}"
+
+
+def check_backup(env):
+    found = backups.list_backups(env.backup_dir)
+    if not found:
+        return False, f"no backup in {env.backup_dir}: run python3 backup.py {env.name}"
+    newest = found[0]
+    age = age_seconds(newest.time)
+    verdict = backups.verify_backup(newest)
+    if verdict != "ok":
+        return False, f"newest backup {newest.path}: {verdict}"
+    if age is None or age > MAX_BACKUP_AGE:
+        return False, f"newest backup {newest.path} is {human_age(age)}, older than a day"
+    return True, f"{newest.path} ({newest.reason}, {human_age(age)}, checksum and integrity ok)"
+
+
+def check_rollback_point(env):
+    tags = Repo(env.path).tags(f"{env.name}-before-deploy-*")
+    if not tags:
+        return False, f"no {env.name}-before-deploy-* tag yet (the first deploy makes one)"
+    name, commit = tags[0]
+    return True, f"{name} -> {commit[:12]}"
+
+
+def record_verified(env):
+    repo = Repo(env.path)
+    head = repo.head()
+    verified_log(env.name, env.state_dir).append(
+        {"time": now_iso(), "commit": head, "tree": repo.tree_of(head), "by": "verify"})
+
+
+def show(env, checks, ok, as_json):
+    if as_json:
+        print(json.dumps({"env": env.name, "ok": ok, "checks": [asdict(c) for c in checks]}, indent=2))
+        return
+    for c in checks:
+        cli.say(f"{cli.mark(c.ok)}  {c.name:<15} {c.detail}")
+    verdict = cli.paint(f"{env.name} verified", "green") if ok else cli.paint(
+        f"{env.name} NOT verified: {sum(not c.ok for c in checks)} check(s) failed", "red")
+    cli.say(verdict)
+
+
+if __name__ == "__main__":
+    cli.run(main)
