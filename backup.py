@@ -9,6 +9,8 @@ nothing on success and one line per failure on stderr.
 """
 
 import json
+import re
+import sys
 from pathlib import Path
 
 from safedeploy import backups, cli, units
@@ -17,6 +19,8 @@ from safedeploy.gitrepo import Repo
 from safedeploy.state import EnvLock, deploy_log, human_age, age_seconds, running_commit
 
 REASON_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
+TIME_RE = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+PROTECT_LAST_DEPLOYS = 5      # the backups the last few deploys and rollbacks refer to are never pruned
 
 
 def main():
@@ -27,9 +31,12 @@ def main():
         return verify(envs, args)
     if args.list:
         return show_list(envs, args.json)
-    if args.prune:
-        raise usage_error("backup.py --prune is not built yet; nothing was removed")
-    return back_up_all(envs, args)
+    if args.install_timer:
+        return install_timer(config, args)
+    code = 0 if args.prune and not args.envs and not args.all else back_up_all(envs, args)
+    if args.prune and code == 0:
+        code = prune(config, envs, args)
+    return code
 
 
 def parse_arguments():
@@ -43,12 +50,20 @@ def parse_arguments():
     p.add_argument("--json", action="store_true", help="with --list: print JSON")
     p.add_argument("--verify", nargs="?", const="", metavar="FILE",
                    help="re-hash and integrity-check FILE, or every backup of the envs")
-    p.add_argument("--prune", action="store_true", help="apply [retention]")
+    p.add_argument("--prune", action="store_true",
+                   help="apply [retention] (after backing up, when envs or --all are given too)")
+    p.add_argument("--dry-run", action="store_true", help="with --prune: say what would be removed, remove nothing")
+    p.add_argument("--install-timer", metavar="HH:MM", nargs="?", const="03:17",
+                   help="install a systemd --user timer running `--all --quiet --prune` daily (default 03:17)")
     p.add_argument("--quiet", action="store_true", help="print nothing on success (for cron)")
     p.add_argument("--reason", default="", help="recorded in the manifest (default: nightly with --quiet, else manual)")
     p.add_argument("--lock-wait", type=float, default=300, metavar="SECONDS",
                    help="how long to wait for a running deploy of the env to finish (default 300)")
     args = p.parse_args()
+    if args.dry_run and not args.prune:
+        raise usage_error("--dry-run goes with --prune")
+    if args.install_timer and not TIME_RE.match(args.install_timer):
+        raise usage_error(f"--install-timer {args.install_timer!r}: give a time of day as HH:MM, e.g. 03:17")
     if args.reason and (set(args.reason) - REASON_CHARS or len(args.reason) > 40):
         raise usage_error(f"--reason {args.reason!r}: use lowercase letters, digits and '-' (it names the file)")
     return args
@@ -59,7 +74,7 @@ def select_envs(config, args):
         raise usage_error("name envs or give --all, not both")
     if args.envs:
         return [config.env(name) for name in args.envs]
-    if args.all or args.list or args.verify is not None:
+    if args.all or args.list or args.verify is not None or args.prune or args.install_timer:
         return list(config.envs.values())
     raise usage_error("name the envs to back up, or give --all")
 
@@ -70,7 +85,7 @@ def back_up_all(envs, args):
     codes = []
     for env in envs:
         try:
-            backup = back_up_env(env, reason, args.lock_wait)
+            backup = back_up_env(env, reason, args.lock_wait, None if args.quiet else progress_printer(env))
         except DeployError as exc:
             cli.err(f"error: backup of {env.name} failed: {exc}")
             codes.append(exc.code)
@@ -83,10 +98,23 @@ def back_up_all(envs, args):
     return EXIT_LOCKED if EXIT_LOCKED in codes and len(set(codes)) == 1 else EXIT_FAILED
 
 
-def back_up_env(env, reason, lock_wait):
+def back_up_env(env, reason, lock_wait, progress=None):
     with EnvLock(env.state_dir, env.name, f"backup ({reason})", wait=lock_wait):
-        return backups.backup_database(env.db, env.backup_dir, env.name, reason,
-                                       commit=commit_running(env), unit_file=unit_file(env))
+        return backups.backup_database(env.db, env.backup_dir, env.name, reason, commit=commit_running(env),
+                                       unit_file=unit_file(env), progress=progress)
+
+
+def progress_printer(env):
+    """Progress on a terminal only (stderr), for databases large enough to need it."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done, total):
+        if total >= 64 << 20:
+            end = "\n" if done >= total else ""
+            print(f"\r  {env.name}: copied {done >> 20} of {total >> 20} MiB ({100 * done // max(total, 1)}%)",
+                  end=end, file=sys.stderr, flush=True)
+    return show
 
 
 def commit_running(env):
@@ -136,6 +164,58 @@ def verify(envs, args):
     if not args.quiet:
         cli.say(f"{len(targets) - bad} of {len(targets)} backups good")
     return EXIT_FAILED if bad else 0
+
+
+# -- retention ------------------------------------------------------------------------
+def prune(config, envs, args):
+    bad = False
+    for env in envs:
+        with EnvLock(env.state_dir, env.name, "prune", wait=args.lock_wait):
+            found = backups.list_backups(env.backup_dir)
+            keep, remove = backups.prune_plan(found, config.retention, protected_backups(env, found))
+            for b in remove:
+                if not args.dry_run:
+                    backups.remove_backup(b)
+                if not args.quiet or args.dry_run:
+                    cli.say(f"{'would remove' if args.dry_run else 'removed'} {b.path} ({b.reason}, {b.time})")
+            if not keep and found:
+                bad = True
+            if not args.quiet:
+                cli.say(f"{env.name}: kept {len(keep)}, {'would remove' if args.dry_run else 'removed'} {len(remove)}")
+    return EXIT_FAILED if bad else 0
+
+
+def protected_backups(env, found):
+    """Backups prune must never remove: the newest one that verifies, and the last deploys' ones."""
+    protected = {}
+    for b in found:
+        if backups.verify_backup(b) == "ok":
+            protected[b.path] = "newest verified backup"
+            break
+    records = [r for r in deploy_log(env).read() if r.get("backup")][-PROTECT_LAST_DEPLOYS:]
+    for r in records:
+        protected.setdefault(r["backup"], f"rollback point of the {r.get('kind', 'deploy')} at {r.get('time')}")
+    return protected
+
+
+# -- the systemd timer -------------------------------------------------------------------
+TIMER_NAME = "safe-deploy-backup"
+
+
+def install_timer(config, args):
+    command = cli.script_command(config, "backup.py", "--all", "--quiet", "--prune").split(" ", 1)[1]
+    service = (f"[Unit]\nDescription=safe-deploy nightly backup of every env\n\n"
+               f"[Service]\nType=oneshot\nExecStart={sys.executable} {command}\n")
+    timer = (f"[Unit]\nDescription=safe-deploy nightly backup at {args.install_timer}\n\n"
+             f"[Timer]\nOnCalendar=*-*-* {args.install_timer}:00\nPersistent=true\n\n"
+             f"[Install]\nWantedBy=timers.target\n")
+    folder = units.install_unit_files({f"{TIMER_NAME}.service": service, f"{TIMER_NAME}.timer": timer})
+    units.systemctl("enable", "--now", f"{TIMER_NAME}.timer")
+    cli.say(f"installed {folder}/{TIMER_NAME}.timer (daily at {args.install_timer}, catches up a missed run) "
+            f"running: {sys.executable} {command}")
+    cli.say(f"see it with: systemctl --user list-timers {TIMER_NAME}.timer; "
+            f"remove it with: systemctl --user disable --now {TIMER_NAME}.timer")
+    return 0
 
 
 def find_backup(envs, name):

@@ -10,13 +10,16 @@ connection: one read transaction pins a consistent snapshot (WAL readers do not
 block writers), and the live database is never written or checkpointed.
 """
 
+import ctypes
 import hashlib
 import json
 import os
 import shutil
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
 
@@ -130,10 +133,10 @@ def needed_bytes(db_path):
             size += os.stat(f"{db_path}{suffix}").st_size
         except FileNotFoundError:
             pass
-    return int(size * 1.1) + (16 << 20)
+    return int(size * 1.1) + (1 << 20)
 
 
-def backup_database(db_path, folder, env, reason, commit="", unit_file=None):
+def backup_database(db_path, folder, env, reason, commit="", unit_file=None, progress=None):
     """Back up a live database (and the unit file, if given); return the verified Backup."""
     db_path = Path(db_path)
     check_is_sqlite(db_path)
@@ -149,17 +152,19 @@ def backup_database(db_path, folder, env, reason, commit="", unit_file=None):
     tmp = temp_path_for(final)
     start = time.monotonic()
     try:
-        info = copy_database(db_path, tmp)
+        info = copy_database(db_path, tmp, progress)
         os.replace(tmp, final)
         fsync_dir(folder)
     except sqlite3.DatabaseError as exc:
-        remove_quietly(tmp)
+        remove_temp(tmp)
+        if "disk is full" in str(exc) or "database or disk is full" in str(exc):
+            raise DeployError(f"disk full while writing a backup in {folder}: free some space and run again") from None
         raise DeployError(f"backup of {db_path} failed: {exc}") from None
     except OSError as exc:
-        remove_quietly(tmp)
+        remove_temp(tmp)
         raise disk_error(exc, final) from exc
     except BaseException:
-        remove_quietly(tmp)
+        remove_temp(tmp)
         raise
     backup = Backup(env=env, path=str(final), time=now_iso(), reason=reason, source=str(db_path),
                     commit=commit, seconds=round(time.monotonic() - start, 3), **info)
@@ -177,16 +182,143 @@ def backup_database(db_path, folder, env, reason, commit="", unit_file=None):
     return backup
 
 
-def copy_database(db_path, tmp):
-    """Copy a consistent snapshot of db_path to tmp (0600), check it, describe it."""
+def remove_temp(tmp):
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        remove_quietly(f"{tmp}{suffix}")
+
+
+def copy_database(db_path, tmp, progress=None, method="auto"):
+    """Copy a consistent snapshot of db_path to tmp (0600), check it, describe it.
+
+    method "snapshot" (the default for WAL databases): raw-copy the database
+    file and then its WAL while one read transaction pins a snapshot. While a
+    reader holds the snapshot, a checkpoint may only copy WAL frames it already
+    sees into the database file, and the WAL cannot be restarted under it, so
+    the file copy plus the WAL copy, recovered by SQLite up to the last valid
+    commit, is a consistent state at or after the snapshot. SQLite then folds
+    the WAL into the copy (checkpoint) and makes it a self-contained file.
+    method "api": SQLite's online backup API in one step (the fallback for
+    databases not in WAL mode, where a raw copy would not be safe).
+    """
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     os.close(fd)
     src = open_readonly(db_path)
+    try:
+        if method == "auto":
+            method = "snapshot" if src.execute("PRAGMA journal_mode").fetchone()[0] == "wal" else "api"
+        if method == "snapshot":
+            snapshot_copy(src, db_path, tmp, progress)
+        else:
+            api_copy(src, tmp, progress)
+    finally:
+        src.close()
+    return finish_copy(db_path, tmp)
+
+
+def api_copy(src, tmp, progress):
     dst = sqlite3.connect(tmp, isolation_level=None)
     try:
         src.backup(dst, pages=-1)
-        dst.execute("PRAGMA journal_mode = DELETE")      # a self-contained file, no -wal beside it
-        verdict = integrity(dst)
+    finally:
+        dst.close()
+    if progress:
+        progress(1, 1)
+
+
+def snapshot_copy(src, db_path, tmp, progress):
+    wal_tmp = Path(f"{tmp}-wal")
+    src.execute("BEGIN")
+    try:
+        src.execute("SELECT count(*) FROM sqlite_master").fetchone()     # the read transaction starts here
+        sizes = [file_size(db_path), file_size(f"{db_path}-wal")]
+        done = [0]
+
+        def step(n):
+            done[0] += n
+            if progress:
+                progress(min(done[0], sum(sizes)), sum(sizes))
+
+        # Bytes past these sizes belong to commits after the snapshot: never chase a growing WAL.
+        copy_file(db_path, tmp, step, limit=sizes[0])
+        copy_file(f"{db_path}-wal", wal_tmp, step, limit=sizes[1]) if sizes[1] else remove_quietly(wal_tmp)
+    finally:
+        src.execute("COMMIT")
+    dst = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        dst.execute("PRAGMA synchronous = OFF")         # one fsync at the end, in finish_copy
+        dst.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        dst.execute("PRAGMA journal_mode = DELETE").fetchone()
+    finally:
+        dst.close()
+    for leftover in (wal_tmp, Path(f"{tmp}-shm")):
+        remove_quietly(leftover)
+
+
+def file_size(path):
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def copy_file(src_path, dst_path, step, limit, chunk=2 << 20):
+    """Copy a file's bytes in small chunks (copy_file_range where the kernel has it), pushing
+    each chunk to disk as it goes and waiting for the one before: dirty pages never pile up,
+    so the app's own commits (which fsync) wait a few milliseconds at most, not for one big
+    flush at the end."""
+    dst_fd = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(src_path, "rb", buffering=0) as src, open(dst_fd, "wb", buffering=0) as dst:
+        offset = 0
+        while offset < limit:
+            want = min(chunk, limit - offset)
+            try:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), want)
+            except OSError:
+                block = src.read(want)
+                n = len(block)
+                view = memoryview(block)
+                while view:
+                    view = view[dst.write(view):]
+            if n == 0:
+                break
+            write_behind(dst.fileno(), offset, n, chunk)
+            offset += n
+            step(n)
+
+
+_SYNC_FILE_RANGE = None
+
+
+def write_behind(fd, offset, length, chunk):
+    """Start writing [offset, offset+length) to disk; wait for the chunk before it."""
+    global _SYNC_FILE_RANGE
+    if _SYNC_FILE_RANGE is None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+            _SYNC_FILE_RANGE = libc.sync_file_range
+        except (OSError, AttributeError):
+            _SYNC_FILE_RANGE = False
+    if not _SYNC_FILE_RANGE:
+        os.fdatasync(fd)
+        return
+    write, wait_before, wait_after = 2, 1, 4
+    _SYNC_FILE_RANGE(fd, offset, length, write)
+    if offset >= chunk:
+        _SYNC_FILE_RANGE(fd, offset - chunk, chunk, wait_before | write | wait_after)
+
+
+def finish_copy(db_path, tmp):
+    """Make the copy self-contained, then check it and hash it (in parallel), then fsync it."""
+    dst = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        dst.execute("PRAGMA synchronous = OFF")
+        if dst.execute("PRAGMA journal_mode").fetchone()[0] != "delete":
+            dst.execute("PRAGMA journal_mode = DELETE")      # a self-contained file, no -wal beside it
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            digest = pool.submit(sha256_file, tmp)           # hashlib and SQLite both release the GIL
+            verdict = integrity(dst)
+            sha256 = digest.result()
         if verdict != "ok":
             raise DeployError(f"the backup copy of {db_path} fails integrity_check: {verdict}")
         page_size = dst.execute("PRAGMA page_size").fetchone()[0]
@@ -194,13 +326,12 @@ def copy_database(db_path, tmp):
         schema = schema_fingerprint(dst)
     finally:
         dst.close()
-        src.close()
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return {"bytes": os.stat(tmp).st_size, "sha256": sha256_file(tmp), "page_size": page_size,
+    return {"bytes": os.stat(tmp).st_size, "sha256": sha256, "page_size": page_size,
             "page_count": page_count, "schema": schema}
 
 
@@ -231,3 +362,59 @@ def verify_backup(backup):
             conn.close()
     except sqlite3.DatabaseError as exc:
         return f"{path} is not a readable SQLite database: {exc}"
+
+
+# -- retention -------------------------------------------------------------------------
+PERIODS = {
+    "daily": lambda t: t.strftime("%Y-%m-%d"),
+    "weekly": lambda t: "%d-W%02d" % t.isocalendar()[:2],
+    "monthly": lambda t: t.strftime("%Y-%m"),
+}
+
+
+def local_time(backup):
+    value = datetime.fromisoformat(backup.time)
+    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).astimezone()
+
+
+def retention_keep(found, retention):
+    """What borg's --keep-daily/--keep-weekly/--keep-monthly would keep: {path: why}.
+
+    For each rule in turn, newest first: the newest backup of each period counts,
+    unless an earlier rule kept it already (then the period is skipped, not
+    counted); a rule that runs out of backups before N keeps the oldest one."""
+    kept = {}
+    ordered = sorted(found, key=local_time, reverse=True)
+    for rule in ("daily", "weekly", "monthly"):
+        n, last, count, backup = retention.get(rule, 0), None, 0, None
+        if n <= 0:
+            continue
+        for backup in ordered:
+            period = PERIODS[rule](local_time(backup))
+            if period == last:
+                continue
+            last = period
+            if backup.path not in kept:
+                count += 1
+                kept[backup.path] = f"{rule} #{count}"
+                if count == n:
+                    break
+        if backup is not None and count < n and backup.path not in kept:
+            kept[backup.path] = f"{rule} (oldest)"
+    return kept
+
+
+def prune_plan(found, retention, protected):
+    """(keep {path: why}, remove [Backup]); protected maps paths that must stay to why."""
+    keep = retention_keep(found, retention)
+    for path, why in protected.items():
+        keep.setdefault(path, why)
+    return keep, [b for b in found if b.path not in keep]
+
+
+def remove_backup(backup):
+    """Remove a backup: its manifest first, so that it stops counting at once."""
+    for path in (backup.manifest_path, Path(backup.path), backup.unit_backup):
+        if path:
+            remove_quietly(path)
+    fsync_dir(Path(backup.path).parent)

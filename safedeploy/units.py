@@ -1,11 +1,14 @@
 """systemd --user units, through systemctl and journalctl (argv lists, timeouts)."""
 
+import os
 import subprocess
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 from .errors import DeployError
+from .files import write_atomic
 
 SYSTEMCTL_TIMEOUT = 30
 RESTART_TIMEOUT = 120
@@ -121,3 +124,19 @@ def uptime_text(st):
         return ""
     since = datetime.now(timezone.utc).timestamp() - st.uptime
     return datetime.fromtimestamp(since, timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def user_unit_dir():
+    """Where systemd --user reads the user's own unit files."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "systemd" / "user"
+
+
+def install_unit_files(files):
+    """Write {name: text} into the user's unit folder (atomically), then daemon-reload."""
+    folder = user_unit_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        write_atomic(folder / name, text, mode=0o644)
+    daemon_reload()
+    return folder
