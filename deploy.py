@@ -7,15 +7,12 @@ file; move the work tree; run pre_restart; restart the unit; wait for health;
 write REVISION; record the deploy; print the rollback command.
 """
 
-import getpass
-import json
-import os
 from dataclasses import dataclass, field
 
-from safedeploy import backups, cli, commands, health, units
-from safedeploy.errors import EXIT_HUMAN, EXIT_LOCKED, DeployError, usage_error
-from safedeploy.files import write_atomic
+from safedeploy import backups, cli, commands, release, rollbacks, units
+from safedeploy.errors import EXIT_FAILED, EXIT_HUMAN, EXIT_LOCKED, DeployError, usage_error
 from safedeploy.gitrepo import Repo
+from safedeploy.points import Point
 from safedeploy.state import (EnvLock, StepClock, deploy_log, lock_holder, now_iso, running_commit,
                               utc_stamp, verified_log)
 
@@ -160,7 +157,7 @@ def check_direction(plan, args):
 # -- carrying it out ---------------------------------------------------------------
 def carry_out(config, env, plan):
     clock = StepClock()
-    record = {"kind": "deploy", "env": env.name, "time": now_iso(), "user": user_name(),
+    record = {"kind": "deploy", "env": env.name, "time": now_iso(), "user": cli.user_name(),
               "from": plan.running, "to": plan.target, "forced": plan.forced_because,
               "reason": plan.reason}
     log = deploy_log(env)
@@ -182,26 +179,19 @@ def carry_out(config, env, plan):
         with clock.step("pre_restart"):
             commands.run_all(env.pre_restart, env.path, env.command_timeout)
         with clock.step("restart"):
-            units.restart(env.unit)
+            release.restart_unit(env)
         with clock.step("health"):
-            result = wait_for_health(env)
+            result = release.wait_until_healthy(env)
         with clock.step("revision"):
-            write_revision(env, plan)
+            release.write_revision(env, plan.repo, plan.target)
     except (DeployError, KeyboardInterrupt) as exc:
-        return report_failure_after_switch(config, env, plan, record, clock, exc)
+        return roll_back_after_failure(config, env, plan, record, clock, backup, exc)
     with clock.step("record"):
         record.update(result="ok", running=plan.target, steps=clock.seconds, health=result.describe())
         log.append(record)
         mark_verified(env, plan, "deploy")
     print_summary(config, env, plan, record, backup, result, clock)
     return 0
-
-
-def user_name():
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return str(os.getuid())
 
 
 def tag_running_commit(env, plan):
@@ -236,45 +226,51 @@ def switch_work_tree(plan):
         plan.repo.reset_hard(plan.target)
 
 
-def wait_for_health(env):
-    def still_starting():
-        return units.state(env.unit).active in ("active", "activating", "reloading")
-
-    result, waited = health.wait_healthy(env.health_url, env.health_timeout, still_starting)
-    if not result.ok:
-        st = units.state(env.unit)
-        raise DeployError(f"{env.unit} did not turn healthy within {waited:.1f}s: {env.health_url} gave "
-                          f"{result.describe()}; the unit is {st.active} ({st.sub})")
-    return result
-
-
-def write_revision(env, plan):
-    plan.repo.exclude("/REVISION")
-    data = {"commit": plan.target, "env": env.name, "branch": env.branch, "time": now_iso()}
-    write_atomic(env.path / "REVISION", json.dumps(data, indent=2) + "\n", mode=0o644)
-
-
 def mark_verified(env, plan, by):
     verified_log(env.name, env.state_dir).append(
         {"time": now_iso(), "commit": plan.target, "tree": plan.repo.tree_of(plan.target), "by": by})
 
 
-def report_failure_after_switch(config, env, plan, record, clock, exc):
+def roll_back_after_failure(config, env, plan, record, clock, backup, exc):
+    """A step after the switch failed: go back to this deploy's own before-deploy point."""
     failed = clock.current
-    record.update(result="failed", failed_step=failed, error=str(exc) or "interrupted", steps=clock.seconds)
+    what = f"{exc}" if not isinstance(exc, KeyboardInterrupt) else "interrupted by Ctrl-C"
+    details = (getattr(exc, "output", "") or "").splitlines()
+    if not details and failed in ("restart", "health"):
+        details = units.journal_tail(env.unit)
+    point = Point(record["tag"], "before-deploy", plan.running, record["time"], backup)
+    rollback_clock = StepClock()
+    try:
+        restore_db, why = rollbacks.decide_database(env, point, "auto")
+        outcome = rollbacks.roll_back(env, plan.repo, point, restore_db, why, rollback_clock, plan.target)
+    except (DeployError, KeyboardInterrupt) as rollback_exc:
+        record.update(result="failed", failed_step=failed, error=what, steps=clock.seconds,
+                      rollback={"result": "failed", "failed_step": rollback_clock.current,
+                                "error": str(rollback_exc), "steps": rollback_clock.seconds})
+        deploy_log(env).append(record)
+        report_failure(env, failed, what, details)
+        again = cli.script_command(config, "rollback.py", env.name, "--to", record["tag"], "--with-db", "--yes")
+        cli.err(f"the automatic rollback failed too, at step {rollback_clock.current}: {rollback_exc}")
+        cli.err(f"{env.name} is NOT back as it was. Look with: systemctl --user status {env.unit}; "
+                f"then run: {again}")
+        return EXIT_HUMAN
+    record.update(result="rolled-back", failed_step=failed, error=what, steps=clock.seconds, running=plan.running,
+                  rollback={"result": "ok", "steps": rollback_clock.seconds, "db_restored": restore_db,
+                            "db_why": why, "pre_rollback": outcome.pre_rollback, "rows_lost": outcome.rows_lost,
+                            "tag": outcome.left_tag})
     deploy_log(env).append(record)
-    rollback = cli.script_command(config, "rollback.py", env.name, "--to", record["tag"])
-    lines = [f"error: deploy of {env.name} failed at step {failed}: {exc or 'interrupted by Ctrl-C'}"]
-    output = getattr(exc, "output", "")
-    journal = units.journal_tail(env.unit) if failed in ("restart", "health") else []
-    for extra in (output.splitlines() if output else journal):
-        lines.append(f"  | {extra}")
-    lines.append(f"{env.name} is NOT back as it was: the work tree is at {plan.target[:12]}, "
-                 f"it ran {plan.running[:12]} before (tag {record['tag']}, backup {record.get('backup')}).")
-    lines.append(f"to restore it, run: {rollback}")
-    for line in lines:
-        cli.err(line)
-    return EXIT_HUMAN
+    report_failure(env, failed, what, details)
+    restored = (f"code back to {plan.running[:12]}, database restored from {backup.path} ({why})"
+                if restore_db else f"code back to {plan.running[:12]}, database kept ({why})")
+    cli.err(f"rolled back by itself: {restored}; the failed release's data is saved in {outcome.pre_rollback}. "
+            f"{env.name} is as it was: {env.health_url} answers {outcome.health.describe()}.")
+    return EXIT_FAILED
+
+
+def report_failure(env, failed, what, details):
+    cli.err(f"error: deploy of {env.name} failed at step {failed}: {what}")
+    for line in details[-10:]:
+        cli.err(f"  | {line}")
 
 
 def print_summary(config, env, plan, record, backup, result, clock):

@@ -1,24 +1,211 @@
 #!/usr/bin/env python3
-"""rollback.py ENV: back to a chosen point. Not built yet: it says so and exits 2."""
+"""rollback.py ENV [--to POINT]: back to a chosen point without losing a single write.
 
-from safedeploy import cli
-from safedeploy.errors import usage_error
+The runbook: pick the point (default: the state before the last deploy); decide
+about the database (--code-only never touches it, --with-db restores the point's
+backup, by default it goes back only when the live schema differs from the
+point's); show the plan; confirm; lock the env; then, in order: tag the commit
+it leaves, save the live database as a pre-rollback backup, move the work tree,
+restore the unit file, restore the database, restart, wait for health, record.
+--list shows the points; --drill rehearses a rollback without touching the env.
+"""
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from safedeploy import backups, cli, rollbacks, units
+from safedeploy.errors import EXIT_FAILED, EXIT_HUMAN, DeployError, usage_error
+from safedeploy.gitrepo import Repo
+from safedeploy.points import default_point, find_point, list_points
+from safedeploy.state import EnvLock, StepClock, deploy_log, now_iso, running_commit
 
 
 def main():
-    p = cli.parser("rollback.py", "Roll an env back to a point (not built yet).",
-                   ["python3 rollback.py prod --list", "python3 rollback.py prod --to prod-before-deploy-20261124-130000"])
-    p.add_argument("env", metavar="ENV")
-    p.add_argument("--to", metavar="POINT")
-    p.add_argument("--list", action="store_true")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--with-db", action="store_true")
-    p.add_argument("--code-only", action="store_true")
-    p.add_argument("--yes", action="store_true")
+    args = parse_arguments()
+    config = cli.load_config(args)
+    env = config.env(args.env)
+    repo = Repo(env.path)
+    points = list_points(env, repo)
+    if args.list:
+        return show_points(env, repo, points, args.json)
+    point = find_point(points, args.to) if args.to else default_point(env, points)
+    if args.drill:
+        return drill(env, repo, point)
+    restore_db, why = rollbacks.decide_database(env, point, db_mode(args))
+    if restore_db:
+        rollbacks.check_point_backup(point, points)
+    show_plan(env, repo, point, restore_db, why)
+    confirm(env, args)
+    with EnvLock(env.state_dir, env.name, f"rollback to {point.id}"):
+        units.require_known(env.unit)
+        return carry_out(config, env, repo, point, restore_db, why)
+
+
+def parse_arguments():
+    p = cli.parser("rollback.py", "Roll an env back to a point: code, unit file, and the database when needed.",
+                   ["python3 rollback.py prod                 # to the state before the last deploy",
+                    "python3 rollback.py prod --list",
+                    "python3 rollback.py prod --to prod-before-deploy-20261124-130000 --yes",
+                    "python3 rollback.py prod --to prod-20261124-031700-nightly --with-db",
+                    "python3 rollback.py prod --drill"])
+    p.add_argument("env", metavar="ENV", help="the env to roll back, as named in config.toml")
+    p.add_argument("--to", metavar="POINT", help="a point id from --list (default: before the last deploy)")
+    p.add_argument("--list", action="store_true", help="list the rollback points, newest first")
+    p.add_argument("--json", action="store_true", help="with --list: print JSON")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--with-db", action="store_true", help="also restore the point's database backup")
+    group.add_argument("--code-only", action="store_true", help="never touch the database")
+    p.add_argument("--yes", action="store_true", help="do not ask (needed without a terminal)")
+    p.add_argument("--drill", action="store_true", help="rehearse: check the point's backup and commit, change nothing")
     args = p.parse_args()
-    cli.load_config(args).env(args.env)
-    raise usage_error("rollback.py is not built yet; roll back by hand: git -C PATH reset --hard TAG, "
-                      "then systemctl --user restart UNIT")
+    if args.json and not args.list:
+        raise usage_error("--json goes with --list")
+    return args
+
+
+def db_mode(args):
+    return "with-db" if args.with_db else "code-only" if args.code_only else "auto"
+
+
+# -- looking -------------------------------------------------------------------------------
+def show_points(env, repo, points, as_json):
+    live = backups.live_schema(env.db) if env.db.exists() else None
+    rows = [p.to_json(repo.subject(p.commit), (p.backup.schema != live) if p.backup and live else None)
+            for p in points]
+    if as_json:
+        print(json.dumps({"env": env.name, "points": rows}, indent=2))
+        return 0
+    if not rows:
+        cli.say(f"{env.name} has no rollback points yet (a deploy or a backup makes one)")
+    for r in rows:
+        schema = " SCHEMA DIFFERS" if r["schema_differs"] else ""
+        cli.say(f"{r['id']:<42} {r['commit'][:12]} {r['time']}  {r['subject'][:40]}"
+                f"{'' if r['backup'] else '  (no backup)'}{schema}")
+    return 0
+
+
+def show_plan(env, repo, point, restore_db, why):
+    head = repo.head()
+    cli.say(f"rollback plan for {env.name}:")
+    cli.say(f"  code      {head[:12]} -> {point.commit[:12]} ({repo.subject(point.commit)}), point {point.id}")
+    cli.say(f"  database  {'RESTORE ' + point.backup.path if restore_db else 'keep'}: {why}")
+    cli.say(f"  safety    the live database is saved first as a pre-rollback backup; "
+            f"the commit it leaves is tagged {env.name}-rolled-back-<time>")
+
+
+def confirm(env, args):
+    if args.yes:
+        return
+    if env.promote_from:
+        cli.confirm_env(env.name, args.yes, "roll back")
+    elif not sys.stdin.isatty():
+        raise usage_error(f"rollback of {env.name} needs --yes when there is no terminal to ask")
+
+
+# -- doing ---------------------------------------------------------------------------------
+def carry_out(config, env, repo, point, restore_db, why):
+    clock = StepClock()
+    log = deploy_log(env)
+    running = running_commit(log.read()) or repo.head()
+    record = {"kind": "rollback", "env": env.name, "time": now_iso(), "user": cli.user_name(),
+              "from": running, "to": point.commit, "point": point.id, "db_restored": restore_db, "db_why": why}
+    try:
+        outcome = rollbacks.roll_back(env, repo, point, restore_db, why, clock, running)
+    except DeployError as exc:
+        nothing_changed = clock.current in ("tag", "save")
+        record.update(result="failed", failed_step=clock.current, error=str(exc), steps=clock.seconds,
+                      **({"running": running} if nothing_changed else {}))
+        log.append(record)
+        if nothing_changed:
+            raise DeployError(f"rollback of {env.name} failed at {clock.current}, before any change: {exc}") from None
+        return human_needed(config, env, point, restore_db, clock.current, exc)
+    record.update(result="ok", running=point.commit, steps=clock.seconds, backup=outcome.pre_rollback,
+                  pre_rollback=outcome.pre_rollback, aside=outcome.aside, rows_lost=outcome.rows_lost,
+                  unit_restored=outcome.unit_restored, stash=outcome.stash, tag=outcome.left_tag)
+    log.append(record)
+    print_summary(config, env, repo, outcome, clock)
+    return 0
+
+
+def human_needed(config, env, point, restore_db, step, exc):
+    cli.err(f"error: rollback of {env.name} to {point.id} failed at step {step}: {exc}")
+    for line in (getattr(exc, "output", "") or "").splitlines():
+        cli.err(f"  | {line}")
+    again = ["--to", point.id, "--yes"] + (["--with-db"] if restore_db else ["--code-only"])
+    cli.err(f"{env.name} is NOT healthy. Look at it with: systemctl --user status {env.unit}; "
+            f"journalctl --user -u {env.unit} -n 50")
+    cli.err(f"then run: {cli.script_command(config, 'rollback.py', env.name, *again)}")
+    return EXIT_HUMAN
+
+
+def print_summary(config, env, repo, outcome, clock):
+    p = outcome.point
+    cli.say(f"{cli.paint('rolled back', 'green')} {env.name} to {p.id}: {outcome.left[:12]} -> {p.commit[:12]} "
+            f"({repo.subject(p.commit)}) in {clock.total:.1f}s")
+    cli.say(f"  database  {'restored from ' + p.backup.path if outcome.restore_db else 'kept'} ({outcome.db_why})")
+    if outcome.restore_db:
+        if outcome.rows_lost:
+            for table, n in sorted(outcome.rows_lost.items()):
+                cli.say(f"  rows      {table}: {n} row(s) written since the point are not in the restored database")
+            cli.say(f"            they are all in the pre-rollback copy {outcome.pre_rollback}")
+        else:
+            cli.say("  rows      the restore took away no rows")
+        cli.say(f"  aside     the replaced database (with its -wal) is kept as {outcome.aside}")
+    cli.say(f"  saved     pre-rollback backup {outcome.pre_rollback or 'none (no live database)'}")
+    cli.say(f"  tagged    {outcome.left_tag} marks the commit it left")
+    if outcome.unit_restored:
+        cli.say("  unit      the point's unit file was restored (daemon-reload done)")
+    if outcome.stash:
+        cli.say(f"  stashed   uncommitted changes in the work tree: git -C {env.path} stash show -p {outcome.stash}")
+    cli.say(f"  health    {env.health_url}: {outcome.health.describe()}")
+    cli.say("  steps     " + ", ".join(f"{k} {v:.2f}s" for k, v in clock.seconds.items()))
+
+
+# -- rehearsing ----------------------------------------------------------------------------
+def drill(env, repo, point):
+    """Restore the point's backup to a temp file and check it; check out its commit in a temp worktree."""
+    timings, problems = {}, []
+    work = Path(tempfile.mkdtemp(prefix=f"safe-deploy-drill-{env.name}-"))
+    try:
+        start = time.monotonic()
+        if point.backup:
+            copy = work / "restored.sqlite3"
+            shutil.copyfile(point.backup.path, copy)
+            verdict = backups.verify_backup(backups.Backup(**{**point.backup.to_json(), "path": str(copy)}))
+            if verdict != "ok":
+                problems.append(f"backup {point.backup.path}: {verdict}")
+        else:
+            problems.append(f"point {point.id} has no database backup")
+        timings["database"] = time.monotonic() - start
+        start = time.monotonic()
+        tree = work / "worktree"
+        try:
+            repo.checkout_detached(tree, point.commit)
+            if not any(tree.iterdir()):
+                problems.append("the commit checked out empty")
+        except DeployError as exc:
+            problems.append(str(exc))
+        finally:
+            repo.remove_worktree(tree)
+        timings["code"] = time.monotonic() - start
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ok = not problems
+    deploy_log(env).append({"kind": "drill", "env": env.name, "time": now_iso(), "user": cli.user_name(),
+                            "point": point.id, "result": "ok" if ok else "failed", "problems": problems,
+                            "steps": {k: round(v, 3) for k, v in timings.items()}})
+    steps = ", ".join(f"{k} {v:.2f}s" for k, v in timings.items())
+    if not ok:
+        for problem in problems:
+            cli.err(f"error: drill of {env.name} to {point.id}: {problem}")
+        return EXIT_FAILED
+    cli.say(f"rollback plan tested: {env.name} to {point.id} ({point.commit[:12]}); backup restored and verified "
+            f"in a temp file, commit checked out in a temp worktree ({steps}); nothing live was touched")
+    return 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from safedeploy import backups, cli, health, units
 from safedeploy.errors import EXIT_FAILED, DeployError
 from safedeploy.gitrepo import Repo
+from safedeploy.points import list_points
 from safedeploy.state import age_seconds, deploy_log, human_age, lock_holder, running_commit
 
 HEALTH_TIMEOUT = 2.0
@@ -69,15 +70,17 @@ def code_part(config, env):
     head = repo.head()
     commit = running_commit(records) or head
     part = {"commit": commit, "subject": repo.subject(commit), "branch": repo.current_branch(), "head": head}
-    tags = repo.tags(f"{env.name}-before-deploy-*")
-    if tags:
-        part["rollback"] = cli.script_command(config, "rollback.py", env.name, "--to", tags[0][0])
+    earlier = [p for p in list_points(env, repo) if p.commit != commit]     # newest first
+    if earlier:
+        part["rollback"] = cli.script_command(config, "rollback.py", env.name, "--to", earlier[0].id)
     return part
 
 
 def log_part(config, env):
-    records = [r for r in deploy_log(env).read() if r.get("kind") == "deploy"]
-    return {"last_deploy": records[-1] if records else None}
+    records = deploy_log(env).read()
+    deploys = [r for r in records if r.get("kind") == "deploy"]
+    rollbacks = [r for r in records if r.get("kind") == "rollback"]
+    return {"last_deploy": deploys[-1] if deploys else None, "last_rollback": rollbacks[-1] if rollbacks else None}
 
 
 def backup_part(config, env):
@@ -112,13 +115,16 @@ def show(reports, as_json):
                     + (f" (failed at {d.get('failed_step')})" if d.get("result") != "ok" else ""))
         else:
             cli.say("  deploy    none recorded")
+        rb = r.get("last_rollback")
+        if rb:
+            cli.say(f"  rolled    back {rb.get('time')} to {rb.get('point')}: {rb.get('result')}")
         b = r["last_backup"]
         cli.say(f"  backup    {b['path']} ({b['reason']}, {human_age(b['age_seconds'])})" if b else "  backup    none")
         if r["lock"]:
             cli.say(f"  lock      {r['lock']}")
         for problem in r["problems"]:
             cli.say(cli.paint(f"  problem   {problem}", "red"))
-        cli.say(f"  rollback  {r['rollback'] or 'no rollback point yet (the first deploy makes one)'}")
+        cli.say(f"  rollback  {r['rollback'] or 'no rollback point yet (a deploy or a backup makes one)'}")
 
 
 if __name__ == "__main__":

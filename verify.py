@@ -52,7 +52,7 @@ def run_checks(env):
     return [guarded(name, fn, env) for name, fn in (
         ("unit", check_unit), ("health", check_health), ("domain", check_domain),
         ("commit", check_commit), ("database", check_database), ("backup", check_backup),
-        ("rollback point", check_rollback_point))]
+        ("rollback point", check_rollback_point), ("rollback drill", check_drill))]
 
 
 def guarded(name, fn, env):
@@ -135,8 +135,17 @@ def check_rollback_point(env):
     tags = Repo(env.path).tags(f"{env.name}-before-deploy-*")
     if not tags:
         return False, f"no {env.name}-before-deploy-* tag yet (the first deploy makes one)"
-    name, commit = tags[0]
+    name, commit, _ = tags[0]
     return True, f"{name} -> {commit[:12]}"
+
+
+def check_drill(env):
+    """Shows the age of the last rollback drill; informational, it never fails the checklist."""
+    drills = [r for r in deploy_log(env).read() if r.get("kind") == "drill"]
+    if not drills:
+        return True, f"never drilled: rehearse with python3 rollback.py {env.name} --drill"
+    last = drills[-1]
+    return True, f"last drill {human_age(age_seconds(last['time']))} to {last.get('point')}: {last.get('result')}"
 
 
 def record_verified(env):

@@ -2,7 +2,8 @@
 """The runbook, end to end, on a throwaway sandbox in a temp dir.
 
 The sample app in dev and prod under a private systemd --user manager: deploy
-dev, verify dev, promote to prod, then status. Everything lives in one temp
+dev, verify dev, promote to prod, a failed deploy that rolls itself back, a
+drill and a rollback, then status. Everything lives in one temp
 folder, removed at the end (pass --keep to look around afterwards).
 """
 
@@ -55,6 +56,14 @@ def main():
         sb.merge_to_main()
         run("deploy.py", "prod", "--yes")
         run("verify.py", "prod")
+        step("a bad release reaches dev: it answers 500 on /health; the deploy rolls itself back (exit 1)")
+        sb.release("dev", {"MODE": "http500\n", "VERSION": "3\n"}, "version 3: broken health check")
+        run("deploy.py", "dev", expect=1)
+        run("verify.py", "dev")
+        step("prod turns out to need version 1 back: list the points, rehearse, roll back")
+        run("rollback.py", "prod", "--list")
+        run("rollback.py", "prod", "--drill")
+        run("rollback.py", "prod", "--yes")
         run("status.py")
         sb.stop_units()
     finally:

@@ -137,6 +137,8 @@ Description=sample app ({env})
 WorkingDirectory={path}
 ExecStart={python} app.py --port {port} --db instance/app.db
 Environment=DEPLOY_STATUS=1
+StandardOutput=append:{log}
+StandardError=inherit
 Restart=on-failure
 RestartSec=0.5
 
@@ -227,7 +229,9 @@ class Sandbox:
         os.chmod(self.config, 0o600)
 
     def write_unit(self, env):
-        text = UNIT_TEMPLATE.format(env=env, path=self.path(env), python=sys.executable, port=self.ports[env])
+        (self.root / "logs").mkdir(exist_ok=True)
+        text = UNIT_TEMPLATE.format(env=env, path=self.path(env), python=sys.executable, port=self.ports[env],
+                                    log=self.root / "logs" / f"{env}.log")
         (self.manager.unit_dir / self.unit(env)).write_text(text)
 
     def url(self, env, path="/health"):

@@ -418,3 +418,77 @@ def remove_backup(backup):
         if path:
             remove_quietly(path)
     fsync_dir(Path(backup.path).parent)
+
+
+# -- restoring -----------------------------------------------------------------------------
+def restore_database(backup, db_path, stamp):
+    """Put a verified backup in place of db_path (the app must be stopped).
+
+    The live file and its -wal and -shm are moved aside together, as
+    <db>.rolled-back-<stamp> (+ -wal, -shm), so they stay an openable pair and
+    no stale -wal is ever left beside the restored file. The backup is copied
+    to a temp file beside the database, checked against its sha256, and
+    renamed into place. Returns the path of the moved-aside database."""
+    db_path = Path(db_path)
+    folder = db_path.parent
+    tmp = folder / f".{db_path.name}.restore-{os.getpid()}"
+    try:
+        copy_file(backup.path, tmp, lambda n: None, limit=os.stat(backup.path).st_size)
+        if sha256_file(tmp) != backup.sha256:
+            raise DeployError(f"the copy of {backup.path} does not match its sha256; the live database was not touched")
+        if db_path.exists():
+            st = db_path.stat()
+            os.chmod(tmp, stat_mode(st.st_mode))
+            os.chown(tmp, st.st_uid, st.st_gid)
+        aside = folder / f"{db_path.name}.rolled-back-{stamp}"
+        for suffix in ("", "-wal", "-shm"):
+            if Path(f"{db_path}{suffix}").exists():
+                os.replace(f"{db_path}{suffix}", f"{aside}{suffix}")
+        os.replace(tmp, db_path)
+        fsync_dir(folder)
+    except OSError as exc:
+        remove_quietly(tmp)
+        raise disk_error(exc, db_path) from exc
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+    return aside
+
+
+def stat_mode(mode):
+    return mode & 0o7777
+
+
+def rows_only_in(saved_path, restored_path):
+    """Per table: how many rows of the saved copy the restored database does not have."""
+    saved = sqlite3.connect(f"file:{quote(str(saved_path))}?mode=ro", uri=True)
+    try:
+        saved.execute("ATTACH DATABASE ? AS restored", (f"file:{quote(str(restored_path))}?mode=ro",))
+        tables = [r[0] for r in saved.execute(
+            "SELECT name FROM main.sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+        restored_tables = {r[0] for r in saved.execute(
+            "SELECT name FROM restored.sqlite_master WHERE type = 'table'")}
+        lost = {}
+        for table in tables:
+            q = '"' + table.replace('"', '""') + '"'
+            if table not in restored_tables:
+                n = saved.execute(f"SELECT count(*) FROM main.{q}").fetchone()[0]
+            else:
+                n = count_missing(saved, q)
+            if n:
+                lost[table] = n
+        return lost
+    finally:
+        saved.close()
+
+
+def count_missing(conn, q):
+    for sql in (f"SELECT count(*) FROM (SELECT * FROM main.{q} EXCEPT SELECT * FROM restored.{q})",
+                f"SELECT count(*) FROM main.{q} WHERE rowid NOT IN (SELECT rowid FROM restored.{q})"):
+        try:
+            return conn.execute(sql).fetchone()[0]
+        except sqlite3.OperationalError:
+            continue
+    a = conn.execute(f"SELECT count(*) FROM main.{q}").fetchone()[0]
+    b = conn.execute(f"SELECT count(*) FROM restored.{q}").fetchone()[0]
+    return max(0, a - b)

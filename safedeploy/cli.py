@@ -1,6 +1,7 @@
 """What every script shares: argument parsing, the error boundary, output, confirmation."""
 
 import argparse
+import getpass
 import os
 import shlex
 import sys
@@ -90,3 +91,10 @@ def script_command(config, script, *args):
 
 def load_config(args):
     return configmod.load(args.config)
+
+
+def user_name():
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())

@@ -69,14 +69,28 @@ class Repo:
         return status == 0
 
     def tags(self, pattern):
-        """Tags matching a glob, newest first by tag creation date: [(name, commit)]."""
-        out = self.run("for-each-ref", "--sort=-creatordate", "--sort=-refname",
-                       "--format=%(refname:short) %(*objectname)%(objectname)", f"refs/tags/{pattern}")
+        """Tags matching a glob, newest name first: [(name, commit, creation time ISO 8601)]."""
+        out = self.run("for-each-ref", "--format=%(refname:short) %(creatordate:iso-strict) "
+                       "%(*objectname)%(objectname)", f"refs/tags/{pattern}")
         result = []
         for line in out.splitlines():
-            name, _, shas = line.partition(" ")
-            result.append((name, shas[:40] if len(shas) == 80 else shas))
+            name, when, shas = (line.split(" ") + ["", ""])[:3]
+            result.append((name, shas[:40], when))     # an annotated tag's target comes first
         return sorted(result, key=lambda t: t[0], reverse=True)
+
+    def checkout_detached(self, folder, commit):
+        """A throwaway work tree of commit in folder (for drills); remove with remove_worktree."""
+        self.run("worktree", "add", "--detach", "--quiet", str(folder), commit)
+
+    def remove_worktree(self, folder):
+        self.run("worktree", "remove", "--force", str(folder), check=False)
+        self.run("worktree", "prune", check=False)
+
+    def stash(self, message):
+        """Stash uncommitted changes to tracked files; return the stash's sha, or None."""
+        self.run(*self.identity(), "stash", "push", "--message", message)
+        status, out, _ = self.run("rev-parse", "--verify", "--quiet", "refs/stash", check=False)
+        return out.strip() if status == 0 else None
 
     def tag_message(self, name):
         status, out, _ = self.run("tag", "-l", "--format=%(contents)", name, check=False)

@@ -91,9 +91,13 @@ def daemon_reload():
 
 
 def restart(unit):
-    """Restart the unit (reloading unit files first if they changed on disk)."""
-    if state(unit).need_reload:
+    """Restart the unit (reloading unit files first if they changed on disk, and clearing a
+    failed state, whose start limit would refuse the restart)."""
+    st = state(unit)
+    if st.need_reload:
         daemon_reload()
+    if st.active == "failed":
+        systemctl("reset-failed", unit)
     systemctl("restart", unit, timeout=RESTART_TIMEOUT)
 
 
@@ -109,14 +113,41 @@ def is_restart_looping(st):
 
 
 def journal_tail(unit, lines=10):
-    """The unit's last journal lines, or [] where there is no journal."""
+    """The unit's last log lines: from the journal, else from the file its output is appended to."""
     try:
         proc = subprocess.run(["journalctl", "--user", "--unit", unit, "--lines", str(lines),
                                "--no-pager", "--output", "cat", "--quiet"],
                               capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
+        found = [line for line in proc.stdout.splitlines() if line.strip()]
     except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [line for line in proc.stdout.splitlines() if line.strip()][-lines:]
+        found = []
+    if not found:
+        found = output_file_tail(unit)
+    return found[-lines:]
+
+
+def output_file_tail(unit, limit=16384):
+    """The tail of the file a unit's StandardOutput= appends to (systemctl show does not name it)."""
+    proc = systemctl("show", unit, "--property=FragmentPath,DropInPaths", check=False)
+    props = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    target = ""
+    for path in [props.get("FragmentPath", "")] + props.get("DropInPaths", "").split():
+        try:
+            for line in Path(path).read_text(errors="replace").splitlines():
+                if line.strip().startswith("StandardOutput="):
+                    target = line.split("=", 1)[1].strip()
+        except OSError:
+            continue
+    for prefix in ("append:", "file:", "truncate:"):
+        if target.startswith(prefix):
+            try:
+                with open(target[len(prefix):], "rb") as fh:
+                    fh.seek(0, os.SEEK_END)
+                    fh.seek(max(0, fh.tell() - limit))
+                    return [line for line in fh.read().decode(errors="replace").splitlines() if line.strip()]
+            except OSError:
+                return []
+    return []
 
 
 def uptime_text(st):

@@ -1,0 +1,78 @@
+"""Rollback points: where an env can go back to.
+
+Every before-deploy tag (with the pre-deploy backup its deploy made) and every
+backup (its manifest records the commit the env ran) is a point. A point's id is
+the tag name or the backup's file name without `.sqlite3`; that is what
+`rollback.py --to` takes.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import backups
+from .errors import usage_error
+from .state import deploy_log
+
+
+@dataclass
+class Point:
+    id: str
+    kind: str                 # "before-deploy" or "backup"
+    commit: str
+    time: str
+    backup: backups.Backup | None
+
+    def to_json(self, subject="", schema_differs=None):
+        return {"id": self.id, "kind": self.kind, "commit": self.commit, "subject": subject, "time": self.time,
+                "backup": self.backup.path if self.backup else None, "schema_differs": schema_differs}
+
+
+def backup_id(backup):
+    return Path(backup.path).name.removesuffix(".sqlite3")
+
+
+def list_points(env, repo):
+    """Every rollback point of the env, newest first."""
+    found = backups.list_backups(env.backup_dir)
+    by_path = {b.path: b for b in found}
+    tag_backup = {r["tag"]: r.get("backup") for r in deploy_log(env).read() if r.get("tag")}
+    points, used = [], set()
+    for name, commit, when in repo.tags(f"{env.name}-before-deploy-*"):
+        backup = by_path.get(tag_backup.get(name) or "")
+        if backup:
+            used.add(backup.path)
+        points.append(Point(name, "before-deploy", commit, when, backup))
+    for b in found:
+        if b.path not in used and b.commit:
+            points.append(Point(backup_id(b), "backup", b.commit, b.time, b))
+    return sorted(points, key=lambda p: p.time or "", reverse=True)
+
+
+def find_point(points, wanted):
+    for p in points:
+        if wanted in (p.id, p.backup.path if p.backup else None):
+            return p
+    ids = ", ".join(p.id for p in points[:5]) or "none yet"
+    raise usage_error(f"--to {wanted!r}: no such rollback point (newest: {ids}; see --list)")
+
+
+def default_point(env, points):
+    """The state before the last deploy that succeeded."""
+    for record in reversed(deploy_log(env).read()):
+        if record.get("kind") == "deploy" and record.get("result") == "ok" and record.get("tag"):
+            for p in points:
+                if p.id == record["tag"]:
+                    return p
+    tagged = [p for p in points if p.kind == "before-deploy"]
+    if not tagged:
+        raise usage_error(f"{env.name} has no before-deploy point yet; choose one with --to (see --list)")
+    return tagged[0]
+
+
+def next_best(points, bad):
+    """The newest point older than `bad` whose backup verifies, or None."""
+    older = [p for p in points if (p.time or "") < (bad.time or "") and p.backup]
+    for p in older:
+        if backups.verify_backup(p.backup) == "ok":
+            return p
+    return None
