@@ -47,7 +47,7 @@ def short(exc):
     return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
-def wait_healthy(url, timeout, still_starting=lambda: True, interval=0.2):
+def wait_healthy(url, timeout, still_starting=lambda: True, interval=0.05):
     """Poll url until healthy or timeout seconds pass, or still_starting() says give up.
 
     Returns (Health of the last attempt, seconds waited)."""

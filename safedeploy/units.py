@@ -91,13 +91,12 @@ def daemon_reload():
 
 
 def restart(unit):
-    """Restart the unit (reloading unit files first if they changed on disk, and clearing a
-    failed state, whose start limit would refuse the restart)."""
-    st = state(unit)
-    if st.need_reload:
+    """Restart the unit (reloading unit files first if they changed on disk). A deliberate
+    restart clears the failed state and the start rate limit first: several deploys and
+    rollbacks in a few seconds must not be refused as "start request repeated too quickly"."""
+    if state(unit).need_reload:
         daemon_reload()
-    if st.active == "failed":
-        systemctl("reset-failed", unit)
+    systemctl("reset-failed", unit, check=False)
     systemctl("restart", unit, timeout=RESTART_TIMEOUT)
 
 
