@@ -13,10 +13,10 @@ import re
 import sys
 from pathlib import Path
 
-from safedeploy import backups, cli, units
+from safedeploy import backups, cli, recovery, units
 from safedeploy.errors import EXIT_FAILED, EXIT_LOCKED, DeployError, usage_error
 from safedeploy.gitrepo import Repo
-from safedeploy.state import EnvLock, deploy_log, human_age, age_seconds, running_commit
+from safedeploy.state import EnvLock, Journal, StepClock, age_seconds, deploy_log, human_age, running_commit
 
 REASON_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 TIME_RE = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
@@ -100,8 +100,24 @@ def back_up_all(envs, args):
 
 def back_up_env(env, reason, lock_wait, progress=None):
     with EnvLock(env.state_dir, env.name, f"backup ({reason})", wait=lock_wait):
-        return backups.backup_database(env.db, env.backup_dir, env.name, reason, commit=commit_running(env),
-                                       unit_file=unit_file(env), progress=progress)
+        clean_up_interrupted(env)
+        journal = Journal(env.state_dir, env.name, "backup-journal")
+        journal.start("backup", reason=reason)
+        try:
+            return backups.backup_database(env.db, env.backup_dir, env.name, reason, commit=commit_running(env),
+                                           unit_file=unit_file(env), progress=progress,
+                                           clock=StepClock(journal, "backup"))
+        finally:
+            journal.finish()
+
+
+def clean_up_interrupted(env):
+    """A killed backup left temp files: remove them. A killed deploy or rollback is left for the
+    next deploy.py or rollback.py, which finishes or undoes it (backups never change what runs)."""
+    journal = Journal(env.state_dir, env.name, "backup-journal")
+    if journal.read():
+        recovery.remove_temp_files(env)
+        journal.finish()
 
 
 def progress_printer(env):

@@ -9,11 +9,11 @@ write REVISION; record the deploy; print the rollback command.
 
 from dataclasses import dataclass, field
 
-from safedeploy import backups, cli, commands, release, rollbacks, units
+from safedeploy import backups, cli, commands, recovery, release, rollbacks, units
 from safedeploy.errors import EXIT_FAILED, EXIT_HUMAN, EXIT_LOCKED, DeployError, usage_error
 from safedeploy.gitrepo import Repo
 from safedeploy.points import Point
-from safedeploy.state import (EnvLock, StepClock, deploy_log, lock_holder, now_iso, running_commit,
+from safedeploy.state import (EnvLock, Journal, StepClock, deploy_log, lock_holder, now_iso, running_commit,
                               utc_stamp, verified_log)
 
 
@@ -24,6 +24,7 @@ def main():
     if args.dry_run:
         return show_plan(config, env, args)
     with EnvLock(env.state_dir, env.name, "deploy"):
+        recover_interrupted(env)
         plan = prepare(config, env, args)
         if plan.nothing_to_deploy:
             cli.say(f"nothing to deploy: {env.name} already runs {plan.target[:12]} ({plan.target_subject})")
@@ -31,6 +32,12 @@ def main():
         if env.promote_from:
             cli.confirm_env(env.name, args.yes, f"deploy {plan.target[:12]}")
         return carry_out(config, env, plan)
+
+
+def recover_interrupted(env):
+    """An earlier operation on this env was killed: finish or undo it first, and say so."""
+    if recovery.interrupted(env):
+        recovery.recover(env, Repo(env.path), cli.say)
 
 
 def parse_arguments():
@@ -156,7 +163,16 @@ def check_direction(plan, args):
 
 # -- carrying it out ---------------------------------------------------------------
 def carry_out(config, env, plan):
-    clock = StepClock()
+    journal = Journal(env.state_dir, env.name)
+    journal.start("deploy", target=plan.target, **{"from": plan.running})
+    try:
+        return carry_out_steps(config, env, plan, journal)
+    finally:
+        journal.finish()
+
+
+def carry_out_steps(config, env, plan, journal):
+    clock = StepClock(journal, "deploy")
     record = {"kind": "deploy", "env": env.name, "time": now_iso(), "user": cli.user_name(),
               "from": plan.running, "to": plan.target, "forced": plan.forced_because,
               "reason": plan.reason}
@@ -164,15 +180,18 @@ def carry_out(config, env, plan):
     try:
         with clock.step("tag"):
             record["tag"], record["tag_pushed"] = tag_running_commit(env, plan)
+            journal.update(tag=record["tag"])
         with clock.step("backup"):
             backup = back_up(env, plan)
             record["backup"] = backup.path if backup else None
+            journal.update(backup=record["backup"])
     except (DeployError, KeyboardInterrupt) as exc:
-        record.update(result="failed", failed_step=clock.current, error=str(exc) or "interrupted",
-                      steps=clock.seconds, running=plan.running)
+        what = str(exc) if isinstance(exc, DeployError) else cli.describe_interrupt(exc)
+        record.update(result="failed", failed_step=clock.current, error=what, steps=clock.seconds,
+                      running=plan.running)
         log.append(record)
         raise DeployError(f"deploy of {env.name} stopped before any change to what runs "
-                          f"({clock.current} failed: {exc or 'interrupted'}); {env.name} still runs {plan.running[:12]}")
+                          f"({clock.current} failed: {what}); {env.name} still runs {plan.running[:12]}") from None
     try:
         with clock.step("switch"):
             switch_work_tree(plan)
@@ -186,10 +205,15 @@ def carry_out(config, env, plan):
             release.write_revision(env, plan.repo, plan.target)
     except (DeployError, KeyboardInterrupt) as exc:
         return roll_back_after_failure(config, env, plan, record, clock, backup, exc)
-    with clock.step("record"):
-        record.update(result="ok", running=plan.target, steps=clock.seconds, health=result.describe())
-        log.append(record)
-        mark_verified(env, plan, "deploy")
+    try:
+        with clock.step("record"):
+            record.update(result="ok", running=plan.target, steps=clock.seconds, health=result.describe())
+            log.append(record)
+            mark_verified(env, plan, "deploy")
+    except DeployError as exc:
+        cli.err(f"error: {env.name} runs {plan.target[:12]} and is healthy, but the deploy could not be recorded: "
+                f"{exc}. Free space in {env.state_dir}, then run: {cli.script_command(config, 'verify.py', env.name)}")
+        return EXIT_HUMAN
     print_summary(config, env, plan, record, backup, result, clock)
     return 0
 
@@ -234,7 +258,7 @@ def mark_verified(env, plan, by):
 def roll_back_after_failure(config, env, plan, record, clock, backup, exc):
     """A step after the switch failed: go back to this deploy's own before-deploy point."""
     failed = clock.current
-    what = f"{exc}" if not isinstance(exc, KeyboardInterrupt) else "interrupted by Ctrl-C"
+    what = str(exc) if isinstance(exc, DeployError) else cli.describe_interrupt(exc)
     details = (getattr(exc, "output", "") or "").splitlines()
     if not details and failed in ("restart", "health"):
         details = units.journal_tail(env.unit)

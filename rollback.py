@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from safedeploy import backups, cli, rollbacks, units
+from safedeploy import backups, cli, recovery, rollbacks, units
 from safedeploy.errors import EXIT_FAILED, EXIT_HUMAN, DeployError, usage_error
 from safedeploy.gitrepo import Repo
 from safedeploy.points import default_point, find_point, list_points
@@ -29,20 +29,31 @@ def main():
     config = cli.load_config(args)
     env = config.env(args.env)
     repo = Repo(env.path)
-    points = list_points(env, repo)
     if args.list:
-        return show_points(env, repo, points, args.json)
-    point = find_point(points, args.to) if args.to else default_point(env, points)
+        return show_points(env, repo, list_points(env, repo), args.json)
     if args.drill:
-        return drill(env, repo, point)
-    restore_db, why = rollbacks.decide_database(env, point, db_mode(args))
-    if restore_db:
-        rollbacks.check_point_backup(point, points)
-    show_plan(env, repo, point, restore_db, why)
-    confirm(env, args)
-    with EnvLock(env.state_dir, env.name, f"rollback to {point.id}"):
+        return drill(env, repo, choose_point(env, repo, args))
+    with EnvLock(env.state_dir, env.name, "rollback"):
+        recover_interrupted(env, repo)
+        point = choose_point(env, repo, args)
+        restore_db, why = rollbacks.decide_database(env, point, db_mode(args))
+        if restore_db:
+            rollbacks.check_point_backup(point, list_points(env, repo))
+        show_plan(env, repo, point, restore_db, why)
+        confirm(env, args)
         units.require_known(env.unit)
         return carry_out(config, env, repo, point, restore_db, why)
+
+
+def choose_point(env, repo, args):
+    points = list_points(env, repo)
+    return find_point(points, args.to) if args.to else default_point(env, points)
+
+
+def recover_interrupted(env, repo):
+    """An earlier operation on this env was killed: finish or undo it first, and say so."""
+    if recovery.interrupted(env):
+        recovery.recover(env, repo, cli.say)
 
 
 def parse_arguments():

@@ -11,7 +11,7 @@ active and healthy, 1 otherwise (so monitoring can use it), 2 on a config error.
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-from safedeploy import backups, cli, health, units
+from safedeploy import backups, cli, health, recovery, units
 from safedeploy.errors import EXIT_FAILED, DeployError
 from safedeploy.gitrepo import Repo
 from safedeploy.points import list_points
@@ -42,7 +42,11 @@ def look_at(config, env):
     """Everything status shows about one env; a part that cannot be read says why."""
     report = {"commit": None, "subject": "", "branch": None, "unit": {"active": False, "state": "unknown"},
               "health": {"ok": False, "status": None, "ms": None}, "last_deploy": None, "last_backup": None,
-              "rollback": None, "lock": lock_holder(env.state_dir, env.name), "problems": []}
+              "rollback": None, "lock": lock_holder(env.state_dir, env.name), "interrupted": None, "problems": []}
+    if not report["lock"]:
+        j = recovery.interrupted_any(env)
+        if j:
+            report["interrupted"] = {k: j.get(k) for k in ("op", "pid", "command", "started", "step")}
     with ThreadPoolExecutor(max_workers=1) as pool:
         probe = pool.submit(health.check, env.health_url, HEALTH_TIMEOUT)
         for part in (unit_part, code_part, log_part, backup_part):
@@ -122,6 +126,9 @@ def show(reports, as_json):
         cli.say(f"  backup    {b['path']} ({b['reason']}, {human_age(b['age_seconds'])})" if b else "  backup    none")
         if r["lock"]:
             cli.say(f"  lock      {r['lock']}")
+        if r["interrupted"]:
+            cli.say(cli.paint(f"  INTERRUPTED {recovery.describe(r['interrupted'])}; the next deploy.py or "
+                              f"rollback.py of {name} finishes or undoes it", "red"))
         for problem in r["problems"]:
             cli.say(cli.paint(f"  problem   {problem}", "red"))
         cli.say(f"  rollback  {r['rollback'] or 'no rollback point yet (a deploy or a backup makes one)'}")

@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 from .errors import DeployError
 from .files import disk_error, fsync_dir, make_private_dir, remove_quietly, temp_path_for, write_atomic
-from .state import now_iso
+from .state import StepClock, now_iso
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 10_000
@@ -136,8 +136,10 @@ def needed_bytes(db_path):
     return int(size * 1.1) + (1 << 20)
 
 
-def backup_database(db_path, folder, env, reason, commit="", unit_file=None, progress=None):
-    """Back up a live database (and the unit file, if given); return the verified Backup."""
+def backup_database(db_path, folder, env, reason, commit="", unit_file=None, progress=None, clock=None):
+    """Back up a live database (and the unit file, if given); return the verified Backup.
+    clock (a state.StepClock) times the steps copy, verify and publish, and journals them."""
+    clock = clock or StepClock()
     db_path = Path(db_path)
     check_is_sqlite(db_path)
     try:
@@ -152,9 +154,12 @@ def backup_database(db_path, folder, env, reason, commit="", unit_file=None, pro
     tmp = temp_path_for(final)
     start = time.monotonic()
     try:
-        info = copy_database(db_path, tmp, progress)
-        os.replace(tmp, final)
-        fsync_dir(folder)
+        with clock.step("copy"):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+            copy_snapshot(db_path, tmp, progress)
+        with clock.step("verify"):
+            info = finish_copy(db_path, tmp)
     except sqlite3.DatabaseError as exc:
         remove_temp(tmp)
         if "disk is full" in str(exc) or "database or disk is full" in str(exc):
@@ -169,12 +174,21 @@ def backup_database(db_path, folder, env, reason, commit="", unit_file=None, pro
     backup = Backup(env=env, path=str(final), time=now_iso(), reason=reason, source=str(db_path),
                     commit=commit, seconds=round(time.monotonic() - start, 3), **info)
     try:
-        if unit_file:
-            backup.unit_file = str(unit_file)
-            backup.unit_backup = str(final.with_suffix(".unit"))
-            write_atomic(backup.unit_backup, Path(unit_file).read_bytes())
-        write_atomic(backup.manifest_path, json.dumps(backup.to_json(), indent=2) + "\n")
+        with clock.step("publish"):       # the manifest last: only then does the backup count
+            if unit_file:
+                backup.unit_file = str(unit_file)
+                backup.unit_backup = str(final.with_suffix(".unit"))
+                write_atomic(backup.unit_backup, Path(unit_file).read_bytes())
+            os.replace(tmp, final)
+            write_atomic(backup.manifest_path, json.dumps(backup.to_json(), indent=2) + "\n")
+    except OSError as exc:
+        remove_temp(tmp)
+        for leftover in (final, backup.unit_backup):
+            if leftover:
+                remove_quietly(leftover)
+        raise disk_error(exc, final) from exc
     except BaseException:
+        remove_temp(tmp)
         for leftover in (final, backup.unit_backup):
             if leftover:
                 remove_quietly(leftover)
@@ -182,13 +196,22 @@ def backup_database(db_path, folder, env, reason, commit="", unit_file=None, pro
     return backup
 
 
+def orphans(folder):
+    """Backup files without a manifest (a backup killed while publishing): never a backup."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.iterdir() if p.suffix in (".sqlite3", ".unit")
+            and not p.with_suffix(".sqlite3").with_name(p.with_suffix(".sqlite3").name + ".json").exists()]
+
+
 def remove_temp(tmp):
     for suffix in ("", "-wal", "-shm", "-journal"):
         remove_quietly(f"{tmp}{suffix}")
 
 
-def copy_database(db_path, tmp, progress=None, method="auto"):
-    """Copy a consistent snapshot of db_path to tmp (0600), check it, describe it.
+def copy_snapshot(db_path, tmp, progress=None, method="auto"):
+    """Copy a consistent snapshot of db_path to tmp (an empty file, 0600).
 
     method "snapshot" (the default for WAL databases): raw-copy the database
     file and then its WAL while one read transaction pins a snapshot. While a
@@ -200,8 +223,6 @@ def copy_database(db_path, tmp, progress=None, method="auto"):
     method "api": SQLite's online backup API in one step (the fallback for
     databases not in WAL mode, where a raw copy would not be safe).
     """
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    os.close(fd)
     src = open_readonly(db_path)
     try:
         if method == "auto":
@@ -212,7 +233,6 @@ def copy_database(db_path, tmp, progress=None, method="auto"):
             api_copy(src, tmp, progress)
     finally:
         src.close()
-    return finish_copy(db_path, tmp)
 
 
 def api_copy(src, tmp, progress):
@@ -440,8 +460,9 @@ def restore_database(backup, db_path, stamp):
             st = db_path.stat()
             os.chmod(tmp, stat_mode(st.st_mode))
             os.chown(tmp, st.st_uid, st.st_gid)
+            fold_wal(db_path)     # every write into the main file: a kill between the moves below loses none
         aside = folder / f"{db_path.name}.rolled-back-{stamp}"
-        for suffix in ("", "-wal", "-shm"):
+        for suffix in ("-wal", "-shm", ""):       # the WAL first: never a stale -wal beside a database
             if Path(f"{db_path}{suffix}").exists():
                 os.replace(f"{db_path}{suffix}", f"{aside}{suffix}")
         os.replace(tmp, db_path)
@@ -453,6 +474,18 @@ def restore_database(backup, db_path, stamp):
         remove_quietly(tmp)
         raise
     return aside
+
+
+def fold_wal(db_path):
+    """Checkpoint the (stopped) app's WAL into its database file."""
+    try:
+        conn = sqlite3.connect(db_path, timeout=10, isolation_level=None)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise DeployError(f"cannot fold the WAL of {db_path} into it before the restore: {exc}") from None
 
 
 def stat_mode(mode):

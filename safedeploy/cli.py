@@ -4,6 +4,7 @@ import argparse
 import getpass
 import os
 import shlex
+import signal
 import sys
 
 from . import config as configmod
@@ -26,8 +27,23 @@ def parser(prog, description, examples):
     return p
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a dropped SSH session), handled like Ctrl-C: the operation stops
+    where it is and puts the env back as it was."""
+
+
+def raise_interrupted(signum, frame):
+    raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+
+
+def describe_interrupt(exc):
+    return str(exc) if isinstance(exc, Interrupted) else "interrupted by Ctrl-C"
+
+
 def run(main):
     """Call main(); turn a DeployError into one line on stderr and its exit code."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, raise_interrupted)
     try:
         code = main()
     except DeployError as exc:
@@ -37,6 +53,9 @@ def run(main):
             err(output)
         code = exc.code
     except BrokenPipeError:
+        code = 1
+    except KeyboardInterrupt as exc:
+        err(f"error: {describe_interrupt(exc)}; nothing more was done")
         code = 1
     sys.exit(code or 0)
 

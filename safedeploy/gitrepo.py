@@ -3,6 +3,7 @@ never a prompt for a password."""
 
 import os
 import socket
+from pathlib import Path
 
 import git
 
@@ -95,6 +96,9 @@ class Repo:
     def tag_message(self, name):
         status, out, _ = self.run("tag", "-l", "--format=%(contents)", name, check=False)
         return out if status == 0 else ""
+
+    def git_dir(self):
+        return Path(os.path.normpath(os.path.join(self.path, self.run("rev-parse", "--git-dir"))))
 
     def common_dir(self):
         out = self.run("rev-parse", "--git-common-dir")

@@ -15,7 +15,7 @@ from . import backups, release, units
 from .errors import DeployError
 from .files import write_atomic
 from .points import next_best
-from .state import utc_stamp
+from .state import Journal, utc_stamp
 
 DB_MODES = ("auto", "with-db", "code-only")
 
@@ -65,12 +65,19 @@ def check_point_backup(point, points):
 
 
 def roll_back(env, repo, point, restore_db, db_why, clock, running):
-    """Take the env to point. Ctrl-C is ignored while it runs: a half rollback helps nobody."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Take the env to point. Ctrl-C, SIGTERM and SIGHUP are ignored while it runs (a half
+    rollback helps nobody); a kill -9 leaves the journal, and the next command finishes it."""
+    journal = Journal(env.state_dir, env.name)
+    journal.start("rollback", point=point.id, commit=point.commit, restore_db=restore_db, db_why=db_why,
+                  backup=point.backup.path if point.backup else None, **{"from": running})
+    clock.journal, clock.op = journal, "rollback"
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         return _roll_back(env, repo, point, restore_db, db_why, clock, running)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        journal.finish()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _roll_back(env, repo, point, restore_db, db_why, clock, running):

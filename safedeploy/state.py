@@ -12,6 +12,7 @@
 import fcntl
 import json
 import os
+import signal
 import sys
 import time
 from datetime import datetime, timezone
@@ -176,12 +177,68 @@ def running_commit(records):
     return None
 
 
-class StepClock:
-    """Times the named steps of an operation; remembers which one was running when it failed."""
+class Journal:
+    """<env>.journal.json: the operation under way and its last step, so that after a kill -9
+    the next command knows what was interrupted where. Written atomically at every step;
+    removed when the operation ends (however it ends, short of a kill)."""
 
-    def __init__(self):
+    def __init__(self, state_dir, env, kind="journal"):
+        self.path = Path(state_dir) / f"{env}.{kind}.json"       # backups keep their own: "backup-journal"
+        self.data = None
+
+    def read(self):
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {"op": "unknown", "step": None, "damaged": True}
+
+    def start(self, op, **data):
+        self.data = {"op": op, "pid": os.getpid(), "command": " ".join(sys.argv), "started": now_iso(),
+                     "step": None, **data}
+        self._write()
+
+    def update(self, **data):
+        if self.data is not None:
+            self.data.update(data)
+            self._write()
+
+    def finish(self):
+        self.data = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def _write(self):
+        make_private_dir(self.path.parent)
+        write_atomic(self.path, json.dumps(self.data, sort_keys=True))
+
+
+FAULT_VARIABLE = "SAFE_DEPLOY_FAULT"     # test-only: "OP:STEP:SIGNAL" kills the process entering STEP
+
+
+def inject_fault(op, step):
+    """The test-only fault switch: SAFE_DEPLOY_FAULT=deploy:switch:KILL sends SIGKILL to this
+    process as it enters the step `switch` of a deploy (TERM, INT and HUP work alike)."""
+    wanted = os.environ.get(FAULT_VARIABLE, "")
+    if wanted.count(":") == 2:
+        w_op, w_step, w_signal = wanted.split(":")
+        if (w_op, w_step) == (op, step):
+            os.kill(os.getpid(), getattr(signal, f"SIG{w_signal}"))
+            time.sleep(1)            # let the handler run here, inside the step
+
+
+class StepClock:
+    """Times the named steps of an operation; remembers which one was running when it failed;
+    keeps the operation's journal at the step it is in."""
+
+    def __init__(self, journal=None, op=""):
         self.seconds = {}
         self.current = None
+        self.journal = journal
+        self.op = op
 
     def step(self, name):
         clock = self
@@ -189,7 +246,10 @@ class StepClock:
         class _Step:
             def __enter__(self):
                 clock.current = name
+                if clock.journal:
+                    clock.journal.update(step=name)
                 self.start = time.monotonic()
+                inject_fault(clock.op, name)
 
             def __exit__(self, exc_type, *rest):
                 clock.seconds[name] = round(time.monotonic() - self.start, 3)

@@ -1,0 +1,187 @@
+"""Fault injection: kill deploy, rollback and backup at a chosen step, then check the env.
+
+Driven by the test-only switch SAFE_DEPLOY_FAULT=OP:STEP:SIGNAL (safedeploy.state):
+the process sends itself SIGNAL as it enters STEP. Used by tests/test_faults.py
+and bench/fault_matrix.py. While the operation runs, a writer posts notes to
+the app; afterwards every acknowledged note must be in the live database or in
+a backup (or a database moved aside by a restore), nothing may be left half
+done, and the env must serve a known commit.
+"""
+
+import glob
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import requests
+
+from demo.sandbox import REPO_ROOT
+
+STEPS = {
+    "deploy": ["tag", "backup", "switch", "pre_restart", "restart", "health", "revision", "record"],
+    "rollback": ["tag", "stop", "save", "code", "unit", "database", "restart", "health", "revision"],
+    "backup": ["copy", "verify", "publish"],
+}
+
+
+class NoteWriter(threading.Thread):
+    """Posts notes to the env's app as fast as a client would; remembers the acknowledged ids."""
+
+    def __init__(self, url, pause=0.01):
+        super().__init__(daemon=True)
+        self.url, self.pause = url, pause
+        self.acked, self.failed = set(), 0
+        self.halt = threading.Event()
+
+    def run(self):
+        n = 0
+        while not self.halt.is_set():
+            n += 1
+            try:
+                r = requests.post(self.url, data=f"note {n}", timeout=2)
+                if r.status_code == 201:
+                    self.acked.add(r.json()["id"])
+                else:
+                    self.failed += 1
+            except requests.RequestException:
+                self.failed += 1
+            time.sleep(self.pause)
+
+    def stop(self):
+        self.halt.set()
+        self.join(timeout=10)
+
+
+@dataclass
+class Cell:
+    op: str
+    step: str
+    signal: str
+    recovered: bool = False
+    writes_lost: int = 0
+    seconds_to_healthy: float = 0.0
+    problems: list = field(default_factory=list)
+
+
+def note_ids(path):
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return {r[0] for r in conn.execute("SELECT id FROM notes")}
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return set()
+
+
+def everywhere(sb, env):
+    """Note ids in the live database, every backup, and every database a restore moved aside."""
+    ids = set()
+    paths = [sb.path(env) / "instance" / "app.db"]
+    paths += glob.glob(str(sb.root / "backups" / env / "*.sqlite3"))
+    paths += [p for p in glob.glob(str(sb.path(env) / "instance" / "app.db.rolled-back-*")) if not p.endswith(("-wal", "-shm"))]
+    for p in paths:
+        ids |= note_ids(p)
+    return ids
+
+
+def leftovers(sb, env):
+    found = glob.glob(str(sb.root / "backups" / env / ".*tmp-*"))
+    found += glob.glob(str(sb.path(env) / "instance" / ".app.db.restore-*"))
+    found += glob.glob(str(sb.root / "state" / ".*tmp-*"))
+    found += glob.glob(str(sb.root / "state" / f"{env}.*journal.json"))
+    return found
+
+
+def wait_healthy(sb, env, timeout=30):
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            if requests.get(sb.url(env), timeout=1).status_code == 200:
+                return time.monotonic() - start
+        except requests.RequestException:
+            pass
+        time.sleep(0.02)
+    return None
+
+
+def prepare(sb):
+    """dev at v2 with a before-deploy point, a quick pre_restart command; returns the commits."""
+    sb.write_config(dev=f'pre_restart = [["{sys.executable}", "-c", "pass"]]')
+    v1 = sb.head("dev")
+    sb.release("dev", {"VERSION": "2\n"}, "v2")
+    assert sb.run("deploy.py", "dev").returncode == 0
+    return {v1: "1", sb.head("dev"): "2"}
+
+
+def run_cell(sb, op, step, sig):
+    """One cell of the matrix on a fresh sandbox."""
+    cell = Cell(op, step, sig)
+    known = prepare(sb)
+    writer = NoteWriter(sb.url("dev", "/notes"))
+    writer.start()
+    time.sleep(0.3)
+    fault = {"SAFE_DEPLOY_FAULT": f"{op}:{step}:{sig}"}
+    if op == "deploy":
+        known[sb.release("dev", {"VERSION": "3\n"}, "v3")] = "3"
+        proc = run(sb, fault, "deploy.py", "dev")
+    elif op == "rollback":
+        proc = run(sb, fault, "rollback.py", "dev", "--yes", "--with-db")
+    else:
+        proc = run(sb, fault, "backup.py", "dev")
+    start = time.monotonic()
+    if sig == "KILL" and op != "backup":
+        status = sb.run("status.py", "dev")
+        if "INTERRUPTED" not in status.stdout:
+            cell.problems.append("status.py did not show the interrupted operation")
+    follow = sb.run("backup.py", "dev") if op == "backup" else sb.run("deploy.py", "dev")
+    if follow.returncode != 0:
+        cell.problems.append(f"the next command exited {follow.returncode}: {follow.stderr.strip()[-300:]}")
+    if sig == "KILL" and op != "backup" and "recovering:" not in follow.stdout:
+        cell.problems.append("the next command did not say it recovered")
+    healthy = wait_healthy(sb, "dev")
+    cell.seconds_to_healthy = round(time.monotonic() - start, 2) if healthy is not None else float("nan")
+    time.sleep(0.2)
+    writer.stop()
+    check_env(sb, cell, known, writer)
+    if proc.returncode not in (-9, 0, 1):
+        cell.problems.append(f"the interrupted command exited {proc.returncode}: {proc.stderr.strip()[-300:]}")
+    cell.recovered = not cell.problems
+    return cell
+
+
+def run(sb, extra_env, *args):
+    argv = [sys.executable, str(REPO_ROOT / args[0]), *args[1:], "--config", str(sb.config)]
+    return subprocess.run(argv, env={**sb.env, **extra_env}, capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+
+
+def check_env(sb, cell, known, writer):
+    head = sb.head("dev")
+    if head not in known:
+        cell.problems.append(f"the work tree is at an unknown commit {head[:12]}")
+    try:
+        served = requests.get(sb.url("dev", "/"), timeout=3).json()["version"]
+        if known.get(head) != served:
+            cell.problems.append(f"serves version {served}, work tree at {known.get(head)}")
+    except (requests.RequestException, ValueError, KeyError) as exc:
+        cell.problems.append(f"not serving: {exc}")
+    conn = sqlite3.connect(f"file:{sb.path('dev') / 'instance' / 'app.db'}?mode=ro", uri=True)
+    try:
+        verdict = conn.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        conn.close()
+    if verdict != "ok":
+        cell.problems.append(f"integrity_check: {verdict}")
+    lost = writer.acked - everywhere(sb, "dev")
+    cell.writes_lost = len(lost)
+    if lost:
+        cell.problems.append(f"{len(lost)} acknowledged writes are nowhere: {sorted(lost)[:5]}")
+    if not writer.acked:
+        cell.problems.append("the writer got no write through")
+    left = leftovers(sb, "dev")
+    if left:
+        cell.problems.append(f"left behind: {left}")
