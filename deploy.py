@@ -7,6 +7,7 @@ file; move the work tree; run pre_restart; restart the unit; wait for health;
 write REVISION; record the deploy; print the rollback command.
 """
 
+import re
 from dataclasses import dataclass, field
 
 from safedeploy import backups, cli, commands, recovery, release, rollbacks, units
@@ -15,6 +16,10 @@ from safedeploy.gitrepo import Repo
 from safedeploy.points import Point
 from safedeploy.state import (EnvLock, Journal, StepClock, deploy_log, lock_holder, now_iso, running_commit,
                               utc_stamp, verified_log)
+
+
+REF_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/@^~-]*$")   # checked before the lock: a bad ref touches nothing
+STATE_ROOM = 1 << 20      # the deploy log, the journal and the lock need little, but they need it
 
 
 def main():
@@ -57,6 +62,9 @@ def parse_arguments():
         raise usage_error("--force needs --reason TEXT: the deploy log records why the gate was overridden")
     if args.reason and not args.force:
         raise usage_error("--reason goes with --force")
+    if args.ref is not None and not REF_RE.match(args.ref) or ".." in (args.ref or ""):
+        raise usage_error(f"--ref {args.ref!r}: no such commit, tag or branch can be named like that "
+                          "(letters, digits and . _ / @ ^ ~ - only)")
     return args
 
 
@@ -105,6 +113,10 @@ def preflight(env):
         raise DeployError(f"{env.path} has uncommitted changes to tracked files ({', '.join(f.strip() for f in dirty[:3])}"
                           f"{', ...' if len(dirty) > 3 else ''}): commit or stash them first")
     unit_state = units.require_known(env.unit)
+    state_free = backups.free_bytes(env.state_dir)
+    if state_free < STATE_ROOM:
+        raise DeployError(f"not enough free disk in the state folder {env.state_dir} to record a deploy: "
+                          f"{state_free >> 10} KiB free, {STATE_ROOM >> 10} KiB needed")
     if env.db.exists():
         need, free = backups.needed_bytes(env.db), backups.free_bytes(env.backup_dir)
         if free < need:

@@ -11,6 +11,7 @@ restore the unit file, restore the database, restart, wait for health, record.
 """
 
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -22,6 +23,9 @@ from safedeploy.errors import EXIT_FAILED, EXIT_HUMAN, DeployError, usage_error
 from safedeploy.gitrepo import Repo
 from safedeploy.points import default_point, find_point, list_points
 from safedeploy.state import EnvLock, StepClock, deploy_log, now_iso, running_commit
+
+
+POINT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")      # a tag or a backup's name
 
 
 def main():
@@ -75,6 +79,9 @@ def parse_arguments():
     args = p.parse_args()
     if args.json and not args.list:
         raise usage_error("--json goes with --list")
+    if args.to is not None and not (POINT_RE.match(args.to) or (args.to.startswith("/") and args.to.endswith(".sqlite3")
+                                                               and "/../" not in args.to)):
+        raise usage_error(f"--to {args.to!r}: no such rollback point can be named like that (see --list)")
     return args
 
 

@@ -141,6 +141,7 @@ StandardOutput=append:{log}
 StandardError=inherit
 Restart=on-failure
 RestartSec=0.5
+TimeoutStopSec=3
 
 [Install]
 WantedBy=default.target

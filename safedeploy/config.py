@@ -16,6 +16,8 @@ UNIT_RE = re.compile(r"^[A-Za-z0-9:_.\\@-]+\.service$")
 REMOTE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 DOMAIN_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 
+SHELL_CHARS = set(";&|$`<>()'\"!{}#")
+
 # key -> (default, description of the expected value); None default = required.
 ENV_KEYS = {
     "path": (None, "a folder"),
@@ -92,9 +94,23 @@ def load(cli_value=None):
     file, explicit = find_config_file(cli_value)
     file = file.absolute()
     data = read_toml(file)
+    check_private(file, "config file", "it names commands this tool runs")
     config = parse(data, file)
+    for env in config.envs.values():
+        if env.state_dir.is_dir():
+            check_private(env.state_dir, "state folder", "it holds the locks and the deploy log")
     config.explicit = explicit
     return config
+
+
+def check_private(path, what, why):
+    """Refuse, as ssh does, a file or folder that others could change."""
+    st = path.stat()
+    if st.st_mode & 0o022:
+        raise usage_error(f"{path}: the {what} is writable by group or others, and {why}: "
+                          f"fix it with: chmod go-w {path}")
+    if st.st_uid not in (os.getuid(), 0):
+        raise usage_error(f"{path}: the {what} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}) or root")
 
 
 def read_toml(file):
@@ -239,6 +255,8 @@ def valid_branch(name):
         return False
     if ".." in name or "//" in name or "@{" in name or "/." in name:
         return False
+    if any(c in name for c in SHELL_CHARS):
+        return False        # legal in git, but never in a name an operator pastes into a shell
     return not any(c in name for c in " ~^:?*[\\\t\n\r\x7f") and all(ord(c) >= 32 for c in name)
 
 

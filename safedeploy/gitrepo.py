@@ -1,8 +1,11 @@
 """git, through GitPython's command layer: every call an argv list with a timeout,
 never a prompt for a password."""
 
+import contextlib
+import fcntl
 import os
 import socket
+import time
 from pathlib import Path
 
 import git
@@ -105,16 +108,38 @@ class Repo:
         return os.path.normpath(os.path.join(self.path, out))
 
     # -- changing ---------------------------------------------------------
+    @contextlib.contextmanager
+    def shared_lock(self, timeout=NETWORK_TIMEOUT + 30):
+        """One lock per repository: envs that are work trees of the same repository share its refs,
+        and two fetches at once would fail to update origin/* ("unable to update local ref")."""
+        path = os.path.join(self.common_dir(), "safe-deploy.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise DeployError(f"another operation kept {path} locked for {timeout}s") from None
+                    time.sleep(0.1)
+            yield
+        finally:
+            os.close(fd)
+
     def fetch(self, remote):
-        self.run("fetch", "--prune", "--no-tags", remote, timeout=NETWORK_TIMEOUT)
+        with self.shared_lock():
+            self.run("fetch", "--prune", "--no-tags", remote, timeout=NETWORK_TIMEOUT)
 
     def create_tag(self, name, commit, message):
         """Create an annotated tag; NAME-2, NAME-3, ... when NAME is taken. Returns the name used."""
         base, n = name, 1
-        while self.resolve(f"refs/tags/{name}"):
-            n += 1
-            name = f"{base}-{n}"
-        self.run(*self.identity(), "tag", "--annotate", "--message", message, name, commit)
+        with self.shared_lock():
+            while self.resolve(f"refs/tags/{name}"):
+                n += 1
+                name = f"{base}-{n}"
+            self.run(*self.identity(), "tag", "--annotate", "--message", message, name, commit)
         return name
 
     def identity(self):

@@ -83,8 +83,11 @@ class EnvLock:
                 time.sleep(0.2)
         info = {"pid": os.getpid(), "operation": self.operation,
                 "command": " ".join(sys.argv), "since": now_iso()}
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, json.dumps(info).encode(), 0)
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, json.dumps(info).encode(), 0)
+        except OSError:
+            pass             # who holds it is only for others' messages; a full disk must not stop here
         return self
 
     def __exit__(self, *exc):

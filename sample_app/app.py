@@ -6,12 +6,14 @@ reporting the REVISION file that deploy.py writes (when DEPLOY_STATUS=1).
 
 Its behaviour is set by the file MODE beside it, so a test can commit a bad
 release: "ok", "crash" (exits at start), "http500" (health answers 500),
-"nobind" (runs but never listens), "slow SECONDS" (starts late).
+"nobind" (runs but never listens), "slow SECONDS" (starts late),
+"hanghealth" (/health never answers), "hangstop" (ignores SIGTERM).
 """
 
 import argparse
 import json
 import os
+import signal
 import sqlite3
 import sys
 import time
@@ -44,6 +46,8 @@ def make_handler(conn, mode, version):
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
             if self.path == "/health":
+                if mode == "hanghealth":
+                    time.sleep(120)
                 conn.execute("SELECT 1").fetchone()
                 return self.reply(500 if mode == "http500" else 200, {"ok": mode != "http500"})
             if self.path == "/_deploy/status" and os.environ.get("DEPLOY_STATUS") == "1":
@@ -88,6 +92,8 @@ def main():
     if mode == "crash":
         print("sample app: crashing on start, as MODE asks", file=sys.stderr, flush=True)
         sys.exit(3)
+    if mode == "hangstop":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)     # a unit that hangs on stop
     if mode == "slow":
         time.sleep(float(extra[0]) if extra else 1.0)
     version = (HERE / "VERSION").read_text().strip() if (HERE / "VERSION").exists() else "?"
