@@ -7,11 +7,15 @@ file; move the work tree; run pre_restart; restart the unit; wait for health;
 write REVISION; record the deploy; print the rollback command.
 """
 
+import difflib
 import re
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from safedeploy import backups, cli, commands, recovery, release, rollbacks, units
 from safedeploy.errors import EXIT_FAILED, EXIT_HUMAN, EXIT_LOCKED, DeployError, usage_error
+from safedeploy.files import make_private_dir, remove_quietly, write_atomic
 from safedeploy.gitrepo import Repo
 from safedeploy.points import Point
 from safedeploy.state import (EnvLock, Journal, StepClock, deploy_log, lock_holder, now_iso, running_commit,
@@ -28,6 +32,8 @@ def main():
     env = config.env(args.env)
     if args.dry_run:
         return show_plan(config, env, args)
+    if args.install_units:
+        return install_socket_units(env, args)
     with EnvLock(env.state_dir, env.name, "deploy"):
         recover_interrupted(env)
         plan = prepare(config, env, args)
@@ -57,6 +63,10 @@ def parse_arguments():
     p.add_argument("--no-fetch", action="store_true", help="do not fetch the remote first")
     p.add_argument("--force", action="store_true", help="deploy past the promotion gate or a non-fast-forward")
     p.add_argument("--reason", help="why --force is needed (recorded in the deploy log)")
+    p.add_argument("--install-units", action="store_true",
+                   help="hold the env's port in a socket unit so restarts drop no request (shows the diff first)")
+    p.add_argument("--notify", action="store_true",
+                   help="with --install-units: the server signals readiness (Type=notify); automatic for gunicorn")
     args = p.parse_args()
     if args.force and not (args.reason or "").strip():
         raise usage_error("--force needs --reason TEXT: the deploy log records why the gate was overridden")
@@ -320,6 +330,87 @@ def print_summary(config, env, plan, record, backup, result, clock):
     for why in plan.forced_because:
         cli.say(f"  forced  {why}")
     cli.say(f"rollback: {cli.script_command(config, 'rollback.py', env.name, '--to', record['tag'])}")
+
+
+# -- socket units ------------------------------------------------------------------------------
+def install_socket_units(env, args):
+    """Write a .socket unit holding the port and make the service take its socket from systemd,
+    after showing the diff and saving what it replaces; switch over; put it back if unhealthy."""
+    with EnvLock(env.state_dir, env.name, "install units"):
+        files = socket_unit_files(env, args.notify)
+        if not show_unit_diffs(files):
+            cli.say(f"{env.name}: the socket units are in place already; nothing to do")
+            return 0
+        confirm_units(env, args)
+        saved = save_unit_files(env, files)
+        try:
+            for path, text in files.items():
+                write_atomic(path, text, mode=0o644)
+            units.daemon_reload()
+            switch_to_socket(env)
+        except (DeployError, KeyboardInterrupt) as exc:
+            put_units_back(env, files, saved)
+            raise DeployError(f"installing the socket units failed ({exc}); the old unit files are back "
+                              f"and {env.unit} was restarted as it was") from None
+    cli.say(f"installed: {units.socket_name(env.unit)} holds port {env.port}; {env.unit} takes its socket from "
+            f"systemd; the old files are saved in {saved[0] if saved else '(none)'}")
+    return 0
+
+
+def socket_unit_files(env, notify):
+    st = units.require_known(env.unit)
+    current = Path(st.fragment_path).read_text()
+    notify = notify or "gunicorn" in current or "Type=notify" in current
+    folder = units.user_unit_dir()
+    return {folder / env.unit: units.render_socket_service(current, env.unit, notify),
+            folder / units.socket_name(env.unit): units.render_socket(env.unit, env.port)}
+
+
+def show_unit_diffs(files):
+    changed = False
+    for path, text in files.items():
+        old = path.read_text() if path.exists() else ""
+        if old != text:
+            changed = True
+            cli.say("".join(difflib.unified_diff(old.splitlines(True), text.splitlines(True),
+                                                 str(path) if old else "/dev/null", str(path))))
+    return changed
+
+
+def confirm_units(env, args):
+    if args.yes:
+        return
+    if not sys.stdin.isatty():
+        raise usage_error("--install-units changes unit files and restarts the service: add --yes")
+    cli.confirm_env(env.name, False, "install the socket units and restart")
+
+
+def save_unit_files(env, files):
+    folder = make_private_dir(env.backup_dir / f"units-{utc_stamp()}")
+    for path in files:
+        if path.exists():
+            write_atomic(folder / path.name, path.read_bytes())
+    return [folder]
+
+
+def switch_to_socket(env):
+    """The service stops binding the port; the socket takes it; the service starts on it."""
+    units.stop(env.unit)
+    units.systemctl("enable", "--now", units.socket_name(env.unit))
+    release.restart_unit(env)
+    release.wait_until_healthy(env)
+
+
+def put_units_back(env, files, saved):
+    units.systemctl("disable", "--now", units.socket_name(env.unit), check=False)
+    for path in files:
+        old = saved[0] / path.name
+        if old.exists():
+            write_atomic(path, old.read_bytes(), mode=0o644)
+        else:
+            remove_quietly(path)
+    units.daemon_reload()
+    release.restart_unit(env)
 
 
 # -- the dry run ---------------------------------------------------------------------

@@ -42,7 +42,8 @@ def look_at(config, env):
     """Everything status shows about one env; a part that cannot be read says why."""
     report = {"commit": None, "subject": "", "branch": None, "unit": {"active": False, "state": "unknown"},
               "health": {"ok": False, "status": None, "ms": None}, "last_deploy": None, "last_backup": None,
-              "rollback": None, "lock": lock_holder(env.state_dir, env.name), "interrupted": None, "problems": []}
+              "rollback": None, "lock": lock_holder(env.state_dir, env.name), "interrupted": None, "problems": [],
+              "restart_method": None, "warning": None}
     if not report["lock"]:
         j = recovery.interrupted_any(env)
         if j:
@@ -63,7 +64,10 @@ def look_at(config, env):
 
 def unit_part(config, env):
     st = units.state(env.unit)
-    return {"unit": {"active": st.is_active, "state": st.active, "sub": st.sub, "name": env.unit,
+    method = units.restart_method(env.unit)
+    return {"restart_method": method,
+            "warning": None if method == "socket" else units.DROPS_WARNING.format(env=env.name),
+            "unit": {"active": st.is_active, "state": st.active, "sub": st.sub, "name": env.unit,
                      "since": units.uptime_text(st) or None, "restarts": st.restarts,
                      "looping": units.is_restart_looping(st) if st.is_active else False}}
 
@@ -124,6 +128,8 @@ def show(reports, as_json):
             cli.say(f"  rolled    back {rb.get('time')} to {rb.get('point')}: {rb.get('result')}")
         b = r["last_backup"]
         cli.say(f"  backup    {b['path']} ({b['reason']}, {human_age(b['age_seconds'])})" if b else "  backup    none")
+        if r.get("warning"):
+            cli.say(cli.paint(f"  warning   {r['warning']}", "yellow"))
         if r["lock"]:
             cli.say(f"  lock      {r['lock']}")
         if r["interrupted"]:

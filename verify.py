@@ -52,7 +52,7 @@ def run_checks(env):
     return [guarded(name, fn, env) for name, fn in (
         ("unit", check_unit), ("health", check_health), ("domain", check_domain),
         ("commit", check_commit), ("database", check_database), ("backup", check_backup),
-        ("rollback point", check_rollback_point), ("rollback drill", check_drill))]
+        ("rollback point", check_rollback_point), ("rollback drill", check_drill), ("restart", check_restart))]
 
 
 def guarded(name, fn, env):
@@ -146,6 +146,13 @@ def check_drill(env):
         return True, f"never drilled: rehearse with python3 rollback.py {env.name} --drill"
     last = drills[-1]
     return True, f"last drill {human_age(age_seconds(last['time']))} to {last.get('point')}: {last.get('result')}"
+
+
+def check_restart(env):
+    """Warns when a restart will drop requests; informational, it never fails the checklist."""
+    if units.restart_method(env.unit) == "socket":
+        return True, f"{units.socket_name(env.unit)} holds the port: a restart drops no request"
+    return True, "WARNING: " + units.DROPS_WARNING.format(env=env.name)
 
 
 def record_verified(env):

@@ -170,3 +170,72 @@ def install_unit_files(files):
         write_atomic(folder / name, text, mode=0o644)
     daemon_reload()
     return folder
+
+
+# -- socket activation ------------------------------------------------------------------------
+def socket_name(unit):
+    return unit.removesuffix(".service") + ".socket"
+
+
+def restart_method(unit):
+    """'socket' when a socket unit holds the port across restarts, else 'plain' (drops requests)."""
+    proc = systemctl("show", unit, "--property=TriggeredBy", "--value", check=False)
+    return "socket" if any(name.endswith(".socket") for name in proc.stdout.split()) else "plain"
+
+
+DROPS_WARNING = ("a restart closes the port until the new process listens, so requests are refused "
+                 "meanwhile: hold the port with a socket unit (python3 deploy.py {env} --install-units)")
+
+
+def render_socket(unit, port):
+    return (f"[Unit]\nDescription=listening socket of {unit} (written by safe-deploy)\n\n"
+            f"[Socket]\n# holds the port across restarts of {unit}: requests wait here, none is refused\n"
+            f"ListenStream=127.0.0.1:{port}\nBacklog=4096\n\n[Install]\nWantedBy=sockets.target\n")
+
+
+def render_socket_service(text, unit, notify):
+    """The service unit `text`, changed to take its socket from systemd: Requires/After the
+    socket, Type=notify (readiness) when the server can tell it, a graceful stop."""
+    sock = socket_name(unit)
+    sections, current = {}, None
+    order = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            current = stripped
+            order.append(current)
+            sections[current] = []
+            continue
+        if current is None:
+            current = "[Unit]"
+            order.append(current)
+            sections[current] = []
+        sections[current].append(line)
+
+    def setting(section, key, value):
+        lines = sections.setdefault(section, [])
+        if section not in order:
+            order.append(section)
+        for i, line in enumerate(lines):
+            if line.strip().startswith(f"{key}="):
+                lines[i] = f"{key}={value}"
+                return
+        while lines and not lines[-1].strip():
+            lines.pop()
+        lines.append(f"{key}={value}")
+
+    setting("[Unit]", "Requires", sock)
+    setting("[Unit]", "After", sock)
+    if notify:
+        setting("[Service]", "Type", "notify")
+        setting("[Service]", "NotifyAccess", "main")
+    setting("[Service]", "KillMode", "mixed")
+    if not any(line.strip().startswith("TimeoutStopSec=") for line in sections.get("[Service]", [])):
+        setting("[Service]", "TimeoutStopSec", "30")
+    out = []
+    for section in order:
+        out.append(section)
+        out.extend(line for line in sections[section])
+        if out[-1].strip():
+            out.append("")
+    return "\n".join(out).rstrip("\n") + "\n"

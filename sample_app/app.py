@@ -14,8 +14,10 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sqlite3
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -101,10 +103,46 @@ def main():
     if mode == "nobind":
         while True:
             time.sleep(3600)
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(conn, mode, version))
-    server.daemon_threads = True
+    server = make_server(args.port, make_handler(conn, mode, version))
+    stop_gracefully_on_sigterm(server)
+    notify_ready()
     print("sample app ready", flush=True)
     server.serve_forever()
+    server.server_close()           # waits for the requests in flight
+    print("sample app stopped", flush=True)
+
+
+def make_server(port, handler):
+    """Listen on the socket systemd passes (socket activation), else bind the port."""
+    ThreadingHTTPServer.daemon_threads = False
+    ThreadingHTTPServer.block_on_close = True
+    if os.environ.get("LISTEN_PID") == str(os.getpid()) and int(os.environ.get("LISTEN_FDS", "0")) >= 1:
+        server = ThreadingHTTPServer(("127.0.0.1", port), handler, bind_and_activate=False)
+        server.socket.close()
+        server.socket = socket.socket(fileno=3)
+        server.server_address = server.socket.getsockname()
+        print("sample app: listening on the socket systemd passed", flush=True)
+        return server
+    return ThreadingHTTPServer(("127.0.0.1", port), handler)
+
+
+def stop_gracefully_on_sigterm(server):
+    def stop(signum, frame):
+        threading.Thread(target=server.shutdown, daemon=True).start()
+    if read_mode()[0] != "hangstop":
+        signal.signal(signal.SIGTERM, stop)
+
+
+def notify_ready():
+    """sd_notify(READY=1) for Type=notify units."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(address)
+        s.sendall(b"READY=1")
 
 
 if __name__ == "__main__":

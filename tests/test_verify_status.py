@@ -27,7 +27,7 @@ def test_verify_passes_after_a_deploy_and_records_the_tree(sandbox):
     data, checks = checks_of(proc)
     assert data["env"] == "dev" and data["ok"] is True
     assert list(checks) == ["unit", "health", "domain", "commit", "database", "backup", "rollback point",
-                           "rollback drill"]
+                           "rollback drill", "restart"]
     assert all(c["ok"] for c in checks.values())
     assert record["tag"] in checks["rollback point"]["detail"]
     verified = (sb.root / "state" / "dev.verified.jsonl").read_text().splitlines()

@@ -1,0 +1,72 @@
+"""Deploys that drop no request: socket units written by deploy.py --install-units, under the real
+user manager, with a client sending requests at a steady rate throughout."""
+
+import json
+import time
+
+from demo.load import Load, summary
+
+from helpers import log_records
+
+
+def install(sb, env="dev"):
+    proc = sb.run("deploy.py", env, "--install-units", "--yes", "--notify")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_install_units_shows_the_diff_saves_the_old_files_and_switches(sandbox):
+    sb = sandbox
+    old = (sb.manager.unit_dir / sb.unit("dev")).read_text()
+    checks = {c["name"]: c for c in json.loads(sb.run("verify.py", "dev", "--json").stdout)["checks"]}
+    assert checks["restart"]["ok"] and "WARNING" in checks["restart"]["detail"]
+    assert json.loads(sb.run("status.py", "dev", "--json").stdout)["envs"]["dev"]["restart_method"] == "plain"
+    proc = install(sb)
+    assert "+Requires=" in proc.stdout and "+ListenStream=127.0.0.1:" in proc.stdout and "+Type=notify" in proc.stdout
+    sock = sb.unit("dev").replace(".service", ".socket")
+    assert sb.manager.systemctl("is-active", sock).stdout.strip() == "active"
+    assert sock in sb.manager.systemctl("show", sb.unit("dev"), "-p", "TriggeredBy", "--value").stdout
+    saved = list((sb.root / "backups" / "dev").glob("units-*/" + sb.unit("dev")))
+    assert len(saved) == 1 and saved[0].read_text() == old
+    status = json.loads(sb.run("status.py", "dev", "--json").stdout)["envs"]["dev"]
+    assert status["restart_method"] == "socket" and status["warning"] is None and status["health"]["ok"]
+    again = sb.run("deploy.py", "dev", "--install-units", "--yes", "--notify")
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+
+
+def test_install_units_needs_yes_without_a_terminal(sandbox):
+    proc = sandbox.run("deploy.py", "dev", "--install-units")
+    assert proc.returncode == 2 and "--yes" in proc.stderr
+
+
+def test_a_deploy_behind_the_socket_fails_no_request(sandbox):
+    sb = sandbox
+    sb.release("dev", {"MODE": "slow 1\n"}, "starts in a second")
+    assert sb.run("deploy.py", "dev").returncode == 0
+    install(sb)
+    sb.release("dev", {"MODE": "slow 1\n", "VERSION": "3\n"}, "v3, also slow to start")
+    load = Load(sb.url("dev", "/"), rate=100).start()
+    time.sleep(1)
+    proc = sb.run("deploy.py", "dev")
+    time.sleep(1)
+    samples = load.stop()
+    assert proc.returncode == 0, proc.stderr
+    result = summary(samples)
+    assert result["requests"] > 250 and result["failed"] == 0, result
+    assert any(s.latency > 0.5 for s in samples)           # they waited in the socket's queue, none refused
+
+
+def test_a_release_that_never_turns_healthy_behind_the_socket_fails_no_request(sandbox):
+    sb = sandbox
+    install(sb)
+    good = sb.head("dev")
+    sb.release("dev", {"MODE": "crash\n"}, "crashes on start")
+    load = Load(sb.url("dev", "/"), rate=100).start()
+    time.sleep(0.5)
+    proc = sb.run("deploy.py", "dev")
+    time.sleep(1)
+    samples = load.stop()
+    assert proc.returncode == 1 and "rolled back by itself" in proc.stderr
+    assert sb.head("dev") == good and log_records(sb, "dev")[-1]["result"] == "rolled-back"
+    result = summary(samples)
+    assert result["failed"] == 0, result
