@@ -35,7 +35,7 @@ def main():
     if args.install_units:
         return install_socket_units(env, args)
     with EnvLock(env.state_dir, env.name, "deploy"):
-        recover_interrupted(env)
+        recovery.recover(env, Repo(env.path), cli.say)      # a killed operation: finish or undo it first
         plan = prepare(config, env, args)
         if plan.nothing_to_deploy:
             cli.say(f"nothing to deploy: {env.name} already runs {plan.target[:12]} ({plan.target_subject})")
@@ -43,12 +43,6 @@ def main():
         if env.promote_from:
             cli.confirm_env(env.name, args.yes, f"deploy {plan.target[:12]}")
         return carry_out(config, env, plan)
-
-
-def recover_interrupted(env):
-    """An earlier operation on this env was killed: finish or undo it first, and say so."""
-    if recovery.interrupted(env):
-        recovery.recover(env, Repo(env.path), cli.say)
 
 
 def parse_arguments():
@@ -72,7 +66,7 @@ def parse_arguments():
         raise usage_error("--force needs --reason TEXT: the deploy log records why the gate was overridden")
     if args.reason and not args.force:
         raise usage_error("--reason goes with --force")
-    if args.ref is not None and not REF_RE.match(args.ref) or ".." in (args.ref or ""):
+    if args.ref is not None and (not REF_RE.match(args.ref) or ".." in args.ref):
         raise usage_error(f"--ref {args.ref!r}: no such commit, tag or branch can be named like that "
                           "(letters, digits and . _ / @ ^ ~ - only)")
     return args
@@ -89,6 +83,7 @@ class Plan:
     fast_forward: bool
     reason: str = ""
     forced_because: list = field(default_factory=list)
+    backup_path: object = None          # the pre-deploy backup's file, named before the tag that mentions it
 
     @property
     def nothing_to_deploy(self):
@@ -242,8 +237,10 @@ def carry_out_steps(config, env, plan, journal):
 
 def tag_running_commit(env, plan):
     name = f"{env.name}-before-deploy-{utc_stamp()}"
+    if env.db.exists():
+        plan.backup_path = backups.backup_name(env.name, "pre-deploy", env.backup_dir)   # the next step's file
     message = (f"{env.name} ran {plan.running} on {env.branch} before deploying {plan.target}\n\n"
-               f"commit: {plan.running}\nbranch: {env.branch}\nbackup dir: {env.backup_dir}\n")
+               f"commit: {plan.running}\nbranch: {env.branch}\nbackup: {plan.backup_path or 'none (no database)'}\n")
     name = plan.repo.create_tag(name, plan.running, message)
     if not env.remote:
         return name, False
@@ -259,8 +256,8 @@ def back_up(env, plan):
     if not env.db.exists():
         cli.say(f"note: {env.db} does not exist yet; no database to back up")
         return None
-    return backups.backup_database(env.db, env.backup_dir, env.name, "pre-deploy",
-                                   commit=plan.running, unit_file=plan.unit_file or None)
+    return backups.backup_database(env.db, env.backup_dir, env.name, "pre-deploy", commit=plan.running,
+                                   unit_file=plan.unit_file or None, final=plan.backup_path)
 
 
 def switch_work_tree(plan):

@@ -38,7 +38,7 @@ def main():
     if args.drill:
         return drill(env, repo, choose_point(env, repo, args))
     with EnvLock(env.state_dir, env.name, "rollback"):
-        recover_interrupted(env, repo)
+        recovery.recover(env, repo, cli.say)      # a killed operation: finish or undo it first
         point = choose_point(env, repo, args)
         restore_db, why = rollbacks.decide_database(env, point, db_mode(args))
         if restore_db:
@@ -52,12 +52,6 @@ def main():
 def choose_point(env, repo, args):
     points = list_points(env, repo)
     return find_point(points, args.to) if args.to else default_point(env, points)
-
-
-def recover_interrupted(env, repo):
-    """An earlier operation on this env was killed: finish or undo it first, and say so."""
-    if recovery.interrupted(env):
-        recovery.recover(env, repo, cli.say)
 
 
 def parse_arguments():

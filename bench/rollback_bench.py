@@ -15,8 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import requests
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from demo.sandbox import Sandbox, UserManager  # noqa: E402
@@ -25,13 +23,7 @@ from demo.sandbox import Sandbox, UserManager  # noqa: E402
 def bare_restart(sb, env):
     start = time.monotonic()
     sb.manager.systemctl("restart", sb.unit(env))
-    while True:
-        try:
-            if requests.get(sb.url(env), timeout=1).status_code == 200:
-                return time.monotonic() - start
-        except requests.RequestException:
-            pass
-        time.sleep(0.005)
+    return time.monotonic() - start + sb.wait_serving(env, 30, interval=0.005)
 
 
 def deploy(sb):

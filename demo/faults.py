@@ -97,15 +97,10 @@ def leftovers(sb, env):
 
 
 def wait_healthy(sb, env, timeout=30):
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        try:
-            if requests.get(sb.url(env), timeout=1).status_code == 200:
-                return time.monotonic() - start
-        except requests.RequestException:
-            pass
-        time.sleep(0.02)
-    return None
+    try:
+        return sb.wait_serving(env, timeout, interval=0.02)
+    except RuntimeError:
+        return None
 
 
 def prepare(sb):

@@ -238,17 +238,18 @@ class Sandbox:
     def url(self, env, path="/health"):
         return f"http://127.0.0.1:{self.ports[env]}{path}"
 
-    def wait_serving(self, env, timeout=15):
+    def wait_serving(self, env, timeout=15, interval=0.1):
+        """Seconds until the app in env answers its health check; RuntimeError after timeout."""
         import requests
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
             try:
                 if requests.get(self.url(env), timeout=1).status_code == 200:
-                    return
+                    return time.monotonic() - start
             except requests.RequestException:
                 pass
-            time.sleep(0.1)
-        raise RuntimeError(f"sample app in {env} did not start")
+            time.sleep(interval)
+        raise RuntimeError(f"sample app in {env} did not start within {timeout}s")
 
     def release(self, branch, files, message):
         """Commit files ({name: text}) on branch in the seed clone and push it; return the sha."""

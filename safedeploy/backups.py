@@ -109,6 +109,7 @@ def sha256_file(path, chunk=1 << 20):
 
 
 def backup_name(env, reason, folder):
+    folder = Path(folder)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     name = f"{env}-{stamp}-{reason}.sqlite3"
     n = 1
@@ -136,7 +137,8 @@ def needed_bytes(db_path):
     return int(size * 1.1) + (1 << 20)
 
 
-def backup_database(db_path, folder, env, reason, commit="", unit_file=None, progress=None, clock=None):
+def backup_database(db_path, folder, env, reason, commit="", unit_file=None, progress=None, clock=None,
+                    final=None):
     """Back up a live database (and the unit file, if given); return the verified Backup.
     clock (a state.StepClock) times the steps copy, verify and publish, and journals them."""
     clock = clock or StepClock()
@@ -150,7 +152,7 @@ def backup_database(db_path, folder, env, reason, commit="", unit_file=None, pro
     if free < need:
         raise DeployError(f"not enough free disk in {folder} for a backup of {db_path}: "
                           f"{free >> 20} MiB free, {need >> 20} MiB needed")
-    final = backup_name(env, reason, folder)
+    final = Path(final) if final and not Path(final).exists() else backup_name(env, reason, folder)
     tmp = temp_path_for(final)
     start = time.monotonic()
     try:

@@ -16,7 +16,7 @@ surely gone), calls recover() before anything else:
 import os
 
 from . import backups, release, rollbacks, units
-from .errors import DeployError
+from .errors import EXIT_HUMAN, DeployError
 from .files import remove_quietly
 from .points import Point
 from .state import Journal, StepClock, deploy_log, now_iso
@@ -47,13 +47,20 @@ def recover(env, repo, say):
     if removed:
         say(f"recovering: removed {len(removed)} temp file(s): {', '.join(str(p) for p in removed[:4])}")
     op, step = j.get("op"), j.get("step")
-    if op == "deploy" and step not in (None, "tag", "backup") and j.get("from"):
-        what = undo_deploy(env, repo, j, say)
-    elif op == "rollback" and j.get("commit"):
-        what = finish_rollback(env, repo, j, say)
-    else:
-        what = "nothing live had changed"
-        ensure_running(env, say)
+    try:
+        if op == "deploy" and step not in (None, "tag", "backup") and j.get("from"):
+            what = undo_deploy(env, repo, j, say)
+        elif op == "rollback" and j.get("commit"):
+            what = finish_rollback(env, repo, j, say)
+        else:
+            what = "nothing live had changed"
+            ensure_running(env, say)
+    except DeployError as exc:
+        point = j.get("point") or j.get("tag")
+        command = (f"python3 rollback.py {env.name} --to {point} --yes" if point
+                   else f"systemctl --user restart {env.unit}")
+        raise DeployError(f"recovering the interrupted {op} of {env.name} failed: {exc}. Look with: "
+                          f"systemctl --user status {env.unit}; then run: {command}", EXIT_HUMAN) from None
     deploy_log(env).append({"kind": "recovery", "env": env.name, "time": now_iso(), "interrupted": j,
                             "result": "ok", "did": what, **({"running": j["running_after"]}
                                                              if j.get("running_after") else {})})

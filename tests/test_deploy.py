@@ -37,7 +37,7 @@ def test_deploy_dev_runs_every_step(sandbox):
     assert git(sb.path("dev"), "rev-parse", f"{tag}^{{commit}}") == before
     assert git(sb.path("dev"), "cat-file", "-t", tag) == "tag"
     message = git(sb.path("dev"), "tag", "-l", "--format=%(contents)", tag)
-    assert before in message and "branch: dev" in message
+    assert before in message and "branch: dev" in message and f"backup: {record['backup']}" in message
     assert tag in git(sb.root / "origin.git", "tag", "-l")
     # the backup: a consistent copy, private, with a manifest and the unit file
     backup = record["backup"]
