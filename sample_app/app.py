@@ -107,7 +107,7 @@ def main():
     stop_gracefully_on_sigterm(server)
     notify_ready()
     print("sample app ready", flush=True)
-    server.serve_forever()
+    server.serve_forever(poll_interval=0.1)
     server.server_close()           # waits for the requests in flight
     print("sample app stopped", flush=True)
 
