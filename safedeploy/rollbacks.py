@@ -88,7 +88,7 @@ def _roll_back(env, repo, point, restore_db, db_why, clock, running):
                                            f"{env.name} ran {running} before rolling back to {point.id}\n")
     if restore_db:
         with clock.step("stop"):
-            units.stop(env.unit)
+            units.stop_for_restore(env.unit)
     with clock.step("save"):
         try:
             outcome.pre_rollback = save_live_database(env, running)

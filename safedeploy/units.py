@@ -97,11 +97,20 @@ def restart(unit):
     if state(unit).need_reload:
         daemon_reload()
     systemctl("reset-failed", unit, check=False)
+    start_socket_if_stopped(unit)
     systemctl("restart", unit, timeout=RESTART_TIMEOUT)
 
 
 def stop(unit):
     systemctl("stop", unit, timeout=RESTART_TIMEOUT)
+
+
+def stop_for_restore(unit):
+    """Stop the app so nothing opens its database. Behind a socket unit, the socket stops too:
+    a request would otherwise start the service again in the middle of the restore."""
+    if restart_method(unit) == "socket":
+        systemctl("stop", socket_name(unit), timeout=RESTART_TIMEOUT)
+    stop(unit)
 
 
 def is_restart_looping(st):
@@ -175,6 +184,14 @@ def install_unit_files(files):
 # -- socket activation ------------------------------------------------------------------------
 def socket_name(unit):
     return unit.removesuffix(".service") + ".socket"
+
+
+def start_socket_if_stopped(unit):
+    """A socket unit of the service that a restore (or a person) stopped: listen again first."""
+    sock = socket_name(unit)
+    st = state(sock)
+    if st.known and st.active != "active" and systemctl("is-enabled", sock, check=False).stdout.strip() == "enabled":
+        systemctl("start", sock)
 
 
 def restart_method(unit):

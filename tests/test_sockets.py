@@ -70,3 +70,28 @@ def test_a_release_that_never_turns_healthy_behind_the_socket_fails_no_request(s
     assert sb.head("dev") == good and log_records(sb, "dev")[-1]["result"] == "rolled-back"
     result = summary(samples)
     assert result["failed"] == 0, result
+
+
+def test_a_database_restore_behind_the_socket_is_not_raced_by_socket_activation(sandbox):
+    sb = sandbox
+    install(sb)
+    sb.release("dev", {"schema.sql": "CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY, body TEXT NOT NULL, "
+                       "created TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP);\nCREATE TABLE tags (id INTEGER);\n"},
+               "a migration")
+    assert sb.run("deploy.py", "dev").returncode == 0
+    load = Load(sb.url("dev", "/"), rate=100, timeout=5).start()
+    time.sleep(0.5)
+    proc = sb.run("rollback.py", "dev", "--yes")
+    time.sleep(0.5)
+    load.stop()
+    assert proc.returncode == 0, proc.stderr
+    assert "a migration ran since" in proc.stdout
+    sock = sb.unit("dev").replace(".service", ".socket")
+    assert sb.manager.systemctl("is-active", sock).stdout.strip() == "active"
+    assert sock in sb.manager.systemctl("show", sb.unit("dev"), "-p", "TriggeredBy", "--value").stdout
+    record = log_records(sb, "dev")[-1]
+    assert record["steps"]["stop"] >= 0 and record["db_restored"]
+    import sqlite3
+    conn = sqlite3.connect(sb.path("dev") / "instance" / "app.db")
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'tags'").fetchone()[0] == 0
