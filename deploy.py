@@ -418,6 +418,9 @@ def show_plan(config, env, args):
     plan = prepare(config, env, args, fetch=False)
     say = cli.say
     say(f"dry run: deploy {env.name}, nothing will be changed")
+    j = recovery.interrupted(env)
+    if j:
+        say(f"  (the real run first recovers an interrupted {recovery.describe(j)})")
     if env.remote and not args.no_fetch:
         say(f"  (the real run fetches first: git -C {env.path} fetch --prune --no-tags {env.remote}; "
             "this dry run uses what is already fetched)")
