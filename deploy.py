@@ -60,7 +60,8 @@ def parse_arguments():
     p.add_argument("--install-units", action="store_true",
                    help="hold the env's port in a socket unit so restarts drop no request (shows the diff first)")
     p.add_argument("--notify", action="store_true",
-                   help="with --install-units: the server signals readiness (Type=notify); automatic for gunicorn")
+                   help="with --install-units: the server signals readiness (Type=notify; automatic for gunicorn), "
+                        "so a handover helper can serve while the service restarts")
     args = p.parse_args()
     if args.force and not (args.reason or "").strip():
         raise usage_error("--force needs --reason TEXT: the deploy log records why the gate was overridden")
@@ -349,8 +350,9 @@ def install_socket_units(env, args):
             put_units_back(env, files, saved)
             raise DeployError(f"installing the socket units failed ({exc}); the old unit files are back "
                               f"and {env.unit} was restarted as it was") from None
+    helper = f"; {units.helper_name(env.unit)} serves while it restarts" if len(files) == 3 else ""
     cli.say(f"installed: {units.socket_name(env.unit)} holds port {env.port}; {env.unit} takes its socket from "
-            f"systemd; the old files are saved in {saved[0] if saved else '(none)'}")
+            f"systemd{helper}; the old files are saved in {saved[0] if saved else '(none)'}")
     return 0
 
 
@@ -359,8 +361,11 @@ def socket_unit_files(env, notify):
     current = Path(st.fragment_path).read_text()
     notify = notify or "gunicorn" in current or "Type=notify" in current
     folder = units.user_unit_dir()
-    return {folder / env.unit: units.render_socket_service(current, env.unit, notify),
-            folder / units.socket_name(env.unit): units.render_socket(env.unit, env.port)}
+    service = units.render_socket_service(current, env.unit, notify)
+    files = {folder / env.unit: service, folder / units.socket_name(env.unit): units.render_socket(env.unit, env.port)}
+    if notify:      # the helper needs readiness: systemctl start must return only once it serves
+        files[folder / units.helper_name(env.unit)] = units.render_helper(service, env.unit)
+    return files
 
 
 def show_unit_diffs(files):

@@ -65,8 +65,13 @@ def look_at(config, env):
 def unit_part(config, env):
     st = units.state(env.unit)
     method = units.restart_method(env.unit)
-    return {"restart_method": method,
-            "warning": None if method == "socket" else units.DROPS_WARNING.format(env=env.name),
+    problems = []
+    if method == "handover" and units.state(units.helper_name(env.unit)).is_active \
+            and not lock_holder(env.state_dir, env.name):
+        problems.append(f"{units.helper_name(env.unit)} runs outside a deploy (one was killed); "
+                        f"the next deploy.py or rollback.py stops it")
+    return {"restart_method": method, "problems": problems,
+            "warning": None if method != "plain" else units.DROPS_WARNING.format(env=env.name),
             "unit": {"active": st.is_active, "state": st.active, "sub": st.sub, "name": env.unit,
                      "since": units.uptime_text(st) or None, "restarts": st.restarts,
                      "looping": units.is_restart_looping(st) if st.is_active else False}}

@@ -150,8 +150,10 @@ def check_drill(env):
 
 def check_restart(env):
     """Warns when a restart will drop requests; informational, it never fails the checklist."""
-    if units.restart_method(env.unit) == "socket":
-        return True, f"{units.socket_name(env.unit)} holds the port: a restart drops no request"
+    method = units.restart_method(env.unit)
+    if method in units.METHOD_NOTES:
+        return True, units.METHOD_NOTES[method].format(helper=units.helper_name(env.unit), unit=env.unit,
+                                                       socket=units.socket_name(env.unit), env=env.name)
     return True, "WARNING: " + units.DROPS_WARNING.format(env=env.name)
 
 

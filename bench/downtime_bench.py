@@ -8,10 +8,11 @@ latency p50/p99/max during the deploy against steady state.
 
 Methods: "plain" (the unit binds the port itself: systemctl restart closes it), "socket" (the
 units `deploy.py --install-units` writes: a .socket unit holds the port, requests wait in its
-queue while the new process starts), "handover" (a trial, orchestrated here by hand, not by
-deploy.py: two instances of a template unit share the socket, each running its own release
-folder; the new one starts beside the old one, and the old one stops gracefully once the new
-one is ready).
+queue while the new process starts), "handover" (`--install-units --notify`: a helper unit
+running the new release serves from the same socket while the service restarts), "trial"
+(orchestrated here by hand, not by deploy.py: two instances of a template unit share the
+socket, each running its own release folder; the new one starts beside the old one, which stops
+gracefully once the new one is ready).
 
     python3 bench/downtime_bench.py [--rate 200] [--startup 1.0] [--rounds 2]
 """
@@ -57,7 +58,7 @@ TimeoutStopSec=30
 def measure_handover(manager, root, args, n):
     """The trial: old and new release serve from one socket during the switch."""
     from demo.sandbox import git
-    sb = Sandbox(root / f"handover{n}", manager, health_timeout=30, name=f"dth{n}")
+    sb = Sandbox(root / f"trial{n}", manager, health_timeout=30, name=f"dth{n}")
     sb.root.mkdir()
     sb.build()
     name = f"dth{n}"
@@ -98,7 +99,7 @@ def measure_handover(manager, root, args, n):
 
 
 def measure(manager, root, method, args, n):
-    if method == "handover":
+    if method == "trial":
         return measure_handover(manager, root, args, n)
     sb = Sandbox(root / f"{method}{n}", manager, health_timeout=30, name=f"dt{method}{n}")
     sb.root.mkdir()
@@ -107,8 +108,9 @@ def measure(manager, root, method, args, n):
         mode = f"slow {args.startup}\n"
         sb.release("dev", {"MODE": mode}, "slow start")
         assert sb.run("deploy.py", "dev").returncode == 0
-        if method == "socket":
-            proc = sb.run("deploy.py", "dev", "--install-units", "--yes", "--notify")
+        if method in ("socket", "handover"):
+            extra = ["--notify"] if method == "handover" else []
+            proc = sb.run("deploy.py", "dev", "--install-units", "--yes", *extra)
             assert proc.returncode == 0, proc.stderr
         sb.release("dev", {"MODE": mode, "VERSION": "3\n"}, "the release to deploy")
         load = Load(sb.url("dev", "/"), rate=args.rate).start()
@@ -131,7 +133,7 @@ def main():
     p.add_argument("--rate", type=int, default=200)
     p.add_argument("--startup", type=float, default=1.0)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--methods", default="plain,socket,handover")
+    p.add_argument("--methods", default="plain,socket,handover,trial")
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="downtime-bench-"))
     manager = UserManager(root / "systemd").start()

@@ -94,11 +94,15 @@ def restart(unit):
     """Restart the unit (reloading unit files first if they changed on disk). A deliberate
     restart clears the failed state and the start rate limit first: several deploys and
     rollbacks in a few seconds must not be refused as "start request repeated too quickly"."""
-    if state(unit).need_reload:
+    st = state(unit)
+    if st.need_reload:
         daemon_reload()
     systemctl("reset-failed", unit, check=False)
     start_socket_if_stopped(unit)
-    systemctl("restart", unit, timeout=RESTART_TIMEOUT)
+    if st.is_active and restart_method(unit) == "handover":
+        handover_restart(unit)
+    else:
+        systemctl("restart", unit, timeout=RESTART_TIMEOUT)
 
 
 def stop(unit):
@@ -108,8 +112,9 @@ def stop(unit):
 def stop_for_restore(unit):
     """Stop the app so nothing opens its database. Behind a socket unit, the socket stops too:
     a request would otherwise start the service again in the middle of the restore."""
-    if restart_method(unit) == "socket":
+    if restart_method(unit) != "plain":
         systemctl("stop", socket_name(unit), timeout=RESTART_TIMEOUT)
+        systemctl("stop", helper_name(unit), timeout=RESTART_TIMEOUT, check=False)
     stop(unit)
 
 
@@ -194,11 +199,25 @@ def start_socket_if_stopped(unit):
         systemctl("start", sock)
 
 
-def restart_method(unit):
-    """'socket' when a socket unit holds the port across restarts, else 'plain' (drops requests)."""
-    proc = systemctl("show", unit, "--property=TriggeredBy", "--value", check=False)
-    return "socket" if any(name.endswith(".socket") for name in proc.stdout.split()) else "plain"
+def helper_name(unit):
+    return unit.removesuffix(".service") + "-handover.service"
 
+
+def restart_method(unit):
+    """'handover' when a helper serves from the socket while the service restarts (no request
+    waits), 'socket' when a socket unit holds the port (requests wait, none is refused), else
+    'plain' (the port closes: requests are refused)."""
+    proc = systemctl("show", unit, "--property=TriggeredBy", "--value", check=False)
+    if not any(name.endswith(".socket") for name in proc.stdout.split()):
+        return "plain"
+    return "handover" if state(helper_name(unit)).known else "socket"
+
+
+METHOD_NOTES = {
+    "handover": "{helper} serves from {socket} while {unit} restarts: no request waits",
+    "socket": "{socket} holds the port: requests wait while {unit} restarts, none is refused "
+              "(a server that signals readiness gets a handover helper too: deploy.py {env} --install-units --notify)",
+}
 
 DROPS_WARNING = ("a restart closes the port until the new process listens, so requests are refused "
                  "meanwhile: hold the port with a socket unit (python3 deploy.py {env} --install-units)")
@@ -208,6 +227,43 @@ def render_socket(unit, port):
     return (f"[Unit]\nDescription=listening socket of {unit} (written by safe-deploy)\n\n"
             f"[Socket]\n# holds the port across restarts of {unit}: requests wait here, none is refused\n"
             f"ListenStream=127.0.0.1:{port}\nBacklog=4096\n\n[Install]\nWantedBy=sockets.target\n")
+
+
+def render_helper(service_text, unit):
+    """The handover helper: the same program as the service, on the service's socket, started
+    only by a deploy or rollback to serve while the service restarts, then stopped."""
+    lines, section = [], None
+    for line in service_text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("["):
+            section = stripped
+        if section == "[Install]" or stripped.startswith(("Restart=", "Description=")):
+            continue
+        lines.append(line)
+        if stripped == "[Unit]":
+            lines.append(f"Description=handover helper of {unit} (written by safe-deploy; started only by deploys)")
+        if stripped == "[Service]":
+            lines.append(f"Sockets={socket_name(unit)}")
+            lines.append("Restart=no")
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def handover_restart(unit):
+    """Restart a socket-activated service with no request waiting: start the helper on the same
+    socket (it returns once the helper is ready), restart the service (the helper serves
+    meanwhile; it returns once the service is ready), stop the helper gracefully."""
+    helper = helper_name(unit)
+    systemctl("stop", helper, timeout=RESTART_TIMEOUT, check=False)        # a leftover of a killed deploy
+    systemctl("reset-failed", helper, check=False)
+    if systemctl("start", helper, timeout=RESTART_TIMEOUT, check=False).returncode != 0:
+        error = DeployError(f"the new release did not start (its handover helper {helper} failed); "
+                            f"{unit} still runs the release before it")
+        error.output = "\n".join(journal_tail(helper))
+        raise error
+    try:
+        systemctl("restart", unit, timeout=RESTART_TIMEOUT)
+    finally:
+        systemctl("stop", helper, timeout=RESTART_TIMEOUT, check=False)
 
 
 def render_socket_service(text, unit, notify):

@@ -4,6 +4,8 @@ user manager, with a client sending requests at a steady rate throughout."""
 import json
 import time
 
+import requests
+
 from demo.load import Load, summary
 
 from helpers import log_records
@@ -29,7 +31,10 @@ def test_install_units_shows_the_diff_saves_the_old_files_and_switches(sandbox):
     saved = list((sb.root / "backups" / "dev").glob("units-*/" + sb.unit("dev")))
     assert len(saved) == 1 and saved[0].read_text() == old
     status = json.loads(sb.run("status.py", "dev", "--json").stdout)["envs"]["dev"]
-    assert status["restart_method"] == "socket" and status["warning"] is None and status["health"]["ok"]
+    assert status["restart_method"] == "handover" and status["warning"] is None and status["health"]["ok"]
+    helper = sb.unit("dev").replace(".service", "-handover.service")
+    assert (sb.manager.unit_dir / helper).exists()
+    assert sb.manager.systemctl("is-active", helper, check=False).stdout.strip() == "inactive"
     again = sb.run("deploy.py", "dev", "--install-units", "--yes", "--notify")
     assert again.returncode == 0 and "nothing to do" in again.stdout
 
@@ -43,7 +48,9 @@ def test_a_deploy_behind_the_socket_fails_no_request(sandbox):
     sb = sandbox
     sb.release("dev", {"MODE": "slow 1\n"}, "starts in a second")
     assert sb.run("deploy.py", "dev").returncode == 0
-    install(sb)
+    proc = sb.run("deploy.py", "dev", "--install-units", "--yes")          # no --notify: the socket alone
+    assert proc.returncode == 0 and "-handover.service" not in proc.stdout
+    assert json.loads(sb.run("status.py", "dev", "--json").stdout)["envs"]["dev"]["restart_method"] == "socket"
     sb.release("dev", {"MODE": "slow 1\n", "VERSION": "3\n"}, "v3, also slow to start")
     load = Load(sb.url("dev", "/"), rate=100).start()
     time.sleep(1)
@@ -76,7 +83,7 @@ def test_a_database_restore_behind_the_socket_is_not_raced_by_socket_activation(
     sb = sandbox
     install(sb)
     sb.release("dev", {"schema.sql": "CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY, body TEXT NOT NULL, "
-                       "created TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP);\nCREATE TABLE tags (id INTEGER);\n"},
+                       "created TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP);\nCREATE TABLE IF NOT EXISTS tags (id INTEGER);\n"},
                "a migration")
     assert sb.run("deploy.py", "dev").returncode == 0
     load = Load(sb.url("dev", "/"), rate=100, timeout=5).start()
@@ -95,3 +102,39 @@ def test_a_database_restore_behind_the_socket_is_not_raced_by_socket_activation(
     conn = sqlite3.connect(sb.path("dev") / "instance" / "app.db")
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'tags'").fetchone()[0] == 0
+
+
+def test_a_deploy_with_the_handover_helper_neither_fails_nor_delays_a_request(sandbox):
+    sb = sandbox
+    sb.release("dev", {"MODE": "slow 1\n"}, "starts in a second")
+    assert sb.run("deploy.py", "dev").returncode == 0
+    install(sb)
+    sb.release("dev", {"MODE": "slow 1\n", "VERSION": "3\n"}, "v3, also slow to start")
+    load = Load(sb.url("dev", "/"), rate=100).start()
+    time.sleep(1)
+    proc = sb.run("deploy.py", "dev")
+    time.sleep(1)
+    samples = load.stop()
+    assert proc.returncode == 0, proc.stderr
+    result = summary(samples)
+    assert result["failed"] == 0 and result["max"] < 500, result      # nothing waited for the start-up
+    assert requests.get(sb.url("dev", "/"), timeout=5).json()["version"] == "3"
+    helper = sb.unit("dev").replace(".service", "-handover.service")
+    assert sb.manager.systemctl("is-active", helper, check=False).stdout.strip() == "inactive"
+
+
+def test_a_release_that_cannot_start_under_handover_keeps_the_old_one_serving(sandbox):
+    sb = sandbox
+    install(sb)
+    good = sb.head("dev")
+    sb.release("dev", {"MODE": "crash\n"}, "crashes on start")
+    load = Load(sb.url("dev", "/"), rate=100).start()
+    time.sleep(0.5)
+    proc = sb.run("deploy.py", "dev")
+    time.sleep(0.5)
+    samples = load.stop()
+    assert proc.returncode == 1 and "handover helper" in proc.stderr and "rolled back by itself" in proc.stderr
+    assert "crashing on start" in proc.stderr
+    assert sb.head("dev") == good
+    result = summary(samples)
+    assert result["failed"] == 0 and result["max"] < 1000, result
