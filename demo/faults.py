@@ -103,23 +103,26 @@ def wait_healthy(sb, env, timeout=30):
         return None
 
 
-def prepare(sb):
-    """dev at v2 with a before-deploy point, a quick pre_restart command; returns the commits."""
+def prepare(sb, handover=False):
+    """dev at v2 with a before-deploy point, a quick pre_restart command; returns the commits.
+    handover: the socket units with the handover helper are installed first."""
     sb.write_config(dev=f'pre_restart = [["{sys.executable}", "-c", "pass"]]')
+    if handover:
+        assert sb.run("deploy.py", "dev", "--install-units", "--yes", "--notify").returncode == 0
     v1 = sb.head("dev")
     sb.release("dev", {"VERSION": "2\n"}, "v2")
     assert sb.run("deploy.py", "dev").returncode == 0
     return {v1: "1", sb.head("dev"): "2"}
 
 
-def run_cell(sb, op, step, sig):
-    """One cell of the matrix on a fresh sandbox."""
+def run_cell(sb, op, step, sig, handover=False, fault_at=None):
+    """One cell of the matrix on a fresh sandbox (fault_at: another OP:STEP for the switch)."""
     cell = Cell(op, step, sig)
-    known = prepare(sb)
+    known = prepare(sb, handover)
     writer = NoteWriter(sb.url("dev", "/notes"))
     writer.start()
     time.sleep(0.3)
-    fault = {"SAFE_DEPLOY_FAULT": f"{op}:{step}:{sig}"}
+    fault = {"SAFE_DEPLOY_FAULT": f"{fault_at or f'{op}:{step}'}:{sig}"}
     if op == "deploy":
         known[sb.release("dev", {"VERSION": "3\n"}, "v3")] = "3"
         proc = run(sb, fault, "deploy.py", "dev")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .errors import DeployError
 from .files import write_atomic
+from .state import inject_fault
 
 SYSTEMCTL_TIMEOUT = 30
 RESTART_TIMEOUT = 120
@@ -261,6 +262,7 @@ def handover_restart(unit):
         error.output = "\n".join(journal_tail(helper))
         raise error
     try:
+        inject_fault("restart", "handover")        # test-only: kill between the helper's start and the restart
         systemctl("restart", unit, timeout=RESTART_TIMEOUT)
     finally:
         systemctl("stop", helper, timeout=RESTART_TIMEOUT, check=False)

@@ -19,3 +19,14 @@ def test_fault(sandbox, op, step, sig):
     cell = run_cell(sandbox, op, step, sig)
     assert cell.recovered, cell.problems
     assert cell.writes_lost == 0
+
+
+@pytest.mark.parametrize("op, fault_at", [("deploy", "restart:handover"), ("deploy", "deploy:health"),
+                                          ("rollback", "rollback:restart")])
+def test_fault_with_the_handover_helper(sandbox, op, fault_at):
+    """Killed while the handover helper serves (or just before): the next command stops it and recovers.
+    (The rollback here restores the database, so it restarts from stopped, without the helper.)"""
+    cell = run_cell(sandbox, op, fault_at.split(":")[1], "KILL", handover=True, fault_at=fault_at)
+    assert cell.recovered, cell.problems
+    helper = sandbox.unit("dev").replace(".service", "-handover.service")
+    assert sandbox.manager.systemctl("is-active", helper, check=False).stdout.strip() == "inactive"
