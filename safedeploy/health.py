@@ -47,6 +47,9 @@ def short(exc):
     return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
+ATTEMPT_TIMEOUT = 1.0
+
+
 def wait_healthy(url, timeout, still_starting=lambda: True, interval=0.05):
     """Poll url until healthy or timeout seconds pass, or still_starting() says give up.
 
@@ -55,7 +58,9 @@ def wait_healthy(url, timeout, still_starting=lambda: True, interval=0.05):
     deadline = start + timeout
     while True:
         remaining = deadline - time.monotonic()
-        result = check(url, timeout=max(0.5, min(5.0, remaining)))
+        # short attempts: behind a socket unit a request to an app that crashed waits in the queue,
+        # and the crash must be seen (still_starting) before systemd's start limit closes the socket
+        result = check(url, timeout=max(0.5, min(ATTEMPT_TIMEOUT, remaining)))
         if result.ok:
             return result, time.monotonic() - start
         if time.monotonic() >= deadline or not still_starting():

@@ -16,7 +16,8 @@ def restart_unit(env):
 def wait_until_healthy(env):
     """Poll the env's health URL until healthy; raise with the unit's state and journal if not."""
     def still_starting():
-        return units.state(env.unit).active in ("active", "activating", "reloading")
+        st = units.state(env.unit)          # a crash shows at once as auto-restart: stop waiting then
+        return st.active in ("active", "activating", "reloading") and st.sub != "auto-restart"
 
     result, waited = health.wait_healthy(env.health_url, env.health_timeout, still_starting)
     if not result.ok:

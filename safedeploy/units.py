@@ -197,6 +197,7 @@ def start_socket_if_stopped(unit):
     sock = socket_name(unit)
     st = state(sock)
     if st.known and st.active != "active" and systemctl("is-enabled", sock, check=False).stdout.strip() == "enabled":
+        systemctl("reset-failed", sock, check=False)      # a crash-looping service can take its socket down
         systemctl("start", sock)
 
 

@@ -11,10 +11,20 @@ from demo.load import Load, summary
 from helpers import log_records
 
 
-def install(sb, env="dev"):
-    proc = sb.run("deploy.py", env, "--install-units", "--yes", "--notify")
+def install(sb, env="dev", handover=True):
+    proc = sb.run("deploy.py", env, "--install-units", "--yes", *(["--notify"] if handover else []))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
+
+
+def deploy_under_load(sb, files, message, before=1.0, after=1.0):
+    """Release files on dev and deploy it while a client sends 100 requests/s; (proc, samples)."""
+    sb.release("dev", files, message)
+    load = Load(sb.url("dev", "/"), rate=100).start()
+    time.sleep(before)
+    proc = sb.run("deploy.py", "dev")
+    time.sleep(after)
+    return proc, load.stop()
 
 
 def test_install_units_shows_the_diff_saves_the_old_files_and_switches(sandbox):
@@ -48,15 +58,10 @@ def test_a_deploy_behind_the_socket_fails_no_request(sandbox):
     sb = sandbox
     sb.release("dev", {"MODE": "slow 1\n"}, "starts in a second")
     assert sb.run("deploy.py", "dev").returncode == 0
-    proc = sb.run("deploy.py", "dev", "--install-units", "--yes")          # no --notify: the socket alone
-    assert proc.returncode == 0 and "-handover.service" not in proc.stdout
+    proc = install(sb, handover=False)                                    # the socket alone
+    assert "-handover.service" not in proc.stdout
     assert json.loads(sb.run("status.py", "dev", "--json").stdout)["envs"]["dev"]["restart_method"] == "socket"
-    sb.release("dev", {"MODE": "slow 1\n", "VERSION": "3\n"}, "v3, also slow to start")
-    load = Load(sb.url("dev", "/"), rate=100).start()
-    time.sleep(1)
-    proc = sb.run("deploy.py", "dev")
-    time.sleep(1)
-    samples = load.stop()
+    proc, samples = deploy_under_load(sb, {"MODE": "slow 1\n", "VERSION": "3\n"}, "v3, also slow to start")
     assert proc.returncode == 0, proc.stderr
     result = summary(samples)
     assert result["requests"] > 250 and result["failed"] == 0, result
@@ -65,14 +70,9 @@ def test_a_deploy_behind_the_socket_fails_no_request(sandbox):
 
 def test_a_release_that_never_turns_healthy_behind_the_socket_fails_no_request(sandbox):
     sb = sandbox
-    install(sb)
+    install(sb, handover=False)
     good = sb.head("dev")
-    sb.release("dev", {"MODE": "crash\n"}, "crashes on start")
-    load = Load(sb.url("dev", "/"), rate=100).start()
-    time.sleep(0.5)
-    proc = sb.run("deploy.py", "dev")
-    time.sleep(1)
-    samples = load.stop()
+    proc, samples = deploy_under_load(sb, {"MODE": "crash\n"}, "crashes on start", before=0.5)
     assert proc.returncode == 1 and "rolled back by itself" in proc.stderr
     assert sb.head("dev") == good and log_records(sb, "dev")[-1]["result"] == "rolled-back"
     result = summary(samples)
@@ -109,12 +109,7 @@ def test_a_deploy_with_the_handover_helper_neither_fails_nor_delays_a_request(sa
     sb.release("dev", {"MODE": "slow 1\n"}, "starts in a second")
     assert sb.run("deploy.py", "dev").returncode == 0
     install(sb)
-    sb.release("dev", {"MODE": "slow 1\n", "VERSION": "3\n"}, "v3, also slow to start")
-    load = Load(sb.url("dev", "/"), rate=100).start()
-    time.sleep(1)
-    proc = sb.run("deploy.py", "dev")
-    time.sleep(1)
-    samples = load.stop()
+    proc, samples = deploy_under_load(sb, {"MODE": "slow 1\n", "VERSION": "3\n"}, "v3, also slow to start")
     assert proc.returncode == 0, proc.stderr
     result = summary(samples)
     assert result["failed"] == 0 and result["max"] < 500, result      # nothing waited for the start-up
@@ -127,12 +122,7 @@ def test_a_release_that_cannot_start_under_handover_keeps_the_old_one_serving(sa
     sb = sandbox
     install(sb)
     good = sb.head("dev")
-    sb.release("dev", {"MODE": "crash\n"}, "crashes on start")
-    load = Load(sb.url("dev", "/"), rate=100).start()
-    time.sleep(0.5)
-    proc = sb.run("deploy.py", "dev")
-    time.sleep(0.5)
-    samples = load.stop()
+    proc, samples = deploy_under_load(sb, {"MODE": "crash\n"}, "crashes on start", before=0.5, after=0.5)
     assert proc.returncode == 1 and "handover helper" in proc.stderr and "rolled back by itself" in proc.stderr
     assert "crashing on start" in proc.stderr
     assert sb.head("dev") == good
