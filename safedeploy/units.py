@@ -308,6 +308,10 @@ def render_socket_service(text, unit, notify):
     setting("[Service]", "KillMode", "mixed")
     if not any(line.strip().startswith("TimeoutStopSec=") for line in sections.get("[Service]", [])):
         setting("[Service]", "TimeoutStopSec", "30")
+    if not any(line.strip().startswith("RestartSec=") for line in sections.get("[Service]", [])):
+        # time for a deploy to see a crashing release before systemd's start limit, hit by quick
+        # restarts, fails the service and closes the socket with it
+        setting("[Service]", "RestartSec", "2")
     out = []
     for section in order:
         out.append(section)
