@@ -10,6 +10,7 @@ connection: one read transaction pins a consistent snapshot (WAL readers do not
 block writers), and the live database is never written or checkpointed.
 """
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -155,47 +156,43 @@ def backup_database(db_path, folder, env, reason, commit="", unit_file=None, pro
     final = Path(final) if final and not Path(final).exists() else backup_name(env, reason, folder)
     tmp = temp_path_for(final)
     start = time.monotonic()
-    try:
-        with clock.step("copy"):
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            os.close(fd)
-            copy_snapshot(db_path, tmp, progress)
-        with clock.step("verify"):
-            info = finish_copy(db_path, tmp)
-    except sqlite3.DatabaseError as exc:
-        remove_temp(tmp)
-        if "disk is full" in str(exc) or "database or disk is full" in str(exc):
-            raise DeployError(f"disk full while writing a backup in {folder}: free some space and run again") from None
-        raise DeployError(f"backup of {db_path} failed: {exc}") from None
-    except OSError as exc:
-        remove_temp(tmp)
-        raise disk_error(exc, final) from exc
-    except BaseException:
-        remove_temp(tmp)
-        raise
+    with removed_on_failure(tmp, target=final):
+        try:
+            with clock.step("copy"):
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                os.close(fd)
+                copy_snapshot(db_path, tmp, progress)
+            with clock.step("verify"):
+                info = finish_copy(db_path, tmp)
+        except sqlite3.DatabaseError as exc:
+            if "disk is full" in str(exc):
+                raise DeployError(f"disk full while writing a backup in {folder}: free some space and run again") from None
+            raise DeployError(f"backup of {db_path} failed: {exc}") from None
     backup = Backup(env=env, path=str(final), time=now_iso(), reason=reason, source=str(db_path),
                     commit=commit, seconds=round(time.monotonic() - start, 3), **info)
-    try:
-        with clock.step("publish"):       # the manifest last: only then does the backup count
-            if unit_file:
-                backup.unit_file = str(unit_file)
-                backup.unit_backup = str(final.with_suffix(".unit"))
-                write_atomic(backup.unit_backup, Path(unit_file).read_bytes())
-            os.replace(tmp, final)
-            write_atomic(backup.manifest_path, json.dumps(backup.to_json(), indent=2) + "\n")
-    except OSError as exc:
-        remove_temp(tmp)
-        for leftover in (final, backup.unit_backup):
-            if leftover:
-                remove_quietly(leftover)
-        raise disk_error(exc, final) from exc
-    except BaseException:
-        remove_temp(tmp)
-        for leftover in (final, backup.unit_backup):
-            if leftover:
-                remove_quietly(leftover)
-        raise
+    if unit_file:
+        backup.unit_file, backup.unit_backup = str(unit_file), str(final.with_suffix(".unit"))
+    with removed_on_failure(tmp, final, backup.unit_backup, target=final), clock.step("publish"):
+        if unit_file:
+            write_atomic(backup.unit_backup, Path(unit_file).read_bytes())
+        os.replace(tmp, final)
+        write_atomic(backup.manifest_path, json.dumps(backup.to_json(), indent=2) + "\n")   # last: now it counts
     return backup
+
+
+@contextlib.contextmanager
+def removed_on_failure(*paths, target):
+    """If the block fails: remove paths (with a temp database's -wal, -shm, -journal), and turn an
+    OSError into one line about target. Nothing half-written stays under any name."""
+    try:
+        yield
+    except BaseException as exc:
+        for path in paths:
+            if path:
+                remove_temp(path)
+        if isinstance(exc, OSError):
+            raise disk_error(exc, target) from exc
+        raise
 
 
 def orphans(folder):
@@ -454,7 +451,7 @@ def restore_database(backup, db_path, stamp):
     db_path = Path(db_path)
     folder = db_path.parent
     tmp = folder / f".{db_path.name}.restore-{os.getpid()}"
-    try:
+    with removed_on_failure(tmp, target=db_path):
         copy_file(backup.path, tmp, lambda n: None, limit=os.stat(backup.path).st_size)
         if sha256_file(tmp) != backup.sha256:
             raise DeployError(f"the copy of {backup.path} does not match its sha256; the live database was not touched")
@@ -469,12 +466,6 @@ def restore_database(backup, db_path, stamp):
                 os.replace(f"{db_path}{suffix}", f"{aside}{suffix}")
         os.replace(tmp, db_path)
         fsync_dir(folder)
-    except OSError as exc:
-        remove_quietly(tmp)
-        raise disk_error(exc, db_path) from exc
-    except BaseException:
-        remove_quietly(tmp)
-        raise
     return aside
 
 
