@@ -57,6 +57,7 @@ def main():
     worst = max((c.seconds_to_healthy for c in cells), default=0)
     print(f"\ntotal: {len(cells)} cells, {ok} recovered, {len(cells) - ok} not; {lost} writes lost; "
           f"slowest back to healthy {worst:.2f}s")
+    print(f"matrix: {ok} passed, {len(cells) - ok} failed")
     return 0 if ok == len(cells) and lost == 0 else 1
 
 
