@@ -342,17 +342,16 @@ def install_socket_units(env, args):
         confirm_units(env, args)
         saved = save_unit_files(env, files)
         try:
-            for path, text in files.items():
-                write_atomic(path, text, mode=0o644)
-            units.daemon_reload()
+            units.install_unit_files(files)
             switch_to_socket(env)
         except (DeployError, KeyboardInterrupt) as exc:
             put_units_back(env, files, saved)
             raise DeployError(f"installing the socket units failed ({exc}); the old unit files are back "
                               f"and {env.unit} was restarted as it was") from None
-    helper = f"; {units.helper_name(env.unit)} serves while it restarts" if len(files) == 3 else ""
+    helper = units.helper_name(env.unit)
+    serves = f"; {helper} serves while it restarts" if any(p.name == helper for p in files) else ""
     cli.say(f"installed: {units.socket_name(env.unit)} holds port {env.port}; {env.unit} takes its socket from "
-            f"systemd{helper}; the old files are saved in {saved[0] if saved else '(none)'}")
+            f"systemd{serves}; the old files are saved in {saved}")
     return 0
 
 
@@ -392,7 +391,7 @@ def save_unit_files(env, files):
     for path in files:
         if path.exists():
             write_atomic(folder / path.name, path.read_bytes())
-    return [folder]
+    return folder
 
 
 def switch_to_socket(env):
@@ -406,7 +405,7 @@ def switch_to_socket(env):
 def put_units_back(env, files, saved):
     units.systemctl("disable", "--now", units.socket_name(env.unit), check=False)
     for path in files:
-        old = saved[0] / path.name
+        old = saved / path.name
         if old.exists():
             write_atomic(path, old.read_bytes(), mode=0o644)
         else:

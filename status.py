@@ -50,9 +50,16 @@ def look_at(config, env):
             report["interrupted"] = {k: j.get(k) for k in ("op", "pid", "command", "started", "step")}
     with ThreadPoolExecutor(max_workers=1) as pool:
         probe = pool.submit(health.check, env.health_url, HEALTH_TIMEOUT)
+        try:
+            records = deploy_log(env).read()          # read once, for code_part and log_part
+        except DeployError as exc:
+            records = []
+            report["problems"].append(str(exc))
         for part in (unit_part, code_part, log_part, backup_part):
             try:
-                report.update(part(config, env))
+                found = part(config, env, records)
+                report["problems"] += found.pop("problems", [])
+                report.update(found)
             except DeployError as exc:
                 report["problems"].append(str(exc))
         result = probe.result()
@@ -62,7 +69,7 @@ def look_at(config, env):
     return report
 
 
-def unit_part(config, env):
+def unit_part(config, env, records):
     st = units.state(env.unit)
     method = units.restart_method(env.unit)
     problems = []
@@ -77,9 +84,8 @@ def unit_part(config, env):
                      "looping": units.is_restart_looping(st) if st.is_active else False}}
 
 
-def code_part(config, env):
+def code_part(config, env, records):
     repo = Repo(env.path)
-    records = deploy_log(env).read()
     head = repo.head()
     commit = running_commit(records) or head
     part = {"commit": commit, "subject": repo.subject(commit), "branch": repo.current_branch(), "head": head}
@@ -89,14 +95,13 @@ def code_part(config, env):
     return part
 
 
-def log_part(config, env):
-    records = deploy_log(env).read()
+def log_part(config, env, records):
     deploys = [r for r in records if r.get("kind") == "deploy"]
     rollbacks = [r for r in records if r.get("kind") == "rollback"]
     return {"last_deploy": deploys[-1] if deploys else None, "last_rollback": rollbacks[-1] if rollbacks else None}
 
 
-def backup_part(config, env):
+def backup_part(config, env, records):
     found = backups.list_backups(env.backup_dir)
     if not found:
         return {"last_backup": None}

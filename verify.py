@@ -10,7 +10,6 @@ the commit's tree is recorded as verified in this env (the promotion gate reads 
 """
 
 import json
-import sqlite3
 from dataclasses import asdict, dataclass
 
 from safedeploy import backups, cli, health, units
@@ -106,14 +105,7 @@ def check_commit(env):
 
 
 def check_database(env):
-    try:
-        conn = backups.open_readonly(env.db)
-        try:
-            verdict = backups.integrity(conn, quick=True)
-        finally:
-            conn.close()
-    except sqlite3.DatabaseError as exc:
-        return False, f"{env.db}: cannot open: {exc}"
+    verdict = backups.integrity_of(env.db, quick=True)
     return verdict == "ok", f"{env.db}: quick_check {verdict}"
 
 

@@ -373,10 +373,15 @@ def verify_backup(backup):
         return f"{path} is missing"
     if sha256_file(path) != backup.sha256:
         return f"{path} does not match its recorded sha256"
+    return integrity_of(path)
+
+
+def integrity_of(path, quick=False):
+    """'ok', or the first problem SQLite finds in the database at path (opened read-only)."""
     try:
         conn = open_readonly(path)
         try:
-            return integrity(conn)
+            return integrity(conn, quick)
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:

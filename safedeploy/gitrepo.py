@@ -96,10 +96,6 @@ class Repo:
         status, out, _ = self.run("rev-parse", "--verify", "--quiet", "refs/stash", check=False)
         return out.strip() if status == 0 else None
 
-    def tag_message(self, name):
-        status, out, _ = self.run("tag", "-l", "--format=%(contents)", name, check=False)
-        return out if status == 0 else ""
-
     def git_dir(self):
         return Path(os.path.normpath(os.path.join(self.path, self.run("rev-parse", "--git-dir"))))
 

@@ -132,9 +132,5 @@ def finish_rollback(env, repo, j, say):
 
 def run_rollback(env, repo, point, restore_db, why, running):
     if restore_db and point.backup is None:
-        raise_missing(point)
+        raise DeployError(f"cannot finish the interrupted rollback: the backup of point {point.id} is gone")
     rollbacks.roll_back(env, repo, point, restore_db, why, StepClock(), running)
-
-
-def raise_missing(point):
-    raise DeployError(f"cannot finish the interrupted rollback: the backup of point {point.id} is gone")

@@ -13,8 +13,8 @@ from .state import inject_fault
 
 SYSTEMCTL_TIMEOUT = 30
 RESTART_TIMEOUT = 120
-PROPS = ["LoadState", "ActiveState", "SubState", "FragmentPath", "NRestarts", "MainPID",
-         "ActiveEnterTimestampMonotonic", "NeedDaemonReload", "Result", "ExecMainStatus"]
+PROPS = ["LoadState", "ActiveState", "SubState", "FragmentPath", "NRestarts",
+         "ActiveEnterTimestampMonotonic", "NeedDaemonReload"]
 
 
 def systemctl(*args, timeout=SYSTEMCTL_TIMEOUT, check=True):
@@ -40,10 +40,8 @@ class UnitState:
     sub: str
     fragment_path: str
     restarts: int
-    main_pid: int
     uptime: float | None
     need_reload: bool
-    result: str
 
     @property
     def is_active(self):
@@ -72,10 +70,8 @@ def state(unit):
         sub=props.get("SubState", ""),
         fragment_path=props.get("FragmentPath", ""),
         restarts=int(props.get("NRestarts") or 0),
-        main_pid=int(props.get("MainPID") or 0),
         uptime=uptime,
         need_reload=props.get("NeedDaemonReload") == "yes",
-        result=props.get("Result", ""),
     )
 
 
@@ -178,7 +174,7 @@ def user_unit_dir():
 
 
 def install_unit_files(files):
-    """Write {name: text} into the user's unit folder (atomically), then daemon-reload."""
+    """Write {name or path: text} into the user's unit folder (atomically), then daemon-reload."""
     folder = user_unit_dir()
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
