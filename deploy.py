@@ -1,21 +1,26 @@
 #!/usr/bin/env python3
 """deploy.py ENV: put the env's branch (or --ref) live, safely.
 
-The runbook, in order: lock the env; preflight; fetch and pick the target;
-the promotion gate; confirm; tag what runs; back up the database and the unit
-file; move the work tree; run pre_restart; restart the unit; wait for health;
-write REVISION; record the deploy; print the rollback command.
+The runbook, in order (step names from safedeploy.runbook): lock the env;
+preflight; fetch and pick the target; the promotion gate; confirm; build the
+release beside the running one; tag what runs; back up the database and the
+unit file; switch `current` to the new release in one rename (and move the
+work tree to the commit); run pre_restart in the new release; restart the unit;
+wait for health; record the deploy; print the rollback command. An env not yet
+converted to releases runs from its work tree, which is moved in place.
 """
 
 import difflib
+import os
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safedeploy import backups, cli, commands, recovery, release, rollbacks, units
+from safedeploy import backups, cli, commands, recovery, release, releases, runbook, units
+from safedeploy.runbook import BACKUP, BUILD, HEALTH, PRE_RESTART, RECORD, RESTART, REVISION, SWITCH, TAG
 from safedeploy.errors import EXIT_FAILED, EXIT_HUMAN, EXIT_LOCKED, DeployError, usage_error
-from safedeploy.files import make_private_dir, remove_quietly, write_atomic
+from safedeploy.files import make_private_dir, remove_quietly, same_disk, write_atomic
 from safedeploy.gitrepo import Repo
 from safedeploy.points import Point
 from safedeploy.state import (EnvLock, Journal, StepClock, deploy_log, lock_holder, now_iso, running_commit,
@@ -35,7 +40,7 @@ def main():
     if args.install_units:
         return install_socket_units(env, args)
     with EnvLock(env.state_dir, env.name, "deploy"):
-        recovery.recover(env, Repo(env.path), cli.say)      # a killed operation: finish or undo it first
+        recovery.recover(config, env, Repo(env.path), cli.say)      # a killed operation: finish or undo it first
         plan = prepare(config, env, args)
         if plan.nothing_to_deploy:
             cli.say(f"nothing to deploy: {env.name} already runs {plan.target[:12]} ({plan.target_subject})")
@@ -85,10 +90,14 @@ class Plan:
     reason: str = ""
     forced_because: list = field(default_factory=list)
     backup_path: object = None          # the pre-deploy backup's file, named before the tag that mentions it
+    running_release: object = None      # releases: the release `current` points at
+    release: object = None              # releases: the one this deploy built
+    previous_release: str | None = None
 
     @property
     def nothing_to_deploy(self):
-        return self.target == self.running == self.head
+        same_release = self.running_release is None or self.running_release.commit == self.target
+        return self.target == self.running == self.head and same_release
 
 
 # -- preparing: nothing is changed here except fetched remote refs ---------------
@@ -101,7 +110,8 @@ def prepare(config, env, args, fetch=True):
     target = resolve_target(repo, env, args)
     plan = Plan(repo=repo, running=running, head=head, target=target,
                 target_subject=repo.subject(target), unit_file=unit_state.fragment_path,
-                fast_forward=repo.is_ancestor(head, target), reason=args.reason or "")
+                fast_forward=repo.is_ancestor(head, target), reason=args.reason or "",
+                running_release=releases.current(env))
     if not plan.nothing_to_deploy:
         check_promotion_gate(config, env, plan, args)
         check_direction(plan, args)
@@ -127,7 +137,15 @@ def preflight(env):
         need, free = backups.needed_bytes(env.db), backups.free_bytes(env.backup_dir)
         if free < need:
             raise DeployError(f"not enough free disk for a backup of {env.db} in {env.backup_dir}: "
-                              f"{free >> 20} MiB free, {need >> 20} MiB needed")
+                              f"{free / 2**20:.1f} MiB free, {need / 2**20:.1f} MiB needed")
+    if env.converted:
+        need, free = releases.room_needed(env), backups.free_bytes(env.releases_root)
+        if env.db.exists() and same_disk(env.releases_root, env.backup_dir):
+            need += backups.needed_bytes(env.db)        # the release and the backup share the disk
+        if free < need:
+            raise DeployError(f"not enough free disk in {env.releases_root} for a new release: "
+                              f"{free / 2**20:.1f} MiB free, {need / 2**20:.1f} MiB needed (the running release's "
+                              "own files, plus the backup when it shares the disk)")
     return repo, unit_state
 
 
@@ -181,8 +199,14 @@ def check_direction(plan, args):
 
 # -- carrying it out ---------------------------------------------------------------
 def carry_out(config, env, plan):
+    if not env.converted:
+        cli.say(f"note: {env.name} runs from its work tree, so this deploy changes the running files in place "
+                f"and a rollback cannot bring back its dependencies; convert it to releases with: "
+                f"{cli.script_command(config, 'deploy.py', env.name, '--install-units')}")
     journal = Journal(env.state_dir, env.name)
-    journal.start("deploy", target=plan.target, **{"from": plan.running})
+    journal.start("deploy", v=runbook.RECORD_VERSION, target=plan.target,
+                  previous_release=plan.running_release.id if plan.running_release else None,
+                  **{"from": plan.running})
     try:
         return carry_out_steps(config, env, plan, journal)
     finally:
@@ -191,15 +215,20 @@ def carry_out(config, env, plan):
 
 def carry_out_steps(config, env, plan, journal):
     clock = StepClock(journal, "deploy")
-    record = {"kind": "deploy", "env": env.name, "time": now_iso(), "user": cli.user_name(),
-              "from": plan.running, "to": plan.target, "forced": plan.forced_because,
+    record = {"v": runbook.RECORD_VERSION, "kind": "deploy", "env": env.name, "time": now_iso(),
+              "user": cli.user_name(), "from": plan.running, "to": plan.target, "forced": plan.forced_because,
               "reason": plan.reason}
     log = deploy_log(env)
     try:
-        with clock.step("tag"):
+        if env.converted:
+            with clock.step(BUILD):
+                plan.release = releases.build(env, plan.repo, plan.target, cli.say)
+                record["release"] = plan.release.id
+                journal.update(release=plan.release.id)
+        with clock.step(TAG):
             record["tag"], record["tag_pushed"] = tag_running_commit(env, plan)
             journal.update(tag=record["tag"])
-        with clock.step("backup"):
+        with clock.step(BACKUP):
             backup = back_up(env, plan)
             record["backup"] = backup.path if backup else None
             journal.update(backup=record["backup"])
@@ -208,32 +237,53 @@ def carry_out_steps(config, env, plan, journal):
         record.update(result="failed", failed_step=clock.current, error=what, steps=clock.seconds,
                       running=plan.running)
         log.append(record)
-        raise DeployError(f"deploy of {env.name} stopped before any change to what runs "
-                          f"({clock.current} failed: {what}); {env.name} still runs {plan.running[:12]}") from None
+        error = DeployError(f"deploy of {env.name} stopped before any change to what runs "
+                            f"({clock.current} failed: {what}); {env.name} still runs {plan.running[:12]}")
+        error.output = getattr(exc, "output", "")
+        raise error from None
     try:
-        with clock.step("switch"):
+        with clock.step(SWITCH):
+            if plan.release:
+                plan.previous_release = releases.switch(env, plan.release)
             switch_work_tree(plan)
-        with clock.step("pre_restart"):
-            commands.run_all(env.pre_restart, env.path, env.command_timeout)
-        with clock.step("restart"):
+        with clock.step(PRE_RESTART):
+            commands.run_all(env.pre_restart, plan.release.path if plan.release else env.path, env.command_timeout)
+        with clock.step(RESTART):
             release.restart_unit(env)
-        with clock.step("health"):
+        with clock.step(HEALTH):
             result = release.wait_until_healthy(env)
-        with clock.step("revision"):
-            release.write_revision(env, plan.repo, plan.target)
+        with clock.step(REVISION):
+            if not plan.release:
+                release.write_revision(env, plan.repo, plan.target)
     except (DeployError, KeyboardInterrupt) as exc:
         return roll_back_after_failure(config, env, plan, record, clock, backup, exc)
     try:
-        with clock.step("record"):
-            record.update(result="ok", running=plan.target, steps=clock.seconds, health=result.describe())
+        with clock.step(RECORD):
+            record.update(result="ok", running=plan.target, steps=clock.seconds, health=result.describe(),
+                          previous_release=plan.previous_release)
             log.append(record)
             mark_verified(env, plan, "deploy")
     except DeployError as exc:
         cli.err(f"error: {env.name} runs {plan.target[:12]} and is healthy, but the deploy could not be recorded: "
                 f"{exc}. Free space in {env.state_dir}, then run: {cli.script_command(config, 'verify.py', env.name)}")
         return EXIT_HUMAN
-    print_summary(config, env, plan, record, backup, result, clock)
+    removed = prune_releases(env, plan)
+    print_summary(config, env, plan, record, backup, result, clock, removed)
     return 0
+
+
+def prune_releases(env, plan):
+    """keep_releases, never touching the running release, the previous one, or one whose commit a
+    rollback point of the last 5 operations needs. A failure here only warns: the deploy is done."""
+    if not plan.release:
+        return []
+    recent = [r for r in deploy_log(env).read() if r.get("kind") in ("deploy", "rollback")][-5:]
+    needed = {c for r in recent for c in (r.get("from"), r.get("to"), r.get("running")) if c}
+    try:
+        return releases.prune(env, plan.previous_release, needed)
+    except OSError as exc:
+        cli.err(f"warning: could not remove old releases in {env.releases_root}: {exc}")
+        return []
 
 
 def tag_running_commit(env, plan):
@@ -276,38 +326,28 @@ def mark_verified(env, plan, by):
 
 
 def roll_back_after_failure(config, env, plan, record, clock, backup, exc):
-    """A step after the switch failed: go back to this deploy's own before-deploy point."""
+    """A step after the switch failed: go back to this deploy's own before-deploy point, through
+    the runbook's one "roll back and report" path."""
     failed = clock.current
     what = str(exc) if isinstance(exc, DeployError) else cli.describe_interrupt(exc)
     details = (getattr(exc, "output", "") or "").splitlines()
-    if not details and failed in ("restart", "health"):
+    if not details and failed in (RESTART, HEALTH):
         details = units.journal_tail(env.unit)
-    point = Point(record["tag"], "before-deploy", plan.running, record["time"], backup)
-    rollback_clock = StepClock()
-    try:
-        restore_db, why = rollbacks.decide_database(env, point, "auto")
-        outcome = rollbacks.roll_back(env, plan.repo, point, restore_db, why, rollback_clock, plan.target)
-    except (DeployError, KeyboardInterrupt) as rollback_exc:
-        record.update(result="failed", failed_step=failed, error=what, steps=clock.seconds,
-                      rollback={"result": "failed", "failed_step": rollback_clock.current,
-                                "error": str(rollback_exc), "steps": rollback_clock.seconds})
-        deploy_log(env).append(record)
-        report_failure(env, failed, what, details)
-        again = cli.script_command(config, "rollback.py", env.name, "--to", record["tag"], "--with-db", "--yes")
-        cli.err(f"the automatic rollback failed too, at step {rollback_clock.current}: {rollback_exc}")
-        cli.err(f"{env.name} is NOT back as it was. Look with: systemctl --user status {env.unit}; "
-                f"then run: {again}")
-        return EXIT_HUMAN
-    record.update(result="rolled-back", failed_step=failed, error=what, steps=clock.seconds, running=plan.running,
-                  rollback={"result": "ok", "steps": rollback_clock.seconds, "db_restored": restore_db,
-                            "db_why": why, "pre_rollback": outcome.pre_rollback, "rows_lost": outcome.rows_lost,
-                            "tag": outcome.left_tag})
-    deploy_log(env).append(record)
+    record.update(result="rolled-back", failed_step=failed, error=what, steps=clock.seconds, running=plan.running)
     report_failure(env, failed, what, details)
-    restored = (f"code back to {plan.running[:12]}, database restored from {backup.path} ({why})"
-                if restore_db else f"code back to {plan.running[:12]}, database kept ({why})")
-    cli.err(f"rolled back by itself: {restored}; the failed release's data is saved in {outcome.pre_rollback}. "
-            f"{env.name} is as it was: {env.health_url} answers {outcome.health.describe()}.")
+    point = Point(record["tag"], "before-deploy", plan.running, record["time"], backup,
+                  release=plan.previous_release or (plan.running_release.id if plan.running_release else None))
+    restore_db, why = runbook.decide_database(env, point, "auto")
+    outcome = runbook.roll_back_and_record(config, env, plan.repo, point, restore_db, why, plan.target, record,
+                                           nested=True)
+    code = f"release {outcome.release}" if outcome.release else f"code back to {plan.running[:12]}"
+    restored = (f"{code}, database restored from {backup.path} ({why})" if restore_db
+                else f"{code}, database kept ({why})")
+    saved = (f"the failed release's database is saved in {outcome.pre_rollback}" if outcome.pre_rollback
+             else f"the failed release's database lies at {outcome.aside} ({outcome.seal_problem})" if outcome.aside
+             else "no database to save")
+    cli.err(f"rolled back by itself: {restored}; {saved}. {env.name} runs {plan.running[:12]} again and "
+            f"{env.health_url} answers {outcome.health.describe()}.")
     return EXIT_FAILED
 
 
@@ -317,13 +357,16 @@ def report_failure(env, failed, what, details):
         cli.err(f"  | {line}")
 
 
-def print_summary(config, env, plan, record, backup, result, clock):
+def print_summary(config, env, plan, record, backup, result, clock, removed=()):
     steps = ", ".join(f"{name} {secs:.2f}s" for name, secs in clock.seconds.items())
     cli.say(f"{cli.paint('deployed', 'green')} {env.name}: {plan.running[:12]} -> {plan.target[:12]} "
             f"({plan.target_subject}) in {clock.total:.1f}s")
     cli.say(f"  tag     {record['tag']}{' (pushed)' if record['tag_pushed'] else ''}")
     cli.say(f"  backup  {backup.path if backup else 'none (no database yet)'}")
     cli.say(f"  health  {env.health_url}: {result.describe()}")
+    if plan.release:
+        cli.say(f"  release {plan.release.path} (was {plan.previous_release or 'none'})"
+                + (f"; removed {len(removed)} old release(s)" if removed else ""))
     cli.say(f"  steps   {steps}")
     for why in plan.forced_because:
         cli.say(f"  forced  {why}")

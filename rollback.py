@@ -4,9 +4,10 @@
 The runbook: pick the point (default: the state before the last deploy); decide
 about the database (--code-only never touches it, --with-db restores the point's
 backup, by default it goes back only when the live schema differs from the
-point's); show the plan; confirm; lock the env; then, in order: tag the commit
-it leaves, save the live database as a pre-rollback backup, move the work tree,
-restore the unit file, restore the database, restart, wait for health, record.
+point's); show the plan; confirm; lock the env; then the steps of
+safedeploy.runbook (tag, build only if the point's release is gone, prepare the
+restored copy while the app serves, stop, save, switch, unit file, database,
+restart, health, seal), and record.
 --list shows the points; --drill rehearses a rollback without touching the env.
 """
 
@@ -18,11 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from safedeploy import backups, cli, recovery, rollbacks, units
-from safedeploy.errors import EXIT_FAILED, EXIT_HUMAN, DeployError, usage_error
+from safedeploy import backups, cli, recovery, runbook, units
+from safedeploy.errors import EXIT_FAILED, DeployError, usage_error
 from safedeploy.gitrepo import Repo
 from safedeploy.points import default_point, find_point, list_points
-from safedeploy.state import EnvLock, StepClock, deploy_log, now_iso, running_commit
+from safedeploy.state import EnvLock, deploy_log, now_iso, running_commit
 
 
 POINT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")      # a tag or a backup's name
@@ -38,11 +39,11 @@ def main():
     if args.drill:
         return drill(env, repo, choose_point(env, repo, args))
     with EnvLock(env.state_dir, env.name, "rollback"):
-        recovery.recover(env, repo, cli.say)      # a killed operation: finish or undo it first
+        recovery.recover(config, env, repo, cli.say)      # a killed operation: finish or undo it first
         point = choose_point(env, repo, args)
-        restore_db, why = rollbacks.decide_database(env, point, db_mode(args))
+        restore_db, why = runbook.decide_database(env, point, db_mode(args))
         if restore_db:
-            rollbacks.check_point_backup(point, list_points(env, repo))
+            runbook.check_point_backup(point, list_points(env, repo))
         show_plan(env, repo, point, restore_db, why)
         confirm(env, args)
         units.require_known(env.unit)
@@ -104,9 +105,16 @@ def show_plan(env, repo, point, restore_db, why):
     head = repo.head()
     cli.say(f"rollback plan for {env.name}:")
     cli.say(f"  code      {head[:12]} -> {point.commit[:12]} ({repo.subject(point.commit)}), point {point.id}")
+    if env.converted:
+        kept = runbook.release_for(env, point)
+        cli.say(f"  release   {'switch back to ' + str(kept.path) + ' (kept: no rebuild, no network)' if kept else 'REBUILD from ' + point.commit[:12] + ': its release is no longer kept (runs the build commands)'}")
     cli.say(f"  database  {'RESTORE ' + point.backup.path if restore_db else 'keep'}: {why}")
-    cli.say(f"  safety    the live database is saved first as a pre-rollback backup; "
-            f"the commit it leaves is tagged {env.name}-rolled-back-<time>")
+    if restore_db:
+        cli.say("  safety    the backup is copied and checked while the app serves; then the app stops, its "
+                "database is renamed aside (kept as a pre-rollback backup) and the copy renamed in")
+    else:
+        cli.say("  safety    the live database is saved first as a pre-rollback backup")
+    cli.say(f"  tag       the commit it leaves is tagged {env.name}-rolled-back-<time>")
 
 
 def confirm(env, args):
@@ -120,53 +128,30 @@ def confirm(env, args):
 
 # -- doing ---------------------------------------------------------------------------------
 def carry_out(config, env, repo, point, restore_db, why):
-    clock = StepClock()
-    log = deploy_log(env)
-    running = running_commit(log.read()) or repo.head()
-    record = {"kind": "rollback", "env": env.name, "time": now_iso(), "user": cli.user_name(),
-              "from": running, "to": point.commit, "point": point.id, "db_restored": restore_db, "db_why": why}
-    try:
-        outcome = rollbacks.roll_back(env, repo, point, restore_db, why, clock, running)
-    except DeployError as exc:
-        nothing_changed = clock.current in ("tag", "save")
-        record.update(result="failed", failed_step=clock.current, error=str(exc), steps=clock.seconds,
-                      **({"running": running} if nothing_changed else {}))
-        log.append(record)
-        if nothing_changed:
-            raise DeployError(f"rollback of {env.name} failed at {clock.current}, before any change: {exc}") from None
-        return human_needed(config, env, point, restore_db, clock.current, exc)
-    record.update(result="ok", running=point.commit, steps=clock.seconds, backup=outcome.pre_rollback,
-                  pre_rollback=outcome.pre_rollback, aside=outcome.aside, rows_lost=outcome.rows_lost,
-                  unit_restored=outcome.unit_restored, stash=outcome.stash, tag=outcome.left_tag)
-    log.append(record)
-    print_summary(config, env, repo, outcome, clock)
+    running = running_commit(deploy_log(env).read()) or repo.head()
+    record = {"v": runbook.RECORD_VERSION, "kind": "rollback", "env": env.name, "time": now_iso(),
+              "user": cli.user_name(), "from": running, "to": point.commit, "point": point.id}
+    outcome = runbook.roll_back_and_record(config, env, repo, point, restore_db, why, running, record)
+    print_summary(config, env, repo, outcome, record["steps"])
     return 0
 
 
-def human_needed(config, env, point, restore_db, step, exc):
-    cli.err(f"error: rollback of {env.name} to {point.id} failed at step {step}: {exc}")
-    for line in (getattr(exc, "output", "") or "").splitlines():
-        cli.err(f"  | {line}")
-    again = ["--to", point.id, "--yes"] + (["--with-db"] if restore_db else ["--code-only"])
-    cli.err(f"{env.name} is NOT healthy. Look at it with: systemctl --user status {env.unit}; "
-            f"journalctl --user -u {env.unit} -n 50")
-    cli.err(f"then run: {cli.script_command(config, 'rollback.py', env.name, *again)}")
-    return EXIT_HUMAN
-
-
-def print_summary(config, env, repo, outcome, clock):
+def print_summary(config, env, repo, outcome, steps):
     p = outcome.point
     cli.say(f"{cli.paint('rolled back', 'green')} {env.name} to {p.id}: {outcome.left[:12]} -> {p.commit[:12]} "
-            f"({repo.subject(p.commit)}) in {clock.total:.1f}s")
+            f"({repo.subject(p.commit)}) in {sum(steps.values()):.1f}s")
+    if outcome.release:
+        cli.say(f"  release   {outcome.release}{' (rebuilt from its commit)' if outcome.rebuilt else ' (kept; no rebuild)'}")
     cli.say(f"  database  {'restored from ' + p.backup.path if outcome.restore_db else 'kept'} ({outcome.db_why})")
     if outcome.restore_db:
         if outcome.rows_lost:
             for table, n in sorted(outcome.rows_lost.items()):
                 cli.say(f"  rows      {table}: {n} row(s) written since the point are not in the restored database")
             cli.say(f"            they are all in the pre-rollback copy {outcome.pre_rollback}")
-        else:
+        elif outcome.pre_rollback:
             cli.say("  rows      the restore took away no rows")
-        cli.say(f"  aside     the replaced database (with its -wal) is kept as {outcome.aside}")
+        if outcome.seal_problem:
+            cli.say(f"  aside     the replaced database lies at {outcome.aside}: {outcome.seal_problem}")
     cli.say(f"  saved     pre-rollback backup {outcome.pre_rollback or 'none (no live database)'}")
     cli.say(f"  tagged    {outcome.left_tag} marks the commit it left")
     if outcome.unit_restored:
@@ -174,7 +159,7 @@ def print_summary(config, env, repo, outcome, clock):
     if outcome.stash:
         cli.say(f"  stashed   uncommitted changes in the work tree: git -C {env.path} stash show -p {outcome.stash}")
     cli.say(f"  health    {env.health_url}: {outcome.health.describe()}")
-    cli.say("  steps     " + ", ".join(f"{k} {v:.2f}s" for k, v in clock.seconds.items()))
+    cli.say("  steps     " + ", ".join(f"{k} {v:.2f}s" for k, v in steps.items()))
 
 
 # -- rehearsing ----------------------------------------------------------------------------

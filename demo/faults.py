@@ -19,12 +19,15 @@ from dataclasses import dataclass, field
 import requests
 
 from demo.sandbox import REPO_ROOT
+from safedeploy.runbook import BUILD, DEPLOY_STEPS, ROLLBACK_STEPS
 
+# the steps an in-place env goes through (it builds no release), and one on releases
 STEPS = {
-    "deploy": ["tag", "backup", "switch", "pre_restart", "restart", "health", "revision", "record"],
-    "rollback": ["tag", "stop", "save", "code", "unit", "database", "restart", "health", "revision"],
+    "deploy": [s for s in DEPLOY_STEPS if s != BUILD],
+    "rollback": [s for s in ROLLBACK_STEPS if s != BUILD],
     "backup": ["copy", "verify", "publish"],
 }
+RELEASE_STEPS = {"deploy": DEPLOY_STEPS, "rollback": ROLLBACK_STEPS}
 
 
 class NoteWriter(threading.Thread):
@@ -80,9 +83,10 @@ def note_ids(path):
 def everywhere(sb, env):
     """Note ids in the live database, every backup, and every database a restore moved aside."""
     ids = set()
-    paths = [sb.path(env) / "instance" / "app.db"]
+    db = sb.db_path(env)
+    paths = [db]
     paths += glob.glob(str(sb.root / "backups" / env / "*.sqlite3"))
-    paths += [p for p in glob.glob(str(sb.path(env) / "instance" / "app.db.rolled-back-*")) if not p.endswith(("-wal", "-shm"))]
+    paths += [p for p in glob.glob(f"{db}.rolled-back-*") if not p.endswith(("-wal", "-shm"))]
     for p in paths:
         ids |= note_ids(p)
     return ids
@@ -90,7 +94,8 @@ def everywhere(sb, env):
 
 def leftovers(sb, env):
     found = glob.glob(str(sb.root / "backups" / env / ".*tmp-*"))
-    found += glob.glob(str(sb.path(env) / "instance" / ".app.db.restore-*"))
+    found += glob.glob(str(sb.db_path(env).parent / ".app.db.restore-*"))
+    found += glob.glob(f"{sb.path(env)}.releases/releases/.build-*")
     found += glob.glob(str(sb.root / "state" / ".*tmp-*"))
     found += glob.glob(str(sb.root / "state" / f"{env}.*journal.json"))
     return found
@@ -103,22 +108,28 @@ def wait_healthy(sb, env, timeout=30):
         return None
 
 
-def prepare(sb, handover=False):
+def prepare(sb, handover=False, releases=False):
     """dev at v2 with a before-deploy point, a quick pre_restart command; returns the commits.
-    handover: the socket units with the handover helper are installed first."""
-    sb.write_config(dev=f'pre_restart = [["{sys.executable}", "-c", "pass"]]')
-    if handover:
-        assert sb.run("deploy.py", "dev", "--install-units", "--yes", "--notify").returncode == 0
+    handover: the socket units with the handover helper are installed first.
+    releases: dev is converted to releases first (with a quick build command)."""
+    extra = f'pre_restart = [["{sys.executable}", "-c", "pass"]]'
+    if releases:
+        extra += f'\nbuild = [["{sys.executable}", "-c", "open(\'BUILT\', \'w\').close()"]]'
+    sb.write_config(dev=extra)
+    if handover or releases:
+        args = ["--notify"] if handover else []
+        proc = sb.run("deploy.py", "dev", "--install-units", "--yes", *args)
+        assert proc.returncode == 0, proc.stderr
     v1 = sb.head("dev")
     sb.release("dev", {"VERSION": "2\n"}, "v2")
     assert sb.run("deploy.py", "dev").returncode == 0
     return {v1: "1", sb.head("dev"): "2"}
 
 
-def run_cell(sb, op, step, sig, handover=False, fault_at=None):
+def run_cell(sb, op, step, sig, handover=False, fault_at=None, releases=False):
     """One cell of the matrix on a fresh sandbox (fault_at: another OP:STEP for the switch)."""
     cell = Cell(op, step, sig)
-    known = prepare(sb, handover)
+    known = prepare(sb, handover, releases)
     writer = NoteWriter(sb.url("dev", "/notes"))
     writer.start()
     time.sleep(0.3)
@@ -167,7 +178,7 @@ def check_env(sb, cell, known, writer):
             cell.problems.append(f"serves version {served}, work tree at {known.get(head)}")
     except (requests.RequestException, ValueError, KeyError) as exc:
         cell.problems.append(f"not serving: {exc}")
-    conn = sqlite3.connect(f"file:{sb.path('dev') / 'instance' / 'app.db'}?mode=ro", uri=True)
+    conn = sqlite3.connect(f"file:{sb.db_path('dev')}?mode=ro", uri=True)
     try:
         verdict = conn.execute("PRAGMA integrity_check").fetchone()[0]
     finally:

@@ -194,6 +194,13 @@ class Sandbox:
     def path(self, env):
         return self.root / env
 
+    def db_path(self, env):
+        """The live database: in the shared folder once the env runs releases, else in the work tree."""
+        releases = Path(f"{self.path(env)}.releases")
+        if (releases / "current").is_symlink():
+            return releases / "shared" / "instance" / "app.db"
+        return self.path(env) / "instance" / "app.db"
+
     def unit(self, env):
         return f"{self.name}-{env}.service"
 

@@ -201,7 +201,8 @@ def orphans(folder):
     if not folder.is_dir():
         return []
     return [p for p in folder.iterdir() if p.suffix in (".sqlite3", ".unit")
-            and not p.with_suffix(".sqlite3").with_name(p.with_suffix(".sqlite3").name + ".json").exists()]
+            and not p.with_suffix(".sqlite3").with_name(p.with_suffix(".sqlite3").name + ".json").exists()
+            and "-pre-rollback." not in p.name]     # a save a restore set aside holds rows: sealed, never removed
 
 
 def remove_temp(tmp):
@@ -445,33 +446,99 @@ def remove_backup(backup):
 
 
 # -- restoring -----------------------------------------------------------------------------
-def restore_database(backup, db_path, stamp):
-    """Put a verified backup in place of db_path (the app must be stopped).
-
-    The live file and its -wal and -shm are moved aside together, as
-    <db>.rolled-back-<stamp> (+ -wal, -shm), so they stay an openable pair and
-    no stale -wal is ever left beside the restored file. The backup is copied
-    to a temp file beside the database, checked against its sha256, and
-    renamed into place. Returns the path of the moved-aside database."""
+# A database restore keeps the app down only for stop, renames and start, whatever the size:
+# prepare_restore() copies and checks the backup beside the live file while the app still
+# serves; set_aside() renames the stopped app's files away (that rename IS the pre-rollback
+# save: no copy is made while the app is down); put_in_place() renames the prepared copy in;
+# seal() makes the set-aside files a verified backup with a manifest once the app is back.
+def prepare_restore(backup, db_path):
+    """Copy backup beside db_path (a temp name) and check its sha256 and integrity; return the
+    temp path. Runs while the app serves; out of room, it fails before anything is stopped."""
     db_path = Path(db_path)
     folder = db_path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    need, free = int(backup.bytes or 0) + (1 << 20), free_bytes(folder)
+    if free < need:
+        raise DeployError(f"not enough free disk in {folder} to prepare the restore of {backup.path}: "
+                          f"{free / 2**20:.1f} MiB free, {need / 2**20:.1f} MiB needed; nothing was stopped or changed")
     tmp = folder / f".{db_path.name}.restore-{os.getpid()}"
     with removed_on_failure(tmp, target=db_path):
         copy_file(backup.path, tmp, lambda n: None, limit=os.stat(backup.path).st_size)
         if sha256_file(tmp) != backup.sha256:
             raise DeployError(f"the copy of {backup.path} does not match its sha256; the live database was not touched")
+        verdict = integrity_of(tmp)
+        if verdict != "ok":
+            raise DeployError(f"the copy of {backup.path} fails integrity_check ({verdict}); the live database "
+                              "was not touched")
         if db_path.exists():
             st = db_path.stat()
             os.chmod(tmp, stat_mode(st.st_mode))
             os.chown(tmp, st.st_uid, st.st_gid)
-            fold_wal(db_path)     # every write into the main file: a kill between the moves below loses none
-        aside = folder / f"{db_path.name}.rolled-back-{stamp}"
-        for suffix in ("-wal", "-shm", ""):       # the WAL first: never a stale -wal beside a database
-            if Path(f"{db_path}{suffix}").exists():
-                os.replace(f"{db_path}{suffix}", f"{aside}{suffix}")
-        os.replace(tmp, db_path)
-        fsync_dir(folder)
-    return aside
+    return tmp
+
+
+def aside_name(db_path, backup_folder, env, stamp):
+    """Where set_aside() puts the live files: straight into the backup folder when it is on the
+    same file system (a rename), else beside the database as DB.rolled-back-<stamp>."""
+    db_path, backup_folder = Path(db_path), make_private_dir(backup_folder)
+    if os.stat(db_path.parent).st_dev == os.stat(backup_folder).st_dev:
+        return backup_name(env, "pre-rollback", backup_folder)
+    return db_path.parent / f"{db_path.name}.rolled-back-{stamp}"
+
+
+def set_aside(db_path, dest):
+    """Rename the stopped app's database, with its -wal and -shm, to dest (+ the same suffixes).
+    The WAL is folded in first when SQLite can open the file; a corrupt database is moved as it
+    is, its files together (evidence, and whatever rows it still holds)."""
+    db_path, dest = Path(db_path), Path(dest)
+    try:
+        fold_wal(db_path)     # every write into the main file: a kill between the moves below loses none
+    except DeployError:
+        pass
+    for suffix in ("-wal", "-shm", ""):       # the WAL first: never a stale -wal beside a database
+        if Path(f"{db_path}{suffix}").exists():
+            os.replace(f"{db_path}{suffix}", f"{dest}{suffix}")
+    if dest.parent != db_path.parent:
+        os.chmod(dest, 0o600)
+        fsync_dir(dest.parent)
+    fsync_dir(db_path.parent)
+    return dest
+
+
+def put_in_place(tmp, db_path):
+    os.replace(tmp, db_path)
+    fsync_dir(Path(db_path).parent)
+
+
+def seal(saved, folder, env, commit, unit_file=None):
+    """Make a database set aside by a restore a verified backup (manifest, sha256) in folder.
+    A file already in folder is sealed where it lies; one outside is copied in (and stays)."""
+    saved, folder = Path(saved), Path(folder)
+    if saved.parent != folder:
+        return backup_database(saved, folder, env, "pre-rollback", commit=commit, unit_file=unit_file)
+    start = time.monotonic()
+    try:
+        info = finish_copy(saved, saved)
+    except sqlite3.DatabaseError as exc:
+        raise DeployError(f"{saved} is not a readable SQLite database: {exc}") from None
+    for suffix in ("-wal", "-shm"):
+        remove_quietly(f"{saved}{suffix}")
+    os.chmod(saved, 0o600)
+    backup = Backup(env=env, path=str(saved), time=now_iso(), reason="pre-rollback", source=str(saved),
+                    commit=commit, seconds=round(time.monotonic() - start, 3), **info)
+    if unit_file:
+        backup.unit_file, backup.unit_backup = str(unit_file), str(saved.with_suffix(".unit"))
+        write_atomic(backup.unit_backup, Path(unit_file).read_bytes())
+    write_atomic(backup.manifest_path, json.dumps(backup.to_json(), indent=2) + "\n")
+    return backup
+
+
+def unsealed(folder):
+    """Pre-rollback saves that a killed rollback set aside but did not seal: never to be removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.glob("*-pre-rollback.sqlite3") if not Path(f"{p}.json").exists()]
 
 
 def fold_wal(db_path):

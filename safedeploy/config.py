@@ -32,6 +32,9 @@ ENV_KEYS = {
     "health_path": ("/", "a path starting with /"),
     "health_timeout": (30, "a number of seconds from 1 to 3600"),
     "command_timeout": (900, "a number of seconds from 1 to 86400"),
+    "build": ([], "a list of argv lists run inside a new release, e.g. [[\"python3\", \"-m\", \"venv\", \"venv\"]]"),
+    "shared": ([], "a list of paths relative to a release, e.g. [\"instance\"]"),
+    "keep_releases": (5, "a whole number of releases from 1 to 100"),
     "backup_dir": ("backups", "a folder"),
     "state_dir": ("state", "a folder"),
 }
@@ -46,7 +49,7 @@ class Env:
     path: Path
     branch: str
     port: int
-    db: Path
+    db_setting: str           # as written in config.toml: relative to a release (or the work tree), or absolute
     unit: str
     domain: str
     promote_from: str
@@ -57,6 +60,34 @@ class Env:
     command_timeout: float
     backup_dir: Path          # this env's own folder: <backup_dir>/<env>
     state_dir: Path
+    build: list = field(default_factory=list)
+    shared: list = field(default_factory=list)
+    keep_releases: int = 5
+
+    @property
+    def releases_root(self):
+        """Where the env's releases live: beside its work tree (see safedeploy.releases)."""
+        return Path(f"{self.path}.releases")
+
+    @property
+    def current_link(self):
+        return self.releases_root / "current"
+
+    @property
+    def converted(self):
+        return self.current_link.is_symlink()
+
+    @property
+    def db_in_tree(self):
+        """The database as it lies before the env is converted to releases."""
+        return resolve(self.path, self.db_setting)
+
+    @property
+    def db(self):
+        """The live database: in the shared folder once the env runs releases, else in the work tree."""
+        if os.path.isabs(os.path.expanduser(self.db_setting)) or not self.converted:
+            return self.db_in_tree
+        return resolve(self.releases_root / "shared", self.db_setting)
 
     @property
     def health_url(self):
@@ -222,6 +253,13 @@ def parse_env(name, table, defaults, base, fail):
     expect("health_timeout", is_number(merged["health_timeout"]) and 1 <= merged["health_timeout"] <= 3600)
     expect("command_timeout", is_number(merged["command_timeout"]) and 1 <= merged["command_timeout"] <= 86400)
     check_pre_restart(merged["pre_restart"], key_of("pre_restart"), fail)
+    check_pre_restart(merged["build"], key_of("build"), fail, "build")
+    expect("shared", isinstance(merged["shared"], list) and all(valid_relative(p) for p in merged["shared"]))
+    expect("keep_releases", is_int(merged["keep_releases"]) and 1 <= merged["keep_releases"] <= 100)
+    if not os.path.isabs(os.path.expanduser(merged["db"])) and not os.path.dirname(os.path.normpath(merged["db"])):
+        if merged["build"] or merged["shared"]:
+            fail(key_of("db"), f"{merged['db']!r} lies at the top of a release; releases share the database's "
+                               "folder, so give it one, e.g. \"instance/app.db\"")
 
     path = resolve(base, merged["path"])
     if not path.is_dir():
@@ -231,7 +269,7 @@ def parse_env(name, table, defaults, base, fail):
         path=path,
         branch=merged["branch"],
         port=merged["port"],
-        db=resolve(path, merged["db"]),
+        db_setting=merged["db"],
         unit=merged["unit"],
         domain=merged["domain"],
         promote_from=merged["promote_from"],
@@ -242,6 +280,9 @@ def parse_env(name, table, defaults, base, fail):
         command_timeout=float(merged["command_timeout"]),
         backup_dir=resolve(base, merged["backup_dir"]) / name,
         state_dir=resolve(base, merged["state_dir"]),
+        build=[list(argv) for argv in merged["build"]],
+        shared=list(merged["shared"]),
+        keep_releases=merged["keep_releases"],
     )
 
 
@@ -260,9 +301,17 @@ def valid_branch(name):
     return not any(c in name for c in " ~^:?*[\\\t\n\r\x7f") and all(ord(c) >= 32 for c in name)
 
 
-def check_pre_restart(value, key, fail):
+def valid_relative(p):
+    """A path inside a release: relative, no '..', not empty."""
+    if not isinstance(p, str) or not p or "\0" in p or os.path.isabs(p) or p.startswith("~"):
+        return False
+    norm = os.path.normpath(p)
+    return norm not in (".", "..") and not norm.startswith("../")
+
+
+def check_pre_restart(value, key, fail, name="pre_restart"):
     if not isinstance(value, list):
-        fail(key, f"expected {ENV_KEYS['pre_restart'][1]}, got {value!r}: commands run without a shell, "
+        fail(key, f"expected {ENV_KEYS[name][1]}, got {value!r}: commands run without a shell, "
                   "so write each as a list of words")
     for i, argv in enumerate(value):
         if not isinstance(argv, list) or not argv or not all(isinstance(w, str) and w for w in argv):
@@ -274,8 +323,11 @@ def check_across_envs(envs, fail):
         seen = {}
         for env in envs.values():
             value = getattr(env, field_name)
+            if field_name == "db":      # through links too: a folder linked to another env's is the same file
+                value = Path(os.path.realpath(value))
             if value in seen:
-                fail(f"env.{env.name}.{field_name}", f"{value} is also env {seen[value]}'s; each env needs its own")
+                fail(f"env.{env.name}.{field_name}", f"{getattr(env, field_name)} is also env {seen[value]}'s; "
+                                                     "each env needs its own")
             seen[value] = env.name
     seen = {}
     for env in envs.values():

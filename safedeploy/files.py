@@ -66,3 +66,15 @@ def disk_error(exc, path):
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return DeployError(f"cannot write {path}: {exc.strerror}")
     return DeployError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def existing_ancestor(path):
+    path = Path(path)
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def same_disk(a, b):
+    """Whether a and b (or, where they do not exist yet, their nearest existing folders) share a file system."""
+    return os.stat(existing_ancestor(a)).st_dev == os.stat(existing_ancestor(b)).st_dev

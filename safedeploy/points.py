@@ -21,6 +21,7 @@ class Point:
     commit: str
     time: str
     backup: backups.Backup | None
+    release: str | None = None      # the release to go back to, when the caller knows it (releases)
 
     def to_json(self, subject="", schema_differs=None):
         return {"id": self.id, "kind": self.kind, "commit": self.commit, "subject": subject, "time": self.time,

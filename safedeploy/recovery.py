@@ -5,8 +5,8 @@ The next deploy or rollback, holding the env's lock (so the killed process is
 surely gone), calls recover() before anything else:
 
 - a backup: its temp files are removed; the live database was never written;
-- a deploy killed before the switch (tag, backup): nothing live had changed;
-  temp files are removed and the unit is started if it is not running;
+- a deploy killed before the switch (build, tag, backup): nothing live had changed;
+  temp files and a half-built release are removed and the unit is started if it is not running;
 - a deploy killed after the switch: undone, by the rollback to its own
   before-deploy point (database only if the deploy changed its schema);
 - a rollback: finished, by running it again to the same point, with the
@@ -15,11 +15,11 @@ surely gone), calls recover() before anything else:
 
 import os
 
-from . import backups, release, rollbacks, units
+from . import backups, release, releases, runbook, units
 from .errors import EXIT_HUMAN, DeployError
 from .files import remove_quietly
 from .points import Point
-from .state import Journal, StepClock, deploy_log, now_iso
+from .state import Journal, deploy_log, now_iso
 
 
 def interrupted(env):
@@ -37,37 +37,49 @@ def describe(j):
             f"started {j.get('started', '?')}, interrupted at step {j.get('step') or 'start'}")
 
 
-def recover(env, repo, say):
+def recover(config, env, repo, say):
     """Finish or undo an interrupted operation on env (the caller holds the lock). Returns what it did."""
+    sealed = seal_unsealed(env, say)
     j = interrupted(env)
     if not j:
-        return None
+        return sealed
     say(f"recovering: found an interrupted {describe(j)}")
-    removed = remove_temp_files(env) + remove_stale_git_lock(repo)
+    removed = remove_temp_files(env) + remove_stale_git_lock(repo) + releases.remove_leftovers(env)
     if removed:
         say(f"recovering: removed {len(removed)} temp file(s): {', '.join(str(p) for p in removed[:4])}")
     op, step = j.get("op"), j.get("step")
-    try:
-        if op == "deploy" and step not in (None, "tag", "backup") and j.get("from"):
-            what = undo_deploy(env, repo, j, say)
-        elif op == "rollback" and j.get("commit"):
-            what = finish_rollback(env, repo, j, say)
-        else:
-            what = "nothing live had changed"
+    record = {"v": runbook.RECORD_VERSION, "kind": "recovery", "env": env.name, "time": now_iso(), "interrupted": j}
+    if op == "deploy" and step not in runbook.DEPLOY_BEFORE_SWITCH and j.get("from"):
+        what = undo_deploy(config, env, repo, j, record, say)
+    elif op == "rollback" and j.get("commit"):
+        what = finish_rollback(config, env, repo, j, record, say)
+    else:
+        what = "nothing live had changed"
+        try:
             ensure_running(env, say)
-    except DeployError as exc:
-        point = j.get("point") or j.get("tag")
-        command = (f"python3 rollback.py {env.name} --to {point} --yes" if point
-                   else f"systemctl --user restart {env.unit}")
-        raise DeployError(f"recovering the interrupted {op} of {env.name} failed: {exc}. Look with: "
-                          f"systemctl --user status {env.unit}; then run: {command}", EXIT_HUMAN) from None
-    deploy_log(env).append({"kind": "recovery", "env": env.name, "time": now_iso(), "interrupted": j,
-                            "result": "ok", "did": what, **({"running": j["running_after"]}
-                                                             if j.get("running_after") else {})})
+        except DeployError as exc:
+            raise DeployError(f"recovering the interrupted {op} of {env.name} failed: {exc}. Look with: "
+                              f"systemctl --user status {env.unit}; then run: systemctl --user restart {env.unit}",
+                              EXIT_HUMAN) from None
+        deploy_log(env).append({**record, "result": "ok", "did": what})
     Journal(env.state_dir, env.name).finish()
     Journal(env.state_dir, env.name, "backup-journal").finish()       # its temp files went above
     say(f"recovering: done, {what}")
     return what
+
+
+def seal_unsealed(env, say):
+    """A rollback killed after it set the live database aside: make that save a verified backup."""
+    done = []
+    for path in backups.unsealed(env.backup_dir):
+        try:
+            sealed = backups.seal(path, env.backup_dir, env.name, "")
+            done.append(sealed.path)
+            say(f"recovering: the pre-rollback save {sealed.path} is now a verified backup")
+        except DeployError as exc:
+            say(f"recovering: {path} holds the database a rollback replaced, but SQLite cannot read it ({exc}); "
+                "it is kept as it is")
+    return f"sealed {len(done)} pre-rollback save(s)" if done else None
 
 
 def remove_temp_files(env):
@@ -102,35 +114,38 @@ def ensure_running(env, say):
         release.wait_until_healthy(env)
 
 
-def point_of(env, j, commit_key):
+def point_of(env, j, commit_key, release_key):
     backup = None
     if j.get("backup"):
         found = [b for b in backups.list_backups(env.backup_dir) if b.path == j["backup"]]
         backup = found[0] if found else None
     return Point(j.get("point") or j.get("tag") or "interrupted", "before-deploy", j[commit_key], j.get("started", ""),
-                 backup)
+                 backup, release=j.get(release_key))
 
 
-def undo_deploy(env, repo, j, say):
-    point = point_of(env, j, "from")
-    restore_db, why = rollbacks.decide_database(env, point, "auto")
+def undo_deploy(config, env, repo, j, record, say):
+    point = point_of(env, j, "from", "previous_release")
+    restore_db, why = runbook.decide_database(env, point, "auto")
     say(f"recovering: undoing the deploy of {j.get('target', '?')[:12]}: back to {j['from'][:12]} ({why})")
-    run_rollback(env, repo, point, restore_db, why, j.get("target") or repo.head())
-    j["running_after"] = j["from"]
-    return f"the interrupted deploy was undone: {env.name} runs {j['from'][:12]} again"
+    check_backup(point, restore_db)
+    record["did"] = f"the interrupted deploy was undone: {env.name} runs {j['from'][:12]} again"
+    runbook.roll_back_and_record(config, env, repo, point, restore_db, why, j.get("target") or repo.head(), record)
+    return record["did"]
 
 
-def finish_rollback(env, repo, j, say):
-    point = point_of(env, j, "commit")
+def finish_rollback(config, env, repo, j, record, say):
+    point = point_of(env, j, "commit", "release")
     restore_db = bool(j.get("restore_db"))
     say(f"recovering: finishing the rollback to {point.id} ({'with' if restore_db else 'without'} the database)")
-    run_rollback(env, repo, point, restore_db, j.get("db_why", "as the interrupted rollback decided"),
-                 j.get("from") or repo.head())
-    j["running_after"] = j["commit"]
-    return f"the interrupted rollback was finished: {env.name} runs {j['commit'][:12]}"
+    check_backup(point, restore_db)
+    record["did"] = f"the interrupted rollback was finished: {env.name} runs {j['commit'][:12]}"
+    runbook.roll_back_and_record(config, env, repo, point, restore_db,
+                                 j.get("db_why", "as the interrupted rollback decided"),
+                                 j.get("from") or repo.head(), record)
+    return record["did"]
 
 
-def run_rollback(env, repo, point, restore_db, why, running):
+def check_backup(point, restore_db):
     if restore_db and point.backup is None:
-        raise DeployError(f"cannot finish the interrupted rollback: the backup of point {point.id} is gone")
-    rollbacks.roll_back(env, repo, point, restore_db, why, StepClock(), running)
+        raise DeployError(f"cannot finish the interrupted operation: the backup of point {point.id} is gone; "
+                          "choose another point with rollback.py --list", EXIT_HUMAN)

@@ -1,0 +1,259 @@
+"""Releases: every deploy builds the target commit in a folder of its own, beside the release
+that runs, and the env moves to it in one atomic step; going back is the same step.
+
+Layout, for an env whose work tree (`path`) is P:
+
+    P.releases/
+      releases/<id>/         one release: the commit's files (git archive), the shared paths as
+                             links into shared/, REVISION, and whatever `build` made (its venv)
+      releases/.build-<id>/  a release being built: never live; removed when a build fails or is
+                             killed (the next command's recovery removes it)
+      shared/                kept across releases: the database's folder, always, and the
+                             paths of the `shared` key
+      current -> releases/<id>   what the unit runs (WorkingDirectory and ExecStart go through it)
+
+<id> is `<UTC yyyymmdd-HHMMSS>-<commit[:12]>`. `current` is switched by renaming a new symlink
+over it (rename(2) is atomic: a reader sees the old or the new target, never neither). A
+release's files are never written after it was built: a rollback points `current` back at a
+kept release, with no rebuild and no network. The running process keeps its working folder
+(the old release's inode), so nothing it loads lazily changes under it before its restart.
+
+An env is "converted" when `current` exists; until then it runs from its work tree and
+deploys move the tree in place (deploy.py ENV --install-units converts it).
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import commands
+from .errors import DeployError
+from .files import fsync_dir, write_atomic
+from .state import now_iso, utc_stamp
+
+BUILD_PREFIX = ".build-"
+
+
+@dataclass
+class Release:
+    id: str
+    path: Path
+    commit: str
+    time: str
+
+    def to_json(self):
+        return {"id": self.id, "path": str(self.path), "commit": self.commit, "time": self.time}
+
+
+def layout(env):
+    root = env.releases_root
+    return root, root / "releases", root / "shared", root / "current"
+
+
+def is_converted(env):
+    return env.current_link.is_symlink()
+
+
+def read_release(folder):
+    """The Release in folder (from its REVISION), or None when it is not a finished release."""
+    folder = Path(folder)
+    try:
+        data = json.loads((folder / "REVISION").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("commit"), str):
+        return None
+    return Release(folder.name, folder, data["commit"], str(data.get("built") or data.get("time") or ""))
+
+
+def list_releases(env):
+    """Every finished release of the env, newest first."""
+    _, folder, _, _ = layout(env)
+    if not folder.is_dir():
+        return []
+    found = [read_release(p) for p in folder.iterdir()
+             if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")]
+    return sorted((r for r in found if r), key=lambda r: r.id, reverse=True)
+
+
+def current(env):
+    """The Release `current` points at, or None (not converted)."""
+    link = env.current_link
+    if not link.is_symlink():
+        return None
+    target = link.parent / os.readlink(link)
+    return read_release(target)
+
+
+def find(env, commit, exclude=()):
+    """The newest kept release of commit (skipping ids in exclude), or None."""
+    for r in list_releases(env):
+        if r.commit == commit and r.id not in exclude:
+            return r
+    return None
+
+
+def shared_paths(env):
+    """Relative paths kept across releases: the database's folder, then the `shared` key's."""
+    paths = []
+    if not os.path.isabs(env.db_setting):
+        folder = os.path.dirname(os.path.normpath(env.db_setting))
+        if folder:
+            paths.append(folder)
+    for p in env.shared:
+        p = os.path.normpath(p)
+        if p not in paths:
+            paths.append(p)
+    return paths
+
+
+def build(env, repo, commit, say=None):
+    """Build a release of commit beside the running one; return it. Nothing live changes:
+    a failure removes the half-built folder and raises DeployError with the build's output."""
+    _, folder, shared, _ = layout(env)
+    folder.mkdir(parents=True, exist_ok=True)
+    shared.mkdir(parents=True, exist_ok=True)
+    rid = f"{utc_stamp()}-{commit[:12]}"
+    n = 1
+    while (folder / rid).exists():
+        n += 1
+        rid = f"{utc_stamp()}-{commit[:12]}-{n}"
+    work = folder / f"{BUILD_PREFIX}{rid}"
+    try:
+        work.mkdir()
+        extract_commit(repo, commit, work)
+        link_shared(env, work, shared)
+        revision = {"commit": commit, "env": env.name, "branch": env.branch, "release": rid, "built": now_iso()}
+        write_atomic(work / "REVISION", json.dumps(revision, indent=2) + "\n", mode=0o644)
+        if env.build and say:
+            say(f"building release {rid}: {len(env.build)} command(s) in {folder / rid}")
+        run_build(env, work)
+        os.rename(work, folder / rid)
+        fsync_dir(folder)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return read_release(folder / rid)
+
+
+def extract_commit(repo, commit, dest):
+    """The commit's files (no .git) into dest, through `git archive` and a tarfile that refuses
+    links out of the folder and absolute names."""
+    import tarfile
+    fd, archive = tempfile.mkstemp(prefix=".archive-", suffix=".tar", dir=dest.parent)
+    os.close(fd)
+    try:
+        repo.run("archive", "--format=tar", "-o", archive, commit)
+        with tarfile.open(archive) as tar:
+            tar.extractall(dest, filter="data")
+    except (OSError, tarfile.TarError) as exc:
+        raise DeployError(f"cannot unpack {commit[:12]} into {dest}: {exc}") from None
+    finally:
+        os.unlink(archive)
+
+
+def link_shared(env, work, shared):
+    """Each shared path becomes a link into shared/. The first time, shared/ is seeded from the
+    commit's own files at that path (if any); afterwards shared/ wins and the commit's are dropped."""
+    for rel in shared_paths(env):
+        inside, kept = work / rel, shared / rel
+        if not kept.exists() and not kept.is_symlink():
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            if inside.is_dir() and not inside.is_symlink():
+                shutil.copytree(inside, kept, symlinks=True)
+            elif inside.exists():
+                shutil.copy2(inside, kept)
+            else:
+                kept.mkdir(mode=0o700)
+        if inside.is_dir() and not inside.is_symlink():
+            shutil.rmtree(inside)
+        elif inside.exists() or inside.is_symlink():
+            inside.unlink()
+        inside.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(kept, inside.parent), inside)
+
+
+def run_build(env, work):
+    for argv in env.build:
+        failure = commands.run_one(argv, work, env.command_timeout)
+        if failure:
+            error = DeployError(f"build command `{' '.join(argv)}` {failure.why}; nothing live was changed")
+            error.output = "\n".join(failure.output.splitlines()[-15:])
+            raise error
+
+
+def switch(env, release):
+    """Point `current` at release in one rename; return the id it pointed at before (or None)."""
+    link = env.current_link
+    before = current(env)
+    tmp = link.with_name(f".current-{os.getpid()}")
+    try:
+        if tmp.is_symlink():
+            tmp.unlink()
+        os.symlink(os.path.relpath(release.path, link.parent), tmp)
+        os.replace(tmp, link)
+        fsync_dir(link.parent)
+    except OSError as exc:
+        raise DeployError(f"cannot switch {link} to {release.id}: {exc.strerror or exc}") from None
+    return before.id if before else None
+
+
+def leftovers(env):
+    """Half-built releases and switch temp links a killed command left."""
+    _, folder, _, link = layout(env)
+    found = []
+    if folder.is_dir():
+        found += [p for p in folder.iterdir() if p.name.startswith(BUILD_PREFIX) or p.name.startswith(".archive-")]
+    if link.parent.is_dir():
+        found += [p for p in link.parent.iterdir() if p.name.startswith(".current-")]
+    return found
+
+
+def remove_leftovers(env):
+    found = leftovers(env)
+    for p in found:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return found
+
+
+# -- retention -----------------------------------------------------------------------------------
+def to_remove(found, current_id, previous_id, protected_commits, keep):
+    """Which releases retention removes (pure): beyond the `keep` newest, never the current one,
+    the previous one, nor one whose commit a rollback point still needs."""
+    ordered = sorted(found, key=lambda r: r.id, reverse=True)
+    stay = {r.id for r in ordered[:max(keep, 1)]} | {current_id, previous_id}
+    return [r for r in ordered if r.id not in stay and r.commit not in protected_commits]
+
+
+def prune(env, previous_id, protected_commits):
+    """Apply keep_releases; return the removed releases."""
+    cur = current(env)
+    gone = to_remove(list_releases(env), cur.id if cur else None, previous_id, set(protected_commits),
+                     env.keep_releases)
+    for r in gone:
+        shutil.rmtree(r.path, ignore_errors=True)
+    return gone
+
+
+def room_needed(env):
+    """Bytes a new release is likely to take: the current release's files that are its own
+    (a file hard-linked from elsewhere, as uv installs from its cache, costs nothing more)."""
+    cur = current(env)
+    if not cur:
+        return 0
+    total = 0
+    for root, _, files in os.walk(cur.path):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            if st.st_nlink == 1:
+                total += st.st_blocks * 512
+    return total
