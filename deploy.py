@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safedeploy import backups, cli, commands, recovery, release, releases, runbook, units
+from safedeploy import backups, cli, commands, convert, recovery, release, releases, runbook, units
 from safedeploy.runbook import BACKUP, BUILD, HEALTH, PRE_RESTART, RECORD, RESTART, REVISION, SWITCH, TAG
 from safedeploy.errors import EXIT_FAILED, EXIT_HUMAN, EXIT_LOCKED, DeployError, usage_error
 from safedeploy.files import make_private_dir, remove_quietly, same_disk, write_atomic
@@ -35,10 +35,10 @@ def main():
     args = parse_arguments()
     config = cli.load_config(args)
     env = config.env(args.env)
+    if args.install_units:
+        return install_units(config, env, args)
     if args.dry_run:
         return show_plan(config, env, args)
-    if args.install_units:
-        return install_socket_units(env, args)
     with EnvLock(env.state_dir, env.name, "deploy"):
         recovery.recover(config, env, Repo(env.path), cli.say)      # a killed operation: finish or undo it first
         plan = prepare(config, env, args)
@@ -72,6 +72,11 @@ def parse_arguments():
         raise usage_error("--force needs --reason TEXT: the deploy log records why the gate was overridden")
     if args.reason and not args.force:
         raise usage_error("--reason goes with --force")
+    if args.notify and not args.install_units:
+        raise usage_error("--notify goes with --install-units")
+    if args.install_units and (args.ref or args.force or args.no_fetch):
+        raise usage_error("--install-units converts the env at the commit it runs: it takes no --ref, --force "
+                          "or --no-fetch")
     if args.ref is not None and (not REF_RE.match(args.ref) or ".." in args.ref):
         raise usage_error(f"--ref {args.ref!r}: no such commit, tag or branch can be named like that "
                           "(letters, digits and . _ / @ ^ ~ - only)")
@@ -373,36 +378,84 @@ def print_summary(config, env, plan, record, backup, result, clock, removed=()):
     cli.say(f"rollback: {cli.script_command(config, 'rollback.py', env.name, '--to', record['tag'])}")
 
 
-# -- socket units ------------------------------------------------------------------------------
-def install_socket_units(env, args):
-    """Write a .socket unit holding the port and make the service take its socket from systemd,
-    after showing the diff and saving what it replaces; switch over; put it back if unhealthy."""
+# -- converting an env: releases and socket units -------------------------------------------
+def install_units(config, env, args):
+    """Convert the env to releases (when it still runs from its work tree) and socket units:
+    plan and unit diff first, then one short switch-over; everything put back if not healthy."""
     with EnvLock(env.state_dir, env.name, "install units"):
-        files = socket_unit_files(env, args.notify)
-        if not show_unit_diffs(files):
+        repo = Repo(env.path)
+        converting = not env.converted
+        files = socket_unit_files(env, args.notify, converting)
+        pairs, commit = [], None
+        if converting:
+            commit, pairs = conversion_plan(env, repo)
+        if not show_unit_diffs(files) and not converting:
             cli.say(f"{env.name}: the socket units are in place already; nothing to do")
             return 0
+        if args.dry_run:
+            cli.say("dry run: nothing was changed")
+            return 0
         confirm_units(env, args)
-        saved = save_unit_files(env, files)
+        saved, modes = save_unit_files(env, files)
+        first, moves = None, convert.Moves()
         try:
-            units.install_unit_files(files)
-            switch_to_socket(env)
+            if converting:
+                first = releases.build(env, repo, commit, cli.say)
+            switch_over(env, files, modes, first, pairs, moves)
         except (DeployError, KeyboardInterrupt) as exc:
-            put_units_back(env, files, saved)
-            raise DeployError(f"installing the socket units failed ({exc}); the old unit files are back "
-                              f"and {env.unit} was restarted as it was") from None
+            why = str(exc) if isinstance(exc, DeployError) else cli.describe_interrupt(exc)
+            try:
+                put_back(env, files, saved, modes, first, moves)
+            except DeployError as back_exc:
+                raise DeployError(f"{'converting' if converting else 'installing the socket units for'} {env.name} "
+                                  f"failed ({why}) and putting it back failed too ({back_exc}). The old unit files "
+                                  f"are in {saved}. Look with: systemctl --user status {env.unit}; then run: "
+                                  f"systemctl --user restart {env.unit}", EXIT_HUMAN) from None
+            error = DeployError(f"converting {env.name} failed ({why}); everything is put back: the old unit files, "
+                                f"the data in {env.path}, and {env.unit} restarted from its work tree"
+                                if converting else
+                                f"installing the socket units failed ({why}); the old unit files are back "
+                                f"and {env.unit} was restarted as it was")
+            error.output = getattr(exc, "output", "")
+            raise error from None
     helper = units.helper_name(env.unit)
     serves = f"; {helper} serves while it restarts" if any(p.name == helper for p in files) else ""
+    if converting:
+        cli.say(f"converted: {env.name} runs release {first.id} through {env.current_link}; its data is in "
+                f"{env.releases_root / 'shared'}; deploys now build a release beside the running one")
     cli.say(f"installed: {units.socket_name(env.unit)} holds port {env.port}; {env.unit} takes its socket from "
             f"systemd{serves}; the old files are saved in {saved}")
     return 0
 
 
-def socket_unit_files(env, notify):
+def conversion_plan(env, repo):
+    """Print what conversion will do; refuse what it cannot do safely, before any change."""
+    dirty = repo.dirty_files()
+    if dirty:
+        raise DeployError(f"cannot convert {env.name}: {env.path} has uncommitted changes to tracked files "
+                          f"({', '.join(f.strip() for f in dirty[:3])}); the first release is built from a commit, "
+                          "so commit or stash them first (nothing was changed)")
+    commit = running_commit(deploy_log(env).read()) or repo.head()
+    pairs = convert.data_to_move(env, repo)
+    convert.check_moves(pairs)
+    shared = env.releases_root / "shared"
+    cli.say(f"convert {env.name} from its work tree to releases:")
+    cli.say(f"  1. build {commit[:12]} (what runs) as the first release in {env.releases_root / 'releases'}"
+            + (f", running {len(env.build)} build command(s)" if env.build else ""))
+    cli.say(f"  2. stop {env.unit} (and its socket), rename into {shared}: "
+            + (", ".join(str(src.relative_to(env.path)) for src, _ in pairs) or "nothing (no untracked data)"))
+    cli.say(f"  3. point {env.current_link} at the release; install the unit files below; start; wait for health")
+    cli.say(f"  4. if it is not healthy: every file goes back, the old units return, {env.unit} restarts as it was")
+    return commit, pairs
+
+
+def socket_unit_files(env, notify, converting=False):
     st = units.require_known(env.unit)
     current = Path(st.fragment_path).read_text()
     notify = notify or "gunicorn" in current or "Type=notify" in current
     folder = units.user_unit_dir()
+    if converting:
+        current = convert.rewrite_paths(current, env)
     service = units.render_socket_service(current, env.unit, notify)
     files = {folder / env.unit: service, folder / units.socket_name(env.unit): units.render_socket(env.unit, env.port)}
     if notify:      # the helper needs readiness: systemctl start must return only once it serves
@@ -430,31 +483,55 @@ def confirm_units(env, args):
 
 
 def save_unit_files(env, files):
+    """Copies of the files it replaces, and the mode each new file gets: the old file's own, or for a
+    new file the service's (a helper copies the service's Environment=, secrets included)."""
     folder = make_private_dir(env.backup_dir / f"units-{utc_stamp()}")
+    service = units.user_unit_dir() / env.unit
+    service_mode = stat_mode(service) or 0o644
+    modes = {}
     for path in files:
+        modes[path] = stat_mode(path) or service_mode
         if path.exists():
             write_atomic(folder / path.name, path.read_bytes())
-    return folder
+    return folder, modes
 
 
-def switch_to_socket(env):
-    """The service stops binding the port; the socket takes it; the service starts on it."""
-    units.stop(env.unit)
+def stat_mode(path):
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        return None
+
+
+def switch_over(env, files, modes, first, pairs, moves):
+    """One stop: the data moves to shared/ (converting), `current` appears, the units are installed,
+    the socket takes the port and the service starts on it."""
+    units.install_unit_files(files, modes)
+    if first is not None:
+        convert.stop_all(env)
+        convert.move_data(pairs, moves)
+        releases.switch(env, first)
+    else:
+        units.stop(env.unit)
     units.systemctl("enable", "--now", units.socket_name(env.unit))
     release.restart_unit(env)
     release.wait_until_healthy(env)
 
 
-def put_units_back(env, files, saved):
-    units.systemctl("disable", "--now", units.socket_name(env.unit), check=False)
+def put_back(env, files, saved, modes, first, moves):
+    convert.stop_all(env)
+    units.systemctl("disable", units.socket_name(env.unit), check=False)
+    convert.put_data_back(moves)
+    convert.remove_layout(env, first)
     for path in files:
         old = saved / path.name
         if old.exists():
-            write_atomic(path, old.read_bytes(), mode=0o644)
+            write_atomic(path, old.read_bytes(), mode=modes[path])
         else:
             remove_quietly(path)
     units.daemon_reload()
     release.restart_unit(env)
+    release.wait_until_healthy(env)
 
 
 # -- the dry run ---------------------------------------------------------------------

@@ -236,9 +236,10 @@ class Sandbox:
             prod_extra=extra.get("prod", ""), dev_extra=extra.get("dev", "")))
         os.chmod(self.config, 0o600)
 
-    def write_unit(self, env):
+    def write_unit(self, env, python=None):
+        """The env's unit; python: the interpreter ExecStart runs (default: this one)."""
         (self.root / "logs").mkdir(exist_ok=True)
-        text = UNIT_TEMPLATE.format(env=env, path=self.path(env), python=sys.executable, port=self.ports[env],
+        text = UNIT_TEMPLATE.format(env=env, path=self.path(env), python=python or sys.executable, port=self.ports[env],
                                     log=self.root / "logs" / f"{env}.log")
         (self.manager.unit_dir / self.unit(env)).write_text(text)
 

@@ -23,6 +23,7 @@ A rollback, in order:
 So with the database, the app is down for stop, renames and start, whatever the size.
 """
 
+import os
 import signal
 from dataclasses import dataclass, field
 
@@ -235,7 +236,11 @@ def restore_unit_file(env, point):
         live = None
     if live == saved:
         return False
-    write_atomic(point.backup.unit_file, saved, mode=0o644)
+    try:        # never widen: a unit holding Environment= secrets may be 0600
+        mode = os.stat(point.backup.unit_file).st_mode & 0o755
+    except OSError:
+        mode = 0o600
+    write_atomic(point.backup.unit_file, saved, mode=mode)
     units.daemon_reload()
     return True
 

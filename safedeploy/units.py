@@ -173,12 +173,21 @@ def user_unit_dir():
     return Path(base) / "systemd" / "user"
 
 
-def install_unit_files(files):
-    """Write {name or path: text} into the user's unit folder (atomically), then daemon-reload."""
+def install_unit_files(files, modes=None):
+    """Write {name or path: text} into the user's unit folder (atomically), then daemon-reload.
+    A file keeps the mode it had (a unit holding Environment= secrets may be 0600); modes
+    {path: mode} sets it for new files; otherwise 0644."""
     folder = user_unit_dir()
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
-        write_atomic(folder / name, text, mode=0o644)
+        path = folder / name
+        mode = (modes or {}).get(path)
+        if mode is None:
+            try:
+                mode = os.stat(path).st_mode & 0o777
+            except OSError:
+                mode = 0o644
+        write_atomic(path, text, mode=mode & 0o755)
     daemon_reload()
     return folder
 

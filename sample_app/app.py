@@ -7,7 +7,9 @@ reporting the REVISION file that deploy.py writes (when DEPLOY_STATUS=1).
 Its behaviour is set by the file MODE beside it, so a test can commit a bad
 release: "ok", "crash" (exits at start), "http500" (health answers 500),
 "nobind" (runs but never listens), "slow SECONDS" (starts late),
-"hanghealth" (/health never answers), "hangstop" (ignores SIGTERM).
+"hanghealth" (/health never answers), "hangstop" (ignores SIGTERM),
+"needs MODULE VERSION" (imports MODULE and exits at start unless its __version__
+is VERSION: a release that runs only on its own dependencies).
 """
 
 import argparse
@@ -44,7 +46,7 @@ def open_db(path):
     return conn
 
 
-def make_handler(conn, mode, version):
+def make_handler(conn, mode, version, deps=None):
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
             if self.path == "/health":
@@ -59,7 +61,7 @@ def make_handler(conn, mode, version):
                     return self.reply(404, {"error": "no REVISION"})
             if self.path == "/":
                 notes = conn.execute("SELECT count(*) FROM notes").fetchone()[0]
-                return self.reply(200, {"app": "sample", "version": version, "notes": notes})
+                return self.reply(200, {"app": "sample", "version": version, "notes": notes, "deps": deps or {}})
             return self.reply(404, {"error": "not found"})
 
         def do_POST(self):
@@ -94,6 +96,17 @@ def main():
     if mode == "crash":
         print("sample app: crashing on start, as MODE asks", file=sys.stderr, flush=True)
         sys.exit(3)
+    deps = {}
+    if mode == "needs":
+        module, wanted = extra[0], extra[1]
+        try:
+            found = getattr(__import__(module), "__version__", "?")
+        except ImportError:
+            found = "not installed"
+        if found != wanted:
+            print(f"sample app: needs {module} {wanted}, found {found}", file=sys.stderr, flush=True)
+            sys.exit(4)
+        deps[module] = found
     if mode == "hangstop":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)     # a unit that hangs on stop
     if mode == "slow":
@@ -103,7 +116,7 @@ def main():
     if mode == "nobind":
         while True:
             time.sleep(3600)
-    server = make_server(args.port, make_handler(conn, mode, version))
+    server = make_server(args.port, make_handler(conn, mode, version, deps))
     stop_gracefully_on_sigterm(server)
     notify_ready()
     print("sample app ready", flush=True)

@@ -1,0 +1,34 @@
+"""Wheels made on the spot, so that release builds install real packages with no network:
+make_wheel(folder, "pinlib", "1.0") writes pinlib-1.0-py3-none-any.whl (a module whose
+__version__ is the version), installable with pip --no-index --find-links folder."""
+
+import base64
+import hashlib
+import zipfile
+from pathlib import Path
+
+
+def _record_line(name, data):
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return f"{name},sha256={digest},{len(data)}"
+
+
+def make_wheel(folder, name, version, payload_kib=0):
+    """A pure-Python wheel of module `name` (with payload_kib KiB of extra data, to give it weight)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    info = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": f'__version__ = "{version}"\n'.encode(),
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: safe-deploy tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    if payload_kib:
+        files[f"{name}/data.bin"] = bytes(range(256)) * (payload_kib * 4)
+    record = [_record_line(n, d) for n, d in files.items()] + [f"{info}/RECORD,,"]
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        for n, d in files.items():
+            zf.writestr(n, d)
+        zf.writestr(f"{info}/RECORD", "\n".join(record) + "\n")
+    return path
