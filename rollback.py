@@ -107,7 +107,9 @@ def show_plan(env, repo, point, restore_db, why):
     cli.say(f"  code      {head[:12]} -> {point.commit[:12]} ({repo.subject(point.commit)}), point {point.id}")
     if env.converted:
         kept = runbook.release_for(env, point)
-        cli.say(f"  release   {'switch back to ' + str(kept.path) + ' (kept: no rebuild, no network)' if kept else 'REBUILD from ' + point.commit[:12] + ': its release is no longer kept (runs the build commands)'}")
+        what = (f"switch back to {kept.path} (kept: no rebuild, no network)" if kept else
+                f"REBUILD from {point.commit[:12]}: its release is no longer kept (runs the build commands)")
+        cli.say(f"  release   {what}")
     cli.say(f"  database  {'RESTORE ' + point.backup.path if restore_db else 'keep'}: {why}")
     if restore_db:
         cli.say("  safety    the backup is copied and checked while the app serves; then the app stops, its "

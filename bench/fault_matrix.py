@@ -7,6 +7,7 @@ healthy. Uses the test-only switch SAFE_DEPLOY_FAULT=OP:STEP:SIGNAL.
 
     python3 bench/fault_matrix.py                      # every op, step and signal (about 5 minutes)
     python3 bench/fault_matrix.py --signals KILL --ops deploy
+    python3 bench/fault_matrix.py --releases           # on an env converted to releases (adds build, ...)
 """
 
 import argparse
@@ -18,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from demo.faults import STEPS, run_cell  # noqa: E402
+from demo.faults import RELEASE_STEPS, STEPS, run_cell  # noqa: E402
 from demo.sandbox import Sandbox, UserManager  # noqa: E402
 
 
@@ -26,7 +27,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ops", default="deploy,rollback,backup")
     p.add_argument("--signals", default="KILL,TERM,INT,HUP")
+    p.add_argument("--releases", action="store_true", help="convert the env to releases first")
     args = p.parse_args()
+    steps = {**STEPS, **RELEASE_STEPS} if args.releases else STEPS
     root = Path(tempfile.mkdtemp(prefix="fault-matrix-"))
     manager = UserManager(root / "systemd").start()
     os.environ.update(manager.env)
@@ -34,14 +37,14 @@ def main():
     try:
         n = 0
         for op in args.ops.split(","):
-            for step in STEPS[op]:
+            for step in steps[op]:
                 for sig in args.signals.split(","):
                     n += 1
                     sb = Sandbox(root / f"cell{n}", manager, health_timeout=5, name=f"fm{n}")
                     sb.root.mkdir()
                     sb.build()
                     try:
-                        cell = run_cell(sb, op, step, sig)
+                        cell = run_cell(sb, op, step, sig, releases=args.releases)
                     finally:
                         sb.stop_units()
                         shutil.rmtree(sb.root, ignore_errors=True)

@@ -9,6 +9,7 @@ done, and the env must serve a known commit.
 """
 
 import glob
+import os
 import sqlite3
 import subprocess
 import sys
@@ -95,7 +96,7 @@ def everywhere(sb, env):
 def leftovers(sb, env):
     found = glob.glob(str(sb.root / "backups" / env / ".*tmp-*"))
     found += glob.glob(str(sb.db_path(env).parent / ".app.db.restore-*"))
-    found += glob.glob(f"{sb.path(env)}.releases/releases/.build-*")
+    found += [p for p in glob.glob(f"{sb.path(env)}.releases/releases/*") if not os.path.exists(f"{p}/REVISION")]
     found += glob.glob(str(sb.root / "state" / ".*tmp-*"))
     found += glob.glob(str(sb.root / "state" / f"{env}.*journal.json"))
     return found

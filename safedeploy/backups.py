@@ -27,6 +27,7 @@ from urllib.parse import quote
 from .errors import DeployError
 from .files import disk_error, fsync_dir, make_private_dir, remove_quietly, temp_path_for, write_atomic
 from .state import StepClock, now_iso
+from .units import user_unit_dir
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 10_000
@@ -356,15 +357,69 @@ def finish_copy(db_path, tmp):
 
 
 def list_backups(folder):
-    """Every backup with a readable manifest in folder, newest first."""
-    backups = []
-    for manifest in Path(folder).glob("*.sqlite3.json"):
+    """Every backup with a sound manifest in folder, newest first (see scan_backups)."""
+    return scan_backups(folder)[0]
+
+
+FIELD_TYPES = {"env": str, "time": str, "bytes": int, "sha256": str, "reason": str, "page_size": int,
+               "page_count": int, "schema": str, "source": str, "commit": str, "seconds": (int, float)}
+
+
+def scan_backups(folder):
+    """([Backup], [problem]) for the manifests in folder. A manifest is data, never trusted with a
+    path: the backup is the file beside it (whatever its "path" says), its unit copy the .unit
+    beside it, and the unit file it restores must lie in the user's unit folder. A manifest that
+    is not a JSON object of the right types is reported and skipped; the rest still count."""
+    folder = Path(folder)
+    found, problems = [], []
+    try:
+        manifests = sorted(folder.glob("*.sqlite3.json"))
+    except OSError as exc:
+        return [], [f"{folder}: {exc.strerror}"]
+    for manifest in manifests:
         try:
             data = json.loads(manifest.read_text())
-            backups.append(Backup(**{k: data.get(k) for k in Backup.__dataclass_fields__}))
-        except (OSError, ValueError, TypeError):
+        except (OSError, ValueError) as exc:
+            problems.append(f"{manifest}: unreadable ({exc})")
             continue
-    return sorted(backups, key=lambda b: (b.time or "", b.path), reverse=True)
+        why = manifest_problem(data)
+        if why:
+            problems.append(f"{manifest}: {why}; skipped")
+            continue
+        path = manifest.with_name(manifest.name.removesuffix(".json"))
+        fields = {k: data.get(k) for k in Backup.__dataclass_fields__}
+        fields.update(path=str(path), unit_backup=None, unit_file=None)
+        unit_copy = path.with_suffix(".unit")
+        unit_file = data.get("unit_file")
+        if (isinstance(unit_file, str) and unit_file.endswith(".service") and unit_copy.is_file()
+                and Path(unit_file).parent == user_unit_dir() and not Path(unit_file).name.startswith("-")):
+            fields.update(unit_backup=str(unit_copy), unit_file=unit_file)
+        found.append(Backup(**fields))
+    return sorted(found, key=sort_key, reverse=True), problems
+
+
+def manifest_problem(data):
+    if not isinstance(data, dict):
+        return f"not a JSON object ({type(data).__name__})"
+    for key, kind in FIELD_TYPES.items():
+        value = data.get(key)
+        if value is None and key in ("source", "commit", "schema", "seconds", "page_size", "page_count"):
+            continue
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"{key!r} is {value!r}, not a {getattr(kind, '__name__', 'number')}"
+    try:
+        when = datetime.fromisoformat(data["time"])
+    except ValueError:
+        return f"'time' {data['time']!r} is not an ISO 8601 time"
+    if when.tzinfo is None:
+        return f"'time' {data['time']!r} has no UTC offset"
+    return ""
+
+
+def sort_key(backup):
+    """Newest first by the instant, not by the text: a backup made under another TZ sorts right."""
+    when = datetime.fromisoformat(backup.time)
+    return (when.timestamp(), backup.path)
 
 
 def verify_backup(backup):

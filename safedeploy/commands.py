@@ -1,5 +1,6 @@
 """The env's pre_restart commands: argv lists run in the work tree, no shell, a timeout each."""
 
+import os
 import subprocess
 from dataclasses import dataclass
 
@@ -24,10 +25,14 @@ def run_all(argvs, cwd, timeout):
             raise error
 
 
-def run_one(argv, cwd, timeout):
+BUILD_NICE = 10     # a build runs while the app serves: it yields the CPU to the app's workers
+
+
+def run_one(argv, cwd, timeout, nice=0):
     try:
         proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL, errors="replace")
+                              stdin=subprocess.DEVNULL, errors="replace",
+                              preexec_fn=(lambda: os.nice(nice)) if nice else None)
     except FileNotFoundError:
         return CommandFailure(argv, f"could not start: {argv[0]} not found (relative to {cwd})", "")
     except PermissionError:

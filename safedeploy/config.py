@@ -86,8 +86,12 @@ class Env:
     def db(self):
         """The live database: in the shared folder once the env runs releases, else in the work tree."""
         if os.path.isabs(os.path.expanduser(self.db_setting)) or not self.converted:
-            return self.db_in_tree
-        return resolve(self.releases_root / "shared", self.db_setting)
+            named = self.db_in_tree
+        else:
+            named = resolve(self.releases_root / "shared", self.db_setting)
+        # a database moved to another disk and linked back keeps its -wal beside the target: back up,
+        # set aside and restore the real file (the link stays a link)
+        return Path(os.path.realpath(named))
 
     @property
     def health_url(self):
@@ -130,6 +134,12 @@ def load(cli_value=None):
     for env in config.envs.values():
         if env.state_dir.is_dir():
             check_private(env.state_dir, "state folder", "it holds the locks and the deploy log")
+        if env.backup_dir.parent.is_dir():
+            check_private(env.backup_dir.parent, "backup folder", "it holds the copies of your data that "
+                                                                   "rollbacks restore and prune deletes")
+        if env.backup_dir.is_symlink():
+            raise usage_error(f"{env.backup_dir}: env {env.name}'s backup folder is a symbolic link; it must be a "
+                              "plain folder (this tool sets its mode and removes files in it)")
     config.explicit = explicit
     return config
 

@@ -54,9 +54,12 @@ def data_to_move(env, repo):
     pairs = []
     for rel in releases.shared_paths(env):
         inside = env.path / rel
-        if inside.is_symlink() or not inside.exists():
+        if not inside.exists() and not inside.is_symlink():
             continue
-        if inside.is_dir():
+        if inside.is_symlink():         # data linked to another disk: the link itself moves
+            if rel not in tracked:
+                pairs.append((inside, shared / rel))
+        elif inside.is_dir():
             for child in sorted(inside.iterdir()):
                 name = os.path.relpath(child, env.path)
                 if name not in tracked and not any(t.startswith(name + "/") for t in tracked):

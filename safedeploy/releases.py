@@ -6,8 +6,9 @@ Layout, for an env whose work tree (`path`) is P:
     P.releases/
       releases/<id>/         one release: the commit's files (git archive), the shared paths as
                              links into shared/, REVISION, and whatever `build` made (its venv)
-      releases/.build-<id>/  a release being built: never live; removed when a build fails or is
-                             killed (the next command's recovery removes it)
+                             (a folder there without REVISION is a build that did not finish:
+                             never live; removed when the build fails, or by the next command's
+                             recovery when it was killed)
       shared/                kept across releases: the database's folder, always, and the
                              paths of the `shared` key
       current -> releases/<id>   what the unit runs (WorkingDirectory and ExecStart go through it)
@@ -33,8 +34,6 @@ from . import commands
 from .errors import DeployError
 from .files import fsync_dir, write_atomic
 from .state import now_iso, utc_stamp
-
-BUILD_PREFIX = ".build-"
 
 
 @dataclass
@@ -74,8 +73,7 @@ def list_releases(env):
     _, folder, _, _ = layout(env)
     if not folder.is_dir():
         return []
-    found = [read_release(p) for p in folder.iterdir()
-             if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")]
+    found = [read_release(p) for p in folder.iterdir() if p.is_dir() and not p.is_symlink()]
     return sorted((r for r in found if r), key=lambda r: r.id, reverse=True)
 
 
@@ -121,22 +119,22 @@ def build(env, repo, commit, say=None):
     while (folder / rid).exists():
         n += 1
         rid = f"{utc_stamp()}-{commit[:12]}-{n}"
-    work = folder / f"{BUILD_PREFIX}{rid}"
+    work = folder / rid         # built under its final name: a venv records its own absolute path
     try:
         work.mkdir()
         extract_commit(repo, commit, work)
         link_shared(env, work, shared)
+        if env.build and say:
+            say(f"building release {rid}: {len(env.build)} command(s) in {work}")
+        run_build(env, work)
+        # REVISION last: a folder without it is a build that did not finish, never a release
         revision = {"commit": commit, "env": env.name, "branch": env.branch, "release": rid, "built": now_iso()}
         write_atomic(work / "REVISION", json.dumps(revision, indent=2) + "\n", mode=0o644)
-        if env.build and say:
-            say(f"building release {rid}: {len(env.build)} command(s) in {folder / rid}")
-        run_build(env, work)
-        os.rename(work, folder / rid)
         fsync_dir(folder)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return read_release(folder / rid)
+    return read_release(work)
 
 
 def extract_commit(repo, commit, dest):
@@ -178,7 +176,7 @@ def link_shared(env, work, shared):
 
 def run_build(env, work):
     for argv in env.build:
-        failure = commands.run_one(argv, work, env.command_timeout)
+        failure = commands.run_one(argv, work, env.command_timeout, nice=commands.BUILD_NICE)
         if failure:
             error = DeployError(f"build command `{' '.join(argv)}` {failure.why}; nothing live was changed")
             error.output = "\n".join(failure.output.splitlines()[-15:])
@@ -202,11 +200,12 @@ def switch(env, release):
 
 
 def leftovers(env):
-    """Half-built releases and switch temp links a killed command left."""
+    """Half-built releases (no REVISION yet) and switch temp links a killed command left."""
     _, folder, _, link = layout(env)
     found = []
     if folder.is_dir():
-        found += [p for p in folder.iterdir() if p.name.startswith(BUILD_PREFIX) or p.name.startswith(".archive-")]
+        found += [p for p in folder.iterdir() if p.name.startswith(".archive-")
+                  or (p.is_dir() and not p.is_symlink() and not (p / "REVISION").exists())]
     if link.parent.is_dir():
         found += [p for p in link.parent.iterdir() if p.name.startswith(".current-")]
     return found

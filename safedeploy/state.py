@@ -9,10 +9,12 @@
   (by a passing verify.py or a healthy deploy); the promotion gate reads it.
 """
 
+import errno
 import fcntl
 import json
 import os
 import signal
+import stat
 import sys
 import time
 from datetime import datetime, timezone
@@ -66,7 +68,7 @@ class EnvLock:
     def __enter__(self):
         try:
             make_private_dir(self.path.parent)
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            self.fd = open_lock_file(self.path, os.O_RDWR | os.O_CREAT)
         except OSError as exc:
             raise disk_error(exc, self.path) from exc
         deadline = time.monotonic() + self.wait
@@ -98,6 +100,22 @@ class EnvLock:
             self.fd = None
 
 
+def open_lock_file(path, flags):
+    """Open a lock file without following a link (a link planted at state/ENV.lock must never make
+    this tool write, or truncate, the file it points at); refuse anything but a regular file."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DeployError(f"{path} is a symbolic link; a lock file must be a plain file: remove the link "
+                              f"(rm {path}) and run again") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DeployError(f"{path} is not a regular file; remove it and run again")
+    return fd
+
+
 def read_holder(path):
     try:
         return json.loads(Path(path).read_text() or "{}")
@@ -117,8 +135,8 @@ def lock_holder(state_dir, env):
     """Who holds the env's lock now, or None. Reads only; creates nothing."""
     path = Path(state_dir) / f"{env}.lock"
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+        fd = open_lock_file(path, os.O_RDONLY)
+    except (OSError, DeployError):
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

@@ -30,3 +30,16 @@ def test_fault_with_the_handover_helper(sandbox, op, fault_at):
     assert cell.recovered, cell.problems
     helper = sandbox.unit("dev").replace(".service", "-handover.service")
     assert sandbox.manager.systemctl("is-active", helper, check=False).stdout.strip() == "inactive"
+
+
+RELEASE_CELLS = [("deploy", "build"), ("deploy", "switch"), ("deploy", "pre_restart"), ("rollback", "prepare"),
+                 ("rollback", "save"), ("rollback", "code"), ("rollback", "database"), ("rollback", "seal")]
+
+
+@pytest.mark.parametrize("op, step", RELEASE_CELLS, ids=[":".join(c) for c in RELEASE_CELLS])
+def test_fault_on_releases(sandbox, op, step):
+    """The steps a converted env adds (build, the switch of `current`, the prepared restore and the
+    sealing of the renamed save), killed: the next command recovers and no acknowledged write is lost."""
+    cell = run_cell(sandbox, op, step, "KILL", releases=True)
+    assert cell.recovered, cell.problems
+    assert cell.writes_lost == 0
