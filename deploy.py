@@ -118,6 +118,7 @@ def prepare(config, env, args, fetch=True):
                 fast_forward=repo.is_ancestor(head, target), reason=args.reason or "",
                 running_release=releases.current(env))
     if not plan.nothing_to_deploy:
+        runbook.refuse_tracked_database(env, repo, [head, target])
         check_promotion_gate(config, env, plan, args)
         check_direction(plan, args)
     return plan
@@ -156,13 +157,14 @@ def preflight(env):
 
 def resolve_target(repo, env, args):
     if args.ref:
-        candidates = [args.ref] + ([f"{env.remote}/{args.ref}"] if env.remote else [])
+        candidates = [args.ref] + ([f"refs/remotes/{env.remote}/{args.ref}"] if env.remote else [])
         for ref in candidates:
             sha = repo.resolve(ref)
             if sha:
                 return sha
         raise usage_error(f"--ref {args.ref!r}: no such commit, tag or branch in {env.path}")
-    ref = f"{env.remote}/{env.branch}" if env.remote else f"refs/heads/{env.branch}"
+    # refs/remotes/...: a local tag or branch named like "origin/dev" must never stand in for the fetched branch
+    ref = f"refs/remotes/{env.remote}/{env.branch}" if env.remote else f"refs/heads/{env.branch}"
     sha = repo.resolve(ref)
     if not sha:
         raise DeployError(f"{ref} does not exist in {env.path}: push the branch, or fetch it")
@@ -256,7 +258,7 @@ def carry_out_steps(config, env, plan, journal):
         with clock.step(RESTART):
             release.restart_unit(env)
         with clock.step(HEALTH):
-            result = release.wait_until_healthy(env)
+            result = release.wait_until_healthy(env, plan.target if plan.release else None)
         with clock.step(REVISION):
             if not plan.release:
                 release.write_revision(env, plan.repo, plan.target)
@@ -526,7 +528,7 @@ def switch_over(env, files, modes, first, pairs, moves):
         units.stop(env.unit)
     units.systemctl("enable", "--now", units.socket_name(env.unit))
     release.restart_unit(env)
-    release.wait_until_healthy(env)
+    release.wait_until_healthy(env, first.commit if first else None)
 
 
 def put_back(env, files, saved, modes, first, moves):

@@ -41,6 +41,7 @@ def main():
     with EnvLock(env.state_dir, env.name, "rollback"):
         recovery.recover(config, env, repo, cli.say)      # a killed operation: finish or undo it first
         point = choose_point(env, repo, args)
+        runbook.refuse_tracked_database(env, repo, [repo.head(), point.commit])
         restore_db, why = runbook.decide_database(env, point, db_mode(args))
         if restore_db:
             runbook.check_point_backup(point, list_points(env, repo))
@@ -86,7 +87,7 @@ def db_mode(args):
 
 # -- looking -------------------------------------------------------------------------------
 def show_points(env, repo, points, as_json):
-    live = backups.live_schema(env.db) if env.db.exists() else None
+    live = backups.live_schema(env.db) if env.db.exists() else None      # None: missing or unreadable
     rows = [p.to_json(repo.subject(p.commit), (p.backup.schema != live) if p.backup and live else None)
             for p in points]
     if as_json:
@@ -168,13 +169,20 @@ def print_summary(config, env, repo, outcome, steps):
 def drill(env, repo, point):
     """Restore the point's backup to a temp file and check it; check out its commit in a temp worktree."""
     timings, problems = {}, []
-    work = Path(tempfile.mkdtemp(prefix=f"safe-deploy-drill-{env.name}-"))
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f"safe-deploy-drill-{env.name}-"))
+    except OSError as exc:
+        raise DeployError(f"cannot make a temp folder for the drill in {tempfile.gettempdir()}: "
+                          f"{exc.strerror or exc} (set TMPDIR to a folder with room)") from None
     try:
         start = time.monotonic()
         if point.backup:
             copy = work / "restored.sqlite3"
-            shutil.copyfile(point.backup.path, copy)
-            verdict = backups.verify_backup(backups.Backup(**{**point.backup.to_json(), "path": str(copy)}))
+            try:
+                shutil.copyfile(point.backup.path, copy)
+                verdict = backups.verify_backup(backups.Backup(**{**point.backup.to_json(), "path": str(copy)}))
+            except OSError as exc:
+                verdict = f"cannot copy it to {copy}: {exc.strerror or exc}"
             if verdict != "ok":
                 problems.append(f"backup {point.backup.path}: {verdict}")
         else:

@@ -18,6 +18,7 @@ from safedeploy.gitrepo import Repo
 from safedeploy.state import age_seconds, deploy_log, human_age, now_iso, running_commit, verified_log
 
 MAX_BACKUP_AGE = 24 * 3600
+FUTURE_SLACK = 300          # seconds a clock may be off before a backup's date is refused
 
 
 @dataclass
@@ -118,6 +119,9 @@ def check_backup(env):
     verdict = backups.verify_backup(newest)
     if verdict != "ok":
         return False, f"newest backup {newest.path}: {verdict}"
+    if age is not None and age < -FUTURE_SLACK:
+        return False, (f"newest backup {newest.path} is dated {newest.time}, in the future: the clock was "
+                       "wrong when it was made, or its manifest was edited; its age cannot be trusted")
     if age is None or age > MAX_BACKUP_AGE:
         return False, f"newest backup {newest.path} is {human_age(age)}, older than a day"
     return True, f"{newest.path} ({newest.reason}, {human_age(age)}, checksum and integrity ok)"

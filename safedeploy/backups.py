@@ -15,8 +15,10 @@ import ctypes
 import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -58,8 +60,23 @@ class Backup:
         return asdict(self)
 
 
+def require_regular_file(db_path):
+    """A FIFO or a device at the database's path would make every open() wait forever."""
+    try:
+        mode = os.stat(db_path).st_mode
+    except FileNotFoundError:
+        raise DeployError(f"database {db_path} does not exist") from None
+    except OSError as exc:
+        raise DeployError(f"cannot look at database {db_path}: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise DeployError(f"database {db_path} is a folder, not a file")
+    if not stat.S_ISREG(mode):
+        raise DeployError(f"database {db_path} is not a regular file (a FIFO, socket or device): refused")
+
+
 def open_readonly(db_path):
     """A read-only connection that never writes, checkpoints or creates the database."""
+    require_regular_file(db_path)
     uri = f"file:{quote(str(db_path))}?mode=ro"
     conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -68,6 +85,7 @@ def open_readonly(db_path):
 
 def check_is_sqlite(db_path):
     db_path = Path(db_path)
+    require_regular_file(db_path)
     try:
         with open(db_path, "rb") as fh:
             header = fh.read(16)
@@ -95,11 +113,15 @@ def schema_fingerprint(conn):
 
 
 def live_schema(db_path):
-    conn = open_readonly(db_path)
+    """The schema fingerprint of a database, or None when SQLite cannot read it (corrupt, not SQLite)."""
     try:
-        return schema_fingerprint(conn)
-    finally:
-        conn.close()
+        conn = open_readonly(db_path)
+        try:
+            return schema_fingerprint(conn)
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return None
 
 
 def sha256_file(path, chunk=1 << 20):
@@ -416,10 +438,15 @@ def manifest_problem(data):
     return ""
 
 
+STAMP_RE = re.compile(r"-\d{8}-\d{6}(?:-(\d+))?-[^/]*\.sqlite3$")
+
+
 def sort_key(backup):
-    """Newest first by the instant, not by the text: a backup made under another TZ sorts right."""
+    """By the instant, not by the text (a backup made under another TZ sorts right); within one
+    second by the counter backup_name() adds (-2-, -3-): the later backup is the newer."""
     when = datetime.fromisoformat(backup.time)
-    return (when.timestamp(), backup.path)
+    match = STAMP_RE.search(backup.path)
+    return (when.timestamp(), int(match.group(1) or 1) if match else 0, backup.path)
 
 
 def verify_backup(backup):
@@ -434,6 +461,10 @@ def verify_backup(backup):
 
 def integrity_of(path, quick=False):
     """'ok', or the first problem SQLite finds in the database at path (opened read-only)."""
+    try:
+        require_regular_file(path)
+    except DeployError as exc:
+        return str(exc)
     try:
         conn = open_readonly(path)
         try:
@@ -464,7 +495,7 @@ def retention_keep(found, retention):
     unless an earlier rule kept it already (then the period is skipped, not
     counted); a rule that runs out of backups before N keeps the oldest one."""
     kept = {}
-    ordered = sorted(found, key=local_time, reverse=True)
+    ordered = sorted(found, key=sort_key, reverse=True)
     for rule in ("daily", "weekly", "monthly"):
         n, last, count, backup = retention.get(rule, 0), None, 0, None
         if n <= 0:
@@ -574,8 +605,15 @@ def seal(saved, folder, env, commit, unit_file=None):
     start = time.monotonic()
     try:
         info = finish_copy(saved, saved)
-    except sqlite3.DatabaseError as exc:
-        raise DeployError(f"{saved} is not a readable SQLite database: {exc}") from None
+    except (sqlite3.DatabaseError, DeployError) as exc:
+        evidence = saved.with_name(saved.name.removesuffix(".sqlite3") + ".unreadable.sqlite3")
+        for suffix in ("-wal", "-shm", ""):
+            if Path(f"{saved}{suffix}").exists():
+                os.replace(f"{saved}{suffix}", f"{evidence}{suffix}")
+        error = DeployError(f"the replaced database is not a readable SQLite database ({exc}); it is kept as "
+                            f"evidence in {evidence}")
+        error.evidence = str(evidence)
+        raise error from None
     for suffix in ("-wal", "-shm"):
         remove_quietly(f"{saved}{suffix}")
     os.chmod(saved, 0o600)

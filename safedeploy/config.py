@@ -12,7 +12,7 @@ from .errors import usage_error
 SCRIPTS_DIR = Path(__file__).resolve().parent.parent
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
-UNIT_RE = re.compile(r"^[A-Za-z0-9:_.\\@-]+\.service$")
+UNIT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9:_.\\@-]*\.service$")     # never "-...": systemctl would take an option
 REMOTE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 DOMAIN_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 

@@ -27,7 +27,9 @@ class Repo:
 
     def run(self, *args, timeout=GIT_TIMEOUT, check=True):
         """Run `git ARGS` in the work tree; return stdout, or raise DeployError with git's words."""
-        argv = ["git", "--no-optional-locks", *args]   # reads never rewrite the index
+        # reads never rewrite the index; the repository's hooks never run (post-merge, pre-push,
+        # post-checkout would run the app's code from a tool that says what it ran: `build` is for that)
+        argv = ["git", "--no-optional-locks", "-c", "core.hooksPath=/dev/null", *args]
         try:
             status, out, err = self.repo.git.execute(
                 argv, with_extended_output=True, with_exceptions=False,
@@ -65,8 +67,14 @@ class Repo:
         return self.run("rev-parse", "--verify", f"{commit}^{{tree}}")
 
     def subject(self, commit):
+        """The commit's subject, with control characters (ESC, OSC from a remote) shown as \\xNN."""
         status, out, _ = self.run("log", "-1", "--format=%s", commit, "--", check=False)
-        return out if status == 0 else ""
+        return printable(out) if status == 0 else ""
+
+    def tracked(self, commit, paths):
+        """Which of paths (relative to the work tree) the commit tracks."""
+        out = self.run("ls-tree", "-r", "--name-only", "-z", commit, "--", *paths)
+        return [p for p in out.split("\0") if p]
 
     def is_ancestor(self, older, newer):
         status, _, _ = self.run("merge-base", "--is-ancestor", older, newer, check=False)
@@ -167,3 +175,8 @@ class Repo:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "a") as fh:
                 fh.write(f"{pattern}\n")
+
+
+def printable(text):
+    """Text safe for a terminal: control characters escaped, never passed through."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)

@@ -1,9 +1,11 @@
 """HTTP health checks with requests: every call has a timeout."""
 
+import threading
 import time
 from dataclasses import dataclass
 
 import requests
+from urllib3.exceptions import HTTPError as Urllib3Error
 
 
 @dataclass
@@ -12,30 +14,61 @@ class Health:
     status: int | None
     ms: float | None
     error: str = ""
+    body: bytes = b""
 
     def describe(self):
+        if self.status is not None and self.error:
+            return f"HTTP {self.status} in {self.ms:.0f} ms, but {self.error}"
         if self.status is not None:
             return f"HTTP {self.status} in {self.ms:.0f} ms"
         return self.error
 
 
+MAX_BODY = 64 * 1024        # a health answer is small; more is read no further
+
+
 def check(url, timeout=5.0, verify=True):
-    """One GET; 2xx and 3xx count as healthy. Never raises for network trouble."""
+    """One GET; 2xx and 3xx count as healthy. Never raises for network trouble, and never takes
+    longer than timeout (+0.5 s) in all: requests' timeout bounds each read, so a server that
+    drips a byte at a time would hold a plain call forever. The request runs in a daemon thread
+    with its own session; past the deadline that session is closed and the thread abandoned."""
+    box = {}
+    session = requests.Session()
+
+    def run():
+        box["health"] = _check(session, url, timeout, verify)
+
+    worker = threading.Thread(target=run, name="health-check", daemon=True)
+    worker.start()
+    worker.join(timeout + 0.5)
+    if worker.is_alive():
+        session.close()
+        return Health(False, None, None, f"no complete answer within {timeout:g}s")
+    session.close()
+    return box["health"]
+
+
+def _check(session, url, timeout, verify):
     start = time.monotonic()
     try:
-        response = requests.get(url, timeout=timeout, allow_redirects=False, verify=verify,
-                                headers={"User-Agent": "safe-deploy health check"})
+        response = session.get(url, timeout=timeout, allow_redirects=False, verify=verify, stream=True,
+                               headers={"User-Agent": "safe-deploy health check"})
+        try:
+            body = response.raw.read(MAX_BODY, decode_content=True) or b""
+        finally:
+            response.close()
     except requests.exceptions.SSLError as exc:
         return Health(False, None, None, f"TLS certificate problem: {short(exc)}")
     except requests.exceptions.Timeout:
         return Health(False, None, None, f"no answer within {timeout:g}s")
     except requests.exceptions.ConnectionError as exc:
         return Health(False, None, None, f"cannot connect: {short(exc)}")
-    except requests.exceptions.RequestException as exc:
+    except (requests.exceptions.RequestException, OSError) as exc:
+        return Health(False, None, None, short(exc))
+    except Urllib3Error as exc:      # a body read that fails (ProtocolError, ReadTimeoutError)
         return Health(False, None, None, short(exc))
     ms = (time.monotonic() - start) * 1000
-    response.close()
-    return Health(200 <= response.status_code < 400, response.status_code, round(ms, 1))
+    return Health(200 <= response.status_code < 400, response.status_code, round(ms, 1), body=body)
 
 
 def short(exc):
@@ -50,8 +83,9 @@ def short(exc):
 ATTEMPT_TIMEOUT = 1.0
 
 
-def wait_healthy(url, timeout, still_starting=lambda: True, interval=0.05):
-    """Poll url until healthy or timeout seconds pass, or still_starting() says give up.
+def wait_healthy(url, timeout, still_starting=lambda: True, interval=0.05, confirm=lambda result: ""):
+    """Poll url until healthy or timeout seconds pass, or still_starting() says give up. An answer
+    counts only when confirm(result) finds nothing wrong (it names the problem otherwise).
 
     Returns (Health of the last attempt, seconds waited)."""
     start = time.monotonic()
@@ -62,7 +96,10 @@ def wait_healthy(url, timeout, still_starting=lambda: True, interval=0.05):
         # and the crash must be seen (still_starting) before systemd's start limit closes the socket
         result = check(url, timeout=max(0.5, min(ATTEMPT_TIMEOUT, remaining)))
         if result.ok:
-            return result, time.monotonic() - start
+            problem = confirm(result)
+            if not problem:
+                return result, time.monotonic() - start
+            result = Health(False, result.status, result.ms, problem)
         if time.monotonic() >= deadline or not still_starting():
             return result, time.monotonic() - start
         time.sleep(interval)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import backups
 from .errors import usage_error
-from .state import deploy_log
+from .state import deploy_log, parse_time
 
 
 @dataclass
@@ -46,7 +46,13 @@ def list_points(env, repo):
     for b in found:
         if b.path not in used and b.commit:
             points.append(Point(backup_id(b), "backup", b.commit, b.time, b))
-    return sorted(points, key=lambda p: p.time or "", reverse=True)
+    return sorted(points, key=lambda p: instant(p.time), reverse=True)
+
+
+def instant(text):
+    """A point's time as seconds since the epoch (0 when unknown): times in other offsets sort right."""
+    value = parse_time(text or "")
+    return value.timestamp() if value else 0.0
 
 
 def find_point(points, wanted):
@@ -72,7 +78,7 @@ def default_point(env, points):
 
 def next_best(points, bad):
     """The newest point older than `bad` whose backup verifies, or None."""
-    older = [p for p in points if (p.time or "") < (bad.time or "") and p.backup]
+    older = [p for p in points if instant(p.time) < instant(bad.time) and p.backup]
     for p in older:
         if backups.verify_backup(p.backup) == "ok":
             return p

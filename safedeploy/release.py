@@ -13,13 +13,36 @@ def restart_unit(env):
     units.restart(env.unit)
 
 
-def wait_until_healthy(env):
-    """Poll the env's health URL until healthy; raise with the unit's state and journal if not."""
+def wait_until_healthy(env, expect_commit=None):
+    """Poll the env's health URL until healthy; raise with the unit's state and journal if not.
+
+    An answer counts only when it is the unit's own: the unit active (running) and not restarted by
+    systemd since this restart (a stray server on the port answers while the unit crash-loops on
+    EADDRINUSE), and, with expect_commit, the release's /_deploy/status (when the app serves it)
+    naming that commit."""
     def still_starting():
         st = units.state(env.unit)          # a crash shows at once as auto-restart: stop waiting then
         return st.active in ("active", "activating", "reloading") and st.sub != "auto-restart"
 
-    result, waited = health.wait_healthy(env.health_url, env.health_timeout, still_starting)
+    def own_answer(result):
+        st = units.state(env.unit)
+        if st.active != "active" or st.sub not in ("running", "listening") or st.restarts:
+            return (f"{env.unit} is {st.active} ({st.sub}, {st.restarts} automatic restart(s)): "
+                    "something else answers on the port")
+        owner = units.port_owner_problem(env.unit, env.port, st.main_pid)
+        if owner:
+            return f"{owner}: something else answers on the port"
+        if expect_commit:
+            status = health.check(env.health_url.removesuffix(env.health_path) + "/_deploy/status", timeout=2)
+            try:
+                commit = json.loads(status.body).get("commit") if status.ok else None
+            except (ValueError, AttributeError):
+                commit = None
+            if commit and commit != expect_commit:
+                return f"/_deploy/status names {commit[:12]}, not {expect_commit[:12]}: another process answers"
+        return ""
+
+    result, waited = health.wait_healthy(env.health_url, env.health_timeout, still_starting, confirm=own_answer)
     if not result.ok:
         st = units.state(env.unit)
         error = DeployError(f"{env.unit} did not turn healthy within {waited:.1f}s: {env.health_url} gave "

@@ -78,6 +78,10 @@ def decide_database(env, point, mode):
         return True, f"--with-db: restoring {point.backup.path}"
     if not env.db.exists():
         return True, "there is no live database: restoring the point's backup"
+    health = backups.integrity_of(env.db, quick=True)
+    if health != "ok":
+        return True, (f"the live database fails quick_check ({health}): restoring the point's backup; the "
+                      "damaged file is kept aside as evidence")
     live = backups.live_schema(env.db)
     if live != point.backup.schema:
         return True, (f"the live schema ({live}) differs from the point's ({point.backup.schema}): "
@@ -94,6 +98,25 @@ def check_point_backup(point, points):
     better = next_best(points, point)
     hint = f"; the next-best point is {better.id} (--to {better.id})" if better else "; no older point has a good backup"
     raise DeployError(f"point {point.id}'s backup is bad ({verdict}): nothing was changed{hint}")
+
+
+def refuse_tracked_database(env, repo, commits):
+    """An env that runs from its work tree keeps its database in it: a commit that tracks the
+    database file (or its -wal/-shm) would make git replace the live file under a live WAL, and
+    one that untracks it would make git delete it. Refused before anything changes."""
+    if env.converted:
+        return          # the release links the shared folder: git never touches the live file
+    rel = os.path.relpath(env.db_in_tree, env.path)
+    if rel.startswith(".."):
+        return
+    names = [rel, f"{rel}-wal", f"{rel}-shm", f"{rel}-journal"]
+    for commit in dict.fromkeys(commits):
+        found = repo.tracked(commit, names)
+        if found:
+            raise DeployError(f"commit {commit[:12]} tracks the live database file {', '.join(found)}: moving the work "
+                              f"tree to or from it would make git overwrite or delete {env.db}. Untrack it "
+                              f"(git rm --cached {rel}; echo /{rel}* >> .gitignore; commit and push), or convert "
+                              "the env to releases (deploy.py ENV --install-units); nothing was changed")
 
 
 def release_for(env, point):
@@ -172,7 +195,7 @@ def _roll_back(env, repo, point, restore_db, db_why, clock, running, journal):
     with clock.step(RESTART):
         release.restart_unit(env)
     with clock.step(HEALTH):
-        outcome.health = release.wait_until_healthy(env)
+        outcome.health = release.wait_until_healthy(env, point.commit if target is not None else None)
     with clock.step(REVISION):
         if target is None:
             release.write_revision(env, repo, point.commit)
@@ -200,8 +223,9 @@ def seal_saved(env, running, outcome):
         sealed = backups.seal(outcome.aside, env.backup_dir, env.name, running, current_unit_file(env))
     except DeployError as exc:
         outcome.pre_rollback, outcome.seal_problem = None, str(exc)
+        outcome.aside = getattr(exc, "evidence", outcome.aside)
         return
-    outcome.pre_rollback = sealed.path
+    outcome.pre_rollback = outcome.aside = sealed.path
     try:
         outcome.rows_lost = backups.rows_only_in(sealed.path, env.db)
     except Exception as exc:          # counting is a report; the rows are safe in the sealed copy either way

@@ -4,7 +4,7 @@
   so a dead holder never blocks anyone. The file holds who holds it (pid,
   command, start time) for the message others see.
 - <env>.deploys.jsonl: one JSON object a line, one line an operation
-  (deploy, rollback, ...), rewritten atomically on each record.
+  (deploy, rollback, ...), appended under an flock of the file.
 - <env>.verified.jsonl: the commits and trees verified in the env
   (by a passing verify.py or a healthy deploy); the promotion gate reads it.
 """
@@ -172,14 +172,28 @@ class JsonLog:
         return records
 
     def append(self, record):
+        """Add one line, under an flock of the log itself: two processes appending at once (a drill
+        and a verify, which take no env lock) never lose each other's records. O_APPEND, one
+        write, fsync; a line torn by a crash is closed first, so it costs only itself."""
         make_private_dir(self.path.parent)
+        line = json.dumps(record, sort_keys=True).encode() + b"\n"
         try:
-            old = self.path.read_bytes()
-        except FileNotFoundError:
-            old = b""
-        if old and not old.endswith(b"\n"):
-            old += b"\n"
-        write_atomic(self.path, old + json.dumps(record, sort_keys=True).encode() + b"\n")
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise disk_error(exc, self.path) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as exc:
+            raise disk_error(exc, self.path) from exc
+        finally:
+            os.close(fd)
 
 
 def deploy_log(env):

@@ -14,7 +14,7 @@ from .state import inject_fault
 SYSTEMCTL_TIMEOUT = 30
 RESTART_TIMEOUT = 120
 PROPS = ["LoadState", "ActiveState", "SubState", "FragmentPath", "NRestarts",
-         "ActiveEnterTimestampMonotonic", "NeedDaemonReload"]
+         "ActiveEnterTimestampMonotonic", "NeedDaemonReload", "MainPID"]
 
 
 def systemctl(*args, timeout=SYSTEMCTL_TIMEOUT, check=True):
@@ -42,6 +42,7 @@ class UnitState:
     restarts: int
     uptime: float | None
     need_reload: bool
+    main_pid: int = 0
 
     @property
     def is_active(self):
@@ -72,7 +73,61 @@ def state(unit):
         restarts=int(props.get("NRestarts") or 0),
         uptime=uptime,
         need_reload=props.get("NeedDaemonReload") == "yes",
+        main_pid=int(props.get("MainPID") or 0),
     )
+
+
+def listening_inodes(port):
+    """Socket inodes listening on TCP port (any address), from /proc/net/tcp and tcp6."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                found.add(fields[9])
+    return found
+
+
+def parent_of(pid):
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat_line.rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def port_owner_problem(unit, port, main_pid):
+    """'' when the socket listening on port is held by the unit's main process or its children
+    (a socket unit's passed socket counts), else what holds it. Where /proc cannot tell, ''."""
+    inodes = listening_inodes(port)
+    if not inodes or not main_pid:
+        return ""
+    wanted = {f"socket:[{i}]" for i in inodes}
+    holders = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            for fd in (entry / "fd").iterdir():
+                if os.readlink(fd) in wanted:
+                    holders.add(int(entry.name))
+                    break
+        except OSError:
+            continue
+    if not holders:
+        return ""
+    for pid in holders:
+        seen = 0
+        while pid > 1 and seen < 64:
+            if pid == main_pid:
+                return ""
+            pid, seen = parent_of(pid), seen + 1
+    return (f"port {port} is held by pid {', '.join(map(str, sorted(holders)))}, not by {unit} "
+            f"(main pid {main_pid})")
 
 
 def require_known(unit):

@@ -7,7 +7,8 @@ reporting the REVISION file that deploy.py writes (when DEPLOY_STATUS=1).
 Its behaviour is set by the file MODE beside it, so a test can commit a bad
 release: "ok", "crash" (exits at start), "http500" (health answers 500),
 "nobind" (runs but never listens), "slow SECONDS" (starts late),
-"hanghealth" (/health never answers), "hangstop" (ignores SIGTERM),
+"hanghealth" (/health never answers), "hangstop" (ignores SIGTERM), "drip"
+(/health sends its headers, then one byte every 0.2 s for two minutes),
 "needs MODULE VERSION" (imports MODULE and exits at start unless its __version__
 is VERSION: a release that runs only on its own dependencies).
 """
@@ -52,6 +53,15 @@ def make_handler(conn, mode, version, deps=None):
             if self.path == "/health":
                 if mode == "hanghealth":
                     time.sleep(120)
+                if mode == "drip":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "600")
+                    self.end_headers()
+                    for _ in range(600):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                    return None
                 conn.execute("SELECT 1").fetchone()
                 return self.reply(500 if mode == "http500" else 200, {"ok": mode != "http500"})
             if self.path == "/_deploy/status" and os.environ.get("DEPLOY_STATUS") == "1":
