@@ -20,7 +20,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import EXIT_LOCKED, DeployError
+from .errors import EXIT_HUMAN, EXIT_LOCKED, DeployError
 from .files import disk_error, make_private_dir, write_atomic
 
 
@@ -53,6 +53,9 @@ def human_age(seconds):
         if seconds >= size:
             return f"{seconds // size}{unit} ago"
     return f"{seconds}s ago"
+
+
+HELD_LOCKS = []         # the EnvLocks this process holds; every step checks they still hold (check_locks)
 
 
 class EnvLock:
@@ -90,9 +93,20 @@ class EnvLock:
             os.pwrite(self.fd, json.dumps(info).encode(), 0)
         except OSError:
             pass             # who holds it is only for others' messages; a full disk must not stop here
+        HELD_LOCKS.append(self)
         return self
 
+    def still_held(self):
+        """Whether the lock file is still the one this process locked: a removed or replaced file
+        (rm -r state/ mid-deploy) lets another process take "the" lock on a new file."""
+        try:
+            return os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(self.fd).st_ino
+        except OSError:
+            return False
+
     def __exit__(self, *exc):
+        if self in HELD_LOCKS:
+            HELD_LOCKS.remove(self)
         if self.fd is not None:
             os.ftruncate(self.fd, 0)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
@@ -265,6 +279,15 @@ def inject_fault(op, step):
             time.sleep(1)            # let the handler run here, inside the step
 
 
+def check_locks():
+    """Stop when a lock this process holds was removed under it: another operation may be running."""
+    for lock in HELD_LOCKS:
+        if not lock.still_held():
+            raise DeployError(f"the lock file {lock.path} was removed or replaced while this {lock.operation} ran, "
+                              f"so another operation may have started on env {lock.env} at the same time; this one "
+                              f"stops here. Look with: python3 status.py {lock.env}", EXIT_HUMAN)
+
+
 class StepClock:
     """Times the named steps of an operation; remembers which one was running when it failed;
     keeps the operation's journal at the step it is in."""
@@ -281,6 +304,7 @@ class StepClock:
         class _Step:
             def __enter__(self):
                 clock.current = name
+                check_locks()
                 if clock.journal:
                     clock.journal.update(step=name)
                 self.start = time.monotonic()

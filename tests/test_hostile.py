@@ -156,7 +156,11 @@ def main_pid(sb, env="dev"):
 
 
 def corrupt(db):
-    """Overwrite the second page with garbage: the file still opens, quick_check fails."""
+    """Overwrite the second page with garbage: the file still opens, quick_check fails. The WAL is
+    folded first (a stopped app may leave one, whose copy of the page would hide the damage)."""
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
     with open(db, "r+b") as fh:
         fh.seek(4096)
         fh.write(b"\xff" * 4096)
@@ -362,3 +366,22 @@ def test_13_backups_sort_by_instant_and_by_order_within_a_second():
 def test_13_a_unit_name_that_starts_with_a_dash_is_refused():
     from safedeploy.config import UNIT_RE
     assert not UNIT_RE.match("--now.service") and UNIT_RE.match("datatracker-dev.service")
+
+
+def test_13_removing_the_state_folder_mid_deploy_stops_the_deploy_instead_of_a_false_success(sandbox):
+    sb = sandbox
+    sb.write_config(dev=f'pre_restart = [["{sys.executable}", "-c", "import time; time.sleep(3)"]]')
+    sb.release("dev", {"VERSION": "2\n"}, "v2")
+    argv = [sys.executable, str(REPO_ROOT / "deploy.py"), "dev", "--config", str(sb.config)]
+    proc = subprocess.Popen(argv, env=sb.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        journal = sb.root / "state" / "dev.journal.json"
+        if journal.exists() and '"pre_restart"' in journal.read_text():
+            break
+        time.sleep(0.05)
+    shutil.rmtree(sb.root / "state")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 4, out + err
+    assert "was removed or replaced" in err and "Traceback" not in err
