@@ -339,7 +339,7 @@ def roll_back_after_failure(config, env, plan, record, clock, backup, exc):
     what = str(exc) if isinstance(exc, DeployError) else cli.describe_interrupt(exc)
     details = (getattr(exc, "output", "") or "").splitlines()
     if not details and failed in (RESTART, HEALTH):
-        details = units.journal_tail(env.unit)
+        details = units.journal_tail(units.serving_state(env.unit).name)
     record.update(result="rolled-back", failed_step=failed, error=what, steps=clock.seconds, running=plan.running)
     report_failure(env, failed, what, details)
     point = Point(record["tag"], "before-deploy", plan.running, record["time"], backup,
@@ -590,4 +590,4 @@ def show_plan(config, env, args):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, nice=True)

@@ -216,4 +216,4 @@ def drill(env, repo, point):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, nice=True)

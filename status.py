@@ -70,16 +70,16 @@ def look_at(config, env):
 
 
 def unit_part(config, env, records):
-    st = units.state(env.unit)
+    st = units.serving_state(env.unit)         # with a handover slot, the one that serves
     method = units.restart_method(env.unit)
     problems = []
-    if method == "handover" and units.state(units.helper_name(env.unit)).is_active \
+    if method == "handover" and all(units.state(u).is_active for u in units.slots(env.unit)) \
             and not lock_holder(env.state_dir, env.name):
-        problems.append(f"{units.helper_name(env.unit)} runs outside a deploy (one was killed); "
-                        f"the next deploy.py or rollback.py stops it")
+        problems.append(f"both {env.unit} and {units.helper_name(env.unit)} run outside a deploy (one was "
+                        f"killed mid-swap); the next deploy.py or rollback.py stops the older")
     return {"restart_method": method, "problems": problems,
             "warning": None if method != "plain" else units.DROPS_WARNING.format(env=env.name),
-            "unit": {"active": st.is_active, "state": st.active, "sub": st.sub, "name": env.unit,
+            "unit": {"active": st.is_active, "state": st.active, "sub": st.sub, "name": st.name,
                      "since": units.uptime_text(st) or None, "restarts": st.restarts,
                      "looping": units.is_restart_looping(st) if st.is_active else False}}
 

@@ -65,10 +65,10 @@ def guarded(name, fn, env):
 
 
 def check_unit(env):
-    st = units.state(env.unit)
-    if not st.known:
-        return False, f"{env.unit} is not known to the user manager ({st.load})"
-    detail = f"{env.unit} is {st.active} ({st.sub}), {st.restarts} automatic restarts"
+    if not units.state(env.unit).known:
+        return False, f"{env.unit} is not known to the user manager ({units.state(env.unit).load})"
+    st = units.serving_state(env.unit)          # with a handover slot, the one that serves
+    detail = f"{st.name} is {st.active} ({st.sub}), {st.restarts} automatic restarts"
     if not st.is_active:
         return False, detail
     if units.is_restart_looping(st):

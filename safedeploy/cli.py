@@ -40,8 +40,25 @@ def describe_interrupt(exc):
     return str(exc) if isinstance(exc, Interrupted) else "interrupted by Ctrl-C"
 
 
-def run(main):
+NICE_VARIABLE = "SAFE_DEPLOY_NICE"
+DEFAULT_NICE = 10
+
+
+def yield_cpu():
+    """The tool's own work (Python, git, copies, builds) runs at a lower CPU priority than the app:
+    on a small host a deploy must not slow the requests being served. The app's processes are
+    started by systemd, not by this process, so they keep their own priority. SAFE_DEPLOY_NICE=0
+    turns it off."""
+    try:
+        os.nice(max(0, min(19, int(os.environ.get(NICE_VARIABLE, DEFAULT_NICE)))))
+    except (ValueError, OSError):
+        pass
+
+
+def run(main, nice=False):
     """Call main(); turn a DeployError into one line on stderr and its exit code."""
+    if nice:
+        yield_cpu()
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, raise_interrupted)
     try:

@@ -21,15 +21,15 @@ def wait_until_healthy(env, expect_commit=None):
     EADDRINUSE), and, with expect_commit, the release's /_deploy/status (when the app serves it)
     naming that commit."""
     def still_starting():
-        st = units.state(env.unit)          # a crash shows at once as auto-restart: stop waiting then
+        st = units.serving_state(env.unit)  # a crash shows at once as auto-restart: stop waiting then
         return st.active in ("active", "activating", "reloading") and st.sub != "auto-restart"
 
     def own_answer(result):
-        st = units.state(env.unit)
+        st = units.serving_state(env.unit)
         if st.active != "active" or st.sub not in ("running", "listening") or st.restarts:
-            return (f"{env.unit} is {st.active} ({st.sub}, {st.restarts} automatic restart(s)): "
+            return (f"{st.name} is {st.active} ({st.sub}, {st.restarts} automatic restart(s)): "
                     "something else answers on the port")
-        owner = units.port_owner_problem(env.unit, env.port, st.main_pid)
+        owner = units.port_owner_problem(st.name, env.port, st.main_pid)
         if owner:
             return f"{owner}: something else answers on the port"
         if expect_commit:
@@ -44,10 +44,10 @@ def wait_until_healthy(env, expect_commit=None):
 
     result, waited = health.wait_healthy(env.health_url, env.health_timeout, still_starting, confirm=own_answer)
     if not result.ok:
-        st = units.state(env.unit)
-        error = DeployError(f"{env.unit} did not turn healthy within {waited:.1f}s: {env.health_url} gave "
+        st = units.serving_state(env.unit)
+        error = DeployError(f"{st.name} did not turn healthy within {waited:.1f}s: {env.health_url} gave "
                             f"{result.describe()}; the unit is {st.active} ({st.sub})")
-        error.output = "\n".join(units.journal_tail(env.unit))
+        error.output = "\n".join(units.journal_tail(st.name))
         raise error
     return result
 

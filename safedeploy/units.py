@@ -147,11 +147,11 @@ def restart(unit):
     restart clears the failed state and the start rate limit first: several deploys and
     rollbacks in a few seconds must not be refused as "start request repeated too quickly"."""
     st = state(unit)
-    if st.need_reload:
+    if st.need_reload or state(helper_name(unit)).need_reload:
         daemon_reload()
     systemctl("reset-failed", unit, check=False)
     start_socket_if_stopped(unit)
-    if st.is_active and restart_method(unit) == "handover":
+    if restart_method(unit) == "handover" and serving_state(unit).is_active:
         handover_restart(unit)
     else:
         systemctl("restart", unit, timeout=RESTART_TIMEOUT)
@@ -262,7 +262,25 @@ def start_socket_if_stopped(unit):
 
 
 def helper_name(unit):
+    """The second slot of a handover env: the same program on the same socket."""
     return unit.removesuffix(".service") + "-handover.service"
+
+
+def slots(unit):
+    """The units that may serve the env: the service, and its handover slot when it has one."""
+    helper = helper_name(unit)
+    return [unit, helper] if state(helper).known else [unit]
+
+
+def serving_state(unit):
+    """The state of the slot that serves (or is starting to): with a handover slot, a deploy leaves
+    whichever it started last serving. Both running (a deploy killed mid-swap): the newer."""
+    states = [state(u) for u in slots(unit)]
+    running = [st for st in states if st.is_active]
+    if running:
+        return min(running, key=lambda st: st.uptime if st.uptime is not None else 0.0)
+    starting = [st for st in states if st.active in ("activating", "reloading")]
+    return starting[0] if starting else states[0]
 
 
 def restart_method(unit):
@@ -276,7 +294,8 @@ def restart_method(unit):
 
 
 METHOD_NOTES = {
-    "handover": "{helper} serves from {socket} while {unit} restarts: no request waits",
+    "handover": "{unit} and {helper} take turns on {socket}: a deploy starts the idle one and stops the other "
+                "once it is ready, so no request waits and the release starts once",
     "socket": "{socket} holds the port: requests wait while {unit} restarts, none is refused "
               "(a server that signals readiness gets a handover helper too: deploy.py {env} --install-units --notify)",
 }
@@ -292,41 +311,46 @@ def render_socket(unit, port):
 
 
 def render_helper(service_text, unit):
-    """The handover helper: the same program as the service, on the service's socket, started
-    only by a deploy or rollback to serve while the service restarts, then stopped."""
+    """The handover slot: the same program as the service, on the service's socket, never enabled.
+    A deploy starts it beside the serving service and stops the service (or the other way round)."""
     lines, section = [], None
     for line in service_text.splitlines():
         stripped = line.strip()
         if stripped.startswith("["):
             section = stripped
-        if section == "[Install]" or stripped.startswith(("Restart=", "Description=")):
+        if section == "[Install]" or stripped.startswith("Description="):
             continue
         lines.append(line)
         if stripped == "[Unit]":
-            lines.append(f"Description=handover helper of {unit} (written by safe-deploy; started only by deploys)")
+            lines.append(f"Description=second slot of {unit} (written by safe-deploy; started by deploys, "
+                         "it serves until the next one)")
         if stripped == "[Service]":
             lines.append(f"Sockets={socket_name(unit)}")
-            lines.append("Restart=no")
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def handover_restart(unit):
-    """Restart a socket-activated service with no request waiting: start the helper on the same
-    socket (it returns once the helper is ready), restart the service (the helper serves
-    meanwhile; it returns once the service is ready), stop the helper gracefully."""
-    helper = helper_name(unit)
-    systemctl("stop", helper, timeout=RESTART_TIMEOUT, check=False)        # a leftover of a killed deploy
-    systemctl("reset-failed", helper, check=False)
-    if systemctl("start", helper, timeout=RESTART_TIMEOUT, check=False).returncode != 0:
-        error = DeployError(f"the new release did not start (its handover helper {helper} failed); "
-                            f"{unit} still runs the release before it")
-        error.output = "\n".join(journal_tail(helper))
+    """Move a socket-activated env to a new process with no request waiting and one start-up: the
+    idle slot starts on the same socket (systemctl start returns once it is ready, so the server
+    must signal readiness only once it can answer: gunicorn needs --preload), then the slot that
+    served stops gracefully (it finishes the requests it has). Whichever slot started last serves
+    from then on. A slot that cannot start fails while the other keeps serving."""
+    active = [u for u in slots(unit) if state(u).is_active]
+    if len(active) == 2:         # a deploy killed mid-swap: keep the newer, stop the other first
+        keep = serving_state(unit).name
+        systemctl("stop", next(u for u in active if u != keep), timeout=RESTART_TIMEOUT, check=False)
+        active = [keep]
+    old = active[0]
+    new = next(u for u in slots(unit) if u != old)
+    systemctl("reset-failed", new, check=False)
+    inject_fault("restart", "handover")        # test-only: kill before the new slot is up
+    if systemctl("start", new, timeout=RESTART_TIMEOUT, check=False).returncode != 0:
+        error = DeployError(f"the new release did not start (its handover slot {new} failed); "
+                            f"{old} still serves the release before it")
+        error.output = "\n".join(journal_tail(new))
+        systemctl("stop", new, timeout=RESTART_TIMEOUT, check=False)
         raise error
-    try:
-        inject_fault("restart", "handover")        # test-only: kill between the helper's start and the restart
-        systemctl("restart", unit, timeout=RESTART_TIMEOUT)
-    finally:
-        systemctl("stop", helper, timeout=RESTART_TIMEOUT, check=False)
+    systemctl("stop", old, timeout=RESTART_TIMEOUT)
 
 
 def render_socket_service(text, unit, notify):

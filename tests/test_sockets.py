@@ -115,7 +115,17 @@ def test_a_deploy_with_the_handover_helper_neither_fails_nor_delays_a_request(sa
     assert result["failed"] == 0 and result["max"] < 500, result      # nothing waited for the start-up
     assert requests.get(sb.url("dev", "/"), timeout=5).json()["version"] == "3"
     helper = sb.unit("dev").replace(".service", "-handover.service")
+    active = [u for u in (sb.unit("dev"), helper)
+              if sb.manager.systemctl("is-active", u, check=False).stdout.strip() == "active"]
+    assert active == [helper]         # the slot started last serves; the other stopped
+    # the next deploy swaps back: one start-up per deploy, no request waits
+    proc, samples = deploy_under_load(sb, {"MODE": "slow 1\n", "VERSION": "4\n"}, "v4")
+    assert proc.returncode == 0, proc.stderr
+    result = summary(samples)
+    assert result["failed"] == 0 and result["max"] < 500, result
+    assert requests.get(sb.url("dev", "/"), timeout=5).json()["version"] == "4"
     assert sb.manager.systemctl("is-active", helper, check=False).stdout.strip() == "inactive"
+    assert json.loads(sb.run("status.py", "dev", "--json").stdout)["envs"]["dev"]["unit"]["active"]
 
 
 def test_a_release_that_cannot_start_under_handover_keeps_the_old_one_serving(sandbox):
@@ -123,7 +133,7 @@ def test_a_release_that_cannot_start_under_handover_keeps_the_old_one_serving(sa
     install(sb)
     good = sb.head("dev")
     proc, samples = deploy_under_load(sb, {"MODE": "crash\n"}, "crashes on start", before=0.5, after=0.5)
-    assert proc.returncode == 1 and "handover helper" in proc.stderr and "rolled back by itself" in proc.stderr
+    assert proc.returncode == 1 and "handover slot" in proc.stderr and "rolled back by itself" in proc.stderr
     assert "crashing on start" in proc.stderr
     assert sb.head("dev") == good
     result = summary(samples)
