@@ -17,8 +17,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safedeploy import backups, cli, commands, convert, recovery, release, releases, runbook, units
-from safedeploy.runbook import BACKUP, BUILD, HEALTH, PRE_RESTART, RECORD, RESTART, REVISION, SWITCH, TAG
+from safedeploy import backups, cli, commands, convert, recovery, rehearsal, release, releases, runbook, units
+from safedeploy.runbook import BACKUP, BUILD, HEALTH, PRE_RESTART, RECORD, RESTART, REVISION, SWITCH, TAG, WATCH
 from safedeploy.errors import EXIT_FAILED, EXIT_HUMAN, EXIT_LOCKED, DeployError, usage_error
 from safedeploy.files import make_private_dir, remove_quietly, same_disk, write_atomic
 from safedeploy.gitrepo import Repo
@@ -28,6 +28,7 @@ from safedeploy.state import (EnvLock, Journal, StepClock, deploy_log, lock_hold
 
 
 REF_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/@^~-]*$")   # checked before the lock: a bad ref touches nothing
+BACKUP_WAIT = 300         # a running backup ends by itself: a deploy waits for it (bounded), then exit 3
 STATE_ROOM = 1 << 20      # the deploy log, the journal and the lock need little, but they need it
 
 
@@ -37,9 +38,11 @@ def main():
     env = config.env(args.env)
     if args.install_units:
         return install_units(config, env, args)
+    if args.rehearse:
+        return rehearse(config, env, args)
     if args.dry_run:
         return show_plan(config, env, args)
-    with EnvLock(env.state_dir, env.name, "deploy"):
+    with EnvLock(env.state_dir, env.name, "deploy", backup_wait=BACKUP_WAIT, on_wait=cli.say):
         recovery.recover(config, env, Repo(env.path), cli.say)      # a killed operation: finish or undo it first
         plan = prepare(config, env, args)
         if plan.nothing_to_deploy:
@@ -62,6 +65,9 @@ def parse_arguments():
     p.add_argument("--no-fetch", action="store_true", help="do not fetch the remote first")
     p.add_argument("--force", action="store_true", help="deploy past the promotion gate or a non-fast-forward")
     p.add_argument("--reason", help="why --force is needed (recorded in the deploy log)")
+    p.add_argument("--rehearse", action="store_true",
+                   help="play the deploy on a copy of the env's database (build, pre_restart, start on a scratch "
+                        "port, health); nothing live changes. Exit 0 when it passed")
     p.add_argument("--install-units", action="store_true",
                    help="hold the env's port in a socket unit so restarts drop no request (shows the diff first)")
     p.add_argument("--notify", action="store_true",
@@ -74,6 +80,8 @@ def parse_arguments():
         raise usage_error("--reason goes with --force")
     if args.notify and not args.install_units:
         raise usage_error("--notify goes with --install-units")
+    if args.rehearse and (args.install_units or args.dry_run or args.force):
+        raise usage_error("--rehearse changes nothing live already: it takes no --install-units, --dry-run or --force")
     if args.install_units and (args.ref or args.force or args.no_fetch):
         raise usage_error("--install-units converts the env at the commit it runs: it takes no --ref, --force "
                           "or --no-fetch")
@@ -120,6 +128,7 @@ def prepare(config, env, args, fetch=True):
     if not plan.nothing_to_deploy:
         runbook.refuse_tracked_database(env, repo, [head, target])
         check_promotion_gate(config, env, plan, args)
+        check_rehearsed(config, env, plan, args)
         check_direction(plan, args)
     return plan
 
@@ -194,6 +203,20 @@ def check_promotion_gate(config, env, plan, args):
                       f"{source.name}. {hint} (or override with --force --reason TEXT)")
 
 
+def check_rehearsed(config, env, plan, args):
+    """require_rehearsal: deploy only a tree that passed a rehearsal on this env's data."""
+    if not env.require_rehearsal or rehearsal.passed_for(env, plan.repo.tree_of(plan.target)):
+        return
+    if args.force:
+        plan.forced_because.append(f"require_rehearsal: {plan.target[:12]} was not rehearsed in {env.name}")
+        return
+    ref = ["--ref", args.ref] if args.ref else []
+    raise DeployError(f"{env.name} requires a passed rehearsal of what it deploys (require_rehearsal), and "
+                      f"{plan.target[:12]} ({plan.target_subject}) has none: run "
+                      f"{cli.script_command(config, 'deploy.py', env.name, *ref, '--rehearse')} "
+                      "(or override with --force --reason TEXT)")
+
+
 def check_direction(plan, args):
     if plan.fast_forward:
         return
@@ -259,6 +282,9 @@ def carry_out_steps(config, env, plan, journal):
             release.restart_unit(env)
         with clock.step(HEALTH):
             result = release.wait_until_healthy(env, plan.target if plan.release else None)
+        if env.watch:
+            with clock.step(WATCH):
+                record["watch"] = release.watch(env, env.watch, cli.countdown(f"watching {env.name}"))
         with clock.step(REVISION):
             if not plan.release:
                 release.write_revision(env, plan.repo, plan.target)
@@ -338,7 +364,7 @@ def roll_back_after_failure(config, env, plan, record, clock, backup, exc):
     failed = clock.current
     what = str(exc) if isinstance(exc, DeployError) else cli.describe_interrupt(exc)
     details = (getattr(exc, "output", "") or "").splitlines()
-    if not details and failed in (RESTART, HEALTH):
+    if not details and failed in (RESTART, HEALTH, WATCH):
         details = units.journal_tail(units.serving_state(env.unit).name)
     record.update(result="rolled-back", failed_step=failed, error=what, steps=clock.seconds, running=plan.running)
     report_failure(env, failed, what, details)
@@ -371,6 +397,8 @@ def print_summary(config, env, plan, record, backup, result, clock, removed=()):
     cli.say(f"  tag     {record['tag']}{' (pushed)' if record['tag_pushed'] else ''}")
     cli.say(f"  backup  {backup.path if backup else 'none (no database yet)'}")
     cli.say(f"  health  {env.health_url}: {result.describe()}")
+    if record.get("watch"):
+        cli.say(f"  watch   watched {record['watch']:g}s: healthy throughout, same process, no restart")
     if plan.release:
         cli.say(f"  release {plan.release.path} (was {plan.previous_release or 'none'})"
                 + (f"; removed {len(removed)} old release(s)" if removed else ""))
@@ -378,6 +406,38 @@ def print_summary(config, env, plan, record, backup, result, clock, removed=()):
     for why in plan.forced_because:
         cli.say(f"  forced  {why}")
     cli.say(f"rollback: {cli.script_command(config, 'rollback.py', env.name, '--to', record['tag'])}")
+
+
+# -- rehearsing ---------------------------------------------------------------------------------
+def rehearse(config, env, args):
+    """Build the target and play its pre_restart and start-up on a copy of the env's database."""
+    repo = Repo(env.path)
+    if env.remote and not args.no_fetch:
+        repo.fetch(env.remote)
+    target = resolve_target(repo, env, args)
+    subject = repo.subject(target)
+    cli.say(f"rehearsing the deploy of {target[:12]} ({subject}) on a copy of {env.name}'s database; "
+            "nothing live changes")
+    result = rehearsal.rehearse(env, repo, target, cli.say)
+    steps = ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items())
+    changes = result.schema_changes()
+    if result.migration_seconds is not None:
+        cli.say(f"  migration {result.migration_seconds:.2f}s ({len(env.pre_restart)} pre_restart command(s)); "
+                f"schema {'; '.join(changes) if changes else 'unchanged'}")
+    if result.health:
+        cli.say(f"  health    {result.health}")
+    for path, answer in result.paths.items():
+        cli.say(f"  path      {path}: {answer}")
+    cli.say(f"  steps     {steps}")
+    if not result.ok:
+        cli.err(f"error: the rehearsal of {target[:12]} on {env.name}'s data failed at {result.failed}: {result.error}")
+        for line in result.output.splitlines()[-15:]:
+            cli.err(f"  | {line}")
+        cli.err(f"nothing live was changed: {env.name} still runs what it ran, its database was only read")
+        return EXIT_FAILED
+    cli.say(f"{cli.paint('rehearsal passed', 'green')}: {target[:12]} on a copy of {env.name}'s data; nothing live "
+            "was changed (no restart, no tag, the live database only read)")
+    return 0
 
 
 # -- converting an env: releases and socket units -------------------------------------------
@@ -579,6 +639,8 @@ def show_plan(config, env, args):
         *[f"run in {env.path}: {' '.join(argv)}" for argv in env.pre_restart],
         f"restart the unit: systemctl --user restart {env.unit}",
         f"wait up to {env.health_timeout:g}s for {env.health_url} to answer 2xx/3xx",
+        (f"watch for {env.watch:g}s: health and the unit (same process, no restart); a failure rolls back"
+         if env.watch else None),
         f"write {env.path / 'REVISION'}",
         f"record the deploy in {env.state_dir / (env.name + '.deploys.jsonl')}",
     ]
@@ -586,6 +648,10 @@ def show_plan(config, env, args):
         say(f"  {i + 1:2}. {step}")
     for why in plan.forced_because:
         say(f"  forced: {why}")
+    if env.require_rehearsal:
+        passed = rehearsal.passed_for(env, plan.repo.tree_of(plan.target))
+        say(f"  rehearsal: passed {passed['time']} on {env.name}'s data" if passed else
+            "  rehearsal: none passed; deploying anyway (--force)")
     return 0
 
 

@@ -26,6 +26,7 @@ from safedeploy.points import default_point, find_point, list_points
 from safedeploy.state import EnvLock, deploy_log, now_iso, running_commit
 
 
+BACKUP_WAIT = 300         # a running backup ends by itself: a rollback waits for it (bounded), then exit 3
 POINT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")      # a tag or a backup's name
 
 
@@ -38,7 +39,7 @@ def main():
         return show_points(env, repo, list_points(env, repo), args.json)
     if args.drill:
         return drill(env, repo, choose_point(env, repo, args))
-    with EnvLock(env.state_dir, env.name, "rollback"):
+    with EnvLock(env.state_dir, env.name, "rollback", backup_wait=BACKUP_WAIT, on_wait=cli.say):
         recovery.recover(config, env, repo, cli.say)      # a killed operation: finish or undo it first
         point = choose_point(env, repo, args)
         runbook.refuse_tracked_database(env, repo, [repo.head(), point.commit])
@@ -134,7 +135,8 @@ def carry_out(config, env, repo, point, restore_db, why):
     running = running_commit(deploy_log(env).read()) or repo.head()
     record = {"v": runbook.RECORD_VERSION, "kind": "rollback", "env": env.name, "time": now_iso(),
               "user": cli.user_name(), "from": running, "to": point.commit, "point": point.id}
-    outcome = runbook.roll_back_and_record(config, env, repo, point, restore_db, why, running, record)
+    outcome = runbook.roll_back_and_record(config, env, repo, point, restore_db, why, running, record,
+                                           watch=env.watch)
     print_summary(config, env, repo, outcome, record["steps"])
     return 0
 
@@ -162,6 +164,8 @@ def print_summary(config, env, repo, outcome, steps):
     if outcome.stash:
         cli.say(f"  stashed   uncommitted changes in the work tree: git -C {env.path} stash show -p {outcome.stash}")
     cli.say(f"  health    {env.health_url}: {outcome.health.describe()}")
+    if outcome.watched:
+        cli.say(f"  watch     watched {outcome.watched:g}s: healthy throughout, same process, no restart")
     cli.say("  steps     " + ", ".join(f"{k} {v:.2f}s" for k, v in steps.items()))
 
 

@@ -11,7 +11,7 @@ active and healthy, 1 otherwise (so monitoring can use it), 2 on a config error.
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-from safedeploy import backups, cli, health, recovery, units
+from safedeploy import backups, cli, health, recovery, rehearsal, units
 from safedeploy.errors import EXIT_FAILED, DeployError
 from safedeploy.gitrepo import Repo
 from safedeploy.points import list_points
@@ -55,7 +55,7 @@ def look_at(config, env):
         except DeployError as exc:
             records = []
             report["problems"].append(str(exc))
-        for part in (unit_part, code_part, log_part, backup_part):
+        for part in (unit_part, code_part, log_part, backup_part, rehearsal_part):
             try:
                 found = part(config, env, records)
                 report["problems"] += found.pop("problems", [])
@@ -101,6 +101,14 @@ def log_part(config, env, records):
     return {"last_deploy": deploys[-1] if deploys else None, "last_rollback": rollbacks[-1] if rollbacks else None}
 
 
+def rehearsal_part(config, env, records):
+    found = rehearsal.rehearsals_log(env).read()
+    if not found:
+        return {"last_rehearsal": None}
+    r = found[-1]
+    return {"last_rehearsal": {k: r.get(k) for k in ("time", "commit", "result", "failed", "migration_seconds")}}
+
+
 def backup_part(config, env, records):
     found = backups.list_backups(env.backup_dir)
     if not found:
@@ -133,6 +141,12 @@ def show(reports, as_json):
                     + (f" (failed at {d.get('failed_step')})" if d.get("result") != "ok" else ""))
         else:
             cli.say("  deploy    none recorded")
+        if d and d.get("watch"):
+            cli.say(f"  watched   {d['watch']:g}s after it turned healthy")
+        rh = r.get("last_rehearsal")
+        if rh:
+            cli.say(f"  rehearsed {rh.get('time')} {str(rh.get('commit'))[:12]}: {rh.get('result')}"
+                    + (f" (failed at {rh.get('failed')})" if rh.get("result") != "ok" else ""))
         rb = r.get("last_rollback")
         if rb:
             cli.say(f"  rolled    back {rb.get('time')} to {rb.get('point')}: {rb.get('result')}")

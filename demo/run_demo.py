@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """The runbook, end to end, on a throwaway sandbox in a temp dir.
 
-The sample app in dev and prod under a private systemd --user manager: deploy
-dev, verify dev, promote to prod, a failed deploy that rolls itself back, a
-drill and a rollback, then status. Everything lives in one temp
-folder, removed at the end (pass --keep to look around afterwards).
+The sample app in dev and prod under a private systemd --user manager: convert
+dev to releases (built beside the running one, switched atomically), deploy
+dev, verify dev, convert and promote prod, a failed deploy that rolls itself
+back by switching to the previous release, a drill and a rollback, then status.
+Everything lives in one temp folder, removed at the end (pass --keep to look
+around afterwards).
 """
 
 import argparse
+import json
+import os
 import shlex
 import shutil
 import sys
@@ -46,21 +50,34 @@ def main():
                 failures.append(f"{' '.join(argv)}: exit {proc.returncode}, expected {expect}")
 
         run("status.py")
-        step("a developer pushes version 2 to the dev branch")
+        build = [[sys.executable, "-m", "venv", "--without-pip", "venv"]]
+        keys = f"build = {json.dumps(build)}\nshared = [\"instance\"]\nkeep_releases = 5"
+        sb.write_config(dev=keys, prod=keys)
+        step("both envs run from their work trees; dev is converted to releases first. The plan and the unit "
+             "diff come first; the running commit becomes the first release (its own venv, from `build`), the "
+             "database is renamed into the shared folder, the unit runs `current`")
+        run("deploy.py", "dev", "--install-units", "--yes")
+        show_layout(sb, "dev")
+        step("a developer pushes version 2 to the dev branch; the deploy builds it beside the running release "
+             "and switches `current` in one rename")
         sb.release("dev", {"VERSION": "2\n"}, "version 2: a new feature")
         run("deploy.py", "dev")
+        show_layout(sb, "dev")
         run("verify.py", "dev")
         step("prod deploys only what dev verified: main has not moved yet, so there is nothing to deploy")
         run("deploy.py", "prod", "--yes")
-        step("the release is merged to main and pushed; prod takes it")
+        step("prod is converted too, then the release is merged to main and pushed; prod takes it")
+        run("deploy.py", "prod", "--install-units", "--yes")
         sb.merge_to_main()
         run("deploy.py", "prod", "--yes")
         run("verify.py", "prod")
-        step("a bad release reaches dev: it answers 500 on /health; the deploy rolls itself back (exit 1)")
+        step("a bad release reaches dev: it answers 500 on /health; the deploy rolls itself back (exit 1) by "
+             "pointing `current` at the release before it: no rebuild")
         sb.release("dev", {"MODE": "http500\n", "VERSION": "3\n"}, "version 3: broken health check")
         run("deploy.py", "dev", expect=1)
         run("verify.py", "dev")
-        step("prod turns out to need version 1 back: list the points, rehearse, roll back")
+        step("prod turns out to need version 1 back: list the points, rehearse, roll back (a switch to the "
+             "kept release)")
         run("rollback.py", "prod", "--list")
         run("rollback.py", "prod", "--drill")
         run("rollback.py", "prod", "--yes")
@@ -77,6 +94,14 @@ def main():
         return 1
     print("\ndemo finished: every step did what the runbook says")
     return 0
+
+
+def show_layout(sb, env):
+    root = Path(f"{sb.path(env)}.releases")
+    print(f"\n$ ls {root}/releases; readlink {root}/current")
+    for release in sorted((root / "releases").iterdir()):
+        print(f"  {release.name}/   ({', '.join(sorted(p.name for p in release.iterdir()))})")
+    print(f"  current -> {os.readlink(root / 'current')}")
 
 
 def step(text):

@@ -93,6 +93,18 @@ def mark(ok, stream=None):
     return paint("PASS", "green", stream) if ok else paint("FAIL", "red", stream)
 
 
+def countdown(label):
+    """A show(seconds_left) for waits: a line rewritten in place on a terminal, nothing otherwise."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(left):
+        print(f"\r{label}: {left:4.0f}s left ", end="", file=sys.stderr, flush=True)
+        if left <= 1:
+            print("\r" + " " * (len(label) + 14) + "\r", end="", file=sys.stderr, flush=True)
+    return show
+
+
 def say(text=""):
     print(text, flush=True)
 

@@ -35,6 +35,9 @@ ENV_KEYS = {
     "build": ([], "a list of argv lists run inside a new release, e.g. [[\"python3\", \"-m\", \"venv\", \"venv\"]]"),
     "shared": ([], "a list of paths relative to a release, e.g. [\"instance\"]"),
     "keep_releases": (5, "a whole number of releases from 1 to 100"),
+    "watch": (0, "a number of seconds from 0 to 3600 (0 = off)"),
+    "rehearse_paths": ([], "a list of URL paths starting with /, e.g. [\"/\", \"/rfc/1\"]"),
+    "require_rehearsal": (False, "true or false"),
     "backup_dir": ("backups", "a folder"),
     "state_dir": ("state", "a folder"),
 }
@@ -63,6 +66,9 @@ class Env:
     build: list = field(default_factory=list)
     shared: list = field(default_factory=list)
     keep_releases: int = 5
+    watch: float = 0
+    rehearse_paths: list = field(default_factory=list)
+    require_rehearsal: bool = False
 
     @property
     def releases_root(self):
@@ -266,6 +272,10 @@ def parse_env(name, table, defaults, base, fail):
     check_pre_restart(merged["build"], key_of("build"), fail, "build")
     expect("shared", isinstance(merged["shared"], list) and all(valid_relative(p) for p in merged["shared"]))
     expect("keep_releases", is_int(merged["keep_releases"]) and 1 <= merged["keep_releases"] <= 100)
+    expect("watch", is_number(merged["watch"]) and 0 <= merged["watch"] <= 3600)
+    expect("rehearse_paths", isinstance(merged["rehearse_paths"], list) and all(
+        isinstance(p, str) and p.startswith("/") and not any(c.isspace() for c in p) for p in merged["rehearse_paths"]))
+    expect("require_rehearsal", isinstance(merged["require_rehearsal"], bool))
     if not os.path.isabs(os.path.expanduser(merged["db"])) and not os.path.dirname(os.path.normpath(merged["db"])):
         if merged["build"] or merged["shared"]:
             fail(key_of("db"), f"{merged['db']!r} lies at the top of a release; releases share the database's "
@@ -293,6 +303,9 @@ def parse_env(name, table, defaults, base, fail):
         build=[list(argv) for argv in merged["build"]],
         shared=list(merged["shared"]),
         keep_releases=merged["keep_releases"],
+        watch=float(merged["watch"]),
+        rehearse_paths=list(merged["rehearse_paths"]),
+        require_rehearsal=merged["require_rehearsal"],
     )
 
 

@@ -2,6 +2,7 @@
 wait for health, write REVISION."""
 
 import json
+import time
 
 from . import health, units
 from .errors import DeployError
@@ -50,6 +51,37 @@ def wait_until_healthy(env, expect_commit=None):
         error.output = "\n".join(units.journal_tail(st.name))
         raise error
     return result
+
+
+def watch(env, seconds, show=None):
+    """After the env turned healthy: keep checking for seconds that the serving unit stays active
+    with the same main process and no automatic restart, and that health answers (two failed
+    checks in a row: one slow answer on a busy host is not a failure). Raise DeployError on the
+    first failure; show(seconds_left) is called about once a second (a countdown on a terminal)."""
+    start = time.monotonic()
+    first = units.serving_state(env.unit)
+    failed_checks = 0
+    while True:
+        elapsed = time.monotonic() - start
+        left = seconds - elapsed
+        if left <= 0:
+            return round(elapsed, 1)
+        if show:
+            show(left)
+        st = units.serving_state(env.unit)
+        if not st.is_active or st.restarts or st.main_pid != first.main_pid or st.name != first.name:
+            error = DeployError(f"watch: after {elapsed:.1f}s of {seconds:g}s, {st.name} is {st.active} ({st.sub}), "
+                                f"main pid {st.main_pid} (was {first.main_pid}), {st.restarts} automatic restart(s)")
+            error.output = "\n".join(units.journal_tail(st.name))
+            raise error
+        result = health.check(env.health_url, timeout=max(0.5, min(2.0, left)))
+        failed_checks = 0 if result.ok else failed_checks + 1
+        if failed_checks >= 2:
+            error = DeployError(f"watch: after {elapsed:.1f}s of {seconds:g}s, {env.health_url} gave "
+                                f"{result.describe()} twice in a row")
+            error.output = "\n".join(units.journal_tail(st.name))
+            raise error
+        time.sleep(max(0.0, min(1.0, left - 0.05)))
 
 
 def write_revision(env, repo, commit):

@@ -108,10 +108,12 @@ def shared_paths(env):
     return paths
 
 
-def build(env, repo, commit, say=None):
+def build(env, repo, commit, say=None, folder=None, shared=None):
     """Build a release of commit beside the running one; return it. Nothing live changes:
-    a failure removes the half-built folder and raises DeployError with the build's output."""
-    _, folder, shared, _ = layout(env)
+    a failure removes the half-built folder and raises DeployError with the build's output.
+    folder and shared: elsewhere than the env's own (a rehearsal builds in a scratch folder)."""
+    _, own_folder, own_shared, _ = layout(env)
+    folder, shared = Path(folder or own_folder), Path(shared or own_shared)
     folder.mkdir(parents=True, exist_ok=True)
     shared.mkdir(parents=True, exist_ok=True)
     rid = f"{utc_stamp()}-{commit[:12]}"

@@ -17,7 +17,7 @@ A rollback, in order:
             point's commit (uncommitted changes are stashed, never lost)
   unit      put back the point's unit file when it differs
   database  rename the prepared copy into place
-  restart, health, revision
+  restart, health, watch (rollback.py only, with `watch`), revision
   seal      make the set-aside files a verified backup; count the rows it holds that the
             restored database lacks
 So with the database, the app is down for stop, renames and start, whatever the size.
@@ -39,10 +39,11 @@ RECORD_VERSION = 2          # deploy-log records and journals carry it as "v"
 BUILD, TAG, BACKUP, SWITCH, PRE_RESTART, RESTART, HEALTH, REVISION, RECORD = (
     "build", "tag", "backup", "switch", "pre_restart", "restart", "health", "revision", "record")
 PREPARE, STOP, SAVE, CODE, UNIT, DATABASE, SEAL = "prepare", "stop", "save", "code", "unit", "database", "seal"
+WATCH = "watch"
 
-DEPLOY_STEPS = [BUILD, TAG, BACKUP, SWITCH, PRE_RESTART, RESTART, HEALTH, REVISION, RECORD]
+DEPLOY_STEPS = [BUILD, TAG, BACKUP, SWITCH, PRE_RESTART, RESTART, HEALTH, WATCH, REVISION, RECORD]
 DEPLOY_BEFORE_SWITCH = {None, BUILD, TAG, BACKUP}           # killed here, a deploy changed nothing live
-ROLLBACK_STEPS = [TAG, BUILD, PREPARE, STOP, SAVE, CODE, UNIT, DATABASE, RESTART, HEALTH, REVISION, SEAL]
+ROLLBACK_STEPS = [TAG, BUILD, PREPARE, STOP, SAVE, CODE, UNIT, DATABASE, RESTART, HEALTH, WATCH, REVISION, SEAL]
 ROLLBACK_BEFORE_CHANGE = {None, TAG, BUILD, PREPARE, STOP, SAVE}   # failed here: what ran is put back as it was
 
 DB_MODES = ("auto", "with-db", "code-only")
@@ -64,6 +65,7 @@ class Outcome:
     unit_restored: bool = False
     stash: str | None = None
     health: object = None
+    watched: float = 0.0
 
 
 def decide_database(env, point, mode):
@@ -130,7 +132,7 @@ def release_for(env, point):
     return releases.find(env, point.commit)
 
 
-def roll_back(env, repo, point, restore_db, db_why, clock, running):
+def roll_back(env, repo, point, restore_db, db_why, clock, running, watch=0):
     """Take the env (locked by the caller) to point. Ctrl-C, SIGTERM and SIGHUP are ignored while it
     runs (a half rollback helps nobody); a kill -9 leaves the journal, and the next command finishes it."""
     journal = Journal(env.state_dir, env.name)
@@ -140,14 +142,14 @@ def roll_back(env, repo, point, restore_db, db_why, clock, running):
     clock.journal, clock.op = journal, "rollback"
     previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        return _roll_back(env, repo, point, restore_db, db_why, clock, running, journal)
+        return _roll_back(env, repo, point, restore_db, db_why, clock, running, journal, watch)
     finally:
         journal.finish()
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
-def _roll_back(env, repo, point, restore_db, db_why, clock, running, journal):
+def _roll_back(env, repo, point, restore_db, db_why, clock, running, journal, watch):
     stamp = utc_stamp()
     outcome = Outcome(point=point, left=repo.head(), left_tag="", restore_db=restore_db, db_why=db_why)
     with clock.step(TAG):
@@ -196,6 +198,9 @@ def _roll_back(env, repo, point, restore_db, db_why, clock, running, journal):
         release.restart_unit(env)
     with clock.step(HEALTH):
         outcome.health = release.wait_until_healthy(env, point.commit if target is not None else None)
+    if watch:
+        with clock.step(WATCH):
+            outcome.watched = release.watch(env, watch, cli.countdown(f"watching {env.name}"))
     with clock.step(REVISION):
         if target is None:
             release.write_revision(env, repo, point.commit)
@@ -280,10 +285,11 @@ def rollback_fields(outcome, clock):
     return {"result": "ok", "steps": clock.seconds, "db_restored": outcome.restore_db, "db_why": outcome.db_why,
             "pre_rollback": outcome.pre_rollback, "aside": outcome.aside, "rows_lost": outcome.rows_lost,
             "seal_problem": outcome.seal_problem, "tag": outcome.left_tag, "release": outcome.release,
-            "rebuilt": outcome.rebuilt, "unit_restored": outcome.unit_restored, "stash": outcome.stash}
+            "rebuilt": outcome.rebuilt, "unit_restored": outcome.unit_restored, "stash": outcome.stash,
+            "watch": outcome.watched or None}
 
 
-def roll_back_and_record(config, env, repo, point, restore_db, why, running, record, nested=False):
+def roll_back_and_record(config, env, repo, point, restore_db, why, running, record, nested=False, watch=0):
     """Roll back, write record (with the rollback's result; under "rollback" when nested in a
     deploy's record) to the deploy log, and return the Outcome. Failure before any change:
     DeployError (exit 1). Failure after: DeployError with EXIT_HUMAN, ending with the command."""
@@ -291,7 +297,7 @@ def roll_back_and_record(config, env, repo, point, restore_db, why, running, rec
     record.setdefault("v", RECORD_VERSION)
     log = deploy_log(env)
     try:
-        outcome = roll_back(env, repo, point, restore_db, why, clock, running)
+        outcome = roll_back(env, repo, point, restore_db, why, clock, running, watch)
     except (DeployError, KeyboardInterrupt) as exc:
         unchanged = clock.current in ROLLBACK_BEFORE_CHANGE and getattr(exc, "code", None) != EXIT_HUMAN
         failed = {"result": "failed", "failed_step": clock.current, "error": str(exc), "steps": clock.seconds}

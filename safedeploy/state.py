@@ -61,11 +61,15 @@ HELD_LOCKS = []         # the EnvLocks this process holds; every step checks the
 class EnvLock:
     """Exclusive lock on one env. Use as a context manager."""
 
-    def __init__(self, state_dir, env, operation, wait=0.0):
+    def __init__(self, state_dir, env, operation, wait=0.0, backup_wait=0.0, on_wait=None):
+        """wait: seconds to wait for any holder; backup_wait: seconds to wait when the holder is a
+        backup (it ends by itself, and changes nothing that runs), calling on_wait(holder) once."""
         self.path = Path(state_dir) / f"{env}.lock"
         self.env = env
         self.operation = operation
         self.wait = wait
+        self.backup_wait = backup_wait
+        self.on_wait = on_wait
         self.fd = None
 
     def __enter__(self):
@@ -74,12 +78,21 @@ class EnvLock:
             self.fd = open_lock_file(self.path, os.O_RDWR | os.O_CREAT)
         except OSError as exc:
             raise disk_error(exc, self.path) from exc
-        deadline = time.monotonic() + self.wait
+        start = time.monotonic()
+        deadline = start + self.wait
+        told = False
         while True:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                holder = read_holder(self.path)
+                if self.backup_wait and holder.get("operation", "backup") == "backup":
+                    deadline = max(deadline, start + self.backup_wait)
+                    if not told and self.on_wait and holder:
+                        self.on_wait(f"waiting for a backup of {self.env} to finish (pid {holder.get('pid', '?')}, "
+                                     f"up to {self.backup_wait:g}s)")
+                        told = True
                 if time.monotonic() >= deadline:
                     holder = describe_holder(self.path)
                     os.close(self.fd)

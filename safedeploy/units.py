@@ -32,6 +32,16 @@ def systemctl(*args, timeout=SYSTEMCTL_TIMEOUT, check=True):
     return proc
 
 
+def run_command(argv, timeout=SYSTEMCTL_TIMEOUT):
+    """Run a systemd tool (systemd-run) with a timeout; the CompletedProcess, never a raise for its exit."""
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise DeployError(f"{argv[0]} is not installed: this tool needs systemd") from None
+    except subprocess.TimeoutExpired:
+        raise DeployError(f"`{' '.join(argv[:4])} ...` did not answer within {timeout}s") from None
+
+
 @dataclass
 class UnitState:
     name: str

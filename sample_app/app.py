@@ -10,7 +10,9 @@ release: "ok", "crash" (exits at start), "http500" (health answers 500),
 "hanghealth" (/health never answers), "hangstop" (ignores SIGTERM), "drip"
 (/health sends its headers, then one byte every 0.2 s for two minutes),
 "needs MODULE VERSION" (imports MODULE and exits at start unless its __version__
-is VERSION: a release that runs only on its own dependencies).
+is VERSION: a release that runs only on its own dependencies), "dieafter SECONDS"
+(serves, then exits with an error after SECONDS), "crashonrow TEXT" (exits at
+start when a note's body is TEXT: code that chokes on a row only prod has).
 """
 
 import argparse
@@ -126,6 +128,17 @@ def main():
     if mode == "nobind":
         while True:
             time.sleep(3600)
+    if mode == "crashonrow":
+        text = " ".join(extra)
+        if conn.execute("SELECT count(*) FROM notes WHERE body = ?", (text,)).fetchone()[0]:
+            print(f"sample app: crashes on a row it cannot render: {text!r}", file=sys.stderr, flush=True)
+            sys.exit(5)
+    if mode == "dieafter":
+        def die():
+            time.sleep(float(extra[0]) if extra else 3.0)
+            print("sample app: dying, as MODE asks", file=sys.stderr, flush=True)
+            os._exit(6)
+        threading.Thread(target=die, daemon=True).start()
     server = make_server(args.port, make_handler(conn, mode, version, deps))
     stop_gracefully_on_sigterm(server)
     notify_ready()
