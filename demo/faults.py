@@ -109,11 +109,13 @@ def wait_healthy(sb, env, timeout=30):
         return None
 
 
-def prepare(sb, handover=False, releases=False):
+def prepare(sb, handover=False, releases=False, watch=False):
     """dev at v2 with a before-deploy point, a quick pre_restart command; returns the commits.
     handover: the socket units with the handover helper are installed first.
     releases: dev is converted to releases first (with a quick build command)."""
     extra = f'pre_restart = [["{sys.executable}", "-c", "pass"]]'
+    if watch:               # the watch step runs only when the env has one
+        extra += "\nwatch = 2"
     if releases:
         extra += f'\nbuild = [["{sys.executable}", "-c", "open(\'BUILT\', \'w\').close()"]]'
     sb.write_config(dev=extra)
@@ -130,7 +132,7 @@ def prepare(sb, handover=False, releases=False):
 def run_cell(sb, op, step, sig, handover=False, fault_at=None, releases=False):
     """One cell of the matrix on a fresh sandbox (fault_at: another OP:STEP for the switch)."""
     cell = Cell(op, step, sig)
-    known = prepare(sb, handover, releases)
+    known = prepare(sb, handover, releases, watch=step == "watch")
     writer = NoteWriter(sb.url("dev", "/notes"))
     writer.start()
     time.sleep(0.3)
