@@ -31,6 +31,8 @@ def main():
         return verify(envs, args)
     if args.list:
         return show_list(envs, args.json)
+    if args.release_hold:
+        return release_hold(envs, args.release_hold)
     if args.install_timer:
         return install_timer(config, args)
     code = 0 if args.prune and not args.envs and not args.all else back_up_all(envs, args)
@@ -55,6 +57,8 @@ def parse_arguments():
     p.add_argument("--dry-run", action="store_true", help="with --prune: say what would be removed, remove nothing")
     p.add_argument("--install-timer", metavar="HH:MM", nargs="?", const="03:17",
                    help="install a systemd --user timer running `--all --quiet --prune` daily (default 03:17)")
+    p.add_argument("--release-hold", metavar="FILE",
+                   help="let prune remove FILE, a pre-rollback copy held because it holds rows a restore took out")
     p.add_argument("--quiet", action="store_true", help="print nothing on success (for cron)")
     p.add_argument("--reason", default="", help="recorded in the manifest (default: nightly with --quiet, else manual)")
     p.add_argument("--lock-wait", type=float, default=300, metavar="SECONDS",
@@ -62,6 +66,13 @@ def parse_arguments():
     args = p.parse_args()
     if args.dry_run and not args.prune:
         raise usage_error("--dry-run goes with --prune")
+    modes = [name for name, on in (("--list", args.list), ("--verify", args.verify is not None),
+                                   ("--prune", args.prune), ("--install-timer", bool(args.install_timer)),
+                                   ("--release-hold", bool(args.release_hold))) if on]
+    if len(modes) > 1:
+        raise usage_error(f"{' and '.join(modes)} cannot go together: run them one at a time")
+    if args.json and not args.list:
+        raise usage_error("--json goes with --list")
     if args.install_timer and not TIME_RE.match(args.install_timer):
         raise usage_error(f"--install-timer {args.install_timer!r}: give a time of day as HH:MM, e.g. 03:17")
     if args.reason and (set(args.reason) - REASON_CHARS or len(args.reason) > 40):
@@ -74,7 +85,7 @@ def select_envs(config, args):
         raise usage_error("name envs or give --all, not both")
     if args.envs:
         return [config.env(name) for name in args.envs]
-    if args.all or args.list or args.verify is not None or args.prune or args.install_timer:
+    if args.all or args.list or args.verify is not None or args.prune or args.install_timer or args.release_hold:
         return list(config.envs.values())
     raise usage_error("name the envs to back up, or give --all")
 
@@ -153,14 +164,25 @@ def show_list(envs, as_json):
     found = sorted((b for env in envs for b in backups.list_backups(env.backup_dir)),
                    key=lambda b: b.time or "", reverse=True)
     if as_json:
-        keys = ("env", "path", "time", "bytes", "sha256", "reason", "commit", "schema")
+        keys = ("env", "path", "time", "bytes", "sha256", "reason", "commit", "schema", "held")
         print(json.dumps({"backups": [{k: getattr(b, k) for k in keys} for b in found]}, indent=2))
         return 0
     if not found:
         cli.say("no backups yet")
     for b in found:
         cli.say(f"{b.time}  {b.env:<8} {b.reason:<12} {b.bytes / 1e6:9.1f} MB  {(b.commit or '?')[:12]}  "
-                f"{human_age(age_seconds(b.time)):>8}  {b.path}")
+                f"{human_age(age_seconds(b.time)):>8}  {b.path}"
+                + ("  HELD: holds rows a restore took out; kept until --release-hold" if b.held else ""))
+    return 0
+
+
+def release_hold(envs, wanted):
+    backup = find_backup(envs, wanted)
+    if not backup.held:
+        cli.say(f"{backup.path} is not held; prune treats it as any backup already")
+        return 0
+    backups.release_hold(backup)
+    cli.say(f"released: {backup.path} no longer holds back prune; [retention] decides from now on")
     return 0
 
 
@@ -189,6 +211,10 @@ def prune(config, envs, args):
         with EnvLock(env.state_dir, env.name, "prune", wait=args.lock_wait):
             found = backups.list_backups(env.backup_dir)
             keep, remove = backups.prune_plan(found, config.retention, protected_backups(env, found))
+            held = [b for b in remove if b.held]
+            remove = [b for b in remove if not b.held]
+            for b in held:
+                keep[b.path] = "holds rows a restore took out (backup.py --release-hold FILE lets prune remove it)"
             for b in remove:
                 if not args.dry_run:
                     backups.remove_backup(b)

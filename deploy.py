@@ -23,8 +23,8 @@ from safedeploy.errors import EXIT_FAILED, EXIT_HUMAN, EXIT_LOCKED, DeployError,
 from safedeploy.files import make_private_dir, remove_quietly, same_disk, write_atomic
 from safedeploy.gitrepo import Repo
 from safedeploy.points import Point
-from safedeploy.state import (EnvLock, Journal, StepClock, deploy_log, lock_holder, now_iso, running_commit,
-                              utc_stamp, verified_log)
+from safedeploy.state import (EnvLock, Journal, StepClock, bad_log, bad_mark, deploy_log, lock_holder, now_iso,
+                              running_commit, utc_stamp, verified_log)
 
 
 REF_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/@^~-]*$")   # checked before the lock: a bad ref touches nothing
@@ -106,6 +106,7 @@ class Plan:
     running_release: object = None      # releases: the release `current` points at
     release: object = None              # releases: the one this deploy built
     previous_release: str | None = None
+    clears_bad: bool = False            # --force past a bad mark: a healthy deploy clears it
 
     @property
     def nothing_to_deploy(self):
@@ -127,6 +128,7 @@ def prepare(config, env, args, fetch=True):
                 running_release=releases.current(env))
     if not plan.nothing_to_deploy:
         runbook.refuse_tracked_database(env, repo, [head, target])
+        check_bad_release(env, plan, args)
         check_promotion_gate(config, env, plan, args)
         check_rehearsed(config, env, plan, args)
         check_direction(plan, args)
@@ -201,6 +203,20 @@ def check_promotion_gate(config, env, plan, args):
                 + cli.script_command(config, "verify.py", source.name))
     raise DeployError(f"promotion gate: {plan.target[:12]} ({plan.target_subject}) has not been verified in "
                       f"{source.name}. {hint} (or override with --force --reason TEXT)")
+
+
+def check_bad_release(env, plan, args):
+    """A release that was rolled back (its tree) stays out unless --force --reason."""
+    mark = bad_mark(env, plan.repo.tree_of(plan.target))
+    if not mark:
+        return
+    if args.force:
+        plan.forced_because.append(f"bad release: {plan.target[:12]} was rolled back at {mark.get('time')}")
+        plan.clears_bad = True
+        return
+    raise DeployError(f"{plan.target[:12]} ({plan.target_subject}) is a bad release: it was rolled back at "
+                      f"{mark.get('time')} ({mark.get('why')}). Push a fix to {env.branch} and deploy that "
+                      "(or, to deploy this very tree again, --force --reason TEXT)")
 
 
 def check_rehearsed(config, env, plan, args):
@@ -296,6 +312,9 @@ def carry_out_steps(config, env, plan, journal):
                           previous_release=plan.previous_release)
             log.append(record)
             mark_verified(env, plan, "deploy")
+            if plan.clears_bad:
+                bad_log(env).append({"time": now_iso(), "env": env.name, "commit": plan.target, "bad": False,
+                                     "tree": plan.repo.tree_of(plan.target), "why": f"deployed with --force: {plan.reason}"})
     except DeployError as exc:
         cli.err(f"error: {env.name} runs {plan.target[:12]} and is healthy, but the deploy could not be recorded: "
                 f"{exc}. Free space in {env.state_dir}, then run: {cli.script_command(config, 'verify.py', env.name)}")
@@ -371,8 +390,9 @@ def roll_back_after_failure(config, env, plan, record, clock, backup, exc):
     point = Point(record["tag"], "before-deploy", plan.running, record["time"], backup,
                   release=plan.previous_release or (plan.running_release.id if plan.running_release else None))
     restore_db, why = runbook.decide_database(env, point, "auto")
+    # a release that failed is marked bad; one the operator interrupted (Ctrl-C, SIGTERM) is not judged
     outcome = runbook.roll_back_and_record(config, env, plan.repo, point, restore_db, why, plan.target, record,
-                                           nested=True)
+                                           nested=True, mark=isinstance(exc, DeployError))
     code = f"release {outcome.release}" if outcome.release else f"code back to {plan.running[:12]}"
     restored = (f"{code}, database restored from {backup.path} ({why})" if restore_db
                 else f"{code}, database kept ({why})")

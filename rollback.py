@@ -76,6 +76,10 @@ def parse_arguments():
     args = p.parse_args()
     if args.json and not args.list:
         raise usage_error("--json goes with --list")
+    if args.list and (args.drill or args.to or args.with_db or args.code_only or args.yes):
+        raise usage_error("--list only lists: it takes no --drill, --to, --with-db, --code-only or --yes")
+    if args.drill and (args.with_db or args.code_only or args.yes):
+        raise usage_error("--drill changes nothing: it takes no --with-db, --code-only or --yes")
     if args.to is not None and not (POINT_RE.match(args.to) or (args.to.startswith("/") and args.to.endswith(".sqlite3")
                                                                and "/../" not in args.to)):
         raise usage_error(f"--to {args.to!r}: no such rollback point can be named like that (see --list)")

@@ -15,7 +15,7 @@ from safedeploy import backups, cli, health, recovery, rehearsal, units
 from safedeploy.errors import EXIT_FAILED, DeployError
 from safedeploy.gitrepo import Repo
 from safedeploy.points import list_points
-from safedeploy.state import age_seconds, deploy_log, human_age, lock_holder, running_commit
+from safedeploy.state import age_seconds, bad_mark, deploy_log, human_age, lock_holder, running_commit
 
 HEALTH_TIMEOUT = 2.0
 
@@ -27,7 +27,8 @@ def main():
     with ThreadPoolExecutor(max_workers=max(1, len(envs))) as pool:
         reports = dict(zip((e.name for e in envs), pool.map(lambda e: look_at(config, e), envs)))
     show(reports, args.json)
-    return 0 if all(r["unit"]["active"] and r["health"]["ok"] for r in reports.values()) else EXIT_FAILED
+    return 0 if all(r["unit"]["active"] and r["health"]["ok"] and not r["problems"] and not r["interrupted"]
+                    for r in reports.values()) else EXIT_FAILED
 
 
 def parse_arguments():
@@ -89,9 +90,32 @@ def code_part(config, env, records):
     head = repo.head()
     commit = running_commit(records) or head
     part = {"commit": commit, "subject": repo.subject(commit), "branch": repo.current_branch(), "head": head}
-    earlier = [p for p in list_points(env, repo) if p.commit != commit]     # newest first
-    if earlier:
-        part["rollback"] = cli.script_command(config, "rollback.py", env.name, "--to", earlier[0].id)
+    points = list_points(env, repo)
+    trees = {}
+
+    def bad(p):
+        if p.commit not in trees:
+            trees[p.commit] = bad_mark(env, repo.tree_of(p.commit)) if repo.resolve(p.commit) else None
+        return trees[p.commit]
+
+    # the advice only moves forward in safety: never to a release that was rolled back, nor to a
+    # pre-rollback copy (it holds the state a rollback left)
+    safe = [p for p in points if p.commit != commit and not bad(p)
+            and not (p.backup and p.backup.reason == "pre-rollback")]
+    if safe:
+        part["rollback"] = cli.script_command(config, "rollback.py", env.name, "--to", safe[0].id)
+    last = next((r for r in reversed(records) if r.get("kind") in ("deploy", "rollback")), None)
+    if last and last.get("kind") == "rollback" and last.get("result") == "ok" and last.get("pre_rollback"):
+        saved = [p for p in points if p.backup and p.backup.path == last["pre_rollback"]]
+        if saved:
+            part["undo_rollback"] = cli.script_command(config, "rollback.py", env.name, "--to", saved[0].id,
+                                                       "--with-db")
+    problems = []
+    tip = repo.resolve(f"refs/remotes/{env.remote}/{env.branch}") if env.remote else None
+    if tip and bad_mark(env, repo.tree_of(tip)):
+        problems.append(f"{env.remote}/{env.branch} is still at {tip[:12]}, a release that was rolled back: "
+                        "deploy.py refuses it; push a fix")
+    part["problems"] = problems
     return part
 
 
@@ -124,7 +148,7 @@ def show(reports, as_json):
         return
     for name, r in reports.items():
         unit, h = r["unit"], r["health"]
-        good = unit["active"] and h["ok"]
+        good = unit["active"] and h["ok"] and not r["problems"] and not r["interrupted"]
         cli.say(cli.paint(f"== {name} ", "bold") + (cli.paint("OK", "green") if good else cli.paint("PROBLEM", "red")))
         since = f" since {unit['since']}" if unit.get("since") else ""
         loop = " RESTART-LOOPING" if unit.get("looping") else ""
@@ -161,7 +185,10 @@ def show(reports, as_json):
                               f"rollback.py of {name} finishes or undoes it", "red"))
         for problem in r["problems"]:
             cli.say(cli.paint(f"  problem   {problem}", "red"))
-        cli.say(f"  rollback  {r['rollback'] or 'no rollback point yet (a deploy or a backup makes one)'}")
+        cli.say(f"  rollback  {r['rollback'] or 'no safe rollback point (a deploy or a backup makes one)'}")
+        if r.get("undo_rollback"):
+            cli.say(f"  undo      the last rollback (puts back the release it left, and its database): "
+                    f"{r['undo_rollback']}")
 
 
 if __name__ == "__main__":

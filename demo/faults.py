@@ -149,7 +149,12 @@ def run_cell(sb, op, step, sig, handover=False, fault_at=None, releases=False):
         status = sb.run("status.py", "dev")
         if "INTERRUPTED" not in status.stdout:
             cell.problems.append("status.py did not show the interrupted operation")
-    follow = sb.run("backup.py", "dev") if op == "backup" else sb.run("deploy.py", "dev")
+    if op == "backup":
+        follow = sb.run("backup.py", "dev")
+    elif op == "rollback":          # a finished rollback marks v2 bad: deploying it again takes --force
+        follow = sb.run("deploy.py", "dev", "--force", "--reason", "after the fault")
+    else:
+        follow = sb.run("deploy.py", "dev")
     if follow.returncode != 0:
         cell.problems.append(f"the next command exited {follow.returncode}: {follow.stderr.strip()[-300:]}")
     if sig == "KILL" and op != "backup" and "recovering:" not in follow.stdout:

@@ -51,6 +51,7 @@ class Backup:
     seconds: float
     unit_file: str | None = None
     unit_backup: str | None = None
+    held: bool = False          # holds rows a restore took out of the live database: prune keeps it until released
 
     @property
     def manifest_path(self):
@@ -410,7 +411,7 @@ def scan_backups(folder):
             continue
         path = manifest.with_name(manifest.name.removesuffix(".json"))
         fields = {k: data.get(k) for k in Backup.__dataclass_fields__}
-        fields.update(path=str(path), unit_backup=None, unit_file=None)
+        fields.update(path=str(path), unit_backup=None, unit_file=None, held=data.get("held") is True)
         unit_copy = path.with_suffix(".unit")
         unit_file = data.get("unit_file")
         if (isinstance(unit_file, str) and unit_file.endswith(".service") and unit_copy.is_file()
@@ -523,6 +524,14 @@ def prune_plan(found, retention, protected):
     return keep, [b for b in found if b.path not in keep]
 
 
+def release_hold(backup):
+    """The operator has the rows back (or does not want them): prune may treat it as any backup."""
+    data = json.loads(backup.manifest_path.read_text())
+    data["held"] = False
+    data["released"] = now_iso()
+    write_atomic(backup.manifest_path, json.dumps(data, indent=2) + "\n")
+
+
 def remove_backup(backup):
     """Remove a backup: its manifest first, so that it stops counting at once."""
     for path in (backup.manifest_path, Path(backup.path), backup.unit_backup):
@@ -601,7 +610,11 @@ def seal(saved, folder, env, commit, unit_file=None):
     A file already in folder is sealed where it lies; one outside is copied in (and stays)."""
     saved, folder = Path(saved), Path(folder)
     if saved.parent != folder:
-        return backup_database(saved, folder, env, "pre-rollback", commit=commit, unit_file=unit_file)
+        backup = backup_database(saved, folder, env, "pre-rollback", commit=commit, unit_file=unit_file)
+        backup.held = True
+        write_atomic(backup.manifest_path, json.dumps(backup.to_json(), indent=2) + "\n")
+        os.chmod(saved, 0o600)
+        return backup
     start = time.monotonic()
     try:
         info = finish_copy(saved, saved)
@@ -618,7 +631,7 @@ def seal(saved, folder, env, commit, unit_file=None):
         remove_quietly(f"{saved}{suffix}")
     os.chmod(saved, 0o600)
     backup = Backup(env=env, path=str(saved), time=now_iso(), reason="pre-rollback", source=str(saved),
-                    commit=commit, seconds=round(time.monotonic() - start, 3), **info)
+                    commit=commit, seconds=round(time.monotonic() - start, 3), held=True, **info)
     if unit_file:
         backup.unit_file, backup.unit_backup = str(unit_file), str(saved.with_suffix(".unit"))
         write_atomic(backup.unit_backup, Path(unit_file).read_bytes())

@@ -129,7 +129,8 @@ def undo_deploy(config, env, repo, j, record, say):
     say(f"recovering: undoing the deploy of {j.get('target', '?')[:12]}: back to {j['from'][:12]} ({why})")
     check_backup(point, restore_db)
     record["did"] = f"the interrupted deploy was undone: {env.name} runs {j['from'][:12]} again"
-    runbook.roll_back_and_record(config, env, repo, point, restore_db, why, j.get("target") or repo.head(), record)
+    runbook.roll_back_and_record(config, env, repo, point, restore_db, why, j.get("target") or repo.head(), record,
+                                 mark=False)
     return record["did"]
 
 
@@ -141,7 +142,7 @@ def finish_rollback(config, env, repo, j, record, say):
     record["did"] = f"the interrupted rollback was finished: {env.name} runs {j['commit'][:12]}"
     runbook.roll_back_and_record(config, env, repo, point, restore_db,
                                  j.get("db_why", "as the interrupted rollback decided"),
-                                 j.get("from") or repo.head(), record)
+                                 j.get("from") or repo.head(), record, mark=False)
     return record["did"]
 
 

@@ -31,7 +31,7 @@ from . import backups, cli, release, releases, units
 from .errors import EXIT_HUMAN, DeployError
 from .files import write_atomic
 from .points import next_best
-from .state import Journal, StepClock, deploy_log, now_iso, utc_stamp
+from .state import Journal, StepClock, bad_log, deploy_log, now_iso, utc_stamp
 
 RECORD_VERSION = 2          # deploy-log records and journals carry it as "v"
 
@@ -289,7 +289,14 @@ def rollback_fields(outcome, clock):
             "watch": outcome.watched or None}
 
 
-def roll_back_and_record(config, env, repo, point, restore_db, why, running, record, nested=False, watch=0):
+def mark_bad(env, repo, commit, why):
+    """A release that was rolled back stays out: deploy.py refuses its tree unless --force --reason."""
+    bad_log(env).append({"time": now_iso(), "env": env.name, "commit": commit, "tree": repo.tree_of(commit),
+                         "bad": True, "why": why})
+
+
+def roll_back_and_record(config, env, repo, point, restore_db, why, running, record, nested=False, watch=0,
+                         mark=True):
     """Roll back, write record (with the rollback's result; under "rollback" when nested in a
     deploy's record) to the deploy log, and return the Outcome. Failure before any change:
     DeployError (exit 1). Failure after: DeployError with EXIT_HUMAN, ending with the command."""
@@ -323,4 +330,9 @@ def roll_back_and_record(config, env, repo, point, restore_db, why, running, rec
     record.update(running=point.commit, running_release=outcome.release)
     record.setdefault("time", now_iso())
     log.append(record)
+    if mark and outcome.left != point.commit:
+        try:
+            mark_bad(env, repo, outcome.left, f"rolled back to {point.id} ({record.get('error') or 'by hand'})")
+        except DeployError:
+            pass            # the rollback is done and recorded; a mark that could not be written is not worth exit 4
     return outcome

@@ -227,6 +227,19 @@ def deploy_log(env):
     return JsonLog(env.state_dir / f"{env.name}.deploys.jsonl")
 
 
+def bad_log(env):
+    """<env>.bad.jsonl: releases that were rolled back, by tree; a deploy refuses them."""
+    return JsonLog(env.state_dir / f"{env.name}.bad.jsonl")
+
+
+def bad_mark(env, tree):
+    """The record that marks tree bad in env (a rollback left it), or None (never, or cleared)."""
+    for record in reversed(bad_log(env).read()):
+        if record.get("tree") == tree:
+            return record if record.get("bad") else None
+    return None
+
+
 def verified_log(env_name, state_dir):
     return JsonLog(Path(state_dir) / f"{env_name}.verified.jsonl")
 

@@ -1,0 +1,101 @@
+"""In an incident, following the tool's words literally never loses a row (issue 10, in part): the
+pasted rollback command never reinstates a rolled-back release, a plain deploy refuses it, the
+copy holding the rows a restore took out survives the nightly prune, and flags that cannot go
+together are refused."""
+
+import json
+import os
+import stat
+
+import requests
+
+from helpers import log_records
+
+
+def post(sb, n, env="dev"):
+    for i in range(n):
+        assert requests.post(sb.url(env, "/notes"), data=f"n{i}", timeout=5).status_code == 201
+
+
+def status(sb, env="dev"):
+    proc = sb.run("status.py", env, "--json")
+    return proc.returncode, json.loads(proc.stdout)["envs"][env]
+
+
+def test_after_a_rollback_the_pasted_command_never_reinstates_the_bad_release(sandbox):
+    sb = sandbox
+    post(sb, 2)
+    bad = sb.release("dev", {"VERSION": "2\n"}, "v2 (deletes rows, say)")
+    assert sb.run("deploy.py", "dev").returncode == 0
+    post(sb, 3)
+    proc = sb.run("rollback.py", "dev", "--yes", "--with-db")
+    assert proc.returncode == 0, proc.stderr
+    pre_rollback = log_records(sb, "dev")[-1]["pre_rollback"]
+    code, st = status(sb)
+    # the advice: never the pre-rollback copy (the state the rollback left), never v2
+    pre_id = os.path.basename(pre_rollback).removesuffix(".sqlite3")
+    assert pre_id not in (st["rollback"] or "")
+    points = {p["id"]: p for p in json.loads(sb.run("rollback.py", "dev", "--list", "--json").stdout)["points"]}
+    advised = (st["rollback"] or "").split("--to ")[1].split()[0] if st["rollback"] else None
+    assert advised is None or points[advised]["commit"] != bad
+    # "undo this rollback" is its own, labelled command
+    assert pre_id in st["undo_rollback"] and "--with-db" in st["undo_rollback"]
+    assert "undo      the last rollback" in sb.run("status.py", "dev").stdout
+    # origin/dev still points at the bad release: status says so and exits 1
+    assert code == 1 and any("rolled back" in p for p in st["problems"])
+
+
+def test_a_plain_deploy_refuses_a_rolled_back_release_until_forced(sandbox):
+    sb = sandbox
+    sb.release("dev", {"VERSION": "2\n"}, "v2")
+    assert sb.run("deploy.py", "dev").returncode == 0
+    assert sb.run("rollback.py", "dev", "--yes").returncode == 0
+    for args in (["dev"], ["dev", "--dry-run"]):
+        proc = sb.run("deploy.py", *args)
+        assert proc.returncode == 1 and "bad release" in proc.stderr and "push a fix" in proc.stderr.lower()
+    assert requests.get(sb.url("dev", "/"), timeout=5).json()["version"] == "1"
+    # a fix pushed on top deploys as usual
+    sb.release("dev", {"VERSION": "3\n"}, "v3: the fix")
+    assert sb.run("deploy.py", "dev").returncode == 0
+    assert requests.get(sb.url("dev", "/"), timeout=5).json()["version"] == "3"
+
+
+def test_an_automatic_rollback_marks_the_release_bad(sandbox):
+    sb = sandbox
+    sb.release("dev", {"VERSION": "2\n", "MODE": "http500\n"}, "v2 answers 500")
+    assert sb.run("deploy.py", "dev").returncode == 1
+    proc = sb.run("deploy.py", "dev")
+    assert proc.returncode == 1 and "bad release" in proc.stderr
+    proc = sb.run("deploy.py", "dev", "--force", "--reason", "we know")
+    assert proc.returncode == 1 and "rolled back by itself" in proc.stderr     # still bad, rolled back again
+
+
+def test_the_copy_holding_the_rows_survives_the_nightly_prune_until_released(sandbox):
+    sb = sandbox
+    sb.write_config()
+    (sb.root / "config.toml").write_text(sb.config.read_text().replace(
+        "[env.prod]", "[retention]\ndaily = 1\nweekly = 0\nmonthly = 0\n\n[env.prod]"))
+    sb.release("dev", {"VERSION": "2\n"}, "v2")
+    assert sb.run("deploy.py", "dev").returncode == 0
+    post(sb, 4)                        # rows the restore will take out
+    assert sb.run("rollback.py", "dev", "--yes", "--with-db").returncode == 0
+    saved = log_records(sb, "dev")[-1]["pre_rollback"]
+    assert stat.S_IMODE(os.stat(saved).st_mode) == 0o600
+    for _ in range(2):
+        assert sb.run("backup.py", "--all", "--quiet").returncode == 0
+    assert sb.run("backup.py", "--all", "--quiet", "--prune").returncode == 0
+    listed = {b["path"]: b for b in json.loads(sb.run("backup.py", "--list", "--json").stdout)["backups"]}
+    assert saved in listed and listed[saved]["held"] is True
+    assert "HELD" in sb.run("backup.py", "--list").stdout
+    assert sb.run("backup.py", "--release-hold", saved).returncode == 0
+    listed = {b["path"]: b for b in json.loads(sb.run("backup.py", "--list", "--json").stdout)["backups"]}
+    assert listed[saved]["held"] is False        # [retention] (and the last operations' points) decide now
+
+
+def test_flags_that_cannot_go_together_exit_2(sandbox):
+    sb = sandbox
+    for script, args in (("backup.py", ["--list", "--prune"]), ("backup.py", ["--verify", "--list"]),
+                         ("rollback.py", ["dev", "--list", "--drill"]), ("deploy.py", ["dev", "--notify"]),
+                         ("deploy.py", ["dev", "--rehearse", "--dry-run"])):
+        proc = sb.run(script, *args)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (script, args, proc.stderr)
