@@ -18,6 +18,7 @@ from safedeploy.points import list_points
 from safedeploy.state import age_seconds, bad_mark, deploy_log, human_age, lock_holder, running_commit
 
 HEALTH_TIMEOUT = 2.0
+MAX_BACKUP_AGE = 24 * 3600
 
 
 def main():
@@ -56,7 +57,7 @@ def look_at(config, env):
         except DeployError as exc:
             records = []
             report["problems"].append(str(exc))
-        for part in (unit_part, code_part, log_part, backup_part, rehearsal_part):
+        for part in (unit_part, code_part, log_part, backup_part, rehearsal_part, data_part, running_part):
             try:
                 found = part(config, env, records)
                 report["problems"] += found.pop("problems", [])
@@ -64,6 +65,11 @@ def look_at(config, env):
             except DeployError as exc:
                 report["problems"].append(str(exc))
         result = probe.result()
+        served = report.pop("served_commit", None)
+        if served and report.get("commit") and served != report["commit"]:
+            report["problems"].append(f"the app answers for {served[:12]} (/_deploy/status), the deploy log says "
+                                      f"{report['commit'][:12]}: what runs is {served[:12]}")
+            report["commit"] = served
     report["health"] = {"ok": result.ok, "status": result.status, "ms": result.ms, "url": env.health_url}
     if result.error:
         report["health"]["error"] = result.error
@@ -111,6 +117,10 @@ def code_part(config, env, records):
             part["undo_rollback"] = cli.script_command(config, "rollback.py", env.name, "--to", saved[0].id,
                                                        "--with-db")
     problems = []
+    dirty = repo.dirty_files()
+    if dirty:
+        problems.append(f"the work tree {env.path} differs from its commit: {', '.join(f.strip() for f in dirty[:5])}"
+                        + (", ..." if len(dirty) > 5 else ""))
     tip = repo.resolve(f"refs/remotes/{env.remote}/{env.branch}") if env.remote else None
     if tip and bad_mark(env, repo.tree_of(tip)):
         problems.append(f"{env.remote}/{env.branch} is still at {tip[:12]}, a release that was rolled back: "
@@ -123,6 +133,34 @@ def log_part(config, env, records):
     deploys = [r for r in records if r.get("kind") == "deploy"]
     rollbacks = [r for r in records if r.get("kind") == "rollback"]
     return {"last_deploy": deploys[-1] if deploys else None, "last_rollback": rollbacks[-1] if rollbacks else None}
+
+
+def data_part(config, env, records):
+    """The database there and readable (quick_check, read-only), the newest backup younger than a day."""
+    problems = []
+    if not env.db.exists():
+        problems.append(f"the database {env.db} is missing")
+    else:
+        verdict = backups.integrity_of(env.db, quick=True)
+        if verdict != "ok":
+            problems.append(f"the database {env.db} fails quick_check: {verdict}")
+        found = backups.list_backups(env.backup_dir)
+        age = age_seconds(found[0].time) if found else None
+        if not found:
+            problems.append(f"no backup of {env.db} yet: run {cli.script_command(config, 'backup.py', env.name)}")
+        elif age is None or age > MAX_BACKUP_AGE:
+            problems.append(f"the newest backup is {human_age(age)}, older than a day: is the nightly backup running?")
+    return {"problems": problems}
+
+
+def running_part(config, env, records):
+    """What the app says it runs (/_deploy/status, when it serves it) against what the log says."""
+    answer = health.check(env.health_url.removesuffix(env.health_path) + "/_deploy/status", timeout=HEALTH_TIMEOUT)
+    try:
+        served = json.loads(answer.body).get("commit") if answer.ok else None
+    except (ValueError, AttributeError):
+        served = None
+    return {"served_commit": served}
 
 
 def rehearsal_part(config, env, records):

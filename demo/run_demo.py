@@ -49,6 +49,8 @@ def main():
             if proc.returncode != expect:
                 failures.append(f"{' '.join(argv)}: exit {proc.returncode}, expected {expect}")
 
+        step("the nightly backup (cron runs `backup.py --all --quiet --prune`), then status: every env OK")
+        run("backup.py", "--all")
         run("status.py")
         build = [[sys.executable, "-m", "venv", "--without-pip", "venv"]]
         keys = f"build = {json.dumps(build)}\nshared = [\"instance\"]\nkeep_releases = 5"
@@ -81,7 +83,9 @@ def main():
         run("rollback.py", "prod", "--list")
         run("rollback.py", "prod", "--drill")
         run("rollback.py", "prod", "--yes")
-        run("status.py")
+        step("status tells the truth: exit 1, since origin still holds releases that were rolled back (deploy.py "
+             "refuses them until a fix is pushed); the rollback line never points at them, `undo` is labelled")
+        run("status.py", expect=1)
         sb.stop_units()
     finally:
         manager.stop()

@@ -25,6 +25,7 @@ So with the database, the app is down for stop, renames and start, whatever the 
 
 import os
 import signal
+import sqlite3
 from dataclasses import dataclass, field
 
 from . import backups, cli, release, releases, units
@@ -88,8 +89,22 @@ def decide_database(env, point, mode):
     if live != point.backup.schema:
         return True, (f"the live schema ({live}) differs from the point's ({point.backup.schema}): "
                       "a migration ran since, so the database goes back too")
-    return False, ("the live schema matches the point's, so the database is left as it is (its rows were not "
-                   "compared; --with-db would bring back the point's)")
+    return False, "the live schema matches the point's, so the database is left as it is; " + compare_rows(env, point)
+
+
+def compare_rows(env, point):
+    """What a kept database lacks of the point's backup, per table, and what --with-db would cost."""
+    try:
+        missing = backups.rows_only_in(point.backup.path, env.db)
+        newer = backups.rows_only_in(env.db, point.backup.path) if missing else {}
+    except sqlite3.Error as exc:
+        return f"its rows could not be compared with the point's backup ({exc})"
+    if not missing:
+        return "it holds every row of the point's backup"
+    lacks = ", ".join(f"{n} row(s) of {t}" for t, n in sorted(missing.items()))
+    cost = ", ".join(f"{n} of {t}" for t, n in sorted(newer.items())) or "none"
+    return (f"but it lacks {lacks} that the point's backup has (deleted since, by the release or by users): "
+            f"--with-db brings them back, taking out the rows written since ({cost})")
 
 
 def check_point_backup(point, points):

@@ -241,6 +241,7 @@ def test_backups_every_half_second_during_deploys_and_rollbacks(sandbox):
             time.sleep(0.5)
             assert sb.run("rollback.py", "dev", "--yes", "--with-db").returncode == 0
             time.sleep(0.5)
+            sb.release("dev", {"VERSION": f"{i + 2}b\n"}, f"v{i + 2}b: the fix")    # the rolled-back one stays out
             assert sb.run("deploy.py", "dev").returncode == 0
     finally:
         stop.set()

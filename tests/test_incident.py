@@ -99,3 +99,41 @@ def test_flags_that_cannot_go_together_exit_2(sandbox):
                          ("deploy.py", ["dev", "--rehearse", "--dry-run"])):
         proc = sb.run(script, *args)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, (script, args, proc.stderr)
+
+
+def test_status_is_not_ok_when_what_it_checks_is_not(sandbox):
+    sb = sandbox
+    sb.release("dev", {"VERSION": "2\n"}, "v2")
+    assert sb.run("deploy.py", "dev").returncode == 0
+    assert sb.run("backup.py", "--all").returncode == 0
+    code, st = status(sb)
+    assert code == 0 and st["problems"] == [], st["problems"]
+
+    def problems():
+        code, st = status(sb)
+        assert code == 1
+        return " | ".join(st["problems"])
+
+    # a hand-edited tracked file in the work tree: named
+    (sb.path("dev") / "VERSION").write_text("edited by hand\n")
+    assert "differs from its commit: M VERSION" in problems()
+    (sb.path("dev") / "VERSION").write_text("2\n")
+    # the app answers for another commit than the log says
+    revision = sb.path("dev") / "REVISION"
+    saved = revision.read_text()
+    revision.write_text(json.dumps({"commit": "0" * 40}))
+    assert "the app answers for 000000000000" in problems()
+    revision.write_text(saved)
+    # the newest backup older than a day
+    for manifest in (sb.root / "backups" / "dev").glob("*.json"):
+        data = json.loads(manifest.read_text())
+        data["time"] = "2020-01-01T00:00:00+00:00"
+        manifest.write_text(json.dumps(data))
+    assert "older than a day" in problems()
+    # the database missing
+    sb.manager.systemctl("stop", sb.unit("dev"))
+    for suffix in ("", "-wal", "-shm"):
+        path = sb.path("dev") / "instance" / f"app.db{suffix}"
+        if path.exists():
+            path.unlink()
+    assert "is missing" in problems()

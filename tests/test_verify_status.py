@@ -71,7 +71,11 @@ def test_status_json_follows_the_contract(sandbox):
     sb = sandbox
     record = deployed(sb)
     proc = sb.run("status.py", "--json")
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1          # prod has never been backed up: that needs attention
+    assert any("no backup" in p for p in json.loads(proc.stdout)["envs"]["prod"]["problems"])
+    assert sb.run("backup.py", "prod").returncode == 0
+    proc = sb.run("status.py", "--json")
+    assert proc.returncode == 0, proc.stdout
     envs = json.loads(proc.stdout)["envs"]
     assert set(envs) == {"prod", "dev"}
     dev = envs["dev"]
@@ -88,6 +92,7 @@ def test_status_json_follows_the_contract(sandbox):
 
 def test_status_exits_1_when_an_env_is_down_and_shows_only_one_env(sandbox):
     sb = sandbox
+    assert sb.run("backup.py", "--all").returncode == 0
     sb.manager.systemctl("stop", sb.unit("prod"))
     proc = sb.run("status.py")
     assert proc.returncode == 1 and "== prod PROBLEM" in proc.stdout
