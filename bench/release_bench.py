@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from demo.wheels import download_flask  # noqa: E402
 from demo.sandbox import Sandbox, UserManager  # noqa: E402
 
 UV = shutil.which("uv") or str(Path(sys.executable).parent / "uv")
@@ -75,9 +76,7 @@ def main():
     root = Path(tempfile.mkdtemp(prefix="release-bench-"))
     os.environ["UV_CACHE_DIR"] = str(root / "uv-cache")        # on the releases' file system: hard links
     wheels = root / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-                    "--only-binary", ":all:", "-d", str(wheels), "flask", "gunicorn"], check=True, timeout=600)
-    requirements = "".join(f"{w.name.split('-')[0]}=={w.name.split('-')[1]}\n" for w in sorted(wheels.glob("*.whl")))
+    requirements = download_flask(wheels)
     manager = UserManager(root / "systemd").start()
     os.environ.update(manager.env)
     rows = []

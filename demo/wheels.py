@@ -32,3 +32,13 @@ def make_wheel(folder, name, version, payload_kib=0):
             zf.writestr(n, d)
         zf.writestr(f"{info}/RECORD", "\n".join(record) + "\n")
     return path
+
+
+def download_flask(folder):
+    """Flask and gunicorn wheels (and their dependencies) into folder, for the benchmarks (they need the
+    network once; the tests make their own wheels). Returns the requirements.txt pinning them."""
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+                    "--only-binary", ":all:", "-d", str(folder), "flask", "gunicorn"], check=True, timeout=600)
+    return "".join(f"{w.name.split('-')[0]}=={w.name.split('-')[1]}\n" for w in sorted(Path(folder).glob("*.whl")))

@@ -33,13 +33,7 @@ def test_1_a_symlinked_database_is_backed_up_with_its_wal_and_restored_in_place(
     data = tmp_path / "data"
     data.mkdir()
     live = sb.path("dev") / "instance" / "app.db"
-    sb.manager.systemctl("stop", sb.unit("dev"))
-    for suffix in ("", "-wal", "-shm"):
-        if os.path.exists(f"{live}{suffix}"):
-            shutil.move(f"{live}{suffix}", f"{data / 'dev.db'}{suffix}")
-    os.symlink(data / "dev.db", live)
-    sb.manager.systemctl("start", sb.unit("dev"))
-    sb.wait_serving("dev")
+    move_db_to(sb, data)
     post_notes(sb, 5)          # in the WAL beside the target, not beside the link
     assert os.path.getsize(data / "dev.db-wal") > 0
     proc = sb.run("backup.py", "dev")
