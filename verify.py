@@ -18,6 +18,7 @@ from safedeploy.gitrepo import Repo
 from safedeploy.state import age_seconds, deploy_log, human_age, now_iso, running_commit, verified_log
 
 MAX_BACKUP_AGE = 24 * 3600
+INFORMATIONAL = ("rollback drill", "restart")    # shown, never failing the checklist
 FUTURE_SLACK = 300          # seconds a clock may be off before a backup's date is refused
 
 
@@ -160,12 +161,24 @@ def record_verified(env):
         {"time": now_iso(), "commit": head, "tree": repo.tree_of(head), "by": "verify"})
 
 
+def label(check):
+    """PASS only beside what passed; an informational check that warns says WARN, one that only
+    informs (never drilled, how restarts work) says INFO."""
+    if not check.ok:
+        return cli.mark(False)
+    if check.detail.startswith("WARNING"):
+        return cli.paint("WARN", "yellow")
+    if check.name in INFORMATIONAL:
+        return cli.paint("INFO", "dim")
+    return cli.mark(True)
+
+
 def show(env, checks, ok, as_json):
     if as_json:
         print(json.dumps({"env": env.name, "ok": ok, "checks": [asdict(c) for c in checks]}, indent=2))
         return
     for c in checks:
-        cli.say(f"{cli.mark(c.ok)}  {c.name:<15} {c.detail}")
+        cli.say(f"{label(c)}  {c.name:<15} {c.detail}")
     verdict = cli.paint(f"{env.name} verified", "green") if ok else cli.paint(
         f"{env.name} NOT verified: {sum(not c.ok for c in checks)} check(s) failed", "red")
     cli.say(verdict)

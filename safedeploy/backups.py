@@ -191,6 +191,9 @@ def backup_database(db_path, folder, env, reason, commit="", unit_file=None, pro
         except sqlite3.DatabaseError as exc:
             if "disk is full" in str(exc):
                 raise DeployError(f"disk full while writing a backup in {folder}: free some space and run again") from None
+            if os.statvfs(folder).f_favail == 0:
+                raise DeployError(f"the backup folder {folder} is out of inodes (no file can be created there): "
+                                  "remove files on that file system and run again") from None
             raise DeployError(f"backup of {db_path} failed: {exc}") from None
     backup = Backup(env=env, path=str(final), time=now_iso(), reason=reason, source=str(db_path),
                     commit=commit, seconds=round(time.monotonic() - start, 3), **info)

@@ -62,6 +62,13 @@ def remove_quietly(path):
 def disk_error(exc, path):
     """Turn an OSError into a one-line DeployError that says what to do."""
     if exc.errno == errno.ENOSPC:
+        try:
+            no_inodes = os.statvfs(Path(path).parent).f_favail == 0
+        except OSError:
+            no_inodes = False
+        if no_inodes:
+            return DeployError(f"no free inodes in {Path(path).parent} (writing {path}): remove files on that "
+                               "file system and run again")
         return DeployError(f"disk full while writing {path}: free some space and run again")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return DeployError(f"cannot write {path}: {exc.strerror}")

@@ -79,7 +79,6 @@ class EnvLock:
         except OSError as exc:
             raise disk_error(exc, self.path) from exc
         start = time.monotonic()
-        deadline = start + self.wait
         told = False
         while True:
             try:
@@ -87,8 +86,10 @@ class EnvLock:
                 break
             except BlockingIOError:
                 holder = read_holder(self.path)
+                deadline = start + self.wait
+                # a backup (or a holder that has not written who it is yet) is waited for; anything else is not
                 if self.backup_wait and holder.get("operation", "backup") == "backup":
-                    deadline = max(deadline, start + self.backup_wait)
+                    deadline = start + max(self.wait, self.backup_wait)
                     if not told and self.on_wait and holder:
                         self.on_wait(f"waiting for a backup of {self.env} to finish (pid {holder.get('pid', '?')}, "
                                      f"up to {self.backup_wait:g}s)")

@@ -137,3 +137,43 @@ def test_status_is_not_ok_when_what_it_checks_is_not(sandbox):
         if path.exists():
             path.unlink()
     assert "is missing" in problems()
+
+
+def test_verify_labels_warnings_and_information_apart_from_passes(sandbox):
+    sb = sandbox
+    sb.release("dev", {"VERSION": "2\n"}, "v2")
+    assert sb.run("deploy.py", "dev").returncode == 0
+    out = sb.run("verify.py", "dev").stdout
+    assert "PASS  unit" in out
+    assert "INFO  rollback drill" in out and "never drilled" in out
+    assert "WARN  restart" in out and "PASS  restart" not in out
+
+
+def test_a_backup_folder_out_of_inodes_is_named(tmp_path):
+    import subprocess
+
+    import pytest
+
+    from demo import writer
+    from safedeploy import backups
+    from safedeploy.errors import DeployError
+    small = tmp_path / "few-inodes"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,nr_inodes=12,mode=0700", "tmpfs", str(small)], check=True)
+    try:
+        folder = small / "dev"
+        folder.mkdir()
+        n = 0
+        while True:
+            try:
+                (folder / f"f{n}").touch()
+                n += 1
+            except OSError:
+                break
+        db = tmp_path / "live.db"
+        writer.create(db)
+        with pytest.raises(DeployError, match="inodes") as info:
+            backups.backup_database(db, folder, "dev", "manual")
+        assert str(folder) in str(info.value) and str(db) not in str(info.value)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=True)
