@@ -16,7 +16,7 @@ from pathlib import Path
 from safedeploy import backups, cli, recovery, units
 from safedeploy.errors import EXIT_FAILED, EXIT_LOCKED, DeployError, usage_error
 from safedeploy.gitrepo import Repo
-from safedeploy.state import EnvLock, Journal, StepClock, age_seconds, deploy_log, human_age, running_commit
+from safedeploy.state import EnvLock, Journal, StepClock, age_seconds, deploy_log, human_age, now_iso, running_commit
 
 REASON_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 TIME_RE = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
@@ -33,6 +33,8 @@ def main():
         return show_list(envs, args.json)
     if args.release_hold:
         return release_hold(envs, args.release_hold)
+    if args.rows_to_restore:
+        return rows_to_restore(envs, args.rows_to_restore)
     if args.install_timer:
         return install_timer(config, args)
     code = 0 if args.prune and not args.envs and not args.all else back_up_all(envs, args)
@@ -57,6 +59,9 @@ def parse_arguments():
     p.add_argument("--dry-run", action="store_true", help="with --prune: say what would be removed, remove nothing")
     p.add_argument("--install-timer", metavar="HH:MM", nargs="?", const="03:17",
                    help="install a systemd --user timer running `--all --quiet --prune` daily (default 03:17)")
+    p.add_argument("--rows-to-restore", metavar="FILE",
+                   help="print, as reviewable SQL INSERTs, the rows of FILE (a pre-rollback copy) that the env's "
+                        "live database lacks; keys a newer row now uses are flagged, not inserted")
     p.add_argument("--release-hold", metavar="FILE",
                    help="let prune remove FILE, a pre-rollback copy held because it holds rows a restore took out")
     p.add_argument("--quiet", action="store_true", help="print nothing on success (for cron)")
@@ -68,7 +73,8 @@ def parse_arguments():
         raise usage_error("--dry-run goes with --prune")
     modes = [name for name, on in (("--list", args.list), ("--verify", args.verify is not None),
                                    ("--prune", args.prune), ("--install-timer", bool(args.install_timer)),
-                                   ("--release-hold", bool(args.release_hold))) if on]
+                                   ("--release-hold", bool(args.release_hold)),
+                                   ("--rows-to-restore", bool(args.rows_to_restore))) if on]
     if len(modes) > 1:
         raise usage_error(f"{' and '.join(modes)} cannot go together: run them one at a time")
     if args.json and not args.list:
@@ -85,7 +91,8 @@ def select_envs(config, args):
         raise usage_error("name envs or give --all, not both")
     if args.envs:
         return [config.env(name) for name in args.envs]
-    if args.all or args.list or args.verify is not None or args.prune or args.install_timer or args.release_hold:
+    if (args.all or args.list or args.verify is not None or args.prune or args.install_timer or args.release_hold
+            or args.rows_to_restore):
         return list(config.envs.values())
     raise usage_error("name the envs to back up, or give --all")
 
@@ -173,6 +180,18 @@ def show_list(envs, as_json):
         cli.say(f"{b.time}  {b.env:<8} {b.reason:<12} {b.bytes / 1e6:9.1f} MB  {(b.commit or '?')[:12]}  "
                 f"{human_age(age_seconds(b.time)):>8}  {b.path}"
                 + ("  HELD: holds rows a restore took out; kept until --release-hold" if b.held else ""))
+    return 0
+
+
+def rows_to_restore(envs, wanted):
+    backup = find_backup(envs, wanted)
+    env = next(e for e in envs if Path(backup.path).parent == e.backup_dir)
+    lines, summary = backups.rows_as_sql(backup.path, env.db)
+    print(f"-- rows of {backup.path} that {env.db} lacks, written {now_iso()}")
+    print(f"-- review, then apply with: sqlite3 {env.db} < THIS_FILE   (one transaction; the app may keep running)")
+    for table, (n, conflicts) in sorted(summary.items()):
+        print(f"-- {table}: {n} row(s), {conflicts} of them flagged: their key is used by a row written since")
+    print("\n".join(lines))
     return 0
 
 
@@ -266,7 +285,7 @@ def find_backup(envs, name):
         for b in backups.list_backups(env.backup_dir):
             if Path(b.path).resolve() == wanted:
                 return b
-    raise usage_error(f"--verify {name}: not a backup with a manifest in any env's backup folder")
+    raise usage_error(f"{name}: not a backup with a manifest in any env's backup folder")
 
 
 if __name__ == "__main__":

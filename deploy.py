@@ -239,8 +239,12 @@ def check_direction(plan, args):
     if args.force:
         plan.forced_because.append(f"not a fast-forward from {plan.head[:12]}")
         return
-    raise DeployError(f"{plan.target[:12]} is not a fast-forward of {plan.head[:12]} (the work tree's HEAD): "
-                      "deploying it would leave commits behind; use rollback.py to go back, or --force --reason TEXT")
+    if plan.repo.is_ancestor(plan.target, plan.head):
+        raise DeployError(f"{plan.target[:12]} is older than what runs ({plan.head[:12]} contains it): going back is "
+                          f"rollback.py's job (it keeps the database and marks what it leaves), or --force --reason TEXT")
+    raise DeployError(f"{plan.target[:12]} has diverged from what runs ({plan.head[:12]}): neither contains the other, "
+                      f"so deploying it would drop commits that run now. Merge what runs into {plan.target[:12]}'s "
+                      "branch (or rebase it) and push, then deploy; or --force --reason TEXT")
 
 
 # -- carrying it out ---------------------------------------------------------------
@@ -319,9 +323,30 @@ def carry_out_steps(config, env, plan, journal):
         cli.err(f"error: {env.name} runs {plan.target[:12]} and is healthy, but the deploy could not be recorded: "
                 f"{exc}. Free space in {env.state_dir}, then run: {cli.script_command(config, 'verify.py', env.name)}")
         return EXIT_HUMAN
+    push_promoted_branch(env, plan, record)
     removed = prune_releases(env, plan)
     print_summary(config, env, plan, record, backup, result, clock, removed)
     return 0
+
+
+def push_promoted_branch(env, plan, record):
+    """One promotion path: a promoted commit (--ref, verified in promote_from) also moves the env's branch
+    on the remote, fast-forward only, so origin, the tree and the log agree and the next plain deploy
+    finds nothing to do. A push that fails (not a fast-forward, the remote down) only warns."""
+    if not (env.promote_from and env.remote):
+        return
+    tip = plan.repo.resolve(f"refs/remotes/{env.remote}/{env.branch}")
+    if tip == plan.target or (tip and not plan.repo.is_ancestor(tip, plan.target)):
+        return
+    try:
+        plan.repo.push_branch(env.remote, plan.target, env.branch)
+        plan.repo.fetch(env.remote)
+        record["pushed_branch"] = f"{env.remote}/{env.branch}"
+        cli.say(f"pushed {env.remote}/{env.branch} to {plan.target[:12]} (a fast-forward from "
+                f"{tip[:12] if tip else 'nothing'}), so it matches what {env.name} runs")
+    except DeployError as exc:
+        cli.err(f"warning: {env.name} runs {plan.target[:12]}, but {env.remote}/{env.branch} could not be moved "
+                f"there ({exc}); push it yourself: git -C {env.path} push {env.remote} {plan.target}:{env.branch}")
 
 
 def prune_releases(env, plan):

@@ -13,6 +13,7 @@ restart, health, seal), and record.
 
 import json
 import re
+import sqlite3
 import shutil
 import sys
 import tempfile
@@ -117,6 +118,13 @@ def show_plan(env, repo, point, restore_db, why):
                 f"REBUILD from {point.commit[:12]}: its release is no longer kept (runs the build commands)")
         cli.say(f"  release   {what}")
     cli.say(f"  database  {'RESTORE ' + point.backup.path if restore_db else 'keep'}: {why}")
+    if restore_db and env.db.exists():
+        try:
+            leaving = backups.rows_only_in(env.db, point.backup.path)
+        except sqlite3.Error as exc:
+            leaving = {"(not counted)": str(exc)}
+        cli.say("  rows      leaving the live database: " + (", ".join(f"{t} {n}" for t, n in sorted(leaving.items()))
+                                                             or "none (every live row is in the point's backup)"))
     if restore_db:
         cli.say("  safety    the backup is copied and checked while the app serves; then the app stops, its "
                 "database is renamed aside (kept as a pre-rollback backup) and the copy renamed in")
@@ -156,7 +164,8 @@ def print_summary(config, env, repo, outcome, steps):
         if outcome.rows_lost:
             for table, n in sorted(outcome.rows_lost.items()):
                 cli.say(f"  rows      {table}: {n} row(s) written since the point are not in the restored database")
-            cli.say(f"            they are all in the pre-rollback copy {outcome.pre_rollback}")
+            cli.say(f"            they are all in the pre-rollback copy {outcome.pre_rollback}; to put them back as "
+                    f"reviewable SQL: {cli.script_command(config, 'backup.py', '--rows-to-restore', outcome.pre_rollback)}")
         elif outcome.pre_rollback:
             cli.say("  rows      the restore took away no rows")
         if outcome.seal_problem:

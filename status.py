@@ -11,7 +11,7 @@ active and healthy, 1 otherwise (so monitoring can use it), 2 on a config error.
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-from safedeploy import backups, cli, health, recovery, rehearsal, units
+from safedeploy import backups, cli, health, recovery, rehearsal, releases, units
 from safedeploy.errors import EXIT_FAILED, DeployError
 from safedeploy.gitrepo import Repo
 from safedeploy.points import list_points
@@ -121,6 +121,17 @@ def code_part(config, env, records):
     if dirty:
         problems.append(f"the work tree {env.path} differs from its commit: {', '.join(f.strip() for f in dirty[:5])}"
                         + (", ..." if len(dirty) > 5 else ""))
+    current = releases.current(env)
+    if current:
+        part["release"] = current.id
+        if current.commit != commit:
+            problems.append(f"{env.current_link} points at {current.id} ({current.commit[:12]}), the deploy log says "
+                            f"{commit[:12]}: what runs is {current.commit[:12]}")
+            part["commit"] = current.commit
+        changed = releases.differences(env, repo, current)
+        if changed:
+            problems.append(f"the running release {current.path} differs from its commit: {', '.join(changed[:5])}"
+                            + (", ..." if len(changed) > 5 else ""))
     tip = repo.resolve(f"refs/remotes/{env.remote}/{env.branch}") if env.remote else None
     if tip and bad_mark(env, repo.tree_of(tip)):
         problems.append(f"{env.remote}/{env.branch} is still at {tip[:12]}, a release that was rolled back: "

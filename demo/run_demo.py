@@ -86,12 +86,17 @@ def main():
         step("status tells the truth: exit 1, since origin still holds releases that were rolled back (deploy.py "
              "refuses them until a fix is pushed); the rollback line never points at them, `undo` is labelled")
         run("status.py", expect=1)
-        sb.stop_units()
+        if not args.keep:
+            sb.stop_units()
     finally:
-        manager.stop()
         if args.keep:
-            print(f"\nsandbox kept in {root}")
+            print(f"\nsandbox kept in {root}, its user manager still running (pid {manager.proc.pid}). To use it:")
+            print(f"  export XDG_RUNTIME_DIR={manager.runtime} XDG_CONFIG_HOME={manager.config_home}")
+            print(f"  export DEPLOY_CONFIG={root / 'host' / 'config.toml'}")
+            print("  python3 status.py; systemctl --user status 'demo-*'")
+            print(f"When done: kill {manager.proc.pid} (the manager stops the apps), then rm -r {root}")
         else:
+            manager.stop()
             shutil.rmtree(root, ignore_errors=True)
     if failures:
         print("\ndemo FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)

@@ -176,7 +176,7 @@ def backup_database(db_path, folder, env, reason, commit="", unit_file=None, pro
     need, free = needed_bytes(db_path), free_bytes(folder)
     if free < need:
         raise DeployError(f"not enough free disk in {folder} for a backup of {db_path}: "
-                          f"{free >> 20} MiB free, {need >> 20} MiB needed")
+                          f"{free / 2**20:.1f} MiB free, {need / 2**20:.1f} MiB needed")
     final = Path(final) if final and not Path(final).exists() else backup_name(env, reason, folder)
     tmp = temp_path_for(final)
     start = time.monotonic()
@@ -699,3 +699,51 @@ def count_missing(conn, q):
     a = conn.execute(f"SELECT count(*) FROM main.{q}").fetchone()[0]
     b = conn.execute(f"SELECT count(*) FROM restored.{q}").fetchone()[0]
     return max(0, a - b)
+
+
+def rows_as_sql(saved_path, live_path):
+    """The rows of saved_path that live_path lacks, as reviewable SQL: (lines, {table: (rows, conflicts)}).
+
+    A row whose primary key (or rowid) a row written since now uses in the live database is a
+    conflict: its INSERT is written commented out, with the live row's key, for a person to merge;
+    the others are plain INSERTs, in one transaction. The live database is opened read-only."""
+    conn = sqlite3.connect(f"file:{quote(str(saved_path))}?mode=ro", uri=True)
+    try:
+        conn.execute("ATTACH DATABASE ? AS live", (f"file:{quote(str(live_path))}?mode=ro",))
+        tables = [r[0] for r in conn.execute(
+            "SELECT name FROM main.sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+        live_tables = {r[0] for r in conn.execute("SELECT name FROM live.sqlite_master WHERE type = 'table'")}
+        lines, summary = ["BEGIN;"], {}
+        for table in tables:
+            if table not in live_tables:
+                continue
+            q = '"' + table.replace('"', '""') + '"'
+            info = conn.execute(f"PRAGMA main.table_info({q})").fetchall()
+            columns = [r[1] for r in info]
+            keys = [r[1] for r in sorted(info, key=lambda r: r[5]) if r[5]] or ["rowid"]
+            cols = ", ".join('"' + c.replace('"', '""') + '"' for c in columns)
+            same = " AND ".join(f'l."{c.replace(chr(34), chr(34) * 2)}" IS m."{c.replace(chr(34), chr(34) * 2)}"'
+                                for c in columns)
+            literals = ", ".join(f'quote(m."{c.replace(chr(34), chr(34) * 2)}")' for c in columns)
+            key_cols = ", ".join(f'm."{k}"' if k != "rowid" else "m.rowid" for k in keys)
+            missing = conn.execute(f"SELECT {literals}, {key_cols} FROM main.{q} AS m "
+                                   f"WHERE NOT EXISTS (SELECT 1 FROM live.{q} AS l WHERE {same})").fetchall()
+            conflicts = 0
+            for row in missing:
+                values, key = row[:len(columns)], row[len(columns):]
+                where = " AND ".join(f"{'rowid' if k == 'rowid' else chr(34) + k + chr(34)} = ?" for k in keys)
+                taken = conn.execute(f"SELECT 1 FROM live.{q} WHERE {where}", key).fetchone()
+                insert = f"INSERT INTO {q} ({cols}) VALUES ({', '.join(values)});"
+                if taken:
+                    conflicts += 1
+                    lines.append(f"-- CONFLICT: {', '.join(keys)} = {', '.join(map(repr, key))} is used in the live "
+                                 "database by a row written since the restore; merge by hand:")
+                    lines.append(f"-- {insert}")
+                else:
+                    lines.append(insert)
+            if missing:
+                summary[table] = (len(missing), conflicts)
+        lines.append("COMMIT;")
+        return lines, summary
+    finally:
+        conn.close()

@@ -157,6 +157,10 @@ class Repo:
     def push_tag(self, remote, name):
         self.run("push", "--quiet", remote, f"refs/tags/{name}", timeout=NETWORK_TIMEOUT)
 
+    def push_branch(self, remote, commit, branch):
+        """Move the remote's branch to commit, fast-forward only (git refuses anything else without --force)."""
+        self.run("push", "--quiet", remote, f"{commit}:refs/heads/{branch}", timeout=NETWORK_TIMEOUT)
+
     def fast_forward(self, commit):
         self.run("merge", "--ff-only", "--quiet", commit)
 

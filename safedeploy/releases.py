@@ -258,3 +258,29 @@ def room_needed(env):
             if st.st_nlink == 1:
                 total += st.st_blocks * 512
     return total
+
+
+def differences(env, repo, release):
+    """Tracked files of the release's commit that are missing or changed in its folder (the shared
+    paths and what `build` added are not compared). A release's files never change after it went
+    live: anything listed here was changed by hand or by the app."""
+    import hashlib
+    skip = [p.rstrip("/") + "/" for p in shared_paths(env)] + shared_paths(env)
+    out = repo.run("ls-tree", "-r", "-z", "--full-tree", release.commit)
+    changed = []
+    for entry in out.split("\0"):
+        if not entry:
+            continue
+        meta, path = entry.split("\t", 1)
+        mode, kind, sha = meta.split()
+        if kind != "blob" or any(path == s or path.startswith(s) for s in skip):
+            continue
+        local = release.path / path
+        try:
+            data = os.readlink(local).encode() if mode == "120000" else local.read_bytes()
+        except OSError:
+            changed.append(f"{path} (missing)")
+            continue
+        if hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() != sha:
+            changed.append(path)
+    return changed

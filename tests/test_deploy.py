@@ -238,7 +238,7 @@ def test_ref_non_fast_forward_and_bad_refs(sandbox):
     sb.release("dev", {"VERSION": "2\n"}, "v2")
     assert sb.run("deploy.py", "dev").returncode == 0
     proc = sb.run("deploy.py", "dev", "--ref", first)
-    assert proc.returncode == 1 and "not a fast-forward" in one_line_error(proc)
+    assert proc.returncode == 1 and "older than what runs" in one_line_error(proc)
     proc = sb.run("deploy.py", "dev", "--ref", first, "--force", "--reason", "test")
     assert proc.returncode == 0 and version(sb, "dev") == "1"
     for bad in ("no-such-ref", "--upload-pack=evil", "../../etc", "HEAD;rm -rf /"):

@@ -177,3 +177,64 @@ def test_a_backup_folder_out_of_inodes_is_named(tmp_path):
         assert str(folder) in str(info.value) and str(db) not in str(info.value)
     finally:
         subprocess.run(["umount", "-l", str(small)], check=True)
+
+
+def test_the_rows_a_restore_took_out_come_back_as_sql_without_touching_newer_ones(sandbox):
+    import sqlite3
+    import subprocess
+    sb = sandbox
+    post(sb, 2)                                            # ids 1, 2: in the point
+    sb.release("dev", {"VERSION": "2\n"}, "v2")
+    assert sb.run("deploy.py", "dev").returncode == 0
+    post(sb, 3)                                            # ids 3, 4, 5: the restore takes them out
+    plan = sb.run("rollback.py", "dev", "--with-db", "--yes")
+    assert plan.returncode == 0 and "leaving the live database: notes 3" in plan.stdout
+    saved = log_records(sb, "dev")[-1]["pre_rollback"]
+    assert "--rows-to-restore" in plan.stdout
+    for body in ("after the restore a", "after the restore b"):   # take ids 3 and 4 again
+        assert requests.post(sb.url("dev", "/notes"), data=body, timeout=5).status_code == 201
+    proc = sb.run("backup.py", "--rows-to-restore", saved)
+    assert proc.returncode == 0, proc.stderr
+    sql = proc.stdout
+    assert "notes: 3 row(s), 2 of them flagged" in sql and sql.count("-- CONFLICT") == 2
+    db = sb.path("dev") / "instance" / "app.db"
+    subprocess.run(["python3", "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+                    "c.executescript(sys.stdin.read())", str(db)], input=sql, text=True, check=True)
+    conn = sqlite3.connect(db)
+    rows = dict(conn.execute("SELECT id, body FROM notes"))
+    conn.close()
+    assert rows[3] == "after the restore a" and rows[4] == "after the restore b"      # newer rows untouched
+    assert rows[5] == "n2" and len(rows) == 5                                          # the free one came back
+
+
+def test_promoting_dev_s_commit_moves_prod_s_branch_on_the_remote(sandbox):
+    from demo.sandbox import git
+    sb = sandbox
+    verified = sb.release("dev", {"VERSION": "2\n"}, "v2")
+    assert sb.run("deploy.py", "dev").returncode == 0
+    refused = sb.run("deploy.py", "prod", "--yes")
+    assert refused.returncode == 0 and "nothing to deploy" in refused.stdout     # main has not moved
+    proc = sb.run("deploy.py", "prod", "--ref", verified, "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert f"pushed origin/main to {verified[:12]}" in proc.stdout
+    assert git(sb.root / "origin.git", "rev-parse", "main") == verified
+    again = sb.run("deploy.py", "prod", "--yes")
+    assert again.returncode == 0 and "nothing to deploy" in again.stdout
+
+
+def test_a_kept_database_is_compared_with_the_point_not_called_whole(sandbox):
+    import sqlite3
+    sb = sandbox
+    post(sb, 4)
+    sb.release("dev", {"VERSION": "2\n"}, "v2")
+    assert sb.run("deploy.py", "dev").returncode == 0
+    conn = sqlite3.connect(sb.path("dev") / "instance" / "app.db")      # the release deletes 3 rows
+    conn.execute("DELETE FROM notes WHERE id <= 3")
+    conn.commit()
+    conn.close()
+    post(sb, 1)
+    proc = sb.run("rollback.py", "dev", "--yes")                      # auto: the schema matches
+    assert proc.returncode == 0, proc.stderr
+    assert "no write lost" not in proc.stdout
+    assert "it lacks 3 row(s) of notes" in proc.stdout and "--with-db brings them back" in proc.stdout
+    assert "taking out the rows written since (1 of notes)" in proc.stdout

@@ -228,3 +228,15 @@ def test_data_rollback_saves_the_live_database_by_rename_and_seals_it(deps_host)
     assert hashlib.sha256(open(saved, "rb").read()).hexdigest() == manifest["sha256"]
     assert not os.path.exists(saved + "-wal")
     assert set(record["steps"]) >= {"prepare", "stop", "save", "database", "restart", "seal"}
+
+
+def test_status_names_files_of_the_running_release_changed_by_hand(deps_host):
+    sb, _ = deps_host
+    root = sb.path("dev").parent / "dev.releases"
+    proc = sb.run("backup.py", "--all")
+    assert proc.returncode == 0
+    assert sb.run("status.py", "dev").returncode == 0, sb.run("status.py", "dev").stdout
+    (root / current(sb) / "VERSION").write_text("hot-patched in place\n")
+    proc = sb.run("status.py", "dev", "--json")
+    st = json.loads(proc.stdout)["envs"]["dev"]
+    assert proc.returncode == 1 and any("differs from its commit: VERSION" in p for p in st["problems"])
