@@ -149,3 +149,15 @@ def test_help_has_an_example(script):
     proc = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     assert f"python3 {script}" in proc.stdout and "--config" in proc.stdout
+
+
+def test_every_script_without_its_requirements_says_what_to_install(tmp_path):
+    """A python3 without requests and GitPython: one line naming them and the pip command, exit 2."""
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    for script in ("deploy.py", "verify.py", "status.py", "rollback.py", "backup.py"):
+        proc = subprocess.run([str(bare / "bin" / "python"), str(ROOT / script), "--help"], capture_output=True,
+                              text=True, timeout=60, cwd=tmp_path)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "GitPython" in lines[0] and "requests" in lines[0] and "pip install -r" in lines[0]
