@@ -414,7 +414,7 @@ def roll_back_after_failure(config, env, plan, record, clock, backup, exc):
     report_failure(env, failed, what, details)
     point = Point(record["tag"], "before-deploy", plan.running, record["time"], backup,
                   release=plan.previous_release or (plan.running_release.id if plan.running_release else None))
-    restore_db, why = runbook.decide_database(env, point, "auto")
+    restore_db, why = runbook.decide_database(env, point, "auto", compare=False)
     # a release that failed is marked bad; one the operator interrupted (Ctrl-C, SIGTERM) is not judged
     outcome = runbook.roll_back_and_record(config, env, plan.repo, point, restore_db, why, plan.target, record,
                                            nested=True, mark=isinstance(exc, DeployError))

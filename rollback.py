@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from safedeploy import backups, cli, recovery, runbook, units
+from safedeploy import backups, cli, recovery, rehearsal, runbook, units
 from safedeploy.errors import EXIT_FAILED, DeployError, usage_error
 from safedeploy.gitrepo import Repo
 from safedeploy.points import default_point, find_point, list_points
@@ -185,7 +185,7 @@ def print_summary(config, env, repo, outcome, steps):
 # -- rehearsing ----------------------------------------------------------------------------
 def drill(env, repo, point):
     """Restore the point's backup to a temp file and check it; check out its commit in a temp worktree."""
-    timings, problems = {}, []
+    timings, problems, health_text = {}, [], ""
     try:
         work = Path(tempfile.mkdtemp(prefix=f"safe-deploy-drill-{env.name}-"))
     except OSError as exc:
@@ -206,15 +206,15 @@ def drill(env, repo, point):
             problems.append(f"point {point.id} has no database backup")
         timings["database"] = time.monotonic() - start
         start = time.monotonic()
-        tree = work / "worktree"
-        try:
-            repo.checkout_detached(tree, point.commit)
-            if not any(tree.iterdir()):
-                problems.append("the commit checked out empty")
-        except DeployError as exc:
-            problems.append(str(exc))
-        finally:
-            repo.remove_worktree(tree)
+        if point.backup and not problems:
+            # the proof: the point's release, built in the temp folder, boots on the restored copy
+            booted = rehearsal.boot_on_copy(env, repo, point.commit, copy, work)
+            if booted.ok:
+                timings.update(booted.seconds)
+                health_text = booted.health
+            else:
+                problems.append(f"the point's release did not serve on the restored copy (at {booted.failed}): "
+                                f"{booted.error}" + "".join(f"\n  | {line}" for line in booted.output.splitlines()[-8:]))
         timings["code"] = time.monotonic() - start
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -228,7 +228,8 @@ def drill(env, repo, point):
             cli.err(f"error: drill of {env.name} to {point.id}: {problem}")
         return EXIT_FAILED
     cli.say(f"rollback plan tested: {env.name} to {point.id} ({point.commit[:12]}); backup restored and verified "
-            f"in a temp file, commit checked out in a temp worktree ({steps}); nothing live was touched")
+            f"in a temp file, and the point's release built and started on it on a scratch port "
+            f"(a transient unit; health {health_text}); stopped ({steps}); nothing live was touched")
     return 0
 
 

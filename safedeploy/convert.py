@@ -88,6 +88,8 @@ def move_data(pairs, moves):
         if not src.exists() and not src.is_symlink():
             continue        # SQLite removes -wal and -shm when the stopped app closed the database cleanly
         dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink() and dst.is_dir() and not dst.is_symlink() and not any(dst.iterdir()):
+            dst.rmdir()         # the empty folder the first build made for a shared path that is a link
         os.rename(src, dst)
         moves.done.append((src, dst))
         fsync_dir(dst.parent)

@@ -90,14 +90,6 @@ class Repo:
             result.append((name, shas[:40], when))     # an annotated tag's target comes first
         return sorted(result, key=lambda t: t[0], reverse=True)
 
-    def checkout_detached(self, folder, commit):
-        """A throwaway work tree of commit in folder (for drills); remove with remove_worktree."""
-        self.run("worktree", "add", "--detach", "--quiet", str(folder), commit)
-
-    def remove_worktree(self, folder):
-        self.run("worktree", "remove", "--force", str(folder), check=False)
-        self.run("worktree", "prune", check=False)
-
     def stash(self, message):
         """Stash uncommitted changes to tracked files; return the stash's sha, or None."""
         self.run(*self.identity(), "stash", "push", "--message", message)

@@ -101,11 +101,7 @@ def rehearse(env, repo, commit, say):
         stage(result, "pre_restart", lambda: commands.run_all(env.pre_restart, release.path, env.command_timeout))
         result.migration_seconds = round(time.monotonic() - start, 3)
         result.schema_after = schema_rows(db)
-        port = free_port()
-        stage(result, "start", lambda: start_transient(env, unit, release.path, scratch, port))
-        url = f"http://127.0.0.1:{port}{env.health_path}"
-        stage(result, "health", lambda: wait_serving(env, unit, url, result))
-        stage(result, "paths", lambda: check_paths(env, port, result))
+        start_and_check(env, unit, release, scratch, result)
         result.ok = True
     except DeployError as exc:
         result.error = str(exc)
@@ -117,6 +113,38 @@ def rehearse(env, repo, commit, say):
         units.systemctl("reset-failed", unit, check=False)
         shutil.rmtree(scratch, ignore_errors=True)
     rehearsals_log(env).append({"time": now_iso(), "env": env.name, **result.to_json()})
+    return result
+
+
+def start_and_check(env, unit, release, scratch, result):
+    """Start release as a transient unit on a free port, against the scratch shared folder; check
+    its health and rehearse_paths. The caller stops the unit (stop_transient)."""
+    port = free_port()
+    stage(result, "start", lambda: start_transient(env, unit, release.path, scratch, port))
+    url = f"http://127.0.0.1:{port}{env.health_path}"
+    stage(result, "health", lambda: wait_serving(env, unit, url, result))
+    stage(result, "paths", lambda: check_paths(env, port, result))
+
+
+def boot_on_copy(env, repo, commit, copy, scratch, say=None):
+    """The drill's proof: commit built in scratch, started on the database copy (moved into the scratch
+    shared folder), health and rehearse_paths checked, stopped. Returns the Result (not recorded)."""
+    result = Result(commit=commit, tree=repo.tree_of(commit))
+    unit = f"{env.unit.removesuffix('.service')}-drill-{utc_stamp()}.service"
+    try:
+        db = scratch_db(env, scratch)
+        db.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
+        os.replace(copy, db)
+        release = stage(result, "build", lambda: releases.build(env, repo, commit, say, folder=scratch / "releases",
+                                                                shared=scratch / "shared"))
+        start_and_check(env, unit, release, scratch, result)
+        result.ok = True
+    except DeployError as exc:
+        result.error = str(exc)
+        result.output = getattr(exc, "output", "") or app_log_tail(scratch) or "\n".join(units.journal_tail(unit))
+    finally:
+        units.systemctl("stop", unit, timeout=units.RESTART_TIMEOUT, check=False)
+        units.systemctl("reset-failed", unit, check=False)
     return result
 
 

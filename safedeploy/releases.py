@@ -115,7 +115,8 @@ def build(env, repo, commit, say=None, folder=None, shared=None):
     _, own_folder, own_shared, _ = layout(env)
     folder, shared = Path(folder or own_folder), Path(shared or own_shared)
     folder.mkdir(parents=True, exist_ok=True)
-    shared.mkdir(parents=True, exist_ok=True)
+    shared.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(shared, 0o700)             # it holds the database: private, like every folder of user data
     rid = f"{utc_stamp()}-{commit[:12]}"
     n = 1
     while (folder / rid).exists():
@@ -174,6 +175,9 @@ def link_shared(env, work, shared):
             inside.unlink()
         inside.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(os.path.relpath(kept, inside.parent), inside)
+        if kept.is_dir() and not kept.is_symlink() and rel == (shared_paths(env) or [None])[0] \
+                and not os.path.isabs(env.db_setting):
+            os.chmod(kept, 0o700)           # the database's folder
 
 
 def run_build(env, work):

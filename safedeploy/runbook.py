@@ -69,8 +69,9 @@ class Outcome:
     watched: float = 0.0
 
 
-def decide_database(env, point, mode):
-    """(restore?, why), as the operator will read it. Only what was compared is said."""
+def decide_database(env, point, mode, compare=True):
+    """(restore?, why), as the operator will read it. Only what was compared is said. compare=False
+    (an automatic rollback, where every second counts) skips comparing the rows, and says so."""
     if mode == "code-only":
         return False, "--code-only: the database is left as it is"
     if not point.backup:
@@ -89,6 +90,9 @@ def decide_database(env, point, mode):
     if live != point.backup.schema:
         return True, (f"the live schema ({live}) differs from the point's ({point.backup.schema}): "
                       "a migration ran since, so the database goes back too")
+    if not compare:
+        return False, ("the live schema matches the point's, so the database is left as it is (its rows were not "
+                       "compared with the point's backup: rollback.py's plan does that)")
     return False, "the live schema matches the point's, so the database is left as it is; " + compare_rows(env, point)
 
 
@@ -132,7 +136,7 @@ def refuse_tracked_database(env, repo, commits):
         if found:
             raise DeployError(f"commit {commit[:12]} tracks the live database file {', '.join(found)}: moving the work "
                               f"tree to or from it would make git overwrite or delete {env.db}. Untrack it "
-                              f"(git rm --cached {rel}; echo /{rel}* >> .gitignore; commit and push), or convert "
+                              f"(git rm --cached {rel}; echo '/{rel}*' >> .gitignore; commit and push), or convert "
                               "the env to releases (deploy.py ENV --install-units); nothing was changed")
 
 

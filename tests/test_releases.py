@@ -240,3 +240,11 @@ def test_status_names_files_of_the_running_release_changed_by_hand(deps_host):
     proc = sb.run("status.py", "dev", "--json")
     st = json.loads(proc.stdout)["envs"]["dev"]
     assert proc.returncode == 1 and any("differs from its commit: VERSION" in p for p in st["problems"])
+
+
+def test_the_shared_folder_holding_the_database_is_private(deps_host):
+    sb, _ = deps_host
+    import stat
+    root = sb.path("dev").parent / "dev.releases"
+    for folder in (root / "shared", root / "shared" / "instance"):
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700, folder

@@ -261,3 +261,26 @@ def test_many_restarts_in_a_row_are_not_refused_by_the_start_limit(sandbox):
         release.restart_unit(env)
     release.wait_until_healthy(env)
     assert units.state(env.unit).is_active
+
+
+def test_a_drill_boots_the_point_s_release_on_the_restored_copy(sandbox):
+    """The drill proves a backup by running the app on it: a point whose release cannot start on its
+    backup fails the drill, and nothing live is touched either way."""
+    sb = sandbox
+    first = deploy_v2(sb)
+    proc = sb.run("rollback.py", "dev", "--drill")
+    assert proc.returncode == 0 and "started on it on a scratch port" in proc.stdout and "HTTP 200" in proc.stdout
+    # a point whose release cannot serve on its own backup: the drill fails and says why
+    sb.release("dev", {"VERSION": "3\n", "MODE": "crashonrow poison\n"}, "v3 chokes on one row")
+    assert sb.run("deploy.py", "dev").returncode == 0
+    requests.post(sb.url("dev", "/notes"), data="poison", timeout=5)
+    proc = sb.run("backup.py", "dev")
+    assert proc.returncode == 0
+    point = json.loads(sb.run("rollback.py", "dev", "--list", "--json").stdout)["points"][0]["id"]
+    pid = sb.manager.systemctl("show", sb.unit("dev"), "-p", "MainPID", "--value").stdout
+    proc = sb.run("rollback.py", "dev", "--drill", "--to", point)
+    assert proc.returncode == 1 and "did not serve on the restored copy" in proc.stderr, proc.stderr
+    assert "crashes on a row" in proc.stderr
+    assert sb.manager.systemctl("show", sb.unit("dev"), "-p", "MainPID", "--value").stdout == pid
+    leftover = sb.manager.systemctl("list-units", "--all", "--plain", "--no-legend", "*drill*").stdout.strip()
+    assert leftover == ""
