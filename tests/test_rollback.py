@@ -267,7 +267,7 @@ def test_a_drill_boots_the_point_s_release_on_the_restored_copy(sandbox):
     """The drill proves a backup by running the app on it: a point whose release cannot start on its
     backup fails the drill, and nothing live is touched either way."""
     sb = sandbox
-    first = deploy_v2(sb)
+    deploy_v2(sb)
     proc = sb.run("rollback.py", "dev", "--drill")
     assert proc.returncode == 0 and "started on it on a scratch port" in proc.stdout and "HTTP 200" in proc.stdout
     # a point whose release cannot serve on its own backup: the drill fails and says why
