@@ -147,8 +147,8 @@ def run_cell(sb, op, step, sig, handover=False, fault_at=None, releases=False):
     start = time.monotonic()
     if sig == "KILL" and op != "backup":
         status = sb.run("status.py", "dev")
-        if "INTERRUPTED" not in status.stdout:
-            cell.problems.append("status.py did not show the interrupted operation")
+        if "INTERRUPTED" not in status.stdout or status.returncode != 1:
+            cell.problems.append(f"status.py did not show the interrupted operation with exit 1 (exit {status.returncode})")
     if op == "backup":
         follow = sb.run("backup.py", "dev")
     elif op == "rollback":          # a finished rollback marks v2 bad: deploying it again takes --force

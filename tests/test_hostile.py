@@ -189,6 +189,8 @@ def test_3_a_corrupt_live_database_is_restored_over_and_kept_as_evidence(sandbox
     sb.wait_serving("dev")
     proc = sb.run("rollback.py", "dev", "--list")
     assert proc.returncode == 0 and "Traceback" not in proc.stderr
+    status = sb.run("status.py", "dev")
+    assert status.returncode == 1 and "fails quick_check" in status.stdout
     proc = sb.run("rollback.py", "dev", "--yes")           # auto: the damaged database goes back
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "fails quick_check" in proc.stdout and "evidence" in proc.stdout
