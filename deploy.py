@@ -275,6 +275,8 @@ def carry_out_steps(config, env, plan, journal):
                 plan.release = releases.build(env, plan.repo, plan.target, cli.say)
                 record["release"] = plan.release.id
                 journal.update(release=plan.release.id)
+        passed = rehearsal.passed_for(env, plan.repo.tree_of(plan.target))
+        record["rehearsed"] = passed["time"] if passed else None
         with clock.step(TAG):
             record["tag"], record["tag_pushed"] = tag_running_commit(env, plan)
             journal.update(tag=record["tag"])
@@ -693,10 +695,10 @@ def show_plan(config, env, args):
         say(f"  {i + 1:2}. {step}")
     for why in plan.forced_because:
         say(f"  forced: {why}")
-    if env.require_rehearsal:
-        passed = rehearsal.passed_for(env, plan.repo.tree_of(plan.target))
-        say(f"  rehearsal: passed {passed['time']} on {env.name}'s data" if passed else
-            "  rehearsal: none passed; deploying anyway (--force)")
+    passed = rehearsal.passed_for(env, plan.repo.tree_of(plan.target))
+    say(f"  rehearsal: passed {passed['time']} on {env.name}'s data" if passed else
+        f"  rehearsal: none for this tree (try it on {env.name}'s data first: "
+        f"{cli.script_command(config, 'deploy.py', env.name, '--rehearse')})")
     return 0
 
 

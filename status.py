@@ -11,7 +11,7 @@ active and healthy, 1 otherwise (so monitoring can use it), 2 on a config error.
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-from safedeploy import backups, cli, health, recovery, rehearsal, releases, units
+from safedeploy import backups, cli, health, recovery, releases, units
 from safedeploy.errors import EXIT_FAILED, DeployError
 from safedeploy.gitrepo import Repo
 from safedeploy.points import list_points
@@ -175,7 +175,7 @@ def running_part(config, env, records):
 
 
 def rehearsal_part(config, env, records):
-    found = rehearsal.rehearsals_log(env).read()
+    found = [r for r in records if r.get("kind") == "rehearsal"]
     if not found:
         return {"last_rehearsal": None}
     r = found[-1]

@@ -37,7 +37,7 @@ def main():
             proc = sb.run("deploy.py", "dev", "--rehearse", timeout=900)
             took = time.monotonic() - start
             assert proc.returncode == 0, proc.stdout + proc.stderr
-            record = json.loads((sb.root / "state" / "dev.rehearsals.jsonl").read_text().splitlines()[-1])
+            record = json.loads((sb.root / "state" / "dev.deploys.jsonl").read_text().splitlines()[-1])
             rows.append((mb, took, record["steps"]))
             sb.stop_units()
             shutil.rmtree(sb.root, ignore_errors=True)

@@ -11,8 +11,8 @@ release started as a transient unit of the user manager on a free port (the serv
 ExecStart and Environment, with its paths and port moved to the scratch ones; the variables
 go through a 0600 file, never the command line); health and the `rehearse_paths` checked;
 the unit stopped; the scratch folder removed. Nothing live changes: no restart, no tag, no
-switch, no deploy-log record. A passed rehearsal is recorded by the tree it tested
-(state/ENV.rehearsals.jsonl), which `require_rehearsal` makes deploys ask for.
+switch. The rehearsal is recorded in the deploy log (kind "rehearsal", by the tree it
+tested), where `require_rehearsal` makes deploys look for a passed one.
 """
 
 import os
@@ -28,7 +28,7 @@ from pathlib import Path
 from . import backups, commands, health, releases, units
 from .errors import DeployError
 from .files import make_private_dir, write_atomic
-from .state import JsonLog, now_iso, utc_stamp
+from .state import deploy_log, now_iso, utc_stamp
 
 SMALL_FILE = 10 << 20       # files of the database's folder copied into a rehearsal (not the database)
 
@@ -60,13 +60,14 @@ class Result:
                 "steps": self.seconds}
 
 
-def rehearsals_log(env):
-    return JsonLog(env.state_dir / f"{env.name}.rehearsals.jsonl")
+def rehearsals(env):
+    """The env's rehearsals, oldest first (from its deploy log)."""
+    return [r for r in deploy_log(env).read() if r.get("kind") == "rehearsal"]
 
 
 def passed_for(env, tree):
     """The newest passed rehearsal of tree in env, or None."""
-    for record in reversed(rehearsals_log(env).read()):
+    for record in reversed(rehearsals(env)):
         if record.get("tree") == tree and record.get("result") == "ok":
             return record
     return None
@@ -112,7 +113,7 @@ def rehearse(env, repo, commit, say):
         units.systemctl("stop", unit, timeout=units.RESTART_TIMEOUT, check=False)
         units.systemctl("reset-failed", unit, check=False)
         shutil.rmtree(scratch, ignore_errors=True)
-    rehearsals_log(env).append({"time": now_iso(), "env": env.name, **result.to_json()})
+    deploy_log(env).append({"kind": "rehearsal", "time": now_iso(), "env": env.name, **result.to_json()})
     return result
 
 

@@ -61,7 +61,7 @@ def test_a_unique_index_migration_fails_on_prods_data_and_passes_on_devs(sandbox
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "pre_restart" in proc.stderr and "UNIQUE constraint failed" in proc.stderr
     assert live_state(sb, "prod") == before                # PID, commit, database bytes, no unit left
-    assert [r for r in log_records(sb, "prod")] == []       # no deploy, tag or rollback record
+    assert [r["kind"] for r in log_records(sb, "prod")] == ["rehearsal"]       # no deploy, tag or rollback
     assert not list((sb.root / "backups" / "prod").glob(".rehearsal-*"))
 
 
@@ -90,6 +90,7 @@ def test_an_env_may_require_a_rehearsal_of_the_same_tree(sandbox):
     assert "rehearsal: passed" in sb.run("deploy.py", "dev", "--dry-run").stdout
     proc = sb.run("deploy.py", "dev")
     assert proc.returncode == 0, proc.stderr
+    assert log_records(sb, "dev")[-1]["rehearsed"]                  # the deploy log names the rehearsal
     assert requests.get(sb.url("dev", "/"), timeout=5).json()["version"] == "2"
 
 
