@@ -87,8 +87,9 @@ class EnvLock:
             except BlockingIOError:
                 holder = read_holder(self.path)
                 deadline = start + self.wait
-                # a backup (or a holder that has not written who it is yet) is waited for; anything else is not
-                if self.backup_wait and holder.get("operation", "backup") == "backup":
+                # a backup or a prune (or a holder that has not written who it is yet) ends by itself and is
+                # waited for; anything else is not
+                if self.backup_wait and holder.get("operation", "backup").startswith(("backup", "prune")):
                     deadline = start + max(self.wait, self.backup_wait)
                     if not told and self.on_wait and holder:
                         self.on_wait(f"waiting for a backup of {self.env} to finish (pid {holder.get('pid', '?')}, "

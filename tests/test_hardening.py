@@ -125,7 +125,8 @@ def test_config_or_state_writable_by_others_is_refused(watched):
     proc = sb.run("deploy.py", "dev")
     assert proc.returncode == 2 and "state folder is writable by group or others" in one_line_error(proc)
     os.chmod(sb.root / "state", 0o700)
-    assert sb.run("status.py").returncode == 0
+    proc = sb.run("status.py")
+    assert proc.returncode in (0, 1) and "== dev" in proc.stdout       # read again (1: an env needs attention)
 
 
 def test_nothing_the_tool_writes_is_readable_by_others(watched):
@@ -255,3 +256,35 @@ def test_backups_every_half_second_during_deploys_and_rollbacks(sandbox):
     assert kinds.count("rollback") == 3 and kinds.count("deploy") == 6
     listed = json.loads(sb.run("backup.py", "--list", "--json").stdout)["backups"]
     assert len([b for b in listed if b["reason"] == "nightly"]) >= 3
+
+
+def test_a_deploy_lock_waits_for_a_backup_but_not_for_another_deploy(tmp_path):
+    from safedeploy.errors import EXIT_LOCKED, DeployError
+    from safedeploy.state import EnvLock
+
+    def hold(operation, seconds, ready):
+        with EnvLock(tmp_path, "dev", operation):
+            ready.set()
+            time.sleep(seconds)
+
+    for operation, waits in (("backup (nightly)", True), ("prune", True), ("deploy", False)):
+        ready = threading.Event()
+        holder = threading.Thread(target=hold, args=(operation, 1.0, ready))
+        holder.start()
+        ready.wait(5)
+        time.sleep(0.1)                 # the holder has written who it is
+        told = []
+        start = time.monotonic()
+        try:
+            with EnvLock(tmp_path, "dev", "deploy", backup_wait=10, on_wait=told.append):
+                acquired = True
+        except DeployError as exc:
+            acquired = False
+            assert exc.code == EXIT_LOCKED
+        took = time.monotonic() - start
+        holder.join()
+        assert acquired == waits, operation
+        if waits:
+            assert told and "waiting for a backup" in told[0] and took >= 0.5
+        else:
+            assert took < 0.5
