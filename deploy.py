@@ -103,6 +103,7 @@ class Plan:
     reason: str = ""
     forced_because: list = field(default_factory=list)
     backup_path: object = None          # the pre-deploy backup's file, named before the tag that mentions it
+    target_tree: str = ""               # the target's git tree: gates, marks and rehearsals go by it
     running_release: object = None      # releases: the release `current` points at
     release: object = None              # releases: the one this deploy built
     previous_release: str | None = None
@@ -123,7 +124,8 @@ def prepare(config, env, args, fetch=True):
     running = running_commit(deploy_log(env).read()) or head
     target = resolve_target(repo, env, args)
     plan = Plan(repo=repo, running=running, head=head, target=target,
-                target_subject=repo.subject(target), unit_file=unit_state.fragment_path,
+                target_subject=repo.subject(target), target_tree=repo.tree_of(target),
+                unit_file=unit_state.fragment_path,
                 fast_forward=repo.is_ancestor(head, target), reason=args.reason or "",
                 running_release=releases.current(env))
     if not plan.nothing_to_deploy:
@@ -188,7 +190,7 @@ def check_promotion_gate(config, env, plan, args):
         return
     source = config.env(env.promote_from)
     verified = verified_log(source.name, source.state_dir).read()
-    tree = plan.repo.tree_of(plan.target)
+    tree = plan.target_tree
     if any(v.get("tree") == tree for v in verified):
         return
     if args.force:
@@ -207,7 +209,7 @@ def check_promotion_gate(config, env, plan, args):
 
 def check_bad_release(env, plan, args):
     """A release that was rolled back (its tree) stays out unless --force --reason."""
-    mark = bad_mark(env, plan.repo.tree_of(plan.target))
+    mark = bad_mark(env, plan.target_tree)
     if not mark:
         return
     if args.force:
@@ -221,7 +223,7 @@ def check_bad_release(env, plan, args):
 
 def check_rehearsed(config, env, plan, args):
     """require_rehearsal: deploy only a tree that passed a rehearsal on this env's data."""
-    if not env.require_rehearsal or rehearsal.passed_for(env, plan.repo.tree_of(plan.target)):
+    if not env.require_rehearsal or rehearsal.passed_for(env, plan.target_tree):
         return
     if args.force:
         plan.forced_because.append(f"require_rehearsal: {plan.target[:12]} was not rehearsed in {env.name}")
@@ -275,7 +277,7 @@ def carry_out_steps(config, env, plan, journal):
                 plan.release = releases.build(env, plan.repo, plan.target, cli.say)
                 record["release"] = plan.release.id
                 journal.update(release=plan.release.id)
-        passed = rehearsal.passed_for(env, plan.repo.tree_of(plan.target))
+        passed = rehearsal.passed_for(env, plan.target_tree)
         record["rehearsed"] = passed["time"] if passed else None
         with clock.step(TAG):
             record["tag"], record["tag_pushed"] = tag_running_commit(env, plan)
@@ -320,7 +322,7 @@ def carry_out_steps(config, env, plan, journal):
             mark_verified(env, plan, "deploy")
             if plan.clears_bad:
                 bad_log(env).append({"time": now_iso(), "env": env.name, "commit": plan.target, "bad": False,
-                                     "tree": plan.repo.tree_of(plan.target), "why": f"deployed with --force: {plan.reason}"})
+                                     "tree": plan.target_tree, "why": f"deployed with --force: {plan.reason}"})
     except DeployError as exc:
         cli.err(f"error: {env.name} runs {plan.target[:12]} and is healthy, but the deploy could not be recorded: "
                 f"{exc}. Free space in {env.state_dir}, then run: {cli.script_command(config, 'verify.py', env.name)}")
@@ -401,7 +403,7 @@ def switch_work_tree(plan):
 
 def mark_verified(env, plan, by):
     verified_log(env.name, env.state_dir).append(
-        {"time": now_iso(), "commit": plan.target, "tree": plan.repo.tree_of(plan.target), "by": by})
+        {"time": now_iso(), "commit": plan.target, "tree": plan.target_tree, "by": by})
 
 
 def roll_back_after_failure(config, env, plan, record, clock, backup, exc):
@@ -695,7 +697,7 @@ def show_plan(config, env, args):
         say(f"  {i + 1:2}. {step}")
     for why in plan.forced_because:
         say(f"  forced: {why}")
-    passed = rehearsal.passed_for(env, plan.repo.tree_of(plan.target))
+    passed = rehearsal.passed_for(env, plan.target_tree)
     say(f"  rehearsal: passed {passed['time']} on {env.name}'s data" if passed else
         f"  rehearsal: none for this tree (try it on {env.name}'s data first: "
         f"{cli.script_command(config, 'deploy.py', env.name, '--rehearse')})")

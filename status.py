@@ -166,12 +166,7 @@ def data_part(config, env, records):
 
 def running_part(config, env, records):
     """What the app says it runs (/_deploy/status, when it serves it) against what the log says."""
-    answer = health.check(env.health_url.removesuffix(env.health_path) + "/_deploy/status", timeout=HEALTH_TIMEOUT)
-    try:
-        served = json.loads(answer.body).get("commit") if answer.ok else None
-    except (ValueError, AttributeError):
-        served = None
-    return {"served_commit": served}
+    return {"served_commit": health.served_commit(env.base_url, HEALTH_TIMEOUT)}
 
 
 def rehearsal_part(config, env, records):

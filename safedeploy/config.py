@@ -100,8 +100,12 @@ class Env:
         return Path(os.path.realpath(named))
 
     @property
+    def base_url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
     def health_url(self):
-        return f"http://127.0.0.1:{self.port}{self.health_path}"
+        return f"{self.base_url}{self.health_path}"
 
     @property
     def domain_url(self):

@@ -1,5 +1,6 @@
 """HTTP health checks with requests: every call has a timeout."""
 
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -69,6 +70,15 @@ def _check(session, url, timeout, verify):
         return Health(False, None, None, short(exc))
     ms = (time.monotonic() - start) * 1000
     return Health(200 <= response.status_code < 400, response.status_code, round(ms, 1), body=body)
+
+
+def served_commit(base_url, timeout=2.0):
+    """The commit the app says it runs (/_deploy/status, when it serves it), or None."""
+    answer = check(base_url + "/_deploy/status", timeout=timeout)
+    try:
+        return json.loads(answer.body).get("commit") if answer.ok else None
+    except (ValueError, AttributeError):
+        return None
 
 
 def short(exc):

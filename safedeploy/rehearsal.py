@@ -110,8 +110,7 @@ def rehearse(env, repo, commit, say):
         if result.failed in ("start", "health", "paths") and not result.output:
             result.output = app_log_tail(scratch) or "\n".join(units.journal_tail(unit))
     finally:
-        units.systemctl("stop", unit, timeout=units.RESTART_TIMEOUT, check=False)
-        units.systemctl("reset-failed", unit, check=False)
+        stop_transient(unit)
         shutil.rmtree(scratch, ignore_errors=True)
     deploy_log(env).append({"kind": "rehearsal", "time": now_iso(), "env": env.name, **result.to_json()})
     return result
@@ -144,9 +143,14 @@ def boot_on_copy(env, repo, commit, copy, scratch, say=None):
         result.error = str(exc)
         result.output = getattr(exc, "output", "") or app_log_tail(scratch) or "\n".join(units.journal_tail(unit))
     finally:
-        units.systemctl("stop", unit, timeout=units.RESTART_TIMEOUT, check=False)
-        units.systemctl("reset-failed", unit, check=False)
+        stop_transient(unit)
     return result
+
+
+def stop_transient(unit):
+    """Stop the transient unit (if it started) and forget it, whatever state it ended in."""
+    units.systemctl("stop", unit, timeout=units.RESTART_TIMEOUT, check=False)
+    units.systemctl("reset-failed", unit, check=False)
 
 
 def stage(result, name, fn):

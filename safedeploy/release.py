@@ -34,11 +34,7 @@ def wait_until_healthy(env, expect_commit=None):
         if owner:
             return f"{owner}: something else answers on the port"
         if expect_commit:
-            status = health.check(env.health_url.removesuffix(env.health_path) + "/_deploy/status", timeout=2)
-            try:
-                commit = json.loads(status.body).get("commit") if status.ok else None
-            except (ValueError, AttributeError):
-                commit = None
+            commit = health.served_commit(env.base_url)
             if commit and commit != expect_commit:
                 return f"/_deploy/status names {commit[:12]}, not {expect_commit[:12]}: another process answers"
         return ""

@@ -19,13 +19,7 @@ PROPS = ["LoadState", "ActiveState", "SubState", "FragmentPath", "NRestarts",
 
 def systemctl(*args, timeout=SYSTEMCTL_TIMEOUT, check=True):
     argv = ["systemctl", "--user", *args]
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
-    except FileNotFoundError:
-        raise DeployError("systemctl is not installed: this tool needs systemd") from None
-    except subprocess.TimeoutExpired:
-        raise DeployError(f"`{' '.join(argv)}` did not answer within {timeout}s") from None
+    proc = run_command(argv, timeout)
     if check and proc.returncode != 0:
         why = (proc.stderr or proc.stdout).strip().splitlines()
         raise DeployError(f"`{' '.join(argv)}` failed: {why[-1] if why else f'exit {proc.returncode}'}")
@@ -33,13 +27,14 @@ def systemctl(*args, timeout=SYSTEMCTL_TIMEOUT, check=True):
 
 
 def run_command(argv, timeout=SYSTEMCTL_TIMEOUT):
-    """Run a systemd tool (systemd-run) with a timeout; the CompletedProcess, never a raise for its exit."""
+    """Run a systemd tool (systemctl, systemd-run) with a timeout; the CompletedProcess, never a raise
+    for its exit code."""
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except FileNotFoundError:
         raise DeployError(f"{argv[0]} is not installed: this tool needs systemd") from None
     except subprocess.TimeoutExpired:
-        raise DeployError(f"`{' '.join(argv[:4])} ...` did not answer within {timeout}s") from None
+        raise DeployError(f"`{' '.join(argv)}` did not answer within {timeout}s") from None
 
 
 @dataclass
@@ -276,16 +271,20 @@ def helper_name(unit):
     return unit.removesuffix(".service") + "-handover.service"
 
 
+def slot_states(unit):
+    """The states of the units that may serve the env: the service, and its handover slot when it has one."""
+    helper = state(helper_name(unit))
+    return [state(unit), helper] if helper.known else [state(unit)]
+
+
 def slots(unit):
-    """The units that may serve the env: the service, and its handover slot when it has one."""
-    helper = helper_name(unit)
-    return [unit, helper] if state(helper).known else [unit]
+    return [st.name for st in slot_states(unit)]
 
 
 def serving_state(unit):
     """The state of the slot that serves (or is starting to): with a handover slot, a deploy leaves
     whichever it started last serving. Both running (a deploy killed mid-swap): the newer."""
-    states = [state(u) for u in slots(unit)]
+    states = slot_states(unit)
     running = [st for st in states if st.is_active]
     if running:
         return min(running, key=lambda st: st.uptime if st.uptime is not None else 0.0)
