@@ -19,6 +19,8 @@ from safedeploy.state import age_seconds, bad_mark, deploy_log, human_age, lock_
 
 HEALTH_TIMEOUT = 2.0
 MAX_BACKUP_AGE = 24 * 3600
+NO_SAFE_POINT = ("none to paste: no point on another commit that is neither a rolled-back release nor a "
+                 "pre-rollback copy (what runs may be the oldest good state; see rollback.py ENV --list)")
 
 
 def main():
@@ -229,7 +231,7 @@ def show(reports, as_json):
                               f"rollback.py of {name} finishes or undoes it", "red"))
         for problem in r["problems"]:
             cli.say(cli.paint(f"  problem   {problem}", "red"))
-        cli.say(f"  rollback  {r['rollback'] or 'no safe rollback point (a deploy or a backup makes one)'}")
+        cli.say(f"  rollback  {r['rollback'] or NO_SAFE_POINT}")
         if r.get("undo_rollback"):
             cli.say(f"  undo      the last rollback (puts back the release it left, and its database): "
                     f"{r['undo_rollback']}")
