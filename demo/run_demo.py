@@ -94,7 +94,8 @@ def main():
             print(f"  export XDG_RUNTIME_DIR={manager.runtime} XDG_CONFIG_HOME={manager.config_home}")
             print(f"  export DEPLOY_CONFIG={root / 'host' / 'config.toml'}")
             print("  python3 status.py; systemctl --user status 'demo-*'")
-            print(f"When done: kill {manager.proc.pid} (the manager stops the apps), then rm -r {root}")
+            print(f"When done: kill {manager.proc.pid} (the manager stops the apps), then rm -r {root}; "
+                  f"find {manager.cgroup} -depth -type d -delete (the cgroup it ran in)")
         else:
             manager.stop()
             shutil.rmtree(root, ignore_errors=True)
