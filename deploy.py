@@ -10,17 +10,14 @@ wait for health; record the deploy; print the rollback command. An env not yet
 converted to releases runs from its work tree, which is moved in place.
 """
 
-import difflib
-import os
 import re
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from safedeploy import backups, cli, commands, convert, recovery, rehearsal, release, releases, runbook, units
 from safedeploy.runbook import BACKUP, BUILD, HEALTH, PRE_RESTART, RECORD, RESTART, REVISION, SWITCH, TAG, WATCH
 from safedeploy.errors import EXIT_FAILED, EXIT_HUMAN, EXIT_LOCKED, DeployError, usage_error
-from safedeploy.files import make_private_dir, remove_quietly, same_disk, write_atomic
+from safedeploy.files import same_disk
 from safedeploy.gitrepo import Repo
 from safedeploy.points import Point
 from safedeploy.state import (EnvLock, Journal, StepClock, bad_log, bad_mark, deploy_log, lock_holder, now_iso,
@@ -494,106 +491,16 @@ def install_units(config, env, args):
     """Convert the env to releases (when it still runs from its work tree) and socket units:
     plan and unit diff first, then one short switch-over; everything put back if not healthy."""
     with EnvLock(env.state_dir, env.name, "install units"):
-        repo = Repo(env.path)
-        converting = not env.converted
-        files = socket_unit_files(env, args.notify, converting)
-        pairs, commit = [], None
-        if converting:
-            commit, pairs = conversion_plan(env, repo)
-        warn_gunicorn_readiness(files, env)
-        if not show_unit_diffs(files) and not converting:
+        conversion = convert.plan(env, Repo(env.path), args.notify, cli.say, cli.err)
+        if not conversion.changes:
             cli.say(f"{env.name}: the socket units are in place already; nothing to do")
             return 0
         if args.dry_run:
             cli.say("dry run: nothing was changed")
             return 0
         confirm_units(env, args)
-        saved, modes = save_unit_files(env, files)
-        first, moves = None, convert.Moves()
-        try:
-            if converting:
-                first = releases.build(env, repo, commit, cli.say)
-            switch_over(env, files, modes, first, pairs, moves)
-        except (DeployError, KeyboardInterrupt) as exc:
-            why = str(exc) if isinstance(exc, DeployError) else cli.describe_interrupt(exc)
-            try:
-                put_back(env, files, saved, modes, first, moves)
-            except DeployError as back_exc:
-                raise DeployError(f"{'converting' if converting else 'installing the socket units for'} {env.name} "
-                                  f"failed ({why}) and putting it back failed too ({back_exc}). The old unit files "
-                                  f"are in {saved}. Look with: systemctl --user status {env.unit}; then run: "
-                                  f"systemctl --user restart {env.unit}", EXIT_HUMAN) from None
-            error = DeployError(f"converting {env.name} failed ({why}); everything is put back: the old unit files, "
-                                f"the data in {env.path}, and {env.unit} restarted from its work tree"
-                                if converting else
-                                f"installing the socket units failed ({why}); the old unit files are back "
-                                f"and {env.unit} was restarted as it was")
-            error.output = getattr(exc, "output", "")
-            raise error from None
-    helper = units.helper_name(env.unit)
-    serves = f"; {helper} serves while it restarts" if any(p.name == helper for p in files) else ""
-    if converting:
-        cli.say(f"converted: {env.name} runs release {first.id} through {env.current_link}; its data is in "
-                f"{env.releases_root / 'shared'}; deploys now build a release beside the running one")
-    cli.say(f"installed: {units.socket_name(env.unit)} holds port {env.port}; {env.unit} takes its socket from "
-            f"systemd{serves}; the old files are saved in {saved}")
+        convert.carry_out(env, conversion, cli.say)
     return 0
-
-
-def conversion_plan(env, repo):
-    """Print what conversion will do; refuse what it cannot do safely, before any change."""
-    dirty = repo.dirty_files()
-    if dirty:
-        raise DeployError(f"cannot convert {env.name}: {env.path} has uncommitted changes to tracked files "
-                          f"({', '.join(f.strip() for f in dirty[:3])}); the first release is built from a commit, "
-                          "so commit or stash them first (nothing was changed)")
-    commit = running_commit(deploy_log(env).read()) or repo.head()
-    pairs = convert.data_to_move(env, repo)
-    convert.check_moves(pairs)
-    shared = env.releases_root / "shared"
-    cli.say(f"convert {env.name} from its work tree to releases:")
-    cli.say(f"  1. build {commit[:12]} (what runs) as the first release in {env.releases_root / 'releases'}"
-            + (f", running {len(env.build)} build command(s)" if env.build else ""))
-    cli.say(f"  2. stop {env.unit} (and its socket), rename into {shared}: "
-            + (", ".join(str(src.relative_to(env.path)) for src, _ in pairs) or "nothing (no untracked data)"))
-    cli.say(f"  3. point {env.current_link} at the release; install the unit files below; start; wait for health")
-    cli.say(f"  4. if it is not healthy: every file goes back, the old units return, {env.unit} restarts as it was")
-    return commit, pairs
-
-
-def warn_gunicorn_readiness(files, env):
-    """gunicorn sends READY=1 once its master is up, before its workers have imported the app; a
-    handover that trusts it stops the old process while the new one cannot answer yet."""
-    service = files[units.user_unit_dir() / env.unit]
-    if "gunicorn" in service and "--preload" not in service:
-        cli.err(f"warning: {env.unit} runs gunicorn without --preload: gunicorn signals ready before its workers "
-                "load the app, so requests wait (measured: up to 1.7 s) while the new workers import it. Add "
-                "--preload to ExecStart: the app is then loaded before gunicorn says ready")
-
-
-def socket_unit_files(env, notify, converting=False):
-    st = units.require_known(env.unit)
-    current = Path(st.fragment_path).read_text()
-    notify = notify or "gunicorn" in current or "Type=notify" in current
-    folder = units.user_unit_dir()
-    if converting:
-        current = convert.rewrite_paths(current, env)
-    service = units.render_socket_service(current, env.unit, notify)
-    files = {folder / env.unit: service, folder / units.socket_name(env.unit): units.render_socket(env.unit, env.port)}
-    if notify:      # the helper needs readiness: systemctl start must return only once it serves
-        files[folder / units.helper_name(env.unit)] = units.render_helper(service, env.unit)
-    return files
-
-
-def show_unit_diffs(files):
-    changed = False
-    for path, text in files.items():
-        old = path.read_text() if path.exists() else ""
-        if old != text:
-            changed = True
-            cli.say("".join(difflib.unified_diff(old.splitlines(True), text.splitlines(True),
-                                                 str(path) if old else "/dev/null", str(path))))
-    return changed
 
 
 def confirm_units(env, args):
@@ -602,58 +509,6 @@ def confirm_units(env, args):
     if not sys.stdin.isatty():
         raise usage_error("--install-units changes unit files and restarts the service: add --yes")
     cli.confirm_env(env.name, False, "install the socket units and restart")
-
-
-def save_unit_files(env, files):
-    """Copies of the files it replaces, and the mode each new file gets: the old file's own, or for a
-    new file the service's (a helper copies the service's Environment=, secrets included)."""
-    folder = make_private_dir(env.backup_dir / f"units-{utc_stamp()}")
-    service = units.user_unit_dir() / env.unit
-    service_mode = stat_mode(service) or 0o644
-    modes = {}
-    for path in files:
-        modes[path] = stat_mode(path) or service_mode
-        if path.exists():
-            write_atomic(folder / path.name, path.read_bytes())
-    return folder, modes
-
-
-def stat_mode(path):
-    try:
-        return os.stat(path).st_mode & 0o777
-    except OSError:
-        return None
-
-
-def switch_over(env, files, modes, first, pairs, moves):
-    """One stop: the data moves to shared/ (converting), `current` appears, the units are installed,
-    the socket takes the port and the service starts on it."""
-    units.install_unit_files(files, modes)
-    if first is not None:
-        convert.stop_all(env)
-        convert.move_data(pairs, moves)
-        releases.switch(env, first)
-    else:
-        units.stop(env.unit)
-    units.systemctl("enable", "--now", units.socket_name(env.unit))
-    release.restart_unit(env)
-    release.wait_until_healthy(env, first.commit if first else None)
-
-
-def put_back(env, files, saved, modes, first, moves):
-    convert.stop_all(env)
-    units.systemctl("disable", units.socket_name(env.unit), check=False)
-    convert.put_data_back(moves)
-    convert.remove_layout(env, first)
-    for path in files:
-        old = saved / path.name
-        if old.exists():
-            write_atomic(path, old.read_bytes(), mode=modes[path])
-        else:
-            remove_quietly(path)
-    units.daemon_reload()
-    release.restart_unit(env)
-    release.wait_until_healthy(env)
 
 
 # -- the dry run ---------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Converting an env that runs from its work tree to releases and socket units
-(deploy.py ENV --install-units), with everything put back when the result is not healthy.
+(deploy.py ENV --install-units, and adopt.py ENV), with everything put back when the result is not healthy.
 
 In order: the running commit is built as the first release (the app still serves from its
 tree); the unit files are rendered: the service's absolute paths into the work tree
@@ -14,14 +14,19 @@ put_back() reverses each move it made: the files go back into the tree, `current
 built release are removed, the old unit files return, and the service starts as it was.
 """
 
+import difflib
 import os
 import re
 import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from . import releases, units
-from .errors import DeployError
-from .files import fsync_dir
+from . import release, releases, units
+from .cli import describe_interrupt
+from .errors import EXIT_HUMAN, DeployError
+from .files import fsync_dir, make_private_dir, remove_quietly, write_atomic
+from .gitrepo import Repo
+from .state import deploy_log, running_commit, utc_stamp
 
 PATH_KEYS = ("WorkingDirectory=", "ExecStart=", "ExecStartPre=", "ExecStartPost=", "ExecReload=", "ExecStop=",
              "Environment=", "EnvironmentFile=")
@@ -120,3 +125,170 @@ def stop_all(env):
         units.systemctl("stop", sock, timeout=units.RESTART_TIMEOUT, check=False)
     units.systemctl("stop", units.helper_name(env.unit), timeout=units.RESTART_TIMEOUT, check=False)
     units.stop(env.unit)
+
+
+# -- the whole conversion: plan, then one switch-over, put back when not healthy -------------
+@dataclass
+class Conversion:
+    """What plan() found: the unit files to install, and (converting) the commit and the moves."""
+    files: dict
+    converting: bool
+    commit: str | None
+    pairs: list
+    changes: bool
+
+
+def plan(env, repo, notify, say, warn):
+    """Print what the conversion will do (the plan, the unit diff); refuse what it cannot do safely,
+    before any change. deploy.py --install-units and adopt.py both start here."""
+    converting = not env.converted
+    files = socket_unit_files(env, notify, converting)
+    commit, pairs = (conversion_steps(env, repo, say) if converting else (None, []))
+    warn_gunicorn_readiness(files, env, warn)
+    changed = show_unit_diffs(files, say)
+    return Conversion(files=files, converting=converting, commit=commit, pairs=pairs,
+                      changes=changed or converting)
+
+
+def carry_out(env, conversion, say):
+    """Build the first release, then the one stop; on any failure every move is put back and the
+    DeployError says so (exit 1), or, if putting back failed too, what to run (exit 4)."""
+    repo = Repo(env.path)
+    converting = conversion.converting
+    saved, modes = save_unit_files(env, conversion.files)
+    first, moves = None, Moves()
+    try:
+        if converting:
+            first = releases.build(env, repo, conversion.commit, say)
+        switch_over(env, conversion.files, modes, first, conversion.pairs, moves)
+    except (DeployError, KeyboardInterrupt) as exc:
+        why = str(exc) if isinstance(exc, DeployError) else describe_interrupt(exc)
+        try:
+            put_back(env, conversion.files, saved, modes, first, moves)
+        except DeployError as back_exc:
+            raise DeployError(f"{'converting' if converting else 'installing the socket units for'} {env.name} "
+                              f"failed ({why}) and putting it back failed too ({back_exc}). The old unit files "
+                              f"are in {saved}. Look with: systemctl --user status {env.unit}; then run: "
+                              f"systemctl --user restart {env.unit}", EXIT_HUMAN) from None
+        error = DeployError(f"converting {env.name} failed ({why}); everything is put back: the old unit files, "
+                            f"the data in {env.path}, and {env.unit} restarted from its work tree"
+                            if converting else
+                            f"installing the socket units failed ({why}); the old unit files are back "
+                            f"and {env.unit} was restarted as it was")
+        error.output = getattr(exc, "output", "")
+        raise error from None
+    helper = units.helper_name(env.unit)
+    serves = f"; {helper} serves while it restarts" if any(p.name == helper for p in conversion.files) else ""
+    if converting:
+        say(f"converted: {env.name} runs release {first.id} through {env.current_link}; its data is in "
+            f"{env.releases_root / 'shared'}; deploys now build a release beside the running one")
+    say(f"installed: {units.socket_name(env.unit)} holds port {env.port}; {env.unit} takes its socket from "
+        f"systemd{serves}; the old files are saved in {saved}")
+    return first
+
+
+def conversion_steps(env, repo, say):
+    dirty = repo.dirty_files()
+    if dirty:
+        raise DeployError(f"cannot convert {env.name}: {env.path} has uncommitted changes to tracked files "
+                          f"({', '.join(f.strip() for f in dirty[:3])}); the first release is built from a commit, "
+                          "so commit or stash them first (nothing was changed)")
+    commit = running_commit(deploy_log(env).read()) or repo.head()
+    pairs = data_to_move(env, repo)
+    check_moves(pairs)
+    shared = env.releases_root / "shared"
+    say(f"convert {env.name} from its work tree to releases:")
+    say(f"  1. build {commit[:12]} (what runs) as the first release in {env.releases_root / 'releases'}"
+        + (f", running {len(env.build)} build command(s)" if env.build else ""))
+    say(f"  2. stop {env.unit} (and its socket), rename into {shared}: "
+        + (", ".join(str(src.relative_to(env.path)) for src, _ in pairs) or "nothing (no untracked data)"))
+    say(f"  3. point {env.current_link} at the release; install the unit files below; start; wait for health")
+    say(f"  4. if it is not healthy: every file goes back, the old units return, {env.unit} restarts as it was")
+    return commit, pairs
+
+
+def warn_gunicorn_readiness(files, env, warn):
+    """gunicorn sends READY=1 once its master is up, before its workers have imported the app; a
+    handover that trusts it stops the old process while the new one cannot answer yet."""
+    service = files[units.user_unit_dir() / env.unit]
+    if "gunicorn" in service and "--preload" not in service:
+        warn(f"warning: {env.unit} runs gunicorn without --preload: gunicorn signals ready before its workers "
+             "load the app, so requests wait (measured: up to 1.7 s) while the new workers import it. Add "
+             "--preload to ExecStart: the app is then loaded before gunicorn says ready")
+
+
+def socket_unit_files(env, notify, converting=False):
+    st = units.require_known(env.unit)
+    current = Path(st.fragment_path).read_text()
+    notify = notify or "gunicorn" in current or "Type=notify" in current
+    folder = units.user_unit_dir()
+    if converting:
+        current = rewrite_paths(current, env)
+    service = units.render_socket_service(current, env.unit, notify)
+    files = {folder / env.unit: service, folder / units.socket_name(env.unit): units.render_socket(env.unit, env.port)}
+    if notify:      # the helper needs readiness: systemctl start must return only once it serves
+        files[folder / units.helper_name(env.unit)] = units.render_helper(service, env.unit)
+    return files
+
+
+def show_unit_diffs(files, say):
+    changed = False
+    for path, text in files.items():
+        old = path.read_text() if path.exists() else ""
+        if old != text:
+            changed = True
+            say("".join(difflib.unified_diff(old.splitlines(True), text.splitlines(True),
+                                             str(path) if old else "/dev/null", str(path))))
+    return changed
+
+
+def save_unit_files(env, files):
+    """Copies of the files it replaces, and the mode each new file gets: the old file's own, or for a
+    new file the service's (a helper copies the service's Environment=, secrets included)."""
+    folder = make_private_dir(env.backup_dir / f"units-{utc_stamp()}")
+    service = units.user_unit_dir() / env.unit
+    service_mode = stat_mode(service) or 0o644
+    modes = {}
+    for path in files:
+        modes[path] = stat_mode(path) or service_mode
+        if path.exists():
+            write_atomic(folder / path.name, path.read_bytes())
+    return folder, modes
+
+
+def stat_mode(path):
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        return None
+
+
+def switch_over(env, files, modes, first, pairs, moves):
+    """One stop: the data moves to shared/ (converting), `current` appears, the units are installed,
+    the socket takes the port and the service starts on it."""
+    units.install_unit_files(files, modes)
+    if first is not None:
+        stop_all(env)
+        move_data(pairs, moves)
+        releases.switch(env, first)
+    else:
+        units.stop(env.unit)
+    units.systemctl("enable", "--now", units.socket_name(env.unit))
+    release.restart_unit(env)
+    release.wait_until_healthy(env, first.commit if first else None)
+
+
+def put_back(env, files, saved, modes, first, moves):
+    stop_all(env)
+    units.systemctl("disable", units.socket_name(env.unit), check=False)
+    put_data_back(moves)
+    remove_layout(env, first)
+    for path in files:
+        old = saved / path.name
+        if old.exists():
+            write_atomic(path, old.read_bytes(), mode=modes[path])
+        else:
+            remove_quietly(path)
+    units.daemon_reload()
+    release.restart_unit(env)
+    release.wait_until_healthy(env)
