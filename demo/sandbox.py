@@ -5,6 +5,9 @@
   and a `seed` clone where new releases are committed and pushed,
 - the sample app running in both envs as user units, and a config.toml.
 
+Or (build_seed) the seed's host before the tool: prod and dev both on main in two clones,
+units named like datatracker.service and datatracker-dev.service, and no config: adopt.py's start.
+
 Nothing outside the folder is touched except a cgroup of its own under
 /sys/fs/cgroup/unified, removed again by UserManager.stop().
 """
@@ -178,11 +181,14 @@ unit = "{dev_unit}"
 class Sandbox:
     """The sample app in dev and prod, on a private user manager, in one folder."""
 
-    def __init__(self, root, manager, health_timeout=10, name="sample"):
+    def __init__(self, root, manager, health_timeout=10, name="sample", seed=False):
+        """seed=True: the seed's host as it runs before the tool (build_seed): units named like
+        datatracker.service and datatracker-dev.service, both trees on main, no config."""
         self.root = Path(root)
         self.manager = manager
         self.health_timeout = health_timeout
         self.name = name
+        self.seed = seed
         self.ports = {"prod": free_port(), "dev": free_port()}
         self.config = self.root / "config.toml"
 
@@ -202,9 +208,40 @@ class Sandbox:
         return self.path(env) / "instance" / "app.db"
 
     def unit(self, env):
+        if self.seed:
+            return f"{self.name}.service" if env == "prod" else f"{self.name}-{env}.service"
         return f"{self.name}-{env}.service"
 
     def build(self):
+        origin, seed = self.publish_sample_app()
+        git(seed, "push", "--quiet", "origin", "main:dev")
+        git(seed, "branch", "--quiet", "--track", "dev", "origin/dev")
+        git(self.root, "clone", "--quiet", "--branch", "main", str(origin), str(self.path("prod")))
+        git(self.path("prod"), "worktree", "add", "--quiet", "-b", "dev", str(self.path("dev")), "origin/dev")
+        self.write_config()
+        self.start_units()
+        return self
+
+    def build_seed(self):
+        """The seed's starting host: prod and dev both run main (two clones), each its own unit and
+        database, and no config.toml: what adopt.py starts from."""
+        origin, _ = self.publish_sample_app()
+        for env in ("prod", "dev"):
+            git(self.root, "clone", "--quiet", "--branch", "main", str(origin), str(self.path(env)))
+        self.start_units()
+        return self
+
+    def start_units(self):
+        for env in ("prod", "dev"):
+            self.write_unit(env)
+        self.manager.systemctl("daemon-reload")
+        for env in ("prod", "dev"):
+            self.manager.systemctl("start", self.unit(env))
+        for env in ("prod", "dev"):
+            self.wait_serving(env)
+
+    def publish_sample_app(self):
+        """origin.git with the sample app on main, pushed from the developer's clone `seed`."""
         origin, seed = self.root / "origin.git", self.root / "seed"
         git(self.root, "init", "--quiet", "--bare", "--initial-branch=main", str(origin))
         git(self.root, "clone", "--quiet", str(origin), str(seed))
@@ -214,19 +251,7 @@ class Sandbox:
         git(seed, "add", "-A")
         git(seed, "commit", "--quiet", "-m", "sample app, first release")
         git(seed, "push", "--quiet", "origin", "main")
-        git(seed, "push", "--quiet", "origin", "main:dev")
-        git(seed, "branch", "--quiet", "--track", "dev", "origin/dev")
-        git(self.root, "clone", "--quiet", "--branch", "main", str(origin), str(self.path("prod")))
-        git(self.path("prod"), "worktree", "add", "--quiet", "-b", "dev", str(self.path("dev")), "origin/dev")
-        for env in ("prod", "dev"):
-            self.write_unit(env)
-        self.write_config()
-        self.manager.systemctl("daemon-reload")
-        for env in ("prod", "dev"):
-            self.manager.systemctl("start", self.unit(env))
-        for env in ("prod", "dev"):
-            self.wait_serving(env)
-        return self
+        return origin, seed
 
     def write_config(self, **extra):
         """(Re)write config.toml; extra={"dev": 'pre_restart = [["false"]]'} adds lines to an env."""
@@ -262,6 +287,7 @@ class Sandbox:
     def release(self, branch, files, message):
         """Commit files ({name: text}) on branch in the seed clone and push it; return the sha."""
         seed = self.root / "seed"
+        git(seed, "fetch", "--quiet", "origin")          # a branch adopt.py created on origin
         git(seed, "checkout", "--quiet", branch)
         git(seed, "pull", "--quiet", "--ff-only", "origin", branch)
         for name, text in files.items():

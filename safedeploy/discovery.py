@@ -1,0 +1,363 @@
+"""What the host runs today, read from the user manager (adopt.py --discover): a proposed config.toml.
+
+Reads, never changes. For every service of the user manager whose WorkingDirectory lies in a git
+work tree, it finds what the config needs and says how it knows each value, so that the proposal
+can mark what it guessed:
+
+- the env's name: a unit ending in `-dev` is `dev`, the other `prod`; with more units, the part
+  after the shortest unit name they share (`app-staging` beside `app` is `staging`);
+- the branch: prod keeps the one its tree is on; every other env gets its own name (`dev`), the
+  branch adopt.py creates from the commit it runs;
+- the port: from ExecStart (-b/--bind/--port/-p), else the unit's .socket, else the TCP port its
+  processes listen on; none of these: the proposal says NOT FOUND and leaves the key out, so the
+  config does not load until someone fills it in;
+- the database: the one SQLite file the app's processes hold open, else the one untracked SQLite
+  file in its tree; none or several: the key is left out and the candidates are listed.
+
+A key left out is deliberate: a config that loads with a wrong database would back up the wrong
+file every night.
+"""
+
+import os
+import re
+import socket
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import units
+from .errors import DeployError
+
+SQLITE_HEADER = b"SQLite format 3\0"
+SKIP_DIRS = {"venv", ".venv", "node_modules", "__pycache__", "site-packages", ".git", ".tox"}
+GIT_TIMEOUT = 30
+MARKS = ("GUESS", "UNSURE", "NOT FOUND")       # what a person must look at in the proposal
+HEADER_LINES = 3
+PORT_FLAGS = re.compile(r"^(?:-b|--bind|-p|--port)(?:=(?P<value>.+))?$")
+
+
+@dataclass
+class Found:
+    """One running unit in a git work tree, and what it tells about its env."""
+    unit: str
+    path: Path
+    working_directory: str
+    exec_start: list
+    active: str
+    main_pid: int
+    branch: str | None = None
+    remote: str = ""
+    name: str = ""
+    port: int | None = None
+    port_source: str = ""
+    db: str | None = None
+    db_source: str = ""
+    db_candidates: list = field(default_factory=list)
+    build: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+
+@dataclass
+class Proposal:
+    envs: list
+    skipped: list         # (unit, why)
+
+
+# -- reading the user manager -------------------------------------------------------------------
+def user_services():
+    """Names of the user manager's loaded services, but for this tool's own handover slots."""
+    proc = units.systemctl("list-units", "--type=service", "--all", "--no-legend", "--plain", "--no-pager")
+    names = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
+    return sorted(n for n in names if n.endswith(".service") and not n.endswith("-handover.service"))
+
+
+def show(unit, *props):
+    proc = units.systemctl("show", unit, "--property=" + ",".join(props), check=False)
+    return dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+
+
+def exec_argv(value):
+    """ExecStart as systemctl show prints it: { path=... ; argv[]=prog arg ... ; ... }."""
+    match = re.search(r"argv\[\]=(.*?) ;", value)
+    return match.group(1).split() if match else []
+
+
+def git_toplevel(folder):
+    try:
+        proc = subprocess.run(["git", "-C", folder, "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                              timeout=GIT_TIMEOUT, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return Path(proc.stdout.strip()) if proc.returncode == 0 and proc.stdout.strip() else None
+
+
+def git_out(path, *args):
+    proc = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=GIT_TIMEOUT,
+                          stdin=subprocess.DEVNULL)
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def discover():
+    """A Proposal from what the user manager runs now."""
+    found, skipped = [], []
+    for unit in user_services():
+        props = show(unit, "WorkingDirectory", "ExecStart", "ActiveState", "MainPID", "FragmentPath")
+        if not props.get("FragmentPath", "").startswith(str(units.user_unit_dir())):
+            continue        # the user manager's own and packaged services, transient units: not an app
+        workdir = props.get("WorkingDirectory", "").lstrip("-!")
+        top = git_toplevel(workdir) if workdir and workdir != "~" else None
+        if top is None:
+            skipped.append((unit, f"its WorkingDirectory ({workdir or 'unset'}) is not in a git work tree"))
+            continue
+        found.append(Found(unit=unit, path=top, working_directory=workdir, exec_start=exec_argv(props.get("ExecStart", "")),
+                           active=props.get("ActiveState", ""), main_pid=int(props.get("MainPID") or 0)))
+    name_envs(found)
+    found.sort(key=lambda f: (f.name != "prod", f.name != "dev", f.name))
+    for env in found:
+        describe(env)
+    return Proposal(envs=found, skipped=skipped)
+
+
+def name_envs(found):
+    """dev and prod for the seed's pair; with more units, names taken from the units: beside app,
+    app-staging is staging; units that share no name (blog, shop) keep their own."""
+    stems = [f.unit.removesuffix(".service") for f in found]
+    dev = [f for f, s in zip(found, stems) if s.endswith("-dev")]
+    if len(found) <= 2 and len(dev) <= 1 and len(found) - len(dev) <= 1:
+        for f in found:
+            f.name = "dev" if any(f is d for d in dev) else "prod"
+        return
+    base = min(stems, key=len) if stems else ""
+    related = all(s == base or s.startswith(base + "-") for s in stems)
+    taken = set()
+    for f, stem in zip(found, stems):
+        if related and stem == base:
+            name = "prod"
+        elif related:
+            name = stem[len(base) + 1:]
+        else:
+            name = stem
+        name = re.sub(r"[^a-z0-9_-]", "-", name.lower()) or "env"
+        while name in taken:
+            name += "-2"
+        taken.add(name)
+        f.name = name
+
+
+def describe(env):
+    env.branch = git_out(env.path, "symbolic-ref", "--quiet", "--short", "HEAD") or None
+    remotes = git_out(env.path, "remote").split()
+    env.remote = "origin" if "origin" in remotes else (remotes[0] if remotes else "")
+    pids = process_tree(env.main_pid)
+    env.port, env.port_source = find_port(env, pids)
+    env.db, env.db_source, env.db_candidates = find_database(env, pids)
+    env.build = propose_build(env)
+
+
+# -- the port ------------------------------------------------------------------------------------
+def port_from_argv(argv):
+    """The port named by -b/--bind/--port/-p in a command line, or None."""
+    for i, token in enumerate(argv):
+        match = PORT_FLAGS.match(token)
+        if not match:
+            continue
+        value = match.group("value") or (argv[i + 1] if i + 1 < len(argv) else "")
+        if value.startswith(("unix:", "fd://")):
+            continue
+        digits = value.rsplit(":", 1)[-1]
+        if digits.isdigit() and 1 <= int(digits) <= 65535:
+            return int(digits)
+    return None
+
+
+def find_port(env, pids):
+    port = port_from_argv(env.exec_start)
+    if port:
+        return port, "from ExecStart"
+    listen = show(units.socket_name(env.unit), "Listen", "LoadState")
+    if listen.get("LoadState") == "loaded":
+        match = re.search(r":(\d+) \(Stream\)", listen.get("Listen", ""))
+        if match:
+            return int(match.group(1)), f"from {units.socket_name(env.unit)}"
+    ports = listening_ports(pids)
+    if len(ports) == 1:
+        return ports[0], f"the port its process (pid {env.main_pid}) listens on"
+    if ports:
+        env.notes.append(f"its processes listen on several ports ({', '.join(map(str, ports))}); the lowest is "
+                         "proposed: check it is the one the app answers HTTP on")
+        return ports[0], "GUESS: the lowest of the ports its processes listen on"
+    why = "not running" if env.active != "active" else "not listening on a TCP port"
+    return None, f"NOT FOUND: no -b/--bind/--port in ExecStart, no socket unit, and the unit is {why}"
+
+
+def process_tree(pid):
+    """pid and every process below it (gunicorn's workers hold the files and sockets too)."""
+    if not pid:
+        return []
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            children.setdefault(units.parent_of(int(entry.name)), []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def open_files(pids):
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                yield os.readlink(fd)
+            except OSError:
+                continue
+
+
+def listening_ports(pids):
+    inodes = {target[len("socket:["):-1] for target in open_files(pids) if target.startswith("socket:[")}
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return sorted(ports)
+
+
+# -- the database --------------------------------------------------------------------------------
+def is_sqlite(path):
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(16) == SQLITE_HEADER
+    except OSError:
+        return False
+
+
+def find_database(env, pids):
+    """(db as the config says it, how it was found, the candidates when unsure)."""
+    held = sorted({p for p in open_files(pids) if p.startswith("/") and not p.endswith(("-wal", "-shm", "-journal"))
+                   and os.path.isfile(p) and is_sqlite(p)})
+    if len(held) == 1:
+        return relative_to_tree(held[0], env.path), "the SQLite file the app holds open", []
+    untracked = untracked_sqlite(env.path)
+    if len(held) > 1:
+        return None, "UNSURE: the app holds several SQLite files open", [relative_to_tree(p, env.path) for p in held]
+    if len(untracked) == 1:
+        return untracked[0], "the one untracked SQLite file in the tree (the app did not hold it open just now)", []
+    if untracked:
+        return None, "UNSURE: several untracked SQLite files in the tree", untracked
+    return None, "NOT FOUND: the app holds no SQLite file open and the tree has no untracked one", []
+
+
+def relative_to_tree(path, tree):
+    try:
+        return str(Path(path).relative_to(tree))
+    except ValueError:
+        return str(path)
+
+
+def untracked_sqlite(tree):
+    """Untracked files (ignored ones too: a database is usually in .gitignore) that are SQLite."""
+    out = git_out(tree, "ls-files", "--others", "-z")
+    found = []
+    for rel in sorted(out.split("\0")):
+        if not rel or set(Path(rel).parts) & SKIP_DIRS or rel.endswith(("-wal", "-shm", "-journal")):
+            continue
+        if is_sqlite(Path(tree) / rel):
+            found.append(rel)
+    return found
+
+
+# -- releases ------------------------------------------------------------------------------------
+def propose_build(env):
+    """A program run from a venv inside the tree needs that venv in every release once the env is
+    converted (the unit then runs it through `current`): a build that makes it."""
+    program = env.exec_start[0] if env.exec_start else ""
+    if not program.startswith(str(env.path) + "/"):
+        return []
+    rel = Path(program).relative_to(env.path).parts
+    if len(rel) < 3 or rel[1] != "bin":
+        return []
+    venv = rel[0]
+    build = [["python3", "-m", "venv", venv]]
+    if (env.path / "requirements.txt").exists():
+        build.append([f"{venv}/bin/pip", "install", "-r", "requirements.txt"])
+    return build
+
+
+# -- the proposal as config.toml -----------------------------------------------------------------
+def render(proposal, now):
+    """config.toml text: every value with a comment saying where it came from."""
+    if not proposal.envs:
+        raise DeployError("no service of the user manager runs from a git work tree: nothing to adopt"
+                          + "".join(f"; {u}: {why}" for u, why in proposal.skipped))
+    lines = [f"# Proposed by adopt.py --discover on {socket.gethostname()} at {now}, from the running units.",
+             "# Lines marked GUESS, UNSURE or NOT FOUND need a look; a key it could not find is left out, so this",
+             "# file does not load until it is filled in. Then: python3 adopt.py --checklist",
+             "", "[defaults]"]
+    remotes = {e.remote for e in proposal.envs}
+    remote = remotes.pop() if len(remotes) == 1 else ""
+    lines.append(f"remote = {toml(remote)}" + ("" if remote else "             # NOT FOUND: the trees have no "
+                                                                       "common remote; tags are then kept locally only"))
+    lines += ['health_path = "/"         # GUESS: set a page that answers 200 only when the app works',
+              "health_timeout = 30", 'backup_dir = "backups"', 'state_dir = "state"', ""]
+    names = {e.name for e in proposal.envs}
+    for env in proposal.envs:
+        lines += env_lines(env, "dev" in names)
+    for unit, why in proposal.skipped:
+        lines.append(f"# not proposed: {unit}: {why}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def env_lines(env, has_dev):
+    out = [f"[env.{env.name}]", f"# from {env.unit} (named {env.name} {naming_reason(env)})",
+           f"path = {toml(str(env.path))}"]
+    if env.name == "prod":
+        out.append(f"branch = {toml(env.branch or 'main')}"
+                   + ("" if env.branch else "   # GUESS: the tree is on a detached HEAD"))
+    else:
+        now_on = f"now on {env.branch}" if env.branch else "now on a detached HEAD"
+        out.append(f"branch = {toml(env.name)}   # {now_on}; adopt.py {env.name} creates it from the commit it runs")
+    if env.port:
+        out.append(f"port = {env.port}" + (f"   # {env.port_source}" if env.port_source else ""))
+    else:
+        out.append(f"# port = ?   # {env.port_source}")
+    if env.db:
+        out.append(f"db = {toml(env.db)}   # {env.db_source}")
+    else:
+        out.append(f"# db = ?   # {env.db_source}"
+                   + (f": {', '.join(env.db_candidates)}" if env.db_candidates else ""))
+    out.append(f"unit = {toml(env.unit)}")
+    if env.name == "prod" and has_dev:
+        out.append('promote_from = "dev"   # prod deploys only what dev verified')
+    if env.build:
+        out.append(f"build = {toml(env.build)}   # GUESS: it runs {env.exec_start[0]}, so each release needs "
+                   "its own venv")
+    for note in env.notes:
+        out.append(f"# note: {note}")
+    return out + [""]
+
+
+def naming_reason(env):
+    if env.name == "dev":
+        return "for its -dev suffix"
+    if env.name == "prod":
+        return "as the unit without a -dev suffix"
+    return "from the unit's name"
+
+
+def toml(value):
+    """A TOML value: a basic string, or a list of argv lists."""
+    if isinstance(value, list):
+        return "[" + ", ".join(toml(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
