@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from safedeploy import backups, cli, recovery, units
+from safedeploy import adoption, backups, cli, recovery, units
 from safedeploy.errors import EXIT_FAILED, EXIT_LOCKED, DeployError, usage_error
 from safedeploy.gitrepo import Repo
 from safedeploy.state import EnvLock, Journal, StepClock, age_seconds, deploy_log, human_age, now_iso, running_commit
@@ -229,7 +229,7 @@ def prune(config, envs, args):
     for env in envs:
         with EnvLock(env.state_dir, env.name, "prune", wait=args.lock_wait):
             found = backups.list_backups(env.backup_dir)
-            keep, remove = backups.prune_plan(found, config.retention, protected_backups(env, found))
+            keep, remove = backups.prune_plan(found, config.retention, protected_backups(config, env, found))
             held = [b for b in remove if b.held]
             remove = [b for b in remove if not b.held]
             for b in held:
@@ -246,9 +246,13 @@ def prune(config, envs, args):
     return EXIT_FAILED if bad else 0
 
 
-def protected_backups(env, found):
-    """Backups prune must never remove: the newest one that verifies, and the last deploys' ones."""
+def protected_backups(config, env, found):
+    """Backups prune must never remove: the newest one that verifies, the last deploys' ones, and the
+    one adopt.py took of the host as it ran before the tool (the seed's "backup everything")."""
     protected = {}
+    entry = adoption.read_doc(config)["envs"].get(env.name) or {}
+    if entry.get("backup"):
+        protected[entry["backup"]] = "the host before adoption (adopt.py phase 1); remove it by hand when done"
     for b in found:
         if backups.verify_backup(b) == "ok":
             protected[b.path] = "newest verified backup"

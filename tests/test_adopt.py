@@ -119,6 +119,9 @@ def test_the_seeds_migration_dev_first_prod_untouched_until_its_turn(seed):
     v2 = seed.release("dev", {"VERSION": "2\n"}, "version 2")
     assert seed.run("deploy.py", "dev").returncode == 0
     assert seed.run("verify.py", "dev").returncode == 0
+    pruned = seed.run("backup.py", "--prune")          # the day's newest is the deploy's: adoption's is kept
+    assert pruned.returncode == 0 and "the host before adoption" not in pruned.stderr
+    assert Path(doc["envs"]["dev"]["backup"]).exists()
     ready = adopt(seed, "--checklist")
     assert ready.returncode == 0, ready.stdout
     assert ready.stdout.count("PASS") == 6
@@ -235,3 +238,11 @@ def test_discovery_names_envs_from_units():
     assert names("app.service") == ["prod"]
     assert names("app.service", "app-dev.service", "app-staging.service") == ["prod", "dev", "staging"]
     assert names("blog.service", "shop.service") == ["blog", "shop"]      # unrelated apps: no prod among them
+
+
+@pytest.mark.parametrize("args", [["--discover", "prod"], ["--checklist", "dev"], ["--write", "x.toml"],
+                                  ["--discover", "--yes"], [], ["--discover", "--config", "c.toml"]])
+def test_flags_that_cannot_go_together_exit_2(args, tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "adopt.py"), *args], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)
+    assert proc.returncode == 2 and one_line_error(proc).startswith("error:")

@@ -122,7 +122,7 @@ def test_bad_config_is_refused_naming_file_and_key(tmp_path, text, message):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("script", ["deploy.py", "verify.py", "status.py", "rollback.py", "backup.py"])
+@pytest.mark.parametrize("script", ["deploy.py", "verify.py", "status.py", "rollback.py", "backup.py", "adopt.py"])
 def test_scripts_report_a_bad_config_in_one_line_and_change_nothing(tmp_path, script):
     f = write(tmp_path, GOOD.replace("port = 8000", "port = 0"))
     before = listing(tmp_path)
@@ -144,7 +144,7 @@ def test_missing_config_file_is_a_usage_error(tmp_path):
     assert "config file not found" in one_line_error(proc)
 
 
-@pytest.mark.parametrize("script", ["deploy.py", "verify.py", "status.py", "rollback.py", "backup.py"])
+@pytest.mark.parametrize("script", ["deploy.py", "verify.py", "status.py", "rollback.py", "backup.py", "adopt.py"])
 def test_help_has_an_example(script):
     proc = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
@@ -155,7 +155,7 @@ def test_every_script_without_its_requirements_says_what_to_install(tmp_path):
     """A python3 without requests and GitPython: one line naming them and the pip command, exit 2."""
     bare = tmp_path / "bare"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
-    for script in ("deploy.py", "verify.py", "status.py", "rollback.py", "backup.py"):
+    for script in ("deploy.py", "verify.py", "status.py", "rollback.py", "backup.py", "adopt.py"):
         proc = subprocess.run([str(bare / "bin" / "python"), str(ROOT / script), "--help"], capture_output=True,
                               text=True, timeout=60, cwd=tmp_path)
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
