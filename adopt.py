@@ -114,10 +114,13 @@ def check_promotion(config, env, doc):
     """An env others promote from comes first; an env with promote_from waits for the checklist."""
     if not env.promote_from:
         return
-    failing = [i for i in adoption.checklist(config, doc, [env.promote_from]) if not i.ok]
+    source = env.promote_from
+    if not (doc["envs"].get(source) or {}).get("adopted"):
+        raise DeployError(f"{env.name} is adopted after {source}, which is not adopted yet: run "
+                          f"{cli.script_command(config, 'adopt.py', source)} first (nothing was changed)")
+    failing = [i for i in adoption.checklist(config, doc, [source]) if not i.ok]
     if failing:
-        raise DeployError(f"{env.name} is adopted after {env.promote_from} is adopted, deployed with the tool and "
-                          f"verified, and the checklist holds; not yet: "
+        raise DeployError(f"{env.name} is adopted once the checklist holds; not yet: "
                           + "; ".join(f"{i.text} ({i.detail})" for i in failing)
                           + f". See: {cli.script_command(config, 'adopt.py', '--checklist')} (nothing was changed)")
 

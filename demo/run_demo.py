@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """The runbook, end to end, on a throwaway sandbox in a temp dir.
 
-The sample app in dev and prod under a private systemd --user manager: convert
-dev to releases (built beside the running one, switched atomically), deploy
-dev, verify dev, convert and promote prod, a failed deploy that rolls itself
-back by switching to the previous release, a drill and a rollback, then status.
+It starts from the seed's host as it runs before the tool (prod and dev both on
+main, two units, two databases, no config) under a private systemd --user
+manager: discover the config, adopt dev (backups, tags, a dev branch, releases),
+deploy and verify dev, the checklist, adopt prod and promote, a failed deploy
+that rolls itself back by switching to the previous release, a drill and a
+rollback, then status.
 Everything lives in one temp folder, removed at the end (pass --keep to look
 around afterwards).
 """
@@ -36,40 +38,44 @@ def main():
         return 2
     failures = []
     try:
-        sb = Sandbox(root / "host", manager, health_timeout=5, name="demo")
+        sb = Sandbox(root / "host", manager, health_timeout=5, name="demo", seed=True)
         sb.root.mkdir()
-        sb.build()
-        step(f"a sandbox host in {sb.root}: prod on main, dev on dev (a git worktree), both running version 1")
+        sb.build_seed()
+        step(f"the seed's host in {sb.root}: prod (demo.service) and dev (demo-dev.service) both run main, "
+             "each with its own SQLite database; no config.toml yet")
 
-        def run(*argv, expect=0):
+        def run(*argv, expect=0, config=True):
             print(f"\n$ python3 {shlex.join(argv)}", flush=True)
-            proc = sb.run(*argv)
+            proc = sb.run(*argv, config=config)
             print((proc.stdout + proc.stderr).rstrip())
             print(f"[exit {proc.returncode}]")
             if proc.returncode != expect:
                 failures.append(f"{' '.join(argv)}: exit {proc.returncode}, expected {expect}")
 
-        step("the nightly backup (cron runs `backup.py --all --quiet --prune`), then status: every env OK")
-        run("backup.py", "--all")
-        run("status.py")
+        step("discover: the running units become a proposed config.toml, every guess marked")
+        run("adopt.py", "--discover", "--write", str(sb.config), config=False)
+        print(sb.config.read_text())
         build = [[sys.executable, "-m", "venv", "--without-pip", "venv"]]
-        keys = f"build = {json.dumps(build)}\nshared = [\"instance\"]\nkeep_releases = 5"
-        sb.write_config(dev=keys, prod=keys)
-        step("both envs run from their work trees; dev is converted to releases first. The plan and the unit "
-             "diff come first; the running commit becomes the first release (its own venv, from `build`), the "
-             "database is renamed into the shared folder, the unit runs `current`")
-        run("deploy.py", "dev", "--install-units", "--yes")
+        sb.config.write_text(sb.config.read_text().replace('health_path = "/"', 'health_path = "/health"'))
+        sb.add_env_keys(f"build = {json.dumps(build)}\nshared = [\"instance\"]\nkeep_releases = 5")
+        step("the operator reads it, sets the health page it guessed, and gives each release its own venv "
+             "(`build`); prod cannot be adopted before dev")
+        run("adopt.py", "prod", "--yes", expect=1)
+        step("adopt dev: phase 1 backs up everything (both databases, verified; both unit files; the running "
+             "commit tagged production-stable-DATE and pushed), then dev moves onto a new dev branch and the "
+             "tool's releases; prod is not touched")
+        run("adopt.py", "dev", "--yes")
         show_layout(sb, "dev")
+        run("adopt.py", "--checklist", expect=1)
         step("a developer pushes version 2 to the dev branch; the deploy builds it beside the running release "
-             "and switches `current` in one rename")
+             "and switches `current` in one rename; verify; now the checklist holds")
         sb.release("dev", {"VERSION": "2\n"}, "version 2: a new feature")
         run("deploy.py", "dev")
         show_layout(sb, "dev")
         run("verify.py", "dev")
-        step("prod deploys only what dev verified: main has not moved yet, so there is nothing to deploy")
-        run("deploy.py", "prod", "--yes")
-        step("prod is converted too, then the release is merged to main and pushed; prod takes it")
-        run("deploy.py", "prod", "--install-units", "--yes")
+        run("adopt.py", "--checklist")
+        step("adopt prod, then merge dev into main and promote: prod deploys only what dev verified")
+        run("adopt.py", "prod", "--yes")
         sb.merge_to_main()
         run("deploy.py", "prod", "--yes")
         run("verify.py", "prod")

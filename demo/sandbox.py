@@ -261,6 +261,14 @@ class Sandbox:
             prod_extra=extra.get("prod", ""), dev_extra=extra.get("dev", "")))
         os.chmod(self.config, 0o600)
 
+    def add_env_keys(self, text):
+        """Add lines to every env of a config.toml that adopt.py --discover wrote."""
+        config = self.config.read_text()
+        for env in ("prod", "dev"):
+            line = f'unit = "{self.unit(env)}"'
+            config = config.replace(line, f"{line}\n{text}")
+        self.config.write_text(config)
+
     def write_unit(self, env, python=None):
         """The env's unit; python: the interpreter ExecStart runs (default: this one)."""
         (self.root / "logs").mkdir(exist_ok=True)
@@ -309,8 +317,8 @@ class Sandbox:
         git(seed, "push", "--quiet", "origin", "main")
         return git(seed, "rev-parse", "HEAD")
 
-    def run(self, script, *args, input=None, timeout=180):
-        argv = [sys.executable, str(REPO_ROOT / script), *args, "--config", str(self.config)]
+    def run(self, script, *args, input=None, timeout=180, config=True):
+        argv = [sys.executable, str(REPO_ROOT / script), *args] + (["--config", str(self.config)] if config else [])
         return subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout,
                               input=input, stdin=None if input is not None else subprocess.DEVNULL)
 

@@ -87,7 +87,7 @@ def test_the_seeds_migration_dev_first_prod_untouched_until_its_turn(seed):
     prod_pid, prod_head = main_pid(seed, "prod"), seed.head("prod")
 
     refused = adopt(seed, "prod", "--yes")
-    assert refused.returncode == 1 and "dev is adopted" in one_line_error(refused)
+    assert refused.returncode == 1 and "after dev, which is not adopted yet" in one_line_error(refused)
     assert not (seed.root / "state" / "adoption.json").exists()
 
     dry = adopt(seed, "dev", "--dry-run")
@@ -114,7 +114,8 @@ def test_the_seeds_migration_dev_first_prod_untouched_until_its_turn(seed):
 
     not_yet = adopt(seed, "--checklist")
     assert not_yet.returncode == 1 and "FAIL dev tested" in not_yet.stdout
-    assert adopt(seed, "prod", "--yes").returncode == 1 and main_pid(seed, "prod") == prod_pid
+    early = adopt(seed, "prod", "--yes")
+    assert early.returncode == 1 and "dev tested" in one_line_error(early) and main_pid(seed, "prod") == prod_pid
 
     v2 = seed.release("dev", {"VERSION": "2\n"}, "version 2")
     assert seed.run("deploy.py", "dev").returncode == 0
