@@ -3,6 +3,7 @@ databases, no config. Real git, SQLite, HTTP and a real systemd --user manager o
 own, so that discovery sees only the units these tests start."""
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -247,3 +248,33 @@ def test_flags_that_cannot_go_together_exit_2(args, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "adopt.py"), *args], capture_output=True, text=True, timeout=60,
                           cwd=tmp_path)
     assert proc.returncode == 2 and one_line_error(proc).startswith("error:")
+
+
+def test_discovery_picks_the_one_untracked_sqlite_file_or_says_it_is_unsure(tmp_path):
+    tree = tmp_path / "app"
+    tree.mkdir()
+    git(tree, "init", "--quiet")
+    (tree / "app.py").write_text("print('app')\n")
+    git(tree, "add", "app.py")
+    git(tree, "commit", "--quiet", "-m", "app")
+    (tree / "instance").mkdir()
+    sqlite3.connect(tree / "instance" / "app.db").execute("create table t (x)")
+    (tree / "venv" / "lib").mkdir(parents=True)
+    sqlite3.connect(tree / "venv" / "lib" / "cache.db").execute("create table t (x)")   # a venv holds no app data
+    (tree / "notes.db").write_text("not sqlite")
+    env = discovery.Found(unit="app.service", path=tree, working_directory=str(tree), exec_start=[], active="active",
+                          main_pid=0)
+    assert discovery.find_database(env, [])[:1] == ("instance/app.db",)
+    sqlite3.connect(tree / "other.sqlite").execute("create table t (x)")
+    db, source, candidates = discovery.find_database(env, [])
+    assert db is None and source.startswith("UNSURE") and candidates == ["instance/app.db", "other.sqlite"]
+
+
+def test_discovery_proposes_a_build_for_a_venv_inside_the_tree(tmp_path):
+    (tmp_path / "requirements.txt").write_text("flask\n")
+    env = discovery.Found(unit="app.service", path=tmp_path, working_directory=str(tmp_path), active="active",
+                          exec_start=[f"{tmp_path}/venv/bin/gunicorn", "-b", "127.0.0.1:8000", "app:app"], main_pid=0)
+    assert discovery.propose_build(env) == [["python3", "-m", "venv", "venv"],
+                                            ["venv/bin/pip", "install", "-r", "requirements.txt"]]
+    env.exec_start = ["/usr/bin/python3", "app.py"]
+    assert discovery.propose_build(env) == []
