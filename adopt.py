@@ -171,4 +171,4 @@ def print_next(config, env):
 
 
 if __name__ == "__main__":
-    cli.run(main, nice=True)
+    cli.run(main, nice=True, alert="adopt")

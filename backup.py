@@ -8,12 +8,15 @@ schema) so that it is also a rollback point. Safe from cron: --quiet prints
 nothing on success and one line per failure on stderr.
 """
 
+import argparse
 import json
 import re
+import socket
 import sys
+import tempfile
 from pathlib import Path
 
-from safedeploy import adoption, backups, cli, recovery, units
+from safedeploy import adoption, alerts, backups, cli, offsite, recovery, units
 from safedeploy.errors import EXIT_FAILED, EXIT_LOCKED, DeployError, usage_error
 from safedeploy.gitrepo import Repo
 from safedeploy.state import EnvLock, Journal, StepClock, age_seconds, deploy_log, human_age, now_iso, running_commit
@@ -28,16 +31,20 @@ def main():
     config = cli.load_config(args)
     envs = select_envs(config, args)
     if args.verify is not None:
-        return verify(envs, args)
+        return verify(config, envs, args)
     if args.list:
-        return show_list(envs, args.json)
+        return show_list(config, envs, args.json)
     if args.release_hold:
         return release_hold(envs, args.release_hold)
     if args.rows_to_restore:
         return rows_to_restore(envs, args.rows_to_restore)
     if args.install_timer:
         return install_timer(config, args)
-    code = 0 if args.prune and not args.envs and not args.all else back_up_all(envs, args)
+    if args.test_alert:
+        return test_alert(config)
+    if args.alert_failed:
+        return alert_failed(config, args.alert_failed)
+    code = 0 if args.prune and not args.envs and not args.all else back_up_all(config, envs, args)
     if args.prune and code == 0:
         code = prune(config, envs, args)
     return code
@@ -64,6 +71,8 @@ def parse_arguments():
                         "live database lacks; keys a newer row now uses are flagged, not inserted")
     p.add_argument("--release-hold", metavar="FILE",
                    help="let prune remove FILE, a pre-rollback copy held because it holds rows a restore took out")
+    p.add_argument("--test-alert", action="store_true", help="send a test event to [alerts]; exit 0 when delivered")
+    p.add_argument("--alert-failed", metavar="UNIT", help=argparse.SUPPRESS)     # the timer's OnFailure= unit
     p.add_argument("--quiet", action="store_true", help="print nothing on success (for cron)")
     p.add_argument("--reason", default="", help="recorded in the manifest (default: nightly with --quiet, else manual)")
     p.add_argument("--lock-wait", type=float, default=300, metavar="SECONDS",
@@ -74,7 +83,8 @@ def parse_arguments():
     modes = [name for name, on in (("--list", args.list), ("--verify", args.verify is not None),
                                    ("--prune", args.prune), ("--install-timer", bool(args.install_timer)),
                                    ("--release-hold", bool(args.release_hold)),
-                                   ("--rows-to-restore", bool(args.rows_to_restore))) if on]
+                                   ("--rows-to-restore", bool(args.rows_to_restore)),
+                                   ("--test-alert", args.test_alert), ("--alert-failed", bool(args.alert_failed))) if on]
     if len(modes) > 1:
         raise usage_error(f"{' and '.join(modes)} cannot go together: run them one at a time")
     if args.json and not args.list:
@@ -92,14 +102,16 @@ def select_envs(config, args):
     if args.envs:
         return [config.env(name) for name in args.envs]
     if (args.all or args.list or args.verify is not None or args.prune or args.install_timer or args.release_hold
-            or args.rows_to_restore):
+            or args.rows_to_restore or args.test_alert or args.alert_failed):
         return list(config.envs.values())
     raise usage_error("name the envs to back up, or give --all")
 
 
 # -- taking backups -------------------------------------------------------------
-def back_up_all(envs, args):
+def back_up_all(config, envs, args):
     reason = args.reason or ("nightly" if args.quiet else "manual")
+    repo = OffsiteRun(config, args.quiet)
+    repo.warn_if_stale(envs)
     codes = []
     for env in envs:
         try:
@@ -107,13 +119,69 @@ def back_up_all(envs, args):
         except DeployError as exc:
             cli.err(f"error: backup of {env.name} failed: {exc}")
             codes.append(exc.code)
+            if exc.code != EXIT_LOCKED:
+                notify(config, "backup-failed", env.name, f"the {reason} backup of {env.name} failed: {exc}",
+                       cli.script_command(config, "backup.py", env.name))
             continue
         if not args.quiet:
             cli.say(f"backed up {env.name}: {backup.path} ({backup.bytes / 1e6:.1f} MB, "
                     f"sha256 {backup.sha256[:12]}, integrity ok, {backup.seconds:.2f}s)")
+        if not repo.push(env, backup):
+            codes.append(EXIT_FAILED)
     if not codes:
         return 0
     return EXIT_LOCKED if EXIT_LOCKED in codes and len(set(codes)) == 1 else EXIT_FAILED
+
+
+class OffsiteRun:
+    """The off-site side of one backup.py run: the repository opened (and initialised) once."""
+
+    def __init__(self, config, quiet):
+        self.config, self.quiet = config, quiet
+        self.restic = offsite.Restic(config.offsite) if config.offsite else None
+        self.opened = False
+
+    def open(self):
+        if not self.opened:
+            self.restic.ensure_repository()
+            self.opened = True
+        return self.restic
+
+    def warn_if_stale(self, envs):
+        if not self.restic:
+            return
+        for env in envs:
+            try:
+                why = offsite.stale(env)
+            except DeployError as exc:         # the state folder is full or unwritable: the backup still runs
+                why = f"when {env.name}'s last copy reached off-site is unknown: {exc}"
+            if why:
+                cli.err(f"warning: off-site copies are stale: {why}")
+                notify(self.config, "offsite-stale", env.name, why, cli.script_command(self.config, "backup.py", env.name))
+
+    def push(self, env, backup):
+        """Copy a verified local backup off-site; False (said, alerted) when that failed."""
+        if not self.restic:
+            return True
+        try:
+            result = self.open().push(backup, socket.gethostname())
+            offsite.record_push(env, backup, result)
+        except DeployError as exc:
+            cli.err(f"error: off-site copy of {env.name} failed: {exc}. The local backup {backup.path} is verified; "
+                    "it is on this host's disk only")
+            notify(self.config, "offsite-failed", env.name, f"the off-site copy of {env.name}'s backup "
+                   f"{backup.path} failed: {exc}", cli.script_command(self.config, "backup.py", env.name))
+            return False
+        if not self.quiet:
+            cli.say(f"  off-site: snapshot {result['snapshot'][:8]} in {self.config.offsite.repository}, "
+                    f"{result['added'] / 1e6:.1f} MB added, {result['seconds']:.1f}s")
+        return True
+
+
+def notify(config, name, env, message, command=None):
+    """An alert for an event, when [alerts] is set; a delivery problem is printed, never raised."""
+    for problem in alerts.send(config.alerts, alerts.event(name, env, message, command)):
+        cli.err(f"warning: {problem}")
 
 
 def back_up_env(env, reason, lock_wait, progress=None):
@@ -167,19 +235,42 @@ def unit_file(env):
 
 
 # -- listing and verifying ----------------------------------------------------------
-def show_list(envs, as_json):
+def show_list(config, envs, as_json):
+    """Every backup, newest first, with where its copies are: local, offsite, or both."""
     found = sorted((b for env in envs for b in backups.list_backups(env.backup_dir)),
                    key=lambda b: b.time or "", reverse=True)
+    names = {e.name for e in envs}
+    remote, problem = [], None
+    if config.offsite:
+        try:
+            remote = [c for c in OffsiteRun(config, True).open().copies() if c.env in names]
+        except DeployError as exc:
+            problem = str(exc)
+    remote_files = {c.file for c in remote}
+    local_files = {Path(b.path).name for b in found}
+    keys = ("env", "path", "time", "bytes", "sha256", "reason", "commit", "schema", "held")
+    rows = [{**{k: getattr(b, k) for k in keys},
+             "location": ("both" if Path(b.path).name in remote_files else "local") if config.offsite and not problem
+             else "local", "offsite": (Path(b.path).name in remote_files) if config.offsite and not problem else None}
+            for b in found]
+    rows += [{"env": c.env, "path": None, "time": c.time, "bytes": None, "sha256": c.sha256, "reason": c.reason,
+              "commit": c.commit, "schema": None, "held": False, "location": "offsite", "offsite": True,
+              "snapshot": c.id, "file": c.file} for c in remote if c.file not in local_files]
+    rows.sort(key=lambda r: r["time"] or "", reverse=True)
     if as_json:
-        keys = ("env", "path", "time", "bytes", "sha256", "reason", "commit", "schema", "held")
-        print(json.dumps({"backups": [{k: getattr(b, k) for k in keys} for b in found]}, indent=2))
-        return 0
-    if not found:
-        cli.say("no backups yet")
-    for b in found:
-        cli.say(f"{b.time}  {b.env:<8} {b.reason:<12} {b.bytes / 1e6:9.1f} MB  {(b.commit or '?')[:12]}  "
-                f"{human_age(age_seconds(b.time)):>8}  {b.path}"
-                + ("  HELD: holds rows a restore took out; kept until --release-hold" if b.held else ""))
+        print(json.dumps({"backups": rows}, indent=2))
+    else:
+        if not rows:
+            cli.say("no backups yet")
+        for r in rows:
+            size = f"{r['bytes'] / 1e6:9.1f} MB" if r["bytes"] is not None else "         ? MB"
+            where = r["path"] or f"{r['file']} (off-site only, snapshot {r['snapshot'][:8]})"
+            cli.say(f"{r['time']}  {r['env']:<8} {r['reason']:<12} {size}  {(r['commit'] or '?')[:12]}  "
+                    f"{human_age(age_seconds(r['time'])):>8}  {r['location']:<7} {where}"
+                    + ("  HELD: holds rows a restore took out; kept until --release-hold" if r["held"] else ""))
+    if problem:
+        cli.err(f"error: the off-site copies could not be listed: {problem}")
+        return EXIT_FAILED
     return 0
 
 
@@ -205,22 +296,60 @@ def release_hold(envs, wanted):
     return 0
 
 
-def verify(envs, args):
+def verify(config, envs, args):
     if args.verify:
         targets = [find_backup(envs, args.verify)]
     else:
         targets = [b for env in envs for b in backups.list_backups(env.backup_dir)]
-    bad = 0
+    problems = []
     for b in targets:
         verdict = backups.verify_backup(b)
         if verdict != "ok":
-            bad += 1
-            cli.err(f"error: BAD backup {b.path}: {verdict}")
+            problems.append(f"BAD backup {b.path}: {verdict}")
+            cli.err(f"error: {problems[-1]}")
         elif not args.quiet:
             cli.say(f"{cli.mark(True)}  {b.path}")
     if not args.quiet:
-        cli.say(f"{len(targets) - bad} of {len(targets)} backups good")
-    return EXIT_FAILED if bad else 0
+        cli.say(f"{len(targets) - len(problems)} of {len(targets)} backups good")
+    if config.offsite and not args.verify:
+        problems += verify_offsite(config, envs, args.quiet)
+    if problems:
+        notify(config, "verify-failed", ",".join(e.name for e in envs), "backup.py --verify found: " + "; ".join(problems),
+               cli.script_command(config, "backup.py", "--verify"))
+    return EXIT_FAILED if problems else 0
+
+
+def verify_offsite(config, envs, quiet):
+    """restic check with a read of a tenth of the data packs, then the newest off-site copy of each env
+    restored to a temp folder and checked (sha256, integrity) like a local one."""
+    restic, problems = offsite.Restic(config.offsite), []
+    try:
+        restic.ensure_repository()
+        restic.check()
+        copies = restic.copies()
+    except DeployError as exc:
+        cli.err(f"error: off-site repository: {exc}")
+        return [str(exc)]
+    if not quiet:
+        cli.say(f"{cli.mark(True)}  off-site repository {config.offsite.repository}: restic check passed "
+                "(structure, and 10% of the data read back)")
+    for env in envs:
+        newest = next((c for c in copies if c.env == env.name), None)
+        if newest is None:
+            if not quiet:
+                cli.say(f"   {env.name}: no off-site copy yet")
+            continue
+        with tempfile.TemporaryDirectory(prefix="safe-deploy-verify-") as scratch:
+            try:
+                restic.fetch(newest, Path(scratch))
+            except DeployError as exc:
+                cli.err(f"error: BAD off-site copy of {env.name}: {exc}")
+                problems.append(str(exc))
+                continue
+        if not quiet:
+            cli.say(f"{cli.mark(True)}  {env.name}: newest off-site copy {newest.file} restored to a temp folder: "
+                    "sha256 and integrity ok")
+    return problems
 
 
 # -- retention ------------------------------------------------------------------------
@@ -243,7 +372,35 @@ def prune(config, envs, args):
                 bad = True
             if not args.quiet:
                 cli.say(f"{env.name}: kept {len(keep)}, {'would remove' if args.dry_run else 'removed'} {len(remove)}")
+            if config.offsite:
+                bad = not prune_offsite(config, env, found, args) or bad
     return EXIT_FAILED if bad else 0
+
+
+def prune_offsite(config, env, found, args):
+    """[retention] applied to env's off-site copies by the same rules, keeping off-site every copy that
+    is protected or held here (a point a rollback may need); then restic's prune. False on failure."""
+    restic = offsite.Restic(config.offsite)
+    try:
+        restic.ensure_repository()
+        copies = restic.copies(env.name)
+        protected = {Path(path).name: why for path, why in protected_backups(config, env, found).items()}
+        protected.update({Path(b.path).name: "held" for b in found if b.held})
+        keep, remove = backups.prune_plan(copies, config.retention, protected)
+        for c in remove:
+            if not args.quiet or args.dry_run:
+                cli.say(f"{'would forget' if args.dry_run else 'forgot'} off-site {c.file} (snapshot {c.id[:8]}, {c.time})")
+        if not args.dry_run and remove:
+            restic.forget(remove)
+            restic.prune()
+    except DeployError as exc:
+        cli.err(f"error: off-site prune of {env.name} failed: {exc}; nothing more was removed off-site")
+        notify(config, "offsite-failed", env.name, f"the off-site prune of {env.name} failed: {exc}",
+               cli.script_command(config, "backup.py", "--prune"))
+        return False
+    if not args.quiet:
+        cli.say(f"{env.name} off-site: kept {len(keep)}, {'would forget' if args.dry_run else 'forgot'} {len(remove)}")
+    return True
 
 
 def protected_backups(config, env, found):
@@ -269,17 +426,41 @@ TIMER_NAME = "safe-deploy-backup"
 
 def install_timer(config, args):
     command = cli.script_command(config, "backup.py", "--all", "--quiet", "--prune").split(" ", 1)[1]
-    service = (f"[Unit]\nDescription=safe-deploy nightly backup of every env\n\n"
+    on_failure = cli.script_command(config, "backup.py", "--alert-failed", f"{TIMER_NAME}.service").split(" ", 1)[1]
+    service = (f"[Unit]\nDescription=safe-deploy nightly backup of every env\nOnFailure={TIMER_NAME}-failed.service\n\n"
                f"[Service]\nType=oneshot\nExecStart={sys.executable} {command}\n")
+    failed = (f"[Unit]\nDescription=safe-deploy: alert that the nightly backup failed\n\n"
+              f"[Service]\nType=oneshot\nExecStart={sys.executable} {on_failure}\n")
     timer = (f"[Unit]\nDescription=safe-deploy nightly backup at {args.install_timer}\n\n"
              f"[Timer]\nOnCalendar=*-*-* {args.install_timer}:00\nPersistent=true\n\n"
              f"[Install]\nWantedBy=timers.target\n")
-    folder = units.install_unit_files({f"{TIMER_NAME}.service": service, f"{TIMER_NAME}.timer": timer})
+    folder = units.install_unit_files({f"{TIMER_NAME}.service": service, f"{TIMER_NAME}.timer": timer,
+                                       f"{TIMER_NAME}-failed.service": failed})
     units.systemctl("enable", "--now", f"{TIMER_NAME}.timer")
     cli.say(f"installed {folder}/{TIMER_NAME}.timer (daily at {args.install_timer}, catches up a missed run) "
             f"running: {sys.executable} {command}")
     cli.say(f"see it with: systemctl --user list-timers {TIMER_NAME}.timer; "
             f"remove it with: systemctl --user disable --now {TIMER_NAME}.timer")
+    return 0
+
+
+def test_alert(config):
+    if config.alerts is None:
+        raise usage_error(f"{config.file}: no [alerts] table: add a webhook or a command first")
+    problems = alerts.send(config.alerts, alerts.event("test", None, "a test alert from backup.py --test-alert: "
+                                                       "if you read this, alerts reach you", None))
+    for problem in problems:
+        cli.err(f"error: {problem}")
+    if not problems:
+        cli.say("test alert delivered to " + " and ".join(
+            x for x in (config.alerts.webhook, config.alerts.command and config.alerts.command[0]) if x))
+    return EXIT_FAILED if problems else 0
+
+
+def alert_failed(config, unit):
+    """Run by the timer's OnFailure= unit: backup.py itself could not say (killed, out of memory)."""
+    notify(config, "backup-failed", None, f"the systemd unit {unit} failed: the nightly backup did not finish",
+           f"journalctl --user -u {unit} -n 50")
     return 0
 
 

@@ -560,4 +560,4 @@ def show_plan(config, env, args):
 
 
 if __name__ == "__main__":
-    cli.run(main, nice=True)
+    cli.run(main, nice=True, alert="deploy")

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from safedeploy import backups, cli, recovery, rehearsal, runbook, units
+from safedeploy import backups, cli, offsite, recovery, rehearsal, runbook, units
 from safedeploy.errors import EXIT_FAILED, DeployError, usage_error
 from safedeploy.gitrepo import Repo
 from safedeploy.points import default_point, find_point, list_points
@@ -37,12 +37,13 @@ def main():
     env = config.env(args.env)
     repo = Repo(env.path)
     if args.list:
-        return show_points(env, repo, list_points(env, repo), args.json)
+        copies, problem = offsite_copies(config, env)
+        return show_points(env, repo, list_points(env, repo, copies), args.json, problem)
     if args.drill:
-        return drill(env, repo, choose_point(env, repo, args))
+        return drill(env, repo, choose_point(config, env, repo, args))
     with EnvLock(env.state_dir, env.name, "rollback", backup_wait=BACKUP_WAIT, on_wait=cli.say):
         recovery.recover(config, env, repo, cli.say)      # a killed operation: finish or undo it first
-        point = choose_point(env, repo, args)
+        point = choose_point(config, env, repo, args)
         runbook.refuse_tracked_database(env, repo, [repo.head(), point.commit])
         restore_db, why = runbook.decide_database(env, point, db_mode(args))
         if restore_db:
@@ -53,9 +54,30 @@ def main():
         return carry_out(config, env, repo, point, restore_db, why)
 
 
-def choose_point(env, repo, args):
-    points = list_points(env, repo)
-    return find_point(points, args.to) if args.to else default_point(env, points)
+def choose_point(config, env, repo, args):
+    """The point --to names (or the default one). Its database copy, if only off-site, is fetched
+    into the backup folder and verified like a local one (not for --code-only: it is not needed)."""
+    copies, problem = offsite_copies(config, env)
+    if problem:
+        cli.err(f"warning: off-site copies are not considered: {problem}")
+    points = list_points(env, repo, copies)
+    point = find_point(points, args.to) if args.to else default_point(env, points)
+    if point.backup is None and point.copy is not None and db_mode(args) != "code-only":
+        cli.say(f"{point.id}: its database copy is off-site only; fetching {point.copy.file} (snapshot "
+                f"{point.copy.id[:8]}) into {env.backup_dir}")
+        point.backup = offsite.Restic(config.offsite).fetch(point.copy, env.backup_dir)
+        cli.say(f"fetched {point.backup.path}: sha256 {point.backup.sha256[:12]} matches, integrity ok")
+    return point
+
+
+def offsite_copies(config, env):
+    """(env's off-site copies, None) or ([], why they could not be listed); ([], None) without [offsite]."""
+    if not config.offsite:
+        return [], None
+    try:
+        return offsite.Restic(config.offsite).copies(env.name), None
+    except DeployError as exc:
+        return [], str(exc)
 
 
 def parse_arguments():
@@ -92,7 +114,7 @@ def db_mode(args):
 
 
 # -- looking -------------------------------------------------------------------------------
-def show_points(env, repo, points, as_json):
+def show_points(env, repo, points, as_json, problem=None):
     live = backups.live_schema(env.db) if env.db.exists() else None      # None: missing or unreadable
     rows = [p.to_json(repo.subject(p.commit), (p.backup.schema != live) if p.backup and live else None)
             for p in points]
@@ -103,8 +125,12 @@ def show_points(env, repo, points, as_json):
         cli.say(f"{env.name} has no rollback points yet (a deploy or a backup makes one)")
     for r in rows:
         schema = " SCHEMA DIFFERS" if r["schema_differs"] else ""
-        cli.say(f"{r['id']:<42} {r['commit'][:12]} {r['time']}  {r['subject'][:40]}"
-                f"{'' if r['backup'] else '  (no backup)'}{schema}")
+        where = ("  (database: local and off-site)" if r["backup"] and r["offsite"] else
+                 "  (database: off-site only)" if r["offsite"] else "" if r["backup"] else "  (no backup)")
+        cli.say(f"{r['id']:<42} {r['commit'][:12]} {r['time']}  {r['subject'][:40]}{where}{schema}")
+    if problem:
+        cli.err(f"error: the off-site copies could not be listed ({problem}); the points above are local only")
+        return EXIT_FAILED
     return 0
 
 
@@ -234,4 +260,4 @@ def drill(env, repo, point):
 
 
 if __name__ == "__main__":
-    cli.run(main, nice=True)
+    cli.run(main, nice=True, alert="rollback")

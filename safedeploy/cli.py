@@ -3,12 +3,14 @@
 import argparse
 import getpass
 import os
+import re
 import shlex
 import signal
 import sys
 
+from . import alerts
 from . import config as configmod
-from .errors import EXIT_USAGE, DeployError, usage_error
+from .errors import EXIT_FAILED, EXIT_HUMAN, EXIT_USAGE, DeployError, usage_error
 
 
 class Parser(argparse.ArgumentParser):
@@ -55,8 +57,10 @@ def yield_cpu():
         pass
 
 
-def run(main, nice=False):
-    """Call main(); turn a DeployError into one line on stderr and its exit code."""
+def run(main, nice=False, alert=None):
+    """Call main(); turn a DeployError into one line on stderr and its exit code. Then, with [alerts]
+    set: every exit 4 is a needs-human event, and an exit 1 of an operation named by alert (deploy,
+    rollback, adopt) an ALERT-failed one, carrying what was printed on stderr."""
     if nice:
         yield_cpu()
     for signum in (signal.SIGTERM, signal.SIGHUP):
@@ -74,7 +78,24 @@ def run(main, nice=False):
     except KeyboardInterrupt as exc:
         err(f"error: {describe_interrupt(exc)}; nothing more was done")
         code = 1
+    send_alert(code, alert)
     sys.exit(code or 0)
+
+
+RUN = {"config": None, "env": None, "errors": []}     # what the error boundary's alert needs to know
+COMMAND_RE = re.compile(r"((?:python3|systemctl|journalctl|sqlite3|git) [^;]*?)\.?$")
+
+
+def send_alert(code, alert):
+    config = RUN["config"]
+    if config is None or config.alerts is None or not (code == EXIT_HUMAN or (code == EXIT_FAILED and alert)):
+        return
+    message = " ".join(RUN["errors"][-3:]) or f"exit {code}"
+    match = COMMAND_RE.search(RUN["errors"][-1]) if RUN["errors"] else None
+    event = alerts.event("needs-human" if code == EXIT_HUMAN else f"{alert}-failed", RUN["env"], message,
+                         match.group(1) if match else None)
+    for problem in alerts.send(config.alerts, event):
+        print(f"warning: {problem}", file=sys.stderr, flush=True)
 
 
 # -- output ---------------------------------------------------------------
@@ -110,6 +131,7 @@ def say(text=""):
 
 
 def err(text):
+    RUN["errors"].append(text.removeprefix("error: "))
     print(paint(text, "red", sys.stderr) if text.startswith("error") else text, file=sys.stderr, flush=True)
 
 
@@ -138,7 +160,9 @@ def script_command(config, script, *args):
 
 
 def load_config(args):
-    return configmod.load(args.config)
+    RUN["config"] = configmod.load(args.config)
+    RUN["env"] = getattr(args, "env", None)
+    return RUN["config"]
 
 
 def user_name():

@@ -43,7 +43,25 @@ ENV_KEYS = {
 }
 REQUIRED_ENV_KEYS = [k for k, (default, _) in ENV_KEYS.items() if default is None]
 RETENTION_KEYS = {"daily": 7, "weekly": 4, "monthly": 6}
-TOP_KEYS = ["defaults", "retention", "env"]
+TOP_KEYS = ["defaults", "retention", "env", "offsite", "alerts"]
+OFFSITE_KEYS = {"repository": "a restic repository, e.g. \"sftp:backup@nas:/srv/restic/app\" or a folder",
+                "password_file": "a file holding the repository's password, mode 0600",
+                "options": "a list of restic -o options, e.g. [\"sftp.command=ssh -i /home/u/.ssh/backup nas -s sftp\"]"}
+ALERT_KEYS = {"webhook": "an http:// or https:// URL (a JSON POST)",
+              "command": "an argv list, e.g. [\"/usr/bin/mail\", \"-s\", \"safe-deploy\", \"ops@example.org\"]"}
+
+
+@dataclass
+class Offsite:
+    repository: str
+    password_file: Path
+    options: list
+
+
+@dataclass
+class Alerts:
+    webhook: str
+    command: list
 
 
 @dataclass
@@ -118,6 +136,8 @@ class Config:
     envs: dict
     retention: dict = field(default_factory=lambda: dict(RETENTION_KEYS))
     explicit: bool = False      # named with --config or $DEPLOY_CONFIG
+    offsite: Offsite | None = None
+    alerts: Alerts | None = None
 
     def env(self, name):
         if name not in self.envs:
@@ -215,7 +235,53 @@ def parse(data, file):
             fail(f"env.{name}", "must be a table: [env.NAME]")
         envs[name] = parse_env(name, table, defaults, file.parent, fail)
     check_across_envs(envs, fail)
-    return Config(file=file, envs=envs, retention=retention)
+    return Config(file=file, envs=envs, retention=retention, offsite=parse_offsite(data.get("offsite"), file.parent, fail),
+                  alerts=parse_alerts(data.get("alerts"), fail))
+
+
+def check_table(table, name, keys, fail):
+    if not isinstance(table, dict):
+        fail(name, f"must be a table: [{name}]")
+    for key in table:
+        if key not in keys:
+            fail(f"{name}.{key}", f"unknown key{did_you_mean(key, keys)}")
+
+
+def parse_offsite(table, base, fail):
+    """[offsite]: where restic keeps the copies. The password file must be the user's alone: ssh
+    refuses a private key others can read, and so does this (exit 2, before anything runs)."""
+    if table is None:
+        return None
+    check_table(table, "offsite", OFFSITE_KEYS, fail)
+    for key in ("repository", "password_file"):
+        if not isinstance(table.get(key), str) or not table[key].strip() or "\0" in table[key]:
+            fail(f"offsite.{key}", f"expected {OFFSITE_KEYS[key]}")
+    options = table.get("options", [])
+    if not isinstance(options, list) or not all(isinstance(o, str) and "=" in o for o in options):
+        fail("offsite.options", f"expected {OFFSITE_KEYS['options']}")
+    password_file = resolve(base, table["password_file"])
+    try:
+        st = os.stat(password_file)
+    except OSError as exc:
+        fail("offsite.password_file", f"cannot read {password_file}: {exc.strerror}")
+    if st.st_mode & 0o077:
+        fail("offsite.password_file", f"{password_file} may be read by others (mode {st.st_mode & 0o777:04o}); "
+                                      f"it holds the key to every off-site copy: chmod 600 {password_file}")
+    return Offsite(repository=table["repository"], password_file=password_file, options=list(options))
+
+
+def parse_alerts(table, fail):
+    if table is None:
+        return None
+    check_table(table, "alerts", ALERT_KEYS, fail)
+    webhook, command = table.get("webhook", ""), table.get("command", [])
+    if not isinstance(webhook, str) or (webhook and not re.match(r"^https?://[^\s]+$", webhook)):
+        fail("alerts.webhook", f"expected {ALERT_KEYS['webhook']}")
+    if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
+        fail("alerts.command", f"expected {ALERT_KEYS['command']}")
+    if not webhook and not command:
+        fail("alerts", "give a webhook, a command, or both")
+    return Alerts(webhook=webhook, command=list(command))
 
 
 def parse_retention(table, fail):

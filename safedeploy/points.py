@@ -22,30 +22,43 @@ class Point:
     time: str
     backup: backups.Backup | None
     release: str | None = None      # the release to go back to, when the caller knows it (releases)
+    copy: object = None             # its database's off-site copy (offsite.Copy), when there is one
+
+    @property
+    def offsite(self):
+        return self.copy is not None
 
     def to_json(self, subject="", schema_differs=None):
         return {"id": self.id, "kind": self.kind, "commit": self.commit, "subject": subject, "time": self.time,
-                "backup": self.backup.path if self.backup else None, "schema_differs": schema_differs}
+                "backup": self.backup.path if self.backup else None, "schema_differs": schema_differs,
+                "offsite": self.offsite}
 
 
 def backup_id(backup):
     return Path(backup.path).name.removesuffix(".sqlite3")
 
 
-def list_points(env, repo):
-    """Every rollback point of the env, newest first."""
+def list_points(env, repo, copies=()):
+    """Every rollback point of the env, newest first. copies: the env's off-site copies; a point
+    whose database copy is only off-site has backup None and its copy set (it restores from there)."""
     found = backups.list_backups(env.backup_dir)
     by_path = {b.path: b for b in found}
+    by_file = {c.file: c for c in copies}
     tag_backup = {r["tag"]: r.get("backup") for r in deploy_log(env).read() if r.get("tag")}
     points, used = [], set()
     for name, commit, when in repo.tags(f"{env.name}-before-deploy-*"):
-        backup = by_path.get(tag_backup.get(name) or "")
-        if backup:
-            used.add(backup.path)
-        points.append(Point(name, "before-deploy", commit, when, backup))
+        wanted = tag_backup.get(name) or ""
+        backup = by_path.get(wanted)
+        copy = by_file.get(Path(wanted).name) if wanted else None
+        used.add(Path(wanted).name)
+        points.append(Point(name, "before-deploy", commit, when, backup, copy=copy))
     for b in found:
-        if b.path not in used and b.commit:
-            points.append(Point(backup_id(b), "backup", b.commit, b.time, b))
+        if Path(b.path).name not in used and b.commit:
+            points.append(Point(backup_id(b), "backup", b.commit, b.time, b, copy=by_file.get(Path(b.path).name)))
+            used.add(Path(b.path).name)
+    for c in copies:
+        if c.file not in used and c.commit:
+            points.append(Point(c.name, "backup", c.commit, c.time, None, copy=c))
     return sorted(points, key=lambda p: instant(p.time), reverse=True)
 
 
