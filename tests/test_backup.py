@@ -311,6 +311,9 @@ def test_prune_never_removes_a_backup_the_last_deploys_refer_to(tmp_path):
 
 
 # -- the timer, under the real user manager --------------------------------------------------
+APPEND_STDIN = "import sys; open(sys.argv[1], 'a').write(sys.stdin.read() + chr(10))"
+
+
 def test_timer_installs_and_its_service_backs_up(user_manager, tmp_path):
     cfg = make_host(tmp_path)
     writer.create(tmp_path / "app" / "live.db")
@@ -323,9 +326,23 @@ def test_timer_installs_and_its_service_backs_up(user_manager, tmp_path):
     user_manager.systemctl("start", "safe-deploy-backup.service", timeout=120)      # oneshot: waits for it
     found = backups.list_backups(tmp_path / "backups" / "live")
     assert len(found) == 1 and found[0].reason == "nightly"
+    # a night that fails: backup.py alerts, and so does the timer's OnFailure= unit (for a crash it could not report)
+    got = tmp_path / "alerts.jsonl"
+    cfg.write_text(cfg.read_text() + f"\n[alerts]\ncommand = {json.dumps([sys.executable, '-c', APPEND_STDIN, str(got)])}\n")
+    (tmp_path / "app" / "live.db").write_bytes(b"not a database" * 100)
+    user_manager.systemctl("reset-failed", check=False)
+    assert user_manager.systemctl("start", "safe-deploy-backup.service", check=False, timeout=120).returncode != 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (not got.exists() or len(got.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    events = [json.loads(line) for line in got.read_text().splitlines()]
+    assert [e["event"] for e in events] == ["backup-failed", "backup-failed"]
+    assert "systemd unit safe-deploy-backup.service failed" in events[1]["message"]
+    assert events[1]["command"].startswith("journalctl --user -u safe-deploy-backup.service")
     user_manager.systemctl("disable", "--now", "safe-deploy-backup.timer")
-    for name in ("safe-deploy-backup.timer", "safe-deploy-backup.service"):
+    for name in ("safe-deploy-backup.timer", "safe-deploy-backup.service", "safe-deploy-backup-failed.service"):
         (user_manager.unit_dir / name).unlink()
+    user_manager.systemctl("reset-failed", check=False)
     user_manager.systemctl("daemon-reload")
 
 

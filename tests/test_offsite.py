@@ -113,6 +113,7 @@ def test_a_rebuilt_host_brings_the_database_back_from_offsite(sandbox):
     with sqlite3.connect(db) as conn:
         conn.execute("delete from precious")
     shutil.rmtree(sandbox.root / "backups")
+    shutil.rmtree(sandbox.root / "state")          # the deploy log went with the disk too
     listed = sandbox.run("backup.py", "--list")
     assert listed.returncode == 0 and "offsite" in listed.stdout and "off-site only" in listed.stdout
     points = json.loads(sandbox.run("rollback.py", "prod", "--list", "--json").stdout)["points"]
