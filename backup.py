@@ -243,7 +243,7 @@ def show_list(config, envs, as_json):
     remote, problem = [], None
     if config.offsite:
         try:
-            remote = [c for c in OffsiteRun(config, True).open().copies() if c.env in names]
+            remote = [c for c in offsite.Restic(config.offsite).copies_if_any() if c.env in names]
         except DeployError as exc:
             problem = str(exc)
     remote_files = {c.file for c in remote}
@@ -324,7 +324,9 @@ def verify_offsite(config, envs, quiet):
     restored to a temp folder and checked (sha256, integrity) like a local one."""
     restic, problems = offsite.Restic(config.offsite), []
     try:
-        restic.ensure_repository()
+        if not restic.exists():
+            raise DeployError(f"there is no repository at {config.offsite.repository} yet: no backup has reached "
+                              "off-site (the next backup.py run makes it)")
         restic.check()
         copies = restic.copies()
     except DeployError as exc:
@@ -358,7 +360,8 @@ def prune(config, envs, args):
     for env in envs:
         with EnvLock(env.state_dir, env.name, "prune", wait=args.lock_wait):
             found = backups.list_backups(env.backup_dir)
-            keep, remove = backups.prune_plan(found, config.retention, protected_backups(config, env, found))
+            protected = protected_backups(config, env, found)
+            keep, remove = backups.prune_plan(found, config.retention, protected)
             held = [b for b in remove if b.held]
             remove = [b for b in remove if not b.held]
             for b in held:
@@ -373,20 +376,19 @@ def prune(config, envs, args):
             if not args.quiet:
                 cli.say(f"{env.name}: kept {len(keep)}, {'would remove' if args.dry_run else 'removed'} {len(remove)}")
             if config.offsite:
-                bad = not prune_offsite(config, env, found, args) or bad
+                bad = not prune_offsite(config, env, found, protected, args) or bad
     return EXIT_FAILED if bad else 0
 
 
-def prune_offsite(config, env, found, args):
+def prune_offsite(config, env, found, protected, args):
     """[retention] applied to env's off-site copies by the same rules, keeping off-site every copy that
     is protected or held here (a point a rollback may need); then restic's prune. False on failure."""
     restic = offsite.Restic(config.offsite)
     try:
-        restic.ensure_repository()
-        copies = restic.copies(env.name)
-        protected = {Path(path).name: why for path, why in protected_backups(config, env, found).items()}
-        protected.update({Path(b.path).name: "held" for b in found if b.held})
-        keep, remove = backups.prune_plan(copies, config.retention, protected)
+        copies = restic.copies_if_any(env.name)
+        by_name = {Path(path).name: why for path, why in protected.items()}
+        by_name.update({Path(b.path).name: "held" for b in found if b.held})
+        keep, remove = backups.prune_plan(copies, config.retention, by_name)
         for c in remove:
             if not args.quiet or args.dry_run:
                 cli.say(f"{'would forget' if args.dry_run else 'forgot'} off-site {c.file} (snapshot {c.id[:8]}, {c.time})")

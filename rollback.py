@@ -75,7 +75,7 @@ def offsite_copies(config, env):
     if not config.offsite:
         return [], None
     try:
-        return offsite.Restic(config.offsite).copies(env.name), None
+        return offsite.Restic(config.offsite).copies_if_any(env.name), None
     except DeployError as exc:
         return [], str(exc)
 

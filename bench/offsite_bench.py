@@ -7,7 +7,12 @@ The repository is a local folder (the same disk): the figures are restic's own w
 hashing, encryption, writing), without a network. Over sftp or S3 the bytes added are the same and
 the time adds their transfer at your link's speed.
 
-    python3 bench/offsite_bench.py [--size-mb 1024] [--nights 7] [--changed 0.01]
+    python3 bench/offsite_bench.py [--size-mb 1024] [--nights 7] [--changed 0.01] [--patterns random,clustered,append]
+
+restic cuts files into content-defined chunks of about 1 MiB (512 KiB to 8 MiB): a night adds
+every chunk that holds a changed page. Where the changes fall therefore decides the figure, so
+three patterns are measured: pages at random (a 1 MiB chunk holds 256 pages, so 1% of pages at
+random touch most chunks), runs of 256 pages, and appended rows.
 """
 
 import argparse
@@ -45,11 +50,26 @@ def create(db, size_mb):
     return rows
 
 
-def change(db, rows, fraction, rng):
+def change(db, rows, fraction, rng, pattern):
+    """A day's writes, touching `fraction` of the pages: scattered at random (the worst case for any
+    chunking), in runs of 256 pages (1 MiB: a hot table or index region), or appended (new rows)."""
+    n = int(rows * fraction)
+    if pattern == "random":
+        ids = rng.sample(range(rows), n)
+    elif pattern == "clustered":
+        ids = []
+        while len(ids) < n:
+            start = rng.randrange(0, rows - 256)
+            ids.extend(range(start, start + 256))
+        ids = ids[:n]
+    else:
+        ids = []
     conn = sqlite3.connect(db)
     with conn:
-        conn.executemany("update pages set body = ? where id = ?",
-                         ((os.urandom(ROW_BYTES), i) for i in rng.sample(range(rows), int(rows * fraction))))
+        conn.executemany("update pages set body = ? where id = ?", ((os.urandom(ROW_BYTES), i) for i in ids))
+        if pattern == "append":
+            top = conn.execute("select max(id) from pages").fetchone()[0] + 1
+            conn.executemany("insert into pages values (?, ?)", ((i, os.urandom(ROW_BYTES)) for i in range(top, top + n)))
     conn.execute("pragma wal_checkpoint(truncate)")
     conn.close()
 
@@ -59,7 +79,14 @@ def main():
     p.add_argument("--size-mb", type=int, default=1024)
     p.add_argument("--nights", type=int, default=7)
     p.add_argument("--changed", type=float, default=0.01, help="fraction of the pages changed per day")
+    p.add_argument("--patterns", default="random,clustered,append",
+                   help="where the day's changes fall: random pages, 1 MiB runs, or appended rows")
     args = p.parse_args()
+    for pattern in args.patterns.split(","):
+        run(args, pattern)
+
+
+def run(args, pattern):
     root = Path(tempfile.mkdtemp(prefix="offsite-bench-"))
     try:
         pw = root / "password"
@@ -70,13 +97,13 @@ def main():
         db, rng = root / "live.db", random.Random(7)
         start = time.monotonic()
         rows = create(db, args.size_mb)
-        print(f"database: {db.stat().st_size / 1e6:.0f} MB ({rows} rows) made in {time.monotonic() - start:.1f}s; "
-              f"{args.changed:.0%} of the pages change per day")
+        print(f"\n## {pattern}: database {db.stat().st_size / 1e6:.0f} MB ({rows} rows) made in "
+              f"{time.monotonic() - start:.1f}s; {args.changed:.0%} of the pages change per day ({pattern})")
         print(f"{'night':>5} {'backup s':>9} {'push s':>7} {'added MB':>9} {'repo MB':>8} {'cp s':>6} {'cp MB':>6}")
         pushes, added = [], []
         for night in range(1, args.nights + 1):
             if night > 1:
-                change(db, rows, args.changed, rng)
+                change(db, rows, args.changed, rng, pattern)
             t = time.monotonic()
             backup = backups.backup_database(db, root / "backups", "prod", "nightly", commit="bench")
             local_s = time.monotonic() - t

@@ -221,17 +221,7 @@ def open_files(pids):
 
 def listening_ports(pids):
     inodes = {target[len("socket:["):-1] for target in open_files(pids) if target.startswith("socket:[")}
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 9 and fields[3] == "0A" and fields[9] in inodes:
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return sorted(ports)
+    return sorted({port for inode, port in units.listening_sockets().items() if inode in inodes})
 
 
 # -- the database --------------------------------------------------------------------------------

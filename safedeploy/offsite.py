@@ -80,6 +80,12 @@ class Restic:
 
     def ensure_repository(self):
         """Open the repository; initialise it when there is none there yet (first use)."""
+        if not self.exists():
+            self.run("init")
+
+    def exists(self):
+        """True when the repository opens; False when there is none there yet; DeployError otherwise
+        (unreachable, or the password does not open it)."""
         try:
             self.run("cat", "config")
         except DeployError as exc:
@@ -89,7 +95,12 @@ class Restic:
                                   f"{self.offsite.password_file} does not open it") from None
             if not any(s in text for s in ("does not exist", "Is there a repository", "unable to open config file")):
                 raise
-            self.run("init")
+            return False
+        return True
+
+    def copies_if_any(self, env_name=None):
+        """copies(), or [] when no repository was made yet (no backup has been pushed): listing never creates one."""
+        return self.copies(env_name) if self.exists() else []
 
     # -- copies ----------------------------------------------------------------------------------
     def push(self, backup, host):

@@ -82,9 +82,9 @@ def state(unit):
     )
 
 
-def listening_inodes(port):
-    """Socket inodes listening on TCP port (any address), from /proc/net/tcp and tcp6."""
-    found = set()
+def listening_sockets():
+    """{socket inode: port} of every listening TCP socket (any address), from /proc/net/tcp and tcp6."""
+    found = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -92,9 +92,14 @@ def listening_inodes(port):
             continue
         for line in lines:
             fields = line.split()
-            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                found.add(fields[9])
+            if len(fields) > 9 and fields[3] == "0A":
+                found[fields[9]] = int(fields[1].rsplit(":", 1)[1], 16)
     return found
+
+
+def listening_inodes(port):
+    """Socket inodes listening on TCP port (any address)."""
+    return {inode for inode, p in listening_sockets().items() if p == port}
 
 
 def parent_of(pid):
