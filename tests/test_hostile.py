@@ -368,6 +368,9 @@ def test_13_a_unit_name_that_starts_with_a_dash_is_refused():
 def test_13_removing_the_state_folder_mid_deploy_stops_the_deploy_instead_of_a_false_success(sandbox):
     sb = sandbox
     sb.write_config(dev=f'pre_restart = [["{sys.executable}", "-c", "import time; time.sleep(3)"]]')
+    alert = sb.root / "alert.json"           # every exit 4 is a needs-human alert
+    copy_stdin = [sys.executable, "-c", f"import sys; open({str(alert)!r}, 'w').write(sys.stdin.read())"]
+    sb.config.write_text(sb.config.read_text() + f"\n[alerts]\ncommand = {json.dumps(copy_stdin)}\n")
     sb.release("dev", {"VERSION": "2\n"}, "v2")
     argv = [sys.executable, str(REPO_ROOT / "deploy.py"), "dev", "--config", str(sb.config)]
     proc = subprocess.Popen(argv, env=sb.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -382,3 +385,5 @@ def test_13_removing_the_state_folder_mid_deploy_stops_the_deploy_instead_of_a_f
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 4, out + err
     assert "was removed or replaced" in err and "Traceback" not in err
+    event = json.loads(alert.read_text())
+    assert event["event"] == "needs-human" and event["env"] == "dev" and "removed or replaced" in event["message"]
