@@ -131,7 +131,8 @@ def say(text=""):
 
 
 def err(text):
-    RUN["errors"].append(text.removeprefix("error: "))
+    if text.startswith("error"):             # the alert's message: errors, not the app's output that follows them
+        RUN["errors"].append(text.removeprefix("error: "))
     print(paint(text, "red", sys.stderr) if text.startswith("error") else text, file=sys.stderr, flush=True)
 
 
