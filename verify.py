@@ -185,4 +185,4 @@ def show(env, checks, ok, as_json):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, alert="verify")
