@@ -160,12 +160,15 @@ class OffsiteRun:
                 notify(self.config, "offsite-stale", env.name, why, cli.script_command(self.config, "backup.py", env.name))
 
     def push(self, env, backup):
-        """Copy a verified local backup off-site; False (said, alerted) when that failed."""
+        """Copy a verified local backup off-site, then every earlier one of env that is not there yet (the
+        copies deploys, rollbacks and adoption made: they are pushed here, never during a deploy, so the
+        network never slows one down). False (said, alerted) when that failed."""
         if not self.restic:
             return True
         try:
             result = self.open().push(backup, socket.gethostname())
             offsite.record_push(env, backup, result)
+            caught_up = self.catch_up(env, backup)
         except DeployError as exc:
             cli.err(f"error: off-site copy of {env.name} failed: {exc}. The local backup {backup.path} is verified; "
                     "it is on this host's disk only")
@@ -174,8 +177,21 @@ class OffsiteRun:
             return False
         if not self.quiet:
             cli.say(f"  off-site: snapshot {result['snapshot'][:8]} in {self.config.offsite.repository}, "
-                    f"{result['added'] / 1e6:.1f} MB added, {result['seconds']:.1f}s")
+                    f"{result['added'] / 1e6:.1f} MB added, {result['seconds']:.1f}s"
+                    + (f"; also {len(caught_up)} earlier backup(s) not yet there: {', '.join(caught_up)}"
+                       if caught_up else ""))
         return True
+
+    def catch_up(self, env, pushed):
+        there = {c.file for c in self.restic.copies(env.name)}
+        done = []
+        for b in reversed(backups.list_backups(env.backup_dir)):        # oldest first
+            name = Path(b.path).name
+            if name in there or b.path == pushed.path or backups.verify_backup(b) != "ok":
+                continue
+            self.restic.push(b, socket.gethostname())
+            done.append(f"{name.removesuffix('.sqlite3')}")
+        return done
 
 
 def notify(config, name, env, message, command=None):

@@ -6,7 +6,7 @@ main, two units, two databases, no config) under a private systemd --user
 manager: discover the config, adopt dev (backups, tags, a dev branch, releases),
 deploy and verify dev, the checklist, adopt prod and promote, a failed deploy
 that rolls itself back by switching to the previous release, a drill and a
-rollback, then status.
+rollback, status, then off-site copies with restic.
 Everything lives in one temp folder, removed at the end (pass --keep to look
 around afterwards).
 """
@@ -92,6 +92,17 @@ def main():
         step("status tells the truth: exit 1, since origin still holds releases that were rolled back (deploy.py "
              "refuses them until a fix is pushed); the rollback line never points at them, `undo` is labelled")
         run("status.py", expect=1)
+        step("off-site copies: [offsite] names a restic repository (here a folder; in real life another disk, "
+             "sftp:, S3); the nightly backup also goes there, --list says where each copy is, --verify reads "
+             "the repository back and restores the newest copy of each env")
+        password = sb.root / "restic-password"
+        password.write_text("demo password, never printed\n")
+        password.chmod(0o600)
+        sb.config.write_text(sb.config.read_text() + f'\n[offsite]\nrepository = "{sb.root / "offsite"}"\n'
+                             f'password_file = "{password}"\n')
+        run("backup.py", "--all")
+        run("backup.py", "--list")
+        run("backup.py", "--verify")
         if not args.keep:
             sb.stop_units()
     finally:

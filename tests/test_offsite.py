@@ -96,7 +96,16 @@ def test_a_backup_goes_offsite_tagged_and_is_listed_in_both_places(sandbox):
     assert copy.reason == "manual" and copy.commit == local.commit
     listed = json.loads(sandbox.run("backup.py", "--list", "--json").stdout)["backups"]
     assert [b["location"] for b in listed] == ["both"]
-    no_password(proc)
+    # a deploy's own backup is not pushed during the deploy, but by the next backup.py run
+    sandbox.release("dev", {"VERSION": "2\n"}, "v2")
+    assert sandbox.run("deploy.py", "dev").returncode == 0
+    listed = json.loads(sandbox.run("backup.py", "--list", "--json").stdout)["backups"]
+    assert sorted(b["location"] for b in listed) == ["both", "local"]
+    nightly = sandbox.run("backup.py", "--all")
+    assert nightly.returncode == 0 and "earlier backup(s) not yet there: dev-" in nightly.stdout
+    listed = json.loads(sandbox.run("backup.py", "--list", "--json").stdout)["backups"]
+    assert len(listed) == 4 and {b["location"] for b in listed} == {"both"}
+    no_password(proc, nightly)
     assert PASSWORD not in json.dumps(listed) and PASSWORD not in (sandbox.root / "state").joinpath(
         "prod.offsite.json").read_text()
 
