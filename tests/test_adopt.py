@@ -47,10 +47,12 @@ def adopt(sb, *args, config=True):
 
 
 def discovered(sb):
-    """adopt.py --discover --write, then the one edit the proposal asks for (its GUESSed health page)."""
+    """adopt.py --discover --write, then the edit the proposal asks for (its GUESSed health page), and a
+    shorter health timeout than its 30 s (the sample app starts in a tenth of a second)."""
     proc = adopt(sb, "--discover", "--write", str(sb.config), config=False)
     assert proc.returncode == 0, proc.stderr
-    sb.config.write_text(sb.config.read_text().replace('health_path = "/"', 'health_path = "/health"'))
+    sb.config.write_text(sb.config.read_text().replace('health_path = "/"', 'health_path = "/health"')
+                         .replace("health_timeout = 30", "health_timeout = 5"))
     return sb.config.read_text()
 
 
