@@ -110,8 +110,8 @@ def select_envs(config, args):
 # -- taking backups -------------------------------------------------------------
 def back_up_all(config, envs, args):
     reason = args.reason or ("nightly" if args.quiet else "manual")
-    repo = OffsiteRun(config, args.quiet)
-    repo.warn_if_stale(envs)
+    remote = OffsiteRun(config, args.quiet)
+    remote.warn_if_stale(envs)
     codes = []
     for env in envs:
         try:
@@ -126,7 +126,7 @@ def back_up_all(config, envs, args):
         if not args.quiet:
             cli.say(f"backed up {env.name}: {backup.path} ({backup.bytes / 1e6:.1f} MB, "
                     f"sha256 {backup.sha256[:12]}, integrity ok, {backup.seconds:.2f}s)")
-        if not repo.push(env, backup):
+        if not remote.push(env, backup):
             codes.append(EXIT_FAILED)
     if not codes:
         return 0
@@ -168,19 +168,25 @@ class OffsiteRun:
         try:
             result = self.open().push(backup, socket.gethostname())
             offsite.record_push(env, backup, result)
-            caught_up = self.catch_up(env, backup)
         except DeployError as exc:
-            cli.err(f"error: off-site copy of {env.name} failed: {exc}. The local backup {backup.path} is verified; "
-                    "it is on this host's disk only")
-            notify(self.config, "offsite-failed", env.name, f"the off-site copy of {env.name}'s backup "
-                   f"{backup.path} failed: {exc}", cli.script_command(self.config, "backup.py", env.name))
-            return False
+            return self.failed(env, f"the off-site copy of {env.name}'s backup {backup.path} failed: {exc}. The "
+                               "local backup is verified; it is on this host's disk only")
         if not self.quiet:
             cli.say(f"  off-site: snapshot {result['snapshot'][:8]} in {self.config.offsite.repository}, "
-                    f"{result['added'] / 1e6:.1f} MB added, {result['seconds']:.1f}s"
-                    + (f"; also {len(caught_up)} earlier backup(s) not yet there: {', '.join(caught_up)}"
-                       if caught_up else ""))
+                    f"{result['added'] / 1e6:.1f} MB added, {result['seconds']:.1f}s")
+        try:
+            caught_up = self.catch_up(env, backup)
+        except DeployError as exc:
+            return self.failed(env, f"{backup.path} reached off-site, but an earlier backup of {env.name} that was "
+                               f"not there yet could not be copied: {exc}")
+        if caught_up and not self.quiet:
+            cli.say(f"  off-site: also {len(caught_up)} earlier backup(s) not yet there: {', '.join(caught_up)}")
         return True
+
+    def failed(self, env, message):
+        cli.err(f"error: {message}")
+        notify(self.config, "offsite-failed", env.name, message, cli.script_command(self.config, "backup.py", env.name))
+        return False
 
     def catch_up(self, env, pushed):
         there = {c.file for c in self.restic.copies(env.name)}

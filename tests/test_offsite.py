@@ -102,7 +102,7 @@ def test_a_backup_goes_offsite_tagged_and_is_listed_in_both_places(sandbox):
     listed = json.loads(sandbox.run("backup.py", "--list", "--json").stdout)["backups"]
     assert sorted(b["location"] for b in listed) == ["both", "local"]
     nightly = sandbox.run("backup.py", "--all")
-    assert nightly.returncode == 0 and "earlier backup(s) not yet there: dev-" in nightly.stdout
+    assert nightly.returncode == 0 and "earlier backup(s) not yet there: dev-" in nightly.stdout, nightly.stderr
     listed = json.loads(sandbox.run("backup.py", "--list", "--json").stdout)["backups"]
     assert len(listed) == 4 and {b["location"] for b in listed} == {"both"}
     no_password(proc, nightly)
@@ -141,7 +141,7 @@ def test_an_unreachable_repository_keeps_the_local_backup_says_so_and_alerts(san
                    options=[f"sftp.command=ssh -p {dead} -o BatchMode=yes -o ConnectTimeout=5 root@127.0.0.1 -s sftp"])
     proc = sandbox.run("backup.py", "prod")
     assert proc.returncode == 1
-    assert "off-site copy of prod failed" in proc.stderr and "is verified" in proc.stderr
+    assert "off-site copy of prod's backup" in proc.stderr and "is verified" in proc.stderr
     assert len(backups.list_backups(sandbox.root / "backups" / "prod")) == 1
     (event,) = [e for e in receiver.events if e["event"] == "offsite-failed"]
     assert event["env"] == "prod" and event["host"] and event["time"] and "backup.py prod" in event["command"]
