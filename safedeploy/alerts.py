@@ -1,8 +1,9 @@
 """Alerts ([alerts]): the JSON event of the contract, to a webhook (a POST) and/or a command's stdin.
 
 An alert never holds up the operation it reports or changes its exit code: each channel is bounded
-(the webhook: a 3 s connect and 5 s read timeout, one retry after a refused connection, never after
-a timeout; the command: 10 s), and a failure to deliver comes back as a line to print, not a raise.
+(the webhook: a 3 s connect and 5 s read timeout, and 8 s in all per attempt even for a server
+that drips its answer (health.within); one retry after a refused connection, never after a
+timeout; the command: 10 s), and a failure to deliver comes back as a line to print, not a raise.
 The repository password, or any secret, is never part of an event: events carry the tool's own
 messages, which never contain it.
 """
@@ -14,6 +15,7 @@ import time
 
 import requests
 
+from . import health
 from .state import now_iso
 
 CONNECT_TIMEOUT = 3.0
@@ -44,20 +46,33 @@ def send(alerts, body):
 
 def post(url, data):
     for attempt in (1, 2):
-        try:
-            response = requests.post(url, data=data, headers={"Content-Type": "application/json"},
-                                     timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
-        except requests.ConnectionError as exc:
-            if attempt == 1 and not isinstance(exc, requests.Timeout):     # refused: the server may be restarting
-                time.sleep(RETRY_PAUSE)
-                continue
-            return [f"the alert webhook {url} could not be reached ({type(exc).__name__})"]
-        except requests.RequestException as exc:
-            return [f"the alert webhook {url} did not answer in time ({type(exc).__name__})"]
-        if 200 <= response.status_code < 300:
-            return []
-        return [f"the alert webhook {url} answered HTTP {response.status_code}"]
+        done, outcome = health.within(CONNECT_TIMEOUT + READ_TIMEOUT,
+                                      lambda session: post_once(session, url, data, attempt == 1))
+        if not done:
+            return [f"the alert webhook {url} did not answer in time (no complete answer within "
+                    f"{CONNECT_TIMEOUT + READ_TIMEOUT:g}s)"]
+        retry, problems = outcome
+        if not retry:
+            return problems
+        time.sleep(RETRY_PAUSE)
     return []
+
+
+def post_once(session, url, data, may_retry):
+    """(retry?, problems): [] when delivered. A refused connection is worth one retry (the server may
+    be restarting); a timeout is not."""
+    try:
+        response = session.post(url, data=data, headers={"Content-Type": "application/json"},
+                                timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+    except requests.ConnectionError as exc:
+        if may_retry and not isinstance(exc, requests.Timeout):
+            return True, []
+        return False, [f"the alert webhook {url} could not be reached ({type(exc).__name__})"]
+    except requests.RequestException as exc:
+        return False, [f"the alert webhook {url} did not answer in time ({type(exc).__name__})"]
+    if 200 <= response.status_code < 300:
+        return False, []
+    return False, [f"the alert webhook {url} answered HTTP {response.status_code}"]
 
 
 def run_command(argv, data):

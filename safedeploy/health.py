@@ -30,23 +30,23 @@ MAX_BODY = 64 * 1024        # a health answer is small; more is read no further
 
 def check(url, timeout=5.0, verify=True):
     """One GET; 2xx and 3xx count as healthy. Never raises for network trouble, and never takes
-    longer than timeout (+0.5 s) in all: requests' timeout bounds each read, so a server that
-    drips a byte at a time would hold a plain call forever. The request runs in a daemon thread
-    with its own session; past the deadline that session is closed and the thread abandoned."""
+    longer than timeout (+0.5 s) in all (see within)."""
+    done, result = within(timeout + 0.5, lambda session: _check(session, url, timeout, verify))
+    return result if done else Health(False, None, None, f"no complete answer within {timeout:g}s")
+
+
+def within(seconds, call):
+    """call(session) bounded in total time: requests' timeout bounds each read, so a server that
+    drips a byte at a time would hold a plain call forever. call runs in a daemon thread with its
+    own session; past the deadline that session is closed and the thread abandoned.
+    Returns (True, what call returned) or (False, None)."""
     box = {}
     session = requests.Session()
-
-    def run():
-        box["health"] = _check(session, url, timeout, verify)
-
-    worker = threading.Thread(target=run, name="health-check", daemon=True)
+    worker = threading.Thread(target=lambda: box.update(value=call(session)), name="bounded-http", daemon=True)
     worker.start()
-    worker.join(timeout + 0.5)
-    if worker.is_alive():
-        session.close()
-        return Health(False, None, None, f"no complete answer within {timeout:g}s")
+    worker.join(seconds)
     session.close()
-    return box["health"]
+    return ("value" in box and not worker.is_alive()), box.get("value")
 
 
 def _check(session, url, timeout, verify):
