@@ -259,8 +259,7 @@ def unit_file(env):
 # -- listing and verifying ----------------------------------------------------------
 def show_list(config, envs, as_json):
     """Every backup, newest first, with where its copies are: local, offsite, or both."""
-    found = sorted((b for env in envs for b in backups.list_backups(env.backup_dir)),
-                   key=lambda b: b.time or "", reverse=True)
+    found = [b for env in envs for b in backups.list_backups(env.backup_dir)]
     names = {e.name for e in envs}
     remote, problem = [], None
     if config.offsite:
@@ -270,11 +269,14 @@ def show_list(config, envs, as_json):
             problem = str(exc)
     remote_files = {c.file for c in remote}
     local_files = {Path(b.path).name for b in found}
+    known = bool(config.offsite) and not problem        # else whether a copy is off-site too is not known
+
+    def where(b):
+        there = Path(b.path).name in remote_files
+        return {"location": "both" if known and there else "local", "offsite": there if known else None}
+
     keys = ("env", "path", "time", "bytes", "sha256", "reason", "commit", "schema", "held")
-    rows = [{**{k: getattr(b, k) for k in keys},
-             "location": ("both" if Path(b.path).name in remote_files else "local") if config.offsite and not problem
-             else "local", "offsite": (Path(b.path).name in remote_files) if config.offsite and not problem else None}
-            for b in found]
+    rows = [{**{k: getattr(b, k) for k in keys}, **where(b)} for b in found]
     rows += [{"env": c.env, "path": None, "time": c.time, "bytes": None, "sha256": c.sha256, "reason": c.reason,
               "commit": c.commit, "schema": None, "held": False, "location": "offsite", "offsite": True,
               "snapshot": c.id, "file": c.file} for c in remote if c.file not in local_files]
@@ -378,7 +380,7 @@ def verify_offsite(config, envs, quiet):
 
 # -- retention ------------------------------------------------------------------------
 def prune(config, envs, args):
-    bad = False
+    bad, forgot = False, False
     for env in envs:
         with EnvLock(env.state_dir, env.name, "prune", wait=args.lock_wait):
             found = backups.list_backups(env.backup_dir)
@@ -398,13 +400,16 @@ def prune(config, envs, args):
             if not args.quiet:
                 cli.say(f"{env.name}: kept {len(keep)}, {'would remove' if args.dry_run else 'removed'} {len(remove)}")
             if config.offsite:
-                bad = not prune_offsite(config, env, found, protected, args) or bad
+                ok, some = forget_offsite(config, env, found, protected, args)
+                bad, forgot = bad or not ok, forgot or some
+    if forgot and not prune_repository(config):         # once for every env: restic's prune rewrites packs
+        bad = True
     return EXIT_FAILED if bad else 0
 
 
-def prune_offsite(config, env, found, protected, args):
+def forget_offsite(config, env, found, protected, args):
     """[retention] applied to env's off-site copies by the same rules, keeping off-site every copy that
-    is protected or held here (a point a rollback may need); then restic's prune. False on failure."""
+    is protected or held here (a point a rollback may need). (ok, forgot any)."""
     restic = offsite.Restic(config.offsite)
     try:
         copies = restic.copies_if_any(env.name)
@@ -414,16 +419,28 @@ def prune_offsite(config, env, found, protected, args):
         for c in remove:
             if not args.quiet or args.dry_run:
                 cli.say(f"{'would forget' if args.dry_run else 'forgot'} off-site {c.file} (snapshot {c.id[:8]}, {c.time})")
-        if not args.dry_run and remove:
+        if not args.dry_run:
             restic.forget(remove)
-            restic.prune()
     except DeployError as exc:
         cli.err(f"error: off-site prune of {env.name} failed: {exc}; nothing more was removed off-site")
         notify(config, "offsite-failed", env.name, f"the off-site prune of {env.name} failed: {exc}",
                cli.script_command(config, "backup.py", "--prune"))
-        return False
+        return False, False
     if not args.quiet:
         cli.say(f"{env.name} off-site: kept {len(keep)}, {'would forget' if args.dry_run else 'forgot'} {len(remove)}")
+    return True, bool(remove) and not args.dry_run
+
+
+def prune_repository(config):
+    """restic prune: the data only forgotten copies used leaves the repository."""
+    try:
+        offsite.Restic(config.offsite).prune()
+    except DeployError as exc:
+        cli.err(f"error: off-site prune failed: {exc}; the forgotten copies' data stays in the repository until "
+                "the next --prune")
+        notify(config, "offsite-failed", None, f"the off-site prune failed: {exc}",
+               cli.script_command(config, "backup.py", "--prune"))
+        return False
     return True
 
 

@@ -59,24 +59,24 @@ class Restic:
         self.offsite = offsite
 
     def run(self, *args, timeout=SHORT_TIMEOUT, stdout=None):
+        """restic ARGS; its output as text, or into the open file stdout (a dump). Reads take no lock."""
+        lock = ["--no-lock"] if args[0] in ("snapshots", "dump") else []
+        options = [x for o in self.offsite.options for x in ("-o", o)]
         argv = ["restic", "--repo", self.offsite.repository, "--password-file", str(self.offsite.password_file),
-                "--no-lock" if args[0] in ("snapshots", "dump") else None, *[x for o in self.offsite.options
-                                                                             for x in ("-o", o)], *args]
-        argv = [a for a in argv if a is not None]
+                *lock, *options, *args]
         env = {k: v for k, v in os.environ.items() if not k.startswith("RESTIC_")}
         try:
-            proc = subprocess.run(argv, capture_output=stdout is None, stdout=stdout,
-                                  stderr=subprocess.PIPE if stdout is not None else None,
-                                  timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+            proc = subprocess.run(argv, stdout=stdout or subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
+                                  env=env, stdin=subprocess.DEVNULL)
         except FileNotFoundError:
             raise DeployError("restic is not installed (apt-get install restic): [offsite] needs it") from None
         except subprocess.TimeoutExpired:
             raise DeployError(f"restic {args[0]} on {self.offsite.repository} did not finish within {timeout}s") from None
         if proc.returncode != 0:
             error = DeployError(f"restic {args[0]} on {self.offsite.repository} failed: {reason(proc.stderr)}")
-            error.stderr = proc.stderr.decode(errors="replace") if isinstance(proc.stderr, bytes) else proc.stderr
+            error.stderr = proc.stderr.decode(errors="replace")
             raise error
-        return proc.stdout.decode(errors="replace") if proc.stdout is not None and stdout is None else ""
+        return proc.stdout.decode(errors="replace") if stdout is None else ""
 
     def ensure_repository(self):
         """Open the repository; initialise it when there is none there yet (first use)."""
@@ -194,7 +194,7 @@ class Restic:
 
 def reason(stderr):
     """restic's last meaningful line, without the password file's content (restic never prints it)."""
-    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else (stderr or "")
+    text = stderr.decode(errors="replace")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     fatal = [line for line in lines if line.startswith("Fatal:")]
     return (fatal[-1] if fatal else lines[-1] if lines else "no message")[:400]
