@@ -228,15 +228,12 @@ class EnvPlan:
 def env_plan(env, say, warn):
     """What adopting env does; refuses, before any change, what it cannot do safely."""
     repo = Repo(env.path)
-    dirty = repo.dirty_files()
-    if dirty:
-        raise DeployError(f"cannot adopt {env.name}: {env.path} has uncommitted changes to tracked files "
-                          f"({', '.join(f.strip() for f in dirty[:3])}); commit or stash them first "
-                          "(nothing was changed)")
-    commit = repo.head()
-    remote = remote_refs(repo, env.remote, "--heads").get(env.branch) if env.remote else None
+    convert.refuse_dirty(env, repo, "adopt")
+    commit, branch_before = repo.head(), repo.current_branch()
+    switching = branch_before != env.branch     # the remote is read only when the tree changes branch
+    remote = remote_refs(repo, env.remote, "--heads").get(env.branch) if env.remote and switching else None
     local = repo.resolve(f"refs/heads/{env.branch}")
-    plan = EnvPlan(env=env, repo=repo, commit=commit, branch_before=repo.current_branch(), remote_branch=remote,
+    plan = EnvPlan(env=env, repo=repo, commit=commit, branch_before=branch_before, remote_branch=remote,
                    local_branch=local)
     if plan.branch_before != env.branch and local and local != commit:
         raise DeployError(f"cannot adopt {env.name}: the branch {env.branch} exists in {env.path} at {local[:12]}, "

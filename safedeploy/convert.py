@@ -131,6 +131,7 @@ def stop_all(env):
 @dataclass
 class Conversion:
     """What plan() found: the unit files to install, and (converting) the commit and the moves."""
+    repo: Repo
     files: dict
     converting: bool
     commit: str | None
@@ -146,20 +147,19 @@ def plan(env, repo, notify, say, warn):
     commit, pairs = (conversion_steps(env, repo, say) if converting else (None, []))
     warn_gunicorn_readiness(files, env, warn)
     changed = show_unit_diffs(files, say)
-    return Conversion(files=files, converting=converting, commit=commit, pairs=pairs,
+    return Conversion(repo=repo, files=files, converting=converting, commit=commit, pairs=pairs,
                       changes=changed or converting)
 
 
 def carry_out(env, conversion, say):
     """Build the first release, then the one stop; on any failure every move is put back and the
     DeployError says so (exit 1), or, if putting back failed too, what to run (exit 4)."""
-    repo = Repo(env.path)
     converting = conversion.converting
     saved, modes = save_unit_files(env, conversion.files)
     first, moves = None, Moves()
     try:
         if converting:
-            first = releases.build(env, repo, conversion.commit, say)
+            first = releases.build(env, conversion.repo, conversion.commit, say)
         switch_over(env, conversion.files, modes, first, conversion.pairs, moves)
     except (DeployError, KeyboardInterrupt) as exc:
         why = str(exc) if isinstance(exc, DeployError) else describe_interrupt(exc)
@@ -187,12 +187,17 @@ def carry_out(env, conversion, say):
     return first
 
 
-def conversion_steps(env, repo, say):
+def refuse_dirty(env, repo, action, why=""):
+    """Refuse, before any change, a work tree with uncommitted changes to tracked files."""
     dirty = repo.dirty_files()
     if dirty:
-        raise DeployError(f"cannot convert {env.name}: {env.path} has uncommitted changes to tracked files "
-                          f"({', '.join(f.strip() for f in dirty[:3])}); the first release is built from a commit, "
-                          "so commit or stash them first (nothing was changed)")
+        raise DeployError(f"cannot {action} {env.name}: {env.path} has uncommitted changes to tracked files "
+                          f"({', '.join(f.strip() for f in dirty[:3])}); {why}commit or stash them first "
+                          "(nothing was changed)")
+
+
+def conversion_steps(env, repo, say):
+    refuse_dirty(env, repo, "convert", "the first release is built from a commit, so ")
     commit = running_commit(deploy_log(env).read()) or repo.head()
     pairs = data_to_move(env, repo)
     check_moves(pairs)
