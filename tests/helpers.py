@@ -1,7 +1,9 @@
 """Small helpers for the tests: listings of folders, one-line error checks."""
 
+import contextlib
 import json
 import os
+import subprocess
 from pathlib import Path
 
 
@@ -30,3 +32,15 @@ def log_records(sandbox, env):
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@contextlib.contextmanager
+def tmpfs(folder, options):
+    """A small file system of its own at folder (made if missing), e.g. options "size=2m,mode=0700":
+    a full disk, a read-only one, or one out of inodes, for real. Unmounted afterwards."""
+    Path(folder).mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], check=True, timeout=30)
+    try:
+        yield Path(folder)
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True, timeout=30)

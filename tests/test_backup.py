@@ -19,7 +19,7 @@ from safedeploy import backups
 from safedeploy.errors import DeployError
 from safedeploy.state import EnvLock
 
-from helpers import one_line_error
+from helpers import one_line_error, tmpfs
 
 CONFIG = """
 [defaults]
@@ -172,11 +172,8 @@ def test_bad_databases_give_a_clear_error_and_leave_nothing(tmp_path, case):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
+    with tmpfs(tmp_path / "small", "size=6m,mode=0700") as mount:
+        yield mount
 
 
 def test_full_disk_fails_cleanly_and_keeps_older_backups(tmp_path, small_disk):
@@ -203,16 +200,11 @@ def test_disk_filling_up_during_the_copy_is_caught(tmp_path, small_disk, monkeyp
 
 
 def test_unwritable_backup_folder(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], check=True)
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
         db = tmp_path / "live.db"
         writer.create(db)
         with pytest.raises(DeployError, match="cannot write"):
             backups.backup_database(db, ro / "live", "live", "x")
-    finally:
-        subprocess.run(["umount", "-l", str(ro)], check=True)
 
 
 def test_a_backup_waits_for_a_deploy_then_gives_exit_3(tmp_path):

@@ -13,7 +13,7 @@ import requests
 
 from demo.faults import NoteWriter, everywhere
 from demo.sandbox import REPO_ROOT
-from helpers import listing, log_records, one_line_error
+from helpers import listing, log_records, one_line_error, tmpfs
 
 # -- the bad-input corpus ---------------------------------------------------------------
 CONFIG_BREAKS = [
@@ -145,8 +145,7 @@ def test_a_full_state_folder_stops_a_deploy_before_it_changes_anything(watched, 
     saved = tmp_path / "state-saved"
     os.rename(small, saved)
     small.mkdir(mode=0o700)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(small)], check=True)
-    try:
+    with tmpfs(small, "size=1m,mode=0700"):
         for f in saved.iterdir():
             (small / f.name).write_bytes(f.read_bytes())
             os.chmod(small / f.name, 0o600)
@@ -157,8 +156,6 @@ def test_a_full_state_folder_stops_a_deploy_before_it_changes_anything(watched, 
         assert proc.returncode == 1
         assert "not enough free disk in the state folder" in one_line_error(proc)
         assert sb.head("dev") == head
-    finally:
-        subprocess.run(["umount", "-l", str(small)], check=True)
 
 
 def test_a_unit_that_hangs_on_stop_is_still_deployed(sandbox):

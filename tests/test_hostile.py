@@ -12,7 +12,7 @@ import time
 import requests
 
 from demo.sandbox import REPO_ROOT
-from helpers import log_records
+from helpers import log_records, tmpfs
 
 
 def post_notes(sb, n, env="dev"):
@@ -218,22 +218,19 @@ def test_3_a_pre_restart_that_corrupts_the_database_is_rolled_back_with_it(sandb
 
 def test_4_out_of_room_for_the_restore_stops_nothing(sandbox, tmp_path):
     sb = sandbox
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(small)], check=True)
-    try:
-        move_db_to(sb, small)
-        sb.release("dev", {"VERSION": "2\n"}, "v2")
-        assert sb.run("deploy.py", "dev").returncode == 0
-        (small / "filler").write_bytes(b"\0" * (1536 * 1024))
-        pid = main_pid(sb)
-        proc = sb.run("rollback.py", "dev", "--yes", "--with-db")
-        assert proc.returncode == 1 and "nothing was stopped" in proc.stderr, proc.stderr
-        assert main_pid(sb) == pid
-        assert requests.get(sb.url("dev", "/"), timeout=5).json()["version"] == "2"
-    finally:
-        sb.manager.systemctl("stop", sb.unit("dev"))
-        subprocess.run(["umount", "-l", str(small)], check=True)
+    with tmpfs(tmp_path / "small", "size=2m,mode=0700") as small:
+        try:
+            move_db_to(sb, small)
+            sb.release("dev", {"VERSION": "2\n"}, "v2")
+            assert sb.run("deploy.py", "dev").returncode == 0
+            (small / "filler").write_bytes(b"\0" * (1536 * 1024))
+            pid = main_pid(sb)
+            proc = sb.run("rollback.py", "dev", "--yes", "--with-db")
+            assert proc.returncode == 1 and "nothing was stopped" in proc.stderr, proc.stderr
+            assert main_pid(sb) == pid
+            assert requests.get(sb.url("dev", "/"), timeout=5).json()["version"] == "2"
+        finally:
+            sb.manager.systemctl("stop", sb.unit("dev"))
 
 
 STRAY = """

@@ -9,7 +9,7 @@ import stat
 
 import requests
 
-from helpers import log_records
+from helpers import log_records, tmpfs
 
 
 def post(sb, n, env="dev"):
@@ -150,17 +150,13 @@ def test_verify_labels_warnings_and_information_apart_from_passes(sandbox):
 
 
 def test_a_backup_folder_out_of_inodes_is_named(tmp_path):
-    import subprocess
 
     import pytest
 
     from demo import writer
     from safedeploy import backups
     from safedeploy.errors import DeployError
-    small = tmp_path / "few-inodes"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,nr_inodes=12,mode=0700", "tmpfs", str(small)], check=True)
-    try:
+    with tmpfs(tmp_path / "few-inodes", "size=8m,nr_inodes=12,mode=0700") as small:
         folder = small / "dev"
         folder.mkdir()
         n = 0
@@ -175,8 +171,6 @@ def test_a_backup_folder_out_of_inodes_is_named(tmp_path):
         with pytest.raises(DeployError, match="inodes") as info:
             backups.backup_database(db, folder, "dev", "manual")
         assert str(folder) in str(info.value) and str(db) not in str(info.value)
-    finally:
-        subprocess.run(["umount", "-l", str(small)], check=True)
 
 
 def test_the_rows_a_restore_took_out_come_back_as_sql_without_touching_newer_ones(sandbox):
