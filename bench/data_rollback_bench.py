@@ -13,14 +13,13 @@ import json
 import shutil
 import sqlite3
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from demo.load import Load, summary  # noqa: E402
-from demo.sandbox import Sandbox, UserManager  # noqa: E402
+from demo.sandbox import Sandbox, scratch_host  # noqa: E402
 
 
 def fill(db, mb):
@@ -69,15 +68,10 @@ def main():
     p.add_argument("--sizes", default="100,1000", help="database sizes in MB")
     p.add_argument("--releases", action="store_true", help="convert the env to releases first (socket unit)")
     args = p.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="data-rollback-bench-"))
-    manager = UserManager(root / "systemd").start()
-    rows = []
-    try:
+    with scratch_host("data-rollback-bench-") as (root, manager):
+        rows = []
         for mb in (int(x) for x in args.sizes.split(",")):
             rows.append((mb, *one_size(root, manager, mb, args.releases)))
-    finally:
-        manager.stop()
-        shutil.rmtree(root, ignore_errors=True)
     unit = "socket unit (releases)" if args.releases else "plain unit"
     print(f"rollback.py dev --yes --with-db under 200 req/s, sample app, {unit}:")
     for mb, s, took, steps, bare in rows:

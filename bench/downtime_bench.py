@@ -18,10 +18,8 @@ gracefully once the new one is ready).
 """
 
 import argparse
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from demo.load import Load, summary  # noqa: E402
-from demo.sandbox import Sandbox, UserManager  # noqa: E402
+from demo.sandbox import Sandbox, scratch_host  # noqa: E402
 
 
 HANDOVER_SOCKET = """[Socket]
@@ -135,10 +133,7 @@ def main():
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--methods", default="plain,socket,handover,trial")
     args = p.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="downtime-bench-"))
-    manager = UserManager(root / "systemd").start()
-    os.environ.update(manager.env)
-    try:
+    with scratch_host("downtime-bench-") as (root, manager):
         print(f"{args.rate} requests/s, app start-up {args.startup:.1f}s, {args.rounds} deploys per method")
         print(f"{'method':<7} {'deploy s':>8} {'requests':>8} {'failed':>6} {'gap s':>6} "
               f"{'p50 ms':>7} {'p99 ms':>8} {'max ms':>8}   {'steady p50/p99/max ms':>22}")
@@ -148,9 +143,6 @@ def main():
                 print(f"{method:<7} {seconds:8.2f} {during['requests']:8} {during['failed']:6} {during['gap']:6.2f} "
                       f"{during['p50']:7.1f} {during['p99']:8.1f} {during['max']:8.1f}   "
                       f"{steady['p50']:6.1f}/{steady['p99']:6.1f}/{steady['max']:6.1f}", flush=True)
-    finally:
-        manager.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,14 @@ healthy. Uses the test-only switch SAFE_DEPLOY_FAULT=OP:STEP:SIGNAL.
 """
 
 import argparse
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from demo.faults import RELEASE_STEPS, STEPS, run_cell  # noqa: E402
-from demo.sandbox import Sandbox, UserManager  # noqa: E402
+from demo.sandbox import Sandbox, scratch_host  # noqa: E402
 
 
 def main():
@@ -30,11 +28,8 @@ def main():
     p.add_argument("--releases", action="store_true", help="convert the env to releases first")
     args = p.parse_args()
     steps = {**STEPS, **RELEASE_STEPS} if args.releases else STEPS
-    root = Path(tempfile.mkdtemp(prefix="fault-matrix-"))
-    manager = UserManager(root / "systemd").start()
-    os.environ.update(manager.env)
-    cells = []
-    try:
+    with scratch_host("fault-matrix-") as (root, manager):
+        cells = []
         n = 0
         for op in args.ops.split(","):
             for step in steps[op]:
@@ -52,9 +47,6 @@ def main():
                     print(f"{op:<9} {step:<12} {sig:<5} {'yes' if cell.recovered else 'NO':<10} "
                           f"{cell.writes_lost:>11} {cell.seconds_to_healthy:>17.2f}  {'; '.join(cell.problems)}",
                           flush=True)
-    finally:
-        manager.stop()
-        shutil.rmtree(root, ignore_errors=True)
     ok = sum(c.recovered for c in cells)
     lost = sum(c.writes_lost for c in cells)
     worst = max((c.seconds_to_healthy for c in cells), default=0)

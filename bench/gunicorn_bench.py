@@ -10,19 +10,17 @@ Target: p99 during a deploy or rollback at most twice steady plus 20 ms.
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from demo.load import Load, summary  # noqa: E402
-from demo.wheels import download_flask  # noqa: E402
-from demo.sandbox import Sandbox, UserManager, git  # noqa: E402
+from demo.wheels import flask_wheelhouse  # noqa: E402
+from demo.sandbox import Sandbox, scratch_host  # noqa: E402
 
 UV = shutil.which("uv") or str(Path(sys.executable).parent / "uv")
 
@@ -92,8 +90,7 @@ def setup(root, manager, wheels, requirements):
     sb.release("dev", {"app.py": FLASK_APP, "requirements.txt": requirements, "VERSION": "1\n", "MODE": "ok\n"},
                "flask under gunicorn")
     tree = sb.path("dev")
-    git(tree, "fetch", "--quiet", "origin")
-    git(tree, "merge", "--quiet", "--ff-only", "origin/dev")
+    sb.pull("dev")
     for argv in build_argv(wheels):
         subprocess.run(argv, cwd=tree, check=True, timeout=300)
     (manager.unit_dir / sb.unit("dev")).write_text(UNIT.format(env="dev", path=tree, port=sb.ports["dev"],
@@ -121,14 +118,9 @@ def main():
     p.add_argument("--rate", type=int, default=200)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="gunicorn-bench-"))
-    os.environ["UV_CACHE_DIR"] = str(root / "uv-cache")
-    wheels = root / "wheels"
-    requirements = download_flask(wheels)
-    manager = UserManager(root / "systemd").start()
-    os.environ.update(manager.env)
-    rows = []
-    try:
+    with scratch_host("gunicorn-bench-") as (root, manager):
+        wheels, requirements = flask_wheelhouse(root)
+        rows = []
         sb = setup(root, manager, wheels, requirements)
         load = Load(sb.url("dev", "/"), rate=args.rate).start()
         time.sleep(4)
@@ -146,9 +138,6 @@ def main():
         rows.append(("steady", summary(load.between(time.monotonic() - 2.5, time.monotonic())), 0.0))
         load.stop()
         sb.stop_units()
-    finally:
-        manager.stop()
-        shutil.rmtree(root, ignore_errors=True)
     steady = max(r[1]["p99"] for r in rows if r[0] == "steady")
     print(f"flask + gunicorn (2 workers), releases + socket + handover, {args.rate} requests/s")
     print(f"{'what':<9} {'seconds':>7} {'requests':>8} {'failed':>6} {'gap s':>6} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7}")

@@ -9,24 +9,21 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.data_rollback_bench import fill  # noqa: E402
-from demo.sandbox import Sandbox, UserManager  # noqa: E402
+from demo.sandbox import Sandbox, scratch_host  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="100,1000", help="database sizes in MB")
     args = p.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="rehearsal-bench-"))
-    manager = UserManager(root / "systemd").start()
-    rows = []
-    try:
+    with scratch_host("rehearsal-bench-") as (root, manager):
+        rows = []
         for mb in (int(x) for x in args.sizes.split(",")):
             sb = Sandbox(root / f"db{mb}", manager, health_timeout=30, name=f"rh{mb}")
             sb.root.mkdir()
@@ -41,9 +38,6 @@ def main():
             rows.append((mb, took, record["steps"]))
             sb.stop_units()
             shutil.rmtree(sb.root, ignore_errors=True)
-    finally:
-        manager.stop()
-        shutil.rmtree(root, ignore_errors=True)
     print("deploy.py dev --rehearse, sample app (command to exit; stages):")
     for mb, took, steps in rows:
         print(f"  {mb:>5} MB: {took:.2f}s  " + ", ".join(f"{k} {v:.2f}" for k, v in steps.items()))

@@ -9,18 +9,16 @@ with uv: the `build` step's seconds (from the deploy log) and the disk each new 
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from demo.wheels import download_flask  # noqa: E402
-from demo.sandbox import Sandbox, UserManager  # noqa: E402
+from demo.wheels import flask_wheelhouse  # noqa: E402
+from demo.sandbox import Sandbox, scratch_host  # noqa: E402
 
 UV = shutil.which("uv") or str(Path(sys.executable).parent / "uv")
 
@@ -73,19 +71,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="release-bench-"))
-    os.environ["UV_CACHE_DIR"] = str(root / "uv-cache")        # on the releases' file system: hard links
-    wheels = root / "wheels"
-    requirements = download_flask(wheels)
-    manager = UserManager(root / "systemd").start()
-    os.environ.update(manager.env)
-    rows = []
-    try:
+    with scratch_host("release-bench-") as (root, manager):
+        wheels, requirements = flask_wheelhouse(root)
+        rows = []
         for name, build in builds(wheels).items():
             rows.append((name, *measure(root, manager, name, build, requirements if build else "", args.rounds)))
-    finally:
-        manager.stop()
-        shutil.rmtree(root, ignore_errors=True)
     print(f"requirements: {requirements.strip().replace(chr(10), ', ')}")
     print(f"{'build':<18} {'build s (median)':>16} {'KiB added/release':>18} {'full venv KiB':>14} "
           f"{'release KiB':>12} {'added vs venv':>14}")

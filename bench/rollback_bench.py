@@ -8,16 +8,14 @@ measured in the same run, on a sandbox with the sample app.
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from demo.sandbox import Sandbox, UserManager  # noqa: E402
+from demo.sandbox import Sandbox, scratch_host  # noqa: E402
 
 
 def bare_restart(sb, env):
@@ -37,9 +35,7 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--startup", type=float, default=0.0, help="seconds the sample app takes to start")
     args = p.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="rollback-bench-"))
-    manager = UserManager(root / "systemd").start()
-    try:
+    with scratch_host("rollback-bench-") as (root, manager):
         sb = Sandbox(root / "host", manager, health_timeout=30, name="bench")
         sb.root.mkdir()
         sb.build()
@@ -64,9 +60,6 @@ def main():
                     sb.release("dev", {"VERSION": f"{i + 2}b\n", "MODE": mode}, f"release {i}b")
                     deploy(sb)
         sb.stop_units()
-    finally:
-        manager.stop()
-        shutil.rmtree(root, ignore_errors=True)
     med = statistics.median
     print(f"sample app start-up {args.startup:.1f}s, {args.rounds} rounds, medians:")
     print(f"  bare restart to healthy (systemctl restart + polling every 5 ms): {med(bare):.3f}s")

@@ -12,12 +12,14 @@ Nothing outside the folder is touched except a cgroup of its own under
 /sys/fs/cgroup/unified, removed again by UserManager.stop().
 """
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -98,6 +100,21 @@ class UserManager:
                     os.kill(int(pid), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+@contextlib.contextmanager
+def scratch_host(prefix):
+    """(root, manager): a temp folder and a private user manager started in it, whose environment
+    this process takes on; the manager stopped and the folder removed afterwards, however it ends."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    manager = UserManager(root / "systemd")
+    try:
+        manager.start()
+        os.environ.update(manager.env)
+        yield root, manager
+    finally:
+        manager.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def remove_cgroup(path):
@@ -327,6 +344,11 @@ class Sandbox:
             self.manager.systemctl("stop", self.unit(env), check=False)
             (self.manager.unit_dir / self.unit(env)).unlink(missing_ok=True)
         self.manager.systemctl("daemon-reload", check=False)
+
+    def pull(self, env):
+        """What an old deploy script does before its restart: fast-forward env's work tree to its branch
+        on origin (git pull --ff-only). Nothing is restarted."""
+        git(self.path(env), "pull", "--quiet", "--ff-only")
 
     def head(self, env):
         return git(self.path(env), "rev-parse", "HEAD")

@@ -4,6 +4,7 @@ __version__ is the version), installable with pip --no-index --find-links folder
 
 import base64
 import hashlib
+import os
 import zipfile
 from pathlib import Path
 
@@ -42,3 +43,11 @@ def download_flask(folder):
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
                     "--only-binary", ":all:", "-d", str(folder), "flask", "gunicorn"], check=True, timeout=600)
     return "".join(f"{w.name.split('-')[0]}=={w.name.split('-')[1]}\n" for w in sorted(Path(folder).glob("*.whl")))
+
+
+def flask_wheelhouse(root):
+    """(wheel folder, requirements text) for Flask + gunicorn under root, with uv's cache there too:
+    on the releases' file system, so uv hard-links from it as it would on a real host."""
+    os.environ["UV_CACHE_DIR"] = str(Path(root) / "uv-cache")
+    wheels = Path(root) / "wheels"
+    return wheels, download_flask(wheels)

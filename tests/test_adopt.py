@@ -197,7 +197,7 @@ def test_an_unhealthy_dev_after_conversion_is_put_back_and_the_old_way_still_wor
     # phase 1 stays done (its backups and tags are the host as it was); the old deploy script still works
     assert json.loads((seed.root / "state" / "adoption.json").read_text())["envs"]["dev"]["adopted"] is None
     new = seed.release("main", {"VERSION": "1.1\n"}, "a fix, deployed the old way")
-    git(seed.path("dev"), "pull", "--quiet", "--ff-only")
+    seed.pull("dev")
     seed.manager.systemctl("restart", seed.unit("dev"))
     seed.wait_serving("dev")
     assert seed.head("dev") == new

@@ -75,8 +75,7 @@ def test_work_tree_moved_by_hand_is_still_deployed_and_restarted(sandbox):
     sb.release("dev", {"VERSION": "2\n"}, "v2")
     assert sb.run("deploy.py", "dev").returncode == 0
     target = sb.release("dev", {"VERSION": "3\n"}, "v3")
-    git(sb.path("dev"), "fetch", "--quiet", "origin")
-    git(sb.path("dev"), "merge", "--quiet", "--ff-only", "origin/dev")     # by hand, no restart
+    sb.pull("dev")             # by hand, no restart
     assert version(sb, "dev") == "2"
     proc = sb.run("deploy.py", "dev")
     assert proc.returncode == 0, proc.stderr

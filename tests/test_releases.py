@@ -66,8 +66,7 @@ def deps_host(sandbox, tmp_path):
     sb.release("dev", {"requirements.txt": "pinlib==1.0\n", "MODE": "needs pinlib 1.0\n", "VERSION": "1\n"},
                "v1: pins pinlib 1.0")
     tree = sb.path("dev")
-    git(tree, "fetch", "--quiet", "origin")
-    git(tree, "merge", "--quiet", "--ff-only", "origin/dev")
+    sb.pull("dev")
     for argv in venv_build(wheels):
         import subprocess
         subprocess.run(argv, cwd=tree, check=True, timeout=120)
