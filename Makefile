@@ -1,14 +1,28 @@
 # The two commands of the README: `make demo` and `make test`. Both set up .venv first.
+# `make install` is what an operator runs on a host (the scripts' requirements only, in .venv);
+# `make test-debian` runs the tests that build releases under Debian's own /usr/bin/python3.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+DEBIAN_VENV ?= .venv-debian
+# the tests that unpack and build releases, adopt, rehearse and drill: what an older python broke
+DEBIAN_TESTS ?= tests/test_pythons.py tests/test_releases.py tests/test_adopt.py tests/test_rehearse.py tests/test_rollback.py
 
-.PHONY: demo test bench clean system-packages
+.PHONY: demo test test-debian lint install bench clean system-packages
 
 $(VENV)/.ready: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
+
+$(DEBIAN_VENV)/.ready: requirements.txt requirements-dev.txt
+	/usr/bin/python3 -m venv $(DEBIAN_VENV)
+	$(DEBIAN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 
 system-packages:
 	bash .ci/system-packages
@@ -19,5 +33,12 @@ demo: system-packages $(VENV)/.ready
 test: system-packages $(VENV)/.ready
 	$(PY) -m pytest
 
+test-debian: system-packages $(DEBIAN_VENV)/.ready
+	$(DEBIAN_VENV)/bin/python -m pytest $(DEBIAN_TESTS)
+
+lint: $(VENV)/.ready
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/vermin --quiet --no-tips --violations -t=3.10- --exclude-regex '(^|/)(\.venv[^/]*|tests)/' .
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(DEBIAN_VENV) .pytest_cache

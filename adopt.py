@@ -90,7 +90,7 @@ def discover(args):
         return 0
     write_atomic(target, text, mode=0o600)
     cli.say(f"wrote {target}: read it, fix what it marks GUESS, UNSURE or NOT FOUND, then run: "
-            f"python3 {Path(__file__).resolve().parent / 'adopt.py'} --checklist --config {target}")
+            f"{cli.command_line('adopt.py', '--checklist', config_file=target.absolute())}")
     unsure = [line.strip() for line in text.splitlines()[discovery.HEADER_LINES:]
               if any(mark in line for mark in discovery.MARKS)]
     for line in unsure:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from safedeploy import backups, cli, commands, convert, recovery, rehearsal, release, releases, runbook, units
 from safedeploy.runbook import BACKUP, BUILD, HEALTH, PRE_RESTART, RECORD, RESTART, REVISION, SWITCH, TAG, WATCH
-from safedeploy.errors import EXIT_FAILED, EXIT_HUMAN, EXIT_LOCKED, DeployError, usage_error
+from safedeploy.errors import EXIT_FAILED, EXIT_HUMAN, EXIT_LOCKED, DeployError, describe_failure, usage_error
 from safedeploy.files import same_disk
 from safedeploy.gitrepo import Repo
 from safedeploy.points import Point
@@ -284,7 +284,7 @@ def carry_out_steps(config, env, plan, journal):
             record["backup"] = backup.path if backup else None
             journal.update(backup=record["backup"])
     except (DeployError, KeyboardInterrupt) as exc:
-        what = str(exc) if isinstance(exc, DeployError) else cli.describe_interrupt(exc)
+        what = describe_failure(exc)
         record.update(result="failed", failed_step=clock.current, error=what, steps=clock.seconds,
                       running=plan.running)
         log.append(record)
@@ -407,7 +407,7 @@ def roll_back_after_failure(config, env, plan, record, clock, backup, exc):
     """A step after the switch failed: go back to this deploy's own before-deploy point, through
     the runbook's one "roll back and report" path."""
     failed = clock.current
-    what = str(exc) if isinstance(exc, DeployError) else cli.describe_interrupt(exc)
+    what = describe_failure(exc)
     details = (getattr(exc, "output", "") or "").splitlines()
     if not details and failed in (RESTART, HEALTH, WATCH):
         details = units.journal_tail(units.serving_state(env.unit).name)

@@ -87,7 +87,8 @@ def unit_part(config, env, records):
         problems.append(f"both {env.unit} and {units.helper_name(env.unit)} run outside a deploy (one was "
                         f"killed mid-swap); the next deploy.py or rollback.py stops the older")
     return {"restart_method": method, "problems": problems,
-            "warning": None if method != "plain" else units.DROPS_WARNING.format(env=env.name),
+            "warning": None if method != "plain" else units.DROPS_WARNING.format(
+                command=cli.script_command(config, "deploy.py", env.name, "--install-units")),
             "unit": {"active": st.is_active, "state": st.active, "sub": st.sub, "name": st.name,
                      "since": units.uptime_text(st) or None, "restarts": st.restarts,
                      "looping": units.is_restart_looping(st) if st.is_active else False}}

@@ -33,7 +33,7 @@ def main():
     args = parse_arguments()
     config = cli.load_config(args)
     env = config.env(args.env)
-    checks = run_checks(env)
+    checks = run_checks(config, env)
     ok = all(c.ok for c in checks)
     if ok:
         record_verified(env)
@@ -49,23 +49,23 @@ def parse_arguments():
     return p.parse_args()
 
 
-def run_checks(env):
-    return [guarded(name, fn, env) for name, fn in (
+def run_checks(config, env):
+    return [guarded(name, fn, config, env) for name, fn in (
         ("unit", check_unit), ("health", check_health), ("domain", check_domain),
         ("commit", check_commit), ("database", check_database), ("backup", check_backup),
         ("rollback point", check_rollback_point), ("rollback drill", check_drill), ("restart", check_restart))]
 
 
-def guarded(name, fn, env):
+def guarded(name, fn, config, env):
     """A check that cannot run fails with the reason; it never stops the checklist."""
     try:
-        ok, detail = fn(env)
+        ok, detail = fn(config, env)
     except DeployError as exc:
         ok, detail = False, str(exc)
     return Check(name, ok, detail)
 
 
-def check_unit(env):
+def check_unit(config, env):
     if not units.state(env.unit).known:
         return False, f"{env.unit} is not known to the user manager ({units.state(env.unit).load})"
     st = units.serving_state(env.unit)          # with a handover slot, the one that serves
@@ -77,19 +77,19 @@ def check_unit(env):
     return True, detail + (f", up {human_age(st.uptime).removesuffix(' ago')}" if st.uptime is not None else "")
 
 
-def check_health(env):
+def check_health(config, env):
     result = health.check(env.health_url, timeout=5)
     return result.ok, f"{env.health_url}: {result.describe()}"
 
 
-def check_domain(env):
+def check_domain(config, env):
     if not env.domain:
         return True, "no domain set for this env: skipped"
     result = health.check(env.domain_url, timeout=10, verify=True)
     return result.ok, f"{env.domain_url}: {result.describe()}"
 
 
-def check_commit(env):
+def check_commit(config, env):
     repo = Repo(env.path)
     head, branch, dirty = repo.head(), repo.current_branch(), repo.dirty_files()
     problems = []
@@ -106,15 +106,15 @@ def check_commit(env):
     return True, where + ("" if deployed else ", no deploy recorded yet")
 
 
-def check_database(env):
+def check_database(config, env):
     verdict = backups.integrity_of(env.db, quick=True)
     return verdict == "ok", f"{env.db}: quick_check {verdict}"
 
 
-def check_backup(env):
+def check_backup(config, env):
     found = backups.list_backups(env.backup_dir)
     if not found:
-        return False, f"no backup in {env.backup_dir}: run python3 backup.py {env.name}"
+        return False, f"no backup in {env.backup_dir}: run {cli.script_command(config, 'backup.py', env.name)}"
     newest = found[0]
     age = age_seconds(newest.time)
     verdict = backups.verify_backup(newest)
@@ -128,7 +128,7 @@ def check_backup(env):
     return True, f"{newest.path} ({newest.reason}, {human_age(age)}, checksum and integrity ok)"
 
 
-def check_rollback_point(env):
+def check_rollback_point(config, env):
     tags = Repo(env.path).tags(f"{env.name}-before-deploy-*")
     if not tags:
         return False, f"no {env.name}-before-deploy-* tag yet (the first deploy makes one)"
@@ -136,22 +136,24 @@ def check_rollback_point(env):
     return True, f"{name} -> {commit[:12]}"
 
 
-def check_drill(env):
+def check_drill(config, env):
     """Shows the age of the last rollback drill; informational, it never fails the checklist."""
     drills = [r for r in deploy_log(env).read() if r.get("kind") == "drill"]
     if not drills:
-        return True, f"never drilled: rehearse with python3 rollback.py {env.name} --drill"
+        return True, f"never drilled: rehearse with {cli.script_command(config, 'rollback.py', env.name, '--drill')}"
     last = drills[-1]
     return True, f"last drill {human_age(age_seconds(last['time']))} to {last.get('point')}: {last.get('result')}"
 
 
-def check_restart(env):
+def check_restart(config, env):
     """Warns when a restart will drop requests; informational, it never fails the checklist."""
     method = units.restart_method(env.unit)
     if method in units.METHOD_NOTES:
         return True, units.METHOD_NOTES[method].format(helper=units.helper_name(env.unit), unit=env.unit,
-                                                       socket=units.socket_name(env.unit), env=env.name)
-    return True, "WARNING: " + units.DROPS_WARNING.format(env=env.name)
+                                                       socket=units.socket_name(env.unit),
+                                                       command=cli.script_command(config, "deploy.py", env.name,
+                                                                                  "--install-units", "--notify"))
+    return True, "WARNING: " + units.DROPS_WARNING.format(command=cli.script_command(config, "deploy.py", env.name, "--install-units"))
 
 
 def record_verified(env):

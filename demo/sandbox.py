@@ -198,9 +198,11 @@ unit = "{dev_unit}"
 class Sandbox:
     """The sample app in dev and prod, on a private user manager, in one folder."""
 
-    def __init__(self, root, manager, health_timeout=10, name="sample", seed=False):
+    def __init__(self, root, manager, health_timeout=10, name="sample", seed=False, python=None):
         """seed=True: the seed's host as it runs before the tool (build_seed): units named like
-        datatracker.service and datatracker-dev.service, both trees on main, no config."""
+        datatracker.service and datatracker-dev.service, both trees on main, no config.
+        python: the interpreter that runs the scripts and the app (default: this one)."""
+        self.python = str(python or sys.executable)
         self.root = Path(root)
         self.manager = manager
         self.health_timeout = health_timeout
@@ -289,7 +291,7 @@ class Sandbox:
     def write_unit(self, env, python=None):
         """The env's unit; python: the interpreter ExecStart runs (default: this one)."""
         (self.root / "logs").mkdir(exist_ok=True)
-        text = UNIT_TEMPLATE.format(env=env, path=self.path(env), python=python or sys.executable, port=self.ports[env],
+        text = UNIT_TEMPLATE.format(env=env, path=self.path(env), python=python or self.python, port=self.ports[env],
                                     log=self.root / "logs" / f"{env}.log")
         (self.manager.unit_dir / self.unit(env)).write_text(text)
 
@@ -335,7 +337,7 @@ class Sandbox:
         return git(seed, "rev-parse", "HEAD")
 
     def run(self, script, *args, input=None, timeout=180, config=True):
-        argv = [sys.executable, str(REPO_ROOT / script), *args] + (["--config", str(self.config)] if config else [])
+        argv = [self.python, str(REPO_ROOT / script), *args] + (["--config", str(self.config)] if config else [])
         return subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout,
                               input=input, stdin=None if input is not None else subprocess.DEVNULL)
 

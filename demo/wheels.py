@@ -51,3 +51,50 @@ def flask_wheelhouse(root):
     os.environ["UV_CACHE_DIR"] = str(Path(root) / "uv-cache")
     wheels = Path(root) / "wheels"
     return wheels, download_flask(wheels)
+
+
+def wheels_of_installed(folder, names):
+    """Wheels of the distributions named (and what they require) as this python has them installed,
+    repacked from their files in site-packages: a wheel folder for `pip install --no-index` made with no
+    network (the tests install the tool's own requirements into a venv of Debian's python with it).
+    Returns the wheel paths."""
+    import importlib.metadata as md
+    import re
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    todo, seen, made = list(names), set(), []
+    while todo:
+        name = todo.pop()
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue            # required only under a marker this python does not meet (typing-extensions)
+        for req in dist.requires or []:
+            if "extra ==" not in req:
+                todo.append(re.split(r"[\s;<>=!~\[(]", req, maxsplit=1)[0])
+        made.append(_repack(dist, folder))
+    return made
+
+
+def _repack(dist, folder):
+    info_dir = next(f for f in dist.files if f.parts[0].endswith(".dist-info")).parts[0]
+    tag = next((line.split(":", 1)[1].strip() for line in (dist.read_text("WHEEL") or "").splitlines()
+                if line.startswith("Tag:")), "py3-none-any")
+    name = dist.metadata["Name"].replace("-", "_")
+    path = folder / f"{name}-{dist.version}-{tag}.whl"
+    records = []
+    with zipfile.ZipFile(path, "w") as zf:
+        for f in dist.files:
+            if ".." in f.parts or "__pycache__" in f.parts or f.name in ("RECORD", "INSTALLER", "REQUESTED") \
+                    or f.name == "direct_url.json":
+                continue
+            data = Path(f.locate()).read_bytes()
+            zf.writestr(str(f), data)
+            records.append(_record_line(str(f), data))
+        records.append(f"{info_dir}/RECORD,,")
+        zf.writestr(f"{info_dir}/RECORD", "\n".join(records) + "\n")
+    return path

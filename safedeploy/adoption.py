@@ -30,10 +30,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import backups, convert, health, units
-from .errors import DeployError
+from .errors import DeployError, after_undo, describe_failure
 from .files import make_private_dir, write_atomic
 from .gitrepo import NETWORK_TIMEOUT, Repo
-from .state import EnvLock, deploy_log, now_iso, parse_time, utc_stamp, verified_log
+from .state import EnvLock, deploy_log, inject_fault, now_iso, parse_time, utc_stamp, verified_log
 
 DOC_VERSION = 1
 BACKUP_WAIT = 300
@@ -151,6 +151,7 @@ def phase_one(config, plan, doc, say, held=""):
         try:
             for f in plan.facts:
                 back_up(f, stamp, say)
+            inject_fault("adopt", "tag")
             for f in plan.facts:
                 f.tag = f.repo.create_tag(f.tag, f.commit, f"{f.env.name} ran {f.commit} before adoption "
                                                            f"({f.branch or 'detached'})")
@@ -166,10 +167,10 @@ def phase_one(config, plan, doc, say, held=""):
                 doc["envs"][f.env.name] = phase_one_record(f)
             doc.setdefault("phase1", {"time": now_iso(), "host": socket.gethostname()})
             write_doc(config, doc)
-        except (DeployError, KeyboardInterrupt) as exc:
+        except BaseException as exc:    # a bug too: what it made is removed, then its traceback shows
             undo_phase_one(plan, made_tags, pushed)
-            raise DeployError(f"phase 1 (back up everything) failed: {exc}; what it had made is removed "
-                              "(backups, unit copies, tags), nothing else was changed: run it again") from None
+            raise after_undo(exc, f"phase 1 (back up everything) failed: {describe_failure(exc)}; what it had made "
+                                  "is removed (backups, unit copies, tags), nothing else was changed: run it again") from None
     return doc
 
 
@@ -259,18 +260,19 @@ def adopt(config, plan, doc, say):
     env = plan.env
     try:
         move_onto_branch(plan)
+        inject_fault("adopt", "convert")
         if plan.conversion.changes:
             first = convert.carry_out(env, plan.conversion, say)
         else:
             first = None
-    except (DeployError, KeyboardInterrupt) as exc:
+    except BaseException as exc:        # a bug too: what it made is put back, then its traceback shows
         if isinstance(exc, DeployError) and exc.code != 1:
             raise       # the conversion could not put itself back: its message says what to run
         undo_branch(plan)
-        why = str(exc) if isinstance(exc, DeployError) else "interrupted"
+        why = getattr(exc, "undone", None) or describe_failure(exc)
         gone = f"; the branch {env.branch} it created on {env.remote} is removed" if plan.created_remote else ""
-        raise DeployError(f"adopting {env.name} failed: {why}; {env.path} is back on "
-                          f"{plan.branch_before or plan.commit[:12]}{gone}") from None
+        raise after_undo(exc, f"adopting {env.name} failed: {why}; {env.path} is back on "
+                              f"{plan.branch_before or plan.commit[:12]}{gone}") from None
     entry = doc["envs"].setdefault(env.name, {})
     entry["adopted"] = {"time": now_iso(), "branch": env.branch, "commit": plan.commit,
                         "release": first.id if first else None}

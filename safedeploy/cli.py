@@ -5,12 +5,14 @@ import getpass
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
+from pathlib import Path
 
-from . import alerts
+from . import SCRIPTS_DIR, TOOL_VENV, alerts, in_a_venv
 from . import config as configmod
-from .errors import EXIT_FAILED, EXIT_HUMAN, EXIT_USAGE, DeployError, usage_error
+from .errors import EXIT_FAILED, EXIT_HUMAN, EXIT_USAGE, DeployError, describe_failure, usage_error
 
 
 class Parser(argparse.ArgumentParser):
@@ -36,10 +38,6 @@ class Interrupted(KeyboardInterrupt):
 
 def raise_interrupted(signum, frame):
     raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
-
-
-def describe_interrupt(exc):
-    return str(exc) if isinstance(exc, Interrupted) else "interrupted by Ctrl-C"
 
 
 NICE_VARIABLE = "SAFE_DEPLOY_NICE"
@@ -76,8 +74,13 @@ def run(main, nice=False, alert=None):
     except BrokenPipeError:
         code = 1
     except KeyboardInterrupt as exc:
-        err(f"error: {describe_interrupt(exc)}; nothing more was done")
+        err(f"error: {describe_failure(exc)}; nothing more was done")
         code = 1
+    except Exception as exc:
+        # a bug: it keeps its traceback (Python prints it), after what the undo that ran for it did
+        if getattr(exc, "undone", None):
+            err(f"error: {exc.undone}")
+        raise
     send_alert(code, alert)
     sys.exit(code or 0)
 
@@ -152,11 +155,28 @@ def confirm_env(env, yes, action):
 
 
 # -- commands an operator pastes --------------------------------------------
+def python_word():
+    """How a pasted command names the interpreter: `python3` where the system python3 (cron's PATH is
+    /usr/bin:/bin) runs the scripts as this process does (it re-runs itself in the tool's venv, see
+    safedeploy/__init__.py), else this interpreter's full path (a venv the operator chose)."""
+    if Path(sys.prefix).resolve() == TOOL_VENV.resolve():
+        return "python3"
+    system = shutil.which("python3", path="/usr/bin:/bin")
+    if not in_a_venv() and system and Path(system).resolve() == Path(sys.executable).resolve():
+        return "python3"
+    return sys.executable
+
+
 def script_command(config, script, *args):
     """The exact command line to run one of the scripts against this config."""
-    words = ["python3", str(configmod.SCRIPTS_DIR / script), *args]
-    if config.explicit:
-        words += ["--config", str(config.file)]
+    return command_line(script, *args, config_file=config.file if config is not None and config.explicit else None)
+
+
+def command_line(script, *args, config_file=None):
+    """script (a file beside the scripts) with args, and --config config_file when one is named."""
+    words = [python_word(), str(SCRIPTS_DIR / script), *args]
+    if config_file is not None and Path(config_file).absolute() != SCRIPTS_DIR / "config.toml":
+        words += ["--config", str(config_file)]
     return shlex.join(words)
 
 

@@ -3,13 +3,16 @@
 import difflib
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import SCRIPTS_DIR
 from .errors import usage_error
 
-SCRIPTS_DIR = Path(__file__).resolve().parent.parent
+try:
+    import tomllib  # novermin: Python 3.11 and later
+except ImportError:     # Python 3.10 (Ubuntu 22.04): the same parser, packaged as tomli (python3-tomli)
+    import tomli as tomllib
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
 UNIT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9:_.\\@-]*\.service$")     # never "-...": systemctl would take an option

@@ -18,14 +18,16 @@ A key left out is deliberate: a config that loads with a wrong database would ba
 file every night.
 """
 
+import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import units
+from . import SCRIPTS_DIR, units
 from .errors import DeployError
 
 SQLITE_HEADER = b"SQLite format 3\0"
@@ -271,7 +273,11 @@ def untracked_sqlite(tree):
 # -- releases ------------------------------------------------------------------------------------
 def propose_build(env):
     """A program run from a venv inside the tree needs that venv in every release once the env is
-    converted (the unit then runs it through `current`): a build that makes it."""
+    converted (the unit then runs it through `current`): a build that makes the same venv. The running
+    venv holds the truth, not the tree's requirements file (which may be missing, unpinned or stale):
+    the same base python, then exactly the distributions the venv holds, at their versions, with
+    --no-deps so that nothing else comes in (pip freeze, read from the venv's own metadata without
+    running it)."""
     program = env.exec_start[0] if env.exec_start else ""
     if not program.startswith(str(env.path) + "/"):
         return []
@@ -279,10 +285,67 @@ def propose_build(env):
     if len(rel) < 3 or rel[1] != "bin":
         return []
     venv = rel[0]
-    build = [["python3", "-m", "venv", venv]]
-    if (env.path / "requirements.txt").exists():
-        build.append([f"{venv}/bin/pip", "install", "-r", "requirements.txt"])
+    folder = env.path / venv
+    cfg = pyvenv_cfg(folder)
+    create = [base_python(cfg), "-m", "venv"]
+    if cfg.get("include-system-site-packages", "false").lower() == "true":
+        create.append("--system-site-packages")
+    build = [create + [venv]]
+    pins, editable = installed_distributions(folder)
+    if pins:
+        build.append([f"{venv}/bin/pip", "install", "--no-deps", *pins])
+    for name, where in editable:
+        env.notes.append(f"{folder} holds {name} as an editable install (from {where}): the build does not "
+                         "reproduce it; add the command that installs it")
+    if not pins and not cfg:
+        env.notes.append(f"{folder} could not be read (no pyvenv.cfg): the build only makes an empty venv; add "
+                         "the command that installs the app's packages")
     return build
+
+
+def pyvenv_cfg(folder):
+    """{key: value} of the venv's pyvenv.cfg, or {}."""
+    try:
+        lines = (Path(folder) / "pyvenv.cfg").read_text().splitlines()
+    except OSError:
+        return {}
+    return {k.strip(): v.strip() for k, _, v in (line.partition("=") for line in lines) if _}
+
+
+def base_python(cfg):
+    """The interpreter the venv was made from (its pyvenv.cfg), so the release's venv runs the same python."""
+    candidates = [cfg.get("executable", "")]
+    version = cfg.get("version") or cfg.get("version_info", "")
+    if cfg.get("home") and version:
+        candidates.append(os.path.join(cfg["home"], "python" + ".".join(version.split(".")[:2])))
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return "python3"
+
+
+def installed_distributions(folder):
+    """(["name==version", ...] sorted, [(name, where)] editable installs) of the venv at folder, from the
+    .dist-info metadata in its site-packages (pip itself is left out: the new venv has its own)."""
+    pins, editable = set(), []
+    for info in sorted(Path(folder).glob("lib/python*/site-packages/*.dist-info")):
+        try:
+            fields = dict(line.split(": ", 1) for line in (info / "METADATA").read_text(errors="replace").splitlines()
+                          if ": " in line and not line.startswith(" "))
+        except OSError:
+            continue
+        name, version = fields.get("Name", "").strip(), fields.get("Version", "").strip()
+        if not name or not version or name.lower() == "pip":
+            continue
+        try:
+            direct = json.loads((info / "direct_url.json").read_text())
+        except (OSError, ValueError):
+            direct = {}
+        if isinstance(direct, dict) and (direct.get("dir_info") or {}).get("editable"):
+            editable.append((name, direct.get("url", "?")))
+            continue
+        pins.add(f"{name}=={version}")
+    return sorted(pins, key=str.lower), editable
 
 
 # -- the proposal as config.toml -----------------------------------------------------------------
@@ -293,7 +356,8 @@ def render(proposal, now):
                           + "".join(f"; {u}: {why}" for u, why in proposal.skipped))
     lines = [f"# Proposed by adopt.py --discover on {socket.gethostname()} at {now}, from the running units.",
              "# Lines marked GUESS, UNSURE or NOT FOUND need a look; a key it could not find is left out, so this",
-             "# file does not load until it is filled in. Then: python3 adopt.py --checklist",
+             "# file does not load until it is filled in. Then adopt dev first: "
+             + shlex.join(["python3", str(SCRIPTS_DIR / "adopt.py"), "dev", "--dry-run"]),
              "", "[defaults]"]
     remotes = {e.remote for e in proposal.envs}
     remote = remotes.pop() if len(remotes) == 1 else ""
@@ -331,8 +395,9 @@ def env_lines(env, has_dev):
     if env.name == "prod" and has_dev:
         out.append('promote_from = "dev"   # prod deploys only what dev verified')
     if env.build:
-        out.append(f"build = {toml(env.build)}   # GUESS: it runs {env.exec_start[0]}, so each release needs "
-                   "its own venv")
+        out.append(f"# GUESS: it runs {env.exec_start[0]}, so each release needs its own venv: this makes the same one")
+        out.append("# (the running venv's python and packages, pinned); later, install the tree's requirements instead")
+        out.append("build = [\n" + "".join(f"    {toml(argv)},\n" for argv in env.build) + "]")
     for note in env.notes:
         out.append(f"# note: {note}")
     return out + [""]

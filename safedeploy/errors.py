@@ -17,3 +17,22 @@ class DeployError(Exception):
 
 def usage_error(message):
     return DeployError(message, EXIT_USAGE)
+
+
+def after_undo(exc, message, code=EXIT_FAILED):
+    """What to raise once the undo for exc has run: for the tool's own errors and interruptions, a
+    DeployError with message (exit code); for anything else (a bug) exc itself, carrying message as
+    `undone`, so that the error boundary says what was put back before the bug's traceback."""
+    if isinstance(exc, (DeployError, KeyboardInterrupt)):
+        return DeployError(message, code)
+    exc.undone = message
+    return exc
+
+
+def describe_failure(exc):
+    """One line for what failed: the tool's message, an interruption, or a bug (its type and text)."""
+    if isinstance(exc, DeployError):
+        return str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return str(exc) if str(exc).startswith("interrupted") else "interrupted by Ctrl-C"
+    return f"an unexpected {type(exc).__name__}: {exc} (a bug; its traceback follows)"

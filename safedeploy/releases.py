@@ -26,6 +26,7 @@ deploys move the tree in place (deploy.py ENV --install-units converts it).
 import json
 import os
 import shutil
+import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,19 +142,57 @@ def build(env, repo, commit, say=None, folder=None, shared=None):
 
 
 def extract_commit(repo, commit, dest):
-    """The commit's files (no .git) into dest, through `git archive` and a tarfile that refuses
-    links out of the folder and absolute names."""
-    import tarfile
+    """The commit's files (no .git) into dest, through `git archive` and extract_safely()."""
     fd, archive = tempfile.mkstemp(prefix=".archive-", suffix=".tar", dir=dest.parent)
     os.close(fd)
     try:
         repo.run("archive", "--format=tar", "-o", archive, commit)
         with tarfile.open(archive) as tar:
-            tar.extractall(dest, filter="data")
+            extract_safely(tar, dest)
     except (OSError, tarfile.TarError) as exc:
         raise DeployError(f"cannot unpack {commit[:12]} into {dest}: {exc}") from None
     finally:
         os.unlink(archive)
+
+
+# Python 3.10 and Debian 12's 3.11.2 have no extraction filter (`filter=` came in 3.11.4), so the
+# check is this code's own, on every python. Where the stdlib has the data filter it applies too.
+FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+
+
+def extract_safely(tar, dest):
+    """Unpack the archive into dest, member by member: each must be a plain file, folder or symbolic
+    link; its folder, as it resolves on disk at that moment (through links unpacked before it), and a
+    link's target must lie inside dest; modes keep only what a release needs (no setuid, nothing
+    others may write). Links are checked again at the end (one may name a folder unpacked after it).
+    Raises tarfile.TarError naming the first member that would reach outside."""
+    root = os.path.realpath(dest)
+
+    def inside(path):
+        real = os.path.realpath(path)
+        return real == root or real.startswith(root + os.sep)
+
+    links = []
+    for m in tar.getmembers():
+        name = os.path.normpath(m.name)
+        if os.path.isabs(m.name) or name == ".." or name.startswith("../") or "\0" in m.name:
+            raise tarfile.TarError(f"{m.name!r} would land outside the release")
+        if not (m.isfile() or m.isdir() or m.issym()):
+            raise tarfile.TarError(f"{m.name!r} is neither a file, a folder nor a symbolic link")
+        folder = os.path.join(dest, os.path.dirname(name))
+        if not inside(folder):
+            raise tarfile.TarError(f"{m.name!r} would be written through a link that leads outside the release")
+        if m.issym():
+            if os.path.isabs(m.linkname) or not inside(os.path.join(folder, m.linkname)):
+                raise tarfile.TarError(f"the link {m.name!r} -> {m.linkname!r} points outside the release")
+            links.append(name)
+        m.mode &= 0o755
+        m.uid = m.gid = 0
+        m.uname = m.gname = ""
+        tar.extract(m, dest, **FILTER)
+    for name in links:
+        if not inside(os.path.join(dest, name)):
+            raise tarfile.TarError(f"the link {name!r} points outside the release")
 
 
 def link_shared(env, work, shared):

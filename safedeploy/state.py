@@ -25,7 +25,9 @@ from .files import disk_error, make_private_dir, write_atomic
 
 
 def now_iso():
-    return datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+    """Now, ISO 8601 with the local offset, to the millisecond: records are compared by time (the
+    checklist: a deploy after the adoption), and two can fall in one second."""
+    return datetime.now(timezone.utc).astimezone().isoformat(timespec="milliseconds")
 
 
 def utc_stamp():
@@ -296,24 +298,33 @@ class Journal:
 FAULT_VARIABLE = "SAFE_DEPLOY_FAULT"     # test-only: "OP:STEP:SIGNAL" kills the process entering STEP
 
 
+class InjectedFault(RuntimeError):
+    """What SAFE_DEPLOY_FAULT=OP:STEP:RAISE raises: an error that is not the tool's own (a bug's stand-in)."""
+
+
 def inject_fault(op, step):
     """The test-only fault switch: SAFE_DEPLOY_FAULT=deploy:switch:KILL sends SIGKILL to this
-    process as it enters the step `switch` of a deploy (TERM, INT and HUP work alike)."""
+    process as it enters the step `switch` of a deploy (TERM, INT and HUP work alike; RAISE raises
+    InjectedFault, an exception that is not a DeployError)."""
     wanted = os.environ.get(FAULT_VARIABLE, "")
     if wanted.count(":") == 2:
         w_op, w_step, w_signal = wanted.split(":")
         if (w_op, w_step) == (op, step):
+            if w_signal == "RAISE":
+                raise InjectedFault(f"injected fault at {op}:{step} (test-only)")
             os.kill(os.getpid(), getattr(signal, f"SIG{w_signal}"))
             time.sleep(1)            # let the handler run here, inside the step
 
 
 def check_locks():
     """Stop when a lock this process holds was removed under it: another operation may be running."""
+    from . import cli        # here, not at the top: cli needs this module
     for lock in HELD_LOCKS:
         if not lock.still_held():
+            status = cli.script_command(cli.RUN["config"], "status.py", lock.env)
             raise DeployError(f"the lock file {lock.path} was removed or replaced while this {lock.operation} ran, "
                               f"so another operation may have started on env {lock.env} at the same time; this one "
-                              f"stops here. Look with: python3 status.py {lock.env}", EXIT_HUMAN)
+                              f"stops here. Look with: {status}", EXIT_HUMAN)
 
 
 class StepClock:

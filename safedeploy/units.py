@@ -1,5 +1,6 @@
 """systemd --user units, through systemctl and journalctl (argv lists, timeouts)."""
 
+import contextlib
 import os
 import subprocess
 import time
@@ -8,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import DeployError
-from .files import write_atomic
+from .files import remove_quietly, write_atomic
 from .state import inject_fault
 
 SYSTEMCTL_TIMEOUT = 30
@@ -252,9 +253,70 @@ def install_unit_files(files, modes=None):
                 mode = os.stat(path).st_mode & 0o777
             except OSError:
                 mode = 0o644
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, text, mode=mode & 0o755)
     daemon_reload()
     return folder
+
+
+# -- moving a port from a service to its socket unit, in the shortest window ---------------------
+# systemd refuses to start a socket while the service it activates is active, and runs a stop before a
+# start of units ordered either way. So a socket that activated the service itself could start only once
+# the old process is gone: gunicorn lets the port go 0.06 s into its stop but exits 0.23 s in, and every
+# connection in between is refused. For the move, the socket activates a holder instead: a unit that,
+# if a connection starts it, only sleeps (the connection waits in the queue, nothing touches the data).
+# The socket then starts the moment the port is free; the service, which names the socket in Sockets=,
+# starts on it once its data is in place, and the socket goes back to activating the service.
+def holder_name(unit):
+    return unit.removesuffix(".service") + "-port-holder.service"
+
+
+def port_holder_files(unit):
+    """{path: text}: the socket's drop-in that makes it activate the holder, and the holder."""
+    folder = user_unit_dir()
+    return {folder / f"{socket_name(unit)}.d" / "50-safe-deploy-move.conf":
+            f"# written by safe-deploy while {unit}'s port moves to this socket; removed right after\n"
+            f"[Socket]\nService={holder_name(unit)}\n",
+            folder / holder_name(unit):
+            f"[Unit]\nDescription=holds {socket_name(unit)}'s connections while {unit} moves onto it "
+            "(written by safe-deploy, removed right after)\n\n[Service]\nExecStart=/bin/sleep infinity\n"}
+
+
+def alive(pid):
+    return bool(pid) and Path(f"/proc/{pid}").exists()
+
+
+def move_port_to_socket(unit, port, timeout=RESTART_TIMEOUT):
+    """Stop unit and have its socket (activating the holder) listen the moment the port is free: the
+    connections refused are those from the old process letting the port go to the socket's bind.
+    Returns once the old process is gone and the socket listens."""
+    old = state(unit).main_pid
+    systemctl("stop", "--no-block", unit)
+    deadline = time.monotonic() + timeout
+    while listening_inodes(port) and alive(old) and time.monotonic() < deadline:
+        time.sleep(0.002)
+    # ignore-dependencies: no ordering after the service's stop job (the socket is ordered before it)
+    systemctl("start", "--job-mode=ignore-dependencies", socket_name(unit))
+    while time.monotonic() < deadline:
+        if not alive(old) and state(unit).active not in ("active", "deactivating", "reloading"):
+            return
+        time.sleep(0.01)
+    raise DeployError(f"{unit} did not stop within {timeout}s")
+
+
+def release_holder(unit):
+    """The socket activates the service again; the holder goes (stopped if a connection started it)."""
+    files = port_holder_files(unit)
+    dropin = next(iter(files))
+    if not any(path.exists() for path in files):
+        return
+    remove_quietly(dropin)
+    with contextlib.suppress(OSError):
+        dropin.parent.rmdir()
+    daemon_reload()                 # first: once the holder stops, the socket must not start it again
+    systemctl("stop", holder_name(unit), check=False)
+    remove_quietly(user_unit_dir() / holder_name(unit))
+    daemon_reload()
 
 
 # -- socket activation ------------------------------------------------------------------------
@@ -311,11 +373,11 @@ METHOD_NOTES = {
     "handover": "{unit} and {helper} take turns on {socket}: a deploy starts the idle one and stops the other "
                 "once it is ready, so no request waits and the release starts once",
     "socket": "{socket} holds the port: requests wait while {unit} restarts, none is refused "
-              "(a server that signals readiness gets a handover helper too: deploy.py {env} --install-units --notify)",
+              "(a server that signals readiness gets a handover helper too: {command})",
 }
 
 DROPS_WARNING = ("a restart closes the port until the new process listens, so requests are refused "
-                 "meanwhile: hold the port with a socket unit (python3 deploy.py {env} --install-units)")
+                 "meanwhile: hold the port with a socket unit ({command})")
 
 
 def render_socket(unit, port):
@@ -338,7 +400,7 @@ def render_helper(service_text, unit):
         if stripped == "[Unit]":
             lines.append(f"Description=second slot of {unit} (written by safe-deploy; started by deploys, "
                          "it serves until the next one)")
-        if stripped == "[Service]":
+        if stripped == "[Service]" and f"Sockets={socket_name(unit)}" not in service_text:
             lines.append(f"Sockets={socket_name(unit)}")
     return "\n".join(lines).rstrip("\n") + "\n"
 
@@ -400,6 +462,7 @@ def render_socket_service(text, unit, notify):
 
     setting("[Unit]", "Requires", sock)
     setting("[Unit]", "After", sock)
+    setting("[Service]", "Sockets", sock)      # its fds whichever unit the socket activates (see holder_name)
     if notify:
         setting("[Service]", "Type", "notify")
         setting("[Service]", "NotifyAccess", "main")

@@ -44,3 +44,12 @@ def tmpfs(folder, options):
         yield Path(folder)
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=True, timeout=30)
+
+
+def paste(sb, command, timeout=180):
+    """Run a command the tool printed as an operator pastes it: through a shell, with cron's PATH
+    (/usr/bin:/bin, so `python3` is the system python), and the sandbox's user manager."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8", "NO_COLOR": "1",
+           **sb.manager.env}
+    return subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 
 from demo.sandbox import Sandbox, UserManager, git
+from demo.wheels import make_wheel
 from safedeploy import discovery
 from tests.helpers import listing, one_line_error
 
@@ -272,11 +274,84 @@ def test_discovery_picks_the_one_untracked_sqlite_file_or_says_it_is_unsure(tmp_
     assert db is None and source.startswith("UNSURE") and candidates == ["instance/app.db", "other.sqlite"]
 
 
-def test_discovery_proposes_a_build_for_a_venv_inside_the_tree(tmp_path):
-    (tmp_path / "requirements.txt").write_text("flask\n")
+def test_discovery_proposes_a_build_that_reproduces_the_running_venv(tmp_path):
+    """The running venv holds the truth (what pip freeze would say): the proposal makes a venv from the
+    same base python and installs exactly its distributions, --no-deps; an editable install is noted."""
+    (tmp_path / "requirements.txt").write_text("flask\n")          # unpinned: not what runs
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True, timeout=120)
+    site = next((tmp_path / "venv").glob("lib/python*/site-packages"))
+    for name, version in (("Flask", "3.0.0"), ("gunicorn", "22.0.0"), ("pip", "23.0.1")):
+        (site / f"{name}-{version}.dist-info").mkdir()
+        (site / f"{name}-{version}.dist-info" / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\n"
+                                                                         f"Version: {version}\n")
+    (site / "myapp-0.1.dist-info").mkdir()
+    (site / "myapp-0.1.dist-info" / "METADATA").write_text("Name: myapp\nVersion: 0.1\n")
+    (site / "myapp-0.1.dist-info" / "direct_url.json").write_text('{"url": "file:///src", "dir_info": {"editable": true}}')
     env = discovery.Found(unit="app.service", path=tmp_path, working_directory=str(tmp_path), active="active",
                           exec_start=[f"{tmp_path}/venv/bin/gunicorn", "-b", "127.0.0.1:8000", "app:app"], main_pid=0)
-    assert discovery.propose_build(env) == [["python3", "-m", "venv", "venv"],
-                                            ["venv/bin/pip", "install", "-r", "requirements.txt"]]
+    build = discovery.propose_build(env)
+    assert build[0][1:] == ["-m", "venv", "venv"] and Path(build[0][0]).resolve() == Path("/usr/bin/python3").resolve()
+    assert build[1] == ["venv/bin/pip", "install", "--no-deps", "Flask==3.0.0", "gunicorn==22.0.0"]
+    assert any("myapp" in note and "editable" in note for note in env.notes)
     env.exec_start = ["/usr/bin/python3", "app.py"]
     assert discovery.propose_build(env) == []
+
+
+@pytest.mark.parametrize("step", ["adopt:tag", "adopt:convert", "convert:build", "convert:switch"])
+def test_an_unexpected_error_is_undone_like_any_failure_and_keeps_its_traceback(seed, step):
+    """A step that raises something that is not the tool's error type (a bug): what the run made is removed,
+    the message says so, and the traceback follows it."""
+    discovered(seed)
+    unit_before = (seed.manager.unit_dir / "datatracker-dev.service").read_text()
+    dev_pid = main_pid(seed, "dev")
+    argv = [sys.executable, str(REPO / "adopt.py"), "dev", "--yes", "--config", str(seed.config)]
+    proc = subprocess.run(argv, env={**seed.env, "SAFE_DEPLOY_FAULT": f"{step}:RAISE"}, capture_output=True,
+                          text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    said, _, trace = proc.stderr.partition("Traceback")
+    assert "an unexpected InjectedFault" in said and ("is removed" in said or "put back" in said), proc.stderr
+    assert "InjectedFault: injected fault at" in trace
+    assert git(seed.path("dev"), "rev-parse", "--abbrev-ref", "HEAD") == "main"
+    assert "refs/heads/dev" not in remote_refs(seed) and git(seed.path("dev"), "branch", "--list", "dev") == ""
+    assert not Path(f"{seed.path('dev')}.releases").exists()
+    assert not list((seed.root / "backups" / "dev").glob("units-*"))
+    assert (seed.manager.unit_dir / "datatracker-dev.service").read_text() == unit_before
+    assert not (seed.manager.unit_dir / "datatracker-dev.socket").exists()
+    if step in ("adopt:tag", "adopt:convert", "convert:build"):
+        assert main_pid(seed, "dev") == dev_pid          # the app was not touched before the switch-over
+    assert seed.wait_serving("dev") < 5
+    doc = seed.root / "state" / "adoption.json"
+    if step == "adopt:tag":
+        assert not doc.exists() and git(seed.path("dev"), "tag") == ""
+    else:
+        assert json.loads(doc.read_text())["envs"]["dev"]["adopted"] is None
+    again = adopt(seed, "dev", "--yes")                   # nothing half-done: a rerun goes through
+    assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_the_proposed_build_makes_a_first_release_that_serves_like_the_running_venv(seed, tmp_path):
+    """Units that run a venv inside their tree: the proposal reproduces that venv (its python, its packages
+    at their versions), so the first release serves as the tree did, on the same dependency."""
+    wheels = tmp_path / "wheels"
+    make_wheel(wheels, "pinlib", "1.0")
+    seed.release("main", {"MODE": "needs pinlib 1.0\n", ".gitignore": "venv/\ninstance/\n"}, "runs on pinlib 1.0")
+    for env in ("prod", "dev"):
+        seed.pull(env)
+        venv = seed.path(env) / "venv"
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--no-index", "--find-links", str(wheels),
+                        "pinlib==1.0"], check=True, timeout=300)
+        seed.write_unit(env, python=venv / "bin" / "python")
+    seed.manager.systemctl("daemon-reload")
+    for env in ("prod", "dev"):
+        seed.manager.systemctl("restart", seed.unit(env))
+        seed.wait_serving(env)
+    text = discovered(seed)
+    dev = text.split("[env.dev]")[1]
+    assert "GUESS" in dev and '"install", "--no-deps", "pinlib==1.0"' in dev, dev
+    env = {**seed.env, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels)}
+    argv = [sys.executable, str(REPO / "adopt.py"), "dev", "--yes", "--config", str(seed.config)]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert requests.get(seed.url("dev", "/"), timeout=5).json()["deps"] == {"pinlib": "1.0"}
+    assert Path(f"{seed.path('dev')}.releases/current/venv/bin/python").exists()

@@ -63,13 +63,18 @@ def test_good_config_resolves_paths_and_defaults(tmp_path):
     assert prod.pre_restart == [["venv/bin/pip", "install", "-r", "requirements.txt"]]
 
 
-def test_shipped_config_is_the_seed_host():
-    data = config.read_toml(ROOT / "config.toml")
+def test_shipped_example_is_the_seed_host_and_stays_out_of_the_way():
+    """The example is config.example.toml: config.toml beside the scripts is the operator's own (git
+    ignores it), so `adopt.py --discover --write config.toml` works on a fresh clone."""
+    assert not (ROOT / "config.toml").exists() or "config.toml" not in subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files", "config.toml"], capture_output=True, text=True, timeout=30).stdout
+    assert subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "config.toml"], timeout=30).returncode == 0
+    data = config.read_toml(ROOT / "config.example.toml")
     assert data["env"]["prod"]["branch"] == "main" and data["env"]["prod"]["port"] == 8000
     assert data["env"]["dev"]["unit"] == "datatracker-dev.service"
     # it is valid apart from the seed host's folders, which do not exist here
     with pytest.raises(DeployError, match=r"env\.prod\.path: /home/ubuntu/datatracker is not an existing folder"):
-        config.parse(data, ROOT / "config.toml")
+        config.parse(data, ROOT / "config.example.toml")
 
 
 def test_config_found_by_env_variable(tmp_path, monkeypatch):

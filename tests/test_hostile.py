@@ -12,6 +12,7 @@ import time
 import requests
 
 from demo.sandbox import REPO_ROOT
+from helpers import paste
 from helpers import log_records, tmpfs
 
 
@@ -382,5 +383,7 @@ def test_13_removing_the_state_folder_mid_deploy_stops_the_deploy_instead_of_a_f
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 4, out + err
     assert "was removed or replaced" in err and "Traceback" not in err
+    pasted = paste(sb, err.split("Look with: ", 1)[1].strip().splitlines()[0])      # as printed, cron's PATH
+    assert pasted.returncode in (0, 1) and "== dev" in pasted.stdout, pasted.stderr
     event = json.loads(alert.read_text())
     assert event["event"] == "needs-human" and event["env"] == "dev" and "removed or replaced" in event["message"]
