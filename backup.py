@@ -19,7 +19,8 @@ from pathlib import Path
 from safedeploy import adoption, alerts, backups, cli, offsite, recovery, units
 from safedeploy.errors import EXIT_FAILED, EXIT_LOCKED, DeployError, usage_error
 from safedeploy.gitrepo import Repo
-from safedeploy.state import EnvLock, Journal, StepClock, age_seconds, deploy_log, human_age, now_iso, running_commit
+from safedeploy import records
+from safedeploy.state import EnvLock, Journal, StepClock, age_seconds, human_age, now_iso
 
 REASON_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 TIME_RE = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
@@ -243,7 +244,7 @@ def progress_printer(env):
 
 def commit_running(env):
     try:
-        return running_commit(deploy_log(env).read()) or Repo(env.path).head()
+        return records.running_commit(records.read(env)) or Repo(env.path).head()
     except DeployError:
         return ""
 
@@ -455,9 +456,8 @@ def protected_backups(config, env, found):
         if backups.verify_backup(b) == "ok":
             protected[b.path] = "newest verified backup"
             break
-    records = [r for r in deploy_log(env).read() if r.get("backup")][-PROTECT_LAST_DEPLOYS:]
-    for r in records:
-        protected.setdefault(r["backup"], f"rollback point of the {r.get('kind', 'deploy')} at {r.get('time')}")
+    for path, why in records.protected_backups(records.read(env), PROTECT_LAST_DEPLOYS).items():
+        protected.setdefault(path, why)
     return protected
 
 

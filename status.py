@@ -15,7 +15,8 @@ from safedeploy import backups, cli, health, recovery, releases, units
 from safedeploy.errors import EXIT_FAILED, DeployError
 from safedeploy.gitrepo import Repo
 from safedeploy.points import list_points
-from safedeploy.state import age_seconds, bad_mark, deploy_log, human_age, lock_holder, running_commit
+from safedeploy import records as logs
+from safedeploy.state import age_seconds, bad_mark, human_age, lock_holder
 
 HEALTH_TIMEOUT = 2.0
 MAX_BACKUP_AGE = 24 * 3600
@@ -55,7 +56,7 @@ def look_at(config, env):
     with ThreadPoolExecutor(max_workers=1) as pool:
         probe = pool.submit(health.check, env.health_url, HEALTH_TIMEOUT)
         try:
-            records = deploy_log(env).read()          # read once, for code_part and log_part
+            records = logs.read(env)          # read once, for every part
         except DeployError as exc:
             records = []
             report["problems"].append(str(exc))
@@ -95,16 +96,38 @@ def unit_part(config, env, records):
 
 
 def code_part(config, env, records):
+    """What runs: on releases, read from the serving process (the release folder it runs in), never from
+    `current` or the log, which a killed deploy may have moved ahead of it; in place, the log's commit."""
     repo = Repo(env.path)
     head = repo.head()
-    commit = running_commit(records) or head
+    logged = logs.running_commit(records) or head
+    problems = []
+    commit = logged
+    if env.converted:
+        st = units.serving_state(env.unit)
+        serving = releases.serving(env, st.main_pid) if st.is_active else None
+        current = releases.current(env)
+        if serving:
+            commit = serving.commit
+        elif st.is_active:
+            problems.append(f"{st.name} runs, but not from a release of {env.name} that can be read: what runs "
+                            "cannot be told")
+        if releases.dangling_current(env):
+            problems.append(f"{env.current_link} names a release folder that is gone: the app cannot start again; "
+                            f"{cli.script_command(config, 'deploy.py', env.name)} builds it again")
+        elif serving and current and serving.id != current.id:
+            problems.append(f"{env.current_link} points at {current.id} ({current.commit[:12]}), but {serving.id} "
+                            f"({serving.commit[:12]}) serves: an operation was interrupted between the switch and "
+                            "the restart")
+        elif serving and serving.commit != logged:
+            problems.append(f"the deploy log says {logged[:12]} runs, but {serving.id} ({serving.commit[:12]}) serves")
     part = {"commit": commit, "subject": repo.subject(commit), "branch": repo.current_branch(), "head": head}
     points = list_points(env, repo)
     trees = {}
 
     def bad(p):
         if p.commit not in trees:
-            trees[p.commit] = bad_mark(env, repo.tree_of(p.commit)) if repo.resolve(p.commit) else None
+            trees[p.commit] = bad_mark(config, env, repo.tree_of(p.commit)) if repo.resolve(p.commit) else None
         return trees[p.commit]
 
     # the advice only moves forward in safety: never to a release that was rolled back, nor to a
@@ -113,13 +136,12 @@ def code_part(config, env, records):
             and not (p.backup and p.backup.reason == "pre-rollback")]
     if safe:
         part["rollback"] = cli.script_command(config, "rollback.py", env.name, "--to", safe[0].id)
-    last = next((r for r in reversed(records) if r.get("kind") in ("deploy", "rollback")), None)
-    if last and last.get("kind") == "rollback" and last.get("result") == "ok" and last.get("pre_rollback"):
-        saved = [p for p in points if p.backup and p.backup.path == last["pre_rollback"]]
+    last = next(iter(logs.operations(records, 1)), None)
+    if last and last.kind == "rollback" and last.ok and last.pre_rollback:
+        saved = [p for p in points if p.backup and p.backup.path == last.pre_rollback]
         if saved:
             part["undo_rollback"] = cli.script_command(config, "rollback.py", env.name, "--to", saved[0].id,
                                                        "--with-db")
-    problems = []
     dirty = repo.dirty_files()
     if dirty:
         problems.append(f"the work tree {env.path} differs from its commit: {', '.join(f.strip() for f in dirty[:5])}"
@@ -127,16 +149,12 @@ def code_part(config, env, records):
     current = releases.current(env)
     if current:
         part["release"] = current.id
-        if current.commit != commit:
-            problems.append(f"{env.current_link} points at {current.id} ({current.commit[:12]}), the deploy log says "
-                            f"{commit[:12]}: what runs is {current.commit[:12]}")
-            part["commit"] = current.commit
         changed = releases.differences(env, repo, current)
         if changed:
             problems.append(f"the running release {current.path} differs from its commit: {', '.join(changed[:5])}"
                             + (", ..." if len(changed) > 5 else ""))
     tip = repo.resolve(f"refs/remotes/{env.remote}/{env.branch}") if env.remote else None
-    if tip and bad_mark(env, repo.tree_of(tip)):
+    if tip and bad_mark(config, env, repo.tree_of(tip)):
         problems.append(f"{env.remote}/{env.branch} is still at {tip[:12]}, a release that was rolled back: "
                         "deploy.py refuses it; push a fix")
     part["problems"] = problems
@@ -144,9 +162,9 @@ def code_part(config, env, records):
 
 
 def log_part(config, env, records):
-    deploys = [r for r in records if r.get("kind") == "deploy"]
-    rollbacks = [r for r in records if r.get("kind") == "rollback"]
-    return {"last_deploy": deploys[-1] if deploys else None, "last_rollback": rollbacks[-1] if rollbacks else None}
+    deploys, rollbacks = logs.of_kind(records, "deploy"), logs.of_kind(records, "rollback")
+    return {"last_deploy": deploys[-1].to_json() if deploys else None,
+            "last_rollback": rollbacks[-1].to_json() if rollbacks else None}
 
 
 def data_part(config, env, records):
@@ -173,11 +191,12 @@ def running_part(config, env, records):
 
 
 def rehearsal_part(config, env, records):
-    found = [r for r in records if r.get("kind") == "rehearsal"]
+    found = logs.of_kind(records, "rehearsal")
     if not found:
         return {"last_rehearsal": None}
     r = found[-1]
-    return {"last_rehearsal": {k: r.get(k) for k in ("time", "commit", "result", "failed", "migration_seconds")}}
+    return {"last_rehearsal": {"time": r.time, "commit": r.commit, "result": r.result, "failed": r.failed,
+                               "migration_seconds": r.migration_seconds, "compatible": r.compatible}}
 
 
 def backup_part(config, env, records):

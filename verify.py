@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 from safedeploy import backups, cli, health, units
 from safedeploy.errors import EXIT_FAILED, DeployError
 from safedeploy.gitrepo import Repo
-from safedeploy.state import age_seconds, deploy_log, human_age, now_iso, running_commit, verified_log
+from safedeploy import records
+from safedeploy.state import age_seconds, human_age, now_iso, verified_log
 
 MAX_BACKUP_AGE = 24 * 3600
 INFORMATIONAL = ("rollback drill", "restart")    # shown, never failing the checklist
@@ -97,7 +98,7 @@ def check_commit(config, env):
         problems.append(f"on {branch or 'a detached HEAD'}, not {env.branch}")
     if dirty:
         problems.append(f"{len(dirty)} tracked files changed")
-    deployed = running_commit(deploy_log(env).read())
+    deployed = records.running_commit(records.read(env))
     if deployed and deployed != head:
         problems.append(f"HEAD {head[:12]} is not the last deployed commit {deployed[:12]}")
     where = f"{head[:12]} ({repo.subject(head)}) on {branch}"
@@ -138,11 +139,11 @@ def check_rollback_point(config, env):
 
 def check_drill(config, env):
     """Shows the age of the last rollback drill; informational, it never fails the checklist."""
-    drills = [r for r in deploy_log(env).read() if r.get("kind") == "drill"]
+    drills = records.of_kind(records.read(env), "drill")
     if not drills:
         return True, f"never drilled: rehearse with {cli.script_command(config, 'rollback.py', env.name, '--drill')}"
     last = drills[-1]
-    return True, f"last drill {human_age(age_seconds(last['time']))} to {last.get('point')}: {last.get('result')}"
+    return True, f"last drill {human_age(age_seconds(last.time))} to {last.point}: {last.result}"
 
 
 def check_restart(config, env):

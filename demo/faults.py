@@ -1,11 +1,16 @@
-"""Fault injection: kill deploy, rollback and backup at a chosen step, then check the env.
+"""Fault injection: kill deploy, rollback, backup and rehearsal at a chosen step, then check the env.
 
-Driven by the test-only switch SAFE_DEPLOY_FAULT=OP:STEP:SIGNAL (safedeploy.state):
-the process sends itself SIGNAL as it enters STEP. Used by tests/test_faults.py
-and bench/fault_matrix.py. While the operation runs, a writer posts notes to
-the app; afterwards every acknowledged note must be in the live database or in
-a backup (or a database moved aside by a restore), nothing may be left half
-done, and the env must serve a known commit.
+Driven by the test-only switch SAFE_DEPLOY_FAULT=OP:STEP:SIGNAL (safedeploy.state): the process
+sends itself SIGNAL as it enters STEP. Used by tests/test_faults.py and bench/fault_matrix.py.
+While the operation runs, a writer posts notes to the app; afterwards every acknowledged note must
+be in the live database or in a backup (or a database moved aside by a restore), nothing may be
+left half done (no temp file, journal, transient unit or scratch folder), and the env must serve a
+known commit.
+
+The cells are generated from the runbook's own lists (cell_steps): the steps the runner takes for
+the cell's configuration, so a step added to an operation is faulted without anyone listing it here.
+bench/fault_matrix.py also runs each operation once unfaulted and checks that the steps it recorded
+are those.
 """
 
 import glob
@@ -20,15 +25,34 @@ from dataclasses import dataclass, field
 import requests
 
 from demo.sandbox import REPO_ROOT
-from safedeploy.runbook import BUILD, DEPLOY_STEPS, ROLLBACK_STEPS
+from safedeploy import rehearsal, runbook, runner
 
-# the steps an in-place env goes through (it builds no release), and one on releases
-STEPS = {
-    "deploy": [s for s in DEPLOY_STEPS if s != BUILD],
-    "rollback": [s for s in ROLLBACK_STEPS if s != BUILD],
-    "backup": ["copy", "verify", "publish"],
-}
-RELEASE_STEPS = {"deploy": DEPLOY_STEPS, "rollback": ROLLBACK_STEPS}
+OPS = ("deploy", "rollback", "backup", "rehearse")
+BACKUP_STEPS = ["copy", "verify", "publish"]        # backups.backup_database's clock
+
+
+def cell_steps(op, releases=True):
+    """The steps the runner takes for op in a matrix cell's configuration (prepare(): pre_restart that
+    changes the schema, watch for the watch cell, a database restored by the rollback), in order:
+    runner.planned() over the runbook's own list, on a stand-in of the run's context."""
+    from types import SimpleNamespace as NS
+    env = NS(pre_restart=[["migrate"]], watch=2, db=NS(exists=lambda: True), converted=releases, rehearse_paths=[])
+    if op == "deploy":
+        plan = NS(converted=releases, migration_mode="online", target="0" * 40)
+        return [s.name for s in runner.planned(runbook.deploy_operation(), runbook.DeployRun(None, env, plan))]
+    if op == "rollback":
+        ctx = runbook.RollbackRun(None, env, None, NS(commit="0" * 40), True, "", "", unit_action="keep",
+                                  watch_seconds=2)
+        return [s.name for s in runner.planned(runbook.rollback_operation(), ctx)]
+    if op == "rehearse":
+        ctx = rehearsal.Run(env=env, repo=None, commit="", scratch=None,
+                            record=NS(schema_changes=["+ table t"], running_commit="1" * 40))
+        return [s.name for s in runner.planned(rehearsal.REHEARSAL_OPERATION, ctx)]
+    return list(BACKUP_STEPS)
+
+
+MIGRATION = ("import pathlib, sqlite3; v = pathlib.Path('VERSION').read_text().strip(); "
+             "sqlite3.connect('instance/app.db').execute(f'CREATE TABLE IF NOT EXISTS t{v} (x)')")
 
 
 class NoteWriter(threading.Thread):
@@ -95,6 +119,11 @@ def everywhere(sb, env):
 
 def leftovers(sb, env):
     found = glob.glob(str(sb.root / "backups" / env / ".*tmp-*"))
+    found += glob.glob(str(sb.root / "backups" / env / ".rehearsal-*"))
+    found += glob.glob(str(sb.root / "backups" / env / ".drill-*"))
+    active = sb.manager.systemctl("list-units", "--no-legend", "--plain", f"{sb.unit(env).removesuffix('.service')}-*",
+                                  check=False).stdout
+    found += [line.split()[0] for line in active.splitlines() if "-rehearsal-" in line and " active " in line]
     found += glob.glob(str(sb.db_path(env).parent / ".app.db.restore-*"))
     found += [p for p in glob.glob(f"{sb.path(env)}.releases/releases/*") if not os.path.exists(f"{p}/REVISION")]
     found += glob.glob(str(sb.root / "state" / ".*tmp-*"))
@@ -109,11 +138,12 @@ def wait_healthy(sb, env, timeout=30):
         return None
 
 
-def prepare(sb, handover=False, releases=False, watch=False):
-    """dev at v2 with a before-deploy point, a quick pre_restart command; returns the commits.
+def prepare(sb, handover=False, releases=True, watch=False):
+    """dev at v2 with a before-deploy point and a pre_restart that adds a table (a migration: the schema
+    changes with every version, so a rollback restores the database); returns the commits.
     handover: the socket units with the handover helper are installed first.
-    releases: dev is converted to releases first (with a quick build command)."""
-    extra = f'pre_restart = [["{sys.executable}", "-c", "pass"]]'
+    releases: dev is converted to releases first (with a quick build command); False: in place."""
+    extra = f'pre_restart = [["{sys.executable}", "-c", "{MIGRATION}"]]'
     if watch:               # the watch step runs only when the env has one
         extra += "\nwatch = 2"
     if releases:
@@ -129,7 +159,7 @@ def prepare(sb, handover=False, releases=False, watch=False):
     return {v1: "1", sb.head("dev"): "2"}
 
 
-def run_cell(sb, op, step, sig, handover=False, fault_at=None, releases=False):
+def run_cell(sb, op, step, sig, handover=False, fault_at=None, releases=True):
     """One cell of the matrix on a fresh sandbox (fault_at: another OP:STEP for the switch)."""
     cell = Cell(op, step, sig)
     known = prepare(sb, handover, releases, watch=step == "watch")
@@ -142,6 +172,9 @@ def run_cell(sb, op, step, sig, handover=False, fault_at=None, releases=False):
         proc = run(sb, fault, "deploy.py", "dev")
     elif op == "rollback":
         proc = run(sb, fault, "rollback.py", "dev", "--yes", "--with-db")
+    elif op == "rehearse":
+        sb.release("dev", {"VERSION": "3\n"}, "v3 (rehearsed only)")
+        proc = run(sb, fault, "deploy.py", "dev", "--rehearse")
     else:
         proc = run(sb, fault, "backup.py", "dev")
     start = time.monotonic()
@@ -153,6 +186,8 @@ def run_cell(sb, op, step, sig, handover=False, fault_at=None, releases=False):
         follow = sb.run("backup.py", "dev")
     elif op == "rollback":          # a finished rollback marks v2 bad: deploying it again takes --force
         follow = sb.run("deploy.py", "dev", "--force", "--reason", "after the fault")
+    elif op == "rehearse":          # the next command cleans up after it; there is nothing to deploy
+        follow = sb.run("deploy.py", "dev", "--ref", sb.head("dev"))
     else:
         follow = sb.run("deploy.py", "dev")
     if follow.returncode != 0:

@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import backups, convert, health, units
+from . import backups, cli, convert, health, records, runbook, units
 from .errors import DeployError, after_undo, describe_failure
 from .files import make_private_dir, write_atomic
 from .gitrepo import NETWORK_TIMEOUT, Repo
-from .state import EnvLock, deploy_log, inject_fault, now_iso, parse_time, utc_stamp, verified_log
+from .state import EnvLock, inject_fault, now_iso, parse_time, utc_stamp, verified_log
 
 DOC_VERSION = 1
 BACKUP_WAIT = 300
@@ -262,7 +262,7 @@ def adopt(config, plan, doc, say):
         move_onto_branch(plan)
         inject_fault("adopt", "convert")
         if plan.conversion.changes:
-            first = convert.carry_out(env, plan.conversion, say)
+            first = runbook.convert_env(env, plan.conversion, say)
         else:
             first = None
     except BaseException as exc:        # a bug too: what it made is put back, then its traceback shows
@@ -338,7 +338,8 @@ def backups_item(config, doc):
     text = "backups created and verified (phase 1)"
     missing = [e.name for e in config.envs.values() if e.name not in doc["envs"]]
     if missing:
-        return Item(False, text, f"no phase 1 for {', '.join(missing)}: run adopt.py with an env name")
+        return Item(False, text, f"no phase 1 for {', '.join(missing)}: run "
+                                 f"{cli.script_command(config, 'adopt.py', missing[0])}")
     bad = []
     for name, entry in doc["envs"].items():
         if entry.get("backup"):
@@ -384,22 +385,23 @@ def tags_item(config, doc):
 def source_items(config, doc, source):
     entry = doc["envs"].get(source.name) or {}
     adopted = entry.get("adopted")
-    items = [branch_item(source), adopted_item(source, adopted)]
+    items = [branch_item(config, source), adopted_item(config, source, adopted)]
     deploy, verify = tool_deploy_and_verify(source, adopted)
     if deploy and verify:
         items.append(Item(True, f"{source.name} tested: a deploy made with the tool, and a passing verify of it",
-                          f"deployed {deploy['running'][:12]} at {deploy['time']}, verified at {verify['time']}"))
+                          f"deployed {deploy.running[:12]} at {deploy.time}, verified at {verify['time']}"))
     else:
         why = ("not adopted yet" if not adopted else
                f"no deploy of {source.name} made with the tool since its adoption: push a commit to "
-               f"{source.branch} and run deploy.py {source.name}" if not deploy else
-               f"{deploy['running'][:12]} (deployed {deploy['time']}) has no passing verify.py {source.name} since")
+               f"{source.branch} and run {cli.script_command(config, 'deploy.py', source.name)}" if not deploy else
+               f"{deploy.running[:12]} (deployed {deploy.time}) has no passing verify since: run "
+               f"{cli.script_command(config, 'verify.py', source.name)}")
         items.append(Item(False, f"{source.name} tested: a deploy made with the tool, and a passing verify of it", why))
     items.append(stable_item(source, verify))
     return items
 
 
-def branch_item(source):
+def branch_item(config, source):
     text = f"{source.branch} branch created, on the remote"
     if not source.remote:
         found = Repo(source.path).resolve(f"refs/heads/{source.branch}")
@@ -409,13 +411,13 @@ def branch_item(source):
     except DeployError as exc:
         return Item(False, text, str(exc))
     return Item(bool(sha), text, f"{source.remote}/{source.branch} at {sha[:12]}" if sha else
-                f"{source.remote} has no branch {source.branch}: run adopt.py {source.name}")
+                f"{source.remote} has no branch {source.branch}: run {cli.script_command(config, 'adopt.py', source.name)}")
 
 
-def adopted_item(source, adopted):
+def adopted_item(config, source, adopted):
     text = f"new scripts work in {source.name}: adopted, converted, healthy now"
     if not adopted:
-        return Item(False, text, f"not adopted yet: run adopt.py {source.name}")
+        return Item(False, text, f"not adopted yet: run {cli.script_command(config, 'adopt.py', source.name)}")
     if not source.converted:
         return Item(False, text, f"{source.current_link} is missing: {source.name} no longer runs releases")
     result = health.check(source.health_url, timeout=5)
@@ -427,14 +429,14 @@ def tool_deploy_and_verify(source, adopted):
     if not adopted:
         return None, None
     since = parse_time(adopted["time"])
-    deploys = [r for r in deploy_log(source).read() if r.get("kind") == "deploy" and r.get("result") == "ok"
-               and (parse_time(r.get("time")) or since) > since]
+    deploys = [r for r in records.of_kind(records.read(source), "deploy") if r.ok
+               and (parse_time(r.time) or since) > since]
     if not deploys:
         return None, None
     deploy = deploys[-1]
-    at = parse_time(deploy["time"])
+    at = parse_time(deploy.time)
     verifies = [v for v in verified_log(source.name, source.state_dir).read()
-                if v.get("by") == "verify" and v.get("commit") == deploy["running"] and (parse_time(v.get("time")) or at) >= at]
+                if v.get("by") == "verify" and v.get("commit") == deploy.running and (parse_time(v.get("time")) or at) >= at]
     return deploy, (verifies[-1] if verifies else None)
 
 

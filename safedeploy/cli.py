@@ -3,7 +3,6 @@
 import argparse
 import getpass
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -56,9 +55,10 @@ def yield_cpu():
 
 
 def run(main, nice=False, alert=None):
-    """Call main(); turn a DeployError into one line on stderr and its exit code. Then, with [alerts]
-    set: every exit 4 is a needs-human event, and an exit 1 of an operation named by alert (deploy,
-    rollback, adopt) an ALERT-failed one, carrying what was printed on stderr."""
+    """Call main(); turn a DeployError into one line on stderr (its output under it) and its exit code.
+    Then, with [alerts] set: every exit 4 is a needs-human event, and an exit 1 of an operation named by
+    alert (deploy, rollback, adopt, verify) an ALERT-failed one, carrying the error lines printed and the
+    command the error names."""
     if nice:
         yield_cpu()
     for signum in (signal.SIGTERM, signal.SIGHUP):
@@ -67,9 +67,9 @@ def run(main, nice=False, alert=None):
         code = main()
     except DeployError as exc:
         err(f"error: {exc}")
-        output = getattr(exc, "output", "")
-        if output:
-            err(output)
+        if exc.output:
+            err(exc.output)
+        RUN["command"] = exc.command
         code = exc.code
     except BrokenPipeError:
         code = 1
@@ -85,8 +85,7 @@ def run(main, nice=False, alert=None):
     sys.exit(code or 0)
 
 
-RUN = {"config": None, "env": None, "errors": []}     # what the error boundary's alert needs to know
-COMMAND_RE = re.compile(r"((?:python3|systemctl|journalctl|sqlite3|git) [^;]*?)\.?$")
+RUN = {"config": None, "env": None, "errors": [], "command": None}   # what the error boundary's alert needs
 
 
 def send_alert(code, alert):
@@ -94,9 +93,8 @@ def send_alert(code, alert):
     if config is None or config.alerts is None or not (code == EXIT_HUMAN or (code == EXIT_FAILED and alert)):
         return
     message = " ".join(RUN["errors"][-3:]) or f"exit {code}"
-    match = COMMAND_RE.search(RUN["errors"][-1]) if RUN["errors"] else None
     event = alerts.event("needs-human" if code == EXIT_HUMAN else f"{alert}-failed", RUN["env"], message,
-                         match.group(1) if match else None)
+                         RUN["command"])
     for problem in alerts.send(config.alerts, event):
         print(f"warning: {problem}", file=sys.stderr, flush=True)
 

@@ -41,6 +41,7 @@ ENV_KEYS = {
     "watch": (0, "a number of seconds from 0 to 3600 (0 = off)"),
     "rehearse_paths": ([], "a list of URL paths starting with /, e.g. [\"/\", \"/rfc/1\"]"),
     "require_rehearsal": (False, "true or false"),
+    "migration_mode": ("auto", "\"auto\" (the rehearsal's verdict, else online), \"online\" or \"stop-first\""),
     "backup_dir": ("backups", "a folder"),
     "state_dir": ("state", "a folder"),
 }
@@ -90,6 +91,7 @@ class Env:
     watch: float = 0
     rehearse_paths: list = field(default_factory=list)
     require_rehearsal: bool = False
+    migration_mode: str = "auto"
 
     @property
     def releases_root(self):
@@ -349,6 +351,7 @@ def parse_env(name, table, defaults, base, fail):
     expect("rehearse_paths", isinstance(merged["rehearse_paths"], list) and all(
         isinstance(p, str) and p.startswith("/") and not any(c.isspace() for c in p) for p in merged["rehearse_paths"]))
     expect("require_rehearsal", isinstance(merged["require_rehearsal"], bool))
+    expect("migration_mode", merged["migration_mode"] in ("auto", "online", "stop-first"))
     if not os.path.isabs(os.path.expanduser(merged["db"])) and not os.path.dirname(os.path.normpath(merged["db"])):
         if merged["build"] or merged["shared"]:
             fail(key_of("db"), f"{merged['db']!r} lies at the top of a release; releases share the database's "
@@ -379,6 +382,7 @@ def parse_env(name, table, defaults, base, fail):
         watch=float(merged["watch"]),
         rehearse_paths=list(merged["rehearse_paths"]),
         require_rehearsal=merged["require_rehearsal"],
+        migration_mode=merged["migration_mode"],
     )
 
 

@@ -1,14 +1,17 @@
-"""Converting an env that runs from its work tree to releases and socket units
-(deploy.py ENV --install-units, and adopt.py ENV), with everything put back when the result is not healthy.
+"""Converting an env that runs from its work tree to releases and socket units (deploy.py ENV
+--install-units, and adopt.py ENV): the plan and its primitives. The steps themselves are the
+runbook's CONVERSION list (safedeploy.runbook.convert_env), run by the runner like a deploy's.
 
 In order: the running commit is built as the first release (the app still serves from its
 tree); the unit files are rendered: the service's absolute paths into the work tree
 (WorkingDirectory, Exec*, Environment*) now reach `current`, so a venv inside the tree becomes
-each release's own, and it takes its socket from a .socket unit; then, in the one short stop:
-the app (and its socket) stop, the untracked files of every shared path (the database's
-folder always: the database, its -wal and -shm, an instance config) are renamed into shared/,
-`current` is created, the units installed, the socket and the service started. Renames only:
-the stop lasts as long as systemd's stop and start, whatever the database's size.
+each release's own, and it takes its socket from a .socket unit; they are installed while the app
+serves; then, in the one short stop: the app stops and its port moves to the socket (new
+connections are refused only from the moment the old process lets the port go to the moment the
+socket listens: see units.move_port_to_socket), the untracked files of every shared path (the
+database's folder always: the database, its -wal and -shm, an instance config) are renamed into
+shared/, `current` is created, and the service starts on the socket. Renames only: the stop lasts
+as long as systemd's stop and start, whatever the database's size.
 
 put_back() reverses each move it made: the files go back into the tree, `current` and the
 built release are removed, the old unit files return, and the service starts as it was.
@@ -22,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import release, releases, units
-from .errors import EXIT_HUMAN, DeployError, after_undo, describe_failure
+from .errors import DeployError
 from .files import fsync_dir, make_private_dir, remove_quietly, write_atomic
 from .gitrepo import Repo
-from .state import deploy_log, inject_fault, running_commit, utc_stamp
+from . import records
+from .state import utc_stamp
 
 PORT_MOVE = "0.04 s with the sample app, 0.08 s with gunicorn and 2 workers"      # bench/adopt_bench.py, 50 requests/s
 PATH_KEYS = ("WorkingDirectory=", "ExecStart=", "ExecStartPre=", "ExecStartPost=", "ExecReload=", "ExecStop=",
@@ -159,51 +163,23 @@ def plan(env, repo, notify, say, warn):
                       changes=changed or converting)
 
 
-def carry_out(env, conversion, say):
-    """Build the first release, then the one stop; on any failure every move is put back and the
-    DeployError says so (exit 1), or, if putting back failed too, what to run (exit 4)."""
-    converting = conversion.converting
-    made_root = not env.releases_root.exists()
-    saved, modes = save_unit_files(env, conversion.files)
-    first, moves, live = None, Moves(), False
-    try:
-        if converting:
-            inject_fault("convert", "build")
-            first = releases.build(env, conversion.repo, conversion.commit, say)
-        inject_fault("convert", "switch")
-        live = True
-        switch_over(env, conversion.files, modes, first, conversion.pairs, moves)
-    except BaseException as exc:        # a bug too: what it made is put back, then its traceback shows
-        why = describe_failure(exc)
-        try:
-            if live:
-                put_back(env, conversion.files, saved, modes, first, moves)
-            else:                       # the app was not touched yet: only the built release goes
-                remove_layout(env, first)
-            shutil.rmtree(saved, ignore_errors=True)        # the old files are back in place: no copy to keep
-            if made_root:
-                shutil.rmtree(env.releases_root, ignore_errors=True)
-        except DeployError as back_exc:
-            raise DeployError(f"{'converting' if converting else 'installing the socket units for'} {env.name} "
-                              f"failed ({why}) and putting it back failed too ({back_exc}). The old unit files "
-                              f"are in {saved}. Look with: systemctl --user status {env.unit}; then run: "
-                              f"systemctl --user restart {env.unit}", EXIT_HUMAN) from None
-        error = after_undo(exc, f"converting {env.name} failed ({why}); everything is put back: the old unit files, "
-                                f"the data in {env.path}, and {env.unit} restarted from its work tree"
-                                if converting else
-                                f"installing the socket units failed ({why}); the old unit files are back "
-                                f"and {env.unit} was restarted as it was")
-        if isinstance(error, DeployError):
-            error.output = getattr(exc, "output", "")
-        raise error from None
+def report(env, conversion, run, say):
+    """What a conversion that went through says (the plan said what it would do)."""
     helper = units.helper_name(env.unit)
     serves = f"; {helper} serves while it restarts" if any(p.name == helper for p in conversion.files) else ""
-    if converting:
-        say(f"converted: {env.name} runs release {first.id} through {env.current_link}; its data is in "
+    if run.first is not None:
+        say(f"converted: {env.name} runs release {run.first.id} through {env.current_link}; its data is in "
             f"{env.releases_root / 'shared'}; deploys now build a release beside the running one")
     say(f"installed: {units.socket_name(env.unit)} holds port {env.port}; {env.unit} takes its socket from "
-        f"systemd{serves}; the old files are saved in {saved}")
-    return first
+        f"systemd{serves}; the old files are saved in {run.saved}")
+
+
+def discard(run):
+    """After a failed conversion was put back: the copies of the old unit files (they are back in place)
+    and a releases folder this run made go."""
+    shutil.rmtree(run.saved, ignore_errors=True)
+    if run.made_root:
+        shutil.rmtree(run.env.releases_root, ignore_errors=True)
 
 
 def refuse_dirty(env, repo, action, why=""):
@@ -217,7 +193,7 @@ def refuse_dirty(env, repo, action, why=""):
 
 def conversion_steps(env, repo, say):
     refuse_dirty(env, repo, "convert", "the first release is built from a commit, so ")
-    commit = running_commit(deploy_log(env).read()) or repo.head()
+    commit = records.running_commit(records.read(env)) or repo.head()
     pairs = data_to_move(env, repo)
     check_moves(pairs)
     shared = env.releases_root / "shared"
@@ -270,10 +246,11 @@ def show_unit_diffs(files, say):
 
 def save_unit_files(env, files):
     """Copies of the files it replaces, and the mode each new file gets: the old file's own, or for a
-    new file the service's (a helper copies the service's Environment=, secrets included)."""
+    new file the service's as systemd loaded it (a helper copies the service's Environment=, secrets
+    included; an instance of a 0600 template, app@a.service, has no file of its own: the template's
+    mode is the one to keep)."""
     folder = make_private_dir(env.backup_dir / f"units-{utc_stamp()}")
-    service = units.user_unit_dir() / env.unit
-    service_mode = stat_mode(service) or 0o644
+    service_mode = stat_mode(Path(units.state(env.unit).fragment_path or units.user_unit_dir() / env.unit)) or 0o644
     modes = {}
     for path in files:
         modes[path] = stat_mode(path) or service_mode
@@ -289,29 +266,40 @@ def stat_mode(path):
         return None
 
 
-def switch_over(env, files, modes, first, pairs, moves):
-    """One stop: the data moves to shared/ (converting), `current` appears, the socket takes the port
-    and the service starts on it. Everything that can be done before the stop is: the unit files are
-    installed and the socket enabled (both reload the manager, a few hundred milliseconds) while the
-    app still serves, so that from the moment the old process lets the port go to the moment the
-    socket listens there are only renames and one `systemctl start` (new connections are refused in
-    that window, once; from then on they wait in the socket's queue)."""
-    sock = units.socket_name(env.unit)
-    held_by_socket = units.state(sock).is_active        # then the port never closes: requests wait throughout
-    units.install_unit_files({**files, **({} if held_by_socket else units.port_holder_files(env.unit))}, modes)
-    units.systemctl("enable", sock)
-    # never `stop` the socket here: the new service Requires= it, so systemd would stop the app with it
+def install_units(run):
+    """The unit files (with, when the port still has to move, the holder: see units.holder_name) and the
+    socket enabled, while the app still serves: both reload the manager, which takes a few hundred
+    milliseconds that must not fall in the window where the port is closed."""
+    env = run.env
+    run.held_by_socket = units.state(units.socket_name(env.unit)).is_active   # then requests wait throughout
+    holder = {} if run.held_by_socket else units.port_holder_files(env.unit)
+    units.install_unit_files({**run.conversion.files, **holder}, run.modes)
+    units.systemctl("enable", units.socket_name(env.unit))
+
+
+def stop_for_move(run):
+    """Stop the app; the port moves to the socket the moment the old process lets it go. Never `stop` the
+    socket here: the new service Requires= it, so systemd would stop the app with it."""
+    env = run.env
     units.systemctl("stop", units.helper_name(env.unit), timeout=units.RESTART_TIMEOUT, check=False)
-    if held_by_socket:
+    if run.held_by_socket:
         units.stop(env.unit)
     else:
-        units.move_port_to_socket(env.unit, env.port)   # refused connections only while the port moves
-    move_data(pairs, moves)
-    if first is not None:
-        releases.switch(env, first)
-    units.systemctl("start", env.unit, timeout=units.RESTART_TIMEOUT)
-    release.wait_until_healthy(env, first.commit if first else None)
-    units.release_holder(env.unit)
+        units.move_port_to_socket(env.unit, env.port)     # refused connections only while the port moves
+
+
+def put_back_interrupted(env, j):
+    """Put back a conversion that was killed after it changed something, from its journal: the data it
+    had renamed into shared/ goes back, then as put_back()."""
+    saved = Path(j["saved"])
+    moves = Moves(done=[(Path(a), Path(b)) for a, b in j.get("pairs", []) if Path(b).exists() or Path(b).is_symlink()])
+    first = releases.read_release(env.releases_root / "releases" / j["first"]) if j.get("first") else None
+    folder = units.user_unit_dir()
+    files = [folder / env.unit, folder / units.socket_name(env.unit), folder / units.helper_name(env.unit)]
+    put_back(env, files, saved, {p: stat_mode(p) or 0o644 for p in files}, first, moves)
+    shutil.rmtree(saved, ignore_errors=True)
+    if j.get("made_root"):
+        shutil.rmtree(env.releases_root, ignore_errors=True)
 
 
 def put_back(env, files, saved, modes, first, moves):

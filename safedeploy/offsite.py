@@ -233,3 +233,19 @@ def stale(env):
         return (f"the last backup of {env.name} that reached off-site was taken {age / 3600:.0f} hours ago "
                 f"({last.get('file')}); every copy since stayed on this host's disk")
     return f"no backup of {env.name} has reached off-site in the {age / 3600:.0f} hours since [offsite] was first used"
+
+
+# -- what rollback.py asks of the off-site copies ----------------------------------------------------
+def copies_for(config, env):
+    """(env's off-site copies, None) or ([], why they could not be listed); ([], None) without [offsite]."""
+    if not config.offsite:
+        return [], None
+    try:
+        return Restic(config.offsite).copies_if_any(env.name), None
+    except DeployError as exc:
+        return [], str(exc)
+
+
+def fetch_for(config, copy, env):
+    """A copy fetched back for a rollback, verified: a backups.Backup."""
+    return Restic(config.offsite).fetch(copy, env.backup_dir)

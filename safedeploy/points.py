@@ -9,9 +9,8 @@ the tag name or the backup's file name without `.sqlite3`; that is what
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import backups
-from .errors import usage_error
-from .state import deploy_log, parse_time
+from . import backups, records
+from .state import parse_time
 
 
 @dataclass
@@ -44,7 +43,7 @@ def list_points(env, repo, copies=()):
     found = backups.list_backups(env.backup_dir)
     by_path = {b.path: b for b in found}
     by_file = {c.file: c for c in copies}
-    tag_backup = {r["tag"]: r.get("backup") for r in deploy_log(env).read() if r.get("tag")}
+    tag_backup = records.tag_backups(records.read(env))
     points, used = [], set()
     for name, commit, when in repo.tags(f"{env.name}-before-deploy-*"):
         wanted = tag_backup.get(name) or ""
@@ -66,27 +65,6 @@ def instant(text):
     """A point's time as seconds since the epoch (0 when unknown): times in other offsets sort right."""
     value = parse_time(text or "")
     return value.timestamp() if value else 0.0
-
-
-def find_point(points, wanted):
-    for p in points:
-        if wanted in (p.id, p.backup.path if p.backup else None):
-            return p
-    ids = ", ".join(p.id for p in points[:5]) or "none yet"
-    raise usage_error(f"--to {wanted!r}: no such rollback point (newest: {ids}; see --list)")
-
-
-def default_point(env, points):
-    """The state before the last deploy that succeeded."""
-    for record in reversed(deploy_log(env).read()):
-        if record.get("kind") == "deploy" and record.get("result") == "ok" and record.get("tag"):
-            for p in points:
-                if p.id == record["tag"]:
-                    return p
-    tagged = [p for p in points if p.kind == "before-deploy"]
-    if not tagged:
-        raise usage_error(f"{env.name} has no before-deploy point yet; choose one with --to (see --list)")
-    return tagged[0]
 
 
 def next_best(points, bad):

@@ -1,34 +1,38 @@
 """Recovery of an operation that was killed (kill -9, a power cut) before it could clean up.
 
-The journal (state.Journal) says which operation ran and the step it was in.
-The next deploy or rollback, holding the env's lock (so the killed process is
-surely gone), calls recover() before anything else:
+The journal (state.Journal) says which operation ran and the step it was in. The next deploy,
+rollback or rehearsal, holding the env's lock (so the killed process is surely gone), calls
+recover() before anything else, and decisions.recovery_action() says what to do, from the
+runbook's own lists of steps (which of them change nothing live):
 
-- a backup: its temp files are removed; the live database was never written;
-- a deploy killed before the switch (build, tag, backup): nothing live had changed;
-  temp files and a half-built release are removed and the unit is started if it is not running;
-- a deploy killed after the switch: undone, by the rollback to its own
-  before-deploy point (database only if the deploy changed its schema);
-- a rollback: finished, by running it again to the same point, with the
-  database decision it had made.
+- a deploy killed in a BEFORE step (build, tag, backup): nothing live had changed; temp files
+  and a half-built release are removed and the unit is started if it is not running;
+- a deploy killed after its switch: undone, by the runbook's rollback to its own before-deploy
+  point (the database only if the deploy changed its schema);
+- a rollback: finished, by running it again to the same point, with the database decision it made;
+- a conversion killed after it changed something: put back from its journal (the data renamed
+  into shared/ goes back into the tree, the old unit files return);
+- a rehearsal or a drill: its transient units stopped, its scratch folder removed;
+- a backup (its own journal): its temp files removed; the live database was never written.
 """
 
 import os
 
-from . import backups, release, releases, runbook, units
+from . import backups, convert, decisions, records, rehearsal, release, releases, runbook, units
 from .errors import EXIT_HUMAN, DeployError
 from .files import remove_quietly
+from .planning import decide_database
 from .points import Point
-from .state import Journal, deploy_log, now_iso
+from .state import Journal
 
 
 def interrupted(env):
-    """The journal of a deploy or rollback that did not end, or None."""
+    """The journal of an operation that did not end, or None."""
     return Journal(env.state_dir, env.name).read()
 
 
 def interrupted_any(env):
-    """What status shows: an interrupted deploy or rollback, else an interrupted backup."""
+    """What status shows: an interrupted operation, else an interrupted backup."""
     return interrupted(env) or Journal(env.state_dir, env.name, "backup-journal").read()
 
 
@@ -47,21 +51,28 @@ def recover(config, env, repo, say):
     removed = remove_temp_files(env) + remove_stale_git_lock(repo) + releases.remove_leftovers(env)
     if removed:
         say(f"recovering: removed {len(removed)} temp file(s): {', '.join(str(p) for p in removed[:4])}")
-    op, step = j.get("op"), j.get("step")
-    record = {"v": runbook.RECORD_VERSION, "kind": "recovery", "env": env.name, "time": now_iso(), "interrupted": j}
-    if op == "deploy" and step not in runbook.DEPLOY_BEFORE_SWITCH and j.get("from"):
+    record = records.RecoveryRecord(env=env.name, interrupted=j)
+    action = decisions.recovery_action(j, runbook.before_change())
+    if action == decisions.UNDO_DEPLOY:
         what = undo_deploy(config, env, repo, j, record, say)
-    elif op == "rollback" and j.get("commit"):
+    elif action == decisions.FINISH_ROLLBACK:
         what = finish_rollback(config, env, repo, j, record, say)
     else:
-        what = "nothing live had changed"
+        if action == decisions.PUT_BACK_CONVERSION:
+            convert.put_back_interrupted(env, j)
+            what = f"the interrupted conversion was put back: {env.name} runs from its work tree as before"
+        elif action == decisions.CLEAN_REHEARSAL:
+            what = rehearsal.clean_up(j)
+        else:
+            what = "nothing live had changed"
         try:
             ensure_running(env, say)
         except DeployError as exc:
-            raise DeployError(f"recovering the interrupted {op} of {env.name} failed: {exc}. Look with: "
-                              f"systemctl --user status {env.unit}; then run: systemctl --user restart {env.unit}",
-                              EXIT_HUMAN) from None
-        deploy_log(env).append({**record, "result": "ok", "did": what})
+            raise DeployError(f"recovering the interrupted {j.get('op')} of {env.name} failed: {exc}. Look with: "
+                              f"systemctl --user status {env.unit}", EXIT_HUMAN,
+                              command=f"systemctl --user restart {env.unit}") from None
+        record.result, record.did = "ok", what
+        records.append(env, record)
     Journal(env.state_dir, env.name).finish()
     Journal(env.state_dir, env.name, "backup-journal").finish()       # its temp files went above
     say(f"recovering: done, {what}")
@@ -83,14 +94,15 @@ def seal_unsealed(env, say):
 
 
 def remove_temp_files(env):
-    """Temp files an interrupted backup, deploy or restore may have left."""
+    """Temp files an interrupted backup, deploy or restore of this env may have left (never another env's:
+    a state folder may be shared, so only names that carry this env's name)."""
     found = []
     if env.backup_dir.is_dir():
         found += [p for p in env.backup_dir.iterdir() if ".tmp-" in p.name] + backups.orphans(env.backup_dir)
     if env.db.parent.is_dir():
         found += [p for p in env.db.parent.iterdir() if p.name.startswith(f".{env.db.name}.restore-")]
     if env.state_dir.is_dir():
-        found += [p for p in env.state_dir.iterdir() if ".tmp-" in p.name]
+        found += [p for p in env.state_dir.iterdir() if p.name.startswith(f".{env.name}.") and ".tmp-" in p.name]
     mine = f"-{os.getpid()}"
     found = [p for p in found if not p.name.endswith(mine)]
     for p in found:
@@ -125,13 +137,13 @@ def point_of(env, j, commit_key, release_key):
 
 def undo_deploy(config, env, repo, j, record, say):
     point = point_of(env, j, "from", "previous_release")
-    restore_db, why = runbook.decide_database(env, point, "auto", compare=False)
+    restore_db, why = decide_database(env, point, "auto", compare=False)
     say(f"recovering: undoing the deploy of {j.get('target', '?')[:12]}: back to {j['from'][:12]} ({why})")
     check_backup(point, restore_db)
-    record["did"] = f"the interrupted deploy was undone: {env.name} runs {j['from'][:12]} again"
-    runbook.roll_back_and_record(config, env, repo, point, restore_db, why, j.get("target") or repo.head(), record,
-                                 mark=False)
-    return record["did"]
+    record.did = f"the interrupted deploy was undone: {env.name} runs {j['from'][:12]} again"
+    runbook.roll_back(config, env, repo, point, restore_db, why, j.get("target") or repo.head(), parent=record,
+                      mark=False, quick_stop=runbook.QUICK_STOP)
+    return record.did
 
 
 def finish_rollback(config, env, repo, j, record, say):
@@ -139,11 +151,10 @@ def finish_rollback(config, env, repo, j, record, say):
     restore_db = bool(j.get("restore_db"))
     say(f"recovering: finishing the rollback to {point.id} ({'with' if restore_db else 'without'} the database)")
     check_backup(point, restore_db)
-    record["did"] = f"the interrupted rollback was finished: {env.name} runs {j['commit'][:12]}"
-    runbook.roll_back_and_record(config, env, repo, point, restore_db,
-                                 j.get("db_why", "as the interrupted rollback decided"),
-                                 j.get("from") or repo.head(), record, mark=False)
-    return record["did"]
+    record.did = f"the interrupted rollback was finished: {env.name} runs {j['commit'][:12]}"
+    runbook.roll_back(config, env, repo, point, restore_db, j.get("db_why", "as the interrupted rollback decided"),
+                      j.get("from") or repo.head(), parent=record, mark=False)
+    return record.did
 
 
 def check_backup(point, restore_db):

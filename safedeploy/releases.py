@@ -23,6 +23,7 @@ An env is "converted" when `current` exists; until then it runs from its work tr
 deploys move the tree in place (deploy.py ENV --install-units converts it).
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -110,8 +111,12 @@ def shared_paths(env):
 
 
 def build(env, repo, commit, say=None, folder=None, shared=None):
-    """Build a release of commit beside the running one; return it. Nothing live changes:
-    a failure removes the half-built folder and raises DeployError with the build's output.
+    """Build a release of commit beside the running one; return it. Nothing live changes, and the build
+    cannot reach live data: while `build` runs, each shared path of the release links to a stand-in (a
+    private copy of the commit's own files at that path, or an empty folder) in the release's build
+    folder; only once the build succeeded do the links point at shared/. So a build that runs
+    `flask init-db` initialises a stand-in, never the live database. A failure removes the half-built
+    folder and raises DeployError with the build's output.
     folder and shared: elsewhere than the env's own (a rehearsal builds in a scratch folder)."""
     _, own_folder, own_shared, _ = layout(env)
     folder, shared = Path(folder or own_folder), Path(shared or own_shared)
@@ -124,21 +129,70 @@ def build(env, repo, commit, say=None, folder=None, shared=None):
         n += 1
         rid = f"{utc_stamp()}-{commit[:12]}-{n}"
     work = folder / rid         # built under its final name: a venv records its own absolute path
+    originals, stand_ins = folder / f".originals-{rid}", folder / f".stand-ins-{rid}"
     try:
         work.mkdir()
         extract_commit(repo, commit, work)
-        link_shared(env, work, shared)
+        set_aside_shared(env, work, originals)
+        link_shared(env, work, stand_ins, originals)
         if env.build and say:
-            say(f"building release {rid}: {len(env.build)} command(s) in {work}")
+            say(f"building release {rid}: {len(env.build)} command(s) in {work} (shared paths: stand-ins)")
         run_build(env, work)
+        shadowed = link_shared(env, work, shared, originals)
         # REVISION last: a folder without it is a build that did not finish, never a release
-        revision = {"commit": commit, "env": env.name, "branch": env.branch, "release": rid, "built": now_iso()}
+        revision = {"commit": commit, "env": env.name, "branch": env.branch, "release": rid, "built": now_iso(),
+                    "build": build_fingerprint(env), "shadowed": shadowed}
         write_atomic(work / "REVISION", json.dumps(revision, indent=2) + "\n", mode=0o644)
         fsync_dir(folder)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(stand_ins, ignore_errors=True)
+        shutil.rmtree(originals, ignore_errors=True)
     return read_release(work)
+
+
+def build_fingerprint(env):
+    """What a release was built with (the `build` commands and the shared paths): a kept release is reused
+    for a deploy of the same commit only when it was built the same way."""
+    data = json.dumps({"build": env.build, "shared": shared_paths(env)}, sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def reusable(env, repo, commit):
+    """A kept release of commit built the way `build` builds now and unchanged since (no file differs
+    from its commit), which a deploy switches to instead of building the same release again (a deploy
+    killed after its build left one); else None."""
+    for r in list_releases(env):
+        if r.commit != commit:
+            continue
+        try:
+            fingerprint = json.loads((r.path / "REVISION").read_text()).get("build")
+        except (OSError, ValueError):
+            continue
+        if fingerprint == build_fingerprint(env) and not differences(env, repo, r):
+            return r
+    return None
+
+
+def serving(env, pid):
+    """The release of env the process pid runs in (its working folder: systemd resolved `current` when it
+    started it), or None (not running, not in a release of env, or /proc does not say)."""
+    if not pid:
+        return None
+    try:
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd").removesuffix(" (deleted)"))
+    except OSError:
+        return None
+    folder = Path(os.path.realpath(env.releases_root / "releases"))
+    return read_release(cwd) if cwd.parent == folder else None
+
+
+def dangling_current(env):
+    """Whether `current` names a release folder that is gone (deleted by hand): the app cannot start."""
+    link = env.current_link
+    return link.is_symlink() and read_release(link.parent / os.readlink(link)) is None
 
 
 def extract_commit(repo, commit, dest):
@@ -195,28 +249,71 @@ def extract_safely(tar, dest):
             raise tarfile.TarError(f"the link {name!r} points outside the release")
 
 
-def link_shared(env, work, shared):
-    """Each shared path becomes a link into shared/. The first time, shared/ is seeded from the
-    commit's own files at that path (if any); afterwards shared/ wins and the commit's are dropped."""
+def set_aside_shared(env, work, originals):
+    """Move the commit's own files at each shared path out of the release, into originals (they seed a
+    shared folder that does not have the path yet). No path is followed through a link: a shared path
+    whose parent in the release is a link (another shared path, or a link in the commit) is refused, so
+    a link can never lead this code to move, or later remove, files outside the release."""
     for rel in shared_paths(env):
-        inside, kept = work / rel, shared / rel
+        parent = work
+        for part in Path(rel).parent.parts:
+            parent = parent / part
+            if parent.is_symlink():
+                raise DeployError(f"the shared path {rel!r} lies under {parent.relative_to(work)}, which is a link in "
+                                  "the release: shared paths may not be nested in one another or reached through "
+                                  "a link; nothing live was changed")
+        inside = work / rel
+        if inside.exists() or inside.is_symlink():
+            (originals / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.rename(inside, originals / rel)
+
+
+def link_shared(env, work, shared, originals):
+    """Make each shared path of the release a link into shared (the env's shared/, or the build's
+    stand-ins). A path missing there is seeded from the commit's own files (originals), else made an
+    empty folder; a path present there wins. Returns the tracked files the shared copy stands in for
+    and holds otherwise ("shadowed": the commit's version never runs; a deploy reports them)."""
+    shadowed = []
+    for rel in shared_paths(env):
+        inside, kept, source = work / rel, shared / rel, originals / rel
         if not kept.exists() and not kept.is_symlink():
             kept.parent.mkdir(parents=True, exist_ok=True)
-            if inside.is_dir() and not inside.is_symlink():
-                shutil.copytree(inside, kept, symlinks=True)
-            elif inside.exists():
-                shutil.copy2(inside, kept)
+            if source.is_dir() and not source.is_symlink():
+                shutil.copytree(source, kept, symlinks=True)
+            elif source.exists() and not source.is_symlink():
+                shutil.copy2(source, kept)
             else:
                 kept.mkdir(mode=0o700)
-        if inside.is_dir() and not inside.is_symlink():
-            shutil.rmtree(inside)
-        elif inside.exists() or inside.is_symlink():
-            inside.unlink()
+        else:
+            shadowed += differing(source, kept, rel)
+        if inside.is_symlink():
+            inside.unlink()             # the stand-in's link, after the build
         inside.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(os.path.relpath(kept, inside.parent), inside)
         if kept.is_dir() and not kept.is_symlink() and rel == (shared_paths(env) or [None])[0] \
                 and not os.path.isabs(env.db_setting):
             os.chmod(kept, 0o700)           # the database's folder
+    return shadowed
+
+
+def differing(source, kept, rel):
+    """The files under source (the commit's, at a shared path) that kept (the shared copy) holds otherwise."""
+    found = []
+    if source.is_file() and not source.is_symlink():
+        pairs = [(source, kept, rel)]
+    elif source.is_dir() and not source.is_symlink():
+        pairs = [(Path(root) / name, kept / Path(root).relative_to(source) / name,
+                  str(Path(rel) / Path(root).relative_to(source) / name))
+                 for root, _, files in os.walk(source) for name in files]
+    else:
+        pairs = []
+    for mine, theirs, name in pairs:
+        try:
+            if mine.read_bytes() != theirs.read_bytes():
+                found.append(os.path.normpath(name))
+        except OSError:
+            found.append(os.path.normpath(name))
+    return found
 
 
 def run_build(env, work):
@@ -307,7 +404,6 @@ def differences(env, repo, release):
     """Tracked files of the release's commit that are missing or changed in its folder (the shared
     paths and what `build` added are not compared). A release's files never change after it went
     live: anything listed here was changed by hand or by the app."""
-    import hashlib
     skip = [p.rstrip("/") + "/" for p in shared_paths(env)] + shared_paths(env)
     out = repo.run("ls-tree", "-r", "-z", "--full-tree", release.commit)
     changed = []

@@ -1,143 +1,381 @@
-"""The runbook that deploy, rollback and the recovery of a killed operation share.
+"""The runbook: deploy, rollback and conversion as lists of named steps (safedeploy.runner runs them).
 
-It names every step once (the journal, the deploy log, the fault-injection switch and the
-tests all use these names), and it owns the one way back: roll_back() takes a locked env to a
-point, and roll_back_and_record() is the one "roll back and report" path: it runs the
-rollback, writes the deploy-log record, and on failure says exactly what to paste next.
+Each operation is one list, read by the real run, the dry run (--dry-run, --dry-run --json, the
+rollback's plan), the journal, the fault matrix and the recovery of a killed run. The three share
+one bring-up, BRING_UP: restart (or hand over between the two slots), health, watch, revision.
+And there is one "roll back and report" path, roll_back(): a deploy whose step after the switch
+fails goes through it to its own before-deploy point, so does rollback.py, so does the recovery of
+a deploy killed after its switch.
+
+A deploy, in order (`when` skips a step that does not apply; BEFORE steps change nothing live):
+  build        (releases) build the target beside the running release, the shared paths linked to
+               stand-ins while `build` runs, or reuse a kept release of it built the same way   BEFORE
+  tag          tag what runs ENV-before-deploy-<stamp>, push the tag                             BEFORE
+  backup       back up the database and the unit file (online, verified)                          BEFORE
+  stop         (migration_mode stop-first) stop the old release; requests wait in the socket     AFTER
+  switch       `current` to the new release in one rename; the work tree to the target           AFTER
+  pre_restart  the migration, in the new release                                                 AFTER
+  restart, health, watch, revision                                                               AFTER
+  record       the deploy log, the verified mark                                                 AFTER
+A failure in a BEFORE step: recorded, exit 1, nothing live changed. After: the automatic rollback.
 
 A rollback, in order:
-  tag       tag the commit it leaves ENV-rolled-back-<stamp>
-  build     (releases) rebuild the point's release when it is no longer kept
-  prepare   (database) copy the point's backup beside the live file, check sha256 and
-            integrity, while the app still serves: a bad backup or a full disk stops here
-  stop      (database) stop the app (its socket and handover helper too)
-  save      database restored: rename the stopped app's files aside (that rename is the
-            pre-rollback save); database kept: an online backup, the app serving
-  code      (releases) switch `current` to the point's release; the work tree goes to the
-            point's commit (uncommitted changes are stashed, never lost)
-  unit      put back the point's unit file when it differs
-  database  rename the prepared copy into place
-  restart, health, watch (rollback.py only, with `watch`), revision
-  seal      make the set-aside files a verified backup; count the rows it holds that the
-            restored database lacks
-So with the database, the app is down for stop, renames and start, whatever the size.
+  tag          tag the commit it leaves ENV-rolled-back-<stamp>                                  BEFORE
+  build        (releases) the point's kept release, or rebuild it when retention removed it      BEFORE
+  prepare      (database) copy the point's backup beside the live file, check sha256 and
+               integrity, while the app still serves: a bad backup or a full disk stops here     BEFORE
+  stop         (database) stop the app (its socket and handover slot too)                        BEFORE
+  save         database restored: rename the stopped app's files aside (that rename is the
+               pre-rollback save); kept: an online backup, the app serving                       BEFORE
+  code         (releases) `current` to the point's release; the work tree to the point's commit
+               (uncommitted changes are stashed, never lost)                                     AFTER
+  unit         put back the point's unit file, only where it fits the layout that exists         AFTER
+  database     rename the prepared copy into place                                               AFTER
+  restart, health, watch (rollback.py, with `watch`), revision                                   AFTER
+  seal         make the set-aside files a verified backup; count its rows the restore lacks      AFTER
+  record                                                                                         AFTER
+A failure before `code` puts back what ran (the app restarted if it was stopped): exit 1. After it:
+exit 4, with the command to run.
 """
 
+import json
 import os
-import signal
-import sqlite3
+import shlex
 from dataclasses import dataclass, field
 
-from . import backups, cli, release, releases, units
-from .errors import EXIT_HUMAN, DeployError
+from . import backups, cli, commands, convert, records, release, releases, units
+from .decisions import failure_code
+from .errors import EXIT_FAILED, EXIT_HUMAN, DeployError, after_undo, describe_failure
 from .files import write_atomic
-from .points import next_best
-from .state import Journal, StepClock, bad_log, deploy_log, now_iso, utc_stamp
+from .points import Point
+from .records import DeployRecord, RecoveryRecord, RollbackRecord
+from .runner import AFTER, BEFORE, Operation, Step, describe, execute
+from .state import bad_log, now_iso, utc_stamp, verified_log
 
-RECORD_VERSION = 2          # deploy-log records and journals carry it as "v"
-
-# the steps, by name
-BUILD, TAG, BACKUP, SWITCH, PRE_RESTART, RESTART, HEALTH, REVISION, RECORD = (
-    "build", "tag", "backup", "switch", "pre_restart", "restart", "health", "revision", "record")
-PREPARE, STOP, SAVE, CODE, UNIT, DATABASE, SEAL = "prepare", "stop", "save", "code", "unit", "database", "seal"
-WATCH = "watch"
-
-DEPLOY_STEPS = [BUILD, TAG, BACKUP, SWITCH, PRE_RESTART, RESTART, HEALTH, WATCH, REVISION, RECORD]
-DEPLOY_BEFORE_SWITCH = {None, BUILD, TAG, BACKUP}           # killed here, a deploy changed nothing live
-ROLLBACK_STEPS = [TAG, BUILD, PREPARE, STOP, SAVE, CODE, UNIT, DATABASE, RESTART, HEALTH, WATCH, REVISION, SEAL]
-ROLLBACK_BEFORE_CHANGE = {None, TAG, BUILD, PREPARE, STOP, SAVE}   # failed here: what ran is put back as it was
-
-DB_MODES = ("auto", "with-db", "code-only")
+QUICK_STOP = 5.0        # seconds a failed release may take to stop when it is rolled back, then it is killed
 
 
+# -- the bring-up: deploy, rollback and conversion ---------------------------------------------------
+def bring_up_steps():
+    """restart (or hand over), health, watch, revision. The ctx says: env, expect (the commit the new
+    process must name, releases), watch_seconds, revision (the commit REVISION records, in place),
+    quick_stop (a failed release being replaced: its stop is bounded)."""
+    return [
+        Step("restart", AFTER, lambda c: units.restart(c.env.unit, c.quick_stop),
+             lambda c: units.describe_restart(c.env.unit)),
+        Step("health", AFTER, lambda c: setattr(c, "health", release.wait_until_healthy(c.env, c.expect)),
+             lambda c: f"wait up to {c.env.health_timeout:g}s for {c.env.health_url} to answer 2xx/3xx from the unit's "
+                       "own process" + (f" naming {c.expect[:12]} at /_deploy/status" if c.expect else "")),
+        Step("watch", AFTER, lambda c: setattr(c, "watched", release.watch(
+                c.env, c.watch_seconds, cli.countdown(f"watching {c.env.name}"))),
+             lambda c: f"watch for {c.watch_seconds:g}s: health and the unit (same process, no restart); a failure "
+                       "rolls back",
+             when=lambda c: c.watch_seconds),
+        Step("revision", AFTER, lambda c: release.write_revision(c.env, c.repo, c.revision),
+             lambda c: f"write {c.env.path / 'REVISION'} ({c.revision[:12]})",
+             when=lambda c: c.revision is not None),
+    ]
+
+
+# -- deploy ---------------------------------------------------------------------------------------
 @dataclass
-class Outcome:
-    point: object
-    left: str                        # the commit it left
-    left_tag: str
-    restore_db: bool
-    db_why: str
-    release: str | None = None       # the release it switched to (releases)
-    rebuilt: bool = False
-    pre_rollback: str | None = None  # the verified backup of the live database it replaced or kept
-    aside: str | None = None         # where the replaced files lie
-    seal_problem: str = ""
-    rows_lost: dict = field(default_factory=dict)
-    unit_restored: bool = False
-    stash: str | None = None
+class DeployRun:
+    config: object
+    env: object
+    plan: object
+    record: DeployRecord = None
+    stamp: str = field(default_factory=utc_stamp)
+    release: object = None
+    backup: object = None
+    backup_path: object = None
+    previous_release: str | None = None
     health: object = None
     watched: float = 0.0
+    quick_stop: float | None = None
+    clock: object = None
+    journal: object = None
+
+    @property
+    def repo(self):
+        return self.plan.repo
+
+    @property
+    def expect(self):
+        return self.plan.target if self.plan.converted else None
+
+    @property
+    def revision(self):
+        return None if self.plan.converted else self.plan.target
+
+    @property
+    def watch_seconds(self):
+        return self.env.watch
+
+    @property
+    def tag_name(self):
+        return f"{self.env.name}-before-deploy-{self.stamp}"
 
 
-def decide_database(env, point, mode, compare=True):
-    """(restore?, why), as the operator will read it. Only what was compared is said. compare=False
-    (an automatic rollback, where every second counts) skips comparing the rows, and says so."""
-    if mode == "code-only":
-        return False, "--code-only: the database is left as it is"
-    if not point.backup:
-        if mode == "with-db":
-            raise DeployError(f"--with-db: point {point.id} has no database backup; choose another with --to")
-        return False, f"point {point.id} has no database backup: the database is left as it is"
-    if mode == "with-db":
-        return True, f"--with-db: restoring {point.backup.path}"
-    if not env.db.exists():
-        return True, "there is no live database: restoring the point's backup"
-    health = backups.integrity_of(env.db, quick=True)
-    if health != "ok":
-        return True, (f"the live database fails quick_check ({health}): restoring the point's backup; the "
-                      "damaged file is kept aside as evidence")
-    live = backups.live_schema(env.db)
-    if live != point.backup.schema:
-        return True, (f"the live schema ({live}) differs from the point's ({point.backup.schema}): "
-                      "a migration ran since, so the database goes back too")
-    if not compare:
-        return False, ("the live schema matches the point's, so the database is left as it is (its rows were not "
-                       "compared with the point's backup: rollback.py's plan does that)")
-    return False, "the live schema matches the point's, so the database is left as it is; " + compare_rows(env, point)
+def deploy_run(config, env, plan):
+    run = DeployRun(config=config, env=env, plan=plan)
+    run.record = DeployRecord(env=env.name, user=cli.user_name(), from_=plan.running, to=plan.target,
+                              forced=plan.forced, reason=plan.reason, migration_mode=plan.migration_mode,
+                              rehearsed=plan.rehearsed.time if plan.rehearsed else None)
+    if env.db.exists():
+        run.backup_path = backups.backup_name(env.name, "pre-deploy", env.backup_dir)     # the tag names it
+    return run
 
 
-def compare_rows(env, point):
-    """What a kept database lacks of the point's backup, per table, and what --with-db would cost."""
+def build_release(run):
+    plan, env = run.plan, run.env
+    run.release = plan.reuse or releases.build(env, plan.repo, plan.target, cli.say)
+    run.record.release = run.release.id
+    run.record.shadowed = shadowed(run.release)
+    run.journal.update(release=run.release.id)
+    for name in run.record.shadowed:
+        cli.err(f"warning: {name} is tracked in {plan.target[:12]} but lies under a shared path: the release uses "
+                f"the shared copy in {env.releases_root / 'shared'}, which differs; the commit's version never runs")
+
+
+def shadowed(rel):
     try:
-        missing = backups.rows_only_in(point.backup.path, env.db)
-        newer = backups.rows_only_in(env.db, point.backup.path) if missing else {}
-    except sqlite3.Error as exc:
-        return f"its rows could not be compared with the point's backup ({exc})"
-    if not missing:
-        return "it holds every row of the point's backup"
-    lacks = ", ".join(f"{n} row(s) of {t}" for t, n in sorted(missing.items()))
-    cost = ", ".join(f"{n} of {t}" for t, n in sorted(newer.items())) or "none"
-    return (f"but it lacks {lacks} that the point's backup has (deleted since, by the release or by users): "
-            f"--with-db brings them back, taking out the rows written since ({cost})")
+        return json.loads((rel.path / "REVISION").read_text()).get("shadowed") or []
+    except (OSError, ValueError):
+        return []
 
 
-def check_point_backup(point, points):
-    """Refuse a backup that fails its checksum or integrity check, naming the next-best point."""
-    verdict = backups.verify_backup(point.backup)
-    if verdict == "ok":
+def tag_running(run):
+    env, plan = run.env, run.plan
+    message = (f"{env.name} ran {plan.running} on {env.branch} before deploying {plan.target}\n\n"
+               f"commit: {plan.running}\nbranch: {env.branch}\nbackup: {run.backup_path or 'none (no database)'}\n")
+    run.record.tag = plan.repo.create_tag(run.tag_name, plan.running, message)
+    run.record.tag_pushed = False
+    run.journal.update(tag=run.record.tag)
+    if env.remote:
+        try:
+            plan.repo.push_tag(env.remote, run.record.tag)
+            run.record.tag_pushed = True
+        except DeployError as exc:
+            cli.err(f"warning: could not push tag {run.record.tag} to {env.remote} (the deploy goes on): {exc}")
+
+
+def back_up(run):
+    env = run.env
+    if not env.db.exists():
+        cli.say(f"note: {env.db} does not exist yet; no database to back up")
         return
-    better = next_best(points, point)
-    hint = f"; the next-best point is {better.id} (--to {better.id})" if better else "; no older point has a good backup"
-    raise DeployError(f"point {point.id}'s backup is bad ({verdict}): nothing was changed{hint}")
+    run.backup = backups.backup_database(env.db, env.backup_dir, env.name, "pre-deploy", commit=run.plan.running,
+                                         unit_file=run.plan.unit_file or None, final=run.backup_path)
+    run.record.backup = run.backup.path
+    run.journal.update(backup=run.backup.path)
 
 
-def refuse_tracked_database(env, repo, commits):
-    """An env that runs from its work tree keeps its database in it: a commit that tracks the
-    database file (or its -wal/-shm) would make git replace the live file under a live WAL, and
-    one that untracks it would make git delete it. Refused before anything changes."""
-    if env.converted:
-        return          # the release links the shared folder: git never touches the live file
-    rel = os.path.relpath(env.db_in_tree, env.path)
-    if rel.startswith(".."):
-        return
-    names = [rel, f"{rel}-wal", f"{rel}-shm", f"{rel}-journal"]
-    for commit in dict.fromkeys(commits):
-        found = repo.tracked(commit, names)
-        if found:
-            raise DeployError(f"commit {commit[:12]} tracks the live database file {', '.join(found)}: moving the work "
-                              f"tree to or from it would make git overwrite or delete {env.db}. Untrack it "
-                              f"(git rm --cached {rel}; echo '/{rel}*' >> .gitignore; commit and push), or convert "
-                              "the env to releases (deploy.py ENV --install-units); nothing was changed")
+def switch(run):
+    plan = run.plan
+    if run.release is not None:
+        run.previous_release = releases.switch(run.env, run.release)
+    if plan.head != plan.target:
+        (plan.repo.fast_forward if plan.fast_forward else plan.repo.reset_hard)(plan.target)
+
+
+def record_deploy(run):
+    env, plan, record = run.env, run.plan, run.record
+    record.result, record.running, record.steps = "ok", plan.target, run.clock.seconds
+    record.running_release = run.release.id if run.release else None
+    record.health = run.health.describe() if run.health else None
+    record.watch = run.watched or None
+    record.previous_release = run.previous_release
+    records.append(env, record)
+    verified_log(env.name, env.state_dir).append(
+        {"time": now_iso(), "commit": plan.target, "tree": plan.target_tree, "by": "deploy"})
+    if plan.clears_bad:
+        bad_log(env).append({"time": now_iso(), "env": env.name, "commit": plan.target, "bad": False,
+                             "tree": plan.target_tree, "why": f"deployed with --force: {plan.reason}"})
+
+
+def switch_detail(run):
+    plan, env = run.plan, run.env
+    tree = (f"move {env.path} to {plan.target[:12]} ({plan.target_subject}): "
+            + (f"git merge --ff-only {plan.target}" if plan.fast_forward else f"git reset --hard {plan.target}")
+            if plan.head != plan.target else f"{env.path} is at {plan.target[:12]} already")
+    if not plan.converted:
+        return tree
+    return f"point {env.current_link} at releases/{release_name(run)} in one rename; {tree}"
+
+
+def release_name(run):
+    if run.release is not None:
+        return run.release.id
+    return run.plan.reuse.id if run.plan.reuse else f"{run.stamp}-{run.plan.target[:12]}"
+
+
+def build_detail(run):
+    plan, env = run.plan, run.env
+    if plan.reuse:
+        return f"reuse the kept release {plan.reuse.path} of {plan.target[:12]} (built the same way, unchanged): no build"
+    commands_text = "; ".join(shlex.join(argv) for argv in env.build) or "no build commands"
+    return (f"build {env.releases_root / 'releases' / release_name(run)} from {plan.target[:12]} (git archive), the "
+            f"shared paths ({', '.join(releases.shared_paths(env)) or 'none'}) linked to stand-ins, not live data, "
+            f"while it runs: {commands_text}; then linked to {env.releases_root / 'shared'}")
+
+
+def backup_detail(run):
+    env = run.env
+    if not env.db.exists():
+        return f"no database at {env.db} yet: no backup"
+    return (f"back up {env.db} (SQLite online copy, integrity_check, sha256) to {run.backup_path}, and the unit file "
+            f"{run.plan.unit_file}")
+
+
+def stop_old(run):
+    units.stop_serving(run.env.unit)
+
+
+DEPLOY = [
+    Step("build", BEFORE, build_release, build_detail, when=lambda r: r.plan.converted),
+    Step("tag", BEFORE, tag_running,
+         lambda r: f"tag {r.plan.running[:12]} (what runs) as {r.tag_name}: git tag --annotate {r.tag_name} "
+                   f"{r.plan.running}" + (f"; git push {r.env.remote} refs/tags/{r.tag_name}" if r.env.remote else "")),
+    Step("backup", BEFORE, back_up, backup_detail),
+    Step("stop", AFTER, stop_old,
+         lambda r: f"stop {units.serving_state(r.env.unit).name} before pre_restart ({r.plan.migration_why}); "
+                   f"{units.socket_name(r.env.unit)} keeps the port: requests wait in its queue",
+         when=lambda r: r.plan.migration_mode == "stop-first"),
+    Step("switch", AFTER, switch, switch_detail),
+    Step("pre_restart", AFTER,
+         lambda r: commands.run_all(r.env.pre_restart, r.release.path if r.release else r.env.path,
+                                    r.env.command_timeout),
+         lambda r: "; ".join(f"run in {r.env.releases_root / 'releases' / release_name(r) if r.plan.converted else r.env.path}: "
+                             f"{shlex.join(argv)}" for argv in r.env.pre_restart)
+         + (f" ({r.plan.migration_why})" if r.plan.migration_mode == "online" else ""),
+         when=lambda r: r.env.pre_restart),
+    *bring_up_steps(),
+    Step("record", AFTER, record_deploy,
+         lambda r: f"record the deploy in {r.env.state_dir / (r.env.name + '.deploys.jsonl')}; mark its tree verified"),
+]
+DEPLOY_BEFORE = {s.name for s in DEPLOY if s.phase == BEFORE}
+
+
+def deploy_failed_before(run, step, exc):
+    env, plan, record = run.env, run.plan, run.record
+    record.result, record.failed_step, record.error = "failed", step, describe_failure(exc)
+    record.steps, record.running = run.clock.seconds, plan.running
+    records.append(env, record)
+    raise after_undo(exc, f"deploy of {env.name} stopped before any change to what runs ({step} failed: "
+                          f"{describe_failure(exc)}); {env.name} still runs {plan.running[:12]}") from None
+
+
+def deploy_failed_after(run, step, exc):
+    """A step after the switch failed: go back to this deploy's own before-deploy point, through the one
+    "roll back and report" path. The record step is the exception: the env runs the new release and is
+    healthy, only its record is missing."""
+    env, plan, record = run.env, run.plan, run.record
+    if step == "record":
+        raise DeployError(f"{env.name} runs {plan.target[:12]} and is healthy, but the deploy could not be recorded: "
+                          f"{exc}. Free space in {env.state_dir}", EXIT_HUMAN,
+                          command=cli.script_command(run.config, "verify.py", env.name))
+    what = describe_failure(exc)
+    details = (getattr(exc, "output", "") or "").splitlines()
+    if not details and step in ("restart", "health", "watch"):
+        details = units.journal_tail(units.serving_state(env.unit).name)
+    record.result, record.failed_step, record.error = "rolled-back", step, what
+    record.steps, record.running = dict(run.clock.seconds), plan.running
+    cli.err(f"error: deploy of {env.name} failed at step {step}: {what}")
+    for line in details[-10:]:
+        cli.err(f"  | {line}")
+    point = Point(record.tag or "interrupted", "before-deploy", plan.running, record.time, run.backup,
+                  release=run.previous_release or (plan.running_release.id if plan.running_release else None))
+    from .planning import decide_database
+    restore_db, why = decide_database(env, point, "auto", compare=False)
+    # a release that failed is marked bad; one the operator interrupted (Ctrl-C, SIGTERM) is not judged
+    back = roll_back(run.config, env, plan.repo, point, restore_db, why, plan.target, parent=record,
+                     mark=not isinstance(exc, KeyboardInterrupt), quick_stop=QUICK_STOP)
+    done = back.record
+    code = f"release {done.release}" if done.release else f"code back to {plan.running[:12]}"
+    restored = (f"{code}, database restored from {run.backup.path} ({why})" if restore_db
+                else f"{code}, database kept ({why})")
+    saved = (f"the failed release's database is saved in {done.pre_rollback}" if done.pre_rollback
+             else f"the failed release's database lies at {done.aside} ({done.seal_problem})" if done.aside
+             else "no database to save")
+    cli.err(f"rolled back by itself: {restored}; {saved}. {env.name} runs {plan.running[:12]} again and "
+            f"{env.health_url} answers {back.health.describe()}.")
+    if not isinstance(exc, (DeployError, KeyboardInterrupt)):
+        raise after_undo(exc, f"deploy of {env.name} failed at {step} ({what}); rolled back by itself to "
+                              f"{plan.running[:12]}") from None
+    return EXIT_FAILED
+
+
+def deploy_operation():
+    return Operation("deploy", DEPLOY, deploy_failed_before, deploy_failed_after,
+                     journal_data=lambda r: {"v": records.VERSION, "target": r.plan.target, "from": r.plan.running,
+                                             "previous_release": r.plan.running_release.id if r.plan.running_release
+                                             else None})
+
+
+def deploy(config, env, plan):
+    """Carry out a deploy plan; 0, or EXIT_FAILED after the automatic rollback; raises otherwise."""
+    run = deploy_run(config, env, plan)
+    failed = execute(deploy_operation(), run, env)
+    if failed is not None:
+        return failed, run
+    return 0, run
+
+
+def deploy_steps(config, env, plan):
+    """The dry run: exactly the steps a deploy of plan takes, with their details."""
+    run = deploy_run(config, env, plan)
+    return describe(deploy_operation(), run)
+
+
+# -- rollback ----------------------------------------------------------------------------------
+@dataclass
+class RollbackRun:
+    config: object
+    env: object
+    repo: object
+    point: object
+    restore_db: bool
+    db_why: str
+    running: str                        # the commit it leaves
+    record: RollbackRecord = None
+    stamp: str = field(default_factory=utc_stamp)
+    target: object = None               # the release it switches to (releases)
+    kept: object = None                 # the point's kept release, found when planned
+    prepared: object = None
+    stopped: bool = False
+    unit_action: str = "keep"           # "restore" or "keep", with unit_why
+    unit_why: str = ""
+    watch_seconds: float = 0
+    quick_stop: float | None = None
+    mark: bool = True
+    parent: object = None               # the record it goes inside (a deploy's, a recovery's), or None
+    why_marked: str = "by hand"
+    health: object = None
+    watched: float = 0.0
+    clock: object = None
+    journal: object = None
+
+    @property
+    def converted(self):
+        return self.env.converted
+
+    @property
+    def expect(self):
+        return self.point.commit if self.converted else None
+
+    @property
+    def revision(self):
+        return None if self.converted else self.point.commit
+
+
+def rollback_run(config, env, repo, point, restore_db, why, running, watch=0, quick_stop=None, mark=True):
+    run = RollbackRun(config=config, env=env, repo=repo, point=point, restore_db=restore_db, db_why=why,
+                      running=running, watch_seconds=watch, quick_stop=quick_stop, mark=mark)
+    run.record = RollbackRecord(env=env.name, user=cli.user_name(), from_=running, to=point.commit, point=point.id,
+                                db_restored=restore_db, db_why=why)
+    run.kept = release_for(env, point)
+    run.unit_action, run.unit_why = unit_file_plan(env, point)
+    return run
 
 
 def release_for(env, point):
@@ -151,161 +389,259 @@ def release_for(env, point):
     return releases.find(env, point.commit)
 
 
-def roll_back(env, repo, point, restore_db, db_why, clock, running, watch=0):
-    """Take the env (locked by the caller) to point. Ctrl-C, SIGTERM and SIGHUP are ignored while it
-    runs (a half rollback helps nobody); a kill -9 leaves the journal, and the next command finishes it."""
-    journal = Journal(env.state_dir, env.name)
-    journal.start("rollback", v=RECORD_VERSION, point=point.id, commit=point.commit, restore_db=restore_db,
-                  db_why=db_why, release=point.release, backup=point.backup.path if point.backup else None,
-                  **{"from": running})
-    clock.journal, clock.op = journal, "rollback"
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+def unit_file_plan(env, point):
+    """("restore" | "keep", why): the point's unit file comes back only where it differs and fits the
+    layout that exists: a unit written for releases (WorkingDirectory through `current`, a socket) on an
+    env that runs from its tree (a rebuilt host), or the other way round (a point from before the env was
+    converted), would leave the app unable to start."""
+    b = point.backup
+    if not b or not b.unit_backup or not b.unit_file:
+        return "keep", "the point has no unit file saved"
     try:
-        return _roll_back(env, repo, point, restore_db, db_why, clock, running, journal, watch)
-    finally:
-        journal.finish()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def _roll_back(env, repo, point, restore_db, db_why, clock, running, journal, watch):
-    stamp = utc_stamp()
-    outcome = Outcome(point=point, left=repo.head(), left_tag="", restore_db=restore_db, db_why=db_why)
-    with clock.step(TAG):
-        outcome.left_tag = repo.create_tag(f"{env.name}-rolled-back-{stamp}", outcome.left,
-                                           f"{env.name} ran {running} before rolling back to {point.id}\n")
-    target = None
-    if env.converted:
-        with clock.step(BUILD):
-            target = release_for(env, point)
-            if target is None:
-                target, outcome.rebuilt = releases.build(env, repo, point.commit), True
-            outcome.release = target.id
-            journal.update(release=target.id)
-    prepared = None
-    if restore_db:
-        with clock.step(PREPARE):
-            prepared = backups.prepare_restore(point.backup, env.db)
-    try:
-        if restore_db:
-            with clock.step(STOP):
-                units.stop_for_restore(env.unit)
-        with clock.step(SAVE):
-            outcome.pre_rollback = outcome.aside = save_live_database(env, running, restore_db, stamp)
-            journal.update(aside=outcome.aside)
-    except DeployError as exc:
-        if prepared:
-            backups.remove_temp(prepared)
-        if restore_db and not env.db.exists():
-            raise DeployError(f"the live database {env.db} was being set aside when this failed ({exc}); "
-                              f"the app stays stopped so that it does not start on an empty database",
-                              EXIT_HUMAN) from None
-        if restore_db:
-            release.restart_unit(env)        # nothing changed yet: bring the app back as it was
-        raise DeployError(f"could not save the live database first, so nothing was rolled back "
-                          f"({exc}); {env.name} runs what it ran") from None
-    with clock.step(CODE):
-        if target is not None:
-            releases.switch(env, target)
-        outcome.stash = move_work_tree(repo, point.commit, stamp)
-    with clock.step(UNIT):
-        outcome.unit_restored = restore_unit_file(env, point)
-    if restore_db:
-        with clock.step(DATABASE):
-            backups.put_in_place(prepared, env.db)
-    with clock.step(RESTART):
-        release.restart_unit(env)
-    with clock.step(HEALTH):
-        outcome.health = release.wait_until_healthy(env, point.commit if target is not None else None)
-    if watch:
-        with clock.step(WATCH):
-            outcome.watched = release.watch(env, watch, cli.countdown(f"watching {env.name}"))
-    with clock.step(REVISION):
-        if target is None:
-            release.write_revision(env, repo, point.commit)
-    if restore_db and outcome.aside:
-        with clock.step(SEAL):
-            seal_saved(env, running, outcome)
-    return outcome
-
-
-def save_live_database(env, running, restore_db, stamp):
-    """The pre-rollback save. Restoring: the stopped app's files renamed aside (see backups).
-    Keeping the database: an online backup while the app serves."""
-    if not env.db.exists():
-        return None
-    if restore_db:
-        return str(backups.set_aside(env.db, backups.aside_name(env.db, env.backup_dir, env.name, stamp)))
-    return backups.backup_database(env.db, env.backup_dir, env.name, "pre-rollback", commit=running,
-                                   unit_file=current_unit_file(env)).path
-
-
-def seal_saved(env, running, outcome):
-    """Once the app is back: the set-aside database becomes a verified backup; its rows that the
-    restored database lacks are counted. A file SQLite cannot read stays where it is, as evidence."""
-    try:
-        sealed = backups.seal(outcome.aside, env.backup_dir, env.name, running, current_unit_file(env))
-    except DeployError as exc:
-        outcome.pre_rollback, outcome.seal_problem = None, str(exc)
-        outcome.aside = getattr(exc, "evidence", outcome.aside)
-        return
-    outcome.pre_rollback = outcome.aside = sealed.path
-    try:
-        outcome.rows_lost = backups.rows_only_in(sealed.path, env.db)
-    except Exception as exc:          # counting is a report; the rows are safe in the sealed copy either way
-        outcome.seal_problem = f"rows not counted: {exc}"
-
-
-def current_unit_file(env):
-    path = units.state(env.unit).fragment_path
-    return path or None
-
-
-def move_work_tree(repo, commit, stamp):
-    """Reset the branch to commit; uncommitted changes to tracked files are stashed, never lost."""
-    stash = None
-    if repo.dirty_files():
-        stash = repo.stash(f"safe-deploy: uncommitted changes found by the rollback at {stamp}")
-    repo.reset_hard(commit)
-    return stash
-
-
-def restore_unit_file(env, point):
-    """Put back the point's unit file where it differs from the live one; daemon-reload."""
-    if not point.backup or not point.backup.unit_backup or not point.backup.unit_file:
-        return False
-    try:
-        saved = open(point.backup.unit_backup, "rb").read()
+        saved = open(b.unit_backup, "rb").read()
     except OSError:
-        return False
+        return "keep", f"the point's unit file copy {b.unit_backup} cannot be read"
     try:
-        live = open(point.backup.unit_file, "rb").read()
+        live = open(b.unit_file, "rb").read()
     except OSError:
         live = None
     if live == saved:
-        return False
+        return "keep", "the point's unit file is the live one"
+    for_releases = str(env.current_link) in saved.decode(errors="replace")
+    if for_releases != env.converted:
+        layout = "releases" if for_releases else "its work tree"
+        return "keep", (f"the point's unit file runs the app from {layout}, and {env.name} runs from "
+                        f"{'releases' if env.converted else 'its work tree'} now: the live unit file is kept")
+    socket_needed = f"Requires={units.socket_name(env.unit)}" in saved.decode(errors="replace")
+    if socket_needed and not units.state(units.socket_name(env.unit)).known:
+        return "keep", f"the point's unit file needs {units.socket_name(env.unit)}, which this host does not have"
+    return "restore", f"put back {b.unit_file} as it was at the point (daemon-reload)"
+
+
+def rollback_tag(run):
+    env = run.env
+    run.record.tag = run.repo.create_tag(f"{env.name}-rolled-back-{run.stamp}", run.running,
+                                         f"{env.name} ran {run.running} before rolling back to {run.point.id}\n")
+
+
+def rollback_build(run):
+    run.target = run.kept
+    if run.target is None:
+        run.target, run.record.rebuilt = releases.build(run.env, run.repo, run.point.commit), True
+    run.record.release = run.target.id
+    run.journal.update(release=run.target.id)
+
+
+def prepare(run):
+    run.prepared = backups.prepare_restore(run.point.backup, run.env.db)
+
+
+def stop_for_restore(run):
+    run.stopped = True
+    units.stop_for_restore(run.env.unit)
+
+
+def save(run):
+    """The pre-rollback save. Restoring: the stopped app's files renamed aside (see backups). Keeping
+    the database: an online backup while the app serves."""
+    env = run.env
+    if not env.db.exists():
+        return
+    if run.restore_db:
+        run.record.aside = str(backups.set_aside(env.db, backups.aside_name(env.db, env.backup_dir, env.name,
+                                                                            run.stamp)))
+        run.record.pre_rollback = run.record.aside
+    else:
+        run.record.pre_rollback = backups.backup_database(env.db, env.backup_dir, env.name, "pre-rollback",
+                                                          commit=run.running, unit_file=current_unit_file(env)).path
+    run.record.backup = run.record.pre_rollback
+    run.journal.update(aside=run.record.aside)
+
+
+def code(run):
+    if run.target is not None:
+        releases.switch(run.env, run.target)
+    if run.repo.dirty_files():
+        run.record.stash = run.repo.stash(f"safe-deploy: uncommitted changes found by the rollback at {run.stamp}")
+    run.repo.reset_hard(run.point.commit)
+
+
+def restore_unit(run):
+    b = run.point.backup
     try:        # never widen: a unit holding Environment= secrets may be 0600
-        mode = os.stat(point.backup.unit_file).st_mode & 0o755
+        mode = os.stat(b.unit_file).st_mode & 0o755
     except OSError:
         mode = 0o600
-    write_atomic(point.backup.unit_file, saved, mode=mode)
+    write_atomic(b.unit_file, open(b.unit_backup, "rb").read(), mode=mode)
     units.daemon_reload()
-    return True
+    run.record.unit_restored = True
 
 
-# -- the one "roll back and report" path ----------------------------------------------------------
+def seal(run):
+    """Once the app is back: the set-aside database becomes a verified backup; its rows that the restored
+    database lacks are counted. A file SQLite cannot read stays where it is, as evidence."""
+    env, record = run.env, run.record
+    if record.aside is None:
+        return              # there was no live database to set aside (or a killed run's save was sealed already)
+    try:
+        sealed = backups.seal(record.aside, env.backup_dir, env.name, run.running, current_unit_file(env))
+    except DeployError as exc:
+        record.pre_rollback, record.seal_problem = None, str(exc)
+        record.aside = exc.evidence or record.aside
+        return
+    record.pre_rollback = record.aside = record.backup = sealed.path
+    try:
+        record.rows_lost = backups.rows_only_in(sealed.path, env.db)
+    except Exception as exc:          # counting is a report; the rows are safe in the sealed copy either way
+        record.seal_problem = f"rows not counted: {exc}"
+
+
+def current_unit_file(env):
+    return units.state(env.unit).fragment_path or None
+
+
+def record_rollback(run):
+    record = run.record
+    record.result, record.steps = "ok", run.clock.seconds
+    record.running, record.running_release = run.point.commit, run.target.id if run.target else None
+    record.watch = run.watched or None
+    write_rollback_record(run)
+    if run.mark and run.running != run.point.commit:
+        try:
+            mark_bad(run.env, run.repo, run.running, f"rolled back to {run.point.id} ({run.why_marked})")
+        except DeployError:
+            pass            # the rollback is done and recorded; a mark that could not be written is not worth exit 4
+
+
+def write_rollback_record(run):
+    """A rollback's record stands alone, or goes inside the record of the operation that ran it (a deploy's
+    automatic rollback, a recovery), which is then written."""
+    if run.parent is None:
+        records.append(run.env, run.record)
+        return
+    nested = run.record.to_json()
+    for key in ("kind", "env", "v", "user"):
+        nested.pop(key, None)
+    run.parent.rollback = nested
+    if run.record.ok:
+        run.parent.running, run.parent.running_release = run.record.running, run.record.running_release
+        run.parent.result = run.parent.result or "ok"
+    else:
+        run.parent.result = "failed"
+    records.append(run.env, run.parent)
+
+
+def save_detail(run):
+    env = run.env
+    if not env.db.exists():
+        return f"no live database at {env.db}: nothing to save"
+    if run.restore_db:
+        return (f"rename the stopped app's {env.db} (with -wal, -shm) aside into {env.backup_dir} as the pre-rollback "
+                "save (no copy while the app is down)")
+    return f"back up {env.db} online as a pre-rollback backup in {env.backup_dir}, the app serving"
+
+
+def build_rollback_detail(run):
+    if run.kept:
+        return f"switch back to the kept release {run.kept.path} (no rebuild, no network)"
+    return f"REBUILD from {run.point.commit[:12]}: its release is no longer kept (runs the build commands)"
+
+
+ROLLBACK = [
+    Step("tag", BEFORE, rollback_tag, lambda r: f"tag {r.running[:12]} (what it leaves) {r.env.name}-rolled-back-"
+                                                f"{r.stamp}"),
+    Step("build", BEFORE, rollback_build, build_rollback_detail, when=lambda r: r.converted),
+    Step("prepare", BEFORE, prepare,
+         lambda r: f"copy {r.point.backup.path} beside {r.env.db} and check its sha256 and integrity, the app serving",
+         when=lambda r: r.restore_db),
+    Step("stop", BEFORE, stop_for_restore,
+         lambda r: f"stop {r.env.unit}" + (f" and {units.socket_name(r.env.unit)}" if units.restart_method(
+             r.env.unit) != "plain" else "") + " so that nothing opens the database", when=lambda r: r.restore_db),
+    Step("save", BEFORE, save, save_detail),
+    Step("code", AFTER, code,
+         lambda r: (f"point {r.env.current_link} at {r.kept.id if r.kept else 'the rebuilt release'}; " if r.converted
+                    else "") + f"move {r.env.path} to {r.point.commit[:12]} (git reset --hard; uncommitted changes "
+                               "are stashed)"),
+    Step("unit", AFTER, restore_unit, lambda r: r.unit_why, when=lambda r: r.unit_action == "restore"),
+    Step("database", AFTER, lambda r: backups.put_in_place(r.prepared, r.env.db),
+         lambda r: f"rename the prepared copy of {r.point.backup.path} into place as {r.env.db}",
+         when=lambda r: r.restore_db),
+    *bring_up_steps(),
+    Step("seal", AFTER, seal,
+         lambda r: "make the set-aside database a verified backup (held: prune keeps it) and count the rows it holds "
+                   "that the restored database lacks", when=lambda r: r.restore_db),
+    Step("record", AFTER, record_rollback,
+         lambda r: f"record the rollback in {r.env.state_dir / (r.env.name + '.deploys.jsonl')}; mark the release it "
+                   "leaves bad" if r.mark else f"record the rollback in {r.env.state_dir}"),
+]
+ROLLBACK_BEFORE = {s.name for s in ROLLBACK if s.phase == BEFORE}
+
+
 def again_command(config, env, point, restore_db):
     """What a human pastes when a rollback could not finish: the same rollback, to the same point."""
     args = ["--to", point.id, "--yes"] + (["--with-db"] if restore_db else ["--code-only"])
     return cli.script_command(config, "rollback.py", env.name, *args)
 
 
-def rollback_fields(outcome, clock):
-    return {"result": "ok", "steps": clock.seconds, "db_restored": outcome.restore_db, "db_why": outcome.db_why,
-            "pre_rollback": outcome.pre_rollback, "aside": outcome.aside, "rows_lost": outcome.rows_lost,
-            "seal_problem": outcome.seal_problem, "tag": outcome.left_tag, "release": outcome.release,
-            "rebuilt": outcome.rebuilt, "unit_restored": outcome.unit_restored, "stash": outcome.stash,
-            "watch": outcome.watched or None}
+def rollback_failed(run, step, exc, changed):
+    env, record = run.env, run.record
+    record.result, record.failed_step, record.error = "failed", step, describe_failure(exc)
+    record.steps = run.clock.seconds
+    put_back = not changed and put_back_before_change(run)
+    if put_back and run.parent is None:
+        record.running = run.running
+    elif run.parent is not None and put_back and getattr(run.parent, "to", None):
+        run.parent.running = run.parent.to          # the deploy's release still runs: it was not rolled back
+    write_rollback_record(run)
+    if failure_code(changed, put_back) == EXIT_FAILED and run.parent is None:
+        raise after_undo(exc, f"rollback of {env.name} failed at {step}, before any change: {describe_failure(exc)}; "
+                              f"{env.name} runs what it ran") from None
+    raise DeployError(
+        f"the rollback of {env.name} to {run.point.id} failed at step {step}: {describe_failure(exc)}. {env.name} is "
+        f"NOT back as it was. Look with: systemctl --user status {env.unit}; journalctl --user -u {env.unit} -n 50",
+        EXIT_HUMAN, command=again_command(run.config, env, run.point, run.restore_db)) from None
+
+
+def put_back_before_change(run):
+    """A failure before `code`: what ran is put back (the prepared copy removed, the app started again if it
+    was stopped). False when that cannot be done safely (the live database was being set aside)."""
+    env = run.env
+    if run.prepared:
+        backups.remove_temp(run.prepared)
+    if run.restore_db and run.stopped and not env.db.exists():
+        return False            # the app stays stopped: it must not start on an empty database
+    if run.stopped:
+        try:
+            release.restart_unit(env)
+        except DeployError:
+            return False
+    return True
+
+
+def rollback_operation():
+    return Operation(
+        "rollback", ROLLBACK,
+        before_failed=lambda r, step, exc: rollback_failed(r, step, exc, changed=False),
+        after_failed=lambda r, step, exc: rollback_failed(r, step, exc, changed=True), shielded=True,
+        journal_data=lambda r: {"v": records.VERSION, "point": r.point.id, "commit": r.point.commit,
+                                "restore_db": r.restore_db, "db_why": r.db_why, "release": r.point.release,
+                                "backup": r.point.backup.path if r.point.backup else None, "from": r.running})
+
+
+def roll_back(config, env, repo, point, restore_db, why, running, parent=None, watch=0, quick_stop=None, mark=True,
+              run=None):
+    """The one "roll back and report" path: take the env (locked by the caller) to point, record it (alone,
+    or inside parent's record), mark what it left bad (mark); return the RollbackRun. Failure before any
+    change: DeployError (exit 1). After: DeployError with EXIT_HUMAN and the command to run."""
+    run = run or rollback_run(config, env, repo, point, restore_db, why, running, watch, quick_stop, mark)
+    run.parent = parent
+    run.why_marked = getattr(parent, "error", None) or "by hand"
+    execute(rollback_operation(), run, env)
+    return run
+
+
+def rollback_steps(run):
+    return describe(rollback_operation(), run)
 
 
 def mark_bad(env, repo, commit, why):
@@ -314,44 +650,116 @@ def mark_bad(env, repo, commit, why):
                          "bad": True, "why": why})
 
 
-def roll_back_and_record(config, env, repo, point, restore_db, why, running, record, nested=False, watch=0,
-                         mark=True):
-    """Roll back, write record (with the rollback's result; under "rollback" when nested in a
-    deploy's record) to the deploy log, and return the Outcome. Failure before any change:
-    DeployError (exit 1). Failure after: DeployError with EXIT_HUMAN, ending with the command."""
-    clock = StepClock()
-    record.setdefault("v", RECORD_VERSION)
-    log = deploy_log(env)
+# -- conversion: an env that runs from its work tree, onto releases and socket units ----------------
+@dataclass
+class ConversionRun:
+    env: object
+    conversion: object
+    saved: object = None
+    modes: dict = field(default_factory=dict)
+    first: object = None
+    moves: object = field(default_factory=convert.Moves)
+    held_by_socket: bool = False
+    made_root: bool = False
+    health: object = None
+    watched: float = 0.0
+    quick_stop: float | None = None
+    watch_seconds: float = 0
+    revision: object = None
+    repo: object = None
+    clock: object = None
+    journal: object = None
+
+    @property
+    def expect(self):
+        return self.first.commit if self.first else None
+
+
+def build_first(run):
+    run.first = releases.build(run.env, run.conversion.repo, run.conversion.commit, cli.say)
+    run.journal.update(first=run.first.id)
+
+
+def conversion_steps():
+    restart, health = bring_up_steps()[:2]
+    return [
+        Step("build", BEFORE, build_first,
+             lambda c: f"build {c.conversion.commit[:12]} (what runs) as the first release in "
+                       f"{c.env.releases_root / 'releases'}", when=lambda c: c.conversion.converting),
+        Step("units", AFTER, convert.install_units,
+             lambda c: f"install the unit files (diff above) and enable {units.socket_name(c.env.unit)}, the app serving"),
+        Step("stop", AFTER, convert.stop_for_move,
+             lambda c: f"stop {c.env.unit}; the moment the port is free {units.socket_name(c.env.unit)} listens "
+                       "(requests wait in its queue)"),
+        Step("data", AFTER, lambda c: convert.move_data(c.conversion.pairs, c.moves),
+             lambda c: f"rename the untracked data into {c.env.releases_root / 'shared'}",
+             when=lambda c: c.conversion.converting),
+        Step("switch", AFTER, lambda c: releases.switch(c.env, c.first),
+             lambda c: f"point {c.env.current_link} at the first release", when=lambda c: c.conversion.converting),
+        restart, health,
+        Step("finish", AFTER, lambda c: units.release_holder(c.env.unit),
+             lambda c: f"{units.socket_name(c.env.unit)} activates {c.env.unit} again"),
+    ]
+
+
+CONVERSION = conversion_steps()
+CONVERSION_BEFORE = {s.name for s in CONVERSION if s.phase == BEFORE}
+
+
+def conversion_failed_before(run, step, exc):
+    convert.remove_layout(run.env, run.first)
+    convert.discard(run)
+    raise after_undo(exc, f"converting {run.env.name} failed at {step} ({describe_failure(exc)}); nothing live was "
+                          f"changed: the built release is removed, {run.env.unit} runs as it ran") from None
+
+
+def conversion_failed_after(run, step, exc):
+    env, converting = run.env, run.conversion.converting
+    why = describe_failure(exc)
     try:
-        outcome = roll_back(env, repo, point, restore_db, why, clock, running, watch)
-    except (DeployError, KeyboardInterrupt) as exc:
-        unchanged = clock.current in ROLLBACK_BEFORE_CHANGE and getattr(exc, "code", None) != EXIT_HUMAN
-        failed = {"result": "failed", "failed_step": clock.current, "error": str(exc), "steps": clock.seconds}
-        if nested:
-            record["rollback"] = failed
-            record["result"] = "failed"
-            if unchanged:
-                record["running"] = record.get("to")
-        else:
-            record.update(failed, **({"running": running} if unchanged else {}))
-        log.append(record)
-        if unchanged and not nested:
-            raise DeployError(f"rollback of {env.name} failed at {clock.current}, before any change: {exc}") from None
-        raise DeployError(
-            f"the rollback of {env.name} to {point.id} failed at step {clock.current}: {exc}. {env.name} is NOT "
-            f"back as it was. Look with: systemctl --user status {env.unit}; journalctl --user -u {env.unit} -n 50; "
-            f"then run: {again_command(config, env, point, restore_db)}", EXIT_HUMAN) from None
-    fields = rollback_fields(outcome, clock)
-    if nested:
-        record["rollback"] = fields
-    else:
-        record.update(fields, backup=outcome.pre_rollback)
-    record.update(running=point.commit, running_release=outcome.release)
-    record.setdefault("time", now_iso())
-    log.append(record)
-    if mark and outcome.left != point.commit:
-        try:
-            mark_bad(env, repo, outcome.left, f"rolled back to {point.id} ({record.get('error') or 'by hand'})")
-        except DeployError:
-            pass            # the rollback is done and recorded; a mark that could not be written is not worth exit 4
-    return outcome
+        convert.put_back(env, run.conversion.files, run.saved, run.modes, run.first, run.moves)
+        convert.discard(run)
+    except DeployError as back_exc:
+        raise DeployError(f"{'converting' if converting else 'installing the socket units for'} {env.name} failed "
+                          f"({why}) and putting it back failed too ({back_exc}). The old unit files are in "
+                          f"{run.saved}. Look with: systemctl --user status {env.unit}", EXIT_HUMAN,
+                          command=f"systemctl --user restart {env.unit}") from None
+    raise after_undo(exc, f"converting {env.name} failed at {step} ({why}); everything is put back: the old unit "
+                          f"files, the data in {env.path}, and {env.unit} restarted from its work tree" if converting else
+                     f"installing the socket units failed at {step} ({why}); the old unit files are back and "
+                     f"{env.unit} was restarted as it was") from None
+
+
+def conversion_operation():
+    return Operation("convert", CONVERSION, conversion_failed_before, conversion_failed_after,
+                     journal_data=lambda c: {"v": records.VERSION, "saved": str(c.saved), "commit": c.conversion.commit,
+                                             "converting": c.conversion.converting, "made_root": c.made_root,
+                                             "pairs": [[str(a), str(b)] for a, b in c.conversion.pairs]})
+
+
+def convert_env(env, conversion, say):
+    """Carry out a conversion plan (convert.plan): build the first release, then the one short switch-over;
+    on any failure every move is put back. Returns the first release (None: only the units changed)."""
+    run = ConversionRun(env=env, conversion=conversion, repo=conversion.repo,
+                        made_root=not env.releases_root.exists())
+    run.saved, run.modes = convert.save_unit_files(env, conversion.files)
+    execute(conversion_operation(), run, env)
+    convert.report(env, conversion, run, say)
+    return run.first
+
+
+# -- recovery -----------------------------------------------------------------------------------
+def recovery_record(env, journal):
+    return RecoveryRecord(env=env.name, interrupted=journal)
+
+
+def before_change():
+    """{op: names of the steps of its BEFORE phase}: where a killed operation had changed nothing live."""
+    return {"deploy": DEPLOY_BEFORE, "rollback": ROLLBACK_BEFORE, "convert": CONVERSION_BEFORE}
+
+
+def all_operations():
+    """Every operation's steps, by name (the fault matrix reads it)."""
+    return {"deploy": DEPLOY, "rollback": ROLLBACK, "convert": CONVERSION}
+
+

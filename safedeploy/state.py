@@ -180,7 +180,7 @@ def lock_holder(state_dir, env):
 
 
 class JsonLog:
-    """An append-only list of JSON records, rewritten atomically on each append."""
+    """An append-only list of JSON records, one a line (see append)."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -207,7 +207,7 @@ class JsonLog:
         and a verify, which take no env lock) never lose each other's records. O_APPEND, one
         write, fsync; a line torn by a crash is closed first, so it costs only itself."""
         make_private_dir(self.path.parent)
-        line = json.dumps(record, sort_keys=True).encode() + b"\n"
+        line = json.dumps(record).encode() + b"\n"     # in the record's own order: its steps as they ran
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
@@ -236,24 +236,29 @@ def bad_log(env):
     return JsonLog(env.state_dir / f"{env.name}.bad.jsonl")
 
 
-def bad_mark(env, tree):
-    """The record that marks tree bad in env (a rollback left it), or None (never, or cleared)."""
-    for record in reversed(bad_log(env).read()):
-        if record.get("tree") == tree:
-            return record if record.get("bad") else None
-    return None
+def bad_mark(config, env, tree):
+    """The record that makes tree a bad release for env, or None. A tree rolled back in any env of the
+    config is bad in every env (the same code that failed in dev fails in prod): each env's newest
+    record of the tree counts (a mark, or its clearing by a deploy with --force), and env's own clearing
+    overrides the marks of other envs made before it. The record names the env it was made in."""
+    def newest(e):
+        return next((r for r in reversed(bad_log(e).read()) if r.get("tree") == tree), None)
+
+    own = newest(env)
+    cleared = parse_time(own["time"]) if own and not own.get("bad") else None
+    marks = []
+    for e in config.envs.values():
+        r = own if e.name == env.name else newest(e)
+        if r and r.get("bad"):
+            when = parse_time(r.get("time"))
+            if cleared is None or (when and when > cleared):
+                marks.append({**r, "env": r.get("env") or e.name})
+    return max(marks, key=lambda r: parse_time(r.get("time")) or datetime.min.replace(tzinfo=timezone.utc),
+               default=None)
 
 
 def verified_log(env_name, state_dir):
     return JsonLog(Path(state_dir) / f"{env_name}.verified.jsonl")
-
-
-def running_commit(records):
-    """The commit the env runs according to its log (the newest record that says), or None."""
-    for record in reversed(records):
-        if record.get("running"):
-            return record["running"]
-    return None
 
 
 class Journal:
@@ -343,6 +348,7 @@ class StepClock:
         class _Step:
             def __enter__(self):
                 clock.current = name
+                clock.seconds[name] = 0.0       # listed from its start: a record written in it, or of its failure, names it
                 check_locks()
                 if clock.journal:
                     clock.journal.update(step=name)

@@ -153,23 +153,68 @@ def daemon_reload():
     systemctl("daemon-reload")
 
 
-def restart(unit):
+def restart(unit, quick_stop=None):
     """Restart the unit (reloading unit files first if they changed on disk). A deliberate
     restart clears the failed state and the start rate limit first: several deploys and
-    rollbacks in a few seconds must not be refused as "start request repeated too quickly"."""
+    rollbacks in a few seconds must not be refused as "start request repeated too quickly".
+    quick_stop: seconds the process that stops may take before it is killed (a failed release being
+    rolled back: its graceful stop would wait out a request it never answers); None: its own
+    TimeoutStopSec."""
     st = state(unit)
     if st.need_reload or state(helper_name(unit)).need_reload:
         daemon_reload()
     systemctl("reset-failed", unit, check=False)
     start_socket_if_stopped(unit)
     if restart_method(unit) == "handover" and serving_state(unit).is_active:
-        handover_restart(unit)
+        handover_restart(unit, quick_stop)
+    elif quick_stop is not None:
+        stop_within(unit, quick_stop)
+        systemctl("start", unit, timeout=RESTART_TIMEOUT)
     else:
         systemctl("restart", unit, timeout=RESTART_TIMEOUT)
 
 
+def describe_restart(unit):
+    """The restart step, as the dry run and the plans say it."""
+    method = restart_method(unit)
+    if method == "handover":
+        serving = serving_state(unit)
+        idle = next((u for u in slots(unit) if u != serving.name), helper_name(unit))
+        return (f"hand over on {socket_name(unit)}: start {idle} (it serves once ready), then stop {serving.name} "
+                "(it finishes the requests it has)" if serving.is_active else
+                f"systemctl --user restart {unit} (on {socket_name(unit)}: requests wait, none is refused)")
+    if method == "socket":
+        return f"systemctl --user restart {unit} ({socket_name(unit)} holds the port: requests wait, none is refused)"
+    return f"systemctl --user restart {unit} (the port closes meanwhile: requests are refused)"
+
+
+STOP_POLL = 0.05
+
+
+def stop_within(unit, seconds):
+    """Stop unit, killing what is left of its process after seconds (SIGKILL). Done once the process
+    that ran is gone and the stop is over: behind a socket, a queued request may start the unit again
+    at once (from the release `current` names now), and that start is left alone."""
+    old = state(unit).main_pid
+    systemctl("stop", "--no-block", unit, check=False)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not alive(old) and state(unit).active != "deactivating":
+            return
+        time.sleep(STOP_POLL)
+    systemctl("kill", "--signal=SIGKILL", unit, check=False)
+    systemctl("stop", unit, timeout=RESTART_TIMEOUT, check=False)
+
+
 def stop(unit):
     systemctl("stop", unit, timeout=RESTART_TIMEOUT)
+
+
+def stop_serving(unit):
+    """Stop every slot that serves, never the socket: requests wait in its queue until a slot starts
+    (a deploy whose migration the running release cannot live with stops it first)."""
+    for name in reversed(slots(unit)):
+        systemctl("stop", name, timeout=RESTART_TIMEOUT, check=False)
 
 
 def stop_for_restore(unit):
@@ -405,7 +450,7 @@ def render_helper(service_text, unit):
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def handover_restart(unit):
+def handover_restart(unit, quick_stop=None):
     """Move a socket-activated env to a new process with no request waiting and one start-up: the
     idle slot starts on the same socket (systemctl start returns once it is ready, so the server
     must signal readiness only once it can answer: gunicorn needs --preload), then the slot that
@@ -421,12 +466,14 @@ def handover_restart(unit):
     systemctl("reset-failed", new, check=False)
     inject_fault("restart", "handover")        # test-only: kill before the new slot is up
     if systemctl("start", new, timeout=RESTART_TIMEOUT, check=False).returncode != 0:
-        error = DeployError(f"the new release did not start (its handover slot {new} failed); "
-                            f"{old} still serves the release before it")
-        error.output = "\n".join(journal_tail(new))
+        output = "\n".join(journal_tail(new))
         systemctl("stop", new, timeout=RESTART_TIMEOUT, check=False)
-        raise error
-    systemctl("stop", old, timeout=RESTART_TIMEOUT)
+        raise DeployError(f"the new release did not start (its handover slot {new} failed); "
+                          f"{old} still serves the release before it", output=output)
+    if quick_stop is not None:
+        stop_within(old, quick_stop)
+    else:
+        systemctl("stop", old, timeout=RESTART_TIMEOUT)
 
 
 def render_socket_service(text, unit, notify):

@@ -54,7 +54,7 @@ def test_deploy_dev_runs_every_step(sandbox):
     assert git(sb.path("dev"), "status", "--porcelain") == ""
     # the deploy log and the verified mark
     assert record["result"] == "ok" and record["from"] == before and record["to"] == target
-    assert set(record["steps"]) >= {"tag", "backup", "switch", "pre_restart", "restart", "health", "revision"}
+    assert list(record["steps"]) == ["tag", "backup", "switch", "restart", "health", "revision", "record"]
     verified = [json.loads(line) for line in (sb.root / "state" / "dev.verified.jsonl").read_text().splitlines()]
     assert verified[-1]["commit"] == target
     # the summary ends with the rollback command

@@ -1,22 +1,37 @@
-"""Fault injection against the real user manager and the sample app with a writer running:
-deploy, rollback and backup killed (SIGKILL) at every step, and SIGTERM, SIGINT and SIGHUP at
-the steps where they matter. After each, the next command recovers; the env serves a known
-commit, the database passes integrity_check, no acknowledged write is missing from the live
-database plus the backups, and nothing is left half done. (The switch: SAFE_DEPLOY_FAULT.)"""
+"""Fault injection against the real user manager and the sample app with a writer running, on the
+layout users have (an env converted to releases): deploy, rollback, backup and rehearsal killed
+(SIGKILL) at every step the runner takes, the steps read from the runbook's own lists
+(demo.faults.cell_steps), and SIGTERM, SIGINT and SIGHUP at the steps where they matter. After each,
+the next command recovers; the env serves a known commit, the database passes integrity_check, no
+acknowledged write is missing from the live database plus the backups, and nothing is left half done.
+The in-place layout keeps the cells that are about it. bench/fault_matrix.py (CI) runs every step with
+every signal on both layouts. (The switch: SAFE_DEPLOY_FAULT.)"""
 
 import pytest
 
-from demo.faults import STEPS, run_cell
+from demo.faults import OPS, cell_steps, run_cell
 
-KILLS = [(op, step, "KILL") for op, steps in STEPS.items() for step in steps]
+KILLS = [(op, step, "KILL") for op in OPS for step in cell_steps(op)]
 SIGNALS = [("deploy", "switch", "TERM"), ("deploy", "health", "TERM"), ("deploy", "pre_restart", "INT"),
            ("deploy", "restart", "HUP"), ("deploy", "backup", "INT"), ("rollback", "database", "TERM"),
-           ("rollback", "restart", "INT"), ("backup", "copy", "TERM")]
+           ("rollback", "restart", "INT"), ("backup", "copy", "TERM"), ("rehearse", "health", "TERM")]
 
 
 @pytest.mark.parametrize("op, step, sig", KILLS + SIGNALS, ids=[":".join(c) for c in KILLS + SIGNALS])
-def test_fault(sandbox, op, step, sig):
+def test_fault_on_releases(sandbox, op, step, sig):
     cell = run_cell(sandbox, op, step, sig)
+    assert cell.recovered, cell.problems
+    assert cell.writes_lost == 0
+
+
+IN_PLACE = [("deploy", "switch"), ("deploy", "revision"), ("rollback", "code"), ("rollback", "revision")]
+
+
+@pytest.mark.parametrize("op, step", IN_PLACE, ids=[":".join(c) for c in IN_PLACE])
+def test_fault_in_place(sandbox, op, step):
+    """An env that still runs from its work tree (not converted): the steps only it has, killed."""
+    assert step in cell_steps(op, releases=False)
+    cell = run_cell(sandbox, op, step, "KILL", releases=False)
     assert cell.recovered, cell.problems
     assert cell.writes_lost == 0
 
@@ -32,16 +47,3 @@ def test_fault_with_the_handover_helper(sandbox, op, fault_at):
     active = [u for u in (sandbox.unit("dev"), helper)
               if sandbox.manager.systemctl("is-active", u, check=False).stdout.strip() == "active"]
     assert len(active) == 1, active         # one slot serves; never both after the recovery
-
-
-RELEASE_CELLS = [("deploy", "build"), ("deploy", "switch"), ("deploy", "pre_restart"), ("rollback", "prepare"),
-                 ("rollback", "save"), ("rollback", "code"), ("rollback", "database"), ("rollback", "seal")]
-
-
-@pytest.mark.parametrize("op, step", RELEASE_CELLS, ids=[":".join(c) for c in RELEASE_CELLS])
-def test_fault_on_releases(sandbox, op, step):
-    """The steps a converted env adds (build, the switch of `current`, the prepared restore and the
-    sealing of the renamed save), killed: the next command recovers and no acknowledged write is lost."""
-    cell = run_cell(sandbox, op, step, "KILL", releases=True)
-    assert cell.recovered, cell.problems
-    assert cell.writes_lost == 0

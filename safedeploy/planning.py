@@ -1,0 +1,232 @@
+"""Planning a deploy or a rollback: the facts gathered (git, the unit, the disk, the logs) and the
+decisions taken on them (safedeploy.decisions), before anything is changed. Nothing here changes the
+env; a deploy's plan fetches the remote first (refs only), unless told not to.
+"""
+
+import os
+import re
+import sqlite3
+from dataclasses import dataclass, field
+
+from . import backups, cli, decisions, records, releases, units
+from .errors import DeployError, usage_error
+from .files import same_disk
+from .gitrepo import Repo
+from .points import list_points, next_best
+from .state import bad_mark, verified_log
+
+REF_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/@^~-]*$")   # checked before the lock: a bad ref touches nothing
+STATE_ROOM = 1 << 20      # the deploy log, the journal and the lock need little, but they need it
+
+
+@dataclass
+class DeployPlan:
+    repo: Repo
+    running: str            # what the env runs: its last deploy's commit, else HEAD
+    head: str
+    target: str
+    target_subject: str
+    target_tree: str
+    unit_file: str
+    fast_forward: bool
+    converted: bool
+    reason: str = ""
+    forced: list = field(default_factory=list)
+    running_release: object = None      # releases: the release `current` points at
+    dangling_current: bool = False      # releases: `current` names a folder that is gone
+    reuse: object = None                # releases: a kept release of the target to switch to (no build)
+    clears_bad: bool = False            # --force past a bad mark: a healthy deploy clears it
+    rehearsed: object = None            # the passed rehearsal of the target's tree, if any
+    migration_mode: str = "online"      # online: the old release serves during pre_restart; stop-first
+    migration_why: str = ""
+    nothing_to_deploy: bool = False
+
+
+def check_ref(ref):
+    if ref is not None and (not REF_RE.match(ref) or ".." in ref):
+        raise usage_error(f"--ref {ref!r}: no such commit, tag or branch can be named like that "
+                          "(letters, digits and . _ / @ ^ ~ - only)")
+
+
+def deploy_plan(config, env, ref=None, fetch=True, force=False, reason=""):
+    """Everything a deploy decides before it changes anything; raises the first refusal (exit 1)."""
+    repo, unit_state = preflight(env)
+    if fetch and env.remote:
+        repo.fetch(env.remote)
+    head = repo.head()
+    log = records.read(env)
+    running = records.running_commit(log) or head
+    target = resolve_target(repo, env, ref)
+    current, dangling = releases.current(env), releases.dangling_current(env)
+    plan = DeployPlan(repo=repo, running=running, head=head, target=target, target_subject=repo.subject(target),
+                      target_tree=repo.tree_of(target), unit_file=unit_state.fragment_path,
+                      fast_forward=repo.is_ancestor(head, target), converted=env.converted, reason=reason,
+                      running_release=current, dangling_current=dangling)
+    plan.nothing_to_deploy = decisions.nothing_to_deploy(
+        target, running, head, current.commit if current else None, not dangling)
+    if plan.nothing_to_deploy:
+        return plan
+    refuse_tracked_database(env, repo, [head, target])
+    plan.rehearsed = records.passed_rehearsal(log, plan.target_tree)
+    mark = bad_mark(config, env, plan.target_tree)
+    facts = decisions.DeployFacts(
+        env=env.name, branch=env.branch, target=target, subject=plan.target_subject, head=head,
+        fast_forward=plan.fast_forward,
+        target_is_older=repo.is_ancestor(target, head), bad_mark=mark,
+        require_rehearsal=env.require_rehearsal, rehearsed=plan.rehearsed is not None,
+        rehearse_command=cli.script_command(config, "deploy.py", env.name, *(["--ref", ref] if ref else []),
+                                            "--rehearse"))
+    if env.promote_from:
+        facts.promote_from = env.promote_from
+        facts.verified_in_source, facts.promotion_hint = promotion_facts(config, env, plan.target_tree)
+    gates = decisions.deploy_gates(facts, force)
+    if gates.refusal:
+        raise DeployError(gates.refusal.why)
+    plan.forced = gates.forced
+    plan.clears_bad = bool(mark) and force
+    plan.migration_mode, plan.migration_why = migration_mode(env, plan)
+    if plan.converted:
+        plan.reuse = releases.reusable(env, repo, target)
+    return plan
+
+
+def promotion_facts(config, env, tree):
+    source = config.env(env.promote_from)
+    verified = verified_log(source.name, source.state_dir).read()
+    if any(v.get("tree") == tree for v in verified):
+        return True, ""
+    last = verified[-1] if verified else None
+    if last:
+        return False, (f"{source.name} last verified {last['commit'][:12]} at {last['time']}; to promote it: "
+                       + cli.script_command(config, "deploy.py", env.name, "--ref", last["commit"]))
+    return False, (f"nothing has been verified in {source.name} yet: deploy it there and run "
+                   + cli.script_command(config, "verify.py", source.name))
+
+
+def migration_mode(env, plan):
+    """(mode, why): how pre_restart meets the release that serves meanwhile (see docs/how-it-works.md)."""
+    if not env.pre_restart:
+        return "online", "no pre_restart: nothing changes the schema before the new release starts"
+    if env.migration_mode in ("online", "stop-first"):
+        return env.migration_mode, f"migration_mode = \"{env.migration_mode}\""
+    r = plan.rehearsed
+    if r is None:
+        return "online", ("the migration's effect on the running release is unknown (no rehearsal of this tree): "
+                          "the old release serves during pre_restart; find out first with --rehearse")
+    if r.compatible is False:
+        return "stop-first", (f"the rehearsal at {r.time} found the running release breaks on the migrated schema "
+                              f"({r.incompatible}): it stops before pre_restart, requests wait in the socket's queue")
+    if r.compatible:
+        return "online", f"the rehearsal at {r.time} found the running release serves on the migrated schema"
+    return "online", f"the rehearsal at {r.time} did not try the running release on the migrated schema"
+
+
+def preflight(env):
+    repo = Repo(env.path)
+    branch = repo.current_branch()
+    if branch != env.branch:
+        raise DeployError(f"{env.path} is on {branch or 'a detached HEAD'}, not on {env.name}'s branch "
+                          f"{env.branch!r}: run `git -C {env.path} switch {env.branch}`")
+    dirty = repo.dirty_files()
+    if dirty:
+        raise DeployError(f"{env.path} has uncommitted changes to tracked files ({', '.join(f.strip() for f in dirty[:3])}"
+                          f"{', ...' if len(dirty) > 3 else ''}): commit or stash them first")
+    unit_state = units.require_known(env.unit)
+    state_free = backups.free_bytes(env.state_dir)
+    if state_free < STATE_ROOM:
+        raise DeployError(f"not enough free disk in the state folder {env.state_dir} to record a deploy: "
+                          f"{state_free >> 10} KiB free, {STATE_ROOM >> 10} KiB needed")
+    if env.db.exists():
+        need, free = backups.needed_bytes(env.db), backups.free_bytes(env.backup_dir)
+        if free < need:
+            raise DeployError(f"not enough free disk for a backup of {env.db} in {env.backup_dir}: "
+                              f"{free / 2**20:.1f} MiB free, {need / 2**20:.1f} MiB needed")
+    if env.converted:
+        need, free = releases.room_needed(env), backups.free_bytes(env.releases_root)
+        if env.db.exists() and same_disk(env.releases_root, env.backup_dir):
+            need += backups.needed_bytes(env.db)        # the release and the backup share the disk
+        if free < need:
+            raise DeployError(f"not enough free disk in {env.releases_root} for a new release: "
+                              f"{free / 2**20:.1f} MiB free, {need / 2**20:.1f} MiB needed (the running release's "
+                              "own files, plus the backup when it shares the disk)")
+    return repo, unit_state
+
+
+def resolve_target(repo, env, ref):
+    if ref:
+        for candidate in [ref] + ([f"refs/remotes/{env.remote}/{ref}"] if env.remote else []):
+            sha = repo.resolve(candidate)
+            if sha:
+                return sha
+        raise usage_error(f"--ref {ref!r}: no such commit, tag or branch in {env.path}")
+    # refs/remotes/...: a local tag or branch named like "origin/dev" must never stand in for the fetched branch
+    name = f"refs/remotes/{env.remote}/{env.branch}" if env.remote else f"refs/heads/{env.branch}"
+    sha = repo.resolve(name)
+    if not sha:
+        raise DeployError(f"{name} does not exist in {env.path}: push the branch, or fetch it")
+    return sha
+
+
+def refuse_tracked_database(env, repo, commits):
+    """An env that runs from its work tree keeps its database in it: a commit that tracks the
+    database file (or its -wal/-shm) would make git replace the live file under a live WAL, and
+    one that untracks it would make git delete it. Refused before anything changes."""
+    if env.converted:
+        return          # the release links the shared folder: git never touches the live file
+    rel = os.path.relpath(env.db_in_tree, env.path)
+    if rel.startswith(".."):
+        return
+    names = [rel, f"{rel}-wal", f"{rel}-shm", f"{rel}-journal"]
+    for commit in dict.fromkeys(commits):
+        found = repo.tracked(commit, names)
+        if found:
+            raise DeployError(f"commit {commit[:12]} tracks the live database file {', '.join(found)}: moving the work "
+                              f"tree to or from it would make git overwrite or delete {env.db}. Untrack it "
+                              f"(git rm --cached {rel}; echo '/{rel}*' >> .gitignore; commit and push), or convert "
+                              "the env to releases (deploy.py ENV --install-units); nothing was changed")
+
+
+# -- a rollback's plan -----------------------------------------------------------------------------
+def database_facts(env, point, compare):
+    """What the database decision looks at; compare=False (an automatic rollback, where every second
+    counts) skips comparing rows."""
+    f = decisions.DatabaseFacts(point_id=point.id, has_backup=point.backup is not None,
+                                backup_path=point.backup.path if point.backup else "", live_exists=env.db.exists())
+    if not f.has_backup or not f.live_exists:
+        return f
+    f.live_check = backups.integrity_of(env.db, quick=True)
+    if f.live_check != "ok":
+        return f
+    f.live_schema, f.point_schema = backups.live_schema(env.db), point.backup.schema
+    if compare and f.live_schema == f.point_schema:
+        f.compared = True
+        try:
+            f.rows_lacking = backups.rows_only_in(point.backup.path, env.db)
+            f.rows_newer = backups.rows_only_in(env.db, point.backup.path) if f.rows_lacking else {}
+        except sqlite3.Error as exc:
+            f.compare_error = str(exc)
+    return f
+
+
+def decide_database(env, point, mode, compare=True):
+    try:
+        return decisions.database_decision(mode, database_facts(env, point, compare))
+    except ValueError as exc:
+        raise DeployError(str(exc)) from None
+
+
+def check_point_backup(env, repo, point):
+    """Refuse a backup that fails its checksum or integrity check, naming the next-best point."""
+    verdict = backups.verify_backup(point.backup)
+    if verdict == "ok":
+        return
+    better = next_best(list_points(env, repo), point)
+    hint = f"; the next-best point is {better.id} (--to {better.id})" if better else "; no older point has a good backup"
+    raise DeployError(f"point {point.id}'s backup is bad ({verdict}): nothing was changed{hint}")
+
+
+def choose_point(env, points, wanted):
+    point, why = decisions.choose_point(points, wanted, getattr(records.last_ok_deploy(records.read(env)), "tag", None))
+    if point is None:
+        raise usage_error(why if wanted else f"{env.name} has {why}")
+    return point
