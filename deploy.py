@@ -13,7 +13,7 @@ steps, --dry-run --json as JSON.
 import json
 import sys
 
-from safedeploy import cli, convert, planning, recovery, records, rehearsal, releases, runbook
+from safedeploy import cli, convert, planning, recovery, rehearsal, runbook
 from safedeploy.errors import EXIT_LOCKED, DeployError, usage_error
 from safedeploy.gitrepo import Repo
 from safedeploy.state import EnvLock, lock_holder
@@ -45,8 +45,10 @@ def main():
         code, run = runbook.deploy(config, env, plan)
         if code:
             return code
-        push_promoted_branch(env, plan, run.record)
-        print_summary(config, env, run, prune_releases(env, run))
+        notes, removed = runbook.after_deploy(run)
+        for line in notes:
+            (cli.err if line.startswith("warning:") else cli.say)(line)
+        print_summary(config, env, run, removed)
         return 0
 
 
@@ -97,38 +99,6 @@ def announce(config, env, plan):
                 f"{plan.target[:12]} again and switches to it")
     if env.pre_restart:
         cli.say(f"migration: {plan.migration_mode}: {plan.migration_why}")
-
-
-def push_promoted_branch(env, plan, record):
-    """One promotion path: a promoted commit (--ref, verified in promote_from) also moves the env's branch
-    on the remote, fast-forward only, so origin, the tree and the log agree and the next plain deploy
-    finds nothing to do. A push that fails (not a fast-forward, the remote down) only warns."""
-    if not (env.promote_from and env.remote):
-        return
-    tip = plan.repo.resolve(f"refs/remotes/{env.remote}/{env.branch}")
-    if tip == plan.target or (tip and not plan.repo.is_ancestor(tip, plan.target)):
-        return
-    try:
-        plan.repo.push_branch(env.remote, plan.target, env.branch)
-        plan.repo.fetch(env.remote)
-        record.pushed_branch = f"{env.remote}/{env.branch}"
-        cli.say(f"pushed {env.remote}/{env.branch} to {plan.target[:12]} (a fast-forward from "
-                f"{tip[:12] if tip else 'nothing'}), so it matches what {env.name} runs")
-    except DeployError as exc:
-        cli.err(f"warning: {env.name} runs {plan.target[:12]}, but {env.remote}/{env.branch} could not be moved "
-                f"there ({exc}); push it yourself: git -C {env.path} push {env.remote} {plan.target}:{env.branch}")
-
-
-def prune_releases(env, run):
-    """keep_releases, never touching the running release, the previous one, or one whose commit a
-    rollback point of the last 5 operations needs. A failure here only warns: the deploy is done."""
-    if not run.release:
-        return []
-    try:
-        return releases.prune(env, run.previous_release, records.needed_commits(records.read(env)))
-    except OSError as exc:
-        cli.err(f"warning: could not remove old releases in {env.releases_root}: {exc}")
-        return []
 
 
 def print_summary(config, env, run, removed):

@@ -61,7 +61,6 @@ class DeployRecord(Record):
     backup: str | None = None
     health: str | None = None
     watch: float | None = None
-    pushed_branch: str | None = None
     shadowed: list = field(default_factory=list)    # tracked files the shared copy stands in for
     rollback: dict | None = None        # the automatic rollback's record, when there was one
 

@@ -321,6 +321,32 @@ def deploy(config, env, plan):
     return 0, run
 
 
+def after_deploy(run):
+    """What follows a deploy that went through, none of which can undo it: a promotion moves the env's
+    branch on the remote (fast-forward only), so origin, the tree and the log agree and the next plain
+    deploy finds nothing to do; keep_releases removes old releases (never the running one, the previous
+    one, or one whose commit a rollback point of the last 5 operations needs). Returns (lines to print,
+    the releases removed); a failure is a "warning:" line, never an error."""
+    env, plan, notes = run.env, run.plan, []
+    tip = plan.repo.resolve(f"refs/remotes/{env.remote}/{env.branch}") if env.promote_from and env.remote else None
+    if env.promote_from and env.remote and tip != plan.target and not (tip and not plan.repo.is_ancestor(tip, plan.target)):
+        try:
+            plan.repo.push_branch(env.remote, plan.target, env.branch)
+            plan.repo.fetch(env.remote)
+            notes.append(f"pushed {env.remote}/{env.branch} to {plan.target[:12]} (a fast-forward from "
+                         f"{tip[:12] if tip else 'nothing'}), so it matches what {env.name} runs")
+        except DeployError as exc:
+            notes.append(f"warning: {env.name} runs {plan.target[:12]}, but {env.remote}/{env.branch} could not be moved "
+                         f"there ({exc}); push it yourself: git -C {env.path} push {env.remote} {plan.target}:{env.branch}")
+    removed = []
+    if run.release:
+        try:
+            removed = releases.prune(env, run.previous_release, records.needed_commits(records.read(env)))
+        except OSError as exc:
+            notes.append(f"warning: could not remove old releases in {env.releases_root}: {exc}")
+    return notes, removed
+
+
 def deploy_steps(config, env, plan):
     """The dry run: exactly the steps a deploy of plan takes, with their details."""
     run = deploy_run(config, env, plan)

@@ -247,3 +247,17 @@ def test_the_shared_folder_holding_the_database_is_private(deps_host):
     root = sb.path("dev").parent / "dev.releases"
     for folder in (root / "shared", root / "shared" / "instance"):
         assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700, folder
+
+
+def test_the_drill_tests_the_kept_release_not_a_rebuild_with_today_s_build(deps_host):
+    """After the build changed (the wheel v1 needs is gone from the wheel folder), v1's point is still
+    good: its kept release has its own venv. The drill boots that release, and says so."""
+    sb, wheels = deps_host
+    sb.release("dev", {"requirements.txt": "pinlib==2.0\n", "MODE": "needs pinlib 2.0\n", "VERSION": "2\n"}, "v2")
+    assert sb.run("deploy.py", "dev").returncode == 0
+    (wheels / "pinlib-1.0-py3-none-any.whl").unlink()
+    proc = sb.run("rollback.py", "dev", "--drill")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "its kept release" in proc.stdout and "REBUILT" not in proc.stdout
+    drill = log_records(sb, "dev")[-1]
+    assert drill["kind"] == "drill" and drill["release"] and drill["rebuilt"] is False
