@@ -241,6 +241,19 @@ class Sandbox:
         self.start_units()
         return self
 
+    def convert(self, *envs):
+        """Convert envs (default both) to releases and socket units with the tool itself, as an operator
+        would: the layout every adopted env has."""
+        procs = {env: subprocess.Popen([self.python, str(REPO_ROOT / "deploy.py"), env, "--install-units", "--yes",
+                                        "--config", str(self.config)], env=self.env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+                 for env in envs or ("prod", "dev")}                # the envs are independent: both at once
+        for env, proc in procs.items():
+            out = proc.communicate(timeout=180)[0]
+            if proc.returncode != 0:
+                raise RuntimeError(f"deploy.py {env} --install-units failed: {out}")
+        return self
+
     def build_seed(self):
         """The seed's starting host: prod and dev both run main (two clones), each its own unit and
         database, and no config.toml: what adopt.py starts from."""
@@ -341,10 +354,22 @@ class Sandbox:
         return subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout,
                               input=input, stdin=None if input is not None else subprocess.DEVNULL)
 
+    def stop_app(self, env):
+        """The app stopped by hand, as an operator does behind a socket unit: the socket too (else the next
+        request starts it again), and the handover slot."""
+        stem = self.unit(env).removesuffix(".service")
+        for name in (f"{stem}.socket", f"{stem}-handover.service", self.unit(env)):
+            self.manager.systemctl("stop", name, check=False)
+
     def stop_units(self):
+        """Stop and remove every unit of the sandbox's envs: the services, their sockets, handover slots,
+        and whatever transient units (rehearsals, drills) are left."""
         for env in ("prod", "dev"):
-            self.manager.systemctl("stop", self.unit(env), check=False)
-            (self.manager.unit_dir / self.unit(env)).unlink(missing_ok=True)
+            stem = self.unit(env).removesuffix(".service")
+            for name in (f"{stem}.socket", self.unit(env), f"{stem}-handover.service", f"{stem}-port-holder.service"):
+                self.manager.systemctl("stop", name, check=False)
+                (self.manager.unit_dir / name).unlink(missing_ok=True)
+                shutil.rmtree(self.manager.unit_dir / f"{name}.d", ignore_errors=True)
         self.manager.systemctl("daemon-reload", check=False)
 
     def pull(self, env):

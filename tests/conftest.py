@@ -26,10 +26,26 @@ def user_manager(tmp_path_factory):
     manager.stop()
 
 
-@pytest.fixture
-def sandbox(user_manager, tmp_path):
+def make_sandbox(user_manager, tmp_path, converted):
     sb = Sandbox(tmp_path / "host", user_manager, health_timeout=5, name=f"t{next(_count)}")
     sb.root.mkdir()
     sb.build()
+    if converted:
+        sb.convert()
+    return sb
+
+
+@pytest.fixture
+def sandbox(user_manager, tmp_path):
+    """The layout users have: both envs converted to releases and socket units (as adopt.py leaves them)."""
+    sb = make_sandbox(user_manager, tmp_path, converted=True)
+    yield sb
+    sb.stop_units()
+
+
+@pytest.fixture
+def in_place(user_manager, tmp_path):
+    """Both envs still run from their work trees (a host before conversion): for the tests about that."""
+    sb = make_sandbox(user_manager, tmp_path, converted=False)
     yield sb
     sb.stop_units()

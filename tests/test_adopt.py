@@ -338,9 +338,9 @@ def test_the_proposed_build_makes_a_first_release_that_serves_like_the_running_v
     for env in ("prod", "dev"):
         seed.pull(env)
         venv = seed.path(env) / "venv"
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--no-index", "--find-links", str(wheels),
-                        "pinlib==1.0"], check=True, timeout=300)
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
+        subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--quiet",
+                        "--no-index", "--find-links", str(wheels), "pinlib==1.0"], check=True, timeout=300)
         seed.write_unit(env, python=venv / "bin" / "python")
     seed.manager.systemctl("daemon-reload")
     for env in ("prod", "dev"):

@@ -22,8 +22,8 @@ def main_pid(sb, env):
     return sb.manager.systemctl("show", sb.unit(env), "-p", "MainPID", "--value").stdout.strip()
 
 
-def test_deploy_dev_runs_every_step(sandbox):
-    sb = sandbox
+def test_deploy_dev_runs_every_step(in_place):
+    sb = in_place
     before = sb.head("dev")
     target = sb.release("dev", {"VERSION": "2\n"}, "version 2")
     proc = sb.run("deploy.py", "dev")
@@ -177,8 +177,8 @@ def run_on_terminal(sb, args, typed):
                           capture_output=True, text=True, timeout=120)
 
 
-def test_dry_run_changes_nothing(sandbox):
-    sb = sandbox
+def test_dry_run_changes_nothing(in_place):
+    sb = in_place
     sb.release("dev", {"VERSION": "2\n"}, "v2")
     git(sb.path("dev"), "fetch", "--quiet", "origin")
     refs = git(sb.path("dev"), "for-each-ref")
@@ -223,8 +223,8 @@ def test_a_lock_whose_holder_died_blocks_nobody(sandbox):
     assert version(sb, "dev") == "2"
 
 
-def test_pre_restart_commands_run_in_the_work_tree(sandbox):
-    sb = sandbox
+def test_pre_restart_commands_run_in_the_work_tree(in_place):
+    sb = in_place
     sb.write_config(dev=f'pre_restart = [["{sys.executable}", "-c", "open(\'built.txt\', \'w\').write(\'yes\')"]]')
     sb.release("dev", {"VERSION": "2\n", ".gitignore": "instance/\nbuilt.txt\n"}, "v2")
     assert sb.run("deploy.py", "dev").returncode == 0

@@ -29,11 +29,11 @@ def ids_in(path):
         conn.close()
 
 
-def test_1_a_symlinked_database_is_backed_up_with_its_wal_and_restored_in_place(sandbox, tmp_path):
-    sb = sandbox
+def test_1_a_symlinked_database_is_backed_up_with_its_wal_and_restored_in_place(in_place, tmp_path):
+    sb = in_place
     data = tmp_path / "data"
     data.mkdir()
-    live = sb.path("dev") / "instance" / "app.db"
+    live = sb.db_path("dev")
     move_db_to(sb, data)
     post_notes(sb, 5)          # in the WAL beside the target, not beside the link
     assert os.path.getsize(data / "dev.db-wal") > 0
@@ -102,6 +102,7 @@ def test_9_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(sandbo
     victim = tmp_path / "victim"
     victim.write_text("root:x:0:0:root:/root:/bin/bash\n")
     (sb.root / "state").mkdir(mode=0o700, exist_ok=True)
+    (sb.root / "state" / "dev.lock").unlink(missing_ok=True)        # the conversion's lock file
     os.symlink(victim, sb.root / "state" / "dev.lock")
     sb.release("dev", {"VERSION": "2\n"}, "v2")
     proc = sb.run("deploy.py", "dev")
@@ -135,7 +136,7 @@ def test_10_unit_files_with_secrets_never_become_readable_by_others(sandbox):
 
 def move_db_to(sb, folder):
     """Stop dev, move its database into folder and link it back (as an operator with a second disk)."""
-    live = sb.path("dev") / "instance" / "app.db"
+    live = sb.db_path("dev")
     sb.manager.systemctl("stop", sb.unit("dev"))
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(f"{live}{suffix}"):
@@ -161,8 +162,8 @@ def corrupt(db):
         fh.write(b"\xff" * 4096)
 
 
-def test_2_a_commit_that_tracks_the_database_is_refused_before_anything_changes(sandbox):
-    sb = sandbox
+def test_2_a_commit_that_tracks_the_database_is_refused_before_anything_changes(in_place):
+    sb = in_place
     post_notes(sb, 3)
     seed = sb.root / "seed"
     (seed / "instance").mkdir(exist_ok=True)
@@ -177,7 +178,7 @@ def test_2_a_commit_that_tracks_the_database_is_refused_before_anything_changes(
     proc = sb.run("deploy.py", "dev")
     assert proc.returncode == 1 and "tracks the live database file" in proc.stderr
     assert sb.head("dev") == head and main_pid(sb) == pid
-    assert len(ids_in(sb.path("dev") / "instance" / "app.db")) == 3
+    assert len(ids_in(sb.db_path("dev"))) == 3
 
 
 def test_3_a_corrupt_live_database_is_restored_over_and_kept_as_evidence(sandbox):
@@ -185,7 +186,7 @@ def test_3_a_corrupt_live_database_is_restored_over_and_kept_as_evidence(sandbox
     sb.release("dev", {"VERSION": "2\n"}, "v2")
     assert sb.run("deploy.py", "dev").returncode == 0
     sb.manager.systemctl("stop", sb.unit("dev"))
-    corrupt(sb.path("dev") / "instance" / "app.db")
+    corrupt(sb.db_path("dev"))
     sb.manager.systemctl("start", sb.unit("dev"))
     sb.wait_serving("dev")
     proc = sb.run("rollback.py", "dev", "--list")
@@ -195,7 +196,7 @@ def test_3_a_corrupt_live_database_is_restored_over_and_kept_as_evidence(sandbox
     proc = sb.run("rollback.py", "dev", "--yes")           # auto: the damaged database goes back
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "fails quick_check" in proc.stdout and "evidence" in proc.stdout
-    conn = sqlite3.connect(sb.path("dev") / "instance" / "app.db")
+    conn = sqlite3.connect(sb.db_path("dev"))
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     conn.close()
     assert list((sb.root / "backups" / "dev").glob("*.unreadable.sqlite3"))
@@ -203,7 +204,7 @@ def test_3_a_corrupt_live_database_is_restored_over_and_kept_as_evidence(sandbox
 
 def test_3_a_pre_restart_that_corrupts_the_database_is_rolled_back_with_it(sandbox):
     sb = sandbox
-    db = sb.path("dev") / "instance" / "app.db"
+    db = sb.db_path("dev")
     script = (f"f = open({str(db)!r}, 'r+b'); f.seek(4096); f.write(b'\\xff' * 4096); f.close(); "
               "raise SystemExit('migration failed halfway')")
     sb.write_config(dev=f'pre_restart = [["{sys.executable}", "-c", {json.dumps(script)}]]')
@@ -217,8 +218,8 @@ def test_3_a_pre_restart_that_corrupts_the_database_is_rolled_back_with_it(sandb
     assert requests.get(sb.url("dev", "/"), timeout=5).json()["version"] == "1"
 
 
-def test_4_out_of_room_for_the_restore_stops_nothing(sandbox, tmp_path):
-    sb = sandbox
+def test_4_out_of_room_for_the_restore_stops_nothing(in_place, tmp_path):
+    sb = in_place
     with tmpfs(tmp_path / "small", "size=2m,mode=0700") as small:
         try:
             move_db_to(sb, small)
@@ -244,8 +245,8 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 """
 
 
-def test_5_a_stray_server_on_the_port_does_not_make_a_deploy_healthy(sandbox):
-    sb = sandbox
+def test_5_a_stray_server_on_the_port_does_not_make_a_deploy_healthy(in_place):
+    sb = in_place
     sb.manager.systemctl("stop", sb.unit("dev"))
     stray = subprocess.Popen([sys.executable, "-c", STRAY, str(sb.ports["dev"])])
     try:
@@ -287,9 +288,9 @@ def test_7_concurrent_appends_to_the_deploy_log_lose_nothing(tmp_path):
     assert len(lines) == 400 and len({(json.loads(x)["who"], json.loads(x)["n"]) for x in lines}) == 400
 
 
-def test_11_a_fifo_in_place_of_the_database_gives_a_clear_error_not_a_hang(sandbox):
-    sb = sandbox
-    live = sb.path("dev") / "instance" / "app.db"
+def test_11_a_fifo_in_place_of_the_database_gives_a_clear_error_not_a_hang(in_place):
+    sb = in_place
+    live = sb.db_path("dev")
     sb.manager.systemctl("stop", sb.unit("dev"))
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(f"{live}{suffix}"):

@@ -6,6 +6,7 @@ together are refused."""
 import json
 import os
 import stat
+from pathlib import Path
 
 import requests
 
@@ -101,8 +102,8 @@ def test_flags_that_cannot_go_together_exit_2(sandbox):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, (script, args, proc.stderr)
 
 
-def test_status_is_not_ok_when_what_it_checks_is_not(sandbox):
-    sb = sandbox
+def test_status_is_not_ok_when_what_it_checks_is_not(in_place):
+    sb = in_place
     sb.release("dev", {"VERSION": "2\n"}, "v2")
     assert sb.run("deploy.py", "dev").returncode == 0
     assert sb.run("backup.py", "--all").returncode == 0
@@ -133,14 +134,14 @@ def test_status_is_not_ok_when_what_it_checks_is_not(sandbox):
     # the database missing
     sb.manager.systemctl("stop", sb.unit("dev"))
     for suffix in ("", "-wal", "-shm"):
-        path = sb.path("dev") / "instance" / f"app.db{suffix}"
+        path = Path(f"{sb.db_path('dev')}{suffix}")
         if path.exists():
             path.unlink()
     assert "is missing" in problems()
 
 
-def test_verify_labels_warnings_and_information_apart_from_passes(sandbox):
-    sb = sandbox
+def test_verify_labels_warnings_and_information_apart_from_passes(in_place):
+    sb = in_place
     sb.release("dev", {"VERSION": "2\n"}, "v2")
     assert sb.run("deploy.py", "dev").returncode == 0
     out = sb.run("verify.py", "dev").stdout
@@ -191,7 +192,7 @@ def test_the_rows_a_restore_took_out_come_back_as_sql_without_touching_newer_one
     assert proc.returncode == 0, proc.stderr
     sql = proc.stdout
     assert "notes: 3 row(s), 2 of them flagged" in sql and sql.count("-- CONFLICT") == 2
-    db = sb.path("dev") / "instance" / "app.db"
+    db = sb.db_path("dev")
     subprocess.run(["python3", "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
                     "c.executescript(sys.stdin.read())", str(db)], input=sql, text=True, check=True)
     conn = sqlite3.connect(db)
@@ -222,7 +223,7 @@ def test_a_kept_database_is_compared_with_the_point_not_called_whole(sandbox):
     post(sb, 4)
     sb.release("dev", {"VERSION": "2\n"}, "v2")
     assert sb.run("deploy.py", "dev").returncode == 0
-    conn = sqlite3.connect(sb.path("dev") / "instance" / "app.db")      # the release deletes 3 rows
+    conn = sqlite3.connect(sb.db_path("dev"))      # the release deletes 3 rows
     conn.execute("DELETE FROM notes WHERE id <= 3")
     conn.commit()
     conn.close()

@@ -56,10 +56,10 @@ def count_notes(path):
 
 
 @pytest.fixture
-def deps_host(sandbox, tmp_path):
+def deps_host(in_place, tmp_path):
     """dev as a host runs today: v1 pins pinlib 1.0, installed in a venv inside the work tree,
     and the unit runs that venv's python; then converted to releases with a venv build."""
-    sb = sandbox
+    sb = in_place
     wheels = tmp_path / "wheels"
     for version in ("1.0", "2.0"):
         make_wheel(wheels, "pinlib", version)
@@ -189,8 +189,8 @@ def test_retention_decision():
     assert to_remove(rel, None, None, set(), 10) == []
 
 
-def test_conversion_is_put_back_when_the_first_release_is_not_healthy(sandbox):
-    sb = sandbox
+def test_conversion_is_put_back_when_the_first_release_is_not_healthy(in_place):
+    sb = in_place
     notes(sb)
     unit_before = (sb.manager.unit_dir / sb.unit("dev")).read_text()
     build = [[sys.executable, "-c", "open('MODE', 'w').write('crash')"]]

@@ -51,8 +51,8 @@ def test_the_dry_run_is_the_steps_the_deploy_takes_on_releases(sandbox):
     assert "nothing to deploy" in text.stdout
 
 
-def test_the_dry_run_is_the_steps_the_deploy_takes_in_place(sandbox):
-    sb = sandbox
+def test_the_dry_run_is_the_steps_the_deploy_takes_in_place(in_place):
+    sb = in_place
     sb.write_config(dev=f'pre_restart = [["{sys.executable}", "-c", "pass"]]')
     sb.release("dev", {"VERSION": "2\n"}, "v2")
     planned, record = dry_run_then_deploy(sb)

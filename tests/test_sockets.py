@@ -27,8 +27,8 @@ def deploy_under_load(sb, files, message, before=1.0, after=1.0):
     return proc, load.stop()
 
 
-def test_install_units_shows_the_diff_saves_the_old_files_and_switches(sandbox):
-    sb = sandbox
+def test_install_units_shows_the_diff_saves_the_old_files_and_switches(in_place):
+    sb = in_place
     old = (sb.manager.unit_dir / sb.unit("dev")).read_text()
     checks = {c["name"]: c for c in json.loads(sb.run("verify.py", "dev", "--json").stdout)["checks"]}
     assert checks["restart"]["ok"] and "WARNING" in checks["restart"]["detail"]
@@ -49,8 +49,8 @@ def test_install_units_shows_the_diff_saves_the_old_files_and_switches(sandbox):
     assert again.returncode == 0 and "nothing to do" in again.stdout
 
 
-def test_install_units_needs_yes_without_a_terminal(sandbox):
-    proc = sandbox.run("deploy.py", "dev", "--install-units")
+def test_install_units_needs_yes_without_a_terminal(in_place):
+    proc = in_place.run("deploy.py", "dev", "--install-units")
     assert proc.returncode == 2 and "--yes" in proc.stderr
 
 
@@ -99,7 +99,7 @@ def test_a_database_restore_behind_the_socket_is_not_raced_by_socket_activation(
     record = log_records(sb, "dev")[-1]
     assert record["steps"]["stop"] >= 0 and record["db_restored"]
     import sqlite3
-    conn = sqlite3.connect(sb.path("dev") / "instance" / "app.db")
+    conn = sqlite3.connect(sb.db_path("dev"))
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'tags'").fetchone()[0] == 0
 

@@ -39,7 +39,7 @@ def test_verify_passes_after_a_deploy_and_records_the_tree(sandbox):
 def test_verify_fails_on_a_stopped_unit_dirty_tree_and_bad_backup(sandbox):
     sb = sandbox
     record = deployed(sb)
-    sb.manager.systemctl("stop", sb.unit("dev"))
+    sb.stop_app("dev")
     (sb.path("dev") / "app.py").write_text("# changed\n")
     with open(record["backup"], "r+b") as fh:
         fh.seek(200)
@@ -93,7 +93,7 @@ def test_status_json_follows_the_contract(sandbox):
 def test_status_exits_1_when_an_env_is_down_and_shows_only_one_env(sandbox):
     sb = sandbox
     assert sb.run("backup.py", "--all").returncode == 0
-    sb.manager.systemctl("stop", sb.unit("prod"))
+    sb.stop_app("prod")
     proc = sb.run("status.py")
     assert proc.returncode == 1 and "== prod PROBLEM" in proc.stdout
     proc = sb.run("status.py", "dev", "--json")
