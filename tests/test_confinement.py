@@ -4,12 +4,15 @@ mode and the sqlite3 shell, real restic repositories, real HTTP servers on 127.0
 and failed before its fix."""
 
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 from demo.sandbox import REPO_ROOT
-from safedeploy import backups
+from safedeploy import backups, commands
 
 HOST_CONFIG = """
 [defaults]
@@ -75,3 +78,50 @@ def test_rows_to_restore_never_runs_a_value_as_sql_even_in_a_conflict(tmp_path):
     assert rows == {1: ("kept", None), 2: (FREE_BODY, b"\x00\n\xff"), 3: ("written since the restore", None)}
     for line in sql.splitlines():           # every statement and comment is one line: nothing spans two
         assert line.startswith("-- ") or line.endswith(";") or not line.strip(), line
+
+
+# -- a command's pipes are closed when it exits, whatever its children do --------------------------------
+def process_gone(pid):
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in state           # a zombie has stopped: it only waits to be reaped
+
+
+def test_a_command_that_leaves_a_child_holding_its_output_returns_when_it_exits(tmp_path):
+    """A build step that starts something in the background (it keeps stdout open) used to hold
+    run_one until command_timeout (900 s by default), then failed the deploy."""
+    pidfile = tmp_path / "child.pid"
+    start = time.monotonic()
+    failure = commands.run_one(["sh", "-c", f"sleep 120 & echo $! > {pidfile}; echo built"], tmp_path, timeout=20)
+    took = time.monotonic() - start
+    child = int(pidfile.read_text())
+    try:
+        assert failure is None and took < 3, (failure, took)
+        done = commands.run(["sh", "-c", "sleep 120 & echo out; echo err >&2; exit 3"], 20)
+        assert done.returncode == 3 and done.stdout == b"out\n" and done.stderr == b"err\n" and done.seconds < 3
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_a_timed_out_command_is_killed_with_its_whole_process_group(tmp_path):
+    pidfile = tmp_path / "child.pid"
+    start = time.monotonic()
+    failure = commands.run_one(["sh", "-c", f"sleep 120 & echo $! > {pidfile}; echo working; sleep 120"],
+                               tmp_path, timeout=1)
+    assert time.monotonic() - start < 4
+    assert failure and "timed out after 1s" in failure.why and "working" in failure.output
+    child = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while not process_gone(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process_gone(child), "the timed-out command's background child still runs"
+
+
+def test_a_command_keeps_only_the_tail_of_a_huge_output():
+    """400 MB of output cost 1.1 GiB of memory when read whole; now the tail is kept (and stdout of
+    an alert command is discarded)."""
+    done = commands.run([sys.executable, "-c", "import sys\nfor _ in range(200): sys.stdout.write('x' * 1000000)\n"
+                         "sys.stdout.write('THE END')"], 60, stdout="tail", stderr="discard")
+    assert done.returncode == 0 and done.stdout.endswith(b"THE END") and len(done.stdout) <= 2 * commands.TAIL_BYTES
