@@ -20,6 +20,9 @@ REMOTE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 DOMAIN_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 
 SHELL_CHARS = set(";&|$`<>()'\"!{}#")
+# user:password@ in a URL (rest:https://u:pw@host/, s3:https://KEY:SECRET@host/, sftp://u:pw@host/):
+# what mask() hides; the scheme-less sftp:u:pw@host:/path form too
+USERINFO_RE = re.compile(r"(?P<head>(?:[A-Za-z][A-Za-z0-9+.-]*:)+(?://)?)(?P<user>[^:@/\s]*):(?P<pw>[^@\s]*)@")
 
 # key -> (default, description of the expected value); None default = required.
 ENV_KEYS = {
@@ -147,6 +150,15 @@ class Config:
             raise usage_error(f"{self.file}: no env named {name!r}{did_you_mean(name, self.envs)}"
                               f" (envs: {', '.join(self.envs)})")
         return self.envs[name]
+
+
+def mask(text):
+    """text with the password of every user:password@ in a URL shown as ***: for every message,
+    alert and argument the tool writes (a repository URL may carry a password; restic's own
+    messages repeat it)."""
+    if not text:
+        return text
+    return USERINFO_RE.sub(lambda m: f"{m['head']}{m['user']}:***@", str(text))
 
 
 def find_config_file(cli_value=None):

@@ -3,16 +3,19 @@ folders and its own copies. Each test reproduces a finding on real parts (real S
 mode and the sqlite3 shell, real restic repositories, real HTTP servers on 127.0.0.1, real processes),
 and failed before its fix."""
 
+import http.server
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from demo.sandbox import REPO_ROOT
-from safedeploy import backups, commands
+from safedeploy import alerts, backups, commands
+from safedeploy.config import Alerts
 
 HOST_CONFIG = """
 [defaults]
@@ -125,3 +128,60 @@ def test_a_command_keeps_only_the_tail_of_a_huge_output():
     done = commands.run([sys.executable, "-c", "import sys\nfor _ in range(200): sys.stdout.write('x' * 1000000)\n"
                          "sys.stdout.write('THE END')"], 60, stdout="tail", stderr="discard")
     assert done.returncode == 0 and done.stdout.endswith(b"THE END") and len(done.stdout) <= 2 * commands.TAIL_BYTES
+
+
+# -- 9: the webhook never follows a redirect; the alert command's output is bounded -------------------------
+class Server:
+    """A real HTTP server on 127.0.0.1: records each POST; answers `status` (with Location: `location`)."""
+
+    def __init__(self, status=200, location=None):
+        self.posts, self.status, self.location = [], status, location
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                server.posts.append(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                self.send_response(server.status)
+                if server.location:
+                    self.send_header("Location", server.location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_webhook_that_redirects_is_a_failed_delivery_and_the_event_goes_nowhere_else():
+    elsewhere = Server()
+    for status in (307, 308, 302):
+        hook = Server(status, location=elsewhere.url)
+        try:
+            problems = alerts.send(Alerts(webhook=hook.url, command=[]), alerts.event("test", "prod", "hello"))
+        finally:
+            hook.close()
+        assert len(hook.posts) == 1
+        assert problems == [f"the alert webhook {hook.url} answered {status}; redirects are not followed"], problems
+    elsewhere.close()
+    assert elsewhere.posts == [], "the event was re-posted to the redirect's target"
+
+
+def test_the_alert_command_s_output_is_not_read_into_memory(tmp_path):
+    """An alert command that writes 300 MB: the old capture read it whole (RSS past 600 MB)."""
+    probe = ("import resource, sys\nfrom safedeploy import alerts\n"
+             "problems = alerts.run_command([sys.executable, '-c', 'import sys\\nfor _ in range(300): "
+             "sys.stdout.write(\"x\" * 1000000); sys.stderr.write(\"e\" * 10000)\\nsys.exit(5)'], '{}')\n"
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, problems)\n")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rss_mib, problems = proc.stdout.split(" ", 1)
+    assert int(rss_mib) < 100, f"peak RSS {rss_mib} MiB"
+    assert "exited 5" in problems and "eeee" in problems and len(problems) < 1000
