@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from demo.sandbox import REPO_ROOT
-from safedeploy import alerts, backups, commands
+from safedeploy import alerts, backups, commands, units
 from safedeploy.config import Alerts
 
 HOST_CONFIG = """
@@ -185,3 +185,15 @@ def test_the_alert_command_s_output_is_not_read_into_memory(tmp_path):
     rss_mib, problems = proc.stdout.split(" ", 1)
     assert int(rss_mib) < 100, f"peak RSS {rss_mib} MiB"
     assert "exited 5" in problems and "eeee" in problems and len(problems) < 1000
+
+
+# -- conversion keeps the unit's own dependencies ------------------------------------------------------------
+def test_the_socket_service_keeps_the_unit_s_own_requires_and_after():
+    text = ("[Unit]\nDescription=app\nRequires=postgresql.service\nAfter=network-online.target postgresql.service\n"
+            "Wants=network-online.target\n\n[Service]\nExecStart=/srv/app/venv/bin/gunicorn app:app\n")
+    out = units.render_socket_service(text, "app.service", notify=True)
+    unit_lines = out.split("[Service]")[0].splitlines()
+    assert "Requires=postgresql.service" in unit_lines and "After=network-online.target postgresql.service" in unit_lines
+    assert "Wants=network-online.target" in unit_lines
+    assert "Requires=app.socket" in unit_lines and "After=app.socket" in unit_lines
+    assert units.render_socket_service(out, "app.service", notify=True) == out          # idempotent: nothing doubled
