@@ -16,6 +16,7 @@ from pathlib import Path
 from demo.sandbox import REPO_ROOT
 from safedeploy import alerts, backups, commands, units
 from safedeploy.config import Alerts
+from tests.helpers import listing, one_line_error
 
 HOST_CONFIG = """
 [defaults]
@@ -197,3 +198,30 @@ def test_the_socket_service_keeps_the_unit_s_own_requires_and_after():
     assert "Wants=network-online.target" in unit_lines
     assert "Requires=app.socket" in unit_lines and "After=app.socket" in unit_lines
     assert units.render_socket_service(out, "app.service", notify=True) == out          # idempotent: nothing doubled
+
+
+# -- 1, 2: overlapping shared paths, a db that climbs out of its tree: refused before anything runs ----------
+def test_overlapping_shared_paths_and_a_db_outside_the_tree_stop_every_script_at_load(sandbox):
+    """1: `shared = ["instance/uploads"]` beside the database's folder `instance`: the next build removed
+    the live uploads (exit 0). 2: `db = "../data/dev.sqlite"`: converting dev renamed prod's live
+    database into dev's releases (exit 0). Both are refused at load now, naming both sides, and
+    nothing on the host changes."""
+    sb = sandbox
+    good = sb.config.read_text()
+    prod_db, dev_db = sb.db_path("prod"), sb.db_path("dev")
+    data = sb.root / "data"
+    data.mkdir()
+    sqlite3.connect(data / "prod.sqlite").close()
+    head, dev = good.split("[env.dev]")
+    cases = [(head + "[env.dev]" + dev.replace('unit =', 'shared = ["instance/uploads"]\nunit =', 1),
+              ["deploy.py", "dev", "--install-units", "--yes"], "env.dev.shared: 'instance/uploads' lies inside 'instance'"),
+             (head + "[env.dev]" + dev.replace('db = "instance/app.db"', 'db = "../data/dev.sqlite"'),
+              ["deploy.py", "dev", "--install-units", "--yes"], "env.dev.db: '../data/dev.sqlite' climbs out of env dev's tree")]
+    before = listing(sb.root / "prod", sb.root / "dev", data)
+    for text, argv, words in cases:
+        sb.config.write_text(text)
+        for command in (argv, ["backup.py", "--all"], ["status.py"]):
+            proc = sb.run(*command)
+            assert proc.returncode == 2 and words in one_line_error(proc), (command, proc.stderr)
+    assert listing(sb.root / "prod", sb.root / "dev", data) == before
+    assert not Path(f"{sb.path('dev')}.releases").exists() and prod_db.exists() and dev_db.exists()
