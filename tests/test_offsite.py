@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from demo.sandbox import free_port
-from safedeploy import backups, offsite
-from safedeploy.config import Offsite
+from safedeploy import backups, config, offsite
 from tests.helpers import one_line_error
 
 PASSWORD = "correct horse battery staple 7f3a"
@@ -65,14 +64,14 @@ def enable_offsite(sb, repository=None, options=(), webhook=None, command=None, 
     pw.write_text(password + "\n")
     pw.chmod(0o600)
     repository = repository or str(sb.root / "offsite-repo")
-    text = sb.config.read_text() + f'\n[offsite]\nrepository = "{repository}"\npassword_file = "{pw}"\n'
+    text = sb.config.read_text().split("\n[offsite]")[0] + f'\n[offsite]\nrepository = "{repository}"\npassword_file = "{pw}"\n'
     if options:
         text += "options = [" + ", ".join(json.dumps(o) for o in options) + "]\n"
     if webhook or command:
         text += "\n[alerts]\n" + (f'webhook = "{webhook}"\n' if webhook else "")
         text += f"command = {json.dumps(command)}\n" if command else ""
     sb.config.write_text(text)
-    return Offsite(repository=repository, password_file=pw, options=list(options))
+    return config.load(str(sb.config)).offsite        # with this config's identity (host, id), as the scripts see it
 
 
 def restic_snapshots(off):
