@@ -3,7 +3,8 @@ and the one bounded way every other program is started (restic, the alert comman
 
 What run() guarantees, whatever the program does:
 - it returns within `timeout` seconds (plus a moment to reap): past the deadline the program's whole
-  process group is killed (SIGKILL), its children with it; a program starts in a group of its own;
+  process group is killed (SIGKILL), its children with it; a program starts in a group of its own,
+  and is killed too when this process dies (a kill -9 of the tool leaves no restic behind);
 - it returns as soon as the program itself exits, even when a child it left in the background still
   holds its stdout or stderr: the pipes are read until the program exits, then drained of what is
   already in them, and abandoned (a build that ran `some-daemon &` waited out its 900 s timeout);
@@ -11,6 +12,7 @@ What run() guarantees, whatever the program does:
   output shown on failure), or nothing; 400 MB written by an alert command cost 1.1 GiB of memory.
 """
 
+import ctypes
 import os
 import selectors
 import signal
@@ -70,10 +72,16 @@ def run(argv, timeout, cwd=None, env=None, stdin=None, stdout="tail", stderr="ta
             return subprocess.STDOUT
         return mode
 
+    def in_child():
+        # its own group (start_new_session), so the group can be killed; and it dies with us: a tool
+        # killed with SIGKILL leaves no restic waiting on a dead network, nor a build writing on
+        os.nice(nice) if nice else None
+        die_with_parent()
+
     try:
         proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=feed if feed is not None else subprocess.DEVNULL,
                                 stdout=target(stdout), stderr=target(stderr), start_new_session=True,
-                                pass_fds=pass_fds, preexec_fn=(lambda: os.nice(nice)) if nice else None)
+                                pass_fds=pass_fds, preexec_fn=in_child)
     finally:
         if feed is not None:
             feed.close()
@@ -119,6 +127,19 @@ def run(argv, timeout, cwd=None, env=None, stdin=None, stdout="tail", stderr="ta
             kill_group(proc)
     return Finished(None if timed_out else proc.returncode, bytes(kept.get(proc.stdout, b"")),
                     bytes(kept.get(proc.stderr, b"")), round(time.monotonic() - start, 3))
+
+
+PR_SET_PDEATHSIG = 1
+try:
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl       # looked up here: the child only calls it
+except (OSError, AttributeError):
+    _PRCTL = None
+
+
+def die_with_parent():
+    """In the child, before exec: SIGKILL when the process that started it dies (Linux prctl)."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def pidfd_of(proc):

@@ -19,6 +19,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 from . import SCRIPTS_DIR
 from .errors import usage_error
@@ -85,15 +86,24 @@ class Offsite:
     id: str = ""              # "" = this machine's host name, and the hash identity() makes
 
     @property
-    def shown(self):
-        """The repository as every message shows it: a password in its URL masked."""
-        return mask(self.repository)
+    def secrets(self):
+        """The password in the repository's URL, if any, as written and as a URL escapes it: masked
+        wherever restic repeats it (even one that is no valid URL: restic quotes it raw)."""
+        if self.local:
+            return []
+        rest = self.repository.split(":", 1)[1]
+        rest = rest.split("//", 1)[1] if rest.startswith("//") or "://" in rest[:12] else rest
+        userinfo = rest.rsplit("@", 1)[0] if "@" in rest else ""
+        password = userinfo.split(":", 1)[1] if ":" in userinfo else ""
+        return [p for p in dict.fromkeys((password, quote(password, safe=""), unquote(password))) if p]
 
     @property
-    def secrets(self):
-        """The password in the repository's URL, if any: masked wherever restic repeats it."""
-        m = USERINFO_RE.search(self.repository)
-        return [m["pw"]] if m and m["pw"] and not self.local else []
+    def shown(self):
+        """The repository as every message shows it: a password in its URL masked."""
+        text = mask(self.repository)
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
 
     @property
     def local(self):

@@ -53,7 +53,10 @@ ROLLBACK_LIST_TIMEOUT = 5  # a rollback never waits longer than this on the off-
 STALE_HOURS = 26          # a nightly copy more than a day and two hours old: a night was missed
 MANIFEST_LIMIT = 1 << 20  # a manifest is a few hundred bytes: a bigger one is not read
 FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.sqlite3$")    # a copy's file name: no '/', no dot file
-NO_REPOSITORY = ("does not exist", "Is there a repository", "unable to open config file")
+# "no repository there yet": restic cannot open the config file because it is not there. restic says
+# "Is there a repository at ...?" after every failure to open it, a refused connection included:
+# that alone is trouble, never "none yet" (a dead server listed as an empty repository, exit 0)
+NOT_THERE = ("no such file or directory", "does not exist", "not found", "404")
 
 
 @dataclass
@@ -151,7 +154,8 @@ class Restic:
         if "wrong password" in text or "no key found" in text:
             raise DeployError(f"off-site repository {self.shown}: the password in "
                               f"{self.offsite.password_file} does not open it") from None
-        return any(s in text for s in NO_REPOSITORY)
+        lines = [line for line in text.splitlines() if "unable to open config file" in line]
+        return any(s in line.lower() for line in lines for s in NOT_THERE)
 
     # -- whose copies -------------------------------------------------------------------------------
     def tags(self, backup):
