@@ -296,7 +296,7 @@ def show_list(config, envs, as_json):
                     + ("  HELD: holds rows a restore took out; kept until --release-hold" if r["held"] else ""))
         if identity and not problem:
             cli.say(f"off-site: {identity['repository']}, this config's copies (host={identity['host']}, "
-                    f"config={identity['config']})" + (f"; {others} other host's or config's copies there, not listed"
+                    f"config={identity['config']})" + (f"; {others} copies of other hosts or configs there, not listed"
                                                        if others else ""))
     if problem:
         cli.err(f"error: the off-site copies could not be listed: {problem}")

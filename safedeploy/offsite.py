@@ -103,7 +103,21 @@ class Restic:
         return text
 
     def run(self, *args, timeout=SHORT_TIMEOUT, stdout=None):
-        """restic ARGS; its output as text, or into the open file stdout (a dump). Reads take no lock."""
+        """restic ARGS; its output as text, or into the open file stdout (a dump). Reads take no lock.
+        A call refused because the repository is locked runs once more after `restic unlock`, which
+        removes only stale locks (a restic killed with SIGKILL left its own); a live one still refuses."""
+        try:
+            return self.run_once(*args, timeout=timeout, stdout=stdout)
+        except DeployError as exc:
+            if args[0] == "unlock" or "already locked" not in getattr(exc, "stderr", ""):
+                raise
+        self.unlock()
+        if stdout is not None:
+            stdout.seek(0)
+            stdout.truncate()
+        return self.run_once(*args, timeout=timeout, stdout=stdout)
+
+    def run_once(self, *args, timeout=SHORT_TIMEOUT, stdout=None):
         lock = ["--no-lock"] if args[0] in ("snapshots", "dump", "cat") else []
         options = [x for o in self.offsite.options for x in ("-o", o)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("RESTIC_")}
@@ -306,7 +320,7 @@ def reason(stderr):
     """restic's last meaningful line (the caller masks it; restic never prints the password file's content)."""
     text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    fatal = [line for line in lines if line.startswith("Fatal:")]
+    fatal = [line for line in lines if line.startswith("Fatal:") or "already locked" in line]
     return (fatal[-1] if fatal else lines[-1] if lines else "no message")[:400]
 
 

@@ -520,3 +520,30 @@ def test_a_push_killed_mid_way_leaves_no_lock_that_blocks_prune(sandbox):
     proc = sb.run("backup.py", "--prune")
     assert proc.returncode == 0, proc.stderr
     assert "prod off-site: kept 2, forgot 1" in proc.stdout
+
+
+def test_a_prune_killed_mid_way_leaves_no_lock_that_blocks_the_next_push(sandbox):
+    """A restic prune killed with SIGKILL leaves an exclusive lock: every push after it failed."""
+    sb = sandbox
+    cfg = with_offsite(sb)
+    assert sb.run("backup.py", "prod").returncode == 0
+    big = sb.root / "big.bin"
+    with open(big, "wb") as fh:
+        fh.write(os.urandom(64 << 20))
+    assert restic(cfg, "backup", str(big)).returncode == 0
+    assert restic(cfg, "forget", "--keep-last", "1", "--host", socket.gethostname(), "--path", str(big)).returncode == 0
+    locks = Path(cfg.offsite.repository) / "locks"
+    for _ in range(5):          # kill it while it holds its lock (the first tries may be too quick or too slow)
+        prune = subprocess.Popen(["restic", "--repo", cfg.offsite.repository, "--password-file",
+                                  str(cfg.offsite.password_file), "prune"], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not any(locks.iterdir()) and prune.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        prune.send_signal(signal.SIGKILL)
+        prune.wait(timeout=30)
+        if any(locks.iterdir()):
+            break
+    assert any(locks.iterdir()), "restic prune finished before it could be killed"
+    proc = sb.run("backup.py", "prod")
+    assert proc.returncode == 0 and "off-site: snapshot" in proc.stdout, proc.stderr
