@@ -256,9 +256,12 @@ class Restic:
         if "db" not in sources or "manifest" not in sources:
             raise DeployError(f"the off-site copy {copy.file} (snapshot {copy.id[:8]}) lacks its database or its "
                               "manifest: refused")
-        stage = Path(tempfile.mkdtemp(prefix=f"offsite-{copy.id[:8]}-", dir=make_private_dir(folder)))
+        folder = make_private_dir(folder)
+        remove_unfinished(folder)
+        stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX + f"{copy.id[:8]}-", dir=folder))
         try:
-            db_file, manifest_file = stage / copy.file, stage / (copy.file + ".json")
+            # the snapshot's manifest under a name of its own: <file>.json appears only once the copy verifies
+            db_file, manifest_file = stage / copy.file, stage / "snapshot-manifest"
             self.dump(copy.id, sources["db"], db_file)
             self.dump(copy.id, sources["manifest"], manifest_file, limit=MANIFEST_LIMIT)
             unit_file = stage / (stem + ".unit")
@@ -278,6 +281,7 @@ class Restic:
             if verdict != "ok":
                 raise DeployError(f"the off-site copy {copy.file} (snapshot {copy.id[:8]}) does not verify: {verdict}")
             write_atomic(backup.manifest_path, json.dumps(backup.to_json(), indent=2) + "\n")
+            remove_quietly(manifest_file)
         except BaseException as exc:
             shutil.rmtree(stage, ignore_errors=True)        # the folder made for it: nothing else
             if isinstance(exc, (OSError, ValueError, TypeError)):
@@ -346,6 +350,25 @@ def fetch_for(config, copy, env):
         raise DeployError(f"{copy.file} is an off-site copy, but {config.file} has no [offsite] any more")
     backup = Restic(config.offsite).fetch(copy, env.backup_dir, env.name)
     return publish(backup, env.backup_dir)
+
+
+STAGE_PREFIX = "offsite-fetch-"
+UNFINISHED_AGE = 600
+
+
+def remove_unfinished(folder):
+    """The folders of fetches that were killed before their copy verified (no <file>.json in them yet):
+    partial downloads, never a backup. A verified copy kept in its folder (its name was taken) stays.
+    One written to in the last UNFINISHED_AGE seconds may be a fetch running now (a --drill takes no
+    lock): it is left alone."""
+    for stage in Path(folder).glob(STAGE_PREFIX + "*"):
+        if stage.is_dir() and not stage.is_symlink() and not any(stage.glob("*.sqlite3.json")):
+            try:
+                newest = max([stage.stat().st_mtime] + [p.stat().st_mtime for p in stage.iterdir()])
+            except OSError:
+                continue
+            if time.time() - newest > UNFINISHED_AGE:
+                shutil.rmtree(stage, ignore_errors=True)
 
 
 def publish(backup, folder):

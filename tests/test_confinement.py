@@ -547,3 +547,22 @@ def test_a_prune_killed_mid_way_leaves_no_lock_that_blocks_the_next_push(sandbox
     assert any(locks.iterdir()), "restic prune finished before it could be killed"
     proc = sb.run("backup.py", "prod")
     assert proc.returncode == 0 and "off-site: snapshot" in proc.stdout, proc.stderr
+
+
+def test_a_fetch_killed_before_its_copy_verified_is_cleared_by_the_next_one(sandbox):
+    sb = sandbox
+    cfg = with_offsite(sb)
+    assert sb.run("backup.py", "dev").returncode == 0
+    folder = sb.root / "backups" / "dev"
+    (local,) = backups.list_backups(folder)
+    (copy,) = offsite.copies_for(cfg, cfg.envs["dev"])[0]
+    for p in (Path(local.path), local.manifest_path, Path(local.unit_backup)):
+        p.unlink()
+    killed = folder / f"{offsite.STAGE_PREFIX}deadbeef-x1"          # what a kill -9 mid-download leaves
+    killed.mkdir(mode=0o700)
+    (killed / Path(local.path).name).write_bytes(b"half a database")
+    old = time.time() - 2 * offsite.UNFINISHED_AGE
+    os.utime(killed / Path(local.path).name, (old, old))
+    os.utime(killed, (old, old))
+    fetched = offsite.fetch_for(cfg, copy, cfg.envs["dev"])
+    assert fetched.path == local.path and not killed.exists()
