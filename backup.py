@@ -422,14 +422,15 @@ def prune_offsite(config, plans, args):
     then one restic prune. Stale locks (a restic killed mid-push) are cleared first: restic unlock
     removes only stale ones. True when all went well."""
     restic, ok, forgot = offsite.Restic(config.offsite), True, False
-    if not args.dry_run:
-        try:
+    try:
+        if not args.dry_run:
             restic.unlock()
-        except DeployError as exc:
-            return offsite_prune_failed(config, None, exc)
+        mine = restic.copies()          # one listing for every env
+    except DeployError as exc:
+        return offsite_prune_failed(config, None, exc)
     for env, by_name in plans:
         try:
-            copies = restic.copies_if_any(env.name)
+            copies = [c for c in mine if c.env == env.name]
             keep, remove = backups.prune_plan(copies, config.retention, by_name)
             for c in remove:
                 if not args.quiet or args.dry_run:

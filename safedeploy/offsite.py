@@ -304,8 +304,13 @@ class Restic:
     # -- retention and checks ----------------------------------------------------------------------
     def unlock(self):
         """restic unlock: removes only stale locks (a restic killed mid-push, e.g. by kill -9, left one
-        that made every forget and prune fail with 'repository is already locked')."""
-        self.run("unlock", timeout=SHORT_TIMEOUT)
+        that made every forget and prune fail with 'repository is already locked'). No repository yet:
+        nothing to unlock."""
+        try:
+            self.run("unlock", timeout=SHORT_TIMEOUT)
+        except DeployError as exc:
+            if not self.no_repository(exc):
+                raise
 
     def forget(self, copies):
         mine = [c for c in copies if self.ours(c)]       # never another host's or config's

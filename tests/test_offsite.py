@@ -307,3 +307,10 @@ def test_offsite_over_sftp_to_a_real_sshd(sandbox, sshd):
     verify = sandbox.run("backup.py", "--verify")
     assert verify.returncode == 0, verify.stdout + verify.stderr
     no_password(proc, verify)
+
+
+def test_prune_before_any_copy_went_off_site_exits_0_and_makes_no_repository(sandbox):
+    off = enable_offsite(sandbox)
+    proc = sandbox.run("backup.py", "--prune")
+    assert proc.returncode == 0, proc.stderr
+    assert not Path(off.repository).exists()
