@@ -11,7 +11,6 @@ nothing on success and one line per failure on stderr.
 import argparse
 import json
 import re
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -167,13 +166,13 @@ class OffsiteRun:
         if not self.restic:
             return True
         try:
-            result = self.open().push(backup, socket.gethostname())
+            result = self.open().push(backup)
             offsite.record_push(env, backup, result)
         except DeployError as exc:
             return self.failed(env, f"the off-site copy of {env.name}'s backup {backup.path} failed: {exc}. The "
                                "local backup is verified; it is on this host's disk only")
         if not self.quiet:
-            cli.say(f"  off-site: snapshot {result['snapshot'][:8]} in {self.config.offsite.repository}, "
+            cli.say(f"  off-site: snapshot {result['snapshot'][:8]} in {self.config.offsite.shown}, "
                     f"{result['added'] / 1e6:.1f} MB added, {result['seconds']:.1f}s")
         try:
             caught_up = self.catch_up(env, backup)
@@ -196,7 +195,7 @@ class OffsiteRun:
             name = Path(b.path).name
             if name in there or b.path == pushed.path or backups.verify_backup(b) != "ok":
                 continue
-            self.restic.push(b, socket.gethostname())
+            self.restic.push(b)
             done.append(f"{name.removesuffix('.sqlite3')}")
         return done
 
@@ -262,10 +261,11 @@ def show_list(config, envs, as_json):
     """Every backup, newest first, with where its copies are: local, offsite, or both."""
     found = [b for env in envs for b in backups.list_backups(env.backup_dir)]
     names = {e.name for e in envs}
-    remote, problem = [], None
+    remote, problem, others = [], None, 0
     if config.offsite:
         try:
-            remote = [c for c in offsite.Restic(config.offsite).copies_if_any() if c.env in names]
+            remote, others = offsite.Restic(config.offsite).scan()      # this config's copies only
+            remote = [c for c in remote if c.env in names]
         except DeployError as exc:
             problem = str(exc)
     remote_files = {c.file for c in remote}
@@ -282,8 +282,10 @@ def show_list(config, envs, as_json):
               "commit": c.commit, "schema": None, "held": False, "location": "offsite", "offsite": True,
               "snapshot": c.id, "file": c.file} for c in remote if c.file not in local_files]
     rows.sort(key=lambda r: r["time"] or "", reverse=True)
+    identity = {"repository": config.offsite.shown, "host": config.offsite.host, "config": config.offsite.id,
+                "others": others} if config.offsite else None
     if as_json:
-        print(json.dumps({"backups": rows}, indent=2))
+        print(json.dumps({"backups": rows, **({"offsite": identity} if identity else {})}, indent=2))
     else:
         if not rows:
             cli.say("no backups yet")
@@ -293,6 +295,10 @@ def show_list(config, envs, as_json):
             cli.say(f"{r['time']}  {r['env']:<8} {r['reason']:<12} {size}  {(r['commit'] or '?')[:12]}  "
                     f"{human_age(age_seconds(r['time'])):>8}  {r['location']:<7} {where}"
                     + ("  HELD: holds rows a restore took out; kept until --release-hold" if r["held"] else ""))
+        if identity and not problem:
+            cli.say(f"off-site: {identity['repository']}, this config's copies (host={identity['host']}, "
+                    f"config={identity['config']})" + (f"; {others} copies of other hosts or configs there, not listed"
+                                                       if others else ""))
     if problem:
         cli.err(f"error: the off-site copies could not be listed: {problem}")
         return EXIT_FAILED
@@ -350,7 +356,7 @@ def verify_offsite(config, envs, quiet):
     restic, problems = offsite.Restic(config.offsite), []
     try:
         if not restic.exists():
-            raise DeployError(f"there is no repository at {config.offsite.repository} yet: no backup has reached "
+            raise DeployError(f"there is no repository at {config.offsite.shown} yet: no backup has reached "
                               "off-site (the next backup.py run makes it)")
         restic.check()
         copies = restic.copies()
@@ -358,7 +364,7 @@ def verify_offsite(config, envs, quiet):
         cli.err(f"error: off-site repository: {exc}")
         return [str(exc)]
     if not quiet:
-        cli.say(f"{cli.mark(True)}  off-site repository {config.offsite.repository}: restic check passed "
+        cli.say(f"{cli.mark(True)}  off-site repository {config.offsite.shown}: restic check passed "
                 "(structure, and 10% of the data read back)")
     for env in envs:
         newest = next((c for c in copies if c.env == env.name), None)
@@ -368,7 +374,7 @@ def verify_offsite(config, envs, quiet):
             continue
         with tempfile.TemporaryDirectory(prefix="safe-deploy-verify-") as scratch:
             try:
-                restic.fetch(newest, Path(scratch))
+                restic.fetch(newest, Path(scratch), env.name)
             except DeployError as exc:
                 cli.err(f"error: BAD off-site copy of {env.name}: {exc}")
                 problems.append(str(exc))
@@ -381,7 +387,10 @@ def verify_offsite(config, envs, quiet):
 
 # -- retention ------------------------------------------------------------------------
 def prune(config, envs, args):
-    bad, forgot = False, False
+    """Local prune of each env under its lock; then the off-site side with no lock held: a repository
+    that does not answer must never keep a rollback waiting (a black-holed one held the env lock for
+    300 s, and every rollback behind it)."""
+    bad, plans = False, []
     for env in envs:
         with EnvLock(env.state_dir, env.name, "prune", wait=args.lock_wait):
             found = backups.list_backups(env.backup_dir)
@@ -400,49 +409,58 @@ def prune(config, envs, args):
                 bad = True
             if not args.quiet:
                 cli.say(f"{env.name}: kept {len(keep)}, {'would remove' if args.dry_run else 'removed'} {len(remove)}")
-            if config.offsite:
-                ok, some = forget_offsite(config, env, found, protected, args)
-                bad, forgot = bad or not ok, forgot or some
-    if forgot and not prune_repository(config):         # once for every env: restic's prune rewrites packs
+            # what must stay off-site, by file name: decided under the lock, applied after it
+            by_name = {Path(path).name: why for path, why in protected.items()}
+            by_name.update({Path(b.path).name: "held" for b in found if b.held})
+            plans.append((env, by_name))
+    if config.offsite and not prune_offsite(config, plans, args):
         bad = True
     return EXIT_FAILED if bad else 0
 
 
-def forget_offsite(config, env, found, protected, args):
-    """[retention] applied to env's off-site copies by the same rules, keeping off-site every copy that
-    is protected or held here (a point a rollback may need). (ok, forgot any)."""
-    restic = offsite.Restic(config.offsite)
+def prune_offsite(config, plans, args):
+    """[retention] on this config's off-site copies (never another host's or config's), env by env,
+    then one restic prune. Stale locks (a restic killed mid-push) are cleared first: restic unlock
+    removes only stale ones. True when all went well."""
+    restic, ok, forgot = offsite.Restic(config.offsite), True, False
     try:
-        copies = restic.copies_if_any(env.name)
-        by_name = {Path(path).name: why for path, why in protected.items()}
-        by_name.update({Path(b.path).name: "held" for b in found if b.held})
-        keep, remove = backups.prune_plan(copies, config.retention, by_name)
-        for c in remove:
-            if not args.quiet or args.dry_run:
-                cli.say(f"{'would forget' if args.dry_run else 'forgot'} off-site {c.file} (snapshot {c.id[:8]}, {c.time})")
         if not args.dry_run:
-            restic.forget(remove)
+            restic.unlock()
+        mine = restic.copies()          # one listing for every env
     except DeployError as exc:
-        cli.err(f"error: off-site prune of {env.name} failed: {exc}; nothing more was removed off-site")
-        notify(config, "offsite-failed", env.name, f"the off-site prune of {env.name} failed: {exc}",
-               cli.script_command(config, "backup.py", "--prune"))
-        return False, False
-    if not args.quiet:
-        cli.say(f"{env.name} off-site: kept {len(keep)}, {'would forget' if args.dry_run else 'forgot'} {len(remove)}")
-    return True, bool(remove) and not args.dry_run
+        return offsite_prune_failed(config, None, exc)
+    for env, by_name in plans:
+        try:
+            copies = [c for c in mine if c.env == env.name]
+            keep, remove = backups.prune_plan(copies, config.retention, by_name)
+            for c in remove:
+                if not args.quiet or args.dry_run:
+                    cli.say(f"{'would forget' if args.dry_run else 'forgot'} off-site {c.file} (snapshot {c.id[:8]}, {c.time})")
+            if not args.dry_run:
+                restic.forget(remove)
+        except DeployError as exc:
+            ok = offsite_prune_failed(config, env.name, exc) and ok
+            continue
+        if not args.quiet:
+            cli.say(f"{env.name} off-site: kept {len(keep)}, {'would forget' if args.dry_run else 'forgot'} {len(remove)}")
+        forgot = forgot or (bool(remove) and not args.dry_run)
+    if forgot:
+        try:
+            restic.prune()      # once for every env: restic's prune rewrites packs
+        except DeployError as exc:
+            cli.err(f"error: off-site prune failed: {exc}; the forgotten copies' data stays in the repository until "
+                    "the next --prune")
+            notify(config, "offsite-failed", None, f"the off-site prune failed: {exc}",
+                   cli.script_command(config, "backup.py", "--prune"))
+            ok = False
+    return ok
 
 
-def prune_repository(config):
-    """restic prune: the data only forgotten copies used leaves the repository."""
-    try:
-        offsite.Restic(config.offsite).prune()
-    except DeployError as exc:
-        cli.err(f"error: off-site prune failed: {exc}; the forgotten copies' data stays in the repository until "
-                "the next --prune")
-        notify(config, "offsite-failed", None, f"the off-site prune failed: {exc}",
-               cli.script_command(config, "backup.py", "--prune"))
-        return False
-    return True
+def offsite_prune_failed(config, env_name, exc):
+    what = f"the off-site prune of {env_name}" if env_name else "the off-site prune"
+    cli.err(f"error: {what} failed: {exc}; nothing more was removed off-site")
+    notify(config, "offsite-failed", env_name, f"{what} failed: {exc}", cli.script_command(config, "backup.py", "--prune"))
+    return False
 
 
 def protected_backups(config, env, found):

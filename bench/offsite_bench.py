@@ -92,7 +92,8 @@ def run(args, pattern):
         pw = root / "password"
         pw.write_text("bench password\n")
         pw.chmod(0o600)
-        restic = offsite.Restic(Offsite(repository=str(root / "repo"), password_file=pw, options=[]))
+        restic = offsite.Restic(Offsite(repository=str(root / "repo"), password_file=pw, options=[],
+                                        host="bench", id="bench"))
         restic.ensure_repository()
         db, rng = root / "live.db", random.Random(7)
         start = time.monotonic()
@@ -107,7 +108,7 @@ def run(args, pattern):
             t = time.monotonic()
             backup = backups.backup_database(db, root / "backups", "prod", "nightly", commit="bench")
             local_s = time.monotonic() - t
-            result = restic.push(backup, "bench")
+            result = restic.push(backup)
             t = time.monotonic()
             shutil.copyfile(backup.path, root / "full-copy")
             os.sync()
@@ -120,7 +121,7 @@ def run(args, pattern):
             backups.remove_backup(backup)
         newest = restic.copies("prod")[0]
         t = time.monotonic()
-        restored = restic.fetch(newest, root / "restored")
+        restored = restic.fetch(newest, root / "restored", "prod")
         fetch_s = time.monotonic() - t
         later = added[1:] or added
         print(f"\nafter the first night: {sum(later) / len(later) / 1e6:.1f} MB added per night on average "

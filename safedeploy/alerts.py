@@ -3,24 +3,31 @@
 An alert never holds up the operation it reports or changes its exit code: each channel is bounded
 (the webhook: a 3 s connect and 5 s read timeout, and 8 s in all per attempt even for a server
 that drips its answer (health.within); one retry after a refused connection, never after a
-timeout; the command: 10 s), and a failure to deliver comes back as a line to print, not a raise.
-The repository password, or any secret, is never part of an event: events carry the tool's own
-messages, which never contain it.
+timeout; the command: 10 s, its process group killed past that), and a failure to deliver comes
+back as a line to print, not a raise.
+
+The event goes to the webhook's URL and nowhere else: a redirect is never followed (a 307 would
+re-post the event, message and host name, to whatever host the answer names); a 3xx answer is a
+failed delivery. The command's stdout is discarded and only a short tail of its stderr is kept
+(a command that writes without end costs no memory). Secrets never leave in an event or a
+problem line: the tool's messages never hold the repository password, and a user:password@ in
+any URL in them (a repository's, the webhook's own) is masked as user:***@ (config.mask).
 """
 
 import json
 import socket
-import subprocess
 import time
 
 import requests
 
-from . import health
+from . import commands, health
+from .config import mask
 from .state import now_iso
 
 CONNECT_TIMEOUT = 3.0
 READ_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 10.0
+STDERR_TAIL = 400           # bytes of the command's stderr kept to say why it failed
 RETRY_PAUSE = 1.0
 EVENTS = ("backup-failed", "deploy-failed", "rollback-failed", "needs-human", "offsite-failed", "offsite-stale",
           "verify-failed", "test")
@@ -28,7 +35,7 @@ EVENTS = ("backup-failed", "deploy-failed", "rollback-failed", "needs-human", "o
 
 def event(name, env, message, command=None):
     return {"event": name, "env": env, "time": now_iso(), "host": socket.gethostname(),
-            "message": " ".join(message.split()), "command": command}
+            "message": mask(" ".join(message.split())), "command": mask(command) if command else command}
 
 
 def send(alerts, body):
@@ -41,7 +48,7 @@ def send(alerts, body):
         problems += post(alerts.webhook, data)
     if alerts.command:
         problems += run_command(alerts.command, data)
-    return problems
+    return [mask(p) for p in problems]
 
 
 def post(url, data):
@@ -63,7 +70,7 @@ def post_once(session, url, data, may_retry):
     be restarting); a timeout is not."""
     try:
         response = session.post(url, data=data, headers={"Content-Type": "application/json"},
-                                timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+                                timeout=(CONNECT_TIMEOUT, READ_TIMEOUT), allow_redirects=False)
     except requests.ConnectionError as exc:
         if may_retry and not isinstance(exc, requests.Timeout):
             return True, []
@@ -72,14 +79,21 @@ def post_once(session, url, data, may_retry):
         return False, [f"the alert webhook {url} did not answer in time ({type(exc).__name__})"]
     if 200 <= response.status_code < 300:
         return False, []
+    if 300 <= response.status_code < 400:
+        return False, [f"the alert webhook {url} answered {response.status_code}; redirects are not followed"]
     return False, [f"the alert webhook {url} answered HTTP {response.status_code}"]
 
 
 def run_command(argv, data):
+    """The event on the command's stdin; its stdout discarded, the tail of its stderr kept."""
     try:
-        proc = subprocess.run(argv, input=data, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        done = commands.run(argv, COMMAND_TIMEOUT, stdin=data.encode(), stdout="discard", stderr="tail",
+                            tail=STDERR_TAIL)
+    except OSError as exc:
         return [f"the alert command {argv[0]} failed: {type(exc).__name__}"]
-    if proc.returncode != 0:
-        return [f"the alert command {argv[0]} exited {proc.returncode}"]
+    if done.timed_out:
+        return [f"the alert command {argv[0]} did not finish within {COMMAND_TIMEOUT:g}s (stopped)"]
+    if done.returncode != 0:
+        said = " ".join(commands.tail_text(done.stderr, STDERR_TAIL).split())
+        return [f"the alert command {argv[0]} exited {done.returncode}" + (f": {said}" if said else "")]
     return []

@@ -706,37 +706,46 @@ def rows_as_sql(saved_path, live_path):
 
     A row whose primary key (or rowid) a row written since now uses in the live database is a
     conflict: its INSERT is written commented out, with the live row's key, for a person to merge;
-    the others are plain INSERTs, in one transaction. The live database is opened read-only."""
+    the others are plain INSERTs, in one transaction. The live database is opened read-only.
+
+    No value can run as SQL, whatever it holds: every line is one whole statement or one comment,
+    because values are written by sql_literal(), which never puts a line break (or any control
+    character) inside a literal: a text is 'quoted' pieces joined with char(N), a blob is X'hex'.
+    A newline in a commented-out conflict used to end the comment and run the rest of the value."""
     conn = sqlite3.connect(f"file:{quote(str(saved_path))}?mode=ro", uri=True)
+    conn.text_factory = bytes          # text as it is stored: invalid UTF-8 is written, not an exception
     try:
         conn.execute("ATTACH DATABASE ? AS live", (f"file:{quote(str(live_path))}?mode=ro",))
-        tables = [r[0] for r in conn.execute(
+        tables = [r[0].decode("utf-8", "replace") for r in conn.execute(
             "SELECT name FROM main.sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
-        live_tables = {r[0] for r in conn.execute("SELECT name FROM live.sqlite_master WHERE type = 'table'")}
+        live_tables = {r[0].decode("utf-8", "replace") for r in conn.execute(
+            "SELECT name FROM live.sqlite_master WHERE type = 'table'")}
         lines, summary = ["BEGIN;"], {}
         for table in tables:
             if table not in live_tables:
                 continue
-            q = '"' + table.replace('"', '""') + '"'
+            q = sql_name(table)
             info = conn.execute(f"PRAGMA main.table_info({q})").fetchall()
-            columns = [r[1] for r in info]
-            keys = [r[1] for r in sorted(info, key=lambda r: r[5]) if r[5]] or ["rowid"]
-            cols = ", ".join('"' + c.replace('"', '""') + '"' for c in columns)
-            same = " AND ".join(f'l."{c.replace(chr(34), chr(34) * 2)}" IS m."{c.replace(chr(34), chr(34) * 2)}"'
-                                for c in columns)
-            literals = ", ".join(f'quote(m."{c.replace(chr(34), chr(34) * 2)}")' for c in columns)
-            key_cols = ", ".join(f'm."{k}"' if k != "rowid" else "m.rowid" for k in keys)
-            missing = conn.execute(f"SELECT {literals}, {key_cols} FROM main.{q} AS m "
+            columns = [r[1].decode("utf-8", "replace") for r in info]
+            keys = [r[1].decode("utf-8", "replace") for r in sorted(info, key=lambda r: r[5]) if r[5]] or ["rowid"]
+            cols = ", ".join(sql_name(c) for c in columns)
+            same = " AND ".join(f"l.{sql_name(c)} IS m.{sql_name(c)}" for c in columns)
+            typed = ", ".join(f"typeof(m.{sql_name(c)}), m.{sql_name(c)}" for c in columns)
+            key_of = [f"m.{sql_name(k)}" if k != "rowid" else "m.rowid" for k in keys]
+            key_typed = ", ".join(f"typeof({k}), {k}" for k in key_of)
+            taken = " AND ".join(f"{'t.rowid' if k == 'rowid' else 't.' + sql_name(k)} = {m}" for k, m in zip(keys, key_of))
+            missing = conn.execute(f"SELECT {typed}, {key_typed}, EXISTS (SELECT 1 FROM live.{q} AS t WHERE {taken}) "
+                                   f"FROM main.{q} AS m "
                                    f"WHERE NOT EXISTS (SELECT 1 FROM live.{q} AS l WHERE {same})").fetchall()
             conflicts = 0
             for row in missing:
-                values, key = row[:len(columns)], row[len(columns):]
-                where = " AND ".join(f"{'rowid' if k == 'rowid' else chr(34) + k + chr(34)} = ?" for k in keys)
-                taken = conn.execute(f"SELECT 1 FROM live.{q} WHERE {where}", key).fetchone()
+                n = 2 * len(columns)
+                values = [sql_literal(row[i].decode(), row[i + 1]) for i in range(0, n, 2)]
                 insert = f"INSERT INTO {q} ({cols}) VALUES ({', '.join(values)});"
-                if taken:
+                if row[-1]:
                     conflicts += 1
-                    lines.append(f"-- CONFLICT: {', '.join(keys)} = {', '.join(map(repr, key))} is used in the live "
+                    shown = ", ".join(sql_literal(row[i].decode(), row[i + 1]) for i in range(n, len(row) - 1, 2))
+                    lines.append(f"-- CONFLICT: {', '.join(keys)} = {shown} is used in the live "
                                  "database by a row written since the restore; merge by hand:")
                     lines.append(f"-- {insert}")
                 else:
@@ -747,3 +756,50 @@ def rows_as_sql(saved_path, live_path):
         return lines, summary
     finally:
         conn.close()
+
+
+def sql_name(name):
+    """An identifier, double-quoted. The schema is the app's, but a name with a control character
+    in it would be the one way left to break a line: refused, never written."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise DeployError(f"a table or column name holds a control character ({name!r}): refused; "
+                          "export those rows by hand")
+    return '"' + name.replace('"', '""') + '"'
+
+
+def sql_literal(kind, value):
+    """value (SQLite type kind) as an SQL literal on one line, which no value can end early.
+
+    Text: 'pieces' with '' for a quote, and every control character (newline, CR, NUL, ...) as
+    char(N) between them: 'my day' || char(10) || 'DELETE ...' stays one literal on one line. Text
+    that is not UTF-8 is written as CAST(X'...' AS TEXT). Blobs are X'hex'; numbers as SQLite reads
+    them back (an infinite real as 9e999); NULL."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value:
+            return "NULL"           # SQLite stores a NaN as NULL anyway
+        if value in (float("inf"), float("-inf")):
+            return "9e999" if value > 0 else "-9e999"
+        return repr(value)
+    if kind == "blob":
+        return f"X'{bytes(value).hex().upper()}'"
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return f"CAST(X'{value.hex().upper()}' AS TEXT)"
+    pieces, plain = [], ""
+    for ch in value:
+        if ord(ch) < 32 or ord(ch) == 127:
+            if plain:
+                pieces.append("'" + plain.replace("'", "''") + "'")
+                plain = ""
+            pieces.append(f"char({ord(ch)})")
+        else:
+            plain += ch
+    if plain or not pieces:
+        pieces.append("'" + plain.replace("'", "''") + "'")
+    return " || ".join(pieces)

@@ -1,7 +1,24 @@
-"""The env's pre_restart commands: argv lists run in the work tree, no shell, a timeout each."""
+"""Commands the tool runs: the env's `build` and `pre_restart` (argv lists, no shell, a timeout each),
+and the one bounded way every other program is started (restic, the alert command).
 
+What run() guarantees, whatever the program does:
+- it returns within `timeout` seconds (plus a moment to reap): past the deadline the program's whole
+  process group is killed (SIGKILL), its children with it; a program starts in a group of its own,
+  and is killed too when this process dies (a kill -9 of the tool leaves no restic behind);
+- it returns as soon as the program itself exits, even when a child it left in the background still
+  holds its stdout or stderr: the pipes are read until the program exits, then drained of what is
+  already in them, and abandoned (a build that ran `some-daemon &` waited out its 900 s timeout);
+- what it keeps of the output is bounded: everything (restic's JSON), the tail only (a command's
+  output shown on failure), or nothing; 400 MB written by an alert command cost 1.1 GiB of memory.
+"""
+
+import ctypes
 import os
+import selectors
+import signal
 import subprocess
+import tempfile
+import time
 from dataclasses import dataclass
 
 from .errors import DeployError
@@ -12,6 +29,158 @@ class CommandFailure:
     argv: list
     why: str
     output: str
+
+
+@dataclass
+class Finished:
+    returncode: int | None      # None: it timed out, and its process group was killed
+    stdout: bytes               # all of it, its tail, or b"" (see run)
+    stderr: bytes
+    seconds: float
+
+    @property
+    def timed_out(self):
+        return self.returncode is None
+
+
+TAIL_BYTES = 64 * 1024      # what is kept of an output whose tail is enough (15 lines are shown)
+DRAIN_SECONDS = 0.5         # after the program exits: output already in the pipe is read, for this long at most
+
+
+def run(argv, timeout, cwd=None, env=None, stdin=None, stdout="tail", stderr="tail", tail=TAIL_BYTES, nice=0,
+        pass_fds=()):
+    """Run argv (a list, never a shell) bounded as the module says; return Finished.
+
+    stdin: bytes to feed it (through an unlinked temp file: a program that never reads cannot block
+    us), or None for /dev/null. stdout, stderr: "all", "tail" (the last `tail` bytes), "discard",
+    "stdout" (stderr only: into the same stream), or an open file to write into (a restic dump).
+    Raises FileNotFoundError / PermissionError when the program cannot start."""
+    start = time.monotonic()
+    deadline = start + timeout
+    feed = None
+    if stdin is not None:
+        feed = tempfile.TemporaryFile()
+        feed.write(stdin)
+        feed.seek(0)
+
+    def target(mode):
+        if mode in ("all", "tail"):
+            return subprocess.PIPE
+        if mode == "discard":
+            return subprocess.DEVNULL
+        if mode == "stdout":
+            return subprocess.STDOUT
+        return mode
+
+    def in_child():
+        # its own group (start_new_session), so the group can be killed; and it dies with us: a tool
+        # killed with SIGKILL leaves no restic waiting on a dead network, nor a build writing on
+        os.nice(nice) if nice else None
+        die_with_parent()
+
+    try:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=feed if feed is not None else subprocess.DEVNULL,
+                                stdout=target(stdout), stderr=target(stderr), start_new_session=True,
+                                pass_fds=pass_fds, preexec_fn=in_child)
+    finally:
+        if feed is not None:
+            feed.close()
+    kept = {}
+    limits = {}
+    sel = selectors.DefaultSelector()
+    for stream, mode in ((proc.stdout, stdout), (proc.stderr, stderr)):
+        if stream is not None:
+            os.set_blocking(stream.fileno(), False)
+            sel.register(stream, selectors.EVENT_READ)
+            kept[stream] = bytearray()
+            limits[stream] = None if mode == "all" else tail
+    exited = pidfd_of(proc)
+    if exited is not None:
+        sel.register(exited, selectors.EVENT_READ)
+    timed_out = False
+    try:
+        while proc.poll() is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                timed_out = True
+                kill_group(proc)
+                break
+            # with a pidfd the program's exit wakes the select; without one, look every 50 ms
+            for key, _ in sel.select(remaining if exited is not None else min(remaining, 0.05)):
+                if key.fileobj is not exited:
+                    read_some(sel, key.fileobj, kept, limits)
+        drain_until = time.monotonic() + DRAIN_SECONDS
+        while len(sel.get_map()) > (exited is not None) and time.monotonic() < drain_until:
+            ready = [key for key, _ in sel.select(0) if key.fileobj is not exited]
+            if not ready:
+                break           # nothing more is there: a child still holding the pipe is not waited for
+            for key in ready:
+                read_some(sel, key.fileobj, kept, limits)
+    finally:
+        sel.close()
+        if exited is not None:
+            os.close(exited)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+        if proc.poll() is None:          # an exception (Ctrl-C) while it ran: it must not outlive us
+            kill_group(proc)
+    return Finished(None if timed_out else proc.returncode, bytes(kept.get(proc.stdout, b"")),
+                    bytes(kept.get(proc.stderr, b"")), round(time.monotonic() - start, 3))
+
+
+PR_SET_PDEATHSIG = 1
+try:
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl       # looked up here: the child only calls it
+except (OSError, AttributeError):
+    _PRCTL = None
+
+
+def die_with_parent():
+    """In the child, before exec: SIGKILL when the process that started it dies (Linux prctl)."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def pidfd_of(proc):
+    """A descriptor that turns readable when proc exits (Linux 5.3+), or None (then run() polls)."""
+    try:
+        return os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def read_some(sel, stream, kept, limits):
+    try:
+        data = os.read(stream.fileno(), 1 << 16)
+    except BlockingIOError:
+        return
+    if not data:
+        sel.unregister(stream)
+        return
+    buf = kept[stream]
+    buf += data
+    limit = limits[stream]
+    if limit is not None and len(buf) > 2 * limit:
+        del buf[:-limit]
+
+
+def kill_group(proc):
+    """SIGKILL the program's process group (it leads its own), then reap the program."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        proc.kill()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass            # unkillable (uninterruptible sleep on a dead mount): abandoned, never waited on
+
+
+def tail_text(data, limit=TAIL_BYTES):
+    return data[-limit:].decode(errors="replace")
 
 
 def run_all(argvs, cwd, timeout):
@@ -29,17 +198,18 @@ BUILD_NICE = 10     # a build runs while the app serves: it yields the CPU to th
 
 
 def run_one(argv, cwd, timeout, nice=0):
+    """One build or pre_restart command: None when it exited 0, else a CommandFailure with the tail
+    of its output (stdout and stderr as they came)."""
     try:
-        proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL, errors="replace",
-                              preexec_fn=(lambda: os.nice(nice)) if nice else None)
+        done = run(argv, timeout, cwd=cwd, stdout="tail", stderr="stdout", nice=nice)
     except FileNotFoundError:
         return CommandFailure(argv, f"could not start: {argv[0]} not found (relative to {cwd})", "")
     except PermissionError:
         return CommandFailure(argv, f"could not start: {argv[0]} is not executable", "")
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        return CommandFailure(argv, f"timed out after {timeout:g}s (command_timeout)", out)
-    if proc.returncode != 0:
-        return CommandFailure(argv, f"failed with exit {proc.returncode}", proc.stdout + proc.stderr)
+    output = tail_text(done.stdout)
+    if done.timed_out:
+        return CommandFailure(argv, f"timed out after {timeout:g}s (command_timeout); its processes were killed",
+                              output)
+    if done.returncode != 0:
+        return CommandFailure(argv, f"failed with exit {done.returncode}", output)
     return None

@@ -1,10 +1,25 @@
-"""Load and validate config.toml (see the contract). Every error names the file and the key."""
+"""Load and validate config.toml (see the contract). Every error names the file and the key.
+
+Confinement (issue 19): every configured path is resolved once, here, relative to the config
+file's folder where it is relative (`path`, `backup_dir`, `state_dir`, `[offsite] password_file`,
+and `[offsite] repository` when it is a local folder; `db` relative to `path`, as the contract
+says). Then one rule, checked at load (exit 2, one line naming both sides):
+- a relative `db` and every `shared` path stay inside the env's tree (no `..` out of it);
+- shared paths do not overlap: none lies inside another, nor inside (or around) the database's
+  folder, which is always shared;
+- no two envs overlap: work trees and their releases folders, databases, shared folders (through
+  links too: compared by real path); a database, backup folder, state folder or local off-site
+  repository never lies inside an env's tree.
+"""
 
 import difflib
+import hashlib
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 from . import SCRIPTS_DIR
 from .errors import usage_error
@@ -20,6 +35,9 @@ REMOTE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 DOMAIN_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 
 SHELL_CHARS = set(";&|$`<>()'\"!{}#")
+# user:password@ in a URL (rest:https://u:pw@host/, s3:https://KEY:SECRET@host/, sftp://u:pw@host/):
+# what mask() hides; the scheme-less sftp:u:pw@host:/path form too
+USERINFO_RE = re.compile(r"(?P<head>(?:[A-Za-z][A-Za-z0-9+.-]*:)+(?://)?)(?P<user>[^:@/\s]*):(?P<pw>[^@\s]*)@")
 
 # key -> (default, description of the expected value); None default = required.
 ENV_KEYS = {
@@ -50,16 +68,47 @@ RETENTION_KEYS = {"daily": 7, "weekly": 4, "monthly": 6}
 TOP_KEYS = ["defaults", "retention", "env", "offsite", "alerts"]
 OFFSITE_KEYS = {"repository": "a restic repository, e.g. \"sftp:backup@nas:/srv/restic/app\" or a folder",
                 "password_file": "a file holding the repository's password, mode 0600",
-                "options": "a list of restic -o options, e.g. [\"sftp.command=ssh -i /home/u/.ssh/backup nas -s sftp\"]"}
+                "options": "a list of restic -o options, e.g. [\"sftp.command=ssh -i /home/u/.ssh/backup nas -s sftp\"]",
+                "host": "the host name this host's copies carry (default: this machine's), e.g. \"web1\"",
+                "id": "this config's id on its copies (default: a hash of host and the config's path), e.g. \"3f2a9c1b7e4d\""}
+# restic's backends other than a local folder ("local:PATH", or any other string, is a folder)
+REMOTE_BACKENDS = ("sftp:", "rest:", "s3:", "swift:", "b2:", "azure:", "gs:", "rclone:")
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ALERT_KEYS = {"webhook": "an http:// or https:// URL (a JSON POST)",
               "command": "an argv list, e.g. [\"/usr/bin/mail\", \"-s\", \"safe-deploy\", \"ops@example.org\"]"}
 
 
 @dataclass
 class Offsite:
-    repository: str
+    repository: str           # a local folder resolved against the config's folder; else as written
     password_file: Path
     options: list
+    host: str = ""            # the identity this config's copies carry (see safedeploy.offsite):
+    id: str = ""              # "" = this machine's host name, and the hash identity() makes
+
+    @property
+    def secrets(self):
+        """The password in the repository's URL, if any, as written and as a URL escapes it: masked
+        wherever restic repeats it (even one that is no valid URL: restic quotes it raw)."""
+        if self.local:
+            return []
+        rest = self.repository.split(":", 1)[1]
+        rest = rest.split("//", 1)[1] if rest.startswith("//") or "://" in rest[:12] else rest
+        userinfo = rest.rsplit("@", 1)[0] if "@" in rest else ""
+        password = userinfo.split(":", 1)[1] if ":" in userinfo else ""
+        return [p for p in dict.fromkeys((password, quote(password, safe=""), unquote(password))) if p]
+
+    @property
+    def shown(self):
+        """The repository as every message shows it: a password in its URL masked."""
+        text = mask(self.repository)
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    @property
+    def local(self):
+        return not self.repository.startswith(REMOTE_BACKENDS)
 
 
 @dataclass
@@ -92,6 +141,7 @@ class Env:
     rehearse_paths: list = field(default_factory=list)
     require_rehearsal: bool = False
     migration_mode: str = "auto"
+    keys: dict = field(default_factory=dict, repr=False)     # key -> where it was set ("env.prod.db", "defaults.db")
 
     @property
     def releases_root(self):
@@ -151,6 +201,15 @@ class Config:
         return self.envs[name]
 
 
+def mask(text):
+    """text with the password of every user:password@ in a URL shown as ***: for every message,
+    alert and argument the tool writes (a repository URL may carry a password; restic's own
+    messages repeat it)."""
+    if not text:
+        return text
+    return USERINFO_RE.sub(lambda m: f"{m['head']}{m['user']}:***@", str(text))
+
+
 def find_config_file(cli_value=None):
     """--config FILE, else $DEPLOY_CONFIG, else config.toml beside the scripts."""
     if cli_value:
@@ -166,6 +225,9 @@ def load(cli_value=None):
     data = read_toml(file)
     check_private(file, "config file", "it names commands this tool runs")
     config = parse(data, file)
+    if config.offsite:
+        config.offsite.host = config.offsite.host or socket.gethostname()
+        config.offsite.id = config.offsite.id or identity(config.offsite.host, file)
     for env in config.envs.values():
         if env.state_dir.is_dir():
             check_private(env.state_dir, "state folder", "it holds the locks and the deploy log")
@@ -177,6 +239,12 @@ def load(cli_value=None):
                               "plain folder (this tool sets its mode and removes files in it)")
     config.explicit = explicit
     return config
+
+
+def identity(host, file):
+    """This config's id on its off-site copies: 12 hex digits of sha256(host, the config's absolute path).
+    Two configs on one host, or one config path on two hosts, get different ids."""
+    return hashlib.sha256(f"{host}\0{Path(file).absolute()}".encode()).hexdigest()[:12]
 
 
 def check_private(path, what, why):
@@ -240,7 +308,10 @@ def parse(data, file):
             fail(f"env.{name}", "must be a table: [env.NAME]")
         envs[name] = parse_env(name, table, defaults, file.parent, fail)
     check_across_envs(envs, fail)
-    return Config(file=file, envs=envs, retention=retention, offsite=parse_offsite(data.get("offsite"), file.parent, fail),
+    offsite = parse_offsite(data.get("offsite"), file.parent, fail)
+    if offsite and offsite.local:
+        check_repository(offsite, envs, fail)
+    return Config(file=file, envs=envs, retention=retention, offsite=offsite,
                   alerts=parse_alerts(data.get("alerts"), fail))
 
 
@@ -272,7 +343,16 @@ def parse_offsite(table, base, fail):
     if st.st_mode & 0o077:
         fail("offsite.password_file", f"{password_file} may be read by others (mode {st.st_mode & 0o777:04o}); "
                                       f"it holds the key to every off-site copy: chmod 600 {password_file}")
-    return Offsite(repository=table["repository"], password_file=password_file, options=list(options))
+    for key in ("host", "id"):
+        if key in table and not (isinstance(table[key], str) and ID_RE.match(table[key])):
+            fail(f"offsite.{key}", f"expected {OFFSITE_KEYS[key]}: letters, digits, '.', '_' and '-'")
+    repository = table["repository"]
+    if not repository.startswith(REMOTE_BACKENDS):
+        # a folder: relative to the config's folder, like every other path here (not to wherever the
+        # command was started: copies scattered into each folder cron or a shell happened to be in)
+        repository = str(resolve(base, repository.removeprefix("local:")))
+    return Offsite(repository=repository, password_file=password_file, options=list(options),
+                   host=table.get("host", ""), id=table.get("id", ""))
 
 
 def parse_alerts(table, fail):
@@ -360,6 +440,7 @@ def parse_env(name, table, defaults, base, fail):
     path = resolve(base, merged["path"])
     if not path.is_dir():
         fail(key_of("path"), f"{path} is not an existing folder")
+    check_inside(name, path, merged["db"], merged["shared"], key_of, fail)
     return Env(
         name=name,
         path=path,
@@ -383,6 +464,7 @@ def parse_env(name, table, defaults, base, fail):
         rehearse_paths=list(merged["rehearse_paths"]),
         require_rehearsal=merged["require_rehearsal"],
         migration_mode=merged["migration_mode"],
+        keys={k: key_of(k) for k in ENV_KEYS},
     )
 
 
@@ -431,16 +513,17 @@ def check_across_envs(envs, fail):
             seen[value] = env.name
     seen = {}
     for env in envs.values():
-        real = env.path.resolve()
-        if real in seen:
-            other = envs[seen[real]]
+        tree = env.path.resolve()
+        if tree in seen:
+            other = envs[seen[tree]]
             if other.branch == env.branch:
                 fail(f"env.{env.name}.path", f"{env.path} is also env {other.name}'s; each env needs its own work tree")
             fail(f"env.{env.name}.path",
                  f"{env.path} is also env {other.name}'s work tree, but on branch {other.branch!r}, not "
                  f"{env.branch!r}: one folder can hold one branch; give {env.name} its own work tree with: "
                  f"git -C {other.path} worktree add {other.path}-{env.name} {env.branch}")
-        seen[real] = env.name
+        seen[tree] = env.name
+    check_envs_apart(envs, fail)
     for env in envs.values():
         if env.promote_from:
             if env.promote_from == env.name:
@@ -448,3 +531,114 @@ def check_across_envs(envs, fail):
             if env.promote_from not in envs:
                 fail(f"env.{env.name}.promote_from",
                      f"no env named {env.promote_from!r}{did_you_mean(env.promote_from, envs)}")
+
+
+# -- confinement -----------------------------------------------------------------------------------
+def inside(child, parent):
+    """child is parent, or lies under it (both normalised absolute paths, as text)."""
+    child, parent = str(child), str(parent).rstrip("/") or "/"
+    return child == parent or child.startswith(parent if parent == "/" else parent + "/")
+
+
+def real(path):
+    return os.path.realpath(path)
+
+
+def db_folder(db_setting):
+    """The database's folder, relative to a release ("" when none), or None for an absolute db."""
+    if os.path.isabs(os.path.expanduser(db_setting)):
+        return None
+    return os.path.dirname(os.path.normpath(db_setting))
+
+
+def check_inside(name, path, db, shared, key_of, fail):
+    """Within one env: a relative db inside the tree; shared paths not nested in each other or in
+    (or around) the database's folder."""
+    folder = db_folder(db)
+    if folder is not None:
+        norm = os.path.normpath(db)
+        if norm in (".", "..") or norm.startswith("../"):
+            fail(key_of("db"), f"{db!r} climbs out of env {name}'s tree ({path}): a relative db must lie inside it "
+                               f"(its folder is shared by the releases, and converting the env moves it into "
+                               f"{path}.releases/shared); give an absolute path for a database kept elsewhere")
+    paths = ([(folder, "the database's folder, always shared")] if folder else []) + \
+        [(os.path.normpath(p), "") for p in shared]
+    for i, (a, why_a) in enumerate(paths):
+        for b, why_b in paths[i + 1:]:
+            if a == b:
+                continue            # the same folder named twice (the db's folder in `shared` too): one link
+            if inside(a, b) or inside(b, a):
+                (inner, why_in), (outer, why_out) = ((a, why_a), (b, why_b)) if inside(a, b) else ((b, why_b), (a, why_a))
+                fail(key_of("shared") if not why_in or why_out else key_of("db"),
+                     f"{inner!r}{f' ({why_in})' if why_in else ''} lies inside {outer!r}"
+                     f"{f' ({why_out})' if why_out else ', also shared'}: shared paths may not overlap (the inner one "
+                     f"would be linked through the outer one's link, and a build removes the live data under it); "
+                     f"share {outer!r} only")
+
+
+def shared_folders(env):
+    """(relative path, real path) of every shared folder of env: in its work tree and in its releases."""
+    rels = ([db_folder(env.db_setting)] if db_folder(env.db_setting) else []) + [os.path.normpath(p) for p in env.shared]
+    return [(rel, real(base / rel)) for rel in dict.fromkeys(rels)
+            for base in (env.path, env.releases_root / "shared")]
+
+
+def env_trees(env):
+    return [real(env.path), real(env.releases_root)]
+
+
+def env_dbs(env):
+    found = [real(env.db_in_tree)]
+    if db_folder(env.db_setting) is not None:
+        found.append(real(resolve(env.releases_root / "shared", env.db_setting)))
+    return found
+
+
+def check_envs_apart(envs, fail):
+    """No two envs overlap, through links too; nothing of the tool's lies in an env's tree."""
+    for a in envs.values():
+        for b in envs.values():
+            if a is b:
+                continue
+            for ta in env_trees(a):
+                for tb in env_trees(b):
+                    if inside(ta, tb):
+                        fail(a.keys["path"], f"{a.path} lies inside env {b.name}'s tree ({tb}): each env needs a "
+                                             "tree of its own, beside the others' (a conversion or a build of one "
+                                             "would move or remove the other's files)")
+            for db in env_dbs(a):
+                for tb in env_trees(b):
+                    if inside(db, tb):
+                        fail(a.keys["db"], f"{db} lies inside env {b.name}'s tree ({tb}): {b.name}'s deploys, "
+                                           f"conversion and rollbacks would move or replace env {a.name}'s database")
+            for rel, folder in shared_folders(a):
+                for tb in env_trees(b):
+                    if inside(folder, tb) or inside(tb, folder):
+                        fail(a.keys["shared"] if rel != db_folder(a.db_setting) else a.keys["db"],
+                             f"{a.name}'s shared folder {rel!r} is {folder}, which overlaps env {b.name}'s tree ({tb}): "
+                             "each env's shared data must be its own")
+                for rel_b, other in shared_folders(b):
+                    if inside(folder, other) or inside(other, folder):
+                        fail(a.keys["shared"] if rel != db_folder(a.db_setting) else a.keys["db"],
+                             f"{a.name}'s shared folder {rel!r} ({folder}) overlaps env {b.name}'s {rel_b!r} ({other}): "
+                             "a conversion of one would move the other's live data")
+    for a in envs.values():
+        for key, folder in (("backup_dir", a.backup_dir), ("state_dir", a.state_dir)):
+            for b in envs.values():
+                for tb in env_trees(b):
+                    if inside(real(folder), tb):
+                        fail(a.keys[key], f"{folder} lies inside env {b.name}'s tree ({tb}): the tool's own "
+                                          f"folders stay out of the app's (a release, a rehearsal or a conversion "
+                                          "would copy, move or remove them)")
+
+
+def check_repository(offsite, envs, fail):
+    """A local off-site repository lies outside every env's tree and backup folder: the copies that
+    survive the loss of the app's folders cannot live in them."""
+    repo = real(offsite.repository)
+    for env in envs.values():
+        for folder in env_trees(env) + [real(env.backup_dir)]:
+            if inside(repo, folder):
+                fail("offsite.repository", f"{offsite.repository} lies inside env {env.name}'s "
+                                           f"{'backup folder' if folder == real(env.backup_dir) else 'tree'} ({folder}): "
+                                           "off-site copies must live elsewhere")

@@ -3,33 +3,60 @@
 restic does what this would otherwise do badly by hand: content-defined chunking (a night in which
 1% of a database's pages changed adds about 1% of it, not a whole copy), encryption, any backend
 (a folder on another disk, sftp:, S3, B2, rest-server) and `check` that reads the packs back. It
-is driven through its CLI with --json; every call has a timeout and never asks for a password.
+is driven through its CLI with --json, through commands.run: every call is bounded (a listing for
+a rollback by a few seconds, see copies_for), killed with its process group past its bound (an
+ssh it started too), and never asks for a password.
 
 Each verified local backup becomes one snapshot holding the database copy, its manifest and its
-unit file, tagged `safe-deploy`, `env=`, `reason=`, `commit=`, `sha256=`, `file=` (the copy's file
-name, which is how a local copy and its off-site twin are matched) and `time=` (the backup's own).
-A copy fetched back is written beside the local ones under the same name and is trusted only
-after its sha256 and SQLite's integrity_check pass, like a local one.
+unit file, tagged `safe-deploy`, `host=` and `config=` (whose copy it is: this host's name and
+this config's id, see config.identity), `env=`, `reason=`, `commit=`, `sha256=`, `file=` (the
+copy's file name, which is how a local copy and its off-site twin are matched) and `time=` (the
+backup's own); restic's own --host is this host's name too.
 
-The password lives in password_file (0600, checked when the config loads); restic reads it
-itself, so it never passes through this process's arguments, output, logs or alerts.
+Confinement (issue 19): listing, restoring and pruning see only this config's copies: those
+tagged with its config id, and copies pushed before the tag existed (no `config=` tag) whose
+restic host is this host's name. Another host's or another config's copies in a shared repository
+are never listed, restored or forgotten. A copy fetched back is written into a fresh private
+folder (mkdtemp, 0700) under names this module chooses (never the snapshot's own paths), and is
+used only when its manifest's env is the env asked for, its sha256 is the tagged one (file and
+manifest) and SQLite's integrity_check passes; then it is linked beside the local backups under
+its own name only when no file has that name (a link never replaces), else it stays in its folder.
+A hostile snapshot therefore can neither overwrite nor delete anything: it writes only into a
+folder made for it, and a copy that fails is removed from there alone.
+
+Secrets: the password lives in password_file (0600, checked when the config loads), which restic
+reads itself. The repository reaches restic through --repository-file on a pipe, never through
+argv (visible in `ps`), and every message shows it with a password in its URL masked
+(user:***@), restic's own messages included.
 """
 
 import json
 import os
-import subprocess
+import re
+import shutil
+import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import backups
+from . import backups, commands
+from .config import mask
 from .errors import DeployError
-from .files import fsync_dir, make_private_dir, remove_quietly, temp_path_for, write_atomic
+from .files import fsync_dir, make_private_dir, remove_quietly, write_atomic
 from .state import age_seconds, now_iso
 
-SHORT_TIMEOUT = 300       # listing, forget, init, dump of a manifest
+LIST_TIMEOUT = 60         # a listing for backup.py (a rollback's: copies_for, a few seconds)
+SHORT_TIMEOUT = 300       # forget, init, unlock, the repository's config, the dump of a manifest
 LONG_TIMEOUT = 6 * 3600   # backup, prune, check, dump of a database: bounded, but never cut a big copy short
+ROLLBACK_LIST_TIMEOUT = 5  # a rollback never waits longer than this on the off-site listing
 STALE_HOURS = 26          # a nightly copy more than a day and two hours old: a night was missed
+MANIFEST_LIMIT = 1 << 20  # a manifest is a few hundred bytes: a bigger one is not read
+FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.sqlite3$")    # a copy's file name: no '/', no dot file
+# "no repository there yet": restic cannot open the config file because it is not there. restic says
+# "Is there a repository at ...?" after every failure to open it, a refused connection included:
+# that alone is trouble, never "none yet" (a dead server listed as an empty repository, exit 0)
+NOT_THERE = ("no such file or directory", "does not exist", "not found", "404")
 
 
 @dataclass
@@ -43,6 +70,8 @@ class Copy:
     commit: str
     sha256: str
     paths: list
+    host: str = ""            # restic's host of the snapshot
+    config: str = ""          # its config= tag ("" for a copy pushed before the tag existed)
 
     @property
     def name(self):
@@ -57,60 +86,141 @@ class Copy:
 class Restic:
     def __init__(self, offsite):
         self.offsite = offsite
+        self.host = offsite.host or socket.gethostname()
+        if not offsite.id:
+            raise DeployError("[offsite] has no config id (config.load sets one): refusing to list or push copies "
+                              "that would not say whose they are")
+        self.id = offsite.id
+
+    @property
+    def shown(self):
+        return self.offsite.shown
+
+    def mask(self, text):
+        text = mask(text)
+        for secret in self.offsite.secrets:
+            text = text.replace(secret, "***")
+        return text
 
     def run(self, *args, timeout=SHORT_TIMEOUT, stdout=None):
-        """restic ARGS; its output as text, or into the open file stdout (a dump). Reads take no lock."""
-        lock = ["--no-lock"] if args[0] in ("snapshots", "dump") else []
-        options = [x for o in self.offsite.options for x in ("-o", o)]
-        argv = ["restic", "--repo", self.offsite.repository, "--password-file", str(self.offsite.password_file),
-                *lock, *options, *args]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RESTIC_")}
+        """restic ARGS; its output as text, or into the open file stdout (a dump). Reads take no lock.
+        A call refused because the repository is locked runs once more after `restic unlock`, which
+        removes only stale locks (a restic killed with SIGKILL left its own); a live one still refuses."""
         try:
-            proc = subprocess.run(argv, stdout=stdout or subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
-                                  env=env, stdin=subprocess.DEVNULL)
+            return self.run_once(*args, timeout=timeout, stdout=stdout)
+        except DeployError as exc:
+            if args[0] == "unlock" or "already locked" not in getattr(exc, "stderr", ""):
+                raise
+        self.unlock()
+        if stdout is not None:
+            stdout.seek(0)
+            stdout.truncate()
+        return self.run_once(*args, timeout=timeout, stdout=stdout)
+
+    def run_once(self, *args, timeout=SHORT_TIMEOUT, stdout=None):
+        lock = ["--no-lock"] if args[0] in ("snapshots", "dump", "cat") else []
+        options = [x for o in self.offsite.options for x in ("-o", o)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RESTIC_")}
+        # the repository through a pipe restic reads as its --repository-file: never in argv (ps shows
+        # argv to every user), never in a file left behind by a kill
+        read_end, write_end = os.pipe()
+        try:
+            os.write(write_end, self.offsite.repository.encode() + b"\n")
+            os.close(write_end)
+            write_end = None
+            argv = ["restic", "--repository-file", f"/dev/fd/{read_end}", "--password-file",
+                    str(self.offsite.password_file), *lock, *options, *args]
+            done = commands.run(argv, timeout, env=env, stdout="all" if stdout is None else stdout, stderr="tail",
+                                pass_fds=(read_end,))
         except FileNotFoundError:
             raise DeployError("restic is not installed (apt-get install restic): [offsite] needs it") from None
-        except subprocess.TimeoutExpired:
-            raise DeployError(f"restic {args[0]} on {self.offsite.repository} did not finish within {timeout}s") from None
-        if proc.returncode != 0:
-            error = DeployError(f"restic {args[0]} on {self.offsite.repository} failed: {reason(proc.stderr)}")
-            error.stderr = proc.stderr.decode(errors="replace")
+        finally:
+            os.close(read_end)
+            if write_end is not None:
+                os.close(write_end)
+        if done.timed_out:
+            raise DeployError(f"restic {args[0]} on {self.shown} did not finish within {timeout:g}s (stopped)")
+        if done.returncode != 0:
+            error = DeployError(f"restic {args[0]} on {self.shown} failed: {self.mask(reason(done.stderr))}")
+            error.stderr = self.mask(done.stderr.decode(errors="replace"))
             raise error
-        return proc.stdout.decode(errors="replace") if stdout is None else ""
+        return done.stdout.decode(errors="replace") if stdout is None else ""
 
     def ensure_repository(self):
         """Open the repository; initialise it when there is none there yet (first use)."""
         if not self.exists():
             self.run("init")
 
-    def exists(self):
+    def exists(self, timeout=SHORT_TIMEOUT):
         """True when the repository opens; False when there is none there yet; DeployError otherwise
         (unreachable, or the password does not open it)."""
         try:
-            self.run("cat", "config")
+            self.run("cat", "config", timeout=timeout)
         except DeployError as exc:
-            text = getattr(exc, "stderr", "") or str(exc)
-            if "wrong password" in text or "no key found" in text:
-                raise DeployError(f"off-site repository {self.offsite.repository}: the password in "
-                                  f"{self.offsite.password_file} does not open it") from None
-            if not any(s in text for s in ("does not exist", "Is there a repository", "unable to open config file")):
+            if not self.no_repository(exc):
                 raise
             return False
         return True
 
-    def copies_if_any(self, env_name=None):
-        """copies(), or [] when no repository was made yet (no backup has been pushed): listing never creates one."""
-        return self.copies(env_name) if self.exists() else []
+    def no_repository(self, exc):
+        """Whether exc says there is no repository there yet (else: raise it, or a clearer one)."""
+        text = getattr(exc, "stderr", "") or str(exc)
+        if "wrong password" in text or "no key found" in text:
+            raise DeployError(f"off-site repository {self.shown}: the password in "
+                              f"{self.offsite.password_file} does not open it") from None
+        lines = [line for line in text.splitlines() if "unable to open config file" in line]
+        return any(s in line.lower() for line in lines for s in NOT_THERE)
+
+    # -- whose copies -------------------------------------------------------------------------------
+    def tags(self, backup):
+        return ["safe-deploy", f"host={self.host}", f"config={self.id}", f"env={backup.env}", f"reason={backup.reason}",
+                f"commit={backup.commit}", f"sha256={backup.sha256}", f"file={Path(backup.path).name}",
+                f"time={backup.time}"]
+
+    def ours(self, copy):
+        """This config's copy: its config id; or, pushed before that tag existed, this host's (restic's --host)."""
+        return copy.config == self.id if copy.config else copy.host == self.host
+
+    def scan(self, timeout=LIST_TIMEOUT):
+        """(this config's copies, how many other safe-deploy copies the repository holds), newest first.
+        One restic call; no repository yet is ([], 0): listing never creates one."""
+        try:
+            out = self.run("snapshots", "--json", "--tag", "safe-deploy", timeout=timeout)
+        except DeployError as exc:
+            if self.no_repository(exc):
+                return [], 0
+            raise
+        found, others = [], 0
+        for snap in json.loads(out or "[]") or []:
+            tags = dict(t.split("=", 1) for t in snap.get("tags") or [] if "=" in t)
+            if not tags.get("file") or not tags.get("sha256"):
+                continue
+            copy = Copy(id=snap["id"], env=tags.get("env", ""), file=tags["file"],
+                        time=tags.get("time") or snap.get("time", ""), reason=tags.get("reason", ""),
+                        commit=tags.get("commit", ""), sha256=tags["sha256"], paths=snap.get("paths") or [],
+                        host=snap.get("hostname", ""), config=tags.get("config", ""))
+            if self.ours(copy):
+                found.append(copy)
+            else:
+                others += 1
+        return sorted(found, key=lambda c: c.time, reverse=True), others
+
+    def copies(self, env_name=None, timeout=LIST_TIMEOUT):
+        """This config's off-site copies, newest first (of one env, or all)."""
+        found, _ = self.scan(timeout)
+        return [c for c in found if env_name is None or c.env == env_name]
+
+    def copies_if_any(self, env_name=None, timeout=LIST_TIMEOUT):
+        """copies(): [] when no repository was made yet (no backup has been pushed)."""
+        return self.copies(env_name, timeout)
 
     # -- copies ----------------------------------------------------------------------------------
-    def push(self, backup, host):
-        """Store a verified local backup (database, manifest, unit file) as one snapshot."""
+    def push(self, backup):
+        """Store a verified local backup (database, manifest, unit file) as one snapshot of this config."""
         paths = [p for p in (backup.path, str(backup.manifest_path), backup.unit_backup) if p and Path(p).exists()]
-        tags = ["safe-deploy", f"env={backup.env}", f"reason={backup.reason}", f"commit={backup.commit}",
-                f"sha256={backup.sha256}", f"file={Path(backup.path).name}", f"time={backup.time}"]
         start = time.monotonic()
-        out = self.run("backup", "--json", "--host", host, *[x for t in tags for x in ("--tag", t)], *paths,
-                       timeout=LONG_TIMEOUT)
+        out = self.run("backup", "--json", "--host", self.host, *[x for t in self.tags(backup) for x in ("--tag", t)],
+                       *paths, timeout=LONG_TIMEOUT)
         summary = {}
         for line in out.splitlines():
             try:
@@ -122,67 +232,90 @@ class Restic:
         return {"snapshot": summary.get("snapshot_id", ""), "added": summary.get("data_added", 0),
                 "seconds": round(time.monotonic() - start, 2)}
 
-    def copies(self, env_name=None):
-        """The off-site copies, newest first (of one env, or all)."""
-        tag = "safe-deploy" + (f",env={env_name}" if env_name else "")
-        out = self.run("snapshots", "--json", "--tag", tag)
-        found = []
-        for snap in json.loads(out or "[]") or []:
-            tags = dict(t.split("=", 1) for t in snap.get("tags", []) if "=" in t)
-            if not tags.get("file") or not tags.get("sha256"):
-                continue
-            found.append(Copy(id=snap["id"], env=tags.get("env", ""), file=tags["file"],
-                              time=tags.get("time") or snap.get("time", ""), reason=tags.get("reason", ""),
-                              commit=tags.get("commit", ""), sha256=tags["sha256"], paths=snap.get("paths", [])))
-        return sorted(found, key=lambda c: c.time, reverse=True)
-
-    def fetch(self, copy, folder):
-        """Bring a copy back into folder under its own name; return the Backup once its sha256 and
-        integrity check pass. A copy that fails is removed again and the error says why."""
+    def fetch(self, copy, folder, env_name=None):
+        """Bring a copy of env_name (default: the env its tag names) back into a fresh private folder
+        made under folder; return the Backup there once it verifies (see the module's contract). A
+        copy that fails is removed, with its folder, and the error says why; nothing outside that
+        folder is written or removed. (fetch_for also links it beside the local backups.)"""
+        env_name = env_name or copy.env
+        if not self.ours(copy):
+            raise DeployError(f"the off-site copy {copy.file} (snapshot {copy.id[:8]}) is not this config's "
+                              f"(host {copy.host!r}, config {copy.config or '-'}): refused")
+        if copy.env != env_name:
+            raise DeployError(f"the off-site copy {copy.file} (snapshot {copy.id[:8]}) is tagged env {copy.env!r}, "
+                              f"not {env_name!r}: refused")
+        if not FILE_RE.match(copy.file):
+            raise DeployError(f"the off-site copy {copy.id[:8]} names its file {copy.file!r}: not a backup's name, refused")
+        stem = copy.file.removesuffix(".sqlite3")
+        wanted = {copy.file: "db", copy.file + ".json": "manifest", stem + ".unit": "unit"}
+        sources = {}
+        for source in copy.paths:       # the snapshot's own paths: read from, never written to by their names
+            kind = wanted.get(os.path.basename(str(source)))
+            if kind and kind not in sources:
+                sources[kind] = source
+        if "db" not in sources or "manifest" not in sources:
+            raise DeployError(f"the off-site copy {copy.file} (snapshot {copy.id[:8]}) lacks its database or its "
+                              "manifest: refused")
         folder = make_private_dir(folder)
-        db_file = folder / copy.file
-        if db_file.exists():
-            raise DeployError(f"{db_file} exists already: it is the local copy; use it")
-        written = []
+        remove_unfinished(folder)
+        stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX + f"{copy.id[:8]}-", dir=folder))
         try:
-            for source in copy.paths:           # the copy, its manifest, its unit file: their own names
-                target = folder / Path(source).name
-                self.dump(copy.id, source, target)
-                written.append(target)
-            manifest = json.loads((folder / (copy.file + ".json")).read_text())
-            manifest.update(path=str(db_file), unit_backup=str(db_file.with_suffix(".unit"))
-                            if db_file.with_suffix(".unit").exists() else None)
-            backup = backups.Backup(**{k: v for k, v in manifest.items() if k in backups.Backup.__dataclass_fields__})
-            problem = backups.verify_backup(backup) if backup.sha256 == copy.sha256 else "its sha256 is not the tagged one"
-            if problem != "ok":
+            # the snapshot's manifest under a name of its own: <file>.json appears only once the copy verifies
+            db_file, manifest_file = stage / copy.file, stage / "snapshot-manifest"
+            self.dump(copy.id, sources["db"], db_file)
+            self.dump(copy.id, sources["manifest"], manifest_file, limit=MANIFEST_LIMIT)
+            unit_file = stage / (stem + ".unit")
+            if "unit" in sources:
+                self.dump(copy.id, sources["unit"], unit_file, limit=MANIFEST_LIMIT)
+            manifest = json.loads(manifest_file.read_text())
+            problem = backups.manifest_problem(manifest)
+            if not problem and manifest.get("env") != env_name:
+                problem = f"its manifest is env {manifest.get('env')!r}'s, not {env_name!r}'s"
+            if not problem and manifest.get("sha256") != copy.sha256:
+                problem = "its manifest's sha256 is not the tagged one"
+            if problem:
                 raise DeployError(f"the off-site copy {copy.file} (snapshot {copy.id[:8]}) does not verify: {problem}")
+            manifest.update(path=str(db_file), unit_backup=str(unit_file) if unit_file.exists() else None)
+            backup = backups.Backup(**{k: v for k, v in manifest.items() if k in backups.Backup.__dataclass_fields__})
+            verdict = backups.verify_backup(backup)
+            if verdict != "ok":
+                raise DeployError(f"the off-site copy {copy.file} (snapshot {copy.id[:8]}) does not verify: {verdict}")
             write_atomic(backup.manifest_path, json.dumps(backup.to_json(), indent=2) + "\n")
-        except (DeployError, OSError, ValueError, TypeError) as exc:
-            for path in written:
-                remove_quietly(path)
-            if isinstance(exc, DeployError):
-                raise
-            raise DeployError(f"the off-site copy {copy.file} could not be read back: {exc}") from None
+            remove_quietly(manifest_file)
+        except BaseException as exc:
+            shutil.rmtree(stage, ignore_errors=True)        # the folder made for it: nothing else
+            if isinstance(exc, (OSError, ValueError, TypeError)):
+                raise DeployError(f"the off-site copy {copy.file} could not be read back: {exc}") from None
+            raise
         return backup
 
-    def dump(self, snapshot, source, target):
-        tmp = temp_path_for(target)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                self.run("dump", snapshot, source, timeout=LONG_TIMEOUT, stdout=fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-            fsync_dir(target.parent)
-        except BaseException:
-            remove_quietly(tmp)
-            raise
+    def dump(self, snapshot, source, target, limit=None):
+        """restic dump of one path into target, a new file (O_EXCL: never an existing one)."""
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            self.run("dump", snapshot, str(source), timeout=SHORT_TIMEOUT if limit else LONG_TIMEOUT, stdout=fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+            if limit and fh.tell() > limit:
+                raise DeployError(f"{os.path.basename(target)} in snapshot {snapshot[:8]} is {fh.tell()} bytes: "
+                                  "not a manifest or a unit file")
+        fsync_dir(target.parent)
 
     # -- retention and checks ----------------------------------------------------------------------
+    def unlock(self):
+        """restic unlock: removes only stale locks (a restic killed mid-push, e.g. by kill -9, left one
+        that made every forget and prune fail with 'repository is already locked'). No repository yet:
+        nothing to unlock."""
+        try:
+            self.run("unlock", timeout=SHORT_TIMEOUT)
+        except DeployError as exc:
+            if not self.no_repository(exc):
+                raise
+
     def forget(self, copies):
-        if copies:
-            self.run("forget", *[c.id for c in copies], timeout=LONG_TIMEOUT)
+        mine = [c for c in copies if self.ours(c)]       # never another host's or config's
+        if mine:
+            self.run("forget", *[c.id for c in mine], timeout=SHORT_TIMEOUT)
 
     def prune(self):
         self.run("prune", timeout=LONG_TIMEOUT)
@@ -193,11 +326,87 @@ class Restic:
 
 
 def reason(stderr):
-    """restic's last meaningful line, without the password file's content (restic never prints it)."""
-    text = stderr.decode(errors="replace")
+    """restic's last meaningful line (the caller masks it; restic never prints the password file's content)."""
+    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    fatal = [line for line in lines if line.startswith("Fatal:")]
+    fatal = [line for line in lines if line.startswith("Fatal:") or "already locked" in line]
     return (fatal[-1] if fatal else lines[-1] if lines else "no message")[:400]
+
+
+# -- for rollback.py: bounded listing, verified fetch ------------------------------------------------
+def copies_for(config, env, timeout=ROLLBACK_LIST_TIMEOUT):
+    """(env's off-site copies of this config, newest first; None) or ([], why they could not be
+    listed), within timeout seconds whatever the network does (a black-holed repository held every
+    rollback for 300 s); ([], None) without [offsite]. Never raises for the repository's trouble."""
+    if not config.offsite:
+        return [], None
+    try:
+        return Restic(config.offsite).copies(env.name, timeout=timeout), None
+    except DeployError as exc:
+        return [], str(exc)
+
+
+def fetch_for(config, copy, env):
+    """Fetch copy (one of copies_for's) for a rollback of env: verified (env, sha256, integrity) in a
+    fresh private folder under env's backup folder, then linked beside the local backups under its
+    own name when no file there has that name (a local backup like any other: listed, pruned by
+    [retention]); else it stays in that folder. Returns the backups.Backup; raises DeployError."""
+    if not config.offsite:
+        raise DeployError(f"{copy.file} is an off-site copy, but {config.file} has no [offsite] any more")
+    backup = Restic(config.offsite).fetch(copy, env.backup_dir, env.name)
+    return publish(backup, env.backup_dir)
+
+
+STAGE_PREFIX = "offsite-fetch-"
+UNFINISHED_AGE = 600
+
+
+def remove_unfinished(folder):
+    """The folders of fetches that were killed before their copy verified (no <file>.json in them yet):
+    partial downloads, never a backup. A verified copy kept in its folder (its name was taken) stays.
+    One written to in the last UNFINISHED_AGE seconds may be a fetch running now (a --drill takes no
+    lock): it is left alone."""
+    for stage in Path(folder).glob(STAGE_PREFIX + "*"):
+        if stage.is_dir() and not stage.is_symlink() and not any(stage.glob("*.sqlite3.json")):
+            try:
+                newest = max([stage.stat().st_mtime] + [p.stat().st_mtime for p in stage.iterdir()])
+            except OSError:
+                continue
+            if time.time() - newest > UNFINISHED_AGE:
+                shutil.rmtree(stage, ignore_errors=True)
+
+
+def publish(backup, folder):
+    """Link a fetched, verified backup from its own folder into folder under its name: the database and
+    unit file first, the manifest last (then it counts). os.link never replaces a file: if any name is
+    taken, the links made are undone and the backup stays where it is. Returns the Backup where it is."""
+    stage, folder = Path(backup.path).parent, Path(folder)
+    names = [(Path(backup.path), folder / Path(backup.path).name)]
+    if backup.unit_backup:
+        names.append((Path(backup.unit_backup), folder / Path(backup.unit_backup).name))
+    made = []
+    moved = backups.Backup(**{**backup.to_json(), "path": str(folder / Path(backup.path).name),
+                              "unit_backup": str(names[1][1]) if backup.unit_backup else None})
+    manifest_tmp = stage / ".published.json"
+    try:
+        for source, target in names:
+            os.link(source, target)
+            made.append((source, target))
+        write_atomic(manifest_tmp, json.dumps(moved.to_json(), indent=2) + "\n")
+        os.link(manifest_tmp, moved.manifest_path)
+        remove_quietly(manifest_tmp)
+    except (OSError, DeployError):          # a name taken (or a link refused): it stays in its own folder
+        for source, target in made:
+            try:
+                if os.path.samefile(source, target):    # ours: the same inode, never a file someone else made
+                    remove_quietly(target)
+            except OSError:
+                pass
+        remove_quietly(manifest_tmp)
+        return backup
+    fsync_dir(folder)
+    shutil.rmtree(stage, ignore_errors=True)
+    return moved
 
 
 # -- when the last copy reached off-site ------------------------------------------------------------
@@ -233,19 +442,3 @@ def stale(env):
         return (f"the last backup of {env.name} that reached off-site was taken {age / 3600:.0f} hours ago "
                 f"({last.get('file')}); every copy since stayed on this host's disk")
     return f"no backup of {env.name} has reached off-site in the {age / 3600:.0f} hours since [offsite] was first used"
-
-
-# -- what rollback.py asks of the off-site copies ----------------------------------------------------
-def copies_for(config, env):
-    """(env's off-site copies, None) or ([], why they could not be listed); ([], None) without [offsite]."""
-    if not config.offsite:
-        return [], None
-    try:
-        return Restic(config.offsite).copies_if_any(env.name), None
-    except DeployError as exc:
-        return [], str(exc)
-
-
-def fetch_for(config, copy, env):
-    """A copy fetched back for a rollback, verified: a backups.Backup."""
-    return Restic(config.offsite).fetch(copy, env.backup_dir)

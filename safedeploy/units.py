@@ -478,7 +478,8 @@ def handover_restart(unit, quick_stop=None):
 
 def render_socket_service(text, unit, notify):
     """The service unit `text`, changed to take its socket from systemd: Requires/After the
-    socket, Type=notify (readiness) when the server can tell it, a graceful stop."""
+    socket (added beside the unit's own Requires=/After=, which stay), Type=notify (readiness)
+    when the server can tell it, a graceful stop."""
     sock = socket_name(unit)
     sections, current = {}, None
     order = []
@@ -507,8 +508,20 @@ def render_socket_service(text, unit, notify):
             lines.pop()
         lines.append(f"{key}={value}")
 
-    setting("[Unit]", "Requires", sock)
-    setting("[Unit]", "After", sock)
+    def depend(key, value):
+        """Requires= and After= add up over lines in systemd: the unit's own stay as they are (its
+        database, its network) and the socket gets a line of its own, unless a line names it already."""
+        lines = sections.setdefault("[Unit]", [])
+        if "[Unit]" not in order:
+            order.insert(0, "[Unit]")
+        if any(line.strip().startswith(f"{key}=") and value in line.split("=", 1)[1].split() for line in lines):
+            return
+        while lines and not lines[-1].strip():
+            lines.pop()
+        lines.append(f"{key}={value}")
+
+    depend("Requires", sock)
+    depend("After", sock)
     setting("[Service]", "Sockets", sock)      # its fds whichever unit the socket activates (see holder_name)
     if notify:
         setting("[Service]", "Type", "notify")

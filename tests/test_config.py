@@ -166,3 +166,106 @@ def test_every_script_without_its_requirements_says_what_to_install(tmp_path):
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert "GitPython" in lines[0] and "requests" in lines[0] and "pip install -r" in lines[0]
+
+
+# -- issue 19: one confinement rule for every configured path ---------------------------------------------
+CONFINED = """
+[env.prod]
+path = "prod"
+branch = "main"
+port = 8000
+db = "instance/app.db"
+unit = "app.service"
+{prod}
+
+[env.dev]
+path = "dev"
+branch = "dev"
+port = 8001
+db = "instance/app.db"
+unit = "app-dev.service"
+{dev}
+"""
+
+
+def confined(tmp_path, prod="", dev="", top=""):
+    """CONFINED with the lines given for each env: a key the template sets already is replaced."""
+    sections = CONFINED.format(prod="", dev="").split("[env.dev]")
+    for i, extra in enumerate((prod, dev)):
+        for line in filter(None, extra.splitlines()):
+            key = line.split("=", 1)[0].strip()
+            lines = sections[i].splitlines()
+            hit = [n for n, old in enumerate(lines) if old.split("=", 1)[0].strip() == key]
+            if hit:
+                lines[hit[0]] = line
+            else:
+                lines.insert(len(lines) - 1, line)
+            sections[i] = "\n".join(lines) + "\n"
+    return write(tmp_path, top + "[env.dev]".join(sections))
+
+
+REFUSED = [
+    # 1: a shared path inside the database's folder (always shared): the build removed the live uploads
+    ({"prod": 'shared = ["instance/uploads"]'},
+     r"env\.prod\.shared: 'instance/uploads' lies inside 'instance' \(the database's folder, always shared\)"),
+    ({"prod": 'shared = ["static", "static/img"]'}, r"env\.prod\.shared: 'static/img' lies inside 'static', also shared"),
+    ({"prod": 'db = "data/sqlite/app.db"\nshared = ["data"]'},
+     r"env\.prod\.db: 'data/sqlite' \(the database's folder, always shared\) lies inside 'data', also shared"),
+    # 2: a db that climbs out of its tree (its folder became the shared path ../data: prod's live
+    # database was renamed into dev's releases)
+    ({"dev": 'db = "../data/dev.sqlite"'}, r"env\.dev\.db: '\.\./data/dev\.sqlite' climbs out of env dev's tree"),
+    ({"dev": 'db = "instance/../../prod/instance/x.db"'}, r"env\.dev\.db: .* climbs out of env dev's tree"),
+    # no two envs overlap
+    ({"prod": 'db = "{root}/dev/instance/prod.db"'}, r"env\.prod\.db: .*/dev/instance/prod\.db lies inside env dev's tree"),
+    ({"dev": 'path = "prod/dev"'}, r"env\.dev\.path: .*/prod/dev lies inside env prod's tree"),
+    ({"prod": 'backup_dir = "prod/backups"'}, r"env\.prod\.backup_dir: .*/prod/backups/prod lies inside env prod's tree"),
+    ({"dev": 'state_dir = "prod/instance/state"'}, r"env\.dev\.state_dir: .*/prod/instance/state lies inside env prod's tree"),
+]
+
+
+@pytest.mark.parametrize("keys, message", REFUSED, ids=[f"refused{i}" for i in range(len(REFUSED))])
+def test_paths_that_overlap_are_refused_at_load_naming_both(tmp_path, keys, message):
+    f = confined(tmp_path, **{k: v.replace("{root}", str(tmp_path)) for k, v in keys.items()})
+    (tmp_path / "prod" / "dev").mkdir()
+    with pytest.raises(DeployError, match=message) as info:
+        config.load(str(f))
+    assert info.value.code == 2 and str(f) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_db_folder_linked_into_another_env_s_tree_is_refused(tmp_path):
+    """Through links too: prod's instance/ is a link to dev's instance/ (two file names, one folder)."""
+    f = confined(tmp_path, prod='db = "instance/prod.db"')
+    (tmp_path / "dev" / "instance").mkdir()
+    (tmp_path / "prod" / "instance").symlink_to(tmp_path / "dev" / "instance")
+    with pytest.raises(DeployError, match=r"env\.prod\.db: .*/dev/instance/prod\.db lies inside env dev's tree") as info:
+        config.load(str(f))
+    assert info.value.code == 2
+
+
+def test_what_stays_inside_is_accepted(tmp_path):
+    """The database's folder named in `shared` too, distinct shared paths, an absolute db elsewhere,
+    and the two envs' dbs in one folder outside both trees (absolute: that folder is never moved)."""
+    (tmp_path / "data").mkdir()
+    f = confined(tmp_path, prod='shared = ["instance", "./uploads", "static/img"]\ndb = "instance/app.db"',
+                 dev=f'db = "{tmp_path}/data/dev.db"')
+    cfg = config.load(str(f))
+    assert cfg.envs["dev"].db == tmp_path / "data" / "dev.db"
+
+
+def test_a_relative_offsite_repository_is_the_config_s_folder_not_the_current_one(tmp_path, monkeypatch):
+    """13: copies scattered into whatever folder cron or a shell was started in."""
+    pw = tmp_path / "pw"
+    pw.write_text("x\n")
+    pw.chmod(0o600)
+    f = confined(tmp_path, top='[offsite]\nrepository = "offsite-repo"\npassword_file = "pw"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert config.load(str(f)).offsite.repository == str(tmp_path / "offsite-repo")
+    f = confined(tmp_path, top='[offsite]\nrepository = "local:../repo"\npassword_file = "pw"\n')
+    assert config.load(str(f)).offsite.repository == str(tmp_path.parent / "repo")
+    f = confined(tmp_path, top='[offsite]\nrepository = "sftp:u@nas:relative/on/the/nas"\npassword_file = "pw"\n')
+    assert config.load(str(f)).offsite.repository == "sftp:u@nas:relative/on/the/nas"
+    f = confined(tmp_path, top='[offsite]\nrepository = "prod/offsite"\npassword_file = "pw"\n')
+    with pytest.raises(DeployError, match=r"offsite\.repository: .*/prod/offsite lies inside env prod's tree"):
+        config.load(str(f))

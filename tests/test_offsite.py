@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from demo.sandbox import free_port
-from safedeploy import backups, offsite
-from safedeploy.config import Offsite
+from safedeploy import backups, config, offsite
 from tests.helpers import one_line_error
 
 PASSWORD = "correct horse battery staple 7f3a"
@@ -65,14 +64,14 @@ def enable_offsite(sb, repository=None, options=(), webhook=None, command=None, 
     pw.write_text(password + "\n")
     pw.chmod(0o600)
     repository = repository or str(sb.root / "offsite-repo")
-    text = sb.config.read_text() + f'\n[offsite]\nrepository = "{repository}"\npassword_file = "{pw}"\n'
+    text = sb.config.read_text().split("\n[offsite]")[0] + f'\n[offsite]\nrepository = "{repository}"\npassword_file = "{pw}"\n'
     if options:
         text += "options = [" + ", ".join(json.dumps(o) for o in options) + "]\n"
     if webhook or command:
         text += "\n[alerts]\n" + (f'webhook = "{webhook}"\n' if webhook else "")
         text += f"command = {json.dumps(command)}\n" if command else ""
     sb.config.write_text(text)
-    return Offsite(repository=repository, password_file=pw, options=list(options))
+    return config.load(str(sb.config)).offsite        # with this config's identity (host, id), as the scripts see it
 
 
 def restic_snapshots(off):
@@ -308,3 +307,10 @@ def test_offsite_over_sftp_to_a_real_sshd(sandbox, sshd):
     verify = sandbox.run("backup.py", "--verify")
     assert verify.returncode == 0, verify.stdout + verify.stderr
     no_password(proc, verify)
+
+
+def test_prune_before_any_copy_went_off_site_exits_0_and_makes_no_repository(sandbox):
+    off = enable_offsite(sandbox)
+    proc = sandbox.run("backup.py", "--prune")
+    assert proc.returncode == 0, proc.stderr
+    assert not Path(off.repository).exists()
