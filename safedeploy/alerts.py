@@ -18,7 +18,6 @@ import json
 import socket
 import time
 
-import requests
 
 from . import commands, health
 from .config import mask
@@ -68,6 +67,7 @@ def post(url, data):
 def post_once(session, url, data, may_retry):
     """(retry?, problems): [] when delivered. A refused connection is worth one retry (the server may
     be restarting); a timeout is not."""
+    import requests       # here, not at the top: see health.py
     try:
         response = session.post(url, data=data, headers={"Content-Type": "application/json"},
                                 timeout=(CONNECT_TIMEOUT, READ_TIMEOUT), allow_redirects=False)

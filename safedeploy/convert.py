@@ -273,8 +273,9 @@ def install_units(run):
     env = run.env
     run.held_by_socket = units.state(units.socket_name(env.unit)).is_active   # then requests wait throughout
     holder = {} if run.held_by_socket else units.port_holder_files(env.unit)
-    units.install_unit_files({**run.conversion.files, **holder}, run.modes)
-    units.systemctl("enable", units.socket_name(env.unit))
+    units.install_unit_files({**run.conversion.files, **holder}, run.modes, reload=False)
+    units.systemctl("enable", "--no-reload", units.socket_name(env.unit))
+    units.daemon_reload()           # once, for both
 
 
 def stop_for_move(run):

@@ -284,7 +284,7 @@ def user_unit_dir():
     return Path(base) / "systemd" / "user"
 
 
-def install_unit_files(files, modes=None):
+def install_unit_files(files, modes=None, reload=True):
     """Write {name or path: text} into the user's unit folder (atomically), then daemon-reload.
     A file keeps the mode it had (a unit holding Environment= secrets may be 0600); modes
     {path: mode} sets it for new files; otherwise 0644."""
@@ -300,7 +300,8 @@ def install_unit_files(files, modes=None):
                 mode = 0o644
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, text, mode=mode & 0o755)
-    daemon_reload()
+    if reload:
+        daemon_reload()
     return folder
 
 
@@ -358,10 +359,9 @@ def release_holder(unit):
     remove_quietly(dropin)
     with contextlib.suppress(OSError):
         dropin.parent.rmdir()
-    daemon_reload()                 # first: once the holder stops, the socket must not start it again
-    systemctl("stop", holder_name(unit), check=False)
     remove_quietly(user_unit_dir() / holder_name(unit))
-    daemon_reload()
+    daemon_reload()         # before the stop: once the holder stops, the socket must activate the service, not it
+    systemctl("stop", holder_name(unit), check=False)
 
 
 # -- socket activation ------------------------------------------------------------------------

@@ -209,12 +209,12 @@ def test_the_socket_service_keeps_the_unit_s_own_requires_and_after():
 
 
 # -- 1, 2: overlapping shared paths, a db that climbs out of its tree: refused before anything runs ----------
-def test_overlapping_shared_paths_and_a_db_outside_the_tree_stop_every_script_at_load(sandbox):
+def test_overlapping_shared_paths_and_a_db_outside_the_tree_stop_every_script_at_load(in_place):
     """1: `shared = ["instance/uploads"]` beside the database's folder `instance`: the next build removed
     the live uploads (exit 0). 2: `db = "../data/dev.sqlite"`: converting dev renamed prod's live
     database into dev's releases (exit 0). Both are refused at load now, naming both sides, and
     nothing on the host changes."""
-    sb = sandbox
+    sb = in_place
     good = sb.config.read_text()
     prod_db, dev_db = sb.db_path("prod"), sb.db_path("dev")
     data = sb.root / "data"
@@ -323,9 +323,9 @@ def hostile_snapshot(cfg, folder, files, tags):
     assert proc.returncode == 0, proc.stderr
 
 
-def test_a_copy_whose_manifest_names_another_env_is_refused(sandbox):
+def test_a_copy_whose_manifest_names_another_env_is_refused(in_place):
     """6: a copy tagged env=dev whose manifest says prod was accepted and restored into dev."""
-    sb = sandbox
+    sb = in_place
     cfg = with_offsite(sb)
     assert sb.run("backup.py", "prod").returncode == 0
     (prod_backup,) = backups.list_backups(sb.root / "backups" / "prod")
@@ -341,10 +341,10 @@ def test_a_copy_whose_manifest_names_another_env_is_refused(sandbox):
     assert listing(sb.root / "backups") == before and sorted(os.listdir(sb.root / "backups" / "dev")) == []
 
 
-def test_a_hostile_snapshot_named_like_held_backups_overwrites_and_removes_nothing(sandbox):
+def test_a_hostile_snapshot_named_like_held_backups_overwrites_and_removes_nothing(in_place):
     """7: a fetch wrote each snapshot path by its file name into the backup folder, replacing a HELD
     pre-rollback copy, then removed what it wrote when the copy did not verify."""
-    sb = sandbox
+    sb = in_place
     cfg = with_offsite(sb)
     assert sb.run("backup.py", "dev").returncode == 0
     (held,) = backups.list_backups(sb.root / "backups" / "dev")
@@ -373,8 +373,8 @@ def test_a_hostile_snapshot_named_like_held_backups_overwrites_and_removes_nothi
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
-def test_a_good_copy_is_fetched_private_verified_and_never_over_a_file(sandbox):
-    sb = sandbox
+def test_a_good_copy_is_fetched_private_verified_and_never_over_a_file(in_place):
+    sb = in_place
     cfg = with_offsite(sb)
     assert sb.run("backup.py", "dev").returncode == 0
     folder = sb.root / "backups" / "dev"
