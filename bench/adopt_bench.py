@@ -25,25 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.gunicorn_bench import FLASK_APP  # noqa: E402
+from bench.gunicorn_bench import FLASK_APP, UNIT as GUNICORN_UNIT  # noqa: E402
 from demo.load import Load, summary  # noqa: E402
 from demo.sandbox import REPO_ROOT, Sandbox, scratch_host  # noqa: E402
 from demo.wheels import download_flask  # noqa: E402
 
-GUNICORN_UNIT = """\
-[Unit]
-Description=flask under gunicorn ({env})
-
-[Service]
-WorkingDirectory={path}
-ExecStart={path}/venv/bin/gunicorn --preload --workers 2 --bind 127.0.0.1:{port} app:app
-StandardOutput=append:{log}
-StandardError=inherit
-Restart=on-failure
-
-[Install]
-WantedBy=default.target
-"""
 
 
 def to_gunicorn(sb, wheels):

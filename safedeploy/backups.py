@@ -626,10 +626,8 @@ def seal(saved, folder, env, commit, unit_file=None):
         for suffix in ("-wal", "-shm", ""):
             if Path(f"{saved}{suffix}").exists():
                 os.replace(f"{saved}{suffix}", f"{evidence}{suffix}")
-        error = DeployError(f"the replaced database is not a readable SQLite database ({exc}); it is kept as "
-                            f"evidence in {evidence}")
-        error.evidence = str(evidence)
-        raise error from None
+        raise DeployError(f"the replaced database is not a readable SQLite database ({exc}); it is kept as "
+                          f"evidence in {evidence}", evidence=str(evidence)) from None
     for suffix in ("-wal", "-shm"):
         remove_quietly(f"{saved}{suffix}")
     os.chmod(saved, 0o600)

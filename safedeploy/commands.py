@@ -189,9 +189,7 @@ def run_all(argvs, cwd, timeout):
         failure = run_one(argv, cwd, timeout)
         if failure:
             tail = "\n".join(failure.output.splitlines()[-15:])
-            error = DeployError(f"pre_restart command `{' '.join(argv)}` {failure.why}")
-            error.output = tail
-            raise error
+            raise DeployError(f"pre_restart command `{' '.join(argv)}` {failure.why}", output=tail)
 
 
 BUILD_NICE = 10     # a build runs while the app serves: it yields the CPU to the app's workers

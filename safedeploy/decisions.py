@@ -165,7 +165,7 @@ def database_decision(mode, f):
                       "a migration ran since, so the database goes back too")
     kept = "the live schema matches the point's, so the database is left as it is"
     if not f.compared:
-        return False, (f"{kept} (its rows were not compared with the point's backup: rollback.py's plan does that)")
+        return False, f"{kept}; its rows were not compared with the point's backup, as rollback.py's plan does"
     if f.compare_error:
         return False, f"{kept}; its rows could not be compared with the point's backup ({f.compare_error})"
     if not f.rows_lacking:

@@ -42,10 +42,9 @@ def wait_until_healthy(env, expect_commit=None):
     result, waited = health.wait_healthy(env.health_url, env.health_timeout, still_starting, confirm=own_answer)
     if not result.ok:
         st = units.serving_state(env.unit)
-        error = DeployError(f"{st.name} did not turn healthy within {waited:.1f}s: {env.health_url} gave "
-                            f"{result.describe()}; the unit is {st.active} ({st.sub})")
-        error.output = "\n".join(units.journal_tail(st.name))
-        raise error
+        raise DeployError(f"{st.name} did not turn healthy within {waited:.1f}s: {env.health_url} gave "
+                          f"{result.describe()}; the unit is {st.active} ({st.sub})",
+                          output="\n".join(units.journal_tail(st.name)))
     return result
 
 
@@ -66,17 +65,14 @@ def watch(env, seconds, show=None):
             show(left)
         st = units.serving_state(env.unit)
         if not st.is_active or st.restarts or st.main_pid != first.main_pid or st.name != first.name:
-            error = DeployError(f"watch: after {elapsed:.1f}s of {seconds:g}s, {st.name} is {st.active} ({st.sub}), "
-                                f"main pid {st.main_pid} (was {first.main_pid}), {st.restarts} automatic restart(s)")
-            error.output = "\n".join(units.journal_tail(st.name))
-            raise error
+            raise DeployError(f"watch: after {elapsed:.1f}s of {seconds:g}s, {st.name} is {st.active} ({st.sub}), "
+                              f"main pid {st.main_pid} (was {first.main_pid}), {st.restarts} automatic restart(s)",
+                              output="\n".join(units.journal_tail(st.name)))
         result = health.check(env.health_url, timeout=max(0.5, min(2.0, left)))
         failed_checks = 0 if result.ok else failed_checks + 1
         if failed_checks >= 2:
-            error = DeployError(f"watch: after {elapsed:.1f}s of {seconds:g}s, {env.health_url} gave "
-                                f"{result.describe()} twice in a row")
-            error.output = "\n".join(units.journal_tail(st.name))
-            raise error
+            raise DeployError(f"watch: after {elapsed:.1f}s of {seconds:g}s, {env.health_url} gave "
+                              f"{result.describe()} twice in a row", output="\n".join(units.journal_tail(st.name)))
         time.sleep(max(0.0, min(1.0, left - 0.05)))
 
 

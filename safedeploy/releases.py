@@ -320,9 +320,8 @@ def run_build(env, work):
     for argv in env.build:
         failure = commands.run_one(argv, work, env.command_timeout, nice=commands.BUILD_NICE)
         if failure:
-            error = DeployError(f"build command `{' '.join(argv)}` {failure.why}; nothing live was changed")
-            error.output = "\n".join(failure.output.splitlines()[-15:])
-            raise error
+            raise DeployError(f"build command `{' '.join(argv)}` {failure.why}; nothing live was changed",
+                              output="\n".join(failure.output.splitlines()[-15:]))
 
 
 def switch(env, release):

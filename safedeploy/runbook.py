@@ -77,9 +77,20 @@ def bring_up_steps():
     ]
 
 
+@dataclass(kw_only=True)
+class Run:
+    """What the runner and the bring-up keep on any run: the step clock and journal (set by the runner),
+    the health answer, the seconds watched, and how long a process being replaced may take to stop."""
+    quick_stop: float | None = None
+    health: object = None
+    watched: float = 0.0
+    clock: object = None
+    journal: object = None
+
+
 # -- deploy ---------------------------------------------------------------------------------------
 @dataclass
-class DeployRun:
+class DeployRun(Run):
     config: object
     env: object
     plan: object
@@ -89,11 +100,6 @@ class DeployRun:
     backup: object = None
     backup_path: object = None
     previous_release: str | None = None
-    health: object = None
-    watched: float = 0.0
-    quick_stop: float | None = None
-    clock: object = None
-    journal: object = None
 
     @property
     def repo(self):
@@ -291,14 +297,13 @@ def deploy_failed_after(run, step, exc):
     back = roll_back(run.config, env, plan.repo, point, restore_db, why, plan.target, parent=record,
                      mark=not isinstance(exc, KeyboardInterrupt), quick_stop=QUICK_STOP)
     done = back.record
-    code = f"release {done.release}" if done.release else f"code back to {plan.running[:12]}"
-    restored = (f"{code}, database restored from {run.backup.path} ({why})" if restore_db
-                else f"{code}, database kept ({why})")
-    saved = (f"the failed release's database is saved in {done.pre_rollback}" if done.pre_rollback
-             else f"the failed release's database lies at {done.aside} ({done.seal_problem})" if done.aside
-             else "no database to save")
-    cli.err(f"rolled back by itself: {restored}; {saved}. {env.name} runs {plan.running[:12]} again and "
-            f"{env.health_url} answers {back.health.describe()}.")
+    cli.err(f"rolled back by itself: {env.name} runs {plan.running[:12]} again, and {env.health_url} answers "
+            f"{back.health.describe()}")
+    cli.err(f"  code      {'release ' + done.release if done.release else 'the work tree at ' + plan.running[:12]}")
+    cli.err(f"  database  {'restored from ' + run.backup.path if restore_db else 'kept'}: {why}")
+    cli.err("  saved     " + (f"the failed release's database, in {done.pre_rollback}" if done.pre_rollback else
+                             f"the failed release's database lies at {done.aside}: {done.seal_problem}" if done.aside
+                             else "no database to save"))
     if not isinstance(exc, (DeployError, KeyboardInterrupt)):
         raise after_undo(exc, f"deploy of {env.name} failed at {step} ({what}); rolled back by itself to "
                               f"{plan.running[:12]}") from None
@@ -355,7 +360,7 @@ def deploy_steps(config, env, plan):
 
 # -- rollback ----------------------------------------------------------------------------------
 @dataclass
-class RollbackRun:
+class RollbackRun(Run):
     config: object
     env: object
     repo: object
@@ -372,14 +377,9 @@ class RollbackRun:
     unit_action: str = "keep"           # "restore" or "keep", with unit_why
     unit_why: str = ""
     watch_seconds: float = 0
-    quick_stop: float | None = None
     mark: bool = True
     parent: object = None               # the record it goes inside (a deploy's, a recovery's), or None
     why_marked: str = "by hand"
-    health: object = None
-    watched: float = 0.0
-    clock: object = None
-    journal: object = None
 
     @property
     def converted(self):
@@ -678,7 +678,7 @@ def mark_bad(env, repo, commit, why):
 
 # -- conversion: an env that runs from its work tree, onto releases and socket units ----------------
 @dataclass
-class ConversionRun:
+class ConversionRun(Run):
     env: object
     conversion: object
     saved: object = None
@@ -687,14 +687,9 @@ class ConversionRun:
     moves: object = field(default_factory=convert.Moves)
     held_by_socket: bool = False
     made_root: bool = False
-    health: object = None
-    watched: float = 0.0
-    quick_stop: float | None = None
     watch_seconds: float = 0
     revision: object = None
     repo: object = None
-    clock: object = None
-    journal: object = None
 
     @property
     def expect(self):

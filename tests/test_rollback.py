@@ -124,7 +124,7 @@ def test_a_failed_release_with_a_migration_restores_the_database(sandbox):
     sb.release("dev", {"schema.sql": MIGRATION, "MODE": "http500\n"}, "migration, and broken")
     proc = sb.run("deploy.py", "dev")
     assert proc.returncode == 1
-    assert "database restored from" in proc.stderr
+    assert "  database  restored from" in proc.stderr
     assert backups.live_schema(sb.db_path("dev")) == before
     assert notes(sb, "dev") == 2 and db_ok(sb, "dev")
 
