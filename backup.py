@@ -67,8 +67,9 @@ def parse_arguments():
     p.add_argument("--install-timer", metavar="HH:MM", nargs="?", const="03:17",
                    help="install a systemd --user timer running `--all --quiet --prune` daily (default 03:17)")
     p.add_argument("--rows-to-restore", metavar="FILE",
-                   help="print, as reviewable SQL INSERTs, the rows of FILE (a pre-rollback copy) that the env's "
-                        "live database lacks; keys a newer row now uses are flagged, not inserted")
+                   help="print, as reviewable SQL for the sqlite3 shell, the rows of FILE (a backup) that the env's "
+                        "live database lacks; a row whose id a newer row took comes back under a new id, with the "
+                        "rows that refer to it (foreign keys)")
     p.add_argument("--release-hold", metavar="FILE",
                    help="let prune remove FILE, a pre-rollback copy held because it holds rows a restore took out")
     p.add_argument("--test-alert", action="store_true", help="send a test event to [alerts]; exit 0 when delivered")
@@ -312,7 +313,8 @@ def rows_to_restore(envs, wanted):
     print(f"-- rows of {backup.path} that {env.db} lacks, written {now_iso()}")
     print(f"-- review, then apply with: sqlite3 {env.db} < THIS_FILE   (one transaction; the app may keep running)")
     for table, (n, conflicts) in sorted(summary.items()):
-        print(f"-- {table}: {n} row(s), {conflicts} of them flagged: their key is used by a row written since")
+        print(f"-- {table}: {n} row(s), {conflicts} of them flagged: their key is used by a row written since "
+              "(put back under a new id where the key is one integer, else left for you to merge)")
     print("\n".join(lines))
     return 0
 
@@ -432,6 +434,9 @@ def prune_offsite(config, plans, args):
     for env, by_name in plans:
         try:
             copies = [c for c in mine if c.env == env.name]
+            most = backups.richest(copies + [b for b in backups.list_backups(env.backup_dir)])
+            if most:            # the copy with the data, wherever it is (off-site only on a rebuilt host)
+                by_name.setdefault(Path(most.path).name, backups.RICHEST.format(n=most.rows_total))
             keep, remove = backups.prune_plan(copies, config.retention, by_name)
             for c in remove:
                 if not args.quiet or args.dry_run:
@@ -476,6 +481,9 @@ def protected_backups(config, env, found):
             break
     for path, why in records.protected_backups(records.read(env), PROTECT_LAST_DEPLOYS).items():
         protected.setdefault(path, why)
+    most = backups.richest(found)
+    if most:
+        protected.setdefault(most.path, backups.RICHEST.format(n=most.rows_total))
     return protected
 
 

@@ -94,9 +94,10 @@ def announce(config, env, plan):
         cli.say(f"note: {env.name} runs from its work tree, so this deploy changes the running files in place "
                 f"and a rollback cannot bring back its dependencies; convert it to releases with: "
                 f"{cli.script_command(config, 'deploy.py', env.name, '--install-units')}")
-    if plan.dangling_current:
-        cli.say(f"note: {env.current_link} names a release folder that is gone: this deploy builds "
-                f"{plan.target[:12]} again and switches to it")
+    if plan.dangling_current or plan.edited:
+        what = "names a release folder that is gone" if plan.dangling_current else \
+            f"runs a release edited by hand ({', '.join(plan.edited[:3])})"
+        cli.say(f"note: {env.current_link} {what}: this deploy builds {plan.target[:12]} again and switches to it")
     if env.pre_restart:
         cli.say(f"migration: {plan.migration_mode}: {plan.migration_why}")
 

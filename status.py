@@ -1,25 +1,29 @@
 #!/usr/bin/env python3
-"""status.py [ENV]: every env at a glance, with the exact rollback command to paste.
+"""status.py [ENV]: every env at a glance, what is wrong with it, and the commands that fix it.
 
-For each env: the unit's state and uptime, the commit it runs (subject, branch),
-the last deploy and its result, the last backup and its age, HTTP health and
-latency, a lock held by a running operation, and the rollback command. The envs
-are looked at in parallel, with short timeouts. Exit 0 when every env shown is
-active and healthy, 1 otherwise (so monitoring can use it), 2 on a config error.
+For each env, the facts (the unit and its socket, HTTP health, what serves and from which release, an
+operation running or interrupted, the database and its rows, the backups and off-site copies, the last
+deploy, rollback and rehearsal), then safedeploy.diagnosis: the problems, and the advice, the commands
+to run in order from the state as it is now to a healthy env with every row. The envs are looked at in
+parallel, with short timeouts. Exit 0 when every env shown is OK, 1 otherwise (monitoring can call it),
+2 on a config error. --alert sends one alert when an env turns not OK and one when it is OK again;
+--install-timer runs that every 5 minutes from a user timer.
 """
 
 import json
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from safedeploy import backups, cli, health, recovery, releases, units
-from safedeploy.errors import EXIT_FAILED, DeployError
-from safedeploy.gitrepo import Repo
-from safedeploy.points import list_points
+from safedeploy import alerts, backups, cli, diagnosis, health, offsite, recovery, releases, units
 from safedeploy import records as logs
-from safedeploy.state import age_seconds, bad_mark, human_age, lock_holder
+from safedeploy.errors import EXIT_FAILED, DeployError, usage_error
+from safedeploy.files import make_private_dir, write_atomic
+from safedeploy.gitrepo import Repo
+from safedeploy.points import backup_id, list_points
+from safedeploy.state import age_seconds, bad_mark, human_age, lock_holder, now_iso
 
 HEALTH_TIMEOUT = 2.0
-MAX_BACKUP_AGE = 24 * 3600
+TIMER_NAME = "safe-deploy-status"
 NO_SAFE_POINT = ("none to paste: no point on another commit that is neither a rolled-back release nor a "
                  "pre-rollback copy (what runs may be the oldest good state; see rollback.py ENV --list)")
 
@@ -27,67 +31,87 @@ NO_SAFE_POINT = ("none to paste: no point on another commit that is neither a ro
 def main():
     args = parse_arguments()
     config = cli.load_config(args)
+    if args.install_timer:
+        return install_timer(config)
     envs = [config.env(args.env)] if args.env else list(config.envs.values())
     with ThreadPoolExecutor(max_workers=max(1, len(envs))) as pool:
         reports = dict(zip((e.name for e in envs), pool.map(lambda e: look_at(config, e), envs)))
-    show(reports, args.json)
-    return 0 if all(r["unit"]["active"] and r["health"]["ok"] and not r["problems"] and not r["interrupted"]
-                    for r in reports.values()) else EXIT_FAILED
+    if args.alert:
+        send_changes(config, envs, reports, args.quiet)
+    if not args.quiet:
+        show(reports, args.json)
+    return 0 if all(r["ok"] for r in reports.values()) else EXIT_FAILED
 
 
 def parse_arguments():
-    p = cli.parser("status.py", "Show every env at a glance, with the rollback command to paste.",
-                   ["python3 status.py", "python3 status.py prod --json"])
+    p = cli.parser("status.py", "Show every env at a glance: what is wrong, and the commands that fix it.",
+                   ["python3 status.py", "python3 status.py prod --json", "python3 status.py --alert --quiet",
+                    "python3 status.py --install-timer"])
     p.add_argument("env", metavar="ENV", nargs="?", help="show only this env")
     p.add_argument("--json", action="store_true", help="print JSON")
-    return p.parse_args()
+    p.add_argument("--alert", action="store_true",
+                   help="send an alert for each env that turned not OK since the last --alert, and when it is OK again")
+    p.add_argument("--quiet", action="store_true", help="with --alert: print nothing (for the timer)")
+    p.add_argument("--install-timer", action="store_true", help="a user timer running --alert --quiet every 5 minutes")
+    args = p.parse_args()
+    if args.quiet and not args.alert:
+        raise usage_error("--quiet goes with --alert")
+    if args.install_timer and (args.env or args.json or args.alert):
+        raise usage_error("--install-timer takes no ENV, --json or --alert: it installs the timer for every env")
+    return args
 
 
+# -- the facts --------------------------------------------------------------------------------------
 def look_at(config, env):
     """Everything status shows about one env; a part that cannot be read says why."""
     report = {"commit": None, "subject": "", "branch": None, "unit": {"active": False, "state": "unknown"},
               "health": {"ok": False, "status": None, "ms": None}, "last_deploy": None, "last_backup": None,
               "rollback": None, "lock": lock_holder(env.state_dir, env.name), "interrupted": None, "problems": [],
               "restart_method": None, "warning": None}
+    facts = diagnosis.Facts(env=env.name, db=str(env.db), unit=env.unit, lock=report["lock"])
     if not report["lock"]:
         j = recovery.interrupted_any(env)
         if j:
-            report["interrupted"] = {k: j.get(k) for k in ("op", "pid", "command", "started", "step")}
+            report["interrupted"] = facts.interrupted = {k: j.get(k) for k in
+                                                         ("op", "pid", "command", "started", "step", "from", "commit")}
+    unreadable = []
     with ThreadPoolExecutor(max_workers=1) as pool:
         probe = pool.submit(health.check, env.health_url, HEALTH_TIMEOUT)
         try:
-            records = logs.read(env)          # read once, for every part
+            records = logs.read(env)
         except DeployError as exc:
             records = []
-            report["problems"].append(str(exc))
-        for part in (unit_part, code_part, log_part, backup_part, rehearsal_part, data_part, running_part):
+            unreadable.append(str(exc))
+        for part in (unit_part, code_part, data_part, copies_part, log_part):
             try:
-                found = part(config, env, records)
-                report["problems"] += found.pop("problems", [])
-                report.update(found)
+                report.update(part(config, env, records, facts))
             except DeployError as exc:
-                report["problems"].append(str(exc))
+                unreadable.append(str(exc))
         result = probe.result()
-        served = report.pop("served_commit", None)
-        if served and report.get("commit") and served != report["commit"]:
-            report["problems"].append(f"the app answers for {served[:12]} (/_deploy/status), the deploy log says "
-                                      f"{report['commit'][:12]}: what runs is {served[:12]}")
-            report["commit"] = served
+    facts.healthy, facts.health = result.ok, result.describe()
     report["health"] = {"ok": result.ok, "status": result.status, "ms": result.ms, "url": env.health_url}
     if result.error:
         report["health"]["error"] = result.error
+    found = diagnosis.diagnose(facts, lambda script, *a: cli.script_command(config, script, *a))
+    report["problems"] = found.problems + unreadable
+    report["advice"] = found.advice
+    report["ok"] = not report["problems"]
     return report
 
 
-def unit_part(config, env, records):
+def unit_part(config, env, records, facts):
     st = units.serving_state(env.unit)         # with a handover slot, the one that serves
     method = units.restart_method(env.unit)
-    problems = []
+    sock = units.state(units.socket_name(env.unit))
+    facts.socket = sock.name if sock.known else ""
+    facts.socket_active = sock.is_active
+    facts.unit_state = st.active
+    facts.unit_failed = st.active == "failed" or (st.is_active and units.is_restart_looping(st)) or st.sub == "auto-restart"
     if method == "handover" and all(units.state(u).is_active for u in units.slots(env.unit)) \
             and not lock_holder(env.state_dir, env.name):
-        problems.append(f"both {env.unit} and {units.helper_name(env.unit)} run outside a deploy (one was "
-                        f"killed mid-swap); the next deploy.py or rollback.py stops the older")
-    return {"restart_method": method, "problems": problems,
+        facts.mismatch = (f"both {env.unit} and {units.helper_name(env.unit)} run outside a deploy (one was killed "
+                          "mid-swap); the next deploy.py or rollback.py stops the older")
+    return {"restart_method": method,
             "warning": None if method != "plain" else units.DROPS_WARNING.format(
                 command=cli.script_command(config, "deploy.py", env.name, "--install-units")),
             "unit": {"active": st.is_active, "state": st.active, "sub": st.sub, "name": st.name,
@@ -95,33 +119,39 @@ def unit_part(config, env, records):
                      "looping": units.is_restart_looping(st) if st.is_active else False}}
 
 
-def code_part(config, env, records):
+def code_part(config, env, records, facts):
     """What runs: on releases, read from the serving process (the release folder it runs in), never from
     `current` or the log, which a killed deploy may have moved ahead of it; in place, the log's commit."""
     repo = Repo(env.path)
     head = repo.head()
     logged = logs.running_commit(records) or head
-    problems = []
-    commit = logged
+    commit, current = logged, releases.current(env)
     if env.converted:
         st = units.serving_state(env.unit)
         serving = releases.serving(env, st.main_pid) if st.is_active else None
-        current = releases.current(env)
-        if serving:
-            commit = serving.commit
-        elif st.is_active:
-            problems.append(f"{st.name} runs, but not from a release of {env.name} that can be read: what runs "
-                            "cannot be told")
-        if releases.dangling_current(env):
-            problems.append(f"{env.current_link} names a release folder that is gone: the app cannot start again; "
-                            f"{cli.script_command(config, 'deploy.py', env.name)} builds it again")
-        elif serving and current and serving.id != current.id:
-            problems.append(f"{env.current_link} points at {current.id} ({current.commit[:12]}), but {serving.id} "
-                            f"({serving.commit[:12]}) serves: an operation was interrupted between the switch and "
-                            "the restart")
-        elif serving and serving.commit != logged:
-            problems.append(f"the deploy log says {logged[:12]} runs, but {serving.id} ({serving.commit[:12]}) serves")
-    part = {"commit": commit, "subject": repo.subject(commit), "branch": repo.current_branch(), "head": head}
+        commit = serving.commit if serving else (current.commit if current else logged)
+        facts.dangling = releases.dangling_current(env)
+        if serving and current and serving.id != current.id:
+            facts.mismatch = (f"{env.current_link} points at {current.id} ({current.commit[:12]}), but {serving.id} "
+                              f"({serving.commit[:12]}) serves: an operation was interrupted between the switch and "
+                              "the restart")
+        elif st.is_active and not serving:
+            facts.mismatch = f"{st.name} runs, but not from a release of {env.name} that can be read"
+        if current:
+            facts.edited = releases.differences(env, repo, current)
+    else:
+        dirty = repo.dirty_files()
+        facts.edited = [f.strip() for f in dirty]
+        served = health.served_commit(env.base_url, HEALTH_TIMEOUT)
+        if served and served != commit:
+            facts.mismatch = (f"the app answers for {served[:12]} (/_deploy/status), the deploy log says "
+                              f"{commit[:12]}: what runs is {served[:12]}")
+            commit = served
+    facts.running = commit
+    part = {"commit": commit, "subject": repo.subject(commit), "branch": repo.current_branch(), "head": head,
+            "release": current.id if current else None}
+    if repo.resolve(commit):
+        facts.bad_running = bad_mark(config, env, repo.tree_of(commit))
     points = list_points(env, repo)
     trees = {}
 
@@ -130,77 +160,36 @@ def code_part(config, env, records):
             trees[p.commit] = bad_mark(config, env, repo.tree_of(p.commit)) if repo.resolve(p.commit) else None
         return trees[p.commit]
 
-    # the advice only moves forward in safety: never to a release that was rolled back, nor to a
+    # the rollback line only moves forward in safety: never to a release that was rolled back, nor to a
     # pre-rollback copy (it holds the state a rollback left)
-    safe = [p for p in points if p.commit != commit and not bad(p)
-            and not (p.backup and p.backup.reason == "pre-rollback")]
+    safe = [p for p in points if p.commit != commit and not bad(p) and not (p.backup and p.backup.reason == "pre-rollback")]
     if safe:
-        part["rollback"] = cli.script_command(config, "rollback.py", env.name, "--to", safe[0].id)
+        part["rollback"] = facts.rollback = cli.script_command(config, "rollback.py", env.name, "--to", safe[0].id)
     last = next(iter(logs.operations(records, 1)), None)
     if last and last.kind == "rollback" and last.ok and last.pre_rollback:
         saved = [p for p in points if p.backup and p.backup.path == last.pre_rollback]
         if saved:
-            part["undo_rollback"] = cli.script_command(config, "rollback.py", env.name, "--to", saved[0].id,
-                                                       "--with-db")
-    dirty = repo.dirty_files()
-    if dirty:
-        problems.append(f"the work tree {env.path} differs from its commit: {', '.join(f.strip() for f in dirty[:5])}"
-                        + (", ..." if len(dirty) > 5 else ""))
-    current = releases.current(env)
-    if current:
-        part["release"] = current.id
-        changed = releases.differences(env, repo, current)
-        if changed:
-            problems.append(f"the running release {current.path} differs from its commit: {', '.join(changed[:5])}"
-                            + (", ..." if len(changed) > 5 else ""))
+            part["undo_rollback"] = cli.script_command(config, "rollback.py", env.name, "--to", saved[0].id, "--with-db")
+            if bad(saved[0]):
+                part["undo_warning"] = (f"it brings back {saved[0].commit[:12]}, the release that rollback took out "
+                                        "(marked bad: deploys refuse it)")
     tip = repo.resolve(f"refs/remotes/{env.remote}/{env.branch}") if env.remote else None
-    if tip and bad_mark(config, env, repo.tree_of(tip)):
-        problems.append(f"{env.remote}/{env.branch} is still at {tip[:12]}, a release that was rolled back: "
-                        "deploy.py refuses it; push a fix")
-    part["problems"] = problems
+    if tip and tip != commit and bad_mark(config, env, repo.tree_of(tip)):
+        facts.tip_bad = (f"{env.remote}/{env.branch} is still at {tip[:12]}, a release that was rolled back: "
+                         "deploy.py refuses it; push a fix")
     return part
 
 
-def log_part(config, env, records):
-    deploys, rollbacks = logs.of_kind(records, "deploy"), logs.of_kind(records, "rollback")
-    return {"last_deploy": deploys[-1].to_json() if deploys else None,
-            "last_rollback": rollbacks[-1].to_json() if rollbacks else None}
-
-
-def data_part(config, env, records):
-    """The database there and readable (quick_check, read-only), the newest backup younger than a day."""
-    problems = []
-    if not env.db.exists():
-        problems.append(f"the database {env.db} is missing")
-    else:
-        verdict = backups.integrity_of(env.db, quick=True)
-        if verdict != "ok":
-            problems.append(f"the database {env.db} fails quick_check: {verdict}")
-        found = backups.list_backups(env.backup_dir)
-        age = age_seconds(found[0].time) if found else None
-        if not found:
-            problems.append(f"no backup of {env.db} yet: run {cli.script_command(config, 'backup.py', env.name)}")
-        elif age is None or age > MAX_BACKUP_AGE:
-            problems.append(f"the newest backup is {human_age(age)}, older than a day: is the nightly backup running?")
-    return {"problems": problems}
-
-
-def running_part(config, env, records):
-    """What the app says it runs (/_deploy/status, when it serves it) against what the log says."""
-    return {"served_commit": health.served_commit(env.base_url, HEALTH_TIMEOUT)}
-
-
-def rehearsal_part(config, env, records):
-    found = logs.of_kind(records, "rehearsal")
-    if not found:
-        return {"last_rehearsal": None}
-    r = found[-1]
-    return {"last_rehearsal": {"time": r.time, "commit": r.commit, "result": r.result, "failed": r.failed,
-                               "migration_seconds": r.migration_seconds, "compatible": r.compatible}}
-
-
-def backup_part(config, env, records):
+def data_part(config, env, records, facts):
+    """The database there and readable (quick_check, read-only), its rows counted (bounded)."""
+    facts.db_exists = env.db.exists()
+    if facts.db_exists:
+        facts.db_check = backups.integrity_of(env.db, quick=True)
+        rows = backups.live_rows(env.db) if facts.db_check == "ok" else None
+        facts.live_rows = sum(rows.values()) if rows is not None else None
     found = backups.list_backups(env.backup_dir)
+    facts.local_backups = len(found)
+    facts.newest_backup_age = age_seconds(found[0].time) if found else None
     if not found:
         return {"last_backup": None}
     newest = found[0]
@@ -208,14 +197,93 @@ def backup_part(config, env, records):
                             "age_seconds": age_seconds(newest.time)}}
 
 
+def copies_part(config, env, records, facts):
+    """The copies a restore could go to, newest first: local backups (not pre-rollback saves), and the
+    off-site copies that are not here too (listed within a few seconds)."""
+    local = [b for b in backups.list_backups(env.backup_dir) if b.reason != "pre-rollback"]     # (read twice: cheap)
+    found = [diagnosis.Copy(backup_id(b), b.time, b.rows_total) for b in local]
+    copies, problem = offsite.copies_for(config, env)
+    names = {backup_id(b) for b in local}
+    found += [diagnosis.Copy(c.name, c.time, c.rows_total, "off-site") for c in copies if c.name not in names]
+    facts.copies = sorted(found, key=lambda c: c.time, reverse=True)
+    return {"offsite_problem": problem} if problem else {}
+
+
+def log_part(config, env, records, facts):
+    deploys, rollbacks = logs.of_kind(records, "deploy"), logs.of_kind(records, "rollback")
+    rehearsals = logs.of_kind(records, "rehearsal")
+    bug = next((d for d in reversed(deploys) if d.ok and d.rows_deleted and d.backup), None)
+    if bug:
+        running_it = facts.running == bug.to
+        facts.deleted_by = {"tag": bug.tag, "rows": bug.rows_deleted, "backup": bug.backup, "running_it": running_it}
+        if not running_it and env.db.exists():
+            try:
+                missing = backups.rows_only_in(bug.backup, env.db)
+                facts.rows_missing = {t: n for t, n in missing.items() if t in bug.rows_deleted}
+            except Exception:                 # a backup gone or unreadable: the rows cannot be compared
+                facts.rows_missing = None
+    r = rehearsals[-1] if rehearsals else None
+    return {"last_deploy": deploys[-1].to_json() if deploys else None,
+            "last_rollback": rollbacks[-1].to_json() if rollbacks else None,
+            "last_rehearsal": {"time": r.time, "commit": r.commit, "result": r.result, "failed": r.failed,
+                               "migration_seconds": r.migration_seconds, "compatible": r.compatible} if r else None}
+
+
+# -- monitoring ---------------------------------------------------------------------------------------
+def send_changes(config, envs, reports, quiet):
+    """One alert per change: "problem" when an env turns not OK (its command: the first advice), "recovered"
+    when it is OK again. The state is kept per env (state/ENV.status.json), so a run that finds what the
+    last one found sends nothing."""
+    for env in envs:
+        r, path = reports[env.name], env.state_dir / f"{env.name}.status.json"
+        try:
+            was = json.loads(path.read_text()).get("ok")
+        except (OSError, ValueError):
+            was = None                      # never looked: a problem now is news, an OK is not
+        if r["ok"] == was or (r["ok"] and was is None):
+            if was is None:
+                remember(path, r)
+            continue
+        first = r["advice"][0]["command"] if r["advice"] else None
+        event = (alerts.event("recovered", env.name, f"{env.name} is OK again", None) if r["ok"] else
+                 alerts.event("problem", env.name, "; ".join(r["problems"]), first))
+        problems = alerts.send(config.alerts, event)
+        for problem in problems:
+            cli.err(f"warning: {problem}")
+        if not problems:
+            remember(path, r)               # not delivered: the next run tries again
+
+
+def remember(path, report):
+    make_private_dir(path.parent)
+    write_atomic(path, json.dumps({"ok": report["ok"], "time": now_iso(), "problems": report["problems"]}) + "\n")
+
+
+def install_timer(config):
+    if config.alerts is None:
+        raise usage_error(f"{config.file}: no [alerts] table: status.py --alert has nowhere to send (add a webhook or "
+                          "a command first)")
+    command = cli.script_command(config, "status.py", "--alert", "--quiet").split(" ", 1)[1]
+    service = (f"[Unit]\nDescription=safe-deploy: alert when an env turns not OK, or OK again\n\n"
+               f"[Service]\nType=oneshot\nExecStart={sys.executable} {command}\nSuccessExitStatus=1\n")
+    timer = ("[Unit]\nDescription=safe-deploy status every 5 minutes\n\n"
+             "[Timer]\nOnBootSec=1min\nOnUnitActiveSec=5min\n\n[Install]\nWantedBy=timers.target\n")
+    folder = units.install_unit_files({f"{TIMER_NAME}.service": service, f"{TIMER_NAME}.timer": timer})
+    units.systemctl("enable", "--now", f"{TIMER_NAME}.timer")
+    cli.say(f"installed {folder}/{TIMER_NAME}.timer (every 5 minutes) running: {sys.executable} {command}")
+    cli.say(f"see it with: systemctl --user list-timers {TIMER_NAME}.timer; "
+            f"remove it with: systemctl --user disable --now {TIMER_NAME}.timer")
+    return 0
+
+
+# -- the text -------------------------------------------------------------------------------------
 def show(reports, as_json):
     if as_json:
         print(json.dumps({"envs": reports}, indent=2))
         return
     for name, r in reports.items():
         unit, h = r["unit"], r["health"]
-        good = unit["active"] and h["ok"] and not r["problems"] and not r["interrupted"]
-        cli.say(cli.paint(f"== {name} ", "bold") + (cli.paint("OK", "green") if good else cli.paint("PROBLEM", "red")))
+        cli.say(cli.paint(f"== {name} ", "bold") + (cli.paint("OK", "green") if r["ok"] else cli.paint("PROBLEM", "red")))
         since = f" since {unit['since']}" if unit.get("since") else ""
         loop = " RESTART-LOOPING" if unit.get("looping") else ""
         cli.say(f"  unit      {unit.get('name', '?')}: {unit['state']} ({unit.get('sub', '?')}){since}{loop}")
@@ -225,36 +293,35 @@ def show(reports, as_json):
         health_text = f"HTTP {h['status']} in {h['ms']:.0f} ms" if h["status"] else h.get("error", "no answer")
         cli.say(f"  health    {h.get('url', '')}: {health_text}")
         d = r["last_deploy"]
-        if d:
-            cli.say(f"  deploy    {d.get('time')} {d.get('result')}: {str(d.get('from'))[:12]} -> "
-                    f"{str(d.get('to'))[:12]} by {d.get('user')}"
-                    + (f" (failed at {d.get('failed_step')})" if d.get("result") != "ok" else ""))
-        else:
-            cli.say("  deploy    none recorded")
-        if d and d.get("watch"):
-            cli.say(f"  watched   {d['watch']:g}s after it turned healthy")
+        cli.say(f"  deploy    {d['time']} {d['result']}: {str(d['from'])[:12]} -> {str(d['to'])[:12]} by {d['user']}"
+                + (f", failed at {d['failed_step']}" if d["result"] != "ok" else "")
+                + (f", watched {d['watch']:g}s" if d.get("watch") else "") if d else "  deploy    none recorded")
         rh = r.get("last_rehearsal")
         if rh:
-            cli.say(f"  rehearsed {rh.get('time')} {str(rh.get('commit'))[:12]}: {rh.get('result')}"
-                    + (f" (failed at {rh.get('failed')})" if rh.get("result") != "ok" else ""))
+            cli.say(f"  rehearsed {rh['time']} {str(rh['commit'])[:12]}: {rh['result']}"
+                    + (f", failed at {rh['failed']}" if rh["result"] != "ok" else ""))
         rb = r.get("last_rollback")
         if rb:
-            cli.say(f"  rolled    back {rb.get('time')} to {rb.get('point')}: {rb.get('result')}")
+            cli.say(f"  rolled    back {rb['time']} to {rb['point']}: {rb['result']}")
         b = r["last_backup"]
-        cli.say(f"  backup    {b['path']} ({b['reason']}, {human_age(b['age_seconds'])})" if b else "  backup    none")
+        cli.say(f"  backup    {b['path']} ({b['reason']}, {human_age(b['age_seconds'])})" if b else "  backup    none here")
+        if r.get("offsite_problem"):
+            cli.say(cli.paint(f"  off-site  not listed: {r['offsite_problem']}", "yellow"))
         if r.get("warning"):
             cli.say(cli.paint(f"  warning   {r['warning']}", "yellow"))
         if r["lock"]:
             cli.say(f"  lock      {r['lock']}")
         if r["interrupted"]:
-            cli.say(cli.paint(f"  INTERRUPTED {recovery.describe(r['interrupted'])}; the next deploy.py or "
-                              f"rollback.py of {name} finishes or undoes it", "red"))
+            cli.say(cli.paint(f"  INTERRUPTED {recovery.describe(r['interrupted'])}", "red"))
         for problem in r["problems"]:
             cli.say(cli.paint(f"  problem   {problem}", "red"))
+        for i, step in enumerate(r["advice"], 1):
+            cli.say(f"  do {i}.     {step['why']}:")
+            cli.say(f"            {step['command']}")
         cli.say(f"  rollback  {r['rollback'] or NO_SAFE_POINT}")
         if r.get("undo_rollback"):
-            cli.say(f"  undo      the last rollback (puts back the release it left, and its database): "
-                    f"{r['undo_rollback']}")
+            cli.say("  undo      the last rollback (puts back the release it left, and its database"
+                    + (f"; {r['undo_warning']}" if r.get("undo_warning") else "") + f"): {r['undo_rollback']}")
 
 
 if __name__ == "__main__":

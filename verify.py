@@ -12,8 +12,8 @@ the commit's tree is recorded as verified in this env (the promotion gate reads 
 import json
 from dataclasses import asdict, dataclass
 
-from safedeploy import backups, cli, health, units
-from safedeploy.errors import EXIT_FAILED, DeployError
+from safedeploy import backups, cli, health, releases, units
+from safedeploy.errors import DeployError
 from safedeploy.gitrepo import Repo
 from safedeploy import records
 from safedeploy.state import age_seconds, human_age, now_iso, verified_log
@@ -39,7 +39,11 @@ def main():
     if ok:
         record_verified(env)
     show(env, checks, ok, args.json)
-    return 0 if ok else EXIT_FAILED
+    if not ok:          # one line that names them: the verify-failed alert carries it
+        failed = [c for c in checks if not c.ok]
+        raise DeployError(f"{env.name} NOT verified: {len(failed)} check(s) failed: "
+                          + "; ".join(f"{c.name} ({c.detail})" for c in failed))
+    return 0
 
 
 def parse_arguments():
@@ -53,7 +57,7 @@ def parse_arguments():
 def run_checks(config, env):
     return [guarded(name, fn, config, env) for name, fn in (
         ("unit", check_unit), ("health", check_health), ("domain", check_domain),
-        ("commit", check_commit), ("database", check_database), ("backup", check_backup),
+        ("commit", check_commit), ("release", check_release), ("database", check_database), ("backup", check_backup),
         ("rollback point", check_rollback_point), ("rollback drill", check_drill), ("restart", check_restart))]
 
 
@@ -105,6 +109,20 @@ def check_commit(config, env):
     if problems:
         return False, f"{where}: " + "; ".join(problems)
     return True, where + ("" if deployed else ", no deploy recorded yet")
+
+
+def check_release(config, env):
+    """The running release's files are its commit's (as status checks): a file edited by hand in a release
+    runs code no commit holds, and a verify of it would let it be promoted."""
+    if not env.converted:
+        return True, "runs from its work tree (see commit)"
+    current = releases.current(env)
+    if current is None:
+        return False, f"{env.current_link} names a release folder that is gone"
+    changed = releases.differences(env, Repo(env.path), current)
+    if changed:
+        return False, f"{current.path} differs from {current.commit[:12]}: {', '.join(changed[:5])}"
+    return True, f"{current.id}: every tracked file is its commit's"
 
 
 def check_database(config, env):
@@ -182,9 +200,8 @@ def show(env, checks, ok, as_json):
         return
     for c in checks:
         cli.say(f"{label(c)}  {c.name:<15} {c.detail}")
-    verdict = cli.paint(f"{env.name} verified", "green") if ok else cli.paint(
-        f"{env.name} NOT verified: {sum(not c.ok for c in checks)} check(s) failed", "red")
-    cli.say(verdict)
+    if ok:
+        cli.say(cli.paint(f"{env.name} verified", "green"))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,11 @@ class Backup:
     unit_file: str | None = None
     unit_backup: str | None = None
     held: bool = False          # holds rows a restore took out of the live database: prune keeps it until released
+    rows: dict | None = None    # {table: rows} the copy holds (None: a backup made before they were counted)
+
+    @property
+    def rows_total(self):
+        return sum(self.rows.values()) if isinstance(self.rows, dict) else None
 
     @property
     def manifest_path(self):
@@ -371,6 +376,7 @@ def finish_copy(db_path, tmp):
         page_size = dst.execute("PRAGMA page_size").fetchone()[0]
         page_count = dst.execute("PRAGMA page_count").fetchone()[0]
         schema = schema_fingerprint(dst)
+        rows = count_rows(dst)
     finally:
         dst.close()
     fd = os.open(tmp, os.O_RDONLY)
@@ -379,7 +385,33 @@ def finish_copy(db_path, tmp):
     finally:
         os.close(fd)
     return {"bytes": os.stat(tmp).st_size, "sha256": sha256, "page_size": page_size,
-            "page_count": page_count, "schema": schema}
+            "page_count": page_count, "schema": schema, "rows": rows}
+
+
+def count_rows(conn, schema="main"):
+    """{table: rows} of a database: what tells a copy with the data from a fresh empty one (a rebuilt
+    host's), and a release that deleted rows from one that did not."""
+    tables = [r[0] for r in conn.execute(f"SELECT name FROM {schema}.sqlite_master WHERE type = 'table' "
+                                         "AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+    return {t: conn.execute(f'SELECT count(*) FROM {schema}."{t.replace(chr(34), chr(34) * 2)}"').fetchone()[0]
+            for t in tables}
+
+
+def live_rows(db_path, seconds=2.0):
+    """{table: rows} of the live database (read-only), or None when it cannot be counted within seconds
+    (a large database: status does not wait on it) or read at all."""
+    try:
+        conn = open_readonly(db_path)
+    except (DeployError, sqlite3.Error):
+        return None
+    deadline = time.monotonic() + seconds
+    conn.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 10000)
+    try:
+        return count_rows(conn)
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
 
 
 def list_backups(folder):
@@ -388,6 +420,7 @@ def list_backups(folder):
 
 
 FIELD_TYPES = {"env": str, "time": str, "bytes": int, "sha256": str, "reason": str, "page_size": int,
+               "rows": dict,
                "page_count": int, "schema": str, "source": str, "commit": str, "seconds": (int, float)}
 
 
@@ -429,10 +462,12 @@ def manifest_problem(data):
         return f"not a JSON object ({type(data).__name__})"
     for key, kind in FIELD_TYPES.items():
         value = data.get(key)
-        if value is None and key in ("source", "commit", "schema", "seconds", "page_size", "page_count"):
+        if value is None and key in ("source", "commit", "schema", "seconds", "page_size", "page_count", "rows"):
             continue
         if not isinstance(value, kind) or isinstance(value, bool):
             return f"{key!r} is {value!r}, not a {getattr(kind, '__name__', 'number')}"
+    if isinstance(data.get("rows"), dict) and not all(isinstance(n, int) for n in data["rows"].values()):
+        return "'rows' is not a table of counts"
     try:
         when = datetime.fromisoformat(data["time"])
     except ValueError:
@@ -517,6 +552,20 @@ def retention_keep(found, retention):
         if backup is not None and count < n and backup.path not in kept:
             kept[backup.path] = f"{rule} (oldest)"
     return kept
+
+
+def richest(found):
+    """Of backups or off-site copies, the newest that holds the most rows (None: none was counted). Retention
+    never removes it: after a rebuilt host backs up its fresh empty database night after night, tight
+    rules would otherwise keep only empty copies and forget the one with the data."""
+    counted = [b for b in found if b.rows_total is not None]
+    if not counted:
+        return None
+    most = max(b.rows_total for b in counted)
+    return max((b for b in counted if b.rows_total == most), key=lambda b: local_time(b).timestamp())
+
+
+RICHEST = "holds the most rows of any copy ({n}): a copy of a database with fewer never counts against it"
 
 
 def prune_plan(found, retention, protected):
@@ -699,12 +748,20 @@ def count_missing(conn, q):
     return max(0, a - b)
 
 
+KEYS_TABLE = "temp._safe_deploy_keys"      # old id -> new id of the rows put back under a new id
+
+
 def rows_as_sql(saved_path, live_path):
     """The rows of saved_path that live_path lacks, as reviewable SQL: (lines, {table: (rows, conflicts)}).
 
-    A row whose primary key (or rowid) a row written since now uses in the live database is a
-    conflict: its INSERT is written commented out, with the live row's key, for a person to merge;
-    the others are plain INSERTs, in one transaction. The live database is opened read-only.
+    One transaction, for the sqlite3 shell (.bail on: the first error stops it, nothing is committed).
+    The tables go parents first, by the foreign keys the schema declares (PRAGMA foreign_key_list). A
+    row whose integer primary key a row written since uses in the live database is put back under a
+    new id (SQLite's next one), and the rows put back with it that refer to it (its children, by those
+    keys) are pointed at the new id: a post comes back with its own author, never credited to the user
+    who took the old id. A conflict that cannot be re-keyed (a key that is not one integer column) is
+    written commented out, for a person to merge. Where the schema declares no foreign keys, the file
+    says that references could not be followed. The live database is opened read-only.
 
     No value can run as SQL, whatever it holds: every line is one whole statement or one comment,
     because values are written by sql_literal(), which never puts a line break (or any control
@@ -718,42 +775,103 @@ def rows_as_sql(saved_path, live_path):
             "SELECT name FROM main.sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
         live_tables = {r[0].decode("utf-8", "replace") for r in conn.execute(
             "SELECT name FROM live.sqlite_master WHERE type = 'table'")}
-        lines, summary = ["BEGIN;"], {}
-        for table in tables:
-            if table not in live_tables:
-                continue
-            q = sql_name(table)
-            info = conn.execute(f"PRAGMA main.table_info({q})").fetchall()
-            columns = [r[1].decode("utf-8", "replace") for r in info]
-            keys = [r[1].decode("utf-8", "replace") for r in sorted(info, key=lambda r: r[5]) if r[5]] or ["rowid"]
-            cols = ", ".join(sql_name(c) for c in columns)
-            same = " AND ".join(f"l.{sql_name(c)} IS m.{sql_name(c)}" for c in columns)
-            typed = ", ".join(f"typeof(m.{sql_name(c)}), m.{sql_name(c)}" for c in columns)
-            key_of = [f"m.{sql_name(k)}" if k != "rowid" else "m.rowid" for k in keys]
-            key_typed = ", ".join(f"typeof({k}), {k}" for k in key_of)
-            taken = " AND ".join(f"{'t.rowid' if k == 'rowid' else 't.' + sql_name(k)} = {m}" for k, m in zip(keys, key_of))
-            missing = conn.execute(f"SELECT {typed}, {key_typed}, EXISTS (SELECT 1 FROM live.{q} AS t WHERE {taken}) "
-                                   f"FROM main.{q} AS m "
-                                   f"WHERE NOT EXISTS (SELECT 1 FROM live.{q} AS l WHERE {same})").fetchall()
-            conflicts = 0
-            for row in missing:
-                n = 2 * len(columns)
-                values = [sql_literal(row[i].decode(), row[i + 1]) for i in range(0, n, 2)]
-                insert = f"INSERT INTO {q} ({cols}) VALUES ({', '.join(values)});"
-                if row[-1]:
-                    conflicts += 1
-                    shown = ", ".join(sql_literal(row[i].decode(), row[i + 1]) for i in range(n, len(row) - 1, 2))
-                    lines.append(f"-- CONFLICT: {', '.join(keys)} = {shown} is used in the live "
-                                 "database by a row written since the restore; merge by hand:")
-                    lines.append(f"-- {insert}")
-                else:
-                    lines.append(insert)
-            if missing:
-                summary[table] = (len(missing), conflicts)
-        lines.append("COMMIT;")
-        return lines, summary
+        tables = [t for t in tables if t in live_tables]
+        refs = foreign_keys(conn, tables)
+        body, summary, rekeyed = [], {}, set()
+        for table in parents_first(tables, refs):
+            found = table_rows(conn, table, refs.get(table, []), rekeyed)
+            if found:
+                lines, n, conflicts, moved = found
+                body += lines
+                summary[table] = (n, conflicts)
+                if moved:
+                    rekeyed.add(table)
+        head = [".bail on", "BEGIN;"]
+        if rekeyed:
+            head.append(f"CREATE TABLE {KEYS_TABLE} (tbl TEXT, old, new, PRIMARY KEY (tbl, old));")
+        if not any(refs.values()):
+            head.append("-- the schema declares no foreign keys: references could not be followed (a row put back "
+                        "under a new id is not pointed at by rows of other tables)")
+        return head + body + ["COMMIT;"], summary
     finally:
         conn.close()
+
+
+def foreign_keys(conn, tables):
+    """{child table: [(column, parent table, parent column or None)]} as the schema declares them."""
+    refs = {}
+    for table in tables:
+        rows = conn.execute(f"PRAGMA main.foreign_key_list({sql_name(table)})").fetchall()
+        refs[table] = [(r[3].decode(), r[2].decode(), r[4].decode() if r[4] else None) for r in rows]
+    return refs
+
+
+def parents_first(tables, refs):
+    """The tables, each after the tables it refers to (a cycle keeps the rest in name order)."""
+    done, order = set(), []
+
+    def visit(t, path=()):
+        if t in done or t in path:
+            return
+        for _, parent, _ in refs.get(t, []):
+            if parent in tables and parent != t:
+                visit(parent, path + (t,))
+        done.add(t)
+        order.append(t)
+
+    for t in tables:
+        visit(t)
+    return order
+
+
+def table_rows(conn, table, table_refs, rekeyed):
+    """(lines, rows, conflicts, re-keyed any?) for the rows of table the live database lacks, or None."""
+    q = sql_name(table)
+    info = conn.execute(f"PRAGMA main.table_info({q})").fetchall()
+    columns = [r[1].decode("utf-8", "replace") for r in info]
+    keys = [r[1].decode("utf-8", "replace") for r in sorted(info, key=lambda r: r[5]) if r[5]] or ["rowid"]
+    integer_key = (len(keys) == 1 and keys[0] != "rowid"
+                   and next(r[2] for r in info if r[1].decode() == keys[0]).decode().upper() == "INTEGER")
+    same = " AND ".join(f"l.{sql_name(c)} IS m.{sql_name(c)}" for c in columns)
+    typed = ", ".join(f"typeof(m.{sql_name(c)}), m.{sql_name(c)}" for c in columns)
+    key_of = [f"m.{sql_name(k)}" if k != "rowid" else "m.rowid" for k in keys]
+    key_typed = ", ".join(f"typeof({k}), {k}" for k in key_of)
+    taken = " AND ".join(f"{'t.rowid' if k == 'rowid' else 't.' + sql_name(k)} = {m}" for k, m in zip(keys, key_of))
+    missing = conn.execute(f"SELECT {typed}, {key_typed}, EXISTS (SELECT 1 FROM live.{q} AS t WHERE {taken}) "
+                           f"FROM main.{q} AS m WHERE NOT EXISTS (SELECT 1 FROM live.{q} AS l WHERE {same})").fetchall()
+    if not missing:
+        return None
+    follow = {col: parent for col, parent, _ in table_refs if parent in rekeyed}
+    lines, conflicts, moved = [], 0, False
+    missing.sort(key=lambda row: bool(row[-1] and integer_key))     # rows that keep their id first: a new id
+    for row in missing:                                              # never takes one of theirs
+        n = 2 * len(columns)
+        values = {c: sql_literal(row[i].decode(), row[i + 1]) for c, i in zip(columns, range(0, n, 2))}
+        for col, parent in follow.items():      # a parent put back under a new id: its new id, else the value
+            values[col] = (f"coalesce((SELECT new FROM {KEYS_TABLE} WHERE tbl = {sql_literal('text', parent)} "
+                           f"AND old = {values[col]}), {values[col]})")
+        key_shown = ", ".join(sql_literal(row[i].decode(), row[i + 1]) for i in range(n, len(row) - 1, 2))
+        if row[-1] and integer_key:
+            conflicts += 1
+            moved = True
+            kept = [c for c in columns if c != keys[0]]
+            lines.append(f"-- {keys[0]} = {key_shown} is used by a row written since: this one comes back under a "
+                         "new id, and the rows below that refer to it follow")
+            lines.append(f"INSERT INTO {q} ({', '.join(sql_name(c) for c in kept)}) "
+                         f"VALUES ({', '.join(values[c] for c in kept)});")
+            lines.append(f"INSERT INTO {KEYS_TABLE} VALUES ({sql_literal('text', table)}, {key_shown}, "
+                         "last_insert_rowid());")
+            continue
+        insert = (f"INSERT INTO {q} ({', '.join(sql_name(c) for c in columns)}) "
+                  f"VALUES ({', '.join(values[c] for c in columns)});")
+        if row[-1]:
+            conflicts += 1
+            lines.append(f"-- CONFLICT: {', '.join(keys)} = {key_shown} is used in the live database by a row "
+                         "written since the restore; merge by hand:")
+            lines.append(f"-- {insert}")
+        else:
+            lines.append(insert)
+    return lines, len(missing), conflicts, moved
 
 
 def sql_name(name):

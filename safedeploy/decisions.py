@@ -102,10 +102,11 @@ class DeployFacts:
     rehearse_command: str = ""
 
 
-def nothing_to_deploy(target, running, head, serving_commit, release_present):
+def nothing_to_deploy(target, running, head, serving_commit, release_sound):
     """A deploy has nothing to do only when the target is what runs, the tree is there, and (releases) the
-    release that should serve it exists and serves it: a running release deleted by hand is repaired."""
-    return target == running == head and release_present and serving_commit in (None, target)
+    release that should serve it exists, unchanged, and serves it: a running release deleted or edited by
+    hand is built again."""
+    return target == running == head and release_sound and serving_commit in (None, target)
 
 
 # -- which point ---------------------------------------------------------------------------------

@@ -72,6 +72,11 @@ class Copy:
     paths: list
     host: str = ""            # restic's host of the snapshot
     config: str = ""          # its config= tag ("" for a copy pushed before the tag existed)
+    rows: int | None = None   # the rows the copy holds, from its rows= tag (None: pushed before it existed)
+
+    @property
+    def rows_total(self):
+        return self.rows
 
     @property
     def name(self):
@@ -175,7 +180,7 @@ class Restic:
     def tags(self, backup):
         return ["safe-deploy", f"host={self.host}", f"config={self.id}", f"env={backup.env}", f"reason={backup.reason}",
                 f"commit={backup.commit}", f"sha256={backup.sha256}", f"file={Path(backup.path).name}",
-                f"time={backup.time}"]
+                f"time={backup.time}"] + ([f"rows={backup.rows_total}"] if backup.rows_total is not None else [])
 
     def ours(self, copy):
         """This config's copy: its config id; or, pushed before that tag existed, this host's (restic's --host)."""
@@ -198,7 +203,8 @@ class Restic:
             copy = Copy(id=snap["id"], env=tags.get("env", ""), file=tags["file"],
                         time=tags.get("time") or snap.get("time", ""), reason=tags.get("reason", ""),
                         commit=tags.get("commit", ""), sha256=tags["sha256"], paths=snap.get("paths") or [],
-                        host=snap.get("hostname", ""), config=tags.get("config", ""))
+                        host=snap.get("hostname", ""), config=tags.get("config", ""),
+                        rows=int(tags["rows"]) if tags.get("rows", "").isdigit() else None)
             if self.ours(copy):
                 found.append(copy)
             else:

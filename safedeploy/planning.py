@@ -34,6 +34,7 @@ class DeployPlan:
     forced: list = field(default_factory=list)
     running_release: object = None      # releases: the release `current` points at
     dangling_current: bool = False      # releases: `current` names a folder that is gone
+    edited: list = field(default_factory=list)      # releases: files of the running release changed by hand
     reuse: object = None                # releases: a kept release of the target to switch to (no build)
     clears_bad: bool = False            # --force past a bad mark: a healthy deploy clears it
     rehearsed: object = None            # the passed rehearsal of the target's tree, if any
@@ -62,8 +63,9 @@ def deploy_plan(config, env, ref=None, fetch=True, force=False, reason=""):
                       target_tree=repo.tree_of(target), unit_file=unit_state.fragment_path,
                       fast_forward=repo.is_ancestor(head, target), converted=env.converted, reason=reason,
                       running_release=current, dangling_current=dangling)
+    plan.edited = releases.differences(env, repo, current) if current else []
     plan.nothing_to_deploy = decisions.nothing_to_deploy(
-        target, running, head, current.commit if current else None, not dangling)
+        target, running, head, current.commit if current else None, not dangling and not plan.edited)
     if plan.nothing_to_deploy:
         return plan
     refuse_tracked_database(env, repo, [head, target])

@@ -62,6 +62,8 @@ class DeployRecord(Record):
     health: str | None = None
     watch: float | None = None
     shadowed: list = field(default_factory=list)    # tracked files the shared copy stands in for
+    rows_deleted: dict = field(default_factory=dict)    # {table: rows} fewer live than in the pre-deploy backup,
+                                                        # counted once the new release served: a data bug
     rollback: dict | None = None        # the automatic rollback's record, when there was one
 
 

@@ -184,8 +184,18 @@ def switch(run):
         (plan.repo.fast_forward if plan.fast_forward else plan.repo.reset_hard)(plan.target)
 
 
+def rows_deleted(backup, db):
+    """{table: rows} the live database holds fewer of than the backup (counted, bounded: a database too
+    large to count within seconds is not counted)."""
+    if backup is None or not isinstance(backup.rows, dict):
+        return {}
+    live = backups.live_rows(db)
+    return {t: n - live.get(t, 0) for t, n in backup.rows.items() if live is not None and live.get(t, 0) < n}
+
+
 def record_deploy(run):
     env, plan, record = run.env, run.plan, run.record
+    record.rows_deleted = rows_deleted(run.backup, env.db)
     record.result, record.running, record.steps = "ok", plan.target, run.clock.seconds
     record.running_release = run.release.id if run.release else None
     record.health = run.health.describe() if run.health else None

@@ -81,15 +81,17 @@ def test_rows_to_restore_never_runs_a_value_as_sql_even_in_a_conflict(tmp_path):
     proc = script("backup.py", cfg, "--rows-to-restore", saved.path)
     assert proc.returncode == 0, proc.stderr
     sql = proc.stdout
-    assert "post: 2 row(s), 1 of them flagged" in sql and sql.count("-- CONFLICT") == 1
+    assert "post: 2 row(s), 1 of them flagged" in sql and sql.count("comes back under a new id") == 1
     applied = subprocess.run(["sqlite3", str(live)], input=sql, capture_output=True, text=True, timeout=30)
     assert applied.returncode == 0, applied.stderr
     conn = sqlite3.connect(live)
     rows = {r[0]: r[1:] for r in conn.execute("SELECT id, body, pic FROM post")}
     conn.close()
-    assert rows == {1: ("kept", None), 2: (FREE_BODY, b"\x00\n\xff"), 3: ("written since the restore", None)}
+    # the conflicting row comes back under a new id, its hostile body as text: nothing ran, nothing was lost
+    assert rows == {1: ("kept", None), 2: (FREE_BODY, b"\x00\n\xff"), 3: ("written since the restore", None),
+                    4: (HOSTILE_BODY, None)}
     for line in sql.splitlines():           # every statement and comment is one line: nothing spans two
-        assert line.startswith("-- ") or line.endswith(";") or not line.strip(), line
+        assert line.startswith(("-- ", ".bail on")) or line.endswith(";") or not line.strip(), line
 
 
 # -- a command's pipes are closed when it exits, whatever its children do --------------------------------
