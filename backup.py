@@ -278,9 +278,10 @@ def show_list(config, envs, as_json):
         return {"location": "both" if known and there else "local", "offsite": there if known else None}
 
     keys = ("env", "path", "time", "bytes", "sha256", "reason", "commit", "schema", "held")
-    rows = [{**{k: getattr(b, k) for k in keys}, **where(b)} for b in found]
+    rows = [{**{k: getattr(b, k) for k in keys}, "rows": b.rows_total, **where(b)} for b in found]
     rows += [{"env": c.env, "path": None, "time": c.time, "bytes": None, "sha256": c.sha256, "reason": c.reason,
-              "commit": c.commit, "schema": None, "held": False, "location": "offsite", "offsite": True,
+              "commit": c.commit, "schema": None, "held": False, "rows": c.rows_total, "location": "offsite",
+              "offsite": True,
               "snapshot": c.id, "file": c.file} for c in remote if c.file not in local_files]
     rows.sort(key=lambda r: r["time"] or "", reverse=True)
     identity = {"repository": config.offsite.shown, "host": config.offsite.host, "config": config.offsite.id,

@@ -11,6 +11,7 @@ parallel, with short timeouts. Exit 0 when every env shown is OK, 1 otherwise (m
 """
 
 import json
+import sqlite3
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,7 +21,7 @@ from safedeploy.errors import EXIT_FAILED, DeployError, usage_error
 from safedeploy.files import make_private_dir, write_atomic
 from safedeploy.gitrepo import Repo
 from safedeploy.points import backup_id, list_points
-from safedeploy.state import age_seconds, bad_mark, human_age, lock_holder, now_iso
+from safedeploy.state import age_seconds, bad_mark, human_age, lock_holder, now_iso, parse_time
 
 HEALTH_TIMEOUT = 2.0
 TIMER_NAME = "safe-deploy-status"
@@ -105,6 +106,7 @@ def unit_part(config, env, records, facts):
     sock = units.state(units.socket_name(env.unit))
     facts.socket = sock.name if sock.known else ""
     facts.socket_active = sock.is_active
+    facts.held = [str(path) for path in units.port_holder_files(env.unit) if path.exists()]
     facts.unit_state = st.active
     facts.unit_failed = st.active == "failed" or (st.is_active and units.is_restart_looping(st)) or st.sub == "auto-restart"
     if method == "handover" and all(units.state(u).is_active for u in units.slots(env.unit)) \
@@ -209,8 +211,32 @@ def copies_part(config, env, records, facts):
     return {"offsite_problem": problem} if problem else {}
 
 
+OLDER_COPY_SECONDS = 2.0      # comparing the live database with the newest backup: bounded
+
+
+def older_copy(env, records):
+    """{"backup", "time", "rows"} when the live database lacks rows the newest backup holds (one made since the
+    last restore, not a pre-rollback save) and holds none it lacks; else None (or not compared in time)."""
+    restored = [r.time for r in records if r.kind in ("rollback", "recovery") and r.ok and
+                (getattr(r, "db_restored", False) or (getattr(r, "rollback", None) or {}).get("db_restored"))]
+    since = parse_time(restored[-1]) if restored else None
+    newest = next((b for b in backups.list_backups(env.backup_dir) if b.reason != "pre-rollback"
+                   and (since is None or (parse_time(b.time) and parse_time(b.time) > since))), None)
+    if newest is None or backups.live_schema(env.db) != newest.schema:
+        return None
+    try:
+        lacks = backups.rows_only_in(newest.path, env.db, OLDER_COPY_SECONDS)
+        if not lacks or backups.rows_only_in(env.db, newest.path, OLDER_COPY_SECONDS):
+            return None
+    except (sqlite3.Error, OSError):  # interrupted (too large to compare now), or unreadable: nothing is said
+        return None
+    return {"backup": newest.path, "time": newest.time, "rows": lacks}
+
+
 def log_part(config, env, records, facts):
     deploys, rollbacks = logs.of_kind(records, "deploy"), logs.of_kind(records, "rollback")
+    if facts.db_exists and facts.db_check == "ok":
+        facts.older_copy = older_copy(env, records)
     rehearsals = logs.of_kind(records, "rehearsal")
     bug = next((d for d in reversed(deploys) if d.ok and d.rows_deleted and d.backup), None)
     if bug:

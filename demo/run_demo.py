@@ -6,7 +6,8 @@ main, two units, two databases, no config) under a private systemd --user
 manager: discover the config, adopt dev (backups, tags, a dev branch, releases),
 deploy and verify dev, the checklist, adopt prod and promote, a failed deploy
 that rolls itself back by switching to the previous release, a drill and a
-rollback, status, then off-site copies with restic.
+rollback, status, off-site copies with restic, then an incident status
+answers with a start, not a rollback.
 Everything lives in one temp folder, removed at the end (pass --keep to look
 around afterwards).
 """
@@ -16,6 +17,7 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -103,6 +105,24 @@ def main():
         run("backup.py", "--all")
         run("backup.py", "--list")
         run("backup.py", "--verify")
+        step("an incident whose answer is not a rollback: someone stops dev's app by hand. status says what is "
+             "wrong and the command that fixes it (start it: the release is good); pasted under cron's PATH, dev "
+             "serves again and nothing is rolled back or marked bad")
+        sb.stop_app("dev")
+        run("status.py", "dev", expect=1)
+        advice = json.loads(sb.run("status.py", "dev", "--json").stdout)["envs"]["dev"]["advice"]
+        command = advice[0]["command"] if advice else "true"
+        print(f"\n$ {command}", flush=True)
+        pasted = subprocess.run(["sh", "-c", command], env={"PATH": "/usr/bin:/bin", **sb.manager.env},
+                                capture_output=True, text=True, timeout=60)
+        print((pasted.stdout + pasted.stderr).rstrip() + f"\n[exit {pasted.returncode}]")
+        if pasted.returncode != 0 or not command.startswith("systemctl --user start"):
+            failures.append(f"the advice {command!r}: exit {pasted.returncode}")
+        sb.wait_serving("dev")
+        run("status.py", "dev", expect=1)           # still exit 1: dev's branch tip is version 3, rolled back
+        problems = json.loads(sb.run("status.py", "dev", "--json").stdout)["envs"]["dev"]["problems"]
+        if any("stopped" in p for p in problems):
+            failures.append(f"dev still stopped after the advice: {problems}")
         if not args.keep:
             sb.stop_units()
     finally:

@@ -134,9 +134,19 @@ def remove_cgroup(path):
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n):
+    """n distinct free ports: all bound at once, so two are never the same."""
+    held = [socket.socket() for _ in range(n)]
+    try:
+        for s in held:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 def git(cwd, *args, check=True):
@@ -208,7 +218,7 @@ class Sandbox:
         self.health_timeout = health_timeout
         self.name = name
         self.seed = seed
-        self.ports = {"prod": free_port(), "dev": free_port()}
+        self.ports = dict(zip(("prod", "dev"), free_ports(2)))
         self.config = self.root / "config.toml"
 
     @property

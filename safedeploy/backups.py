@@ -713,9 +713,13 @@ def stat_mode(mode):
     return mode & 0o7777
 
 
-def rows_only_in(saved_path, restored_path):
-    """Per table: how many rows of the saved copy the restored database does not have."""
+def rows_only_in(saved_path, restored_path, seconds=None):
+    """Per table: how many rows of the saved copy the restored database does not have. seconds: a bound
+    (sqlite3.OperationalError "interrupted" past it: status does not wait on a large database)."""
     saved = sqlite3.connect(f"file:{quote(str(saved_path))}?mode=ro", uri=True)
+    if seconds is not None:
+        deadline = time.monotonic() + seconds
+        saved.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 10000)
     try:
         saved.execute("ATTACH DATABASE ? AS restored", (f"file:{quote(str(restored_path))}?mode=ro",))
         tables = [r[0] for r in saved.execute(

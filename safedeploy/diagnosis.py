@@ -22,6 +22,7 @@ A problem that no command here fixes (the branch tip is a rolled-back release: p
 with no command.
 """
 
+import shlex
 from dataclasses import dataclass, field
 
 MAX_BACKUP_AGE = 24 * 3600
@@ -45,6 +46,7 @@ class Facts:
     unit_state: str = "active"        # systemd's ActiveState of the serving slot
     unit_failed: bool = False         # failed, or restarting again and again
     socket_active: bool = False
+    held: list = field(default_factory=list)     # the holder's files: the socket activates it, not the app (units.hold)
     healthy: bool = True
     health: str = ""
     lock: str | None = None
@@ -61,6 +63,8 @@ class Facts:
     newest_backup_age: float | None = None
     deleted_by: dict | None = None    # {"tag", "rows": {table: n}, "backup", "running_it"}: a deploy's data bug
     rows_missing: dict | None = None  # {table: n} of deleted_by's backup still missing live (None: not compared)
+    older_copy: dict | None = None    # {"backup", "time", "rows": {table: n}}: the live database looks like an older
+                                      # copy of the newest backup (it lacks these rows of it, and holds none it lacks)
     bad_running: dict | None = None   # the mark that makes the tree that serves a rolled-back release
     tip_bad: str = ""
     rollback: str | None = None       # the newest safe point's rollback command
@@ -98,6 +102,12 @@ def fresh_and_empty(f):
     return f.live_rows == 0 and target is not None and (target.rows or 0) > 0
 
 
+def rows_command(cmd, f, backup):
+    """The shell line that writes the rows of backup the live database lacks as SQL, and applies it."""
+    sql = f"/tmp/{f.env}-rows-to-restore.sql"
+    return f"{cmd('backup.py', '--rows-to-restore', backup)} > {sql} && sqlite3 {f.db} < {sql}"
+
+
 def diagnose(f, cmd):
     """cmd(script, *args): the exact command line of a script for this config (cli.script_command)."""
     d = Diagnosis()
@@ -107,6 +117,7 @@ def diagnose(f, cmd):
     if f.interrupted:
         j = f.interrupted
         what = f"an interrupted {j.get('op')} (pid {j.get('pid')}, at step {j.get('step') or 'start'})"
+        what += f"; {f.mismatch}" if f.mismatch else ""
         if j.get("op") == "backup":
             d.add(what, "remove what the killed backup left, and back up", cmd("backup.py", f.env))
             return d
@@ -146,12 +157,17 @@ def diagnose(f, cmd):
                                                                                 "--code-only", "--yes")})
         d.advice.append({"why": "then the deleted rows back, from the pre-deploy backup (reviewable SQL, one "
                                 "transaction; a row whose id was taken since comes back under a new id, with the "
-                                "rows that refer to it)",
-                         "command": f"{cmd('backup.py', '--rows-to-restore', bug['backup'])} > /tmp/{f.env}-rows.sql"
-                                    f" && sqlite3 {f.db} < /tmp/{f.env}-rows.sql"})
+                                "rows that refer to it)", "command": rows_command(cmd, f, bug["backup"])})
+    elif f.older_copy:
+        o = f.older_copy
+        lacks = ", ".join(f"{n} row(s) of {t}" for t, n in sorted(o["rows"].items()))
+        d.add(f"the live database lacks {lacks} that the newest backup {o['backup']} ({o['time']}) holds, and holds no "
+              "row it lacks: it looks like an older copy (put in place by hand?)",
+              "put the missing rows back from that backup (the live rows stay; if they were deleted on purpose, "
+              "skip this)", rows_command(cmd, f, o["backup"]))
     if f.dangling or f.edited:
         what = ("the running release's folder is gone" if f.dangling else
-                f"the running release differs from its commit ({', '.join(f.edited[:3])})")
+                f"the running release differs from its commit: {', '.join(f.edited[:3])}")
         d.add(what, f"{what}: build {f.running[:12]} again (the edited release stays on disk, not run)",
               cmd("deploy.py", f.env, "--ref", f.running, "--yes") if f.running else None)
     elif f.mismatch:
@@ -160,6 +176,13 @@ def diagnose(f, cmd):
         where = f" in {f.bad_running['env']}" if f.bad_running.get("env") != f.env else ""
         d.add(f"what serves ({f.running[:12]}) is a release that was rolled back{where} at {f.bad_running.get('time')} "
               f"({f.bad_running.get('why')})", "roll back here too, to the newest safe point", f.rollback)
+    elif f.held and not d.advice:
+        holder = f.unit.removesuffix(".service") + "-port-holder.service"
+        d.add(f"{f.socket or 'the socket'} holds requests for safe-deploy's holder, not the app: an operation stopped "
+              "the app for a migration or a restore and did not finish",
+              "give the socket back to the app and start it (what `current` names runs)",
+              f"rm -f {' '.join(shlex.quote(p) for p in f.held)} && systemctl --user daemon-reload && "
+              f"systemctl --user stop {holder} && systemctl --user start {f.unit}")
     elif (f.unit_state in ("inactive", "deactivating") and not f.unit_failed and not d.advice
           and not (f.socket_active and f.healthy)):          # behind its socket, an idle service starts on demand
         units_to_start = " ".join(u for u in (f.socket, f.unit) if u)

@@ -12,7 +12,11 @@ release: "ok", "crash" (exits at start), "http500" (health answers 500),
 "needs MODULE VERSION" (imports MODULE and exits at start unless its __version__
 is VERSION: a release that runs only on its own dependencies), "dieafter SECONDS"
 (serves, then exits with an error after SECONDS), "crashonrow TEXT" (exits at
-start when a note's body is TEXT: code that chokes on a row only prod has).
+start when a note's body is TEXT: code that chokes on a row only prod has),
+"deleteposts NAME" (at start, deletes the posts of the user NAME: a data bug).
+
+With a schema that has flaskr's tables (user, and post with author_id REFERENCES user),
+it also serves POST /users (name=...), POST /posts (author_id=...&body=...) and GET /posts.
 """
 
 import argparse
@@ -24,6 +28,7 @@ import sqlite3
 import sys
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -74,13 +79,24 @@ def make_handler(conn, mode, version, deps=None):
             if self.path == "/":
                 notes = conn.execute("SELECT count(*) FROM notes").fetchone()[0]
                 return self.reply(200, {"app": "sample", "version": version, "notes": notes, "deps": deps or {}})
+            if self.path == "/posts":
+                rows = conn.execute('SELECT p.id, u.name, p.body FROM post p JOIN "user" u ON u.id = p.author_id '
+                                    "ORDER BY p.id").fetchall()
+                return self.reply(200, [{"id": i, "author": a, "body": b} for i, a, b in rows])
             return self.reply(404, {"error": "not found"})
 
         def do_POST(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            text = self.rfile.read(length).decode(errors="replace")
             if self.path == "/notes":
-                length = int(self.headers.get("Content-Length") or 0)
-                text = self.rfile.read(length).decode(errors="replace")
                 cur = conn.execute("INSERT INTO notes (body) VALUES (?)", (text,))
+                return self.reply(201, {"id": cur.lastrowid})
+            form = dict(urllib.parse.parse_qsl(text))
+            if self.path == "/users":
+                cur = conn.execute('INSERT INTO "user" (name) VALUES (?)', (form["name"],))
+                return self.reply(201, {"id": cur.lastrowid})
+            if self.path == "/posts":
+                cur = conn.execute("INSERT INTO post (author_id, body) VALUES (?, ?)", (int(form["author_id"]), form["body"]))
                 return self.reply(201, {"id": cur.lastrowid})
             return self.reply(404, {"error": "not found"})
 
@@ -133,6 +149,8 @@ def main():
         if conn.execute("SELECT count(*) FROM notes WHERE body = ?", (text,)).fetchone()[0]:
             print(f"sample app: crashes on a row it cannot render: {text!r}", file=sys.stderr, flush=True)
             sys.exit(5)
+    if mode == "deleteposts":
+        conn.execute('DELETE FROM post WHERE author_id IN (SELECT id FROM "user" WHERE name = ?)', (" ".join(extra),))
     if mode == "dieafter":
         def die():
             time.sleep(float(extra[0]) if extra else 3.0)

@@ -26,7 +26,7 @@ def test_verify_passes_after_a_deploy_and_records_the_tree(sandbox):
     assert proc.returncode == 0, proc.stdout
     data, checks = checks_of(proc)
     assert data["env"] == "dev" and data["ok"] is True
-    assert list(checks) == ["unit", "health", "domain", "commit", "database", "backup", "rollback point",
+    assert list(checks) == ["unit", "health", "domain", "commit", "release", "database", "backup", "rollback point",
                            "rollback drill", "restart"]
     assert all(c["ok"] for c in checks.values())
     assert record["tag"] in checks["rollback point"]["detail"]
@@ -72,7 +72,7 @@ def test_status_json_follows_the_contract(sandbox):
     record = deployed(sb)
     proc = sb.run("status.py", "--json")
     assert proc.returncode == 1          # prod has never been backed up: that needs attention
-    assert any("no backup" in p for p in json.loads(proc.stdout)["envs"]["prod"]["problems"])
+    assert any("no local backup" in p for p in json.loads(proc.stdout)["envs"]["prod"]["problems"])
     assert sb.run("backup.py", "prod").returncode == 0
     proc = sb.run("status.py", "--json")
     assert proc.returncode == 0, proc.stdout
