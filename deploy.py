@@ -146,6 +146,8 @@ def show_plan(config, env, args):
         cli.say(f"  {i:2}. {step['name']}: {step['detail']}")
     for why in plan.forced:
         cli.say(f"  forced: {why}")
+    if env.pre_restart:
+        cli.say(f"  migration: {plan.migration_mode}: {plan.migration_why}")
     cli.say(f"  rehearsal: passed {plan.rehearsed.time} on {env.name}'s data" if plan.rehearsed else
             f"  rehearsal: none for this tree (try it on {env.name}'s data first: "
             f"{cli.script_command(config, 'deploy.py', env.name, '--rehearse')})")

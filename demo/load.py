@@ -15,6 +15,8 @@ class Sample:
     latency: float
     ok: bool
     error: str = ""
+    status: int = 0             # the HTTP status (0: no answer: refused, reset or timed out)
+    retry_after: str = ""       # its Retry-After header, if any
 
 
 class Load:
@@ -40,7 +42,8 @@ class Load:
     def _one(self, sent):
         try:
             r = requests.get(self.url, timeout=self.timeout)
-            sample = Sample(sent, time.monotonic() - sent, r.status_code == 200, "" if r.ok else str(r.status_code))
+            sample = Sample(sent, time.monotonic() - sent, r.status_code == 200, "" if r.ok else str(r.status_code),
+                            r.status_code, r.headers.get("Retry-After", ""))
         except requests.RequestException as exc:
             sample = Sample(sent, time.monotonic() - sent, False, type(exc).__name__)
         with self.lock:
@@ -54,6 +57,17 @@ class Load:
 
     def between(self, start, end):
         return [s for s in self.samples if start <= s.sent <= end]
+
+
+def shapes(samples):
+    """What a migration test and bench count: answered 200, 503 (with Retry-After), other 5xx, no answer at
+    all (refused, reset, timed out), and the slowest answer (s)."""
+    return {"requests": len(samples), "ok": sum(s.status == 200 for s in samples),
+            "503": sum(s.status == 503 for s in samples),
+            "503 without Retry-After": sum(s.status == 503 and not s.retry_after for s in samples),
+            "5xx": sum(500 <= s.status < 600 and s.status != 503 for s in samples),
+            "failed": sum(s.status == 0 for s in samples),
+            "slowest": max((s.latency for s in samples), default=0.0)}
 
 
 def summary(samples):

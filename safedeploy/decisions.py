@@ -201,3 +201,20 @@ def recovery_action(journal, before_change):
 def failure_code(changed, put_back):
     """1 when nothing live changed, or what changed was put back; else 4 (a human is needed)."""
     return EXIT_FAILED if not changed or put_back else EXIT_HUMAN
+
+
+LONG_MIGRATION = 30.0       # seconds: longer than a client waits for an answer (browsers, proxies, monitors)
+
+
+def maintenance(migration_seconds):
+    """(Retry-After seconds or None, why): while the app is stopped for a migration, requests wait in the
+    socket's queue, unless the rehearsal measured a migration longer than clients wait: then the tool's
+    listener answers each with a quick 503 and Retry-After (the migration's time, rounded up to 5 s)."""
+    if migration_seconds is None:
+        return None, "requests wait in the socket's queue (the migration's length is not known: no rehearsal)"
+    if migration_seconds <= LONG_MIGRATION:
+        return None, (f"requests wait in the socket's queue (the rehearsal's migration took {migration_seconds:.1f}s)")
+    retry = int(-(-migration_seconds // 5) * 5)
+    return retry, (f"the rehearsal's migration took {migration_seconds:.0f}s, longer than clients wait "
+                   f"({LONG_MIGRATION:.0f}s): meanwhile every request gets a quick 503 with Retry-After: {retry} "
+                   "(the page: the release's maintenance.html, else a short default)")

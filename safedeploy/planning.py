@@ -40,6 +40,7 @@ class DeployPlan:
     rehearsed: object = None            # the passed rehearsal of the target's tree, if any
     migration_mode: str = "online"      # online: the old release serves during pre_restart; stop-first
     migration_why: str = ""
+    retry_after: int | None = None      # stop-first, a migration longer than clients wait: 503s with this Retry-After
     nothing_to_deploy: bool = False
 
 
@@ -87,6 +88,14 @@ def deploy_plan(config, env, ref=None, fetch=True, force=False, reason=""):
     plan.forced = gates.forced
     plan.clears_bad = bool(mark) and force
     plan.migration_mode, plan.migration_why = migration_mode(env, plan)
+    if plan.migration_mode == "stop-first":
+        if units.restart_method(env.unit) == "plain":
+            raise DeployError(f"{env.name}'s migration needs the running release stopped first ({plan.migration_why}), "
+                              f"and {env.unit} has no socket unit to hold requests meanwhile (they would be refused); "
+                              "install one first: " + cli.script_command(config, "deploy.py", env.name,
+                                                                        "--install-units"))
+        plan.retry_after, why = decisions.maintenance(plan.rehearsed.migration_seconds if plan.rehearsed else None)
+        plan.migration_why += f"; {why}"
     if plan.converted:
         plan.reuse = releases.reusable(env, repo, target)
     return plan
@@ -117,7 +126,7 @@ def migration_mode(env, plan):
                           "the old release serves during pre_restart; find out first with --rehearse")
     if r.compatible is False:
         return "stop-first", (f"the rehearsal at {r.time} found the running release breaks on the migrated schema "
-                              f"({r.incompatible}): it stops before pre_restart, requests wait in the socket's queue")
+                              f"({r.incompatible}): it stops before pre_restart")
     if r.compatible:
         return "online", f"the rehearsal at {r.time} found the running release serves on the migrated schema"
     return "online", f"the rehearsal at {r.time} did not try the running release on the migrated schema"

@@ -49,7 +49,7 @@ from .errors import EXIT_FAILED, EXIT_HUMAN, DeployError, after_undo, describe_f
 from .files import write_atomic
 from .points import Point
 from .records import DeployRecord, RecoveryRecord, RollbackRecord
-from .runner import AFTER, BEFORE, Operation, Step, describe, execute
+from .runner import AFTER, BEFORE, Operation, Step, describe, execute, signals_deferred
 from .state import bad_log, now_iso, utc_stamp, verified_log
 
 QUICK_STOP = 5.0        # seconds a failed release may take to stop when it is rolled back, then it is killed
@@ -100,6 +100,7 @@ class DeployRun(Run):
     backup: object = None
     backup_path: object = None
     previous_release: str | None = None
+    recorded: bool = False          # the record step wrote the deploy's record (an interrupt past it: it stands)
 
     @property
     def repo(self):
@@ -201,12 +202,14 @@ def record_deploy(run):
     record.health = run.health.describe() if run.health else None
     record.watch = run.watched or None
     record.previous_release = run.previous_release
-    records.append(env, record)
-    verified_log(env.name, env.state_dir).append(
-        {"time": now_iso(), "commit": plan.target, "tree": plan.target_tree, "by": "deploy"})
-    if plan.clears_bad:
-        bad_log(env).append({"time": now_iso(), "env": env.name, "commit": plan.target, "bad": False,
-                             "tree": plan.target_tree, "why": f"deployed with --force: {plan.reason}"})
+    with signals_deferred():          # the record whole or not at all: a Ctrl-C here arrives once it is written
+        records.append(env, record)
+        verified_log(env.name, env.state_dir).append(
+            {"time": now_iso(), "commit": plan.target, "tree": plan.target_tree, "by": "deploy"})
+        if plan.clears_bad:
+            bad_log(env).append({"time": now_iso(), "env": env.name, "commit": plan.target, "bad": False,
+                                 "tree": plan.target_tree, "why": f"deployed with --force: {plan.reason}"})
+        run.recorded = True
 
 
 def switch_detail(run):
@@ -244,7 +247,18 @@ def backup_detail(run):
 
 
 def stop_old(run):
-    units.stop_serving(run.env.unit)
+    """The running release cannot live with the migration: it stops before pre_restart, and the socket
+    activates the holder meanwhile (requests wait in its queue, or get 503s: see units.hold); the restart
+    step gives the socket back to the app."""
+    page = (run.release.path / "maintenance.html") if run.release else run.env.path / "maintenance.html"
+    units.hold(run.env.unit, run.plan.retry_after, page if run.plan.retry_after else None)
+
+
+def stop_detail(run):
+    wait = (f"requests get a 503 with Retry-After: {run.plan.retry_after} from the tool's listener"
+            if run.plan.retry_after else "requests wait in its queue")
+    return (f"stop {units.serving_state(run.env.unit).name} before pre_restart ({run.plan.migration_why}); "
+            f"{units.socket_name(run.env.unit)} keeps the port and starts no app: {wait}")
 
 
 DEPLOY = [
@@ -253,10 +267,7 @@ DEPLOY = [
          lambda r: f"tag {r.plan.running[:12]} (what runs) as {r.tag_name}: git tag --annotate {r.tag_name} "
                    f"{r.plan.running}" + (f"; git push {r.env.remote} refs/tags/{r.tag_name}" if r.env.remote else "")),
     Step("backup", BEFORE, back_up, backup_detail),
-    Step("stop", AFTER, stop_old,
-         lambda r: f"stop {units.serving_state(r.env.unit).name} before pre_restart ({r.plan.migration_why}); "
-                   f"{units.socket_name(r.env.unit)} keeps the port: requests wait in its queue",
-         when=lambda r: r.plan.migration_mode == "stop-first"),
+    Step("stop", AFTER, stop_old, stop_detail, when=lambda r: r.plan.migration_mode == "stop-first"),
     Step("switch", AFTER, switch, switch_detail),
     Step("pre_restart", AFTER,
          lambda r: commands.run_all(r.env.pre_restart, r.release.path if r.release else r.env.path,
@@ -286,7 +297,11 @@ def deploy_failed_after(run, step, exc):
     "roll back and report" path. The record step is the exception: the env runs the new release and is
     healthy, only its record is missing."""
     env, plan, record = run.env, run.plan, run.record
-    if step == "record":
+    if step == "record" and run.recorded:           # interrupted once the record was written: the deploy stands
+        cli.err(f"interrupted after the deploy of {env.name} was recorded: it stands ({plan.target[:12]} serves, its "
+                f"health check passed); nothing was rolled back")
+        return 0
+    if step == "record" and not isinstance(exc, KeyboardInterrupt):
         raise DeployError(f"{env.name} runs {plan.target[:12]} and is healthy, but the deploy could not be recorded: "
                           f"{exc}. Free space in {env.state_dir}", EXIT_HUMAN,
                           command=cli.script_command(run.config, "verify.py", env.name))
@@ -591,8 +606,9 @@ ROLLBACK = [
          lambda r: f"copy {r.point.backup.path} beside {r.env.db} and check its sha256 and integrity, the app serving",
          when=lambda r: r.restore_db),
     Step("stop", BEFORE, stop_for_restore,
-         lambda r: f"stop {r.env.unit}" + (f" and {units.socket_name(r.env.unit)}" if units.restart_method(
-             r.env.unit) != "plain" else "") + " so that nothing opens the database", when=lambda r: r.restore_db),
+         lambda r: f"stop {r.env.unit} so that nothing opens the database" + (
+             f" ({units.socket_name(r.env.unit)} keeps the port and starts no app: requests wait in its queue)"
+             if units.restart_method(r.env.unit) != "plain" else ""), when=lambda r: r.restore_db),
     Step("save", BEFORE, save, save_detail),
     Step("code", AFTER, code,
          lambda r: (f"point {r.env.current_link} at {r.kept.id if r.kept else 'the rebuilt release'}; " if r.converted
@@ -632,10 +648,26 @@ def rollback_failed(run, step, exc, changed):
     if failure_code(changed, put_back) == EXIT_FAILED and run.parent is None:
         raise after_undo(exc, f"rollback of {env.name} failed at {step}, before any change: {describe_failure(exc)}; "
                               f"{env.name} runs what it ran") from None
+    back = next_command(run, step)
     raise DeployError(
         f"the rollback of {env.name} to {run.point.id} failed at step {step}: {describe_failure(exc)}. {env.name} is "
-        f"NOT back as it was. Look with: systemctl --user status {env.unit}; journalctl --user -u {env.unit} -n 50",
-        EXIT_HUMAN, command=again_command(run.config, env, run.point, run.restore_db)) from None
+        f"NOT back as it was. Look with: systemctl --user status {env.unit}; journalctl --user -u {env.unit} -n 50"
+        + ("; the point's release does not serve: go back to what ran before, from its pre-rollback save"
+           if back != again_command(run.config, env, run.point, run.restore_db) else ""),
+        EXIT_HUMAN, command=back, output=exc.output if isinstance(exc, DeployError) else "") from None
+
+
+def next_command(run, step):
+    """What a human runs after a rollback failed past its change: when the point's release does not serve
+    (restart, health, watch), running the same rollback again fails the same way, so: back to what ran before,
+    from the pre-rollback save (the next command seals it first, when the failure left it unsealed); else the
+    same rollback again (a step that moved files, which a second run finishes)."""
+    saved = run.record.pre_rollback
+    if step in ("restart", "health", "watch") and saved:
+        return cli.script_command(run.config, "rollback.py", run.env.name, "--to",
+                                  os.path.basename(saved).removesuffix(".sqlite3"), "--yes",
+                                  "--with-db" if run.restore_db else "--code-only")
+    return again_command(run.config, run.env, run.point, run.restore_db)
 
 
 def put_back_before_change(run):

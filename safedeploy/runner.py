@@ -16,6 +16,7 @@ journal, and the next command finishes it.
 """
 
 import signal
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -46,6 +47,20 @@ class Operation:
     journal_data: Callable = field(default=lambda ctx: {})     # what the journal records at the start
 
 
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def signals_deferred():
+    """A few lines that must not be cut in half (writing a record): SIGINT, SIGTERM and SIGHUP wait
+    until they are done, then arrive as usual (as KeyboardInterrupt, past the block)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+
+
 def planned(operation, ctx):
     """The steps this run takes, in order."""
     return [s for s in operation.steps if s.applies(ctx)]
@@ -63,7 +78,7 @@ def execute(operation, ctx, env):
     journal.start(operation.name, **operation.journal_data(ctx))
     ctx.clock = StepClock(journal, operation.name)
     ctx.journal = journal
-    previous = ({s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    previous = ({s: signal.signal(s, signal.SIG_IGN) for s in SIGNALS}
                 if operation.shielded else {})
     try:
         phase = BEFORE

@@ -2,7 +2,9 @@
 
 import contextlib
 import os
+import shlex
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -160,6 +162,11 @@ def restart(unit, quick_stop=None):
     quick_stop: seconds the process that stops may take before it is killed (a failed release being
     rolled back: its graceful stop would wait out a request it never answers); None: its own
     TimeoutStopSec."""
+    if holding(unit):               # the app was stopped (a migration, a restore): the socket activates it again
+        release_holder(unit)        # (a queued request may start it at once: `start` then waits for that start)
+        systemctl("reset-failed", unit, check=False)
+        systemctl("start", unit, timeout=RESTART_TIMEOUT)
+        return
     st = state(unit)
     if st.need_reload or state(helper_name(unit)).need_reload:
         daemon_reload()
@@ -218,11 +225,16 @@ def stop_serving(unit):
 
 
 def stop_for_restore(unit):
-    """Stop the app so nothing opens its database. Behind a socket unit, the socket stops too:
-    a request would otherwise start the service again in the middle of the restore."""
+    """Stop the app so nothing opens its database. Behind a listening socket, the socket stays and
+    activates the holder instead of the app (hold): a request waits in its queue through the restore
+    and cannot start the app in its middle; the restart gives the socket back. A socket that is not
+    listening stops with the app (it would start the service on the first request)."""
     if restart_method(unit) != "plain":
-        systemctl("stop", socket_name(unit), timeout=RESTART_TIMEOUT)
-        systemctl("stop", helper_name(unit), timeout=RESTART_TIMEOUT, check=False)
+        if state(socket_name(unit)).is_active:
+            hold(unit)
+        else:
+            systemctl("stop", socket_name(unit), timeout=RESTART_TIMEOUT)
+            systemctl("stop", helper_name(unit), timeout=RESTART_TIMEOUT, check=False)
     stop(unit)
 
 
@@ -317,15 +329,39 @@ def holder_name(unit):
     return unit.removesuffix(".service") + "-port-holder.service"
 
 
-def port_holder_files(unit):
-    """{path: text}: the socket's drop-in that makes it activate the holder, and the holder."""
+def port_holder_files(unit, exec_start=None, why=None):
+    """{path: text}: the socket's drop-in that makes it activate the holder, and the holder. exec_start:
+    what the holder runs when a connection starts it (default: a sleep, so connections wait in the queue)."""
     folder = user_unit_dir()
+    why = why or f"while {unit}'s port moves to this socket"
     return {folder / f"{socket_name(unit)}.d" / "50-safe-deploy-move.conf":
-            f"# written by safe-deploy while {unit}'s port moves to this socket; removed right after\n"
+            f"# written by safe-deploy {why}; removed right after\n"
             f"[Socket]\nService={holder_name(unit)}\n",
             folder / holder_name(unit):
-            f"[Unit]\nDescription=holds {socket_name(unit)}'s connections while {unit} moves onto it "
-            "(written by safe-deploy, removed right after)\n\n[Service]\nExecStart=/bin/sleep infinity\n"}
+            f"[Unit]\nDescription=holds {socket_name(unit)}'s connections {why} "
+            "(written by safe-deploy, removed right after)\n\n"
+            f"[Service]\nExecStart={exec_start or '/bin/sleep infinity'}\n"}
+
+
+MAINTENANCE = Path(__file__).resolve().parent / "maintenance.py"
+
+
+def hold(unit, retry_after=None, page=None):
+    """Stop every slot that serves, the socket kept, activating the holder instead of the app: requests
+    wait in the socket's queue (none refused, none answered by the code that stopped), or, with
+    retry_after, get a quick 503 with Retry-After (and page, when readable) from the tool's own listener
+    (safedeploy/maintenance.py). The restart step puts the socket back (release_holder) and starts the app."""
+    command = None
+    if retry_after is not None:
+        command = shlex.join([sys.executable, str(MAINTENANCE), "--retry-after", str(int(retry_after))]
+                             + (["--page", str(page)] if page else []))
+    install_unit_files(port_holder_files(unit, command, why="while the app is stopped for a migration"))
+    stop_serving(unit)
+
+
+def holding(unit):
+    """Whether the socket activates the holder (a hold or a port move that did not end)."""
+    return any(path.exists() for path in port_holder_files(unit))
 
 
 def alive(pid):
@@ -354,7 +390,7 @@ def release_holder(unit):
     """The socket activates the service again; the holder goes (stopped if a connection started it)."""
     files = port_holder_files(unit)
     dropin = next(iter(files))
-    if not any(path.exists() for path in files):
+    if not holding(unit):
         return
     remove_quietly(dropin)
     with contextlib.suppress(OSError):
