@@ -139,17 +139,17 @@ class OffsiteRun:
 
     def __init__(self, config, quiet):
         self.config, self.quiet = config, quiet
-        self.restic = offsite.Restic(config.offsite) if config.offsite else None
+        self.engine = offsite.engine(config.offsite) if config.offsite else None
         self.opened = False
 
     def open(self):
         if not self.opened:
-            self.restic.ensure_repository()
+            self.engine.ensure_repository()
             self.opened = True
-        return self.restic
+        return self.engine
 
     def warn_if_stale(self, envs):
-        if not self.restic:
+        if not self.engine:
             return
         for env in envs:
             try:
@@ -164,7 +164,7 @@ class OffsiteRun:
         """Copy a verified local backup off-site, then every earlier one of env that is not there yet (the
         copies deploys, rollbacks and adoption made: they are pushed here, never during a deploy, so the
         network never slows one down). False (said, alerted) when that failed."""
-        if not self.restic:
+        if not self.engine:
             return True
         try:
             result = self.open().push(backup)
@@ -190,13 +190,13 @@ class OffsiteRun:
         return False
 
     def catch_up(self, env, pushed):
-        there = {c.file for c in self.restic.copies(env.name)}
+        there = {c.file for c in self.engine.copies(env.name)}
         done = []
         for b in reversed(backups.list_backups(env.backup_dir)):        # oldest first
             name = Path(b.path).name
             if name in there or b.path == pushed.path or backups.verify_backup(b) != "ok":
                 continue
-            self.restic.push(b)
+            self.engine.push(b)
             done.append(f"{name.removesuffix('.sqlite3')}")
         return done
 
@@ -265,7 +265,7 @@ def show_list(config, envs, as_json):
     remote, problem, others = [], None, 0
     if config.offsite:
         try:
-            remote, others = offsite.Restic(config.offsite).scan()      # this config's copies only
+            remote, others = offsite.engine(config.offsite).scan()      # this config's copies only
             remote = [c for c in remote if c.env in names]
         except DeployError as exc:
             problem = str(exc)
@@ -354,21 +354,21 @@ def verify(config, envs, args):
 
 
 def verify_offsite(config, envs, quiet):
-    """restic check with a read of a tenth of the data packs, then the newest off-site copy of each env
+    """The engine's check (restic: a tenth of the data packs read back; borg: the newest archives' data
+    verified), then the newest off-site copy of each env
     restored to a temp folder and checked (sha256, integrity) like a local one."""
-    restic, problems = offsite.Restic(config.offsite), []
+    engine, problems = offsite.engine(config.offsite), []
     try:
-        if not restic.exists():
+        if not engine.exists():
             raise DeployError(f"there is no repository at {config.offsite.shown} yet: no backup has reached "
                               "off-site (the next backup.py run makes it)")
-        restic.check()
-        copies = restic.copies()
+        checked = engine.check()
+        copies = engine.copies()
     except DeployError as exc:
         cli.err(f"error: off-site repository: {exc}")
         return [str(exc)]
     if not quiet:
-        cli.say(f"{cli.mark(True)}  off-site repository {config.offsite.shown}: restic check passed "
-                "(structure, and 10% of the data read back)")
+        cli.say(f"{cli.mark(True)}  off-site repository {config.offsite.shown}: {checked}")
     for env in envs:
         newest = next((c for c in copies if c.env == env.name), None)
         if newest is None:
@@ -377,7 +377,7 @@ def verify_offsite(config, envs, quiet):
             continue
         with tempfile.TemporaryDirectory(prefix="safe-deploy-verify-") as scratch:
             try:
-                restic.fetch(newest, Path(scratch), env.name)
+                engine.fetch(newest, Path(scratch), env.name)
             except DeployError as exc:
                 cli.err(f"error: BAD off-site copy of {env.name}: {exc}")
                 problems.append(str(exc))
@@ -423,13 +423,13 @@ def prune(config, envs, args):
 
 def prune_offsite(config, plans, args):
     """[retention] on this config's off-site copies (never another host's or config's), env by env,
-    then one restic prune. Stale locks (a restic killed mid-push) are cleared first: restic unlock
-    removes only stale ones. True when all went well."""
-    restic, ok, forgot = offsite.Restic(config.offsite), True, False
+    then one prune (restic prune, borg compact). Stale locks (a restic killed mid-push) are cleared first:
+    restic unlock removes only stale ones (borg removes its own). True when all went well."""
+    engine, ok, forgot = offsite.engine(config.offsite), True, False
     try:
         if not args.dry_run:
-            restic.unlock()
-        mine = restic.copies()          # one listing for every env
+            engine.unlock()
+        mine = engine.copies()          # one listing for every env
     except DeployError as exc:
         return offsite_prune_failed(config, None, exc)
     for env, by_name in plans:
@@ -443,7 +443,7 @@ def prune_offsite(config, plans, args):
                 if not args.quiet or args.dry_run:
                     cli.say(f"{'would forget' if args.dry_run else 'forgot'} off-site {c.file} (snapshot {c.id[:8]}, {c.time})")
             if not args.dry_run:
-                restic.forget(remove)
+                engine.forget(remove)
         except DeployError as exc:
             ok = offsite_prune_failed(config, env.name, exc) and ok
             continue
@@ -452,7 +452,7 @@ def prune_offsite(config, plans, args):
         forgot = forgot or (bool(remove) and not args.dry_run)
     if forgot:
         try:
-            restic.prune()      # once for every env: restic's prune rewrites packs
+            engine.prune()      # once for every env: restic's prune rewrites packs, borg's compact frees segments
         except DeployError as exc:
             cli.err(f"error: off-site prune failed: {exc}; the forgotten copies' data stays in the repository until "
                     "the next --prune")

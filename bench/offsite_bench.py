@@ -1,18 +1,20 @@
 #!/usr/bin/env python3
-"""Benchmark: off-site copies with restic of a database of SIZE MB in which 1% of the pages change
-each day, over NIGHTS nightly backups: bytes added to the repository per night, time per push,
-time to restore the newest copy from off-site; against copying the whole file each night.
+"""Benchmark: off-site copies with each engine (restic, borg) of a database of SIZE MB in which 1% of
+the pages change each day, over NIGHTS nightly backups: bytes added to the repository per night, time
+per push, time to restore the newest copy from off-site; against copying the whole file each night.
 
-The repository is a local folder (the same disk): the figures are restic's own work (chunking,
-hashing, encryption, writing), without a network. Over sftp or S3 the bytes added are the same and
-the time adds their transfer at your link's speed.
+The repository is a local folder (the same disk): the figures are the engine's own work (chunking,
+hashing, encryption, writing), without a network. Over ssh, sftp or S3 the bytes added are the same
+and the time adds their transfer at your link's speed.
 
-    python3 bench/offsite_bench.py [--size-mb 1024] [--nights 7] [--changed 0.01] [--patterns random,clustered,append]
+    python3 bench/offsite_bench.py [--size-mb 1024] [--nights 7] [--changed 0.01]
+                                   [--patterns random,clustered,append] [--engines restic,borg]
 
 restic cuts files into content-defined chunks of about 1 MiB (512 KiB to 8 MiB): a night adds
-every chunk that holds a changed page. Where the changes fall therefore decides the figure, so
-three patterns are measured: pages at random (a 1 MiB chunk holds 256 pages, so 1% of pages at
-random touch most chunks), runs of 256 pages, and appended rows.
+every chunk that holds a changed page. borg, as the tool drives it, cuts them into fixed chunks of
+the database's page size. Where the changes fall therefore decides the figure, so three patterns are
+measured: pages at random (a 1 MiB chunk holds 256 pages, so 1% of pages at random touch most
+restic chunks), runs of 256 pages, and appended rows. The last table compares the engines.
 """
 
 import argparse
@@ -81,24 +83,32 @@ def main():
     p.add_argument("--changed", type=float, default=0.01, help="fraction of the pages changed per day")
     p.add_argument("--patterns", default="random,clustered,append",
                    help="where the day's changes fall: random pages, 1 MiB runs, or appended rows")
+    p.add_argument("--engines", default="restic,borg")
     args = p.parse_args()
-    for pattern in args.patterns.split(","):
-        run(args, pattern)
+    table = [run(args, pattern, engine) for pattern in args.patterns.split(",") for engine in args.engines.split(",")]
+    changed = args.size_mb * (1 << 20) * args.changed / 1e6
+    print(f"\n## per engine: {args.size_mb} MB, {args.changed:.0%} of the pages changed per night "
+          f"(about {changed:.1f} MB), {args.nights} nights")
+    print(f"{'pattern':<10} {'engine':<7} {'added MB/night':>14} {'x changed':>9} {'push s':>7} {'restore s':>9} "
+          f"{'repo MB':>8}")
+    for pattern, engine, added, push, restore, repo in table:
+        print(f"{pattern:<10} {engine:<7} {added / 1e6:>14.1f} {added / 1e6 / changed:>9.1f} {push:>7.1f} "
+              f"{restore:>9.1f} {repo / 1e6:>8.0f}")
 
 
-def run(args, pattern):
+def run(args, pattern, engine="restic"):
     root = Path(tempfile.mkdtemp(prefix="offsite-bench-"))
     try:
         pw = root / "password"
         pw.write_text("bench password\n")
         pw.chmod(0o600)
-        restic = offsite.Restic(Offsite(repository=str(root / "repo"), password_file=pw, options=[],
-                                        host="bench", id="bench"))
+        restic = offsite.engine(Offsite(repository=str(root / "repo"), password_file=pw, options=[],
+                                        host="bench", id="bench", engine=engine))
         restic.ensure_repository()
         db, rng = root / "live.db", random.Random(7)
         start = time.monotonic()
         rows = create(db, args.size_mb)
-        print(f"\n## {pattern}: database {db.stat().st_size / 1e6:.0f} MB ({rows} rows) made in "
+        print(f"\n## {engine}, {pattern}: database {db.stat().st_size / 1e6:.0f} MB ({rows} rows) made in "
               f"{time.monotonic() - start:.1f}s; {args.changed:.0%} of the pages change per day ({pattern})")
         print(f"{'night':>5} {'backup s':>9} {'push s':>7} {'added MB':>9} {'repo MB':>8} {'cp s':>6} {'cp MB':>6}")
         pushes, added = [], []
@@ -131,6 +141,8 @@ def run(args, pattern):
         print(f"repository after {args.nights} nights: {folder_bytes(root / 'repo') / 1e6:.0f} MB, against "
               f"{args.nights * os.path.getsize(restored.path) / 1e6:.0f} MB for {args.nights} whole copies")
         print(f"restore of the newest copy from off-site (fetch, sha256, integrity_check): {fetch_s:.1f}s")
+        return (pattern, engine, sum(later) / len(later), sum(pushes[1:] or pushes) / len(pushes[1:] or pushes),
+                fetch_s, folder_bytes(root / "repo"))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

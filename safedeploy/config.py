@@ -66,13 +66,21 @@ ENV_KEYS = {
 REQUIRED_ENV_KEYS = [k for k, (default, _) in ENV_KEYS.items() if default is None]
 RETENTION_KEYS = {"daily": 7, "weekly": 4, "monthly": 6}
 TOP_KEYS = ["defaults", "retention", "env", "offsite", "alerts"]
-OFFSITE_KEYS = {"repository": "a restic repository, e.g. \"sftp:backup@nas:/srv/restic/app\" or a folder",
+OFFSITE_KEYS = {"engine": "\"restic\" (the default) or \"borg\"",
+                "repository": "a restic repository, e.g. \"sftp:backup@nas:/srv/restic/app\" or a folder; with borg, a "
+                              "folder or \"ssh://backup@nas:22/srv/borg/app\"",
                 "password_file": "a file holding the repository's password, mode 0600",
-                "options": "a list of restic -o options, e.g. [\"sftp.command=ssh -i /home/u/.ssh/backup nas -s sftp\"]",
+                "options": "a list of restic -o options, e.g. [\"sftp.command=ssh -i /home/u/.ssh/backup nas -s sftp\"]; "
+                           "with borg, NAME=VALUE environment settings, e.g. [\"BORG_RSH=ssh -i /home/u/.ssh/backup\"]",
                 "host": "the host name this host's copies carry (default: this machine's), e.g. \"web1\"",
                 "id": "this config's id on its copies (default: a hash of host and the config's path), e.g. \"3f2a9c1b7e4d\""}
 # restic's backends other than a local folder ("local:PATH", or any other string, is a folder)
-REMOTE_BACKENDS = ("sftp:", "rest:", "s3:", "swift:", "b2:", "azure:", "gs:", "rclone:")
+REMOTE_BACKENDS = ("sftp:", "rest:", "s3:", "swift:", "b2:", "azure:", "gs:", "rclone:", "ssh://")
+ENGINES = ("restic", "borg")
+# borg's settings ([offsite] options with engine = "borg"): environment variables borg reads; never the
+# passphrase (password_file is the one place for it) nor the repository (repository is)
+BORG_OPTION_RE = re.compile(r"^BORG_[A-Z_]+=")
+BORG_REFUSED = ("BORG_PASSPHRASE", "BORG_PASSCOMMAND", "BORG_PASSPHRASE_FD", "BORG_REPO", "BORG_NEW_PASSPHRASE")
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ALERT_KEYS = {"webhook": "an http:// or https:// URL (a JSON POST)",
               "command": "an argv list, e.g. [\"/usr/bin/mail\", \"-s\", \"safe-deploy\", \"ops@example.org\"]"}
@@ -85,6 +93,7 @@ class Offsite:
     options: list
     host: str = ""            # the identity this config's copies carry (see safedeploy.offsite):
     id: str = ""              # "" = this machine's host name, and the hash identity() makes
+    engine: str = "restic"    # which program keeps the copies: "restic" or "borg"
 
     @property
     def secrets(self):
@@ -332,9 +341,23 @@ def parse_offsite(table, base, fail):
     for key in ("repository", "password_file"):
         if not isinstance(table.get(key), str) or not table[key].strip() or "\0" in table[key]:
             fail(f"offsite.{key}", f"expected {OFFSITE_KEYS[key]}")
+    engine = table.get("engine", "restic")
+    if engine not in ENGINES:
+        fail("offsite.engine", f"expected {OFFSITE_KEYS['engine']}")
     options = table.get("options", [])
     if not isinstance(options, list) or not all(isinstance(o, str) and "=" in o for o in options):
         fail("offsite.options", f"expected {OFFSITE_KEYS['options']}")
+    for o in options if engine == "borg" else []:
+        if not BORG_OPTION_RE.match(o) or o.split("=", 1)[0] in BORG_REFUSED:
+            fail("offsite.options", f"{o.split('=', 1)[0]!r}: with borg, options are BORG_* settings (the passphrase "
+                                    "only in password_file, the repository only in repository), e.g. "
+                                    "\"BORG_RSH=ssh -i /home/u/.ssh/backup\"")
+    if engine == "borg" and table["repository"].startswith(REMOTE_BACKENDS) and not table["repository"].startswith(
+            "ssh://"):
+        fail("offsite.repository", "borg reaches a folder or ssh://user@host[:port]/path; restic (engine = \"restic\") "
+                                   "reaches sftp:, S3, B2, REST and the others")
+    if engine == "restic" and table["repository"].startswith("ssh://"):
+        fail("offsite.repository", "ssh:// is borg's (engine = \"borg\"); restic reaches an ssh host as sftp:user@host:/path")
     password_file = resolve(base, table["password_file"])
     try:
         st = os.stat(password_file)
@@ -352,7 +375,7 @@ def parse_offsite(table, base, fail):
         # command was started: copies scattered into each folder cron or a shell happened to be in)
         repository = str(resolve(base, repository.removeprefix("local:")))
     return Offsite(repository=repository, password_file=password_file, options=list(options),
-                   host=table.get("host", ""), id=table.get("id", ""))
+                   host=table.get("host", ""), id=table.get("id", ""), engine=engine)
 
 
 def parse_alerts(table, fail):

@@ -1,7 +1,9 @@
-"""Off-site copies ([offsite]) through restic's CLI: copies that survive the loss of this host's disk.
+"""Off-site copies ([offsite]): copies that survive the loss of this host's disk, kept by restic (the
+default) or borg ([offsite] engine = "borg", see Borg), behind one interface (Engine, picked by engine()).
 
 restic does what this would otherwise do badly by hand: content-defined chunking (a night in which
-1% of a database's pages changed adds about 1% of it, not a whole copy), encryption, any backend
+a run of pages changed adds about that run, not a whole copy; scattered pages touch most of its
+~1 MiB chunks, which is where borg's fixed chunker does better), encryption, any backend
 (a folder on another disk, sftp:, S3, B2, rest-server) and `check` that reads the packs back. It
 is driven through its CLI with --json, through commands.run: every call is bounded (a listing for
 a rollback by a few seconds, see copies_for), killed with its process group past its bound (an
@@ -33,6 +35,7 @@ argv (visible in `ps`), and every message shows it with a password in its URL ma
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import tempfile
@@ -88,7 +91,14 @@ class Copy:
         return self.file
 
 
-class Restic:
+class Engine:
+    """What backup.py and rollback.py use of an off-site engine, whichever it is (engine() picks it):
+    scan/copies (this config's copies), push (a verified backup), fetch (a copy back, verified), forget,
+    prune, check, unlock, ensure_repository. Identity, confinement, masking and the verified fetch are
+    here, once; how to list, store, read and delete is each engine's own (run_once, scan, push, dump,
+    forget, prune, check, unlock, exists, no_repository)."""
+    program = ""
+
     def __init__(self, offsite):
         self.offsite = offsite
         self.host = offsite.host or socket.gethostname()
@@ -107,109 +117,47 @@ class Restic:
             text = text.replace(secret, "***")
         return text
 
-    def run(self, *args, timeout=SHORT_TIMEOUT, stdout=None):
-        """restic ARGS; its output as text, or into the open file stdout (a dump). Reads take no lock.
-        A call refused because the repository is locked runs once more after `restic unlock`, which
-        removes only stale locks (a restic killed with SIGKILL left its own); a live one still refuses."""
-        try:
-            return self.run_once(*args, timeout=timeout, stdout=stdout)
-        except DeployError as exc:
-            if args[0] == "unlock" or "already locked" not in getattr(exc, "stderr", ""):
-                raise
-        self.unlock()
-        if stdout is not None:
-            stdout.seek(0)
-            stdout.truncate()
-        return self.run_once(*args, timeout=timeout, stdout=stdout)
-
-    def run_once(self, *args, timeout=SHORT_TIMEOUT, stdout=None):
-        lock = ["--no-lock"] if args[0] in ("snapshots", "dump", "cat") else []
-        options = [x for o in self.offsite.options for x in ("-o", o)]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RESTIC_")}
-        # the repository through a pipe restic reads as its --repository-file: never in argv (ps shows
-        # argv to every user), never in a file left behind by a kill
-        read_end, write_end = os.pipe()
-        try:
-            os.write(write_end, self.offsite.repository.encode() + b"\n")
-            os.close(write_end)
-            write_end = None
-            argv = ["restic", "--repository-file", f"/dev/fd/{read_end}", "--password-file",
-                    str(self.offsite.password_file), *lock, *options, *args]
-            done = commands.run(argv, timeout, env=env, stdout="all" if stdout is None else stdout, stderr="tail",
-                                pass_fds=(read_end,))
-        except FileNotFoundError:
-            raise DeployError("restic is not installed (apt-get install restic): [offsite] needs it") from None
-        finally:
-            os.close(read_end)
-            if write_end is not None:
-                os.close(write_end)
-        if done.timed_out:
-            raise DeployError(f"restic {args[0]} on {self.shown} did not finish within {timeout:g}s (stopped)")
-        if done.returncode != 0:
-            error = DeployError(f"restic {args[0]} on {self.shown} failed: {self.mask(reason(done.stderr))}")
-            error.stderr = self.mask(done.stderr.decode(errors="replace"))
-            raise error
-        return done.stdout.decode(errors="replace") if stdout is None else ""
-
-    def ensure_repository(self):
-        """Open the repository; initialise it when there is none there yet (first use)."""
-        if not self.exists():
-            self.run("init")
-
-    def exists(self, timeout=SHORT_TIMEOUT):
-        """True when the repository opens; False when there is none there yet; DeployError otherwise
-        (unreachable, or the password does not open it)."""
-        try:
-            self.run("cat", "config", timeout=timeout)
-        except DeployError as exc:
-            if not self.no_repository(exc):
-                raise
-            return False
-        return True
-
-    def no_repository(self, exc):
-        """Whether exc says there is no repository there yet (else: raise it, or a clearer one)."""
-        text = getattr(exc, "stderr", "") or str(exc)
-        if "wrong password" in text or "no key found" in text:
-            raise DeployError(f"off-site repository {self.shown}: the password in "
-                              f"{self.offsite.password_file} does not open it") from None
-        lines = [line for line in text.splitlines() if "unable to open config file" in line]
-        return any(s in line.lower() for line in lines for s in NOT_THERE)
-
     # -- whose copies -------------------------------------------------------------------------------
     def tags(self, backup):
+        """The labels a copy carries (restic: tags; borg: the archive's comment): whose, and what it is."""
         return ["safe-deploy", f"host={self.host}", f"config={self.id}", f"env={backup.env}", f"reason={backup.reason}",
                 f"commit={backup.commit}", f"sha256={backup.sha256}", f"file={Path(backup.path).name}",
                 f"time={backup.time}"] + ([f"rows={backup.rows_total}"] if backup.rows_total is not None else [])
 
+    def copy_from(self, id, labels, paths, host, fallback_time=""):
+        """A Copy from a copy's labels (None: not a safe-deploy copy of a backup)."""
+        tags = dict(t.split("=", 1) for t in labels if "=" in t)
+        if "safe-deploy" not in labels or not tags.get("file") or not tags.get("sha256"):
+            return None
+        return Copy(id=id, env=tags.get("env", ""), file=tags["file"], time=tags.get("time") or fallback_time,
+                    reason=tags.get("reason", ""), commit=tags.get("commit", ""), sha256=tags["sha256"],
+                    paths=paths, host=host, config=tags.get("config", ""),
+                    rows=int(tags["rows"]) if tags.get("rows", "").isdigit() else None)
+
+    def sorted_ours(self, found):
+        """(this config's copies newest first, how many other safe-deploy copies)."""
+        mine = [c for c in found if self.ours(c)]
+        return sorted(mine, key=lambda c: c.time, reverse=True), len(found) - len(mine)
+
+    def failed(self, what, done):
+        error = DeployError(f"{self.program} {what} on {self.shown} failed: {self.mask(reason(done.stderr))}")
+        error.stderr = self.mask(done.stderr.decode(errors="replace"))
+        return error
+
+    def write_dump(self, target, limit, read):
+        """read(open file) writes one stored file into target, a new file (O_EXCL: never an existing one)."""
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            read(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+            if limit and fh.tell() > limit:
+                raise DeployError(f"{os.path.basename(target)} is {fh.tell()} bytes: not a manifest or a unit file")
+        fsync_dir(target.parent)
+
     def ours(self, copy):
         """This config's copy: its config id; or, pushed before that tag existed, this host's (restic's --host)."""
         return copy.config == self.id if copy.config else copy.host == self.host
-
-    def scan(self, timeout=LIST_TIMEOUT):
-        """(this config's copies, how many other safe-deploy copies the repository holds), newest first.
-        One restic call; no repository yet is ([], 0): listing never creates one."""
-        try:
-            out = self.run("snapshots", "--json", "--tag", "safe-deploy", timeout=timeout)
-        except DeployError as exc:
-            if self.no_repository(exc):
-                return [], 0
-            raise
-        found, others = [], 0
-        for snap in json.loads(out or "[]") or []:
-            tags = dict(t.split("=", 1) for t in snap.get("tags") or [] if "=" in t)
-            if not tags.get("file") or not tags.get("sha256"):
-                continue
-            copy = Copy(id=snap["id"], env=tags.get("env", ""), file=tags["file"],
-                        time=tags.get("time") or snap.get("time", ""), reason=tags.get("reason", ""),
-                        commit=tags.get("commit", ""), sha256=tags["sha256"], paths=snap.get("paths") or [],
-                        host=snap.get("hostname", ""), config=tags.get("config", ""),
-                        rows=int(tags["rows"]) if tags.get("rows", "").isdigit() else None)
-            if self.ours(copy):
-                found.append(copy)
-            else:
-                others += 1
-        return sorted(found, key=lambda c: c.time, reverse=True), others
 
     def copies(self, env_name=None, timeout=LIST_TIMEOUT):
         """This config's off-site copies, newest first (of one env, or all)."""
@@ -221,23 +169,6 @@ class Restic:
         return self.copies(env_name, timeout)
 
     # -- copies ----------------------------------------------------------------------------------
-    def push(self, backup):
-        """Store a verified local backup (database, manifest, unit file) as one snapshot of this config."""
-        paths = [p for p in (backup.path, str(backup.manifest_path), backup.unit_backup) if p and Path(p).exists()]
-        start = time.monotonic()
-        out = self.run("backup", "--json", "--host", self.host, *[x for t in self.tags(backup) for x in ("--tag", t)],
-                       *paths, timeout=LONG_TIMEOUT)
-        summary = {}
-        for line in out.splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("message_type") == "summary":
-                summary = record
-        return {"snapshot": summary.get("snapshot_id", ""), "added": summary.get("data_added", 0),
-                "seconds": round(time.monotonic() - start, 2)}
-
     def fetch(self, copy, folder, env_name=None):
         """Bring a copy of env_name (default: the env its tag names) back into a fresh private folder
         made under folder; return the Backup there once it verifies (see the module's contract). A
@@ -295,17 +226,111 @@ class Restic:
             raise
         return backup
 
+class Restic(Engine):
+    """restic: content-defined chunks (about 1 MiB), any backend (a folder, sftp:, S3, B2, REST...)."""
+    program = "restic"
+
+    def run(self, *args, timeout=SHORT_TIMEOUT, stdout=None):
+        """restic ARGS; its output as text, or into the open file stdout (a dump). Reads take no lock.
+        A call refused because the repository is locked runs once more after `restic unlock`, which
+        removes only stale locks (a restic killed with SIGKILL left its own); a live one still refuses."""
+        try:
+            return self.run_once(*args, timeout=timeout, stdout=stdout)
+        except DeployError as exc:
+            if args[0] == "unlock" or "already locked" not in getattr(exc, "stderr", ""):
+                raise
+        self.unlock()
+        if stdout is not None:
+            stdout.seek(0)
+            stdout.truncate()
+        return self.run_once(*args, timeout=timeout, stdout=stdout)
+
+    def run_once(self, *args, timeout=SHORT_TIMEOUT, stdout=None):
+        lock = ["--no-lock"] if args[0] in ("snapshots", "dump", "cat") else []
+        options = [x for o in self.offsite.options for x in ("-o", o)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RESTIC_")}
+        # the repository through a pipe restic reads as its --repository-file: never in argv (ps shows
+        # argv to every user), never in a file left behind by a kill
+        read_end, write_end = os.pipe()
+        try:
+            os.write(write_end, self.offsite.repository.encode() + b"\n")
+            os.close(write_end)
+            write_end = None
+            argv = ["restic", "--repository-file", f"/dev/fd/{read_end}", "--password-file",
+                    str(self.offsite.password_file), *lock, *options, *args]
+            done = commands.run(argv, timeout, env=env, stdout="all" if stdout is None else stdout, stderr="tail",
+                                pass_fds=(read_end,))
+        except FileNotFoundError:
+            raise DeployError("restic is not installed (apt-get install restic): [offsite] needs it") from None
+        finally:
+            os.close(read_end)
+            if write_end is not None:
+                os.close(write_end)
+        if done.timed_out:
+            raise DeployError(f"restic {args[0]} on {self.shown} did not finish within {timeout:g}s (stopped)")
+        if done.returncode != 0:
+            raise self.failed(args[0], done)
+        return done.stdout.decode(errors="replace") if stdout is None else ""
+
+    def ensure_repository(self):
+        """Open the repository; initialise it when there is none there yet (first use)."""
+        if not self.exists():
+            self.run("init")
+
+    def exists(self, timeout=SHORT_TIMEOUT):
+        """True when the repository opens; False when there is none there yet; DeployError otherwise
+        (unreachable, or the password does not open it)."""
+        try:
+            self.run("cat", "config", timeout=timeout)
+        except DeployError as exc:
+            if not self.no_repository(exc):
+                raise
+            return False
+        return True
+
+    def no_repository(self, exc):
+        """Whether exc says there is no repository there yet (else: raise it, or a clearer one)."""
+        text = getattr(exc, "stderr", "") or str(exc)
+        if "wrong password" in text or "no key found" in text:
+            raise DeployError(f"off-site repository {self.shown}: the password in "
+                              f"{self.offsite.password_file} does not open it") from None
+        lines = [line for line in text.splitlines() if "unable to open config file" in line]
+        return any(s in line.lower() for line in lines for s in NOT_THERE)
+
+    def scan(self, timeout=LIST_TIMEOUT):
+        """(this config's copies, how many other safe-deploy copies the repository holds), newest first.
+        One restic call; no repository yet is ([], 0): listing never creates one."""
+        try:
+            out = self.run("snapshots", "--json", "--tag", "safe-deploy", timeout=timeout)
+        except DeployError as exc:
+            if self.no_repository(exc):
+                return [], 0
+            raise
+        found = [self.copy_from(snap["id"], snap.get("tags") or [], snap.get("paths") or [], snap.get("hostname", ""),
+                                snap.get("time", "")) for snap in json.loads(out or "[]") or []]
+        return self.sorted_ours([c for c in found if c])
+
+    def push(self, backup):
+        """Store a verified local backup (database, manifest, unit file) as one snapshot of this config."""
+        paths = [p for p in (backup.path, str(backup.manifest_path), backup.unit_backup) if p and Path(p).exists()]
+        start = time.monotonic()
+        out = self.run("backup", "--json", "--host", self.host, *[x for t in self.tags(backup) for x in ("--tag", t)],
+                       *paths, timeout=LONG_TIMEOUT)
+        summary = {}
+        for line in out.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("message_type") == "summary":
+                summary = record
+        return {"snapshot": summary.get("snapshot_id", ""), "added": summary.get("data_added", 0),
+                "seconds": round(time.monotonic() - start, 2)}
+
     def dump(self, snapshot, source, target, limit=None):
-        """restic dump of one path into target, a new file (O_EXCL: never an existing one)."""
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            self.run("dump", snapshot, str(source), timeout=SHORT_TIMEOUT if limit else LONG_TIMEOUT, stdout=fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-            if limit and fh.tell() > limit:
-                raise DeployError(f"{os.path.basename(target)} in snapshot {snapshot[:8]} is {fh.tell()} bytes: "
-                                  "not a manifest or a unit file")
-        fsync_dir(target.parent)
+        """restic dump of one path into target."""
+        self.write_dump(target, limit, lambda fh: self.run("dump", snapshot, str(source), stdout=fh,
+                                                           timeout=SHORT_TIMEOUT if limit else LONG_TIMEOUT))
 
     # -- retention and checks ----------------------------------------------------------------------
     def unlock(self):
@@ -327,8 +352,148 @@ class Restic:
         self.run("prune", timeout=LONG_TIMEOUT)
 
     def check(self, subset="10%"):
-        """restic check, reading back a random subset of the data packs."""
+        """restic check, reading back a random subset of the data packs; what was checked."""
         self.run("check", f"--read-data-subset={subset}", timeout=LONG_TIMEOUT)
+        return f"restic check passed (structure, and {subset} of the data read back)"
+
+
+class Borg(Engine):
+    """borg (1.2): a fixed chunker sized to the database's page (`--chunker-params fixed,PAGE_SIZE`), so a
+    night in which scattered pages changed adds about those pages, where restic's ~1 MiB content-defined
+    chunks (256 pages each) add most of the file. SQLite's 100-byte header lives inside page 1, so the
+    pages start at offsets 0, PAGE_SIZE, 2*PAGE_SIZE... and line up with the chunks with no header
+    offset. Repositories: a folder, or ssh://user@host[:port]/path with borg on the other end.
+
+    One archive per backup, named CONFIG_ID-FILE_STEM-SHA256[:12], holding the database, its manifest and its unit
+    file under their own names (stored from inside the backup folder); the labels restic keeps as tags
+    are the archive's comment (space-separated, no braces: borg expands {placeholders} in comments).
+    Secrets: the repository reaches borg as BORG_REPO and the passphrase through BORG_PASSCOMMAND
+    (`cat password_file`, run by borg itself), never in argv; options are BORG_* settings. borg removes
+    the stale lock of a borg that was killed on this host itself (BORG_HOSTNAME_IS_UNIQUE)."""
+    program = "borg"
+    ENCRYPTION = "repokey-blake2"
+
+    def run(self, *args, timeout=SHORT_TIMEOUT, stdout=None, cwd=None):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BORG_")}
+        env.update(BORG_REPO=self.offsite.repository,
+                   BORG_PASSCOMMAND=shlex.join(["cat", str(self.offsite.password_file)]),
+                   BORG_HOSTNAME_IS_UNIQUE="yes", BORG_DISPLAY_PASSPHRASE="no",
+                   BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="no", BORG_RELOCATED_REPO_ACCESS_IS_OK="no",
+                   BORG_CHECK_I_KNOW_WHAT_I_AM_DOING="NO", BORG_DELETE_I_KNOW_WHAT_I_AM_DOING="NO")
+        env.update(o.split("=", 1) for o in self.offsite.options)
+        try:
+            done = commands.run(["borg", *args], timeout, cwd=cwd, env=env, stdout="all" if stdout is None else stdout,
+                                stderr="tail")
+        except FileNotFoundError:
+            raise DeployError("borg is not installed (apt-get install borgbackup): [offsite] engine = \"borg\" "
+                              "needs it") from None
+        if done.timed_out:
+            raise DeployError(f"borg {args[0]} on {self.shown} did not finish within {timeout:g}s (stopped)")
+        if done.returncode not in (0, 1) or (done.returncode == 1 and args[0] != "create"):
+            raise self.failed(args[0], done)      # 1 is borg's "warning" (a file changed while read): fine for those
+        return done.stdout.decode(errors="replace") if stdout is None else ""
+
+    run_once = run
+
+    def ensure_repository(self):
+        if not self.exists():
+            self.run("init", f"--encryption={self.ENCRYPTION}", "--make-parent-dirs")
+
+    def exists(self, timeout=SHORT_TIMEOUT):
+        try:
+            self.run("info", "--json", timeout=timeout)
+        except DeployError as exc:
+            if not self.no_repository(exc):
+                raise
+            return False
+        return True
+
+    def no_repository(self, exc):
+        text = getattr(exc, "stderr", "") or str(exc)
+        if "passphrase supplied" in text and "is incorrect" in text:
+            raise DeployError(f"off-site repository {self.shown}: the password in "
+                              f"{self.offsite.password_file} does not open it") from None
+        return any(line.strip().startswith("Repository ") and line.strip().endswith("does not exist.")
+                   for line in text.splitlines())
+
+    def scan(self, timeout=LIST_TIMEOUT):
+        try:
+            out = self.run("list", "--json", "--format", "{comment}{hostname}", timeout=timeout)
+        except DeployError as exc:
+            if self.no_repository(exc):
+                return [], 0
+            raise
+        found = []
+        for archive in json.loads(out or "{}").get("archives") or []:
+            if ".checkpoint" in archive.get("name", ""):
+                continue            # what a killed create left: not a copy
+            labels = (archive.get("comment") or "").split()
+            paths = next((t.split("=", 1)[1].split(",") for t in labels if t.startswith("paths=")), [])
+            found.append(self.copy_from(archive["name"], labels, paths, archive.get("hostname", ""),
+                                        archive.get("time", "")))
+        return self.sorted_ours([c for c in found if c])
+
+    def push(self, backup):
+        folder = Path(backup.path).parent
+        names = [Path(p).name for p in (backup.path, str(backup.manifest_path), backup.unit_backup)
+                 if p and Path(p).exists()]
+        name = f"{self.id}-{Path(backup.path).stem}-{backup.sha256[:12]}"      # unique: a name reused holds the same copy
+        comment = " ".join(self.tags(backup) + [f"paths={','.join(names)}"])
+        start = time.monotonic()
+        try:
+            out = self.run("create", "--json", "--chunker-params", f"fixed,{page_size(backup.path)}",
+                           "--compression", "lz4", "--comment", comment, f"::{name}", *names, cwd=folder,
+                           timeout=LONG_TIMEOUT)
+        except DeployError as exc:
+            if "already exists" not in (getattr(exc, "stderr", "") or ""):
+                raise
+            same = [c for c in self.copies(backup.env) if c.id == name and c.sha256 == backup.sha256]
+            if not same:
+                raise
+            return {"snapshot": name, "added": 0, "seconds": round(time.monotonic() - start, 2)}
+        stats = (json.loads(out or "{}").get("archive") or {}).get("stats") or {}
+        return {"snapshot": name, "added": stats.get("deduplicated_size", 0),
+                "seconds": round(time.monotonic() - start, 2)}
+
+    def dump(self, archive, source, target, limit=None):
+        self.write_dump(target, limit, lambda fh: self.run("extract", "--stdout", f"::{archive}", str(source), stdout=fh,
+                                                           timeout=SHORT_TIMEOUT if limit else LONG_TIMEOUT))
+
+    def unlock(self):
+        """Nothing to do: borg itself removes a stale lock left on this host by a borg that was killed
+        (BORG_HOSTNAME_IS_UNIQUE); a live lock still refuses, as it should."""
+
+    def forget(self, copies):
+        mine = [c for c in copies if self.ours(c)]       # never another host's or config's
+        if mine:
+            self.run("delete", "::", *[c.id for c in mine], timeout=SHORT_TIMEOUT)
+
+    def prune(self):
+        self.run("compact", timeout=LONG_TIMEOUT)
+
+    def check(self, subset="10%"):
+        """borg check of the repository and the archives, reading back and verifying the data of the
+        newest three archives (borg 1.x has no random subset)."""
+        self.run("check", "--verify-data", "--last", "3", timeout=LONG_TIMEOUT)
+        return "borg check passed (the repository, and the data of the newest 3 archives read back and verified)"
+
+
+def page_size(path):
+    """The SQLite page size of a backup (bytes 16-17 of its header; 1 means 65536), else 4096."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(100)
+    except OSError:
+        return 4096
+    if len(header) < 18 or not header.startswith(b"SQLite format 3\0"):
+        return 4096
+    size = int.from_bytes(header[16:18], "big")
+    return 65536 if size == 1 else size if size >= 512 and size & (size - 1) == 0 else 4096
+
+
+def engine(offsite):
+    """The engine [offsite] names: Restic or Borg (one interface: Engine)."""
+    return Borg(offsite) if offsite.engine == "borg" else Restic(offsite)
 
 
 def reason(stderr):
@@ -347,7 +512,7 @@ def copies_for(config, env, timeout=ROLLBACK_LIST_TIMEOUT):
     if not config.offsite:
         return [], None
     try:
-        return Restic(config.offsite).copies(env.name, timeout=timeout), None
+        return engine(config.offsite).copies(env.name, timeout=timeout), None
     except DeployError as exc:
         return [], str(exc)
 
@@ -359,7 +524,7 @@ def fetch_for(config, copy, env):
     [retention]); else it stays in that folder. Returns the backups.Backup; raises DeployError."""
     if not config.offsite:
         raise DeployError(f"{copy.file} is an off-site copy, but {config.file} has no [offsite] any more")
-    backup = Restic(config.offsite).fetch(copy, env.backup_dir, env.name)
+    backup = engine(config.offsite).fetch(copy, env.backup_dir, env.name)
     return publish(backup, env.backup_dir)
 
 

@@ -59,12 +59,13 @@ def receiver():
     r.close()
 
 
-def enable_offsite(sb, repository=None, options=(), webhook=None, command=None, password=PASSWORD):
+def enable_offsite(sb, repository=None, options=(), webhook=None, command=None, password=PASSWORD, engine=None):
     pw = sb.root / "restic-password"
     pw.write_text(password + "\n")
     pw.chmod(0o600)
     repository = repository or str(sb.root / "offsite-repo")
     text = sb.config.read_text().split("\n[offsite]")[0] + f'\n[offsite]\nrepository = "{repository}"\npassword_file = "{pw}"\n'
+    text += f'engine = "{engine}"\n' if engine else ""
     if options:
         text += "options = [" + ", ".join(json.dumps(o) for o in options) + "]\n"
     if webhook or command:
@@ -264,6 +265,19 @@ def test_a_night_that_never_reached_offsite_is_an_offsite_stale_event(sandbox, r
 @pytest.fixture
 def sshd(tmp_path):
     """sshd on a loopback port, accepting one key made here; restic reaches it through sftp.command."""
+    proc, port, user, key = start_sshd(tmp_path)
+    yield (f"sftp:{user}@127.0.0.1:{tmp_path / 'sftp-repo'}",
+           f"{ssh_command(port, key)} {user}@127.0.0.1 -s sftp")
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def ssh_command(port, key):
+    return f"ssh -i {key} -p {port} -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
+
+
+def start_sshd(tmp_path):
+    """(the sshd process, its port, the user, the client key): sshd on 127.0.0.1, one key made here."""
     folder = tmp_path / "sshd"
     folder.mkdir()
     for name in ("host_key", "client_key"):
@@ -278,20 +292,17 @@ def sshd(tmp_path):
     proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(folder / "sshd_config")],
                             stdout=subprocess.DEVNULL, stderr=open(folder / "sshd.log", "wb"))
     user = os.environ.get("USER") or "root"
-    command = (f"ssh -i {folder / 'client_key'} -p {port} -o BatchMode=yes -o StrictHostKeyChecking=no "
-               f"-o UserKnownHostsFile=/dev/null {user}@127.0.0.1 -s sftp")
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        probe = subprocess.run(command.split()[:-2] + ["true"], capture_output=True, timeout=15)
+        probe = subprocess.run(ssh_command(port, folder / "client_key").split() + [f"{user}@127.0.0.1", "true"],
+                               capture_output=True, timeout=15)
         if probe.returncode == 0:
             break
         time.sleep(0.2)
     else:
         proc.kill()
         raise RuntimeError(f"sshd did not come up: {(folder / 'sshd.log').read_text()[-400:]}")
-    yield f"sftp:{user}@127.0.0.1:{tmp_path / 'sftp-repo'}", command
-    proc.terminate()
-    proc.wait(timeout=10)
+    return proc, port, user, folder / "client_key"
 
 
 def test_offsite_over_sftp_to_a_real_sshd(sandbox, sshd):
