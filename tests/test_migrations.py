@@ -3,6 +3,7 @@ converted to releases and socket units, with a prober sending GET / throughout (
 rehearsal finds out whether the running release serves on the migrated schema, and the deploy never
 lets old code answer on a new schema. Real gunicorn, the real user manager, venvs from a wheel folder."""
 
+import json
 import sqlite3
 import threading
 import time
@@ -114,3 +115,41 @@ def test_a_failing_breaking_migration_rolls_back_with_the_database_and_loses_no_
     columns = [r[1] for r in sqlite3.connect(sb.db_path("dev")).execute("PRAGMA table_info(post)")]
     assert "body" in columns and "content" not in columns          # the database came back with the code
     assert writer.acked and not (writer.acked - everywhere(sb, "dev"))
+
+
+# -- on the sample app: the socket a stop-first deploy holds ---------------------------------------
+def stop_first(sb):
+    sb.write_config(dev='pre_restart = [["true"]]\nmigration_mode = "stop-first"')
+
+
+def test_stop_first_without_a_socket_unit_is_refused_with_the_command_that_installs_one(in_place):
+    sb = in_place
+    stop_first(sb)
+    sb.release("dev", {"VERSION": "2\n"}, "v2")
+    proc = sb.run("deploy.py", "dev")
+    assert proc.returncode == 1 and "--install-units" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert version(sb) == "1"
+
+
+def test_a_deploy_killed_while_it_holds_the_socket_is_given_back_by_the_advice(sandbox):
+    """Killed (SIGKILL) during pre_restart with the app stopped and the socket held: status says so, its
+    advice (pasted) finishes the deploy, and the socket activates the app again."""
+    from helpers import paste
+    from safedeploy import units
+    from test_runbook import run_killed
+    sb = sandbox
+    stop_first(sb)
+    sb.release("dev", {"VERSION": "2\n"}, "v2")
+    assert run_killed(sb, "deploy:pre_restart:KILL", "deploy.py", "dev").returncode == -9
+    assert units.holding(sb.unit("dev"))
+    report = json.loads(sb.run("status.py", "dev", "--json").stdout)["envs"]["dev"]
+    assert not report["ok"] and report["advice"], report
+    for _ in range(3):
+        report = json.loads(sb.run("status.py", "dev", "--json").stdout)["envs"]["dev"]
+        if not report["advice"]:
+            break
+        pasted = paste(sb, report["advice"][0]["command"])
+        assert pasted.returncode == 0, pasted.stdout + pasted.stderr
+    assert not units.holding(sb.unit("dev")) and report["ok"], report["problems"]
+    sb.wait_serving("dev")
+    assert version(sb) in ("1", "2")
