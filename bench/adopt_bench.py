@@ -25,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.gunicorn_bench import FLASK_APP, UNIT as GUNICORN_UNIT  # noqa: E402
+from bench.gunicorn_bench import FLASK_APP  # noqa: E402
+from demo.flaskr import UNIT as GUNICORN_UNIT  # noqa: E402
 from demo.load import Load, summary  # noqa: E402
 from demo.sandbox import REPO_ROOT, Sandbox, scratch_host  # noqa: E402
 from demo.wheels import download_flask  # noqa: E402

@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from demo import flaskr  # noqa: E402
 from demo.load import Load, summary  # noqa: E402
 from demo.wheels import flask_wheelhouse  # noqa: E402
 from demo.sandbox import Sandbox, scratch_host  # noqa: E402
@@ -61,22 +62,6 @@ def status():
     return json.loads((HERE / "REVISION").read_text())
 '''
 
-UNIT = """\
-[Unit]
-Description=flask under gunicorn ({env})
-
-[Service]
-WorkingDirectory={path}
-ExecStart={path}/venv/bin/gunicorn --preload --workers 2 --bind 127.0.0.1:{port} app:app
-StandardOutput=append:{log}
-StandardError=inherit
-Restart=on-failure
-
-[Install]
-WantedBy=default.target
-"""
-
-
 def build_argv(wheels):
     return [[UV, "venv", "--quiet", "venv"],
             [UV, "pip", "install", "--quiet", "--python", "venv/bin/python", "--no-index", "--find-links", str(wheels),
@@ -93,7 +78,7 @@ def setup(root, manager, wheels, requirements):
     sb.pull("dev")
     for argv in build_argv(wheels):
         subprocess.run(argv, cwd=tree, check=True, timeout=300)
-    (manager.unit_dir / sb.unit("dev")).write_text(UNIT.format(env="dev", path=tree, port=sb.ports["dev"],
+    (manager.unit_dir / sb.unit("dev")).write_text(flaskr.UNIT.format(env="dev", path=tree, port=sb.ports["dev"],
                                                               log=sb.root / "logs" / "dev.log"))
     manager.systemctl("daemon-reload")
     manager.systemctl("restart", sb.unit("dev"))

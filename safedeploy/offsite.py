@@ -139,6 +139,30 @@ class Engine:
         mine = [c for c in found if self.ours(c)]
         return sorted(mine, key=lambda c: c.time, reverse=True), len(found) - len(mine)
 
+    def ensure_repository(self):
+        """Open the repository; initialise it when there is none there yet (first use)."""
+        if not self.exists():
+            self.run(*self.INIT)
+
+    def exists(self, timeout=SHORT_TIMEOUT):
+        """True when the repository opens; False when there is none there yet; DeployError otherwise
+        (unreachable, or the password does not open it)."""
+        try:
+            self.run(*self.PROBE, timeout=timeout)
+        except DeployError as exc:
+            if not self.no_repository(exc):
+                raise
+            return False
+        return True
+
+    def no_repository(self, exc):
+        """Whether exc says there is no repository there yet (else: raise it, or a clearer one)."""
+        text = getattr(exc, "stderr", "") or str(exc)
+        if self.wrong_password(text):
+            raise DeployError(f"off-site repository {self.shown}: the password in "
+                              f"{self.offsite.password_file} does not open it") from None
+        return self.not_there(text)
+
     def failed(self, what, done):
         error = DeployError(f"{self.program} {what} on {self.shown} failed: {self.mask(reason(done.stderr))}")
         error.stderr = self.mask(done.stderr.decode(errors="replace"))
@@ -272,28 +296,13 @@ class Restic(Engine):
             raise self.failed(args[0], done)
         return done.stdout.decode(errors="replace") if stdout is None else ""
 
-    def ensure_repository(self):
-        """Open the repository; initialise it when there is none there yet (first use)."""
-        if not self.exists():
-            self.run("init")
+    INIT = ("init",)
+    PROBE = ("cat", "config")
 
-    def exists(self, timeout=SHORT_TIMEOUT):
-        """True when the repository opens; False when there is none there yet; DeployError otherwise
-        (unreachable, or the password does not open it)."""
-        try:
-            self.run("cat", "config", timeout=timeout)
-        except DeployError as exc:
-            if not self.no_repository(exc):
-                raise
-            return False
-        return True
+    def wrong_password(self, text):
+        return "wrong password" in text or "no key found" in text
 
-    def no_repository(self, exc):
-        """Whether exc says there is no repository there yet (else: raise it, or a clearer one)."""
-        text = getattr(exc, "stderr", "") or str(exc)
-        if "wrong password" in text or "no key found" in text:
-            raise DeployError(f"off-site repository {self.shown}: the password in "
-                              f"{self.offsite.password_file} does not open it") from None
+    def not_there(self, text):
         lines = [line for line in text.splitlines() if "unable to open config file" in line]
         return any(s in line.lower() for line in lines for s in NOT_THERE)
 
@@ -371,7 +380,6 @@ class Borg(Engine):
     (`cat password_file`, run by borg itself), never in argv; options are BORG_* settings. borg removes
     the stale lock of a borg that was killed on this host itself (BORG_HOSTNAME_IS_UNIQUE)."""
     program = "borg"
-    ENCRYPTION = "repokey-blake2"
 
     def run(self, *args, timeout=SHORT_TIMEOUT, stdout=None, cwd=None):
         env = {k: v for k, v in os.environ.items() if not k.startswith("BORG_")}
@@ -395,24 +403,13 @@ class Borg(Engine):
 
     run_once = run
 
-    def ensure_repository(self):
-        if not self.exists():
-            self.run("init", f"--encryption={self.ENCRYPTION}", "--make-parent-dirs")
+    INIT = ("init", "--encryption=repokey-blake2", "--make-parent-dirs")
+    PROBE = ("info", "--json")
 
-    def exists(self, timeout=SHORT_TIMEOUT):
-        try:
-            self.run("info", "--json", timeout=timeout)
-        except DeployError as exc:
-            if not self.no_repository(exc):
-                raise
-            return False
-        return True
+    def wrong_password(self, text):
+        return "passphrase supplied" in text and "is incorrect" in text
 
-    def no_repository(self, exc):
-        text = getattr(exc, "stderr", "") or str(exc)
-        if "passphrase supplied" in text and "is incorrect" in text:
-            raise DeployError(f"off-site repository {self.shown}: the password in "
-                              f"{self.offsite.password_file} does not open it") from None
+    def not_there(self, text):
         return any(line.strip().startswith("Repository ") and line.strip().endswith("does not exist.")
                    for line in text.splitlines())
 
