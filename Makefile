@@ -1,6 +1,7 @@
 # The two commands of the README: `make demo` and `make test`. Both set up .venv first.
 # `make install` is what an operator runs on a host (the scripts' requirements only, in .venv);
 # `make test-debian` runs the tests that build releases under Debian's own /usr/bin/python3.
+# `make docs` writes docs/cli.md from the scripts' --help (tests/test_docs.py fails when it is stale).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ DEBIAN_VENV ?= .venv-debian
 # the tests that unpack and build releases, adopt, rehearse and drill: what an older python broke
 DEBIAN_TESTS ?= tests/test_pythons.py tests/test_releases.py tests/test_adopt.py tests/test_rehearse.py tests/test_rollback.py
 
-.PHONY: demo test test-debian lint install bench clean system-packages
+.PHONY: demo test test-debian lint install bench clean system-packages docs
 
 $(VENV)/.ready: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,9 @@ test: system-packages $(VENV)/.ready
 
 test-debian: system-packages $(DEBIAN_VENV)/.ready
 	$(DEBIAN_VENV)/bin/python -m pytest $(DEBIAN_TESTS)
+
+docs: $(VENV)/.ready
+	$(PY) docs/generate_cli.py
 
 lint: $(VENV)/.ready
 	$(VENV)/bin/ruff check .
