@@ -5,9 +5,11 @@ manifest beside it (same name + .json). Both are written to a temp name,
 fsynced, renamed, and the folder fsynced: a partial backup never shows under
 a final name. Only a backup with a manifest counts. Files 0600, folders 0700.
 
-The copy uses SQLite's online backup API in one step from a read-only
-connection: one read transaction pins a consistent snapshot (WAL readers do not
-block writers), and the live database is never written or checkpointed.
+The copy is made from a read-only connection whose one read transaction pins a
+consistent snapshot (WAL readers do not block writers): for a WAL database, the
+file and its WAL copied raw under that snapshot (copy_snapshot says why that is
+consistent); otherwise SQLite's online backup API in one step. The live database
+is never written or checkpointed.
 """
 
 import contextlib

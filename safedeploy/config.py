@@ -1,6 +1,6 @@
 """Load and validate config.toml (see the contract). Every error names the file and the key.
 
-Confinement (issue 19): every configured path is resolved once, here, relative to the config
+Confinement: every configured path is resolved once, here, relative to the config
 file's folder where it is relative (`path`, `backup_dir`, `state_dir`, `[offsite] password_file`,
 and `[offsite] repository` when it is a local folder; `db` relative to `path`, as the contract
 says). Then one rule, checked at load (exit 2, one line naming both sides):

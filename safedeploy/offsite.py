@@ -15,7 +15,7 @@ this config's id, see config.identity), `env=`, `reason=`, `commit=`, `sha256=`,
 copy's file name, which is how a local copy and its off-site twin are matched) and `time=` (the
 backup's own); restic's own --host is this host's name too.
 
-Confinement (issue 19): listing, restoring and pruning see only this config's copies: those
+Confinement: listing, restoring and pruning see only this config's copies: those
 tagged with its config id, and copies pushed before the tag existed (no `config=` tag) whose
 restic host is this host's name. Another host's or another config's copies in a shared repository
 are never listed, restored or forgotten. A copy fetched back is written into a fresh private
