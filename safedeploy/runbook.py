@@ -61,8 +61,7 @@ def bring_up_steps():
     process must name, releases), watch_seconds, revision (the commit REVISION records, in place),
     quick_stop (a failed release being replaced: its stop is bounded)."""
     return [
-        Step("restart", AFTER, lambda c: units.restart(c.env.unit, c.quick_stop),
-             lambda c: units.describe_restart(c.env.unit)),
+        Step("restart", AFTER, lambda c: units.restart(c.env.unit, c.quick_stop), restart_detail),
         Step("health", AFTER, lambda c: setattr(c, "health", release.wait_until_healthy(c.env, c.expect)),
              lambda c: f"wait up to {c.env.health_timeout:g}s for {c.env.health_url} to answer 2xx/3xx from the unit's "
                        "own process" + (f" naming {c.expect[:12]} at /_deploy/status" if c.expect else "")),
@@ -75,6 +74,19 @@ def bring_up_steps():
              lambda c: f"write {c.env.path / 'REVISION'} ({c.revision[:12]})",
              when=lambda c: c.revision is not None),
     ]
+
+
+def restart_detail(c):
+    """The restart as the dry run and the plans say it: after a stop-first stop or a restore's, the socket
+    is held (units.hold), and the restart gives it back to the app and starts it."""
+    plan = getattr(c, "plan", None)
+    held = ((plan is not None and plan.migration_mode == "stop-first") or
+            (getattr(c, "restore_db", False) and units.restart_method(c.env.unit) != "plain"
+             and units.state(units.socket_name(c.env.unit)).is_active))
+    if held:
+        return (f"give {units.socket_name(c.env.unit)} back to the app and start {c.env.unit}: it answers the requests "
+                "that waited")
+    return units.describe_restart(c.env.unit)
 
 
 @dataclass(kw_only=True)

@@ -55,7 +55,7 @@ def test_a_column_rename_after_a_rehearsal_drops_no_request_and_old_code_never_a
     assert rehearsal.returncode == 0, rehearsal.stdout + rehearsal.stderr
     assert "BREAKING" in rehearsal.stdout and "/" in rehearsal.stdout
     plan = dry_run(sb)
-    assert "migration: stop-first" in plan and "wait in the socket's queue" in plan, plan
+    assert "migration: stop-first" in plan and "wait in the socket's queue" in plan and "back to the app" in plan, plan
     proc, seen = probed(sb, "deploy.py", "dev")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert seen["failed"] == 0 and seen["5xx"] == 0 and seen["503"] == 0 and seen["ok"] == seen["requests"], seen
