@@ -314,9 +314,11 @@ def deploy_failed_after(run, step, exc):
                 f"health check passed); nothing was rolled back")
         return 0
     if step == "record" and not isinstance(exc, KeyboardInterrupt):
-        raise DeployError(f"{env.name} runs {plan.target[:12]} and is healthy, but the deploy could not be recorded: "
-                          f"{exc}. Free space in {env.state_dir}", EXIT_HUMAN,
-                          command=cli.script_command(run.config, "verify.py", env.name))
+        raise DeployError(f"{env.name} runs {plan.target[:12]} and its health check passed, but the deploy could not "
+                          f"be recorded: {describe_failure(exc)}. Free space in {env.state_dir} (df -h {env.state_dir}), "
+                          "then deploy the same commit again: it reuses the release and records it",
+                          EXIT_HUMAN, command=cli.script_command(run.config, "deploy.py", env.name, "--ref", plan.target,
+                                                                "--yes"))
     what = describe_failure(exc)
     details = (getattr(exc, "output", "") or "").splitlines()
     if not details and step in ("restart", "health", "watch"):

@@ -280,3 +280,22 @@ def test_an_exit_4_rollback_ends_with_a_command_that_does_not_fail_the_same_way(
     assert pasted.returncode == 0, pasted.stdout + pasted.stderr
     assert requests.get(sb.url("dev", "/"), timeout=5).json() == {**requests.get(sb.url("dev", "/"), timeout=5).json(),
                                                                   "version": "2", "notes": 3}
+
+
+def test_an_exit_4_deploy_whose_record_failed_ends_with_a_command_that_records_it(sandbox):
+    """The record step fails (as on a full disk): exit 4, the release serves; the command it ends with,
+    pasted, deploys the same commit again (reusing the release) and records it; it does not fail the
+    same way, and the log then says what serves."""
+    from test_runbook import run_killed
+    sb = sandbox
+    sb.release("dev", {"VERSION": "2\n"}, "v2")
+    assert sb.run("deploy.py", "dev").returncode == 0
+    v3 = sb.release("dev", {"VERSION": "3\n"}, "v3")
+    proc = run_killed(sb, "deploy:record:RAISE", "deploy.py", "dev")
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    command = next(line for line in proc.stderr.splitlines() if "then run: " in line).rsplit("then run: ", 1)[1]
+    assert "deploy.py" in command and v3 in command
+    pasted = paste(sb, command)
+    assert pasted.returncode == 0 and "reused, not rebuilt" in pasted.stdout, pasted.stdout + pasted.stderr
+    assert log_records(sb, "dev")[-1]["running"] == v3
+    assert status(sb, "dev")["commit"] == v3
