@@ -231,7 +231,7 @@ def stop_for_restore(unit):
     listening stops with the app (it would start the service on the first request)."""
     if restart_method(unit) != "plain":
         if state(socket_name(unit)).is_active:
-            hold(unit)
+            hold(unit, why="while the database is restored")
         else:
             systemctl("stop", socket_name(unit), timeout=RESTART_TIMEOUT)
             systemctl("stop", helper_name(unit), timeout=RESTART_TIMEOUT, check=False)
@@ -346,16 +346,21 @@ def port_holder_files(unit, exec_start=None, why=None):
 MAINTENANCE = Path(__file__).resolve().parent / "maintenance.py"
 
 
-def hold(unit, retry_after=None, page=None):
+def exec_line(argv):
+    """argv as an ExecStart= line: quoted, and systemd's own % specifiers and $ variables escaped."""
+    return shlex.join(argv).replace("%", "%%").replace("$", "$$")
+
+
+def hold(unit, retry_after=None, page=None, why="while the app is stopped for a migration"):
     """Stop every slot that serves, the socket kept, activating the holder instead of the app: requests
     wait in the socket's queue (none refused, none answered by the code that stopped), or, with
     retry_after, get a quick 503 with Retry-After (and page, when readable) from the tool's own listener
     (safedeploy/maintenance.py). The restart step puts the socket back (release_holder) and starts the app."""
     command = None
     if retry_after is not None:
-        command = shlex.join([sys.executable, str(MAINTENANCE), "--retry-after", str(int(retry_after))]
-                             + (["--page", str(page)] if page else []))
-    install_unit_files(port_holder_files(unit, command, why="while the app is stopped for a migration"))
+        command = exec_line([sys.executable, str(MAINTENANCE), "--retry-after", str(int(retry_after))]
+                            + (["--page", str(page)] if page else []))
+    install_unit_files(port_holder_files(unit, command, why=why))
     stop_serving(unit)
 
 

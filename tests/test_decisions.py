@@ -142,3 +142,14 @@ def test_retention_keeps_what_is_protected_whatever_the_rules_say():
     keep, remove = prune_plan(found, {"daily": 2, "weekly": 0, "monthly": 0}, {oldest.path: "a rollback point"})
     assert keep[oldest.path] == "a rollback point"
     assert len(keep) == 3 and len(remove) == 5
+
+
+def test_a_holder_command_line_escapes_what_systemd_would_expand():
+    from safedeploy.units import exec_line
+    assert exec_line(["/usr/bin/python3", "/srv/a b/50%$HOME.py"]) == "/usr/bin/python3 '/srv/a b/50%%$$HOME.py'"
+
+
+def test_the_503_listener_is_asked_for_only_past_what_clients_wait():
+    assert decisions.maintenance(None)[0] is None            # not rehearsed: the queue
+    assert decisions.maintenance(29.9)[0] is None
+    assert decisions.maintenance(30.5)[0] == 35 and decisions.maintenance(41.0)[0] == 45
