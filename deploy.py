@@ -14,7 +14,7 @@ import json
 import sys
 
 from safedeploy import cli, convert, planning, recovery, rehearsal, runbook
-from safedeploy.errors import EXIT_LOCKED, DeployError, usage_error
+from safedeploy.errors import EXIT_FAILED, EXIT_LOCKED, DeployError, usage_error
 from safedeploy.gitrepo import Repo
 from safedeploy.state import EnvLock, lock_holder
 
@@ -125,7 +125,14 @@ def show_plan(config, env, args):
     holder = lock_holder(env.state_dir, env.name)
     if holder:
         raise DeployError(f"env {env.name} is locked: {holder}", EXIT_LOCKED)
-    plan = planning.deploy_plan(config, env, args.ref, fetch=False, force=args.force, reason=args.reason or "")
+    try:
+        plan = planning.deploy_plan(config, env, args.ref, fetch=False, force=args.force, reason=args.reason or "")
+    except DeployError as exc:
+        if not env.remote or args.no_fetch or exc.code != EXIT_FAILED:
+            raise
+        exc.args = (f"{exc} (this dry run did not fetch: it judged what was fetched before; the real run fetches "
+                    f"first, as does: git -C {env.path} fetch --prune --no-tags {env.remote})",)
+        raise
     steps = [] if plan.nothing_to_deploy else runbook.deploy_steps(config, env, plan)
     if args.json:
         print(json.dumps({"env": env.name, "target": plan.target, "steps": steps}, indent=2))

@@ -166,7 +166,9 @@ def code_part(config, env, records, facts):
     # pre-rollback copy (it holds the state a rollback left)
     safe = [p for p in points if p.commit != commit and not bad(p) and not (p.backup and p.backup.reason == "pre-rollback")]
     if safe:
-        part["rollback"] = facts.rollback = cli.script_command(config, "rollback.py", env.name, "--to", safe[0].id)
+        part["rollback"] = cli.script_command(config, "rollback.py", env.name, "--to", safe[0].id)
+        # the advice is pasted as it is (a terminal or not): it takes --yes; the rollback line asks first
+        facts.rollback = cli.script_command(config, "rollback.py", env.name, "--to", safe[0].id, "--yes")
     last = next(iter(logs.operations(records, 1)), None)
     if last and last.kind == "rollback" and last.ok and last.pre_rollback:
         saved = [p for p in points if p.backup and p.backup.path == last.pre_rollback]
@@ -175,10 +177,13 @@ def code_part(config, env, records, facts):
             if bad(saved[0]):
                 part["undo_warning"] = (f"it brings back {saved[0].commit[:12]}, the release that rollback took out "
                                         "(marked bad: deploys refuse it)")
+            part["undo_warning"] = "; ".join(filter(None, [part.get("undo_warning"), (
+                "the rows written since the rollback leave the live database (kept aside, as a pre-rollback "
+                "copy)")]))
     tip = repo.resolve(f"refs/remotes/{env.remote}/{env.branch}") if env.remote else None
     if tip and tip != commit and bad_mark(config, env, repo.tree_of(tip)):
-        facts.tip_bad = (f"{env.remote}/{env.branch} is still at {tip[:12]}, a release that was rolled back: "
-                         "deploy.py refuses it; push a fix")
+        facts.tip_bad = (f"{env.remote}/{env.branch} is still at {tip[:12]} (as last fetched), a release that was "
+                         "rolled back: deploy.py refuses it; push a fix")
     return part
 
 

@@ -105,12 +105,12 @@ def main():
         run("backup.py", "--all")
         run("backup.py", "--list")
         run("backup.py", "--verify")
-        step("an incident whose answer is not a rollback: someone stops dev's app by hand. status says what is "
-             "wrong and the command that fixes it (start it: the release is good); pasted under cron's PATH, dev "
+        step("an incident whose answer is not a rollback: someone stops prod's app by hand. status says what is "
+             "wrong and the command that fixes it (start it: the release is good); pasted under cron's PATH, prod "
              "serves again and nothing is rolled back or marked bad")
-        sb.stop_app("dev")
-        run("status.py", "dev", expect=1)
-        advice = json.loads(sb.run("status.py", "dev", "--json").stdout)["envs"]["dev"]["advice"]
+        sb.stop_app("prod")
+        run("status.py", "prod", expect=1)
+        advice = json.loads(sb.run("status.py", "prod", "--json").stdout)["envs"]["prod"]["advice"]
         command = advice[0]["command"] if advice else "true"
         print(f"\n$ {command}", flush=True)
         pasted = subprocess.run(["sh", "-c", command], env={"PATH": "/usr/bin:/bin", **sb.manager.env},
@@ -118,11 +118,14 @@ def main():
         print((pasted.stdout + pasted.stderr).rstrip() + f"\n[exit {pasted.returncode}]")
         if pasted.returncode != 0 or not command.startswith("systemctl --user start"):
             failures.append(f"the advice {command!r}: exit {pasted.returncode}")
-        sb.wait_serving("dev")
-        run("status.py", "dev", expect=1)           # still exit 1: dev's branch tip is version 3, rolled back
-        problems = json.loads(sb.run("status.py", "dev", "--json").stdout)["envs"]["dev"]["problems"]
+        try:
+            sb.wait_serving("prod")
+        except RuntimeError as exc:
+            failures.append(str(exc))
+        run("status.py", "prod", expect=1)          # still exit 1: origin/main is version 2, rolled back
+        problems = json.loads(sb.run("status.py", "prod", "--json").stdout)["envs"]["prod"]["problems"]
         if any("stopped" in p for p in problems):
-            failures.append(f"dev still stopped after the advice: {problems}")
+            failures.append(f"prod still stopped after the advice: {problems}")
         if not args.keep:
             sb.stop_units()
     finally:

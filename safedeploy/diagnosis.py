@@ -174,25 +174,26 @@ def diagnose(f, cmd):
         d.add(f.mismatch)
     if f.bad_running:
         where = f" in {f.bad_running['env']}" if f.bad_running.get("env") != f.env else ""
-        d.add(f"what serves ({f.running[:12]}) is a release that was rolled back{where} at {f.bad_running.get('time')} "
+        d.add(f"{f.env} runs {f.running[:12]}, a release that was rolled back{where} at {f.bad_running.get('time')} "
               f"({f.bad_running.get('why')})", "roll back here too, to the newest safe point", f.rollback)
-    elif f.held and not d.advice:
+    if f.held:
         holder = f.unit.removesuffix(".service") + "-port-holder.service"
         d.add(f"{f.socket or 'the socket'} holds requests for safe-deploy's holder, not the app: an operation stopped "
               "the app for a migration or a restore and did not finish",
               "give the socket back to the app and start it (what `current` names runs)",
+              None if d.advice else
               f"rm -f {' '.join(shlex.quote(p) for p in f.held)} && systemctl --user daemon-reload && "
               f"systemctl --user stop {holder} && systemctl --user start {f.unit}")
-    elif (f.unit_state in ("inactive", "deactivating") and not f.unit_failed and not d.advice
+    elif (f.unit_state in ("inactive", "deactivating") and not f.unit_failed
           and not (f.socket_active and f.healthy)):          # behind its socket, an idle service starts on demand
         units_to_start = " ".join(u for u in (f.socket, f.unit) if u)
         d.add(f"{f.unit} is stopped{' (and ' + f.socket + ')' if f.socket and not f.socket_active else ''}: "
               "stopped by hand, or never started",
               "start it: the release it runs was healthy; nothing is rolled back",
-              f"systemctl --user start {units_to_start}")
-    elif (f.unit_failed or not f.healthy) and not d.advice:
+              None if d.advice else f"systemctl --user start {units_to_start}")
+    elif f.unit_failed or not f.healthy:
         why = (f"{f.unit} failed ({f.unit_state})" if f.unit_failed else f"health: {f.health}")
-        d.add(why, f"{why}: roll back to the newest safe point", f.rollback)
+        d.add(why, f"{why}: roll back to the newest safe point", None if d.advice else f.rollback)
     if not (fresh_and_empty(f) or not f.db_exists or f.db_check != "ok"):
         if not f.local_backups:
             where = " (its copies are off-site only)" if f.copies else ""

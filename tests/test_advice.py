@@ -209,6 +209,12 @@ def test_a_tree_rolled_back_in_prod_is_flagged_in_dev(sandbox):
     dev = json.loads(report.stdout)["envs"]["dev"]
     assert any("rolled back in prod" in p for p in dev["problems"]) and dev["commit"] == v2
     assert "rollback.py" in dev["advice"][0]["command"]
+    sb.stop_app("dev")                  # stopped too: named, and the rollback (pasted, no terminal) still first
+    dev = status(sb, "dev")
+    assert any("is stopped" in p for p in dev["problems"]) and "rollback.py" in dev["advice"][0]["command"]
+    ran, last = follow_advice(sb, "dev")
+    assert len(ran) == 1 and last["commit"] != v2, (ran, last["problems"])
+    assert requests.get(sb.url("dev", "/"), timeout=5).json()["version"] == "1"
 
 
 def test_an_edited_release_fails_verify_and_is_built_again(sandbox):
@@ -299,3 +305,18 @@ def test_an_exit_4_deploy_whose_record_failed_ends_with_a_command_that_records_i
     assert pasted.returncode == 0 and "reused, not rebuilt" in pasted.stdout, pasted.stdout + pasted.stderr
     assert log_records(sb, "dev")[-1]["running"] == v3
     assert status(sb, "dev")["commit"] == v3
+
+
+def test_a_dry_run_refusal_says_it_did_not_fetch_and_how(sandbox):
+    """A bad release refused by a dry run that judged the refs fetched before: the message says so and
+    gives the fetch command; pasted, the dry run then sees the fix that was pushed."""
+    sb = sandbox
+    sb.release("dev", {"MODE": "http500\n", "VERSION": "2\n"}, "v2: broken")
+    assert sb.run("deploy.py", "dev").returncode == 1                 # rolled back, marked bad
+    sb.release("dev", {"MODE": "ok\n", "VERSION": "3\n"}, "v3: the fix")
+    dry = sb.run("deploy.py", "dev", "--dry-run")
+    assert dry.returncode == 1 and "this dry run did not fetch" in dry.stderr, dry.stdout + dry.stderr
+    fetch = "git -C " + dry.stderr.split("as does: git -C ", 1)[1].rstrip().rstrip(")")
+    assert paste(sb, fetch).returncode == 0
+    again = sb.run("deploy.py", "dev", "--dry-run")
+    assert again.returncode == 0 and "v3: the fix" in again.stdout, again.stdout + again.stderr

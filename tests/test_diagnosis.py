@@ -125,3 +125,10 @@ def test_a_socket_left_holding_requests_is_given_back_to_the_app():
     assert first(d) == ("rm -f /u/app.socket.d/50-safe-deploy-move.conf /u/app-port-holder.service && systemctl "
                         "--user daemon-reload && systemctl --user stop app-port-holder.service && systemctl --user "
                         "start app.service")
+
+
+def test_a_stopped_app_is_named_even_when_another_problem_comes_first():
+    d = diagnose(facts(bad_running={"env": "prod", "time": "t", "why": "health"}, env="dev", unit_state="inactive",
+                       healthy=False), cmd)
+    assert first(d) == "py rollback.py prod --to p1 --yes" and len(d.advice) == 1
+    assert any("is stopped" in p for p in d.problems) and d.problems[0].startswith("dev runs ")
