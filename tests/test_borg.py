@@ -13,7 +13,7 @@ import requests
 
 from safedeploy import offsite
 from safedeploy.errors import DeployError
-from test_offsite import PASSWORD, enable_offsite, no_password, ssh_command, start_sshd
+from test_offsite import PASSWORD, enable_offsite, lose_local_copies_then_verify, no_password, ssh_command, start_sshd
 
 
 def borg_archives(off):
@@ -131,11 +131,6 @@ def test_borg_over_ssh_to_a_real_sshd(sandbox, borg_over_ssh):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (copy,) = borg_archives(off)
     assert copy.env == "dev" and copy.config == off.id
-    shutil.rmtree(sb.root / "backups")
-    points = json.loads(sb.run("rollback.py", "dev", "--list", "--json").stdout)["points"]
-    assert any(p["offsite"] and p["backup"] is None for p in points)
-    verify = sb.run("backup.py", "--verify")
-    assert verify.returncode == 0, verify.stdout + verify.stderr
-    no_password(proc, verify)
+    lose_local_copies_then_verify(sb, "dev", proc)
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, timeout=10).stdout
     assert PASSWORD not in ps

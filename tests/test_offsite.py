@@ -312,12 +312,18 @@ def test_offsite_over_sftp_to_a_real_sshd(sandbox, sshd):
     assert proc.returncode == 0, proc.stderr
     (copy,) = restic_snapshots(off)
     assert copy.env == "prod"
-    shutil.rmtree(sandbox.root / "backups")
-    points = json.loads(sandbox.run("rollback.py", "prod", "--list", "--json").stdout)["points"]
+    lose_local_copies_then_verify(sandbox, "prod", proc)
+
+
+def lose_local_copies_then_verify(sb, env, pushed):
+    """The local backups gone: the off-site copy is a point of env, and --verify reads it back; no password
+    printed by the push or the verify."""
+    shutil.rmtree(sb.root / "backups")
+    points = json.loads(sb.run("rollback.py", env, "--list", "--json").stdout)["points"]
     assert any(p["offsite"] and p["backup"] is None for p in points)
-    verify = sandbox.run("backup.py", "--verify")
+    verify = sb.run("backup.py", "--verify")
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    no_password(proc, verify)
+    no_password(pushed, verify)
 
 
 def test_prune_before_any_copy_went_off_site_exits_0_and_makes_no_repository(sandbox):
