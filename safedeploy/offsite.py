@@ -147,13 +147,17 @@ class Engine:
     def exists(self, timeout=SHORT_TIMEOUT):
         """True when the repository opens; False when there is none there yet; DeployError otherwise
         (unreachable, or the password does not open it)."""
+        return self.run_if_there(*self.PROBE, timeout=timeout) is not None
+
+    def run_if_there(self, *args, timeout=SHORT_TIMEOUT):
+        """run(ARGS)'s output, or None when there is no repository there yet (listing, probing and
+        unlocking never make one); any other failure raises (no_repository says which)."""
         try:
-            self.run(*self.PROBE, timeout=timeout)
+            return self.run(*args, timeout=timeout)
         except DeployError as exc:
             if not self.no_repository(exc):
                 raise
-            return False
-        return True
+            return None
 
     def no_repository(self, exc):
         """Whether exc says there is no repository there yet (else: raise it, or a clearer one)."""
@@ -309,12 +313,9 @@ class Restic(Engine):
     def scan(self, timeout=LIST_TIMEOUT):
         """(this config's copies, how many other safe-deploy copies the repository holds), newest first.
         One restic call; no repository yet is ([], 0): listing never creates one."""
-        try:
-            out = self.run("snapshots", "--json", "--tag", "safe-deploy", timeout=timeout)
-        except DeployError as exc:
-            if self.no_repository(exc):
-                return [], 0
-            raise
+        out = self.run_if_there("snapshots", "--json", "--tag", "safe-deploy", timeout=timeout)
+        if out is None:
+            return [], 0
         found = [self.copy_from(snap["id"], snap.get("tags") or [], snap.get("paths") or [], snap.get("hostname", ""),
                                 snap.get("time", "")) for snap in json.loads(out or "[]") or []]
         return self.sorted_ours([c for c in found if c])
@@ -346,11 +347,7 @@ class Restic(Engine):
         """restic unlock: removes only stale locks (a restic killed mid-push, e.g. by kill -9, left one
         that made every forget and prune fail with 'repository is already locked'). No repository yet:
         nothing to unlock."""
-        try:
-            self.run("unlock", timeout=SHORT_TIMEOUT)
-        except DeployError as exc:
-            if not self.no_repository(exc):
-                raise
+        self.run_if_there("unlock", timeout=SHORT_TIMEOUT)
 
     def forget(self, copies):
         mine = [c for c in copies if self.ours(c)]       # never another host's or config's
@@ -414,12 +411,9 @@ class Borg(Engine):
                    for line in text.splitlines())
 
     def scan(self, timeout=LIST_TIMEOUT):
-        try:
-            out = self.run("list", "--json", "--format", "{comment}{hostname}", timeout=timeout)
-        except DeployError as exc:
-            if self.no_repository(exc):
-                return [], 0
-            raise
+        out = self.run_if_there("list", "--json", "--format", "{comment}{hostname}", timeout=timeout)
+        if out is None:
+            return [], 0
         found = []
         for archive in json.loads(out or "{}").get("archives") or []:
             if ".checkpoint" in archive.get("name", ""):
