@@ -375,17 +375,24 @@ def test_a_hostile_snapshot_named_like_held_backups_overwrites_and_removes_nothi
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
-def test_a_good_copy_is_fetched_private_verified_and_never_over_a_file(in_place):
-    sb = in_place
+def pushed_then_lost_here(sb):
+    """dev backed up and pushed off-site, then its local files removed: (config, dev's backup folder, the
+    local backup as it was, its off-site copy)."""
     cfg = with_offsite(sb)
     assert sb.run("backup.py", "dev").returncode == 0
     folder = sb.root / "backups" / "dev"
     (local,) = backups.list_backups(folder)
     (copy,) = offsite.copies_for(cfg, cfg.envs["dev"])[0]
-    # its name is taken by a file that is not that backup (a manifest-less leftover): it stays untouched,
-    # and the fetched copy stays in its own private folder
     for p in (Path(local.path), local.manifest_path, Path(local.unit_backup)):
         p.unlink()
+    return cfg, folder, local, copy
+
+
+def test_a_good_copy_is_fetched_private_verified_and_never_over_a_file(in_place):
+    sb = in_place
+    cfg, folder, local, copy = pushed_then_lost_here(sb)
+    # its name is taken by a file that is not that backup (a manifest-less leftover): it stays untouched,
+    # and the fetched copy stays in its own private folder
     Path(local.path).write_bytes(b"someone else's file")
     fetched = offsite.fetch_for(cfg, copy, cfg.envs["dev"])
     assert Path(local.path).read_bytes() == b"someone else's file"
@@ -553,13 +560,7 @@ def test_a_prune_killed_mid_way_leaves_no_lock_that_blocks_the_next_push(sandbox
 
 def test_a_fetch_killed_before_its_copy_verified_is_cleared_by_the_next_one(sandbox):
     sb = sandbox
-    cfg = with_offsite(sb)
-    assert sb.run("backup.py", "dev").returncode == 0
-    folder = sb.root / "backups" / "dev"
-    (local,) = backups.list_backups(folder)
-    (copy,) = offsite.copies_for(cfg, cfg.envs["dev"])[0]
-    for p in (Path(local.path), local.manifest_path, Path(local.unit_backup)):
-        p.unlink()
+    cfg, folder, local, copy = pushed_then_lost_here(sb)
     killed = folder / f"{offsite.STAGE_PREFIX}deadbeef-x1"          # what a kill -9 mid-download leaves
     killed.mkdir(mode=0o700)
     (killed / Path(local.path).name).write_bytes(b"half a database")
