@@ -83,9 +83,10 @@ def look_at(config, env):
         except DeployError as exc:
             records = []
             unreadable.append(str(exc))
+        local = backups.list_backups(env.backup_dir)         # read once: data, copies and log parts use it
         for part in (unit_part, code_part, data_part, copies_part, log_part):
             try:
-                report.update(part(config, env, records, facts))
+                report.update(part(config, env, records, local, facts))
             except DeployError as exc:
                 unreadable.append(str(exc))
         result = probe.result()
@@ -100,7 +101,7 @@ def look_at(config, env):
     return report
 
 
-def unit_part(config, env, records, facts):
+def unit_part(config, env, records, local, facts):
     st = units.serving_state(env.unit)         # with a handover slot, the one that serves
     method = units.restart_method(env.unit)
     sock = units.state(units.socket_name(env.unit))
@@ -121,7 +122,7 @@ def unit_part(config, env, records, facts):
                      "looping": units.is_restart_looping(st) if st.is_active else False}}
 
 
-def code_part(config, env, records, facts):
+def code_part(config, env, records, local, facts):
     """What runs: on releases, read from the serving process (the release folder it runs in), never from
     `current` or the log, which a killed deploy may have moved ahead of it; in place, the log's commit."""
     repo = Repo(env.path)
@@ -187,30 +188,29 @@ def code_part(config, env, records, facts):
     return part
 
 
-def data_part(config, env, records, facts):
+def data_part(config, env, records, local, facts):
     """The database there and readable (quick_check, read-only), its rows counted (bounded)."""
     facts.db_exists = env.db.exists()
     if facts.db_exists:
         facts.db_check = backups.integrity_of(env.db, quick=True)
         rows = backups.live_rows(env.db) if facts.db_check == "ok" else None
         facts.live_rows = sum(rows.values()) if rows is not None else None
-    found = backups.list_backups(env.backup_dir)
-    facts.local_backups = len(found)
-    facts.newest_backup_age = age_seconds(found[0].time) if found else None
-    if not found:
+    facts.local_backups = len(local)
+    facts.newest_backup_age = age_seconds(local[0].time) if local else None
+    if not local:
         return {"last_backup": None}
-    newest = found[0]
+    newest = local[0]
     return {"last_backup": {"path": newest.path, "time": newest.time, "reason": newest.reason,
                             "age_seconds": age_seconds(newest.time)}}
 
 
-def copies_part(config, env, records, facts):
+def copies_part(config, env, records, local, facts):
     """The copies a restore could go to, newest first: local backups (not pre-rollback saves), and the
     off-site copies that are not here too (listed within a few seconds)."""
-    local = [b for b in backups.list_backups(env.backup_dir) if b.reason != "pre-rollback"]     # (read twice: cheap)
-    found = [diagnosis.Copy(backup_id(b), b.time, b.rows_total) for b in local]
+    restorable = [b for b in local if b.reason != "pre-rollback"]
+    found = [diagnosis.Copy(backup_id(b), b.time, b.rows_total) for b in restorable]
     copies, problem = offsite.copies_for(config, env)
-    names = {backup_id(b) for b in local}
+    names = {backup_id(b) for b in restorable}
     found += [diagnosis.Copy(c.name, c.time, c.rows_total, "off-site") for c in copies if c.name not in names]
     facts.copies = sorted(found, key=lambda c: c.time, reverse=True)
     return {"offsite_problem": problem} if problem else {}
@@ -219,13 +219,13 @@ def copies_part(config, env, records, facts):
 OLDER_COPY_SECONDS = 2.0      # comparing the live database with the newest backup: bounded
 
 
-def older_copy(env, records):
+def older_copy(env, records, local):
     """{"backup", "time", "rows"} when the live database lacks rows the newest backup holds (one made since the
     last restore, not a pre-rollback save) and holds none it lacks; else None (or not compared in time)."""
     restored = [r.time for r in records if r.kind in ("rollback", "recovery") and r.ok and
                 (getattr(r, "db_restored", False) or (getattr(r, "rollback", None) or {}).get("db_restored"))]
     since = parse_time(restored[-1]) if restored else None
-    newest = next((b for b in backups.list_backups(env.backup_dir) if b.reason != "pre-rollback"
+    newest = next((b for b in local if b.reason != "pre-rollback"
                    and (since is None or (parse_time(b.time) and parse_time(b.time) > since))), None)
     if newest is None or backups.live_schema(env.db) != newest.schema:
         return None
@@ -238,10 +238,10 @@ def older_copy(env, records):
     return {"backup": newest.path, "time": newest.time, "rows": lacks}
 
 
-def log_part(config, env, records, facts):
+def log_part(config, env, records, local, facts):
     deploys, rollbacks = logs.of_kind(records, "deploy"), logs.of_kind(records, "rollback")
     if facts.db_exists and facts.db_check == "ok":
-        facts.older_copy = older_copy(env, records)
+        facts.older_copy = older_copy(env, records, local)
     rehearsals = logs.of_kind(records, "rehearsal")
     bug = next((d for d in reversed(deploys) if d.ok and d.rows_deleted and d.backup), None)
     if bug:
@@ -251,7 +251,7 @@ def log_part(config, env, records, facts):
             try:
                 missing = backups.rows_only_in(bug.backup, env.db)
                 facts.rows_missing = {t: n for t, n in missing.items() if t in bug.rows_deleted}
-            except Exception:                 # a backup gone or unreadable: the rows cannot be compared
+            except (sqlite3.Error, OSError):  # a backup gone or unreadable: the rows cannot be compared
                 facts.rows_missing = None
     r = rehearsals[-1] if rehearsals else None
     return {"last_deploy": deploys[-1].to_json() if deploys else None,
