@@ -95,7 +95,7 @@ class Engine:
     """What backup.py and rollback.py use of an off-site engine, whichever it is (engine() picks it):
     scan/copies (this config's copies), push (a verified backup), fetch (a copy back, verified), forget,
     prune, check, unlock, ensure_repository. Identity, confinement, masking and the verified fetch are
-    here, once; how to list, store, read and delete is each engine's own (run_once, scan, push, dump,
+    here, once; how to list, store, read and delete is each engine's own (run, scan, push, dump,
     forget, prune, check, unlock, exists, no_repository)."""
     program = ""
 
@@ -166,6 +166,15 @@ class Engine:
             raise DeployError(f"off-site repository {self.shown}: the password in "
                               f"{self.offsite.password_file} does not open it") from None
         return self.not_there(text)
+
+    def outcome(self, what, done, timeout, stdout, ok=(0,)):
+        """What a finished call of the engine gives: its output as text (or "" when it went into the file
+        stdout); raises when it ran past timeout or exited with a code not in ok."""
+        if done.timed_out:
+            raise DeployError(f"{self.program} {what} on {self.shown} did not finish within {timeout:g}s (stopped)")
+        if done.returncode not in ok:
+            raise self.failed(what, done)
+        return done.stdout.decode(errors="replace") if stdout is None else ""
 
     def failed(self, what, done):
         error = DeployError(f"{self.program} {what} on {self.shown} failed: {self.mask(reason(done.stderr))}")
@@ -294,11 +303,7 @@ class Restic(Engine):
             os.close(read_end)
             if write_end is not None:
                 os.close(write_end)
-        if done.timed_out:
-            raise DeployError(f"restic {args[0]} on {self.shown} did not finish within {timeout:g}s (stopped)")
-        if done.returncode != 0:
-            raise self.failed(args[0], done)
-        return done.stdout.decode(errors="replace") if stdout is None else ""
+        return self.outcome(args[0], done, timeout, stdout)
 
     INIT = ("init",)
     PROBE = ("cat", "config")
@@ -392,13 +397,8 @@ class Borg(Engine):
         except FileNotFoundError:
             raise DeployError("borg is not installed (apt-get install borgbackup): [offsite] engine = \"borg\" "
                               "needs it") from None
-        if done.timed_out:
-            raise DeployError(f"borg {args[0]} on {self.shown} did not finish within {timeout:g}s (stopped)")
-        if done.returncode not in (0, 1) or (done.returncode == 1 and args[0] != "create"):
-            raise self.failed(args[0], done)      # 1 is borg's "warning" (a file changed while read): fine for those
-        return done.stdout.decode(errors="replace") if stdout is None else ""
-
-    run_once = run
+        # 1 is borg's "warning" (a file changed while it was read): fine for a create, a failure for the rest
+        return self.outcome(args[0], done, timeout, stdout, ok=(0, 1) if args[0] == "create" else (0,))
 
     INIT = ("init", "--encryption=repokey-blake2", "--make-parent-dirs")
     PROBE = ("info", "--json")
