@@ -441,15 +441,18 @@ def silent():
     s.close()
 
 
-def restic_argvs():
+def restic_argvs(root):
+    """The argv of every restic running for the sandbox under root (its password file is there): the other
+    tests' restic, running beside this one, are not this test's."""
     found = []
     for pid in os.listdir("/proc"):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if argv and argv[0].endswith(b"restic"):
-            found.append(b" ".join(argv).decode(errors="replace"))
+        line = b" ".join(argv).decode(errors="replace")
+        if argv and argv[0].endswith(b"restic") and str(root) in line:
+            found.append(line)
     return found
 
 
@@ -462,14 +465,14 @@ def test_a_password_in_the_repository_url_is_never_shown_alerted_or_in_argv(sand
         proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "backup.py"), "prod", "--config", str(sb.config)],
                                 env=sb.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         reached = silent.accepted.wait(30)
-        argvs = restic_argvs()
+        argvs = restic_argvs(sb.root)
         proc.kill()
         out, err = proc.communicate(timeout=30)
         assert reached, out + err
         deadline = time.monotonic() + 5         # and its restic died with it: nothing left waiting on the network
-        while restic_argvs() and time.monotonic() < deadline:
+        while restic_argvs(sb.root) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not restic_argvs(), restic_argvs()
+        assert not restic_argvs(sb.root), restic_argvs(sb.root)
         assert argvs and not any(URL_SECRET in a for a in argvs), argvs
         # sftp://user:pw@ (restic repeats it raw in its own message) and rest: to a closed port: the failures
         for repository in (f"sftp://backup:{URL_SECRET}@127.0.0.1:{free_port()}//srv/repo",
