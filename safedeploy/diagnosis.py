@@ -25,6 +25,8 @@ with no command.
 import shlex
 from dataclasses import dataclass, field
 
+from .units import holder_name
+
 MAX_BACKUP_AGE = 24 * 3600
 
 
@@ -177,7 +179,7 @@ def diagnose(f, cmd):
         d.add(f"{f.env} runs {f.running[:12]}, a release that was rolled back{where} at {f.bad_running.get('time')} "
               f"({f.bad_running.get('why')})", "roll back here too, to the newest safe point", f.rollback)
     if f.held:
-        holder = f.unit.removesuffix(".service") + "-port-holder.service"
+        holder = holder_name(f.unit)
         d.add(f"{f.socket or 'the socket'} holds requests for safe-deploy's holder, not the app: an operation stopped "
               "the app for a migration or a restore and did not finish",
               "give the socket back to the app and start it (what `current` names runs)",
