@@ -16,6 +16,7 @@ import sys
 from safedeploy import cli, convert, planning, recovery, rehearsal, runbook
 from safedeploy.errors import EXIT_FAILED, EXIT_LOCKED, DeployError, usage_error
 from safedeploy.gitrepo import Repo
+from safedeploy.points import list_points
 from safedeploy.state import EnvLock, lock_holder
 
 BACKUP_WAIT = 300         # a running backup ends by itself: a deploy waits for it (bounded), then exit 3
@@ -117,7 +118,10 @@ def print_summary(config, env, run, removed):
     cli.say("  steps   " + ", ".join(f"{name} {secs:.2f}s" for name, secs in record.steps.items()))
     for why in plan.forced:
         cli.say(f"  forced  {why}")
-    cli.say(f"rollback: {cli.script_command(config, 'rollback.py', env.name, '--to', record.tag)}")
+    safe = planning.safe_points(config, env, plan.repo, list_points(env, plan.repo), plan.target)
+    cli.say("rollback: " + (cli.script_command(config, "rollback.py", env.name, "--to", safe[0].id) if safe else
+                            f"none to paste: every point before it is a rolled-back release (see "
+                            f"{cli.script_command(config, 'rollback.py', env.name, '--list')})"))
 
 
 def show_plan(config, env, args):

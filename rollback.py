@@ -139,6 +139,10 @@ def show_plan(env, repo, run):
         cli.say("  rows      leaving the live database: " + (", ".join(f"{t} {n}" for t, n in sorted(leaving.items()))
                                                              or "none (every live row is in the point's backup)"))
     cli.say(f"  unit file {'RESTORE' if run.unit_action == 'restore' else 'keep'}: {run.unit_why}")
+    mark = planning.point_mark(run.config, env, repo, point)
+    if mark:
+        cli.say(cli.paint(f"  WARNING   {point.commit[:12]} is a release that was rolled back in {mark.get('env')} at "
+                          f"{mark.get('time')} ({mark.get('why')}): this brings it back", "yellow"))
     for i, step in enumerate(runbook.rollback_steps(run), 1):
         cli.say(f"  {i:2}. {step['name']}: {step['detail']}")
 

@@ -15,7 +15,7 @@ import sqlite3
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from safedeploy import alerts, backups, cli, diagnosis, health, offsite, recovery, releases, units
+from safedeploy import alerts, backups, cli, diagnosis, health, offsite, planning, recovery, releases, units
 from safedeploy import records as logs
 from safedeploy.errors import EXIT_FAILED, DeployError, usage_error
 from safedeploy.files import make_private_dir, write_atomic
@@ -156,16 +156,7 @@ def code_part(config, env, records, local, facts):
     if repo.resolve(commit):
         facts.bad_running = bad_mark(config, env, repo.tree_of(commit))
     points = list_points(env, repo)
-    trees = {}
-
-    def bad(p):
-        if p.commit not in trees:
-            trees[p.commit] = bad_mark(config, env, repo.tree_of(p.commit)) if repo.resolve(p.commit) else None
-        return trees[p.commit]
-
-    # the rollback line only moves forward in safety: never to a release that was rolled back, nor to a
-    # pre-rollback copy (it holds the state a rollback left)
-    safe = [p for p in points if p.commit != commit and not bad(p) and not (p.backup and p.backup.reason == "pre-rollback")]
+    safe = planning.safe_points(config, env, repo, points, commit)     # the rollback line only moves forward in safety
     if safe:
         part["rollback"] = cli.script_command(config, "rollback.py", env.name, "--to", safe[0].id)
         # the advice is pasted as it is (a terminal or not): it takes --yes; the rollback line asks first
@@ -175,7 +166,7 @@ def code_part(config, env, records, local, facts):
         saved = [p for p in points if p.backup and p.backup.path == last.pre_rollback]
         if saved:
             part["undo_rollback"] = cli.script_command(config, "rollback.py", env.name, "--to", saved[0].id, "--with-db")
-            if bad(saved[0]):
+            if planning.point_mark(config, env, repo, saved[0]):
                 part["undo_warning"] = (f"it brings back {saved[0].commit[:12]}, the release that rollback took out "
                                         "(marked bad: deploys refuse it)")
             part["undo_warning"] = "; ".join(filter(None, [part.get("undo_warning"), (

@@ -226,6 +226,24 @@ def decide_database(env, point, mode, compare=True):
         raise DeployError(str(exc)) from None
 
 
+def point_mark(config, env, repo, point):
+    """The bad mark of the release a point goes back to (a rollback of its tree, in any env), or None."""
+    return bad_mark(config, env, repo.tree_of(point.commit)) if repo.resolve(point.commit) else None
+
+
+def safe_points(config, env, repo, points, running):
+    """The points a printed rollback line may name, newest first: never the commit that runs, a release
+    that was rolled back (in any env), nor a pre-rollback copy (it holds the state a rollback left)."""
+    marks = {}
+
+    def bad(p):
+        if p.commit not in marks:
+            marks[p.commit] = point_mark(config, env, repo, p)
+        return marks[p.commit]
+    return [p for p in points if p.commit != running and not bad(p)
+            and not (p.backup and p.backup.reason == "pre-rollback")]
+
+
 def check_point_backup(env, repo, point):
     """Refuse a backup that fails its checksum or integrity check, naming the next-best point."""
     verdict = backups.verify_backup(point.backup)

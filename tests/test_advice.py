@@ -320,3 +320,25 @@ def test_a_dry_run_refusal_says_it_did_not_fetch_and_how(sandbox):
     assert paste(sb, fetch).returncode == 0
     again = sb.run("deploy.py", "dev", "--dry-run")
     assert again.returncode == 0 and "v3: the fix" in again.stdout, again.stdout + again.stderr
+
+
+def test_no_printed_rollback_line_goes_back_to_a_release_rolled_back_elsewhere(sandbox):
+    """dev runs v2, rolled back in prod; a deploy of v3 in dev: its summary's rollback line skips the point
+    that holds v2 (as status's does), and a rollback to that point, asked for by hand, warns in its plan."""
+    sb = sandbox
+    v2 = sb.release("dev", {"VERSION": "2\n"}, "v2")
+    assert sb.run("deploy.py", "dev").returncode == 0
+    sb.merge_to_main()
+    assert sb.run("verify.py", "dev").returncode == 0
+    assert sb.run("deploy.py", "prod", "--yes").returncode == 0
+    assert sb.run("rollback.py", "prod", "--yes").returncode == 0          # v2 is now a rolled-back release
+    sb.release("dev", {"VERSION": "3\n"}, "v3")
+    proc = sb.run("deploy.py", "dev")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    line = proc.stdout.strip().splitlines()[-1]
+    v2_point = log_records(sb, "dev")[-1]["tag"]                          # this deploy's before-deploy point: v2
+    assert line.startswith("rollback: ") and v2_point not in line, line
+    points = {p["id"]: p["commit"] for p in json.loads(sb.run("rollback.py", "dev", "--list", "--json").stdout)["points"]}
+    assert points[v2_point] == v2
+    plan = sb.run("rollback.py", "dev", "--to", v2_point)                # no terminal: the plan, then exit 2
+    assert plan.returncode == 2 and "WARNING" in plan.stdout and "rolled back in prod" in plan.stdout, plan.stdout
