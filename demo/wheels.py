@@ -53,6 +53,28 @@ def flask_wheelhouse(root):
     return wheels, download_flask(wheels)
 
 
+def requirement_names(path):
+    """The distribution names a requirements file pins (markers this python does not meet left out)."""
+    import re
+    names = []
+    for line in Path(path).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-"):
+            spec, _, marker = line.partition(";")
+            if marker and "python_version" in marker and "<" in marker and not eval_python_marker(marker):
+                continue
+            names.append(re.split(r"[\s<>=!~\[(]", spec, maxsplit=1)[0])
+    return names
+
+
+def eval_python_marker(marker):
+    """python_version < "3.11"-style markers, the only kind the requirements use."""
+    import re
+    import sys
+    m = re.search(r'python_version\s*<\s*"(\d+)\.(\d+)"', marker)
+    return not m or sys.version_info[:2] < (int(m.group(1)), int(m.group(2)))
+
+
 def wheels_of_installed(folder, names):
     """Wheels of the distributions named (and what they require) as this python has them installed,
     repacked from their files in site-packages: a wheel folder for `pip install --no-index` made with no
@@ -89,12 +111,17 @@ def _repack(dist, folder):
     records = []
     with zipfile.ZipFile(path, "w") as zf:
         for f in dist.files:
-            if ".." in f.parts or "__pycache__" in f.parts or f.name in ("RECORD", "INSTALLER", "REQUESTED") \
+            inside = str(f)
+            if f.parts[:4] == ("..", "..", "..", "bin") and len(f.parts) == 5:
+                inside = f"{name}-{dist.version}.data/scripts/{f.name}"     # a program the wheel installs into bin/
+            elif ".." in f.parts or "__pycache__" in f.parts or f.name in ("RECORD", "INSTALLER", "REQUESTED") \
                     or f.name == "direct_url.json":
                 continue
             data = Path(f.locate()).read_bytes()
-            zf.writestr(str(f), data)
-            records.append(_record_line(str(f), data))
+            info = zipfile.ZipInfo(inside)
+            info.external_attr = (Path(f.locate()).stat().st_mode & 0o100777) << 16     # a program stays executable
+            zf.writestr(info, data)
+            records.append(_record_line(inside, data))
         records.append(f"{info_dir}/RECORD,,")
         zf.writestr(f"{info_dir}/RECORD", "\n".join(records) + "\n")
     return path

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from demo.sandbox import REPO_ROOT, Sandbox, UserManager, git
-from demo.wheels import wheels_of_installed
+from demo.wheels import requirement_names, wheels_of_installed
 from helpers import paste
 from safedeploy.releases import extract_safely
 
@@ -27,7 +27,7 @@ DEBIAN_PYTHON = Path("/usr/bin/python3")
 @pytest.fixture(scope="module")
 def wheelhouse(tmp_path_factory):
     folder = tmp_path_factory.mktemp("wheels")
-    wheels_of_installed(folder, ["requests", "GitPython"])
+    wheels_of_installed(folder, requirement_names(REPO_ROOT / "requirements.txt"))
     return folder
 
 
