@@ -11,15 +11,16 @@ nothing on success and one line per failure on stderr.
 import argparse
 import json
 import re
+import sqlite3
 import sys
 import tempfile
 from pathlib import Path
 
-from safedeploy import adoption, alerts, backups, cli, offsite, recovery, units
+from safedeploy import adoption, alerts, backups, cli, offsite, recovery, rowrestore, units
 from safedeploy.errors import EXIT_FAILED, EXIT_LOCKED, DeployError, usage_error
 from safedeploy.gitrepo import Repo
 from safedeploy import records
-from safedeploy.state import EnvLock, Journal, StepClock, age_seconds, human_age, now_iso
+from safedeploy.state import EnvLock, Journal, StepClock, age_seconds, human_age
 
 REASON_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 TIME_RE = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
@@ -38,6 +39,8 @@ def main():
         return release_hold(envs, args.release_hold)
     if args.rows_to_restore:
         return rows_to_restore(envs, args.rows_to_restore)
+    if args.restore_rows:
+        return restore_rows(config, envs, args)
     if args.install_timer:
         return install_timer(config, args)
     if args.test_alert:
@@ -54,7 +57,8 @@ def parse_arguments():
     p = cli.parser("backup.py", "Back up env databases online, verified; list, verify and prune backups.",
                    ["python3 backup.py --all --quiet        # from cron, every night",
                     "python3 backup.py prod --reason manual", "python3 backup.py --list --json",
-                    "python3 backup.py --verify", "python3 backup.py --verify backups/prod/prod-20261124-020000-nightly.sqlite3"])
+                    "python3 backup.py --verify", "python3 backup.py --verify backups/prod/prod-20261124-020000-nightly.sqlite3",
+                    "python3 backup.py prod --restore-rows prod-20261124-020000-nightly --yes"])
     p.add_argument("envs", metavar="ENV", nargs="*", help="the envs to back up")
     p.add_argument("--all", action="store_true", help="every env in config.toml")
     p.add_argument("--list", action="store_true", help="list backups, newest first")
@@ -66,10 +70,17 @@ def parse_arguments():
     p.add_argument("--dry-run", action="store_true", help="with --prune: say what would be removed, remove nothing")
     p.add_argument("--install-timer", metavar="HH:MM", nargs="?", const="03:17",
                    help="install a systemd --user timer running `--all --quiet --prune` daily (default 03:17)")
+    p.add_argument("--restore-rows", metavar="COPY",
+                   help="put back into ENV's live database the users' rows COPY (a backup: its id, file name or path) "
+                        "holds that it lacks, compared by content, in one transaction verified before COMMIT (every "
+                        "live row unchanged); the app keeps running. A row whose id a newer row took comes back "
+                        "under a new id, with the rows that refer to it")
+    p.add_argument("--sql", action="store_true",
+                   help="with --restore-rows: print the inserts it would make, for review; change nothing")
+    p.add_argument("--yes", action="store_true", help="with --restore-rows: do not ask (needed without a terminal)")
     p.add_argument("--rows-to-restore", metavar="FILE",
-                   help="print, as reviewable SQL for the sqlite3 shell, the rows of FILE (a backup) that the env's "
-                        "live database lacks; a row whose id a newer row took comes back under a new id, with the "
-                        "rows that refer to it (foreign keys)")
+                   help="print the rows of FILE (a backup) the env's live database lacks as SQL, for review only "
+                        "(the same as --restore-rows FILE --sql)")
     p.add_argument("--release-hold", metavar="FILE",
                    help="let prune remove FILE, a pre-rollback copy held because it holds rows a restore took out")
     p.add_argument("--test-alert", action="store_true", help="send a test event to [alerts]; exit 0 when delivered")
@@ -85,11 +96,16 @@ def parse_arguments():
                                    ("--prune", args.prune), ("--install-timer", bool(args.install_timer)),
                                    ("--release-hold", bool(args.release_hold)),
                                    ("--rows-to-restore", bool(args.rows_to_restore)),
+                                   ("--restore-rows", bool(args.restore_rows)),
                                    ("--test-alert", args.test_alert), ("--alert-failed", bool(args.alert_failed))) if on]
     if len(modes) > 1:
         raise usage_error(f"{' and '.join(modes)} cannot go together: run them one at a time")
     if args.json and not args.list:
         raise usage_error("--json goes with --list")
+    if (args.sql or args.yes) and not args.restore_rows:
+        raise usage_error("--sql and --yes go with --restore-rows")
+    if args.restore_rows and len(args.envs) != 1:
+        raise usage_error("--restore-rows puts rows back into one env: name it, e.g. backup.py prod --restore-rows COPY")
     if args.install_timer and not TIME_RE.match(args.install_timer):
         raise usage_error(f"--install-timer {args.install_timer!r}: give a time of day as HH:MM, e.g. 03:17")
     if args.reason and (set(args.reason) - REASON_CHARS or len(args.reason) > 40):
@@ -103,7 +119,7 @@ def select_envs(config, args):
     if args.envs:
         return [config.env(name) for name in args.envs]
     if (args.all or args.list or args.verify is not None or args.prune or args.install_timer or args.release_hold
-            or args.rows_to_restore or args.test_alert or args.alert_failed):
+            or args.rows_to_restore or args.restore_rows or args.test_alert or args.alert_failed):
         return list(config.envs.values())
     raise usage_error("name the envs to back up, or give --all")
 
@@ -215,7 +231,7 @@ def back_up_env(env, reason, lock_wait, progress=None):
         try:
             return backups.backup_database(env.db, env.backup_dir, env.name, reason, commit=commit_running(env),
                                            unit_file=unit_file(env), progress=progress,
-                                           clock=StepClock(journal, "backup"))
+                                           clock=StepClock(journal, "backup"), bookkeeping=env.bookkeeping)
         finally:
             journal.finish()
 
@@ -308,16 +324,71 @@ def show_list(config, envs, as_json):
 
 
 def rows_to_restore(envs, wanted):
+    """The older spelling: the SQL of a restore, for review only."""
     backup = find_backup(envs, wanted)
     env = next(e for e in envs if Path(backup.path).parent == e.backup_dir)
-    lines, summary = backups.rows_as_sql(backup.path, env.db)
-    print(f"-- rows of {backup.path} that {env.db} lacks, written {now_iso()}")
-    print(f"-- review, then apply with: sqlite3 {env.db} < THIS_FILE   (one transaction; the app may keep running)")
-    for table, (n, conflicts) in sorted(summary.items()):
-        print(f"-- {table}: {n} row(s), {conflicts} of them flagged: their key is used by a row written since "
-              "(put back under a new id where the key is one integer, else left for you to merge)")
-    print("\n".join(lines))
+    print("\n".join(rowrestore.sql(rowrestore.plan(env, backup.path))))
     return 0
+
+
+def restore_rows(config, envs, args):
+    """--restore-rows: the plan, then (asked, or --yes) the verified restore, under the env's lock."""
+    env = envs[0]
+    backup = find_backup([env], args.restore_rows)
+    with EnvLock(env.state_dir, env.name, "restore-rows", wait=args.lock_wait):
+        try:
+            plan = rowrestore.plan(env, backup.path)
+        except sqlite3.Error as exc:
+            raise DeployError(f"cannot compare {backup.path} with {env.db}: {exc}; nothing was changed") from None
+        if args.sql:
+            print("\n".join(rowrestore.sql(plan)))
+            return 0
+        show_restore_plan(env, backup, plan)
+        if not plan.total:
+            cli.say("nothing to put back" + (": what is left out above stays in the copy" if plan.refused or
+                                              plan.left_out_total else ": every row of the copy is live"))
+            return EXIT_FAILED if plan.refused else 0
+        confirm_restore(env, args.yes, plan.total)
+        try:
+            done = rowrestore.apply(env, backup.path)
+        except rowrestore.RestoreRefused as exc:
+            raise DeployError(f"rows of {Path(backup.path).name} not put back: {exc}") from None
+        except sqlite3.Error as exc:
+            raise DeployError(f"rows of {Path(backup.path).name} not put back: {exc}; the transaction was rolled "
+                              "back, nothing was changed") from None
+    restored = ", ".join(f"{n} row(s) of {t}" for t, n in sorted(done.restored.items())) or "no row"
+    cli.say(f"put back {restored} into {env.db}, in one transaction, verified before COMMIT: every live row "
+            "unchanged, each row put back there with its references")
+    for table, n in sorted(done.rekeyed.items()):
+        cli.say(f"  {table}: {n} of them under a new id (a newer row took theirs); the rows referring to them follow")
+    if done.plan.refused or done.plan.left_out_total:
+        cli.say("  left out (still in the copy): see above")
+    return 0
+
+
+def show_restore_plan(env, backup, plan):
+    cli.say(f"rows of {backup.path} that {env.db} lacks (compared by content):")
+    for t in plan.tables:
+        parts = [f"{len(t.rows)} to put back"] if t.rows else []
+        if t.rekeyed:
+            parts.append(f"{len(t.rekeyed)} of them under a new id (a newer row took theirs)")
+        if t.changed:
+            parts.append(f"{t.changed} live under the same key, updated since (kept as they are live)")
+        parts += [f"{n} left out: {why}" for why, n in sorted(t.left_out.items())]
+        cli.say(f"  {t.table:<20} " + "; ".join(parts))
+    for table, why in sorted(plan.refused.items()):
+        cli.say(f"  {table:<20} left out: {why}")
+    for note in plan.notes:
+        cli.say(f"  {note}")
+
+
+def confirm_restore(env, yes, n):
+    if yes:
+        return
+    if env.promote_from:
+        cli.confirm_env(env.name, yes, f"put {n} row(s) back")
+    elif not sys.stdin.isatty():
+        raise usage_error(f"putting rows back into {env.name} needs --yes when there is no terminal to ask")
 
 
 def release_hold(envs, wanted):
@@ -533,10 +604,12 @@ def alert_failed(config, unit):
 
 
 def find_backup(envs, name):
+    """A backup named by its path, its file name or its id (the file name without .sqlite3), as status, --list
+    and rollback.py --list print them."""
     wanted = Path(name.removesuffix(".json")).resolve()
     for env in envs:
         for b in backups.list_backups(env.backup_dir):
-            if Path(b.path).resolve() == wanted:
+            if Path(b.path).resolve() == wanted or name in (Path(b.path).name, Path(b.path).name.removesuffix(".sqlite3")):
                 return b
     raise usage_error(f"{name}: not a backup with a manifest in any env's backup folder")
 

@@ -28,12 +28,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
 
+from . import rowsets
 from .errors import DeployError
 from .files import disk_error, fsync_dir, make_private_dir, remove_quietly, temp_path_for, write_atomic
 from .state import StepClock, now_iso
 from .units import user_unit_dir
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
+DEFAULT_BOOKKEEPING = rowsets.DEFAULT_BOOKKEEPING
 BUSY_TIMEOUT_MS = 10_000
 
 
@@ -170,7 +172,7 @@ def needed_bytes(db_path):
 
 
 def backup_database(db_path, folder, env, reason, commit="", unit_file=None, progress=None, clock=None,
-                    final=None):
+                    final=None, bookkeeping=DEFAULT_BOOKKEEPING):
     """Back up a live database (and the unit file, if given); return the verified Backup.
     clock (a state.StepClock) times the steps copy, verify and publish, and journals them."""
     clock = clock or StepClock()
@@ -194,7 +196,7 @@ def backup_database(db_path, folder, env, reason, commit="", unit_file=None, pro
                 os.close(fd)
                 copy_snapshot(db_path, tmp, progress)
             with clock.step("verify"):
-                info = finish_copy(db_path, tmp)
+                info = finish_copy(db_path, tmp, bookkeeping)
         except sqlite3.DatabaseError as exc:
             if "disk is full" in str(exc):
                 raise DeployError(f"disk full while writing a backup in {folder}: free some space and run again") from None
@@ -362,7 +364,7 @@ def write_behind(fd, offset, length, chunk):
         _SYNC_FILE_RANGE(fd, offset - chunk, chunk, wait_before | write | wait_after)
 
 
-def finish_copy(db_path, tmp):
+def finish_copy(db_path, tmp, bookkeeping=DEFAULT_BOOKKEEPING):
     """Make the copy self-contained, then check it and hash it (in parallel), then fsync it."""
     dst = sqlite3.connect(tmp, isolation_level=None)
     try:
@@ -378,7 +380,7 @@ def finish_copy(db_path, tmp):
         page_size = dst.execute("PRAGMA page_size").fetchone()[0]
         page_count = dst.execute("PRAGMA page_count").fetchone()[0]
         schema = schema_fingerprint(dst)
-        rows = count_rows(dst)
+        rows = count_rows(dst, bookkeeping=bookkeeping)
     finally:
         dst.close()
     fd = os.open(tmp, os.O_RDONLY)
@@ -390,16 +392,15 @@ def finish_copy(db_path, tmp):
             "page_count": page_count, "schema": schema, "rows": rows}
 
 
-def count_rows(conn, schema="main"):
-    """{table: rows} of a database: what tells a copy with the data from a fresh empty one (a rebuilt
-    host's), and a release that deleted rows from one that did not."""
-    tables = [r[0] for r in conn.execute(f"SELECT name FROM {schema}.sqlite_master WHERE type = 'table' "
-                                         "AND name NOT LIKE 'sqlite_%' ORDER BY name")]
-    return {t: conn.execute(f'SELECT count(*) FROM {schema}."{t.replace(chr(34), chr(34) * 2)}"').fetchone()[0]
+def count_rows(conn, schema="main", bookkeeping=DEFAULT_BOOKKEEPING):
+    """{table: rows} of a database's users' tables (a framework's bookkeeping tables, virtual tables and their
+    shadow tables left out): what tells a copy with the data from a fresh empty one (a rebuilt host's)."""
+    tables = rowsets.read_schema(conn, schema, bookkeeping).users
+    return {t.name: conn.execute(f"SELECT count(*) FROM {schema}.{rowsets.quote(t.name)}").fetchone()[0]
             for t in tables}
 
 
-def live_rows(db_path, seconds=2.0):
+def live_rows(db_path, seconds=2.0, bookkeeping=DEFAULT_BOOKKEEPING):
     """{table: rows} of the live database (read-only), or None when it cannot be counted within seconds
     (a large database: status does not wait on it) or read at all."""
     try:
@@ -409,7 +410,7 @@ def live_rows(db_path, seconds=2.0):
     deadline = time.monotonic() + seconds
     conn.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 10000)
     try:
-        return count_rows(conn)
+        return count_rows(conn, bookkeeping=bookkeeping)
     except sqlite3.Error:
         return None
     finally:
@@ -752,132 +753,6 @@ def count_missing(conn, q):
     a = conn.execute(f"SELECT count(*) FROM main.{q}").fetchone()[0]
     b = conn.execute(f"SELECT count(*) FROM restored.{q}").fetchone()[0]
     return max(0, a - b)
-
-
-KEYS_TABLE = "temp._safe_deploy_keys"      # old id -> new id of the rows put back under a new id
-
-
-def rows_as_sql(saved_path, live_path):
-    """The rows of saved_path that live_path lacks, as reviewable SQL: (lines, {table: (rows, conflicts)}).
-
-    One transaction, for the sqlite3 shell (.bail on: the first error stops it, nothing is committed).
-    The tables go parents first, by the foreign keys the schema declares (PRAGMA foreign_key_list). A
-    row whose integer primary key a row written since uses in the live database is put back under a
-    new id (SQLite's next one), and the rows put back with it that refer to it (its children, by those
-    keys) are pointed at the new id: a post comes back with its own author, never credited to the user
-    who took the old id. A conflict that cannot be re-keyed (a key that is not one integer column) is
-    written commented out, for a person to merge. Where the schema declares no foreign keys, the file
-    says that references could not be followed. The live database is opened read-only.
-
-    No value can run as SQL, whatever it holds: every line is one whole statement or one comment,
-    because values are written by sql_literal(), which never puts a line break (or any control
-    character) inside a literal: a text is 'quoted' pieces joined with char(N), a blob is X'hex'.
-    A newline in a commented-out conflict used to end the comment and run the rest of the value."""
-    conn = sqlite3.connect(f"file:{quote(str(saved_path))}?mode=ro", uri=True)
-    conn.text_factory = bytes          # text as it is stored: invalid UTF-8 is written, not an exception
-    try:
-        conn.execute("ATTACH DATABASE ? AS live", (f"file:{quote(str(live_path))}?mode=ro",))
-        tables = [r[0].decode("utf-8", "replace") for r in conn.execute(
-            "SELECT name FROM main.sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
-        live_tables = {r[0].decode("utf-8", "replace") for r in conn.execute(
-            "SELECT name FROM live.sqlite_master WHERE type = 'table'")}
-        tables = [t for t in tables if t in live_tables]
-        refs = foreign_keys(conn, tables)
-        body, summary, rekeyed = [], {}, set()
-        for table in parents_first(tables, refs):
-            found = table_rows(conn, table, refs.get(table, []), rekeyed)
-            if found:
-                lines, n, conflicts, moved = found
-                body += lines
-                summary[table] = (n, conflicts)
-                if moved:
-                    rekeyed.add(table)
-        head = [".bail on", "BEGIN;"]
-        if rekeyed:
-            head.append(f"CREATE TABLE {KEYS_TABLE} (tbl TEXT, old, new, PRIMARY KEY (tbl, old));")
-        if not any(refs.values()):
-            head.append("-- the schema declares no foreign keys: references could not be followed (a row put back "
-                        "under a new id is not pointed at by rows of other tables)")
-        return head + body + ["COMMIT;"], summary
-    finally:
-        conn.close()
-
-
-def foreign_keys(conn, tables):
-    """{child table: [(column, parent table, parent column or None)]} as the schema declares them."""
-    refs = {}
-    for table in tables:
-        rows = conn.execute(f"PRAGMA main.foreign_key_list({sql_name(table)})").fetchall()
-        refs[table] = [(r[3].decode(), r[2].decode(), r[4].decode() if r[4] else None) for r in rows]
-    return refs
-
-
-def parents_first(tables, refs):
-    """The tables, each after the tables it refers to (a cycle keeps the rest in name order)."""
-    done, order = set(), []
-
-    def visit(t, path=()):
-        if t in done or t in path:
-            return
-        for _, parent, _ in refs.get(t, []):
-            if parent in tables and parent != t:
-                visit(parent, path + (t,))
-        done.add(t)
-        order.append(t)
-
-    for t in tables:
-        visit(t)
-    return order
-
-
-def table_rows(conn, table, table_refs, rekeyed):
-    """(lines, rows, conflicts, re-keyed any?) for the rows of table the live database lacks, or None."""
-    q = sql_name(table)
-    info = conn.execute(f"PRAGMA main.table_info({q})").fetchall()
-    columns = [r[1].decode("utf-8", "replace") for r in info]
-    keys = [r[1].decode("utf-8", "replace") for r in sorted(info, key=lambda r: r[5]) if r[5]] or ["rowid"]
-    integer_key = (len(keys) == 1 and keys[0] != "rowid"
-                   and next(r[2] for r in info if r[1].decode() == keys[0]).decode().upper() == "INTEGER")
-    same = " AND ".join(f"l.{sql_name(c)} IS m.{sql_name(c)}" for c in columns)
-    typed = ", ".join(f"typeof(m.{sql_name(c)}), m.{sql_name(c)}" for c in columns)
-    key_of = [f"m.{sql_name(k)}" if k != "rowid" else "m.rowid" for k in keys]
-    key_typed = ", ".join(f"typeof({k}), {k}" for k in key_of)
-    taken = " AND ".join(f"{'t.rowid' if k == 'rowid' else 't.' + sql_name(k)} = {m}" for k, m in zip(keys, key_of))
-    missing = conn.execute(f"SELECT {typed}, {key_typed}, EXISTS (SELECT 1 FROM live.{q} AS t WHERE {taken}) "
-                           f"FROM main.{q} AS m WHERE NOT EXISTS (SELECT 1 FROM live.{q} AS l WHERE {same})").fetchall()
-    if not missing:
-        return None
-    follow = {col: parent for col, parent, _ in table_refs if parent in rekeyed}
-    lines, conflicts, moved = [], 0, False
-    missing.sort(key=lambda row: bool(row[-1] and integer_key))     # rows that keep their id first: a new id
-    for row in missing:                                              # never takes one of theirs
-        n = 2 * len(columns)
-        values = {c: sql_literal(row[i].decode(), row[i + 1]) for c, i in zip(columns, range(0, n, 2))}
-        for col, parent in follow.items():      # a parent put back under a new id: its new id, else the value
-            values[col] = (f"coalesce((SELECT new FROM {KEYS_TABLE} WHERE tbl = {sql_literal('text', parent)} "
-                           f"AND old = {values[col]}), {values[col]})")
-        key_shown = ", ".join(sql_literal(row[i].decode(), row[i + 1]) for i in range(n, len(row) - 1, 2))
-        if row[-1] and integer_key:
-            conflicts += 1
-            moved = True
-            kept = [c for c in columns if c != keys[0]]
-            lines.append(f"-- {keys[0]} = {key_shown} is used by a row written since: this one comes back under a "
-                         "new id, and the rows below that refer to it follow")
-            lines.append(f"INSERT INTO {q} ({', '.join(sql_name(c) for c in kept)}) "
-                         f"VALUES ({', '.join(values[c] for c in kept)});")
-            lines.append(f"INSERT INTO {KEYS_TABLE} VALUES ({sql_literal('text', table)}, {key_shown}, "
-                         "last_insert_rowid());")
-            continue
-        insert = (f"INSERT INTO {q} ({', '.join(sql_name(c) for c in columns)}) "
-                  f"VALUES ({', '.join(values[c] for c in columns)});")
-        if row[-1]:
-            conflicts += 1
-            lines.append(f"-- CONFLICT: {', '.join(keys)} = {key_shown} is used in the live database by a row "
-                         "written since the restore; merge by hand:")
-            lines.append(f"-- {insert}")
-        else:
-            lines.append(insert)
-    return lines, len(missing), conflicts, moved
 
 
 def sql_name(name):

@@ -60,6 +60,8 @@ ENV_KEYS = {
     "rehearse_paths": ([], "a list of URL paths starting with /, e.g. [\"/\", \"/rfc/1\"]"),
     "require_rehearsal": (False, "true or false"),
     "migration_mode": ("auto", "\"auto\" (the rehearsal's verdict, else online), \"online\" or \"stop-first\""),
+    "bookkeeping_tables": (["django_migrations", "alembic_version", "sqlite_sequence", "django_session"],
+                           "a list of table names a framework keeps for itself, e.g. [\"django_migrations\"]"),
     "backup_dir": ("backups", "a folder"),
     "state_dir": ("state", "a folder"),
 }
@@ -150,6 +152,8 @@ class Env:
     rehearse_paths: list = field(default_factory=list)
     require_rehearsal: bool = False
     migration_mode: str = "auto"
+    bookkeeping: list = field(default_factory=lambda: ["django_migrations", "alembic_version", "sqlite_sequence",
+                                                       "django_session"])
     keys: dict = field(default_factory=dict, repr=False)     # key -> where it was set ("env.prod.db", "defaults.db")
 
     @property
@@ -455,6 +459,8 @@ def parse_env(name, table, defaults, base, fail):
         isinstance(p, str) and p.startswith("/") and not any(c.isspace() for c in p) for p in merged["rehearse_paths"]))
     expect("require_rehearsal", isinstance(merged["require_rehearsal"], bool))
     expect("migration_mode", merged["migration_mode"] in ("auto", "online", "stop-first"))
+    expect("bookkeeping_tables", isinstance(merged["bookkeeping_tables"], list) and all(
+        isinstance(n, str) and n and "\0" not in n for n in merged["bookkeeping_tables"]))
     if not os.path.isabs(os.path.expanduser(merged["db"])) and not os.path.dirname(os.path.normpath(merged["db"])):
         if merged["build"] or merged["shared"]:
             fail(key_of("db"), f"{merged['db']!r} lies at the top of a release; releases share the database's "
@@ -487,6 +493,7 @@ def parse_env(name, table, defaults, base, fail):
         rehearse_paths=list(merged["rehearse_paths"]),
         require_rehearsal=merged["require_rehearsal"],
         migration_mode=merged["migration_mode"],
+        bookkeeping=list(merged["bookkeeping_tables"]),
         keys={k: key_of(k) for k in ENV_KEYS},
     )
 
