@@ -579,12 +579,19 @@ def prune_plan(found, retention, protected):
     return keep, [b for b in found if b.path not in keep]
 
 
+def set_held(backup, held):
+    """held: the copy holds rows an operation took out of the live database (prune keeps it, the row ledger
+    always compares it); released: the operator has the rows back, or does not want them."""
+    data = json.loads(backup.manifest_path.read_text())
+    data["held"] = bool(held)
+    data["held" if held else "released"] = bool(held) if held else now_iso()
+    write_atomic(backup.manifest_path, json.dumps(data, indent=2) + "\n")
+    backup.held = bool(held)
+
+
 def release_hold(backup):
     """The operator has the rows back (or does not want them): prune may treat it as any backup."""
-    data = json.loads(backup.manifest_path.read_text())
-    data["held"] = False
-    data["released"] = now_iso()
-    write_atomic(backup.manifest_path, json.dumps(data, indent=2) + "\n")
+    set_held(backup, False)
 
 
 def remove_backup(backup):

@@ -62,8 +62,9 @@ class DeployRecord(Record):
     health: str | None = None
     watch: float | None = None
     shadowed: list = field(default_factory=list)    # tracked files the shared copy stands in for
-    rows_deleted: dict = field(default_factory=dict)    # {table: rows} fewer live than in the pre-deploy backup,
-                                                        # counted once the new release served: a data bug
+    rows_deleted: dict = field(default_factory=dict)    # {table: rows} live as the release was switched in and gone
+                                                        # once it served (by content): a data bug
+    rows_in_no_copy: dict = field(default_factory=dict)     # of those, the rows no copy holds (written after the backup)
     rollback: dict | None = None        # the automatic rollback's record, when there was one
 
 
@@ -87,6 +88,8 @@ class RollbackRecord(Record):
     unit_why: str = ""
     stash: str | None = None
     watch: float | None = None
+    db_only: bool = False               # the database alone went back (rollback.py --db-only): the code stayed
+    salvaged: str | None = None         # the held copy of what an unreadable replaced database still held
 
 
 @dataclass

@@ -151,9 +151,10 @@ def finish_rollback(config, env, repo, j, record, say):
     restore_db = bool(j.get("restore_db"))
     say(f"recovering: finishing the rollback to {point.id} ({'with' if restore_db else 'without'} the database)")
     check_backup(point, restore_db)
-    record.did = f"the interrupted rollback was finished: {env.name} runs {j['commit'][:12]}"
+    record.did = (f"the interrupted restore of the database was finished: {env.name} runs {j['commit'][:12]}"
+                  if j.get("db_only") else f"the interrupted rollback was finished: {env.name} runs {j['commit'][:12]}")
     runbook.roll_back(config, env, repo, point, restore_db, j.get("db_why", "as the interrupted rollback decided"),
-                      j.get("from") or repo.head(), parent=record, mark=False)
+                      j.get("from") or repo.head(), parent=record, mark=False, db_only=bool(j.get("db_only")))
     return record.did
 
 

@@ -43,7 +43,7 @@ import os
 import shlex
 from dataclasses import dataclass, field
 
-from . import backups, cli, commands, convert, records, release, releases, units
+from . import backups, cli, commands, convert, records, release, releases, rowloss, units
 from .decisions import failure_code
 from .errors import EXIT_FAILED, EXIT_HUMAN, DeployError, after_undo, describe_failure
 from .files import write_atomic
@@ -113,6 +113,7 @@ class DeployRun(Run):
     backup_path: object = None
     previous_release: str | None = None
     recorded: bool = False          # the record step wrote the deploy's record (an interrupt past it: it stands)
+    rows_before: object = None      # the live rows' digests as the new release was switched in (rowloss)
 
     @property
     def repo(self):
@@ -192,24 +193,21 @@ def back_up(run):
 
 def switch(run):
     plan = run.plan
+    run.rows_before = rowloss.snapshot(run.env)      # what the new release finds: what it deletes is counted
     if run.release is not None:
         run.previous_release = releases.switch(run.env, run.release)
     if plan.head != plan.target:
         (plan.repo.fast_forward if plan.fast_forward else plan.repo.reset_hard)(plan.target)
 
 
-def rows_deleted(backup, db):
-    """{table: rows} the live database holds fewer of than the backup (counted, bounded: a database too
-    large to count within seconds is not counted)."""
-    if backup is None or not isinstance(backup.rows, dict):
-        return {}
-    live = backups.live_rows(db)
-    return {t: n - live.get(t, 0) for t, n in backup.rows.items() if live is not None and live.get(t, 0) < n}
-
-
 def record_deploy(run):
     env, plan, record = run.env, run.plan, run.record
-    record.rows_deleted = rows_deleted(run.backup, env.db)
+    record.rows_deleted, record.rows_in_no_copy = rowloss.deleted(env, run.rows_before, run.backup)
+    if record.rows_deleted and run.backup is not None:
+        try:
+            rowloss.hold(run.backup)        # it holds the rows the release deleted: kept, and the ledger counts it
+        except (OSError, ValueError, DeployError):
+            pass
     record.result, record.running, record.steps = "ok", plan.target, run.clock.seconds
     record.running_release = run.release.id if run.release else None
     record.health = run.health.describe() if run.health else None
@@ -420,25 +418,36 @@ class RollbackRun(Run):
     mark: bool = True
     parent: object = None               # the record it goes inside (a deploy's, a recovery's), or None
     why_marked: str = "by hand"
+    db_only: bool = False               # the database alone: the code, its unit file and the marks stay
 
     @property
     def converted(self):
         return self.env.converted
 
     @property
+    def commit(self):
+        """The commit that runs once the rollback is done: the point's, or (the database alone) what ran."""
+        return self.running if self.db_only else self.point.commit
+
+    @property
     def expect(self):
-        return self.point.commit if self.converted else None
+        return self.commit if self.converted else None
 
     @property
     def revision(self):
-        return None if self.converted else self.point.commit
+        return None if self.converted or self.db_only else self.point.commit
 
 
-def rollback_run(config, env, repo, point, restore_db, why, running, watch=0, quick_stop=None, mark=True):
+def rollback_run(config, env, repo, point, restore_db, why, running, watch=0, quick_stop=None, mark=True,
+                 db_only=False):
     run = RollbackRun(config=config, env=env, repo=repo, point=point, restore_db=restore_db, db_why=why,
-                      running=running, watch_seconds=watch, quick_stop=quick_stop, mark=mark)
+                      running=running, watch_seconds=watch, quick_stop=quick_stop, mark=mark and not db_only,
+                      db_only=db_only)
     run.record = RollbackRecord(env=env.name, user=cli.user_name(), from_=running, to=point.commit, point=point.id,
-                                db_restored=restore_db, db_why=why)
+                                db_restored=restore_db, db_why=why, db_only=db_only)
+    if db_only:
+        run.unit_action, run.unit_why = "keep", "the database alone: the code and its unit file stay as they are"
+        return run
     run.kept = release_for(env, point)
     run.unit_action, run.unit_why = unit_file_plan(env, point)
     return run
@@ -554,12 +563,29 @@ def seal(run):
     except DeployError as exc:
         record.pre_rollback, record.seal_problem = None, str(exc)
         record.aside = exc.evidence or record.aside
+        salvage_evidence(run)
         return
     record.pre_rollback = record.aside = record.backup = sealed.path
-    try:
-        record.rows_lost = backups.rows_only_in(sealed.path, env.db)
-    except Exception as exc:          # counting is a report; the rows are safe in the sealed copy either way
-        record.seal_problem = f"rows not counted: {exc}"
+    record.rows_lost = rowloss.lost(env, sealed.path, sealed.sha256)
+
+
+def salvage_evidence(run):
+    """The replaced database could not be read: what it still holds is salvaged into a held copy (the evidence
+    stays as it is), so the row ledger sees its rows and `backup.py ENV --restore-rows` can put them back."""
+    record = run.record
+    if not record.aside:
+        return
+    copy, found = rowloss.salvage_into_copy(run.env, record.aside, run.running)
+    if copy is None:
+        record.seal_problem += f"; nothing could be salvaged from it ({found})"
+        return
+    record.salvaged = copy.path
+    record.rows_lost = rowloss.lost(run.env, copy.path, copy.sha256)
+
+
+def current_release_id(env):
+    current = releases.current(env)
+    return current.id if current else None
 
 
 def current_unit_file(env):
@@ -569,7 +595,8 @@ def current_unit_file(env):
 def record_rollback(run):
     record = run.record
     record.result, record.steps = "ok", run.clock.seconds
-    record.running, record.running_release = run.point.commit, run.target.id if run.target else None
+    record.running = run.commit
+    record.running_release = run.target.id if run.target else (current_release_id(run.env) if run.db_only else None)
     record.watch = run.watched or None
     write_rollback_record(run)
     if run.mark and run.running != run.point.commit:
@@ -615,8 +642,8 @@ def build_rollback_detail(run):
 
 ROLLBACK = [
     Step("tag", BEFORE, rollback_tag, lambda r: f"tag {r.running[:12]} (what it leaves) {r.env.name}-rolled-back-"
-                                                f"{r.stamp}"),
-    Step("build", BEFORE, rollback_build, build_rollback_detail, when=lambda r: r.converted),
+                                                f"{r.stamp}", when=lambda r: not r.db_only),
+    Step("build", BEFORE, rollback_build, build_rollback_detail, when=lambda r: r.converted and not r.db_only),
     Step("prepare", BEFORE, prepare,
          lambda r: f"copy {r.point.backup.path} beside {r.env.db} and check its sha256 and integrity, the app serving",
          when=lambda r: r.restore_db),
@@ -628,8 +655,8 @@ ROLLBACK = [
     Step("code", AFTER, code,
          lambda r: (f"point {r.env.current_link} at {r.kept.id if r.kept else 'the rebuilt release'}; " if r.converted
                     else "") + f"move {r.env.path} to {r.point.commit[:12]} (git reset --hard; uncommitted changes "
-                               "are stashed)"),
-    Step("unit", AFTER, restore_unit, lambda r: r.unit_why, when=lambda r: r.unit_action == "restore"),
+                               "are stashed)", when=lambda r: not r.db_only),
+    Step("unit", AFTER, restore_unit, lambda r: r.unit_why, when=lambda r: r.unit_action == "restore" and not r.db_only),
     Step("database", AFTER, lambda r: backups.put_in_place(r.prepared, r.env.db),
          lambda r: f"rename the prepared copy of {r.point.backup.path} into place as {r.env.db}",
          when=lambda r: r.restore_db),
@@ -644,10 +671,10 @@ ROLLBACK = [
 ROLLBACK_BEFORE = {s.name for s in ROLLBACK if s.phase == BEFORE}
 
 
-def again_command(config, env, point, restore_db):
+def again_command(config, env, point, restore_db, db_only=False):
     """What a human pastes when a rollback could not finish: the same rollback, to the same point."""
-    args = ["--to", point.id, "--yes"] + (["--with-db"] if restore_db else ["--code-only"])
-    return cli.script_command(config, "rollback.py", env.name, *args)
+    mode = "--db-only" if db_only else "--with-db" if restore_db else "--code-only"
+    return cli.script_command(config, "rollback.py", env.name, "--to", point.id, "--yes", mode)
 
 
 def rollback_failed(run, step, exc, changed):
@@ -668,7 +695,7 @@ def rollback_failed(run, step, exc, changed):
         f"the rollback of {env.name} to {run.point.id} failed at step {step}: {describe_failure(exc)}. {env.name} is "
         f"NOT back as it was. Look with: systemctl --user status {env.unit}; journalctl --user -u {env.unit} -n 50"
         + ("; the point's release does not serve: go back to what ran before, from its pre-rollback save"
-           if back != again_command(run.config, env, run.point, run.restore_db) else ""),
+           if back != again_command(run.config, env, run.point, run.restore_db, run.db_only) else ""),
         EXIT_HUMAN, command=back, output=exc.output if isinstance(exc, DeployError) else "") from None
 
 
@@ -679,10 +706,10 @@ def next_command(run, step):
     same rollback again (a step that moved files, which a second run finishes)."""
     saved = run.record.pre_rollback
     if step in ("restart", "health", "watch") and saved:
+        mode = "--db-only" if run.db_only else "--with-db" if run.restore_db else "--code-only"
         return cli.script_command(run.config, "rollback.py", run.env.name, "--to",
-                                  os.path.basename(saved).removesuffix(".sqlite3"), "--yes",
-                                  "--with-db" if run.restore_db else "--code-only")
-    return again_command(run.config, run.env, run.point, run.restore_db)
+                                  os.path.basename(saved).removesuffix(".sqlite3"), "--yes", mode)
+    return again_command(run.config, run.env, run.point, run.restore_db, run.db_only)
 
 
 def put_back_before_change(run):
@@ -708,15 +735,16 @@ def rollback_operation():
         after_failed=lambda r, step, exc: rollback_failed(r, step, exc, changed=True), shielded=True,
         journal_data=lambda r: {"v": records.VERSION, "point": r.point.id, "commit": r.point.commit,
                                 "restore_db": r.restore_db, "db_why": r.db_why, "release": r.point.release,
+                                "db_only": r.db_only,
                                 "backup": r.point.backup.path if r.point.backup else None, "from": r.running})
 
 
 def roll_back(config, env, repo, point, restore_db, why, running, parent=None, watch=0, quick_stop=None, mark=True,
-              run=None):
+              run=None, db_only=False):
     """The one "roll back and report" path: take the env (locked by the caller) to point, record it (alone,
     or inside parent's record), mark what it left bad (mark); return the RollbackRun. Failure before any
     change: DeployError (exit 1). After: DeployError with EXIT_HUMAN and the command to run."""
-    run = run or rollback_run(config, env, repo, point, restore_db, why, running, watch, quick_stop, mark)
+    run = run or rollback_run(config, env, repo, point, restore_db, why, running, watch, quick_stop, mark, db_only)
     run.parent = parent
     run.why_marked = getattr(parent, "error", None) or "by hand"
     execute(rollback_operation(), run, env)

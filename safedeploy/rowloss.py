@@ -1,0 +1,89 @@
+"""What an operation did to users' rows, counted by content (safedeploy.rowsets), for the records and
+the messages of deploys and restores; and the salvage of a damaged database into a held copy.
+
+The contract:
+- `snapshot(env)`: the live rows' digests just before a new release first runs (the deploy's switch),
+  or None when they cannot be read (the deploy goes on; the count then falls back to the backup's).
+- `deleted(env, before, backup)`: per table, the rows that were live at the snapshot and are not live
+  now (the release deleted them, or users did meanwhile), and how many of those no copy holds (written
+  after the pre-deploy backup): ({table: n}, {table: n in no copy}).
+- `lost(env, copy_path)`: per table, the rows of a copy (a pre-rollback save) that the live database
+  lacks by content, bookkeeping tables left out.
+- `salvage_into_copy(env, damaged, reason)`: what the damaged file still holds, as a verified, held
+  backup in the env's backup folder (safedeploy.salvage), with the rows it found; None when nothing
+  could be read.
+Nothing here prints; nothing raises for a count it could not make (a count is a report).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from . import backups, ledger, salvage
+from .files import make_private_dir
+from .rowsets import TableRows
+
+
+def snapshot(env) -> dict[str, TableRows] | None:
+    try:
+        return ledger.live_rows(env) if env.db.exists() else None
+    except sqlite3.Error:
+        return None
+
+
+def deleted(env, before: dict[str, TableRows] | None, backup) -> tuple[dict[str, int], dict[str, int]]:
+    if before is None:
+        return counted_fewer(env, backup), {}
+    try:
+        now = ledger.live_rows(env)
+        kept = ledger.copy_rows(env, ledger.Known(id="", time="", reason="", path=backup.path, sha256=backup.sha256)) \
+            if backup is not None else {}
+    except sqlite3.Error:
+        return counted_fewer(env, backup), {}
+    gone, uncopied = {}, {}
+    for table, rows in before.items():
+        left = Counter(rows.digests) - Counter(now.get(table, TableRows()).digests)
+        if left:
+            gone[table] = sum(left.values())
+            outside = left - Counter(kept.get(table, TableRows()).digests)
+            if outside:
+                uncopied[table] = sum(outside.values())
+    return gone, uncopied
+
+
+def counted_fewer(env, backup) -> dict[str, int]:
+    """The old measure, when digests cannot be read: tables holding fewer rows than the backup."""
+    if backup is None or not isinstance(backup.rows, dict):
+        return {}
+    live = backups.live_rows(env.db, bookkeeping=env.bookkeeping)
+    return {t: n - live.get(t, 0) for t, n in backup.rows.items() if live is not None and live.get(t, 0) < n}
+
+
+def lost(env, copy_path: str, sha256: str) -> dict[str, int]:
+    known = ledger.Known(id=Path(copy_path).name, time="", reason="pre-rollback", path=copy_path, sha256=sha256)
+    try:
+        return ledger.compare_file(env, known, ledger.live_rows(env), None).missing
+    except sqlite3.Error:
+        return {}
+
+
+def hold(backup) -> None:
+    """Mark a copy held: it holds rows an operation took out of the live database; prune keeps it."""
+    backups.set_held(backup, True)
+
+
+def salvage_into_copy(env, damaged: Path, commit: str, reason: str = "salvaged"):
+    """(the held backup of what damaged still holds, salvage.Salvaged) or (None, why)."""
+    folder = make_private_dir(env.backup_dir)
+    with tempfile.TemporaryDirectory(prefix=".salvage-", dir=folder) as scratch:
+        out = Path(scratch) / "salvaged.sqlite3"
+        try:
+            found = salvage.salvage(Path(damaged), out)
+        except (salvage.Unsalvageable, OSError, sqlite3.Error, ValueError) as exc:
+            return None, str(exc)
+        backup = backups.backup_database(out, folder, env.name, reason, commit=commit, bookkeeping=env.bookkeeping)
+    hold(backup)
+    return backup, found
