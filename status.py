@@ -15,7 +15,7 @@ import sqlite3
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from safedeploy import alerts, backups, cli, diagnosis, health, offsite, planning, recovery, releases, units
+from safedeploy import alerts, backups, cli, diagnosis, health, journals, offsite, planning, recovery, releases, units
 from safedeploy import records as logs
 from safedeploy.errors import EXIT_FAILED, DeployError, usage_error
 from safedeploy.files import make_private_dir, write_atomic
@@ -97,8 +97,21 @@ def look_at(config, env):
     found = diagnosis.diagnose(facts, lambda script, *a: cli.script_command(config, script, *a))
     report["problems"] = found.problems + unreadable
     report["advice"] = found.advice
+    add_record_problems(config, env, report, facts)
     report["ok"] = not report["problems"]
     return report
+
+
+def add_record_problems(config, env, report, facts):
+    """Damaged records and bad marks that only a tag holds (journals.record_problems): said, and repaired by
+    the recovery the next deploy runs first (given the commit that runs, it has nothing more to do)."""
+    damaged = journals.record_problems(env)
+    report["problems"] += damaged
+    if damaged and facts.running:
+        report["advice"].append({"why": "set the damaged records aside (kept beside them) and write back the marks "
+                                        "the rolled-back tags hold: the next deploy does that first",
+                                 "command": cli.script_command(config, "deploy.py", env.name, "--ref", facts.running,
+                                                               "--yes")})
 
 
 def unit_part(config, env, records, local, facts):
