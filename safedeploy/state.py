@@ -20,7 +20,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import integrity
+from . import holders, integrity
 from .errors import EXIT_HUMAN, EXIT_LOCKED, DeployError
 from .files import disk_error, make_private_dir, write_atomic
 
@@ -65,8 +65,9 @@ class EnvLock:
     """Exclusive lock on one env. Use as a context manager."""
 
     def __init__(self, state_dir, env, operation, wait=0.0, backup_wait=0.0, on_wait=None):
-        """wait: seconds to wait for any holder; backup_wait: seconds to wait when the holder is a
-        backup (it ends by itself, and changes nothing that runs), calling on_wait(holder) once."""
+        """wait: seconds to wait for any holder; backup_wait: seconds to wait when the holder is one of this
+        tool's backups (it ends by itself, and changes nothing that runs). on_wait(text) is called once, as
+        the wait begins: that it waits, for whom, and how long at most (holders.waiting_text)."""
         self.path = Path(state_dir) / f"{env}.lock"
         self.env = env
         self.operation = operation
@@ -82,27 +83,21 @@ class EnvLock:
         except OSError as exc:
             raise disk_error(exc, self.path) from exc
         start = time.monotonic()
-        told = False
+        told = None
         while True:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                holder = read_holder(self.path)
-                deadline = start + self.wait
-                # a backup or a prune (or a holder that has not written who it is yet) ends by itself and is
-                # waited for; anything else is not
-                if self.backup_wait and holder.get("operation", "backup").startswith(("backup", "prune")):
-                    deadline = start + max(self.wait, self.backup_wait)
-                    if not told and self.on_wait and holder:
-                        self.on_wait(f"waiting for a backup of {self.env} to finish (pid {holder.get('pid', '?')}, "
-                                     f"up to {self.backup_wait:g}s)")
-                        told = True
-                if time.monotonic() >= deadline:
-                    holder = describe_holder(self.path)
+                holder = holders.identify(self.path)
+                limit = max(self.wait, self.backup_wait) if self.backup_wait and holder.is_backup else self.wait
+                if time.monotonic() >= start + limit:
                     os.close(self.fd)
                     self.fd = None
-                    raise DeployError(f"env {self.env} is locked: {holder}", EXIT_LOCKED) from None
+                    raise DeployError(f"env {self.env} is locked: {holder.describe()}", EXIT_LOCKED) from None
+                if self.on_wait and told != holder:
+                    self.on_wait(holders.waiting_text(self.env, holder, limit))
+                    told = holder
                 time.sleep(0.2)
         info = {"pid": os.getpid(), "operation": self.operation,
                 "command": " ".join(sys.argv), "since": now_iso()}
@@ -149,18 +144,12 @@ def open_lock_file(path, flags):
 
 
 def read_holder(path):
-    try:
-        return json.loads(Path(path).read_text() or "{}")
-    except (OSError, ValueError):
-        return {}
+    return holders.written_holder(path)
 
 
 def describe_holder(path):
-    info = read_holder(path)
-    if not info:
-        return "another operation is just starting (no holder recorded yet); try again in a moment"
-    return (f"{info.get('operation', 'an operation')} by pid {info.get('pid', '?')} "
-            f"({info.get('command', '?')}) since {info.get('since', '?')}")
+    """Who holds the lock at path, whoever it is (holders.identify)."""
+    return holders.identify(path).describe()
 
 
 def lock_holder(state_dir, env):
