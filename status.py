@@ -15,7 +15,7 @@ import sqlite3
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from safedeploy import alerts, backups, cli, diagnosis, health, journals, offsite, planning, recovery, releases, units
+from safedeploy import alerts, backups, cli, clock, diagnosis, health, journals, offsite, planning, recovery, releases, units
 from safedeploy import records as logs
 from safedeploy.errors import EXIT_FAILED, DeployError, usage_error
 from safedeploy.files import make_private_dir, write_atomic
@@ -200,12 +200,16 @@ def data_part(config, env, records, local, facts):
         rows = backups.live_rows(env.db) if facts.db_check == "ok" else None
         facts.live_rows = sum(rows.values()) if rows is not None else None
     facts.local_backups = len(local)
-    facts.newest_backup_age = age_seconds(local[0].time) if local else None
+    present, future = clock.split(local)        # a copy dated in the future is not the newest (clock.py)
+    facts.newest_backup_age = age_seconds(present[0].time) if present else None
+    part = {"clock": clock.future_note(future) if future else None}
+    if part["clock"] and (facts.newest_backup_age is None or facts.newest_backup_age > diagnosis.MAX_BACKUP_AGE):
+        facts.failed_checks.append(part["clock"])       # said as a problem; the backup rule gives the command
     if not local:
-        return {"last_backup": None}
-    newest = local[0]
-    return {"last_backup": {"path": newest.path, "time": newest.time, "reason": newest.reason,
-                            "age_seconds": age_seconds(newest.time)}}
+        return {**part, "last_backup": None}
+    newest = (present or local)[0]
+    return {**part, "last_backup": {"path": newest.path, "time": newest.time, "reason": newest.reason,
+                                    "age_seconds": age_seconds(newest.time)}}
 
 
 def copies_part(config, env, records, local, facts):
@@ -342,6 +346,8 @@ def show(reports, as_json):
         cli.say(f"  backup    {b['path']} ({b['reason']}, {human_age(b['age_seconds'])})" if b else "  backup    none here")
         if r.get("offsite_problem"):
             cli.say(cli.paint(f"  off-site  not listed: {r['offsite_problem']}", "yellow"))
+        if r.get("clock") and r["clock"] not in r["problems"]:
+            cli.say(cli.paint(f"  clock     {r['clock']}", "yellow"))
         if r.get("warning"):
             cli.say(cli.paint(f"  warning   {r['warning']}", "yellow"))
         if r["lock"]:
