@@ -15,7 +15,7 @@ import sqlite3
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from safedeploy import alerts, backups, cli, clock, diagnosis, health, journals, offsite, planning, recovery, releases, units
+from safedeploy import alertlock, alerts, backups, cli, clock, diagnosis, health, journals, offsite, planning, recovery, releases, units
 from safedeploy import records as logs
 from safedeploy.errors import EXIT_FAILED, DeployError, usage_error
 from safedeploy.files import make_private_dir, write_atomic
@@ -38,7 +38,12 @@ def main():
     with ThreadPoolExecutor(max_workers=max(1, len(envs))) as pool:
         reports = dict(zip((e.name for e in envs), pool.map(lambda e: look_at(config, e), envs)))
     if args.alert:
-        send_changes(config, envs, reports, args.quiet)
+        with alertlock.one_at_a_time(config) as alone:        # one --alert at a time: no alert sent twice
+            if alone:
+                send_changes(config, envs, reports, args.quiet)
+            else:
+                cli.err(f"another status.py --alert for {config.file} is still sending after "
+                        f"{alertlock.ALERT_WAIT:g}s; this run sends nothing (that one sends what changed)")
     if not args.quiet:
         show(reports, args.json)
     return 0 if all(r["ok"] for r in reports.values()) else EXIT_FAILED
