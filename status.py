@@ -15,7 +15,7 @@ import sqlite3
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from safedeploy import alerts, backups, cli, diagnosis, health, offsite, planning, recovery, releases, units
+from safedeploy import alertlock, alerts, backups, cli, clock, diagnosis, health, journals, offsite, planning, recovery, releases, units
 from safedeploy import records as logs
 from safedeploy.errors import EXIT_FAILED, DeployError, usage_error
 from safedeploy.files import make_private_dir, write_atomic
@@ -38,7 +38,12 @@ def main():
     with ThreadPoolExecutor(max_workers=max(1, len(envs))) as pool:
         reports = dict(zip((e.name for e in envs), pool.map(lambda e: look_at(config, e), envs)))
     if args.alert:
-        send_changes(config, envs, reports, args.quiet)
+        with alertlock.one_at_a_time(config) as alone:        # one --alert at a time: no alert sent twice
+            if alone:
+                send_changes(config, envs, reports, args.quiet)
+            else:
+                cli.err(f"another status.py --alert for {config.file} is still sending after "
+                        f"{alertlock.ALERT_WAIT:g}s; this run sends nothing (that one sends what changed)")
     if not args.quiet:
         show(reports, args.json)
     return 0 if all(r["ok"] for r in reports.values()) else EXIT_FAILED
@@ -97,8 +102,21 @@ def look_at(config, env):
     found = diagnosis.diagnose(facts, lambda script, *a: cli.script_command(config, script, *a))
     report["problems"] = found.problems + unreadable
     report["advice"] = found.advice
+    add_record_problems(config, env, report, facts)
     report["ok"] = not report["problems"]
     return report
+
+
+def add_record_problems(config, env, report, facts):
+    """Damaged records and bad marks that only a tag holds (journals.record_problems): said, and repaired by
+    the recovery the next deploy runs first (given the commit that runs, it has nothing more to do)."""
+    damaged = journals.record_problems(env)
+    report["problems"] += damaged
+    if damaged and facts.running:
+        report["advice"].append({"why": "set the damaged records aside (kept beside them) and write back the marks "
+                                        "the rolled-back tags hold: the next deploy does that first",
+                                 "command": cli.script_command(config, "deploy.py", env.name, "--ref", facts.running,
+                                                               "--yes")})
 
 
 def unit_part(config, env, records, local, facts):
@@ -187,12 +205,16 @@ def data_part(config, env, records, local, facts):
         rows = backups.live_rows(env.db) if facts.db_check == "ok" else None
         facts.live_rows = sum(rows.values()) if rows is not None else None
     facts.local_backups = len(local)
-    facts.newest_backup_age = age_seconds(local[0].time) if local else None
+    present, future = clock.split(local)        # a copy dated in the future is not the newest (clock.py)
+    facts.newest_backup_age = age_seconds(present[0].time) if present else None
+    part = {"clock": clock.future_note(future) if future else None}
+    if part["clock"] and (facts.newest_backup_age is None or facts.newest_backup_age > diagnosis.MAX_BACKUP_AGE):
+        facts.failed_checks.append(part["clock"])       # said as a problem; the backup rule gives the command
     if not local:
-        return {"last_backup": None}
-    newest = local[0]
-    return {"last_backup": {"path": newest.path, "time": newest.time, "reason": newest.reason,
-                            "age_seconds": age_seconds(newest.time)}}
+        return {**part, "last_backup": None}
+    newest = (present or local)[0]
+    return {**part, "last_backup": {"path": newest.path, "time": newest.time, "reason": newest.reason,
+                                    "age_seconds": age_seconds(newest.time)}}
 
 
 def copies_part(config, env, records, local, facts):
@@ -329,6 +351,8 @@ def show(reports, as_json):
         cli.say(f"  backup    {b['path']} ({b['reason']}, {human_age(b['age_seconds'])})" if b else "  backup    none here")
         if r.get("offsite_problem"):
             cli.say(cli.paint(f"  off-site  not listed: {r['offsite_problem']}", "yellow"))
+        if r.get("clock") and r["clock"] not in r["problems"]:
+            cli.say(cli.paint(f"  clock     {r['clock']}", "yellow"))
         if r.get("warning"):
             cli.say(cli.paint(f"  warning   {r['warning']}", "yellow"))
         if r["lock"]:

@@ -12,7 +12,7 @@ the commit's tree is recorded as verified in this env (the promotion gate reads 
 import json
 from dataclasses import asdict, dataclass
 
-from safedeploy import backups, cli, health, releases, units
+from safedeploy import backups, cli, clock, health, releases, units
 from safedeploy.errors import DeployError
 from safedeploy.gitrepo import Repo
 from safedeploy import records
@@ -20,7 +20,6 @@ from safedeploy.state import age_seconds, human_age, now_iso, verified_log
 
 MAX_BACKUP_AGE = 24 * 3600
 INFORMATIONAL = ("rollback drill", "restart")    # shown, never failing the checklist
-FUTURE_SLACK = 300          # seconds a clock may be off before a backup's date is refused
 
 
 @dataclass
@@ -134,17 +133,20 @@ def check_backup(config, env):
     found = backups.list_backups(env.backup_dir)
     if not found:
         return False, f"no backup in {env.backup_dir}: run {cli.script_command(config, 'backup.py', env.name)}"
-    newest = found[0]
+    present, future = clock.split(found)        # a copy dated in the future is not the newest: its age is unknown
+    also = f"; note: {clock.future_note(future)}" if future else ""
+    if not present:
+        return False, (f"{clock.future_note(future)}; make a copy dated now: "
+                       f"{cli.script_command(config, 'backup.py', env.name)}")
+    newest = present[0]
     age = age_seconds(newest.time)
     verdict = backups.verify_backup(newest)
     if verdict != "ok":
-        return False, f"newest backup {newest.path}: {verdict}"
-    if age is not None and age < -FUTURE_SLACK:
-        return False, (f"newest backup {newest.path} is dated {newest.time}, in the future: the clock was "
-                       "wrong when it was made, or its manifest was edited; its age cannot be trusted")
+        return False, f"newest backup {newest.path}: {verdict}{also}"
     if age is None or age > MAX_BACKUP_AGE:
-        return False, f"newest backup {newest.path} is {human_age(age)}, older than a day"
-    return True, f"{newest.path} ({newest.reason}, {human_age(age)}, checksum and integrity ok)"
+        return False, (f"newest backup {newest.path} is {human_age(age)}, older than a day: "
+                       f"{cli.script_command(config, 'backup.py', env.name)}{also}")
+    return True, f"{newest.path} ({newest.reason}, {human_age(age)}, checksum and integrity ok){also}"
 
 
 def check_rollback_point(config, env):

@@ -7,11 +7,13 @@ The one exception is here, the interpreter. The tool installs its requirements (
 GitPython; tomli on Python 3.10) into a venv beside the scripts, `.venv/`, because Debian 12,
 Ubuntu 23.04 and later refuse `pip install` into the system python (PEP 668). So that the
 command an operator types, `python3 deploy.py dev`, and every command the tool prints work with
-the system python (cron's PATH is /usr/bin:/bin), a script started by a python that is not in a
-venv re-runs itself with `.venv/bin/python` when that venv exists. A python that is in a venv
-is used as it is: the operator chose it. And a python that lacks the requirements and has no
-tool venv to go to says, in one line, the command that installs them on this host, and exits 2
-(a usage error: the setup).
+the system python (cron's PATH is /usr/bin:/bin), a script started by any python but the tool
+venv's own re-runs itself with `.venv/bin/python` when that venv works: another venv that is
+active in the operator's shell (the app's) is not the tool's, and is never installed into (a venv
+that holds the requirements, named on purpose, runs as it is). A
+python that lacks the requirements and has no working tool venv to go to says, in one line, the
+command that makes the tool venv on this host (`-m venv --clear` where a broken one is in the way,
+its interpreter removed by an upgrade), and exits 2 (a usage error: the setup).
 """
 
 import importlib.util
@@ -30,21 +32,42 @@ def in_a_venv():
     return sys.prefix != sys.base_prefix
 
 
+def in_tool_venv():
+    """Whether this python is the tool venv's own (not an app's venv that happens to be active)."""
+    try:
+        return in_a_venv() and Path(sys.prefix).resolve() == TOOL_VENV.resolve()
+    except OSError:
+        return False
+
+
 def tool_python():
-    """The tool venv's python, or None when there is none."""
+    """The tool venv's python, or None when there is none (or its interpreter is gone: a dangling link
+    left by an upgrade of the system python)."""
     path = TOOL_VENV / "bin" / "python"
     return path if os.access(path, os.X_OK) else None
 
 
+def base_python():
+    """The system python this one comes from (outside any venv): the one that makes the tool venv."""
+    if not in_a_venv():
+        return sys.executable
+    for name in (f"python{sys.version_info[0]}.{sys.version_info[1]}", "python3"):
+        candidate = Path(sys.base_prefix) / "bin" / name
+        if os.access(candidate, os.X_OK):
+            return str(candidate)
+    return "python3"
+
+
 def install_command(executable=None):
-    """The shell line that installs the requirements for this host's python (a venv beside the scripts;
-    the venv module first where Debian and Ubuntu ship python without it)."""
-    executable = executable or sys.executable
+    """The shell line that installs the requirements for this host's python: into the tool venv beside the
+    scripts, never into another venv that is active (an app's); the venv made anew (--clear) where a
+    broken one is in the way; the venv module first where Debian and Ubuntu ship python without it."""
     requirements = shlex.quote(str(SCRIPTS_DIR / "requirements.txt"))
-    if in_a_venv():
-        return f"{shlex.quote(executable)} -m pip install -r {requirements}"
+    if in_tool_venv():
+        return f"{shlex.quote(executable or sys.executable)} -m pip install -r {requirements}"
     venv = shlex.quote(str(TOOL_VENV))
-    line = f"{shlex.quote(executable)} -m venv {venv} && {venv}/bin/pip install -r {requirements}"
+    clear = " --clear" if os.path.lexists(TOOL_VENV) else ""
+    line = f"{shlex.quote(executable or base_python())} -m venv{clear} {venv} && {venv}/bin/pip install -r {requirements}"
     if importlib.util.find_spec("ensurepip") is None:     # Debian and Ubuntu: the venv module is python3-venv
         line = f"{'' if os.geteuid() == 0 else 'sudo '}apt-get install -y python3-venv && {line}"
     return line
@@ -61,10 +84,12 @@ def _script_run():
 def _bootstrap():
     rerun = os.environ.pop(REEXEC_MARK, None)
     venv_python = tool_python()
-    if not rerun and not in_a_venv() and venv_python and _script_run():
+    missing = [package for module, package in REQUIRED.items() if importlib.util.find_spec(module) is None]
+    # the system python goes to the tool venv; so does any other venv's python that lacks the requirements
+    # (an app's venv active in the shell); one that has them was chosen on purpose and runs as it is
+    if not rerun and not in_tool_venv() and venv_python and _script_run() and (missing or not in_a_venv()):
         os.environ[REEXEC_MARK] = "1"
         os.execv(venv_python, [str(venv_python), *sys.argv])
-    missing = [package for module, package in REQUIRED.items() if importlib.util.find_spec(module) is None]
     if missing and _script_run():      # an import from elsewhere (a test, a bench) gets the plain ImportError
         print(f"error: {Path(sys.argv[0]).name} needs {', '.join(missing)}, which {sys.executable} does not have; "
               f"install them with: {install_command()}", file=sys.stderr)

@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import socket
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote
@@ -336,6 +337,12 @@ def check_table(table, name, keys, fail):
             fail(f"{name}.{key}", f"unknown key{did_you_mean(key, keys)}")
 
 
+def file_kind(mode):
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
+
+
 def parse_offsite(table, base, fail):
     """[offsite]: where restic keeps the copies. The password file must be the user's alone: ssh
     refuses a private key others can read, and so does this (exit 2, before anything runs)."""
@@ -367,6 +374,10 @@ def parse_offsite(table, base, fail):
         st = os.stat(password_file)
     except OSError as exc:
         fail("offsite.password_file", f"cannot read {password_file}: {exc.strerror}")
+    if not stat.S_ISREG(st.st_mode):        # a FIFO hung borg for 300 s holding the repository's lock
+        fail("offsite.password_file", f"{password_file} is not a regular file ({file_kind(st.st_mode)}"
+                                      f"{', through a link' if os.path.islink(password_file) else ''}): it must be a "
+                                      "plain file holding the password")
     if st.st_mode & 0o077:
         fail("offsite.password_file", f"{password_file} may be read by others (mode {st.st_mode & 0o777:04o}); "
                                       f"it holds the key to every off-site copy: chmod 600 {password_file}")

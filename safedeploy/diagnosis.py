@@ -4,7 +4,8 @@ status.py), problems and advice out; tests/test_diagnosis.py checks each rule di
 
 The rules, in the order the advice runs (each status run looks again, so the advice is always from
 the state as it is now):
-- an operation holds the lock: wait (no command);
+- an operation holds the lock: wait (no command); the other problems are said too, with no command
+  while it holds (each would wait for it);
 - an operation was interrupted: finish or undo it (the next deploy does that first; given the
   commit it leaves, it then has nothing more to do);
 - the data first: a missing or damaged database, or a fresh empty one while copies hold rows (a
@@ -23,7 +24,7 @@ with no command.
 """
 
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .units import holder_name
 
@@ -113,8 +114,10 @@ def rows_command(cmd, f, backup):
 def diagnose(f, cmd):
     """cmd(script, *args): the exact command line of a script for this config (cli.script_command)."""
     d = Diagnosis()
-    if f.lock:
+    if f.lock:          # said first; the rest is still looked at (a lock must not hide a damaged database)
         d.add(f"an operation holds {f.env}'s lock: {f.lock}; wait for it to end, then look again")
+        rest = diagnose(replace(f, lock=None), cmd)
+        d.problems += rest.problems     # no command while it holds: each would wait for the lock, or exit 3
         return d
     if f.interrupted:
         j = f.interrupted

@@ -7,9 +7,10 @@ Run by systemd as the socket's holder unit (units.hold), with the socket passed 
 
     python -m safedeploy.maintenance --retry-after SECONDS [--page FILE]
 
-The page: FILE when given and readable (a deploy passes the new release's `maintenance.html`, so an app
-replaces the page by committing that file), else a few lines saying the app is being upgraded and when
-to try again. Standard library only: it runs under the same python as the scripts.
+The page: FILE when given and a regular file of at most 64 KiB inside its own folder, no link out of it (a deploy
+passes the new release's `maintenance.html`, so an app replaces the page by committing that file; one
+committed as a symlink, to a secret or anywhere, is not served), else a few lines saying the app is being
+upgraded and when to try again. Standard library only: it runs under the same python as the scripts.
 """
 
 import argparse
@@ -17,6 +18,7 @@ import html
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 
@@ -76,6 +78,34 @@ def serve(listener, reply, stopping):
         t.join(READ_TIMEOUT + 1)
 
 
+PAGE_LIMIT = 65536          # bytes: a page is a few lines; anything larger is not served
+
+
+def read_page(path):
+    """The page's text, or None (the default page): only a regular file inside the page's own folder (the
+    release), never through a link out of it (a `maintenance.html` committed as a symlink to a password
+    file would serve the secret to every client; the release's `instance` links to the live data), not a
+    FIFO or a device (it would hang or never end), and at most PAGE_LIMIT bytes."""
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    real = os.path.realpath(path)       # a link is followed only to a file inside the page's own folder
+    if os.path.commonpath([folder, real]) != folder:
+        return None
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return None         # missing, or replaced by a link since
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > PAGE_LIMIT:
+            return None
+        data = os.read(fd, PAGE_LIMIT + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return data[:PAGE_LIMIT].decode("utf-8", errors="replace") if len(data) <= PAGE_LIMIT else None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Answer 503 with Retry-After on the socket systemd passes (fd 3).")
     p.add_argument("--retry-after", type=int, default=30)
@@ -84,13 +114,7 @@ def main(argv=None):
     if os.environ.get("LISTEN_PID") != str(os.getpid()) or int(os.environ.get("LISTEN_FDS", "0")) < 1:
         print("maintenance: no socket passed by systemd (LISTEN_FDS)", file=sys.stderr)
         return 2
-    page = default_page(args.retry_after)
-    if args.page:
-        try:
-            with open(args.page, encoding="utf-8", errors="replace") as f:
-                page = f.read(1 << 20)
-        except OSError:
-            pass            # the default page
+    page = (read_page(args.page) if args.page else None) or default_page(args.retry_after)
     listener = socket.socket(fileno=LISTEN_FDS_START)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())

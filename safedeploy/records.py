@@ -1,7 +1,8 @@
 """The deploy log's records, typed, and the readers every module shares.
 
-state/ENV.deploys.jsonl holds one JSON object a line, one line an operation, appended (never
-rewritten) under an flock of the file by state.JsonLog. Here each kind of record is a dataclass:
+state/ENV.deploys.jsonl holds one JSON object a line, one line an operation, appended under an
+flock of the file by state.JsonLog, each line with its checksum (a damaged line is not read here:
+integrity.py names it, status reports it, the next recovery sets it aside). Here each kind of record is a dataclass:
 what a deploy, a rollback, a recovery, a drill and a rehearsal write, read back the same way by
 every module through the readers at the bottom (what runs, the last good deploy, which backups
 and commits the last operations still need, the newest passed rehearsal of a tree). A line that

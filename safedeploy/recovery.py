@@ -13,12 +13,18 @@ runbook's own lists of steps (which of them change nothing live):
 - a conversion killed after it changed something: put back from its journal (the data renamed
   into shared/ goes back into the tree, the old unit files return);
 - a rehearsal or a drill: its transient units stopped, its scratch folder removed;
-- a backup (its own journal): its temp files removed; the live database was never written.
+- a backup (its own journal): its temp files removed; the live database was never written;
+- a journal that is damaged (journals.py): taken as an operation that changed things; a deploy is
+  undone to its before-deploy point, read from the journal's fields still whole, else from the
+  newest `ENV-before-deploy-*` tag no finished deploy recorded.
+
+Before that, damaged lines of the env's deploy log and bad log are set aside (kept) and the marks
+of rolled-back tags missing from the bad log are written back (journals.repair_records).
 """
 
 import os
 
-from . import backups, convert, decisions, records, rehearsal, release, releases, runbook, units
+from . import backups, convert, decisions, journals, records, rehearsal, release, releases, runbook, units
 from .errors import EXIT_HUMAN, DeployError
 from .files import remove_quietly
 from .planning import decide_database
@@ -44,9 +50,13 @@ def describe(j):
 def recover(config, env, repo, say):
     """Finish or undo an interrupted operation on env (the caller holds the lock). Returns what it did."""
     sealed = seal_unsealed(env, say)
+    for line in journals.repair_records(env):
+        say(f"recovering: {line}")
     j = interrupted(env)
     if not j:
         return sealed
+    if j.get("damaged"):
+        j = journals.rebuild(config, env, repo, j, say)
     say(f"recovering: found an interrupted {describe(j)}")
     removed = remove_temp_files(env) + remove_stale_git_lock(repo) + releases.remove_leftovers(env)
     if removed:

@@ -43,7 +43,7 @@ import os
 import shlex
 from dataclasses import dataclass, field
 
-from . import backups, cli, commands, convert, records, release, releases, rowloss, units
+from . import backups, cli, commands, convert, marks, records, release, releases, rowloss, units
 from .decisions import failure_code
 from .errors import EXIT_FAILED, EXIT_HUMAN, DeployError, after_undo, describe_failure
 from .files import write_atomic
@@ -495,8 +495,10 @@ def unit_file_plan(env, point):
 
 def rollback_tag(run):
     env = run.env
+    unmarked = "" if run.mark and run.running != run.point.commit else f" ({marks.NOT_MARKED})"
     run.record.tag = run.repo.create_tag(f"{env.name}-rolled-back-{run.stamp}", run.running,
-                                         f"{env.name} ran {run.running} before rolling back to {run.point.id}\n")
+                                         f"{env.name} ran {run.running} before rolling back to {run.point.id}"
+                                         f"{unmarked}\n")
 
 
 def rollback_build(run):

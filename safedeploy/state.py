@@ -20,6 +20,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from . import holders, integrity
 from .errors import EXIT_HUMAN, EXIT_LOCKED, DeployError
 from .files import disk_error, make_private_dir, write_atomic
 
@@ -64,8 +65,9 @@ class EnvLock:
     """Exclusive lock on one env. Use as a context manager."""
 
     def __init__(self, state_dir, env, operation, wait=0.0, backup_wait=0.0, on_wait=None):
-        """wait: seconds to wait for any holder; backup_wait: seconds to wait when the holder is a
-        backup (it ends by itself, and changes nothing that runs), calling on_wait(holder) once."""
+        """wait: seconds to wait for any holder; backup_wait: seconds to wait when the holder is one of this
+        tool's backups (it ends by itself, and changes nothing that runs). on_wait(text) is called once, as
+        the wait begins: that it waits, for whom, and how long at most (holders.waiting_text)."""
         self.path = Path(state_dir) / f"{env}.lock"
         self.env = env
         self.operation = operation
@@ -81,27 +83,21 @@ class EnvLock:
         except OSError as exc:
             raise disk_error(exc, self.path) from exc
         start = time.monotonic()
-        told = False
+        told = None
         while True:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                holder = read_holder(self.path)
-                deadline = start + self.wait
-                # a backup or a prune (or a holder that has not written who it is yet) ends by itself and is
-                # waited for; anything else is not
-                if self.backup_wait and holder.get("operation", "backup").startswith(("backup", "prune")):
-                    deadline = start + max(self.wait, self.backup_wait)
-                    if not told and self.on_wait and holder:
-                        self.on_wait(f"waiting for a backup of {self.env} to finish (pid {holder.get('pid', '?')}, "
-                                     f"up to {self.backup_wait:g}s)")
-                        told = True
-                if time.monotonic() >= deadline:
-                    holder = describe_holder(self.path)
+                holder = holders.identify(self.path)
+                limit = max(self.wait, self.backup_wait) if self.backup_wait and holder.is_backup else self.wait
+                if time.monotonic() >= start + limit:
                     os.close(self.fd)
                     self.fd = None
-                    raise DeployError(f"env {self.env} is locked: {holder}", EXIT_LOCKED) from None
+                    raise DeployError(f"env {self.env} is locked: {holder.describe()}", EXIT_LOCKED) from None
+                if self.on_wait and told != holder:
+                    self.on_wait(holders.waiting_text(self.env, holder, limit))
+                    told = holder
                 time.sleep(0.2)
         info = {"pid": os.getpid(), "operation": self.operation,
                 "command": " ".join(sys.argv), "since": now_iso()}
@@ -148,18 +144,12 @@ def open_lock_file(path, flags):
 
 
 def read_holder(path):
-    try:
-        return json.loads(Path(path).read_text() or "{}")
-    except (OSError, ValueError):
-        return {}
+    return holders.written_holder(path)
 
 
 def describe_holder(path):
-    info = read_holder(path)
-    if not info:
-        return "another operation is just starting (no holder recorded yet); try again in a moment"
-    return (f"{info.get('operation', 'an operation')} by pid {info.get('pid', '?')} "
-            f"({info.get('command', '?')}) since {info.get('since', '?')}")
+    """Who holds the lock at path, whoever it is (holders.identify)."""
+    return holders.identify(path).describe()
 
 
 def lock_holder(state_dir, env):
@@ -180,51 +170,55 @@ def lock_holder(state_dir, env):
 
 
 class JsonLog:
-    """An append-only list of JSON records, one a line (see append)."""
+    """An append-only list of JSON records, one a line (see append); each line carries its checksum and a
+    damaged line is found when read (safedeploy/integrity.py)."""
 
     def __init__(self, path):
         self.path = Path(path)
 
     def read(self):
-        try:
-            lines = self.path.read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise DeployError(f"cannot read {self.path}: {exc.strerror}") from None
-        records = []
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue            # a damaged line costs that line, never the log
-            if isinstance(record, dict):
-                records.append(record)
-        return records
+        """The records; a damaged line is not among them (scan says which, and status reports it)."""
+        return self.scan().records
+
+    def scan(self):
+        """integrity.Scan: the records and the damaged lines (file, line number, why)."""
+        return integrity.scan(self.path)
 
     def append(self, record):
         """Add one line, under an flock of the log itself: two processes appending at once (a drill
         and a verify, which take no env lock) never lose each other's records. O_APPEND, one
-        write, fsync; a line torn by a crash is closed first, so it costs only itself."""
+        write, fsync; a line torn by a crash is closed first, so it costs only itself. A log replaced
+        while this waited for its flock (a damaged line set aside) is opened again."""
         make_private_dir(self.path.parent)
-        line = json.dumps(record).encode() + b"\n"     # in the record's own order: its steps as they ran
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        except OSError as exc:
-            raise disk_error(exc, self.path) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                line = b"\n" + line
-            view = memoryview(line)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except OSError as exc:
-            raise disk_error(exc, self.path) from exc
-        finally:
-            os.close(fd)
+        line = integrity.encode(record)     # in the record's own order: its steps as they ran
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            except OSError as exc:
+                raise disk_error(exc, self.path) from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if not same_file(fd, self.path):
+                    continue            # replaced under us: append to the file that is there now
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    line = b"\n" + line
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+                return
+            except OSError as exc:
+                raise disk_error(exc, self.path) from exc
+            finally:
+                os.close(fd)
+
+
+def same_file(fd, path):
+    try:
+        return os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def deploy_log(env):
@@ -237,28 +231,18 @@ def bad_log(env):
 
 
 def bad_mark(config, env, tree):
-    """The record that makes tree a bad release for env, or None. A tree rolled back in any env of the
-    config is bad in every env (the same code that failed in dev fails in prod): each env's newest
-    record of the tree counts (a mark, or its clearing by a deploy with --force), and env's own clearing
-    overrides the marks of other envs made before it. The record names the env it was made in."""
-    def newest(e):
-        return next((r for r in reversed(bad_log(e).read()) if r.get("tree") == tree), None)
-
-    own = newest(env)
-    cleared = parse_time(own["time"]) if own and not own.get("bad") else None
-    marks = []
-    for e in config.envs.values():
-        r = own if e.name == env.name else newest(e)
-        if r and r.get("bad"):
-            when = parse_time(r.get("time"))
-            if cleared is None or (when and when > cleared):
-                marks.append({**r, "env": r.get("env") or e.name})
-    return max(marks, key=lambda r: parse_time(r.get("time")) or datetime.min.replace(tzinfo=timezone.utc),
-               default=None)
+    """The record that makes tree a bad release for env, or None: the marks in every env's bad log and
+    the rolled-back tags, read together (safedeploy/marks.py)."""
+    from . import marks          # here: marks reads the logs this module writes
+    return marks.bad_mark(config, env, tree)
 
 
 def verified_log(env_name, state_dir):
     return JsonLog(Path(state_dir) / f"{env_name}.verified.jsonl")
+
+
+JOURNAL_FIELDS = ("op", "command", "started", "from", "target", "tag", "point", "commit", "backup",
+                  "previous_release", "release", "step")
 
 
 class Journal:
@@ -271,12 +255,22 @@ class Journal:
         self.data = None
 
     def read(self):
+        """The journal, None when there is none; a damaged one (a torn write, an edit) is
+        {"damaged": True, "op": "unknown" unless it still says, "path": its file, and the fields it still
+        shows whole}: the recovery treats it as an operation that changed things (recovery.py)."""
         try:
-            return json.loads(self.path.read_text())
+            text = self.path.read_text(errors="replace")
+            data = json.loads(text)
+            if isinstance(data, dict):
+                return data
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):
-            return {"op": "unknown", "step": None, "damaged": True}
+        except OSError:
+            text = ""
+        except ValueError:
+            pass
+        return {"op": "unknown", "step": None, **integrity.salvage(text, *JOURNAL_FIELDS), "damaged": True,
+                "path": str(self.path)}
 
     def start(self, op, **data):
         self.data = {"op": op, "pid": os.getpid(), "command": " ".join(sys.argv), "started": now_iso(),

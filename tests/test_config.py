@@ -1,5 +1,6 @@
 """config.toml: the shipped example, good configs, and bad ones (exit 2, one line naming file and key)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -157,15 +158,21 @@ def test_help_has_an_example(script):
 
 
 def test_every_script_without_its_requirements_says_what_to_install(tmp_path):
-    """A python3 without requests and GitPython: one line naming them and the pip command, exit 2."""
+    """A venv's python3 without requests and GitPython (an app's venv): the script re-runs in the tool's own
+    .venv; where it cannot (here: told it already did), one line naming them and the command that makes the
+    tool's venv, never a pip install into that other venv, exit 2 (issue 29)."""
     bare = tmp_path / "bare"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
     for script in ("deploy.py", "verify.py", "status.py", "rollback.py", "backup.py", "adopt.py"):
         proc = subprocess.run([str(bare / "bin" / "python"), str(ROOT / script), "--help"], capture_output=True,
                               text=True, timeout=60, cwd=tmp_path)
+        assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr
+        proc = subprocess.run([str(bare / "bin" / "python"), str(ROOT / script), "--help"], capture_output=True,
+                              text=True, timeout=60, cwd=tmp_path, env={**os.environ, "SAFE_DEPLOY_REEXEC": "1"})
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert "GitPython" in lines[0] and "requests" in lines[0] and "pip install -r" in lines[0]
+        assert f"{bare}/bin/python -m pip" not in lines[0] and "/.venv/bin/pip install -r" in lines[0]
 
 
 # -- issue 19: one confinement rule for every configured path ---------------------------------------------

@@ -25,9 +25,10 @@ def test_a_healthy_env_is_ok_with_no_advice():
     assert d.ok and d.advice == []
 
 
-def test_a_held_lock_says_wait_and_nothing_else():
-    d = diagnose(facts(lock="deploy (pid 7)", unit_failed=True, healthy=False), cmd)
-    assert not d.ok and d.advice == [] and len(d.problems) == 1
+def test_a_held_lock_says_wait_first_and_still_says_the_rest_with_no_command():
+    d = diagnose(facts(lock="deploy (pid 7)", unit_failed=True, healthy=False, db_check="malformed"), cmd)
+    assert not d.ok and d.advice == [] and len(d.problems) == 3
+    assert "holds prod's lock" in d.problems[0] and "quick_check" in d.problems[1]
 
 
 def test_an_interrupted_deploy_is_finished_by_a_deploy_of_the_commit_it_left():

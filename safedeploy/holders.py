@@ -1,0 +1,116 @@
+"""Who holds an env's lock, whoever it is.
+
+The tool's own holders write who they are into the lock file (pid, operation, command, since). A
+lock can also be held by something else (an operator's `flock state/prod.lock ...`, a script), or by
+one of ours in the instant before it wrote its name. The kernel knows in every case: /proc/locks
+lists each flock with the pid that took it and the file's device and inode; /proc/PID/cmdline and
+/proc/PID/stat give its command line and start time. A holder this module cannot name is said to be
+unknown, never taken for a backup (a deploy waits for a backup, and for nothing else).
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Holder:
+    pid: int | None
+    operation: str          # the tool's own operation ("deploy", "backup (nightly)", ...); "" when not the tool's
+    command: str
+    since: str
+    ours: bool              # named by the tool's own holder file
+
+    @property
+    def is_backup(self) -> bool:
+        """A backup or a prune of this tool: it ends by itself and changes nothing that runs."""
+        return self.ours and self.operation.startswith(("backup", "prune"))
+
+    def describe(self) -> str:
+        if self.ours:
+            return (f"{self.operation or 'an operation'} by pid {self.pid or '?'} ({self.command or '?'}) "
+                    f"since {self.since or '?'}")
+        if self.pid:
+            return (f"pid {self.pid} ({self.command or 'command line not readable'}), not a safe-deploy operation, "
+                    f"since {self.since or 'an unknown time'}")
+        return "a process this host does not show (/proc/locks names none we can see)"
+
+
+def written_holder(path: Path) -> dict:
+    """What the lock file says (the tool's holders write it), or {}."""
+    try:
+        data = json.loads(Path(path).read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def kernel_holders(path: Path) -> list:
+    """The pids holding an flock (or a POSIX lock) on path's inode, as /proc/locks shows them."""
+    try:
+        st = os.stat(path)
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    exact, by_inode = [], []
+    for line in lines:
+        fields = line.split()
+        if "->" in fields or len(fields) < 6:
+            continue                        # a waiter, not a holder
+        try:
+            pid = int(fields[4])
+            major, minor, inode = fields[5].split(":")
+        except ValueError:
+            continue
+        if int(inode) != st.st_ino:
+            continue
+        (exact if (int(major, 16), int(minor, 16)) == (os.major(st.st_dev), os.minor(st.st_dev)) else by_inode).append(pid)
+    return exact or by_inode                # overlay file systems show the lower device: the inode still tells
+
+
+def process_command(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)[:300]
+
+
+def process_start(pid: int) -> str:
+    """When pid started, ISO 8601 with the local offset, or ""."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat_line.rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return ""
+    started = boot + ticks / os.sysconf("SC_CLK_TCK")
+    return datetime.fromtimestamp(started, timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def identify(path: Path) -> Holder:
+    """Who holds the lock at path now (the caller found it held)."""
+    info = written_holder(path)
+    pids = kernel_holders(path)
+    if info.get("pid") and (not pids or info.get("pid") in pids):
+        return Holder(info.get("pid"), str(info.get("operation") or ""), str(info.get("command") or ""),
+                      str(info.get("since") or ""), True)
+    if not pids:
+        return Holder(None, "", "", "", False)
+    pid = pids[0]
+    command = process_command(pid)
+    own = Path(command.split(" ")[1]).name if command.count(" ") >= 1 else ""
+    if own in ("deploy.py", "rollback.py", "backup.py", "adopt.py", "status.py") and not info:
+        operation = "backup" if own == "backup.py" and "--prune" not in command else ("prune" if own == "backup.py" else "")
+        if operation:       # one of ours that has not written its name yet: its command line says what it is
+            return Holder(pid, operation, command, process_start(pid), True)
+    return Holder(pid, "", command, process_start(pid), False)
+
+
+def waiting_text(env: str, holder: Holder, seconds: float) -> str:
+    """The line a waiting operation prints once: that it waits, for whom, and how long at most."""
+    whom = f"a backup of {env} to finish" if holder.is_backup else f"the lock of {env}"
+    return f"waiting for {whom}, held by {holder.describe()}: up to {seconds:g}s, then exit 3"

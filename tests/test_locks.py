@@ -1,0 +1,103 @@
+"""Locks that say who holds them (issue 29, finding 3): a lock held by something other than the tool is
+named (pid, command line, since when) from the kernel's view, never taken for a backup; status still
+reports everything else about the env; a wait says that it waits, for whom, and how long at most."""
+
+import os
+import sqlite3
+import subprocess
+import threading
+import time
+
+from helpers import one_line_error
+
+
+def corrupt(db):
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    with open(db, "r+b") as fh:
+        fh.seek(4096)
+        fh.write(b"\xff" * 4096)
+
+
+def outside_flock(path):
+    """`flock FILE sleep 120`, as an operator (or another script) holds a lock: returns the process once
+    the lock is held."""
+    proc = subprocess.Popen(["flock", str(path), "sleep", "120"], stdin=subprocess.DEVNULL)
+    for _ in range(100):
+        if f" {proc.pid} " in open("/proc/locks").read():
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("flock did not take the lock")
+
+
+def test_an_outside_holder_is_named_and_hides_nothing(sandbox):
+    sb = sandbox
+    sb.manager.systemctl("stop", sb.unit("prod"))
+    corrupt(sb.db_path("prod"))
+    sb.manager.systemctl("start", sb.unit("prod"))
+    lock = sb.root / "state" / "prod.lock"
+    lock.parent.mkdir(exist_ok=True, mode=0o700)
+    lock.touch(mode=0o600)
+    holder = outside_flock(lock)
+    try:
+        status = sb.run("status.py", "prod")
+        assert status.returncode == 1
+        assert f"pid {holder.pid}" in status.stdout and "flock" in status.stdout, status.stdout
+        assert "not a safe-deploy operation" in status.stdout
+        assert "fails quick_check" in status.stdout, status.stdout      # the lock hides nothing
+        start = time.monotonic()
+        proc = sb.run("rollback.py", "prod", "--yes", timeout=60)
+        took = time.monotonic() - start
+        assert proc.returncode == 3, proc.stderr
+        line = one_line_error(proc)
+        assert f"pid {holder.pid}" in line and "sleep 120" in line
+        assert took < 20, took                                           # not taken for a backup: no 300 s wait
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_wait_says_for_whom_and_how_long(tmp_path):
+    from safedeploy.errors import DeployError
+    from safedeploy.state import EnvLock
+
+    ready, done = threading.Event(), threading.Event()
+
+    def hold():
+        with EnvLock(tmp_path, "dev", "backup (nightly)"):
+            ready.set()
+            done.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    ready.wait(5)
+    told = []
+    threading.Timer(0.8, done.set).start()
+    with EnvLock(tmp_path, "dev", "deploy", backup_wait=30, on_wait=told.append):
+        pass
+    t.join()
+    assert len(told) == 1, told
+    assert "waiting for a backup of dev" in told[0] and f"pid {os.getpid()}" in told[0] and "up to 30s" in told[0]
+    # an unknown holder (an outside flock) is not waited for as a backup: exit 3 at once, named
+    lock = tmp_path / "dev.lock"
+    holder = outside_flock(lock)
+    try:
+        start = time.monotonic()
+        try:
+            with EnvLock(tmp_path, "dev", "deploy", backup_wait=30, on_wait=told.append):
+                raise AssertionError("took a held lock")
+        except DeployError as exc:
+            assert exc.code == 3 and f"pid {holder.pid}" in str(exc) and "flock" in str(exc)
+        assert time.monotonic() - start < 2
+        told.clear()
+        try:
+            with EnvLock(tmp_path, "dev", "deploy", wait=0.6, on_wait=told.append):
+                raise AssertionError("took a held lock")
+        except DeployError:
+            pass
+        assert len(told) == 1 and f"pid {holder.pid}" in told[0] and "up to 0.6s" in told[0]
+    finally:
+        holder.kill()
+        holder.wait()
