@@ -279,8 +279,8 @@ def test_three_hosts_behind_haproxy_one_at_a_time(fleet):
     # (nothing changed there) and stops, and by the tool itself on the others
     v2 = f.release({"VERSION": "2\n"}, "v2")
     run = f.playbook("deploy.yml", "-e", "env=prod", "-e", f"ref={v2}")
-    assert run.returncode != 0
-    assert "web1: deploy.py prod failed with exit 1" in run.output and "promotion gate" in run.output, run.output
+    assert run.returncode == 2                                       # ansible-playbook: a host failed
+    assert "web1: deploy.py prod failed with exit 1 (refused; nothing was changed)" in run.output and "promotion gate" in run.output, run.output
     assert "web2" not in run.stdout.split("PLAY RECAP")[0]          # the hosts after it: not even looked at
     assert all(f.server_status(n).startswith("UP") for n in PROD_HOSTS)
     with ThreadPoolExecutor(2) as pool:
@@ -312,7 +312,8 @@ def test_three_hosts_behind_haproxy_one_at_a_time(fleet):
     # of haproxy, web3 is never touched; the playbook fails naming web2
     requests.post(web2.url("prod", "/notes"), data="poison", timeout=5).raise_for_status()
     v3 = f.release({"VERSION": "3\n", "MODE": "crashonrow poison\n"}, "v3: a crash on a row only prod has")
-    assert dev1.run("deploy.py", "dev").returncode == 0
+    run = f.playbook("deploy.yml", "-e", "env=dev", "-e", f"ref={v3}")      # dev's group: no balancer
+    assert run.returncode == 0 and dev1.head() == v3, run.output
     records3 = len(web3.records())
     load = f.prober()
     run = f.playbook("deploy.yml", "-e", "env=prod", "-e", f"ref={v3}")
@@ -362,6 +363,13 @@ def test_three_hosts_behind_haproxy_one_at_a_time(fleet):
     assert f.runs() == {n: v4 for n in PROD_HOSTS} and all(h.served_version() == "4" for h in (web1, web2, web3))
     assert all(f.server_status(n).startswith("UP") for n in PROD_HOSTS)
 
+    # backups on every host at once, each its own
+    run = f.playbook("backup.yml", "-e", "env=prod")
+    assert run.returncode == 0, run.output
+    for h in (web1, web2, web3):
+        listed = json.loads(h.run("backup.py", "--list", "--json").stdout)["backups"]
+        assert listed[0]["reason"] == "nightly" and listed[0]["env"] == "prod", listed[0]
+
     # status over all hosts: one document; web3 down makes the run fail, its problems named with the host
     web3.manager.systemctl("stop", web3.unit("prod"))
     report = f.root / "status.json"
@@ -380,6 +388,18 @@ def test_three_hosts_behind_haproxy_one_at_a_time(fleet):
 
 
 # -- the playbooks' decisions, directly -------------------------------------------------------------------
+def test_a_run_without_one_commit_or_with_an_unknown_env_stops_before_any_host():
+    example = ANSIBLE / "inventory.example.yml"
+    env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_RETRY_FILES_ENABLED": "0"}
+    for extra, said in ((["-e", "env=prod", "-e", "ref=main"], "-e ref=COMMIT takes a full commit id (main is not one)"),
+                        (["-e", "env=prdo", "-e", "ref=" + "a" * 40], "no group named prdo"),
+                        (["-e", "ref=" + "a" * 40], "no env given")):
+        proc = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(example),
+                               str(ANSIBLE / "deploy.yml"), *extra], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and said in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+        assert "web1" not in proc.stdout and "UNREACHABLE" not in proc.stdout
+
+
 def status_result(envs, rc=None):
     doc = {"envs": envs}
     ok = all(e.get("ok") for e in envs.values())
