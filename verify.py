@@ -178,7 +178,7 @@ def check_restart(config, env):
     return True, "WARNING: " + units.DROPS_WARNING.format(command=cli.script_command(config, "deploy.py", env.name, "--install-units"))
 
 
-def record_verified(env):
+def record_verified(env) -> str:
     """Record the verified tree here; then share it through the remote (verified_notes). Returns that line."""
     repo = Repo(env.path)
     head = repo.head()

@@ -101,7 +101,8 @@ def deploy_plan(config, env, ref=None, fetch=True, force=False, reason=""):
     return plan
 
 
-def promotion_facts(config, env, tree, repo=None, fetch=False):
+def promotion_facts(config: object, env: object, tree: str, repo: Repo | None = None,
+                    fetch: bool = False) -> tuple[bool, str]:
     """(verified?, the hint when not): the tree was verified in promote_from on this host (its verified log),
     or on any host that shared it through the env's remote (verified_notes; fetched first unless fetch=False)."""
     source = config.envs.get(env.promote_from)
@@ -115,7 +116,7 @@ def promotion_facts(config, env, tree, repo=None, fetch=False):
     return False, promotion_hint(config, env, here, shared, problem)
 
 
-def promotion_hint(config, env, here, shared, problem):
+def promotion_hint(config: object, env: object, here: list, shared: list, problem: str) -> str:
     name = env.promote_from
     last_here = here[-1] if here else None
     last_shared = shared[-1] if shared else None

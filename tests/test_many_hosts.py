@@ -372,15 +372,19 @@ def test_three_hosts_behind_haproxy_one_at_a_time(fleet):
 
     # status over all hosts: one document; web3 down makes the run fail, its problems named with the host
     web3.manager.systemctl("stop", web3.unit("prod"))
+    inventory = json.loads(f.inventory.read_text())          # and a host that cannot be reached
+    inventory["all"]["children"]["prod"]["hosts"]["web9"] = {"safe_deploy_dir": str(REPO_ROOT), "ansible_port": free_port()}
+    f.inventory.write_text(json.dumps(inventory))
     report = f.root / "status.json"
     run = f.playbook("status.yml", "-e", f"status_json={report}")
     assert run.returncode != 0, run.output
     doc = json.loads(report.read_text())
-    assert set(doc["hosts"]) == {*PROD_HOSTS, "dev1"} and doc["ok"] is False
+    assert set(doc["hosts"]) == {*PROD_HOSTS, "dev1", "web9"} and doc["ok"] is False
+    assert doc["hosts"]["web9"]["ok"] is False and doc["hosts"]["web9"]["problems"][0].startswith("unreachable: ")
     assert doc["hosts"]["web3"]["ok"] is False and doc["hosts"]["web3"]["envs"]["prod"]["commit"] == v4
     assert doc["hosts"]["web1"]["envs"]["prod"]["commit"] == v4 and "dev" in doc["hosts"]["dev1"]["envs"]
     assert any(p.startswith("web3 prod: ") for p in doc["problems"])
-    assert not any(p.startswith(("web1", "web2")) for p in doc["problems"]), doc["problems"]
+    assert not any(p.startswith(("web1", "web2", "dev1")) for p in doc["problems"]), doc["problems"]
     assert doc["advice"] and all(a["host"] == "web3" and a["why"].startswith("on web3, prod: ") for a in doc["advice"])
     print("playbook runs (s):", f.timings)
     print(f"requests through haproxy: v2 {requests_v2}, v3 {requests_v3}, rollback {requests_rollback}, "

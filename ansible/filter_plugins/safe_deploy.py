@@ -12,6 +12,7 @@ directly. Nothing here runs a command; the tool on each host does the work.
 """
 
 import json
+from typing import Any
 
 EXIT_MEANING = {
     1: "failed; everything is back as it was before it (a deploy rolled back)",
@@ -21,14 +22,14 @@ EXIT_MEANING = {
 }
 
 
-def _get(hostvars, host, var):
+def _get(hostvars: Any, host: str, var: str) -> Any:
     try:
         return hostvars[host].get(var)
     except (KeyError, AttributeError):
         return None
 
 
-def host_status(result):
+def host_status(result: Any) -> tuple[dict | None, str]:
     """(the status.py --json document, or None; the problem reading it, or "") for one registered result."""
     if not isinstance(result, dict) or result.get("skipped"):
         return None, ""
@@ -46,7 +47,7 @@ def host_status(result):
     return None, f"status.py failed (exit {rc}: {EXIT_MEANING.get(rc, 'unexpected')}): {lines[-1] if lines else 'no output'}"
 
 
-def report(hostvars, hosts, var="sd_status"):
+def report(hostvars: Any, hosts: list, var: str = "sd_status") -> dict:
     """{"ok", "hosts": {host: {"ok", "envs": {...status.py's...}, "problems": [...]}}, "problems": ["HOST ENV: ..."],
     "advice": [{"host", "env", "why", "command"}]}: a host whose status cannot be read is not OK."""
     doc = {"ok": True, "hosts": {}, "problems": [], "advice": []}
@@ -71,7 +72,7 @@ def report(hostvars, hosts, var="sd_status"):
     return doc
 
 
-def rollback_target(hostvars, hosts, env, var="sd_status"):
+def rollback_target(hostvars: Any, hosts: list, env: str, var: str = "sd_status") -> dict:
     """{"commit": the commit to go back to} when every host's last deploy of env was the same one (from the
     same commit to the same commit), or {"error": why not, host by host}."""
     seen, lines = set(), []
@@ -93,7 +94,7 @@ def rollback_target(hostvars, hosts, env, var="sd_status"):
                      "host that runs it already is left as it is), or one host with -l HOST"}
 
 
-def point(points_json, commit):
+def point(points_json: str | dict, commit: str) -> str:
     """The id of the host's rollback point to go back to commit: its newest before-deploy point at it, else its
     newest backup at it that is not a pre-rollback save; "" when there is none."""
     points = json.loads(points_json).get("points", []) if isinstance(points_json, str) else points_json.get("points", [])
@@ -104,16 +105,16 @@ def point(points_json, commit):
     return chosen.get("id", "")
 
 
-def changed(before, after, env):
+def changed(before: dict | None, after: dict | None, env: str) -> bool:
     """Whether a deploy or rollback of env left a record between two status.py --json documents: False when it
     was refused before it changed anything (a gate, the lock, the config)."""
-    def last(doc):
+    def last(doc: dict | None) -> tuple:
         e = (doc or {}).get("envs", {}).get(env) or {}
         return e.get("last_deploy"), e.get("last_rollback")
     return last(before) != last(after)
 
 
 class FilterModule:
-    def filters(self):
+    def filters(self) -> dict:
         return {"safe_deploy_report": report, "safe_deploy_rollback_target": rollback_target,
                 "safe_deploy_point": point, "safe_deploy_changed": changed}

@@ -18,10 +18,13 @@ Returns `status` and `scur` (after), `before` (the status found), and `changed`.
 connection to the socket (haproxy's non-interactive mode), bounded by `timeout` seconds.
 """
 
+from __future__ import annotations      # the balancer's python may be older than the tool's
+
 import csv
 import io
 import socket
 import time
+from typing import Callable
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -47,7 +50,7 @@ class HaproxyError(Exception):
     pass
 
 
-def command(path, line, timeout):
+def command(path: str, line: str, timeout: float) -> str:
     """Send one command to the runtime API; return haproxy's answer (the socket closes after it)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
@@ -65,7 +68,7 @@ def command(path, line, timeout):
     return b"".join(chunks).decode("utf-8", "replace")
 
 
-def server_row(stat_csv, backend, server):
+def server_row(stat_csv: str, backend: str, server: str) -> dict | None:
     """The `show stat` row of backend/server as a dict, or None."""
     text = stat_csv.lstrip()
     if not text.startswith("# "):
@@ -76,27 +79,27 @@ def server_row(stat_csv, backend, server):
     return None
 
 
-def is_up(status):
+def is_up(status: str) -> bool:
     return status.startswith("UP") or status == "no check"
 
 
 class Server:
-    def __init__(self, path, backend, server, timeout):
+    def __init__(self, path: str, backend: str, server: str, timeout: float) -> None:
         self.path, self.backend, self.server, self.timeout = path, backend, server, timeout
 
-    def row(self):
+    def row(self) -> dict:
         found = server_row(command(self.path, "show stat", self.timeout), self.backend, self.server)
         if found is None:
             raise HaproxyError(f"haproxy has no server {self.server!r} in backend {self.backend!r} "
                                f"(set haproxy_backend, and haproxy_server when its name is not the host's)")
         return found
 
-    def set(self, state):
+    def set(self, state: str) -> None:
         answer = command(self.path, f"set server {self.backend}/{self.server} state {state}", self.timeout).strip()
         if answer:
             raise HaproxyError(f"set server {self.backend}/{self.server} state {state}: {answer}")
 
-    def wait_for(self, done, seconds):
+    def wait_for(self, done: Callable[[dict], bool], seconds: float) -> tuple[dict | None, dict]:
         """The row once done(row) holds, or (None, the last row) after `seconds`."""
         deadline = time.monotonic() + seconds
         while True:
@@ -108,7 +111,7 @@ class Server:
             time.sleep(POLL)
 
 
-def take_out(srv, final, wait):
+def take_out(srv: Server, final: str, wait: float) -> dict:
     """drain, wait until no session, then `final` (maint or drain); on timeout, the state found again."""
     before = srv.row()
     srv.set("drain")
@@ -122,7 +125,7 @@ def take_out(srv, final, wait):
     return before
 
 
-def put_in(srv, wait):
+def put_in(srv: Server, wait: float) -> dict:
     before = srv.row()
     srv.set("ready")
     row, last = srv.wait_for(lambda r: is_up(r.get("status", "")), wait)
@@ -133,7 +136,7 @@ def put_in(srv, wait):
     return before
 
 
-def run(params):
+def run(params: dict) -> dict:
     srv = Server(params["socket"], params["backend"], params["server"], params["timeout"])
     state = params["state"]
     if state in ("maint", "drain"):
@@ -147,7 +150,7 @@ def run(params):
             "scur": int(after.get("scur") or 0)}
 
 
-def main():
+def main() -> None:
     module = AnsibleModule(argument_spec={
         "socket": {"type": "path", "required": True}, "backend": {"type": "str", "required": True},
         "server": {"type": "str", "required": True},
