@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from .errors import DeployError
 from .gitrepo import NETWORK_TIMEOUT, Repo, printable
-from .state import now_iso
+from .state import now_iso, parse_time
 
 NOTES_REF = "refs/notes/safe-deploy-verified"
 FETCHED_REF = "refs/notes/safe-deploy-verified-remote"
@@ -155,7 +155,13 @@ def recorded(repo: Repo, env_name: str) -> list[Verification]:
     status, out, err = repo.run("grep", "-h", "-F", "-e", json.dumps({"env": env_name})[1:-1], NOTES_REF, check=False)
     if status not in (0, 1):            # 1: no line matched
         raise DeployError(f"cannot read {NOTES_REF} in {repo.path}: {_last_line(err, status)}")
-    return sorted((v for v in parse(out) if v.env == env_name), key=lambda v: v.time)
+    return sorted((v for v in parse(out) if v.env == env_name), key=_instant)
+
+
+def _instant(v: Verification) -> float:
+    """Its time as seconds since the epoch (0 when it cannot be read): times in other offsets sort right."""
+    when = parse_time(v.time)
+    return when.timestamp() if when else 0.0
 
 
 def lookup(repo: Repo, remote: str, env_name: str, fetch_first: bool) -> tuple[list[Verification], str]:
