@@ -12,11 +12,11 @@ the commit's tree is recorded as verified in this env (the promotion gate reads 
 import json
 from dataclasses import asdict, dataclass
 
-from safedeploy import backups, cli, clock, health, releases, units
+from safedeploy import backups, cli, clock, health, releases, units, verified_notes
 from safedeploy.errors import DeployError
 from safedeploy.gitrepo import Repo
 from safedeploy import records
-from safedeploy.state import age_seconds, human_age, now_iso, verified_log
+from safedeploy.state import age_seconds, human_age, verified_log
 
 MAX_BACKUP_AGE = 24 * 3600
 INFORMATIONAL = ("rollback drill", "restart")    # shown, never failing the checklist
@@ -35,9 +35,12 @@ def main():
     env = config.env(args.env)
     checks = run_checks(config, env)
     ok = all(c.ok for c in checks)
-    if ok:
-        record_verified(env)
+    shared = record_verified(env) if ok else ""
     show(env, checks, ok, args.json)
+    if shared.startswith("warning:"):
+        cli.err(shared)
+    elif shared and not args.json:
+        cli.say(shared)
     if not ok:          # one line that names them: the verify-failed alert carries it
         failed = [c for c in checks if not c.ok]
         raise DeployError(f"{env.name} NOT verified: {len(failed)} check(s) failed: "
@@ -177,11 +180,13 @@ def check_restart(config, env):
     return True, "WARNING: " + units.DROPS_WARNING.format(command=cli.script_command(config, "deploy.py", env.name, "--install-units"))
 
 
-def record_verified(env):
+def record_verified(env) -> str:
+    """Record the verified tree here; then share it through the remote (verified_notes). Returns that line."""
     repo = Repo(env.path)
     head = repo.head()
-    verified_log(env.name, env.state_dir).append(
-        {"time": now_iso(), "commit": head, "tree": repo.tree_of(head), "by": "verify"})
+    v = verified_notes.verification(env.name, head, repo.tree_of(head), "verify")
+    verified_log(env.name, env.state_dir).append({"time": v.time, "commit": v.commit, "tree": v.tree, "by": v.by})
+    return verified_notes.share_line(repo, env.remote, v)
 
 
 def label(check):

@@ -569,9 +569,13 @@ def check_across_envs(envs, fail):
         if env.promote_from:
             if env.promote_from == env.name:
                 fail(f"env.{env.name}.promote_from", "an env cannot promote from itself")
-            if env.promote_from not in envs:
-                fail(f"env.{env.name}.promote_from",
-                     f"no env named {env.promote_from!r}{did_you_mean(env.promote_from, envs)}")
+            # an env of another host: its verifications come through the remote (verified_notes). Only on a host
+            # where every other env promotes from somewhere too; else a name that is none of this file's is a typo
+            sources_here = [e.name for e in envs.values() if e.name != env.name and not e.promote_from]
+            if env.promote_from not in envs and (sources_here or not env.remote):
+                fail(f"env.{env.name}.promote_from", f"no env named {env.promote_from!r}"
+                     + (did_you_mean(env.promote_from, envs) if sources_here else
+                        " here, and no remote to read another host's verifications from"))
 
 
 # -- confinement -----------------------------------------------------------------------------------

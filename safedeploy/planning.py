@@ -8,11 +8,11 @@ import re
 import sqlite3
 from dataclasses import dataclass, field
 
-from . import backups, cli, decisions, records, releases, units
+from . import backups, cli, decisions, records, releases, units, verified_notes
 from .errors import DeployError, usage_error
 from .files import same_disk
 from .gitrepo import Repo
-from .points import list_points, next_best
+from .points import instant, list_points, next_best
 from .state import bad_mark, verified_log
 
 REF_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/@^~-]*$")   # checked before the lock: a bad ref touches nothing
@@ -81,7 +81,7 @@ def deploy_plan(config, env, ref=None, fetch=True, force=False, reason=""):
                                             "--rehearse"))
     if env.promote_from:
         facts.promote_from = env.promote_from
-        facts.verified_in_source, facts.promotion_hint = promotion_facts(config, env, plan.target_tree)
+        facts.verified_in_source, facts.promotion_hint = promotion_facts(config, env, plan.target_tree, repo, fetch)
     gates = decisions.deploy_gates(facts, force)
     if gates.refusal:
         raise DeployError(gates.refusal.why)
@@ -101,17 +101,39 @@ def deploy_plan(config, env, ref=None, fetch=True, force=False, reason=""):
     return plan
 
 
-def promotion_facts(config, env, tree):
-    source = config.env(env.promote_from)
-    verified = verified_log(source.name, source.state_dir).read()
-    if any(v.get("tree") == tree for v in verified):
+def promotion_facts(config: object, env: object, tree: str, repo: Repo | None = None,
+                    fetch: bool = False) -> tuple[bool, str]:
+    """(verified?, the hint when not): the tree was verified in promote_from on this host (its verified log),
+    or on any host that shared it through the env's remote (verified_notes; fetched first unless fetch=False)."""
+    source = config.envs.get(env.promote_from)
+    here = verified_log(source.name, source.state_dir).read() if source else []
+    if any(v.get("tree") == tree for v in here):
         return True, ""
-    last = verified[-1] if verified else None
+    shared, problem = (verified_notes.lookup(repo, env.remote, env.promote_from, fetch) if repo and env.remote
+                       else ([], ""))
+    if any(v.tree == tree for v in shared):
+        return True, ""
+    return False, promotion_hint(config, env, here, shared, problem)
+
+
+def promotion_hint(config: object, env: object, here: list, shared: list, problem: str) -> str:
+    name = env.promote_from
+    last_here = here[-1] if here else None
+    last_shared = shared[-1] if shared else None
+    fetched = f"; the verifications shared through {env.remote} could not be fetched ({problem})" if problem else ""
+    if last_shared and (not last_here or instant(last_shared.time) > instant(last_here.get("time"))):
+        last = {"commit": last_shared.commit, "time": f"{last_shared.time} on {last_shared.host}"}
+    else:
+        last = last_here
     if last:
-        return False, (f"{source.name} last verified {last['commit'][:12]} at {last['time']}; to promote it: "
-                       + cli.script_command(config, "deploy.py", env.name, "--ref", last["commit"]))
-    return False, (f"nothing has been verified in {source.name} yet: deploy it there and run "
-                   + cli.script_command(config, "verify.py", source.name))
+        return (f"{name} last verified {last['commit'][:12]} at {last['time']}{fetched}; to promote it: "
+                + cli.script_command(config, "deploy.py", env.name, "--ref", last["commit"]))
+    if name in config.envs:
+        return (f"nothing has been verified in {name} yet{fetched}: deploy it there and run "
+                + cli.script_command(config, "verify.py", name))
+    where = f"{env.remote}'s notes ({verified_notes.NOTES_REF})" if env.remote else "this host"
+    return (f"no verification in {name} is in {where}{fetched}: deploy it on a {name} host and verify it there "
+            f"(python3 verify.py {name}); a healthy deploy or a passing verify pushes its verification")
 
 
 def migration_mode(env, plan):

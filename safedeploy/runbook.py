@@ -43,7 +43,7 @@ import os
 import shlex
 from dataclasses import dataclass, field
 
-from . import backups, cli, commands, convert, marks, records, release, releases, rowloss, units
+from . import backups, cli, commands, convert, marks, records, release, releases, rowloss, units, verified_notes
 from .decisions import failure_code
 from .errors import EXIT_FAILED, EXIT_HUMAN, DeployError, after_undo, describe_failure
 from .files import write_atomic
@@ -289,7 +289,8 @@ DEPLOY = [
          when=lambda r: r.env.pre_restart),
     *bring_up_steps(),
     Step("record", AFTER, record_deploy,
-         lambda r: f"record the deploy in {r.env.state_dir / (r.env.name + '.deploys.jsonl')}; mark its tree verified"),
+         lambda r: f"record the deploy in {r.env.state_dir / (r.env.name + '.deploys.jsonl')}; mark its tree verified"
+                   + (f" (then shared through {r.env.remote}'s git notes)" if r.env.remote else "")),
 ]
 DEPLOY_BEFORE = {s.name for s in DEPLOY if s.phase == BEFORE}
 
@@ -381,6 +382,9 @@ def after_deploy(run):
         except DeployError as exc:
             notes.append(f"warning: {env.name} runs {plan.target[:12]}, but {env.remote}/{env.branch} could not be moved "
                          f"there ({exc}); push it yourself: git -C {env.path} push {env.remote} {plan.target}:{env.branch}")
+    shared = verified_notes.share_line(plan.repo, env.remote, verified_notes.verification(
+        env.name, plan.target, plan.target_tree, "deploy"))          # the tree verified here, for other hosts
+    notes += [shared] if shared else []
     removed = []
     if run.release:
         try:

@@ -55,7 +55,7 @@ def in_place(user_manager, tmp_path):
 # first, so the three workers do not wait on one of them at the end: the suite's wall time is the
 # longest worker's.
 SLOW_FIRST = ("test_migrations.py::test_a_40_s", "test_migrations.py::test_an_additive", "test_migrations.py",
-              "test_advice.py::test_a_rebuilt_host", "test_borg.py")
+              "test_advice.py::test_a_rebuilt_host", "test_borg.py", "test_many_hosts.py::test_three_hosts")
 
 
 def pytest_collection_modifyitems(items):
