@@ -12,7 +12,7 @@ the commit's tree is recorded as verified in this env (the promotion gate reads 
 import json
 from dataclasses import asdict, dataclass
 
-from safedeploy import backups, cli, health, releases, units
+from safedeploy import backups, cli, health, releases, replica, replica_copy, units
 from safedeploy.errors import DeployError
 from safedeploy.gitrepo import Repo
 from safedeploy import records
@@ -58,7 +58,8 @@ def run_checks(config, env):
     return [guarded(name, fn, config, env) for name, fn in (
         ("unit", check_unit), ("health", check_health), ("domain", check_domain),
         ("commit", check_commit), ("release", check_release), ("database", check_database), ("backup", check_backup),
-        ("rollback point", check_rollback_point), ("rollback drill", check_drill), ("restart", check_restart))]
+        ("rollback point", check_rollback_point), ("replica", check_replica), ("rollback drill", check_drill),
+        ("restart", check_restart))]
 
 
 def guarded(name, fn, config, env):
@@ -85,6 +86,17 @@ def check_unit(config, env):
 def check_health(config, env):
     result = health.check(env.health_url, timeout=5)
     return result.ok, f"{env.health_url}: {result.describe()}"
+
+
+def check_replica(config, env):
+    """The continuous copies: the replicator runs and keeps up, and the replica's newest moment restores (to a
+    private temp folder, bounded) into a sound database with the live schema and rows."""
+    state = replica.look(config, env, lambda script, *a: cli.script_command(config, script, *a))
+    if state is None:
+        return True, "no [replica] for this env: skipped"
+    if not state.ok:
+        return False, state.problem
+    return replica_copy.check_newest(config, env)
 
 
 def check_domain(config, env):

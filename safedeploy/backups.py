@@ -34,6 +34,9 @@ from .state import StepClock, now_iso
 from .units import user_unit_dir
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
+# Litestream's own tables (_litestream_seq, _litestream_lock), which it adds to a database it replicates:
+# never the users' rows, never a schema change
+NOT_TOOLS = r"AND name NOT LIKE '\_litestream\_%' ESCAPE '\'"
 BUSY_TIMEOUT_MS = 10_000
 
 
@@ -116,7 +119,7 @@ def integrity(conn, quick=False):
 
 def schema_fingerprint(conn):
     rows = conn.execute("SELECT type, name, tbl_name, coalesce(sql, '') FROM sqlite_master "
-                        "WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name").fetchall()
+                        f"WHERE name NOT LIKE 'sqlite_%' {NOT_TOOLS} ORDER BY type, name").fetchall()
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
@@ -394,7 +397,7 @@ def count_rows(conn, schema="main"):
     """{table: rows} of a database: what tells a copy with the data from a fresh empty one (a rebuilt
     host's), and a release that deleted rows from one that did not."""
     tables = [r[0] for r in conn.execute(f"SELECT name FROM {schema}.sqlite_master WHERE type = 'table' "
-                                         "AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+                                         f"AND name NOT LIKE 'sqlite_%' {NOT_TOOLS} ORDER BY name")]
     return {t: conn.execute(f'SELECT count(*) FROM {schema}."{t.replace(chr(34), chr(34) * 2)}"').fetchone()[0]
             for t in tables}
 
@@ -725,7 +728,8 @@ def rows_only_in(saved_path, restored_path, seconds=None):
     try:
         saved.execute("ATTACH DATABASE ? AS restored", (f"file:{quote(str(restored_path))}?mode=ro",))
         tables = [r[0] for r in saved.execute(
-            "SELECT name FROM main.sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+            f"SELECT name FROM main.sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' {NOT_TOOLS} "
+            "ORDER BY name")]
         restored_tables = {r[0] for r in saved.execute(
             "SELECT name FROM restored.sqlite_master WHERE type = 'table'")}
         lost = {}
@@ -778,7 +782,8 @@ def rows_as_sql(saved_path, live_path):
     try:
         conn.execute("ATTACH DATABASE ? AS live", (f"file:{quote(str(live_path))}?mode=ro",))
         tables = [r[0].decode("utf-8", "replace") for r in conn.execute(
-            "SELECT name FROM main.sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+            f"SELECT name FROM main.sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' {NOT_TOOLS} "
+            "ORDER BY name")]
         live_tables = {r[0].decode("utf-8", "replace") for r in conn.execute(
             "SELECT name FROM live.sqlite_master WHERE type = 'table'")}
         tables = [t for t in tables if t in live_tables]
