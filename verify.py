@@ -55,10 +55,11 @@ def parse_arguments():
 
 
 def run_checks(config, env):
+    replicated = [("replica", check_replica)] if replica.replicated(config, env) else []
     return [guarded(name, fn, config, env) for name, fn in (
         ("unit", check_unit), ("health", check_health), ("domain", check_domain),
         ("commit", check_commit), ("release", check_release), ("database", check_database), ("backup", check_backup),
-        ("rollback point", check_rollback_point), ("replica", check_replica), ("rollback drill", check_drill),
+        ("rollback point", check_rollback_point), *replicated, ("rollback drill", check_drill),
         ("restart", check_restart))]
 
 
@@ -92,10 +93,8 @@ def check_replica(config, env):
     """The continuous copies: the replicator runs and keeps up, and the replica's newest moment restores (to a
     private temp folder, bounded) into a sound database with the live schema and rows."""
     state = replica.look(config, env, lambda script, *a: cli.script_command(config, script, *a))
-    if state is None:
-        return True, "no [replica] for this env: skipped"
-    if not state.ok:
-        return False, state.problem
+    if state is None or not state.ok:
+        return False, state.problem if state else "not replicated"
     return replica_copy.check_newest(config, env)
 
 

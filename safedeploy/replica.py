@@ -40,7 +40,8 @@ from . import backups, litestream, units
 from .errors import DeployError
 from .files import make_private_dir, remove_quietly, write_atomic
 from .litestream import DbEntry, Point
-from .state import now_iso
+from .points import backup_id
+from .state import age_seconds, now_iso, parse_time
 
 MAX_LAG = 60.0                  # seconds of writes the replica may miss before it is a problem
 LIST_TIMEOUT = 15.0
@@ -290,13 +291,13 @@ def pause(env) -> str | None:
 def resume(env, swapped: bool) -> str | None:
     """After the swap: when swapped, the new database file is marked as the tool's (its copies continue the
     replica, from a full snapshot); then the unit restarts (without waiting) and replicates it. Never raises."""
-    folder = env.state_dir / "replica"
-    if not folder.is_dir():
+    folder, doc = env.state_dir / "replica", read_state(env)
+    if not folder.is_dir() or (doc and env.name not in doc["envs"]):
         return None
     try:
         if swapped:
             write_mark(folder, env.name, env.db, "put in place by safe-deploy (a restore)", reset=True)
-        unit = read_state(env).get("unit")
+        unit = doc.get("unit")
         if unit and units.state(unit).known:
             units.systemctl("reset-failed", unit, check=False)
             units.systemctl("restart", "--no-block", unit)
@@ -325,9 +326,13 @@ def look(config, env, cmd: Command) -> ReplicaState | None:
 
     problem, fix = unit_problem(config, env, unit, restart, cmd)
     if problem:
-        return state(problem, fix)
+        return state(problem, held_fix(env, found, cmd) if fix == HELD else fix)
     if listing:
         return state(listing, None)
+    started = age_seconds(read_state(env).get("time", ""))
+    if not found and env.db.exists() and started is not None and started > MAX_LAG:
+        return state(f"the replica of {env.name} holds no copy yet, {started:.0f} s after the replicator started "
+                     "(see: journalctl --user -u " + unit + ")", restart)
     if lag is not None and lag > MAX_LAG:
         return state(f"the replica of {env.name} is {lag:.0f} s behind its database (the newest copy is "
                      f"{iso(found[-1].lo)}): writes since are on this disk only", restart)
@@ -340,12 +345,13 @@ def unit_problem(config, env, unit: str, restart: str, cmd: Command) -> tuple[st
         return (f"[replica] is set, but its replicator {unit} is not installed: nothing reaches the replica",
                 cmd("backup.py", "--install-replica", "--yes"))
     if not st.is_active:
-        return f"the replicator {unit} is {st.active} ({st.sub}): nothing reaches the replica", restart
+        return (f"the replicator {unit} is {st.active} ({st.sub}): nothing reaches the replica (why: journalctl "
+                f"--user -u {unit} -n 20)", restart)
     doc = read_state(env)
     mine = doc.get("envs", {}).get(env.name) or {}
     if not mine.get("replicating"):
         return (f"{env.name} is not replicated: {mine.get('why') or 'the replicator has not decided yet'}",
-                cmd("backup.py", env.name, "--at", "latest") if "restore" in (mine.get("why") or "") else restart)
+                HELD if "restore" in (mine.get("why") or "") else restart)
     mark = read_mark(env.state_dir / "replica", env.name)
     if env.db.exists() and mark and not marked(mark, env.db):
         return (f"{env.db} is not the file the replicator started with (replaced outside the tool?): its copies "
@@ -359,6 +365,20 @@ def unit_problem(config, env, unit: str, restart: str, cmd: Command) -> tuple[st
         return (f"the replication of {env.name} is {status or 'not running'} (paused by an operation that did not "
                 "finish?)", restart)
     return "", None
+
+
+HELD = "held"       # unit_problem's fix for an env left out until its newest copy is back: see held_fix
+
+
+def held_fix(env, found: list[Point], cmd: Command) -> str:
+    """An env left out until the replica's newest copy is back: that copy as a backup first (--at latest),
+    then the env back to it (the newest point-in-time copy made of that moment or later)."""
+    newest = found[-1].lo if found else None
+    for b in backups.list_backups(env.backup_dir):
+        made = parse_time(b.time)
+        if b.reason == "point-in-time" and newest and made and made >= newest.replace(microsecond=newest.microsecond // 1000 * 1000):
+            return cmd("rollback.py", env.name, "--to", backup_id(b), "--with-db", "--yes")
+    return cmd("backup.py", env.name, "--at", "latest")
 
 
 def lag_seconds(db: Path, newest: Point | None) -> float | None:

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import sqlite3
-import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -16,50 +15,18 @@ from pathlib import Path
 import pytest
 import requests
 
+from demo.notes_writer import NotesWriter
 from safedeploy import litestream, replica_config, replica_copy
 from safedeploy.errors import DeployError
+from helpers import paste
 from test_offsite import receiver, start_sshd  # noqa: F401 (a fixture)
 
 RATE = 150          # rows a second the writer aims at
 
 
 # -- the writer ------------------------------------------------------------------------------------------
-class Writer:
-    """Posts notes to an env as fast as RATE allows, from one thread; remembers each acknowledged row's
-    id with the times just before the request and just after its answer."""
-
-    def __init__(self, sb, env, prefix="w"):
-        self.url, self.prefix = sb.url(env, "/notes"), prefix
-        self.acked, self.stop_flag = [], threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def run(self):
-        session, n = requests.Session(), 0
-        while not self.stop_flag.is_set():
-            due = self.started + n / RATE
-            if time.time() < due:
-                time.sleep(due - time.time())
-            before = time.time()
-            try:
-                r = session.post(self.url, data=f"{self.prefix}{n}", timeout=2)
-                if r.status_code == 201:
-                    self.acked.append((f"{self.prefix}{n}", before, time.time()))
-            except requests.RequestException:
-                pass
-            n += 1
-
-    def __enter__(self):
-        self.started = time.time()
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop_flag.set()
-        self.thread.join(timeout=10)
-
-    def rate(self):
-        span = self.acked[-1][2] - self.acked[0][1]
-        return len(self.acked) / span
+def Writer(sb, env, prefix="w"):
+    return NotesWriter(sb.url(env, "/notes"), RATE, prefix)
 
 
 def bodies(db):
@@ -130,10 +97,25 @@ def restore_latest(sb, env):
     return copy
 
 
-def assert_at_most_a_second_lost(acked, restored, killed_at):
-    lost = [(body, t1) for body, _, t1 in acked if t1 <= killed_at and body not in restored]
-    late = [killed_at - t1 for _, t1 in lost]
-    assert not late or max(late) <= 1.0, f"{len(lost)} acknowledged rows lost, the oldest {max(late):.2f}s before the kill"
+def follow_advice(sb, env, limit=4):
+    """Paste status's first advice until the env's replica is OK again; the commands pasted."""
+    ran = []
+    for _ in range(limit):
+        report = replica_json(sb, env)
+        if report["replica"]["ok"]:
+            return ran
+        command = report["advice"][0]["command"]
+        proc = paste(sb, command)
+        assert proc.returncode == 0, (command, proc.stdout + proc.stderr)
+        ran.append(command)
+        time.sleep(1)           # the replicator restarts after a restore (without holding up the rollback)
+    raise AssertionError(f"the replica is not OK after {ran}: {replica_json(sb, env)['replica']}")
+
+
+def assert_at_most_a_second_lost(writer, restored, killed_at):
+    lost = writer.lost(restored, killed_at)
+    oldest = max((ago for _, ago in lost), default=0)
+    assert oldest <= 1.0, f"{len(lost)} acknowledged rows lost, the oldest acknowledged {oldest:.2f}s before the kill"
     return len(lost)
 
 
@@ -147,11 +129,19 @@ def test_a_folder_replica_gives_the_rows_committed_by_a_moment_and_survives_a_lo
         middle = writer.acked[len(writer.acked) // 2][2] + 0.1
         time.sleep(2)
         killed_at = lose_the_disk(sb, "prod", unit, writer)
-    assert writer.rate() >= 100, writer.rate()
+    assert writer.rate_achieved() >= 100, writer.rate_achieved()
     # the replicator never took the fresh empty database for the next state of the replica
     rep = replica_json(sb, "prod")["replica"]
     assert not rep["ok"] and "not replicated" in rep["problem"] and "lacks" in rep["problem"], rep
-    # --at TIME: the rows committed by the moment the copy holds, none after TIME, and that moment is close
+    # the lost disk: status's advice brings the newest copy back, at most a second of acknowledged writes lost
+    ran = follow_advice(sb, "prod")
+    assert any("--at latest" in c for c in ran) and "rollback.py" in ran[-1] and "--with-db" in ran[-1], ran
+    lost = assert_at_most_a_second_lost(writer, bodies(sb.db_path("prod")), killed_at)
+    print(f"acknowledged {len(writer.acked)} rows at {writer.rate_achieved():.0f}/s; lost {lost}")
+    # and the replica goes on from the restored database
+    assert wait_replicated(sb, "prod")["ok"]
+    # --at TIME (the replica keeps the moments before the loss): the rows committed by the moment the copy
+    # holds, none after TIME, and that moment is close
     when = datetime.fromtimestamp(middle, timezone.utc).astimezone().replace(tzinfo=None).isoformat()
     proc = sb.run("backup.py", "prod", "--at", when)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -169,12 +159,6 @@ def test_a_folder_replica_gives_the_rows_committed_by_a_moment_and_survives_a_lo
     for outside in ("2001-01-01T00:00:00", (datetime.now() + timedelta(hours=1)).isoformat()):
         proc = sb.run("backup.py", "prod", "--at", outside)
         assert proc.returncode == 2 and "holds" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    # the lost disk: the newest copy back, at most a second of acknowledged writes lost
-    restore_latest(sb, "prod")
-    lost = assert_at_most_a_second_lost(writer.acked, bodies(sb.db_path("prod")), killed_at)
-    print(f"acknowledged {len(writer.acked)} rows at {writer.rate():.0f}/s; lost {lost}")
-    # and the replica goes on from the restored database
-    assert wait_replicated(sb, "prod")["ok"]
 
 
 def test_a_rollback_with_the_database_then_new_writes_then_a_lost_disk_keeps_the_new_writes(sandbox, tmp_path):
@@ -194,7 +178,7 @@ def test_a_rollback_with_the_database_then_new_writes_then_a_lost_disk_keeps_the
     restore_latest(sb, "prod")
     restored = bodies(sb.db_path("prod"))
     assert {f"old{i}" for i in range(20)} <= restored and not any(b.startswith("gone") for b in restored)
-    assert_at_most_a_second_lost(writer.acked, restored, killed_at)
+    assert_at_most_a_second_lost(writer, restored, killed_at)
 
 
 def test_a_replicator_stopped_or_killed_shows_in_status_and_alerts(sandbox, tmp_path, receiver):  # noqa: F811
@@ -233,6 +217,32 @@ def test_a_replicator_stopped_or_killed_shows_in_status_and_alerts(sandbox, tmp_
     assert sb.run("verify.py", "prod").stdout.count("PASS  replica") == 1
 
 
+def test_a_conversion_moves_the_database_and_the_copies_follow_it_never_a_drill_copy(in_place, tmp_path):
+    sb = in_place
+    enable_replica(sb, f"file://{tmp_path / 'replica'}")
+    for i in range(10):
+        requests.post(sb.url("prod", "/notes"), data=f"before{i}", timeout=5)
+    wait_replicated(sb, "prod")
+    sb.convert("prod")                          # the database moves into prod.releases/shared/ by a rename
+    for i in range(10):
+        requests.post(sb.url("prod", "/notes"), data=f"after{i}", timeout=5)
+    time.sleep(1)
+    wait_replicated(sb, "prod")
+
+    def replicated_paths():
+        conf = json.loads((sb.root / "state" / "replica" / "litestream.yml").read_text())
+        return {d["path"] for d in conf["dbs"]}
+
+    assert replicated_paths() == {str(sb.db_path(env).resolve()) for env in ("prod", "dev")}
+    proc = sb.run("backup.py", "prod", "--at", "latest")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    copy = proc.stdout.split(": ", 1)[1].split(" (")[0]
+    assert {f"before{i}" for i in range(10)} | {f"after{i}" for i in range(10)} <= bodies(copy)
+    drill = sb.run("rollback.py", "prod", "--drill", "--to", Path(copy).name.removesuffix(".sqlite3"))
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+    assert replicated_paths() == {str(sb.db_path(env).resolve()) for env in ("prod", "dev")}
+
+
 # -- an sftp replica ---------------------------------------------------------------------------------------------
 @pytest.fixture
 def sftp(tmp_path):
@@ -264,7 +274,7 @@ def test_an_sftp_replica_loses_at_most_a_second_and_gives_a_moment(sandbox, sftp
     assert not {b for b, t0, _ in writer.acked if t0 > middle} & held        # nothing after TIME, ever
     assert {b for b, _, t1 in writer.acked if t1 < as_of} <= held and middle - 2.5 <= as_of <= middle
     restore_latest(sb, "prod")
-    assert_at_most_a_second_lost(writer.acked, bodies(sb.db_path("prod")), killed_at)
+    assert_at_most_a_second_lost(writer, bodies(sb.db_path("prod")), killed_at)
     # no secret in the generated config's folder is readable by others, none in the unit
     folder = sb.root / "state" / "replica"
     assert all(p.stat().st_mode & 0o077 == 0 for p in folder.iterdir() if p.is_file())
