@@ -9,8 +9,10 @@ import requests
 
 
 class NotesWriter:
-    def __init__(self, url, rate=150, prefix="w"):
-        self.url, self.rate, self.prefix = url, rate, prefix
+    def __init__(self, url, rate=150, prefix="w", fields=None):
+        """fields: a form to post with the row's name as its "body" (e.g. a post's author_id); else the
+        name is the request's whole body (a note)."""
+        self.url, self.rate, self.prefix, self.fields = url, rate, prefix, fields
         self.acked = []             # (body, sent, acknowledged), in order
         self.stop_flag = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
@@ -24,9 +26,11 @@ class NotesWriter:
                 time.sleep(wait)
             sent = time.time()
             try:
-                answer = session.post(self.url, data=f"{self.prefix}{n}", timeout=2)
+                name = f"{self.prefix}{n}"
+                data = {**self.fields, "body": name} if self.fields else name
+                answer = session.post(self.url, data=data, timeout=2)
                 if answer.status_code == 201:
-                    self.acked.append((f"{self.prefix}{n}", sent, time.time()))
+                    self.acked.append((name, sent, time.time()))
             except requests.RequestException:
                 pass
             n += 1
