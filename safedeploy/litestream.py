@@ -138,7 +138,7 @@ def host_key(settings: ReplicaSettings) -> str:
     p = settings.parts
     name = p.hostname if (p.port or 22) == 22 else f"[{p.hostname}]:{p.port}"
     found = commands.run(["ssh-keygen", "-F", str(name), "-f", str(settings.known_hosts)], 10, stdout="all")
-    keys = {}
+    keys: dict[str, str] = {}
     for line in found.stdout.decode(errors="replace").splitlines():
         words = line.split()
         if len(words) >= 3 and not line.startswith("#"):

@@ -116,9 +116,8 @@ def read_state(env) -> dict:
 
 
 @contextmanager
-def read_config(config, wanted: list[DbEntry]) -> Iterator[Path | None]:
-    """A private Litestream config naming wanted (for `ltx` and `restore`), removed afterwards. None for a
-    folder replica: read directly, and restored with a config of its own."""
+def read_config(config, wanted: list[DbEntry]) -> Iterator[Path]:
+    """A private Litestream config naming wanted (for `ltx` and `restore`), removed afterwards."""
     folder = make_private_dir(folder_of(config))
     fd, name = tempfile.mkstemp(prefix=".read-", suffix=".yml", dir=folder)
     try:
@@ -227,6 +226,15 @@ def replica_points(config, e: DbEntry) -> list[Point]:
         return litestream.points(litestream.files(config.replica, e, None, LIST_TIMEOUT))
     with read_config(config, [e]) as cfg:
         return litestream.points(litestream.files(config.replica, e, cfg, LIST_TIMEOUT))
+
+
+def newest(config, env) -> datetime | None:
+    """The newest moment env's replica can restore (None: not replicated, or no copy yet); for the data
+    rules. DeployError when the replica cannot be read. A copy of it: replica_copy.copy_at(config, env, None, ...)."""
+    if not replicated(config, env):
+        return None
+    found = replica_points(config, entry(config, env))
+    return found[-1].lo if found else None
 
 
 def restore_to(config, e: DbEntry, point: Point, out: Path, timeout: float = RESTORE_TIMEOUT) -> None:

@@ -73,6 +73,7 @@ def parse(table: object, base: Path, env_names: list[str], fail: Fail) -> Replic
     url = table.get("url")
     if not isinstance(url, str) or not url.strip() or any(c.isspace() or c == "\0" for c in url):
         fail("replica.url", f"expected {REPLICA_KEYS['url']}")
+        return None
     scheme = check_url(url, fail)
     envs = check_envs(table.get("envs", env_names), env_names, fail)
     if scheme != "sftp":

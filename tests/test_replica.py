@@ -394,3 +394,21 @@ def test_the_replica_table_is_checked_when_the_config_loads(tmp_path):
                               ["prod", "dev"], fail)
     assert ok.envs == ("prod",) and ok.env_url("prod") == "s3://bucket/app/prod?region=eu-west-1"
     assert os.path.isabs(ok.known_hosts)
+
+
+def test_a_replica_folder_inside_an_env_or_envs_with_two_state_folders_are_refused(tmp_path):
+    from safedeploy import config as configmod
+    for name in ("prod", "dev"):
+        (tmp_path / name).mkdir()
+
+    def data(url, dev_state="state"):
+        return {"env": {name: {"path": str(tmp_path / name), "branch": name, "port": port, "db": "instance/app.db",
+                               "unit": f"{name}.service", **({"state_dir": dev_state} if name == "dev" else {})}
+                        for name, port in (("prod", 8000), ("dev", 8001))}, "replica": {"url": url}}
+
+    with pytest.raises(DeployError, match="replica.url: .*overlaps env prod"):
+        configmod.parse(data(f"file://{tmp_path / 'prod' / 'replica'}"), tmp_path / "config.toml")
+    with pytest.raises(DeployError, match="replica.envs: .*different folders"):
+        configmod.parse(data(f"file://{tmp_path / 'replica'}", "state-dev"), tmp_path / "config.toml")
+    ok = configmod.parse(data(f"file://{tmp_path / 'replica'}"), tmp_path / "config.toml")
+    assert ok.replica.envs == ("prod", "dev") and ok.replica.folder == tmp_path / "replica"
