@@ -14,7 +14,7 @@ of a deploy made with the tool, and the checklist passes. No other env is touche
 import sys
 from pathlib import Path
 
-from safedeploy import adoption, cli, discovery
+from safedeploy import adoption, cli, discovery, replica
 from safedeploy.errors import EXIT_FAILED, EXIT_LOCKED, DeployError, usage_error
 from safedeploy.files import write_atomic
 from safedeploy.state import EnvLock, lock_holder, now_iso
@@ -168,6 +168,9 @@ def print_next(config, env):
                 f"{cli.script_command(config, 'adopt.py', '--checklist')}")
     else:
         cli.say(f"next: {cli.script_command(config, 'status.py')}")
+    offer = replica.offer(config)
+    if offer:
+        cli.say(f"{offer}: {cli.script_command(config, 'backup.py', '--install-replica')}")
 
 
 if __name__ == "__main__":

@@ -11,16 +11,17 @@ nothing on success and one line per failure on stderr.
 import argparse
 import json
 import re
+import shlex
 import sqlite3
 import sys
 import tempfile
 from pathlib import Path
 
-from safedeploy import adoption, alerts, backups, cli, offsite, recovery, rowrestore, units
+from safedeploy import adoption, alerts, backups, cli, convert, offsite, recovery, replica, replica_copy, rowrestore, units
 from safedeploy.errors import EXIT_FAILED, EXIT_LOCKED, DeployError, usage_error
 from safedeploy.gitrepo import Repo
 from safedeploy import records
-from safedeploy.state import EnvLock, Journal, StepClock, age_seconds, human_age
+from safedeploy.state import EnvLock, Journal, StepClock, age_seconds, human_age, parse_time
 
 REASON_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 TIME_RE = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
@@ -47,6 +48,12 @@ def main():
         return test_alert(config)
     if args.alert_failed:
         return alert_failed(config, args.alert_failed)
+    if args.at:
+        return point_in_time(config, envs, args)
+    if args.install_replica:
+        return install_replica(config, args.yes)
+    if args.replica_start:
+        return replica_start(config)
     code = 0 if args.prune and not args.envs and not args.all else back_up_all(config, envs, args)
     if args.prune and code == 0:
         code = prune(config, envs, args)
@@ -77,7 +84,7 @@ def parse_arguments():
                         "under a new id, with the rows that refer to it")
     p.add_argument("--sql", action="store_true",
                    help="with --restore-rows: print the inserts it would make, for review; change nothing")
-    p.add_argument("--yes", action="store_true", help="with --restore-rows: do not ask (needed without a terminal)")
+    p.add_argument("--yes", action="store_true", help="with --restore-rows or --install-replica: do not ask (needed without a terminal)")
     p.add_argument("--rows-to-restore", metavar="FILE",
                    help="print the rows of FILE (a backup) the env's live database lacks as SQL, for review only "
                         "(the same as --restore-rows FILE --sql)")
@@ -85,6 +92,12 @@ def parse_arguments():
                    help="let prune remove FILE, a pre-rollback copy held because it holds rows a restore took out")
     p.add_argument("--test-alert", action="store_true", help="send a test event to [alerts]; exit 0 when delivered")
     p.add_argument("--alert-failed", metavar="UNIT", help=argparse.SUPPRESS)     # the timer's OnFailure= unit
+    p.add_argument("--at", metavar="TIME",
+                   help="with one ENV: a verified backup of its database as it was at TIME, from its continuous copies "
+                        "([replica]): an ISO 8601 time (no offset: local time), or latest")
+    p.add_argument("--install-replica", action="store_true",
+                   help="install the replicator of [replica] (Litestream) as a systemd --user unit; shows the unit first")
+    p.add_argument("--replica-start", action="store_true", help=argparse.SUPPRESS)     # the replicator's ExecStartPre
     p.add_argument("--quiet", action="store_true", help="print nothing on success (for cron)")
     p.add_argument("--reason", default="", help="recorded in the manifest (default: nightly with --quiet, else manual)")
     p.add_argument("--lock-wait", type=float, default=300, metavar="SECONDS",
@@ -97,15 +110,21 @@ def parse_arguments():
                                    ("--release-hold", bool(args.release_hold)),
                                    ("--rows-to-restore", bool(args.rows_to_restore)),
                                    ("--restore-rows", bool(args.restore_rows)),
-                                   ("--test-alert", args.test_alert), ("--alert-failed", bool(args.alert_failed))) if on]
+                                   ("--test-alert", args.test_alert), ("--alert-failed", bool(args.alert_failed)),
+                                   ("--at", bool(args.at)), ("--install-replica", args.install_replica),
+                                   ("--replica-start", args.replica_start)) if on]
     if len(modes) > 1:
         raise usage_error(f"{' and '.join(modes)} cannot go together: run them one at a time")
     if args.json and not args.list:
         raise usage_error("--json goes with --list")
-    if (args.sql or args.yes) and not args.restore_rows:
-        raise usage_error("--sql and --yes go with --restore-rows")
+    if args.sql and not args.restore_rows:
+        raise usage_error("--sql goes with --restore-rows")
+    if args.yes and not (args.install_replica or args.restore_rows):
+        raise usage_error("--yes goes with --restore-rows or --install-replica")
     if args.restore_rows and len(args.envs) != 1:
         raise usage_error("--restore-rows puts rows back into one env: name it, e.g. backup.py prod --restore-rows COPY")
+    if args.at and (len(args.envs) != 1 or args.all):
+        raise usage_error("--at TIME takes one ENV, e.g. backup.py prod --at 2026-11-25T14:03:00")
     if args.install_timer and not TIME_RE.match(args.install_timer):
         raise usage_error(f"--install-timer {args.install_timer!r}: give a time of day as HH:MM, e.g. 03:17")
     if args.reason and (set(args.reason) - REASON_CHARS or len(args.reason) > 40):
@@ -119,7 +138,8 @@ def select_envs(config, args):
     if args.envs:
         return [config.env(name) for name in args.envs]
     if (args.all or args.list or args.verify is not None or args.prune or args.install_timer or args.release_hold
-            or args.rows_to_restore or args.restore_rows or args.test_alert or args.alert_failed):
+            or args.rows_to_restore or args.restore_rows or args.test_alert or args.alert_failed or args.install_replica
+            or args.replica_start):
         return list(config.envs.values())
     raise usage_error("name the envs to back up, or give --all")
 
@@ -600,6 +620,77 @@ def alert_failed(config, unit):
     """Run by the timer's OnFailure= unit: backup.py itself could not say (killed, out of memory)."""
     notify(config, "backup-failed", None, f"the systemd unit {unit} failed: the nightly backup did not finish",
            f"journalctl --user -u {unit} -n 50")
+    return 0
+
+
+# -- continuous copies ([replica]) -------------------------------------------------------------------
+def point_in_time(config, envs, args):
+    """backup.py ENV --at TIME: the env's database as it was at TIME, out of its replica, as a verified backup."""
+    env, when = envs[0], replica_copy.parse_when(args.at)
+    with EnvLock(env.state_dir, env.name, "backup (point-in-time)", wait=args.lock_wait):
+        clean_up_interrupted(env)
+        backup, point = replica_copy.copy_at(config, env, when, lambda moment: commit_at(env, moment))
+    asked = "the replica's newest moment" if when is None else f"the replica's last moment at or before {args.at}"
+    name = Path(backup.path).name.removesuffix(".sqlite3")
+    cli.say(f"{env.name} as it was at {backup.time} ({asked}): {backup.path} ({backup.rows_total} rows, "
+            f"{backup.bytes / 1e6:.1f} MB, sha256 {backup.sha256[:12]}, integrity ok)")
+    cli.say(f"  its rows the live database lacks: {cli.script_command(config, 'backup.py', '--rows-to-restore', backup.path)}")
+    cli.say(f"  or the env back to it: {cli.script_command(config, 'rollback.py', env.name, '--to', name, '--with-db')}")
+    return 0
+
+
+def commit_at(env, moment):
+    """The commit env ran at moment, by its deploy log (else what runs now)."""
+    try:
+        found = records.read(env)
+    except DeployError:
+        found = []
+    before = [r for r in found if r.running and parse_time(r.time) and parse_time(r.time) <= moment]
+    if before:
+        return before[-1].running
+    first = next((getattr(r, "from_", None) for r in found if getattr(r, "from_", None)), None)
+    return first or commit_running(env)
+
+
+def install_replica(config, yes):
+    """The replicator's unit, shown as a diff first; then installed, enabled and (re)started."""
+    if config.replica is None:
+        raise usage_error(f"{config.file}: no [replica] table: add one first (docs/config.md#replica)")
+    for name in replica.write_aws_env(config):
+        cli.say(f"  for the unit: {name} (from this shell, in a file only you can read)")
+    decisions = show_decisions(replica.start(config))
+    argv = [sys.executable, *shlex.split(cli.command_line("backup.py", "--replica-start",
+                                                          config_file=config.file))[1:]]
+    files = replica.unit_files(config, argv)
+    unit = replica.unit_name(config)
+    if not convert.show_unit_diffs(files, cli.say) and units.state(unit).is_active:
+        cli.say(f"{unit} is installed and runs already; nothing to do")
+        return 0
+    if not yes:
+        if not sys.stdin.isatty():
+            raise usage_error("--install-replica installs and starts a user unit: add --yes")
+        if input(f"install and start {unit}? [y/N] ").strip().lower() not in ("y", "yes"):
+            raise DeployError("not confirmed; nothing was changed", EXIT_FAILED)
+    units.install_unit_files({path.name: text for path, text in files.items()})
+    replica.enable(config)
+    cli.say(f"installed and started {unit}: continuous copies of "
+            f"{', '.join(d.env for d in decisions if d.replicating) or 'no env yet'} to {config.replica.url}")
+    cli.say(f"see it with: {cli.script_command(config, 'status.py')}; journalctl --user -u {unit}")
+    return 0
+
+
+def show_decisions(decisions):
+    for d in decisions:
+        cli.say(f"  {d.env}: {'replicated' if d.replicating else 'NOT replicated'}: {d.why}")
+    return decisions
+
+
+def replica_start(config):
+    """The replicator's ExecStartPre: which envs it may replicate now, and its config (safedeploy.replica)."""
+    if config.replica is None:
+        raise usage_error(f"{config.file}: no [replica] table any more: remove the unit with: systemctl --user "
+                          f"disable --now {replica.unit_name(config)}")
+    show_decisions(replica.start(config))
     return 0
 
 

@@ -13,7 +13,7 @@ steps, --dry-run --json as JSON.
 import json
 import sys
 
-from safedeploy import cli, convert, planning, recovery, rehearsal, runbook
+from safedeploy import cli, convert, planning, recovery, rehearsal, replica, runbook
 from safedeploy.errors import EXIT_FAILED, EXIT_LOCKED, DeployError, usage_error
 from safedeploy.gitrepo import Repo
 from safedeploy.points import list_points
@@ -204,6 +204,9 @@ def install_units(config, env, args):
                 raise usage_error("--install-units changes unit files and restarts the service: add --yes")
             cli.confirm_env(env.name, False, "install the socket units and restart")
         runbook.convert_env(env, conversion, cli.say)
+    offer = replica.offer(config)
+    if offer:
+        cli.say(f"{offer}: {cli.script_command(config, 'backup.py', '--install-replica')}")
     return 0
 
 

@@ -15,7 +15,7 @@ import sqlite3
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from safedeploy import alertlock, alerts, backups, cli, clock, diagnosis, health, journals, offsite, planning, recovery, releases, units
+from safedeploy import alertlock, alerts, backups, cli, clock, diagnosis, health, journals, offsite, planning, recovery, releases, replica, units
 from safedeploy import records as logs
 from safedeploy.errors import EXIT_FAILED, DeployError, usage_error
 from safedeploy.files import make_private_dir, write_atomic
@@ -73,7 +73,7 @@ def look_at(config, env):
     report = {"commit": None, "subject": "", "branch": None, "unit": {"active": False, "state": "unknown"},
               "health": {"ok": False, "status": None, "ms": None}, "last_deploy": None, "last_backup": None,
               "rollback": None, "lock": lock_holder(env.state_dir, env.name), "interrupted": None, "problems": [],
-              "restart_method": None, "warning": None}
+              "restart_method": None, "warning": None, "replica": None}
     facts = diagnosis.Facts(env=env.name, db=str(env.db), unit=env.unit, lock=report["lock"])
     if not report["lock"]:
         j = recovery.interrupted_any(env)
@@ -89,7 +89,7 @@ def look_at(config, env):
             records = []
             unreadable.append(str(exc))
         local = backups.list_backups(env.backup_dir)         # read once: data, copies and log parts use it
-        for part in (unit_part, code_part, data_part, copies_part, log_part):
+        for part in (unit_part, code_part, data_part, copies_part, log_part, replica_part):
             try:
                 report.update(part(config, env, records, local, facts))
             except DeployError as exc:
@@ -273,6 +273,14 @@ def log_part(config, env, records, local, facts):
                                "migration_seconds": r.migration_seconds, "compatible": r.compatible} if r else None}
 
 
+def replica_part(config, env, records, local, facts):
+    """The continuous copies ([replica]): the replicator, the replica's newest moment and how far behind it is."""
+    state = replica.look(config, env, lambda script, *a: cli.script_command(config, script, *a))
+    if state is not None:
+        facts.replica_problem, facts.replica_fix = state.problem, state.fix
+    return {"replica": state.to_json() if state else None}
+
+
 # -- monitoring ---------------------------------------------------------------------------------------
 def send_changes(config, envs, reports, quiet):
     """One alert per change: "problem" when an env turns not OK (its command: the first advice), "recovered"
@@ -296,6 +304,10 @@ def send_changes(config, envs, reports, quiet):
             cli.err(f"warning: {problem}")
         if not problems:
             remember(path, r)               # not delivered: the next run tries again
+    for env in envs:                        # and replica-behind, once, when an env's replica turns not OK
+        for problem in replica.alert_change(config, env, reports[env.name].get("replica"),
+                                            lambda body: alerts.send(config.alerts, body), alerts.event):
+            cli.err(f"warning: {problem}")
 
 
 def remember(path, report):
@@ -349,6 +361,10 @@ def show(reports, as_json):
             cli.say(f"  rolled    back {rb['time']} to {rb['point']}: {rb['result']}")
         b = r["last_backup"]
         cli.say(f"  backup    {b['path']} ({b['reason']}, {human_age(b['age_seconds'])})" if b else "  backup    none here")
+        rp = r.get("replica")
+        if rp:
+            lag = f", {rp['lag_s']:g}s behind" if rp["lag_s"] else ""
+            cli.say(f"  replica   newest {rp['newest'] or 'none yet'}{lag} (oldest {rp['oldest'] or '-'}; {rp['unit']})")
         if r.get("offsite_problem"):
             cli.say(cli.paint(f"  off-site  not listed: {r['offsite_problem']}", "yellow"))
         if r.get("clock") and r["clock"] not in r["problems"]:

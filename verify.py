@@ -12,7 +12,7 @@ the commit's tree is recorded as verified in this env (the promotion gate reads 
 import json
 from dataclasses import asdict, dataclass
 
-from safedeploy import backups, cli, clock, health, releases, units, verified_notes
+from safedeploy import backups, cli, clock, health, releases, replica, replica_copy, units, verified_notes
 from safedeploy.errors import DeployError
 from safedeploy.gitrepo import Repo
 from safedeploy import records
@@ -57,10 +57,12 @@ def parse_arguments():
 
 
 def run_checks(config, env):
+    replicated = [("replica", check_replica)] if replica.replicated(config, env) else []
     return [guarded(name, fn, config, env) for name, fn in (
         ("unit", check_unit), ("health", check_health), ("domain", check_domain),
         ("commit", check_commit), ("release", check_release), ("database", check_database), ("backup", check_backup),
-        ("rollback point", check_rollback_point), ("rollback drill", check_drill), ("restart", check_restart))]
+        ("rollback point", check_rollback_point), *replicated, ("rollback drill", check_drill),
+        ("restart", check_restart))]
 
 
 def guarded(name, fn, config, env):
@@ -87,6 +89,15 @@ def check_unit(config, env):
 def check_health(config, env):
     result = health.check(env.health_url, timeout=5)
     return result.ok, f"{env.health_url}: {result.describe()}"
+
+
+def check_replica(config, env):
+    """The continuous copies: the replicator runs and keeps up, and the replica's newest moment restores (to a
+    private temp folder, bounded) into a sound database with the live schema and rows."""
+    state = replica.look(config, env, lambda script, *a: cli.script_command(config, script, *a))
+    if state is None or not state.ok:
+        return False, state.problem if state else "not replicated"
+    return replica_copy.check_newest(config, env)
 
 
 def check_domain(config, env):

@@ -36,6 +36,9 @@ from .units import user_unit_dir
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 DEFAULT_BOOKKEEPING = rowsets.DEFAULT_BOOKKEEPING
+# Litestream's own tables (_litestream_seq, _litestream_lock), which it adds to a database it replicates:
+# never the users' rows, never a schema change
+NOT_TOOLS = r"AND name NOT LIKE '\_litestream\_%' ESCAPE '\'"
 BUSY_TIMEOUT_MS = 10_000
 
 
@@ -118,7 +121,7 @@ def integrity(conn, quick=False):
 
 def schema_fingerprint(conn):
     rows = conn.execute("SELECT type, name, tbl_name, coalesce(sql, '') FROM sqlite_master "
-                        "WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name").fetchall()
+                        f"WHERE name NOT LIKE 'sqlite_%' {NOT_TOOLS} ORDER BY type, name").fetchall()
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
@@ -733,7 +736,8 @@ def rows_only_in(saved_path, restored_path, seconds=None):
     try:
         saved.execute("ATTACH DATABASE ? AS restored", (f"file:{quote(str(restored_path))}?mode=ro",))
         tables = [r[0] for r in saved.execute(
-            "SELECT name FROM main.sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+            f"SELECT name FROM main.sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' {NOT_TOOLS} "
+            "ORDER BY name")]
         restored_tables = {r[0] for r in saved.execute(
             "SELECT name FROM restored.sqlite_master WHERE type = 'table'")}
         lost = {}

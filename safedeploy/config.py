@@ -24,6 +24,8 @@ from urllib.parse import quote, unquote
 
 from . import SCRIPTS_DIR
 from .errors import usage_error
+from .replica_config import REPLICA_KEYS, ReplicaSettings  # noqa: F401 (REPLICA_KEYS: the docs' key table)
+from .replica_config import parse as parse_replica
 
 try:
     import tomllib  # novermin: Python 3.11 and later
@@ -68,7 +70,7 @@ ENV_KEYS = {
 }
 REQUIRED_ENV_KEYS = [k for k, (default, _) in ENV_KEYS.items() if default is None]
 RETENTION_KEYS = {"daily": 7, "weekly": 4, "monthly": 6}
-TOP_KEYS = ["defaults", "retention", "env", "offsite", "alerts"]
+TOP_KEYS = ["defaults", "retention", "env", "offsite", "alerts", "replica"]
 OFFSITE_KEYS = {"engine": "\"restic\" (the default) or \"borg\"",
                 "repository": "a restic repository, e.g. \"sftp:backup@nas:/srv/restic/app\" or a folder; with borg, a "
                               "folder or \"ssh://backup@nas:22/srv/borg/app\"",
@@ -207,6 +209,7 @@ class Config:
     explicit: bool = False      # named with --config or $DEPLOY_CONFIG
     offsite: Offsite | None = None
     alerts: Alerts | None = None
+    replica: ReplicaSettings | None = None      # [replica]: continuous copies (safedeploy.replica)
 
     def env(self, name):
         if name not in self.envs:
@@ -325,8 +328,11 @@ def parse(data, file):
     offsite = parse_offsite(data.get("offsite"), file.parent, fail)
     if offsite and offsite.local:
         check_repository(offsite, envs, fail)
+    replica = parse_replica(data.get("replica"), file.parent, list(envs), fail)
+    if replica:
+        check_replica(replica, envs, fail)
     return Config(file=file, envs=envs, retention=retention, offsite=offsite,
-                  alerts=parse_alerts(data.get("alerts"), fail))
+                  alerts=parse_alerts(data.get("alerts"), fail), replica=replica)
 
 
 def check_table(table, name, keys, fail):
@@ -687,3 +693,19 @@ def check_repository(offsite, envs, fail):
                 fail("offsite.repository", f"{offsite.repository} lies inside env {env.name}'s "
                                            f"{'backup folder' if folder == real(env.backup_dir) else 'tree'} ({folder}): "
                                            "off-site copies must live elsewhere")
+
+
+def check_replica(replica, envs, fail):
+    """The replicated envs share one state folder (the one replicator of this config keeps its files there);
+    a replica folder lies outside every env's tree and backup folder."""
+    folders = {envs[name].state_dir for name in replica.envs}
+    if len(folders) > 1:
+        fail("replica.envs", f"the envs {', '.join(replica.envs)} keep their state in different folders "
+                             f"({', '.join(sorted(map(str, folders)))}): one replicator keeps its files in one; "
+                             "give them one state_dir")
+    if replica.folder is not None:
+        for env in envs.values():
+            for folder in env_trees(env) + [real(env.backup_dir), real(env.state_dir)]:
+                if inside(real(replica.folder), folder) or inside(folder, real(replica.folder)):
+                    fail("replica.url", f"{replica.folder} overlaps env {env.name}'s folder {folder}: continuous "
+                                        "copies must live elsewhere (another disk)")

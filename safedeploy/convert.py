@@ -24,7 +24,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import release, releases, units
+from . import release, releases, replica, units
 from .errors import DeployError
 from .files import fsync_dir, make_private_dir, remove_quietly, write_atomic
 from .gitrepo import Repo
@@ -287,6 +287,7 @@ def stop_for_move(run):
         units.stop(env.unit)
     else:
         units.move_port_to_socket(env.unit, env.port)     # refused connections only while the port moves
+    replica.pause(env)          # the database moves next: its last writes reach the replica first
 
 
 def put_back_interrupted(env, j):
@@ -316,5 +317,6 @@ def put_back(env, files, saved, modes, first, moves):
         else:
             remove_quietly(path)
     units.daemon_reload()
+    replica.resume(env, swapped=False)
     release.restart_unit(env)
     release.wait_until_healthy(env)

@@ -72,6 +72,8 @@ class Facts:
     tip_bad: str = ""
     rollback: str | None = None       # the newest safe point's rollback command
     failed_checks: list = field(default_factory=list)
+    replica_problem: str = ""         # the continuous copies' own problem (safedeploy.replica.look): down, behind
+    replica_fix: str | None = None
 
 
 @dataclass
@@ -210,4 +212,6 @@ def diagnose(f, cmd):
         d.add(f.tip_bad)
     for check in f.failed_checks:
         d.add(check)
+    if f.replica_problem:           # the replicator down or behind: writes since are on this disk only
+        d.add(f.replica_problem, "the continuous copies: " + f.replica_problem, f.replica_fix)
     return d

@@ -100,7 +100,8 @@ def read_schema(conn: sqlite3.Connection, schema: str = "main", bookkeeping: Ite
             found.tables[name.lower()] = bare(name, VIRTUAL)
             continue
         table = describe_table(conn, schema, name, without_rowid, sql)
-        kind = SHADOW if kind_hint == "shadow" else BOOKKEEPING if name.lower() in keep else USERS
+        tools = name.lower().startswith("_litestream_")      # what Litestream adds to a database it replicates
+        kind = SHADOW if kind_hint == "shadow" else BOOKKEEPING if name.lower() in keep or tools else USERS
         found.tables[name.lower()] = table if kind == USERS else replace_kind(table, kind)
     names = {t.name.lower(): t.name for t in found.tables.values()}
     for key, table in list(found.tables.items()):        # parents as declared, whatever case the child wrote

@@ -43,7 +43,7 @@ import os
 import shlex
 from dataclasses import dataclass, field
 
-from . import backups, cli, commands, convert, marks, records, release, releases, rowloss, units, verified_notes
+from . import backups, cli, commands, convert, marks, records, release, releases, replica, rowloss, units, verified_notes
 from .decisions import failure_code
 from .errors import EXIT_FAILED, EXIT_HUMAN, DeployError, after_undo, describe_failure
 from .files import write_atomic
@@ -520,6 +520,12 @@ def prepare(run):
 def stop_for_restore(run):
     run.stopped = True
     units.stop_for_restore(run.env.unit)
+    replica.pause(run.env)          # its last writes reach the replica; nothing reads the file while it moves
+
+
+def put_database(run):
+    backups.put_in_place(run.prepared, run.env.db)
+    replica.resume(run.env, swapped=True)       # the replica continues from the restored database
 
 
 def save(run):
@@ -663,7 +669,7 @@ ROLLBACK = [
                     else "") + f"move {r.env.path} to {r.point.commit[:12]} (git reset --hard; uncommitted changes "
                                "are stashed)", when=lambda r: not r.db_only),
     Step("unit", AFTER, restore_unit, lambda r: r.unit_why, when=lambda r: r.unit_action == "restore" and not r.db_only),
-    Step("database", AFTER, lambda r: backups.put_in_place(r.prepared, r.env.db),
+    Step("database", AFTER, put_database,
          lambda r: f"rename the prepared copy of {r.point.backup.path} into place as {r.env.db}",
          when=lambda r: r.restore_db),
     *bring_up_steps(),
@@ -727,6 +733,7 @@ def put_back_before_change(run):
     if run.restore_db and run.stopped and not env.db.exists():
         return False            # the app stays stopped: it must not start on an empty database
     if run.stopped:
+        replica.resume(env, swapped=False)
         try:
             release.restart_unit(env)
         except DeployError:
@@ -792,6 +799,11 @@ def build_first(run):
     run.journal.update(first=run.first.id)
 
 
+def finish_conversion(run):
+    units.release_holder(run.env.unit)
+    replica.resume(run.env, swapped=False)     # the replicator restarts on the database's new path
+
+
 def conversion_steps():
     restart, health = bring_up_steps()[:2]
     return [
@@ -809,7 +821,7 @@ def conversion_steps():
         Step("switch", AFTER, lambda c: releases.switch(c.env, c.first),
              lambda c: f"point {c.env.current_link} at the first release", when=lambda c: c.conversion.converting),
         restart, health,
-        Step("finish", AFTER, lambda c: units.release_holder(c.env.unit),
+        Step("finish", AFTER, finish_conversion,
              lambda c: f"{units.socket_name(c.env.unit)} activates {c.env.unit} again"),
     ]
 

@@ -51,7 +51,7 @@ def key_tables(text):
 
 # a key table belongs to the section whose heading names the TOML table
 SECTIONS = {"[env.NAME]": configmod.ENV_KEYS, "[retention]": configmod.RETENTION_KEYS,
-            "[offsite]": configmod.OFFSITE_KEYS, "[alerts]": configmod.ALERT_KEYS}
+            "[offsite]": configmod.OFFSITE_KEYS, "[alerts]": configmod.ALERT_KEYS, "[replica]": configmod.REPLICA_KEYS}
 
 
 def config_page():
