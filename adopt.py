@@ -36,6 +36,7 @@ def main():
     check_promotion(config, env, doc)
     first_time = adoption.needs_phase_one(config, doc)
     if args.dry_run:
+        cli.only_looking()
         return dry_run(config, env, first_time)
     with EnvLock(env.state_dir, env.name, "adopt"):
         phase_one = show_phase_one(config, first_time)

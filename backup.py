@@ -20,8 +20,9 @@ from pathlib import Path
 from safedeploy import adoption, alerts, backups, cli, convert, offsite, recovery, replica, replica_copy, rowrestore, units
 from safedeploy.errors import EXIT_FAILED, EXIT_LOCKED, DeployError, usage_error
 from safedeploy.gitrepo import Repo
+from safedeploy.points import backup_id
 from safedeploy import records
-from safedeploy.state import EnvLock, Journal, StepClock, age_seconds, human_age, parse_time
+from safedeploy.state import EnvLock, JsonLog, Journal, StepClock, age_seconds, human_age, now_iso, parse_time
 
 REASON_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 TIME_RE = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
@@ -323,14 +324,15 @@ def show_list(config, envs, as_json):
     identity = {"repository": config.offsite.shown, "host": config.offsite.host, "config": config.offsite.id,
                 "others": others} if config.offsite else None
     if as_json:
-        print(json.dumps({"backups": rows, **({"offsite": identity} if identity else {})}, indent=2))
+        cli.say(json.dumps({"backups": rows, **({"offsite": identity} if identity else {})}, indent=2))
     else:
         if not rows:
             cli.say("no backups yet")
         for r in rows:
             size = f"{r['bytes'] / 1e6:9.1f} MB" if r["bytes"] is not None else "         ? MB"
             where = r["path"] or f"{r['file']} (off-site only, snapshot {r['snapshot'][:8]})"
-            cli.say(f"{r['time']}  {r['env']:<8} {r['reason']:<12} {size}  {(r['commit'] or '?')[:12]}  "
+            rows_text = f"{r['rows']:>8} rows" if r["rows"] is not None else "       ? rows"
+            cli.say(f"{r['time']}  {r['env']:<8} {r['reason']:<12} {size} {rows_text}  {(r['commit'] or '?')[:12]}  "
                     f"{human_age(age_seconds(r['time'])):>8}  {r['location']:<7} {where}"
                     + ("  HELD: holds rows a restore took out; kept until --release-hold" if r["held"] else ""))
         if identity and not problem:
@@ -347,21 +349,23 @@ def rows_to_restore(envs, wanted):
     """The older spelling: the SQL of a restore, for review only."""
     backup = find_backup(envs, wanted)
     env = next(e for e in envs if Path(backup.path).parent == e.backup_dir)
-    print("\n".join(rowrestore.sql(rowrestore.plan(env, backup.path))))
+    cli.say("\n".join(rowrestore.sql(rowrestore.plan(env, backup.path))))
     return 0
 
 
 def restore_rows(config, envs, args):
-    """--restore-rows: the plan, then (asked, or --yes) the verified restore, under the env's lock."""
+    """--restore-rows: the plan, then (asked, or --yes) the verified restore, under the env's lock. The copy
+    may be off-site only: it is fetched and verified first, like a rollback's."""
     env = envs[0]
-    backup = find_backup([env], args.restore_rows)
+    backup = copy_to_restore_from(config, env, args.restore_rows)
+    record = records.RowsRecord(env=env.name, user=cli.user_name(), copy=backup_id(backup))
     with EnvLock(env.state_dir, env.name, "restore-rows", wait=args.lock_wait):
         try:
             plan = rowrestore.plan(env, backup.path)
         except sqlite3.Error as exc:
             raise DeployError(f"cannot compare {backup.path} with {env.db}: {exc}; nothing was changed") from None
         if args.sql:
-            print("\n".join(rowrestore.sql(plan)))
+            cli.say("\n".join(rowrestore.sql(plan)))
             return 0
         show_restore_plan(env, backup, plan)
         if not plan.total:
@@ -371,19 +375,38 @@ def restore_rows(config, envs, args):
         confirm_restore(env, args.yes, plan.total)
         try:
             done = rowrestore.apply(env, backup.path)
-        except rowrestore.RestoreRefused as exc:
-            raise DeployError(f"rows of {Path(backup.path).name} not put back: {exc}") from None
-        except sqlite3.Error as exc:
-            raise DeployError(f"rows of {Path(backup.path).name} not put back: {exc}; the transaction was rolled "
-                              "back, nothing was changed") from None
+        except (rowrestore.RestoreRefused, sqlite3.Error) as exc:
+            record.result, record.error = "failed", str(exc)
+            records.append(env, record)
+            why = str(exc) if isinstance(exc, rowrestore.RestoreRefused) else \
+                f"{exc}; the transaction was rolled back, nothing was changed"
+            raise DeployError(f"rows of {Path(backup.path).name} not put back: {why}. Review them with: "
+                              + cli.script_command(config, "backup.py", env.name, "--restore-rows",
+                                                   backup_id(backup), "--sql")) from None
+        record.result, record.restored, record.rekeyed = "ok", done.restored, done.rekeyed
+        record.left_out = done.plan.left_out_total
+        records.append(env, record)
     restored = ", ".join(f"{n} row(s) of {t}" for t, n in sorted(done.restored.items())) or "no row"
     cli.say(f"put back {restored} into {env.db}, in one transaction, verified before COMMIT: every live row "
-            "unchanged, each row put back there with its references")
+            "unchanged, the rows added exactly those planned, with their references")
     for table, n in sorted(done.rekeyed.items()):
         cli.say(f"  {table}: {n} of them under a new id (a newer row took theirs); the rows referring to them follow")
     if done.plan.refused or done.plan.left_out_total:
         cli.say("  left out (still in the copy): see above")
     return 0
+
+
+def copy_to_restore_from(config, env, wanted):
+    """A local backup named by wanted, else this config's off-site copy of that name, fetched and verified."""
+    try:
+        return find_backup([env], wanted)
+    except DeployError:
+        copies, problem = offsite.copies_for(config, env)
+        copy = next((c for c in copies if wanted in (c.name, c.file)), None)
+        if copy is None:
+            raise
+        cli.say(f"{copy.name} is off-site only; fetching {copy.file} (snapshot {copy.id[:8]})")
+        return offsite.fetch_for(config, copy, env)
 
 
 def show_restore_plan(env, backup, plan):
@@ -412,12 +435,17 @@ def confirm_restore(env, yes, n):
 
 
 def release_hold(envs, wanted):
+    """The rows a copy holds that the live database lacks are not wanted back (deleted on purpose): the row
+    ledger stops counting the copy, and a held copy is no longer kept from prune."""
     backup = find_backup(envs, wanted)
-    if not backup.held:
-        cli.say(f"{backup.path} is not held; prune treats it as any backup already")
-        return 0
-    backups.release_hold(backup)
-    cli.say(f"released: {backup.path} no longer holds back prune; [retention] decides from now on")
+    env = next(e for e in envs if Path(backup.path).parent == e.backup_dir)
+    JsonLog(env.state_dir / f"{env.name}.dismissed.jsonl").append(
+        {"time": now_iso(), "id": Path(backup.path).name.removesuffix(".sqlite3"), "sha256": backup.sha256,
+         "by": cli.user_name()})
+    if backup.held:
+        backups.release_hold(backup)
+    cli.say(f"released: the rows of {backup.path} the live database lacks are not counted any more (status stops "
+            "advising them back); prune treats it as any backup, [retention] decides from now on")
     return 0
 
 

@@ -29,6 +29,7 @@ def main():
     if args.install_units:
         return install_units(config, env, args)
     if args.dry_run:
+        cli.only_looking()
         return show_plan(config, env, args)
     with EnvLock(env.state_dir, env.name, "rehearse" if args.rehearse else "deploy", backup_wait=BACKUP_WAIT,
                  on_wait=cli.say):
@@ -139,7 +140,7 @@ def show_plan(config, env, args):
         raise
     steps = [] if plan.nothing_to_deploy else runbook.deploy_steps(config, env, plan)
     if args.json:
-        print(json.dumps({"env": env.name, "target": plan.target, "steps": steps}, indent=2))
+        cli.say(json.dumps({"env": env.name, "target": plan.target, "steps": steps}, indent=2))
         return 0
     cli.say(f"dry run: deploy {env.name}, nothing will be changed")
     j = recovery.interrupted(env)

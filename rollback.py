@@ -11,10 +11,9 @@ without touching the env.
 
 import json
 import re
-import sqlite3
 import sys
 
-from safedeploy import backups, cli, offsite, planning, recovery, rehearsal, runbook, units
+from safedeploy import backups, cli, offsite, planning, recovery, rehearsal, rowloss, runbook, units
 from safedeploy.errors import EXIT_FAILED, DeployError, usage_error
 from safedeploy.gitrepo import Repo
 from safedeploy.points import list_points
@@ -31,6 +30,7 @@ def main():
     env = config.env(args.env)
     repo = Repo(env.path)
     if args.list:
+        cli.only_looking()
         copies, problem = offsite.copies_for(config, env)
         return show_points(env, repo, list_points(env, repo, copies), args.json, problem)
     if args.drill:
@@ -41,7 +41,8 @@ def main():
         show_plan(env, repo, run)
         confirm(env, args)
         units.require_known(env.unit)
-        runbook.roll_back(config, env, repo, run.point, run.restore_db, run.db_why, run.running, run=run)
+        runbook.roll_back(config, env, repo, run.point, run.restore_db, run.db_why, run.running, run=run,
+                          db_only=run.db_only)
         print_summary(config, env, repo, run)
         return 0
 
@@ -60,6 +61,9 @@ def parse_arguments():
     group = p.add_mutually_exclusive_group()
     group.add_argument("--with-db", action="store_true", help="also restore the point's database backup")
     group.add_argument("--code-only", action="store_true", help="never touch the database")
+    group.add_argument("--db-only", action="store_true",
+                       help="the database alone back to the copy --to names (a point, a backup's id, file name or path): "
+                            "the running code and its unit file stay, nothing is marked bad")
     p.add_argument("--yes", action="store_true", help="do not ask (needed without a terminal)")
     p.add_argument("--drill", action="store_true", help="rehearse: check the point's backup and release, change nothing")
     args = p.parse_args()
@@ -67,7 +71,11 @@ def parse_arguments():
         raise usage_error("--json goes with --list")
     if args.list and (args.drill or args.to or args.with_db or args.code_only or args.yes):
         raise usage_error("--list only lists: it takes no --drill, --to, --with-db, --code-only or --yes")
-    if args.drill and (args.with_db or args.code_only or args.yes):
+    if args.db_only and not args.to:
+        raise usage_error("--db-only needs --to COPY: the copy the database goes back to (see backup.py --list)")
+    if args.list and args.db_only:
+        raise usage_error("--list only lists: it takes no --db-only")
+    if args.drill and (args.with_db or args.code_only or args.yes or args.db_only):
         raise usage_error("--drill changes nothing: it takes no --with-db, --code-only or --yes")
     if args.to is not None and not (POINT_RE.match(args.to) or (args.to.startswith("/") and args.to.endswith(".sqlite3")
                                                                and "/../" not in args.to)):
@@ -76,7 +84,7 @@ def parse_arguments():
 
 
 def db_mode(args):
-    return "with-db" if args.with_db else "code-only" if args.code_only else "auto"
+    return "with-db" if args.with_db or args.db_only else "code-only" if args.code_only else "auto"
 
 
 def choose_point(config, env, repo, args):
@@ -97,6 +105,14 @@ def choose_point(config, env, repo, args):
 def plan(config, env, repo, args):
     point = choose_point(config, env, repo, args)
     running = running_commit(read(env)) or repo.head()
+    if args.db_only:
+        planning.refuse_tracked_database(env, repo, [repo.head()])
+        why = (f"--db-only: the database back to {point.backup.path}; {running[:12]} keeps running" if point.backup
+               else "")
+        if point.backup is None:
+            raise DeployError(f"--db-only: {point.id} has no database copy; choose another with --to (backup.py --list)")
+        planning.check_point_backup(env, repo, point)
+        return runbook.rollback_run(config, env, repo, point, True, why, running, watch=env.watch, db_only=True)
     planning.refuse_tracked_database(env, repo, [repo.head(), point.commit])
     restore_db, why = planning.decide_database(env, point, db_mode(args))
     if restore_db:
@@ -110,7 +126,7 @@ def show_points(env, repo, points, as_json, problem=None):
     rows = [p.to_json(repo.subject(p.commit), (p.backup.schema != live) if p.backup and live else None)
             for p in points]
     if as_json:
-        print(json.dumps({"env": env.name, "points": rows}, indent=2))
+        cli.say(json.dumps({"env": env.name, "points": rows}, indent=2))
         return 0
     if not rows:
         cli.say(f"{env.name} has no rollback points yet (a deploy or a backup makes one)")
@@ -128,16 +144,15 @@ def show_points(env, repo, points, as_json, problem=None):
 def show_plan(env, repo, run):
     """The plan: the steps this rollback takes (the runbook's own descriptions), and the rows it moves."""
     point = run.point
-    cli.say(f"rollback plan for {env.name}: {repo.head()[:12]} -> {point.commit[:12]} ({repo.subject(point.commit)}), "
-            f"point {point.id}")
+    if run.db_only:
+        cli.say(f"restore plan for {env.name}'s database: {point.backup.path} ({point.id}); the code stays at "
+                f"{run.running[:12]} ({repo.subject(run.running)})")
+    else:
+        cli.say(f"rollback plan for {env.name}: {repo.head()[:12]} -> {point.commit[:12]} ({repo.subject(point.commit)}), "
+                f"point {point.id}")
     cli.say(f"  database  {'RESTORE ' + point.backup.path if run.restore_db else 'keep'}: {run.db_why}")
     if run.restore_db and env.db.exists():
-        try:
-            leaving = backups.rows_only_in(env.db, point.backup.path)
-        except sqlite3.Error as exc:
-            leaving = {"(not counted)": str(exc)}
-        cli.say("  rows      leaving the live database: " + (", ".join(f"{t} {n}" for t, n in sorted(leaving.items()))
-                                                             or "none (every live row is in the point's backup)"))
+        show_rows_leaving(env, point)
     cli.say(f"  unit file {'RESTORE' if run.unit_action == 'restore' else 'keep'}: {run.unit_why}")
     mark = planning.point_mark(run.config, env, repo, point)
     if mark:
@@ -145,6 +160,28 @@ def show_plan(env, repo, run):
                           f"{mark.get('time')} ({mark.get('why')}): this brings it back", "yellow"))
     for i, step in enumerate(runbook.rollback_steps(run), 1):
         cli.say(f"  {i:2}. {step['name']}: {step['detail']}")
+
+
+def show_rows_leaving(env, point):
+    """The rows the restore takes out of the live database (by content), or what a salvage of a damaged one
+    finds: all of them are kept, in the pre-rollback copy or a salvaged one, for `backup.py --restore-rows`."""
+    leaving = rowloss.leaving(env, point.backup)
+    if leaving.unreadable:
+        s = leaving.salvage or {}
+        if "error" in s:
+            cli.say(f"  rows      the live database cannot be read, and nothing can be salvaged from it ({s['error']})")
+            return
+        cli.say(f"  rows      the live database cannot be read; read page by page it still holds {s.get('rows', 0)} "
+                "row(s): they are salvaged into a held copy as it is replaced"
+                + (f"; {s['bad_pages']} page(s) cannot be read: up to {s['lost_estimate']} row(s) past the copy's "
+                   "newest cannot be saved" if s.get("bad_pages") else ""))
+        return
+    text = ", ".join(f"{t} {n}" for t, n in sorted(leaving.rows.items()))
+    cli.say("  rows      leaving the live database (by content): " + (
+        f"{text} (kept in the pre-rollback copy; status then advises them back)" if text else
+        "none (every live row is in the copy)")
+            + (f"; {sum(leaving.changed.values())} row(s) updated since go back to the copy's version"
+               if leaving.changed else ""))
 
 
 def confirm(env, args):
@@ -167,8 +204,8 @@ def print_summary(config, env, repo, run):
         for table, n in sorted(r.rows_lost.items()):
             cli.say(f"  rows      {table}: {n} row(s) written since the point are not in the restored database")
         if r.rows_lost:
-            cli.say(f"            they are all in the pre-rollback copy {r.pre_rollback}; to put them back as "
-                    f"reviewable SQL: {cli.script_command(config, 'backup.py', '--rows-to-restore', r.pre_rollback)}")
+            cli.say(f"            they are all in the pre-rollback copy {r.pre_rollback or r.salvaged}; to put them "
+                    f"back: {cli.script_command(config, 'backup.py', env.name, '--restore-rows', r.pre_rollback or r.salvaged, '--yes')}")
         elif r.pre_rollback:
             cli.say("  rows      the restore took away no rows")
         if r.seal_problem:

@@ -11,17 +11,17 @@ parallel, with short timeouts. Exit 0 when every env shown is OK, 1 otherwise (m
 """
 
 import json
-import sqlite3
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from safedeploy import alertlock, alerts, backups, cli, clock, diagnosis, health, journals, offsite, planning, recovery, releases, replica, units
+from safedeploy import (alertlock, alerts, backups, cli, clock, datafacts, diagnosis, health, journals, offsite, planning,
+                        recovery, releases, replica, units)
 from safedeploy import records as logs
 from safedeploy.errors import EXIT_FAILED, DeployError, usage_error
 from safedeploy.files import make_private_dir, write_atomic
 from safedeploy.gitrepo import Repo
-from safedeploy.points import backup_id, list_points
-from safedeploy.state import age_seconds, bad_mark, human_age, lock_holder, now_iso, parse_time
+from safedeploy.points import list_points
+from safedeploy.state import age_seconds, bad_mark, human_age, lock_holder, now_iso
 
 HEALTH_TIMEOUT = 2.0
 TIMER_NAME = "safe-deploy-status"
@@ -74,7 +74,8 @@ def look_at(config, env):
               "health": {"ok": False, "status": None, "ms": None}, "last_deploy": None, "last_backup": None,
               "rollback": None, "lock": lock_holder(env.state_dir, env.name), "interrupted": None, "problems": [],
               "restart_method": None, "warning": None, "replica": None}
-    facts = diagnosis.Facts(env=env.name, db=str(env.db), unit=env.unit, lock=report["lock"])
+    facts = diagnosis.Facts(env=env.name, db=str(env.db), unit=env.unit, lock=report["lock"],
+                            health_timeout=env.health_timeout)
     if not report["lock"]:
         j = recovery.interrupted_any(env)
         if j:
@@ -89,7 +90,7 @@ def look_at(config, env):
             records = []
             unreadable.append(str(exc))
         local = backups.list_backups(env.backup_dir)         # read once: data, copies and log parts use it
-        for part in (unit_part, code_part, data_part, copies_part, log_part, replica_part):
+        for part in (unit_part, code_part, replica_part, data_part, log_part):
             try:
                 report.update(part(config, env, records, local, facts))
             except DeployError as exc:
@@ -126,7 +127,7 @@ def unit_part(config, env, records, local, facts):
     facts.socket = sock.name if sock.known else ""
     facts.socket_active = sock.is_active
     facts.held = [str(path) for path in units.port_holder_files(env.unit) if path.exists()]
-    facts.unit_state = st.active
+    facts.unit_state, facts.serving_unit, facts.uptime = st.active, st.name, st.uptime
     facts.unit_failed = st.active == "failed" or (st.is_active and units.is_restart_looping(st)) or st.sub == "auto-restart"
     if method == "handover" and all(units.state(u).is_active for u in units.slots(env.unit)) \
             and not lock_holder(env.state_dir, env.name):
@@ -198,74 +199,36 @@ def code_part(config, env, records, local, facts):
 
 
 def data_part(config, env, records, local, facts):
-    """The database there and readable (quick_check, read-only), its rows counted (bounded)."""
-    facts.db_exists = env.db.exists()
-    if facts.db_exists:
-        facts.db_check = backups.integrity_of(env.db, quick=True)
-        rows = backups.live_rows(env.db) if facts.db_check == "ok" else None
-        facts.live_rows = sum(rows.values()) if rows is not None else None
+    """The database (there, quick_check), the row ledger over every copy (safedeploy.datafacts), the backups."""
+    copies, problem = offsite.copies_for(config, env)
+    data = datafacts.gather(config, env, local, records, facts.running, copies)
+    for name in ("db_exists", "db_check", "live_rows", "outstanding", "best", "salvage", "deleted_by",
+                 "failed_restores"):
+        setattr(facts, name, getattr(data, name))
+    facts.ledger_incomplete = data.incomplete
+    database = {"path": str(env.db), "exists": data.db_exists, "check": data.db_check if data.db_exists else "missing"}
+    facts.point_in_time = [b.time for b in local if b.reason == "point-in-time"]
     facts.local_backups = len(local)
     present, future = clock.split(local)        # a copy dated in the future is not the newest (clock.py)
     facts.newest_backup_age = age_seconds(present[0].time) if present else None
-    part = {"clock": clock.future_note(future) if future else None}
+    part = {"clock": clock.future_note(future) if future else None, "database": database,
+            "rows": {"live": data.live_rows, "outside": [{"copy": o.id, "where": o.where, "missing": o.missing,
+                                                          "lower_bound": o.by_count, "restorable": o.restorable}
+                                                         for o in data.outstanding]}}
+    if problem:
+        part["offsite_problem"] = problem
     if part["clock"] and (facts.newest_backup_age is None or facts.newest_backup_age > diagnosis.MAX_BACKUP_AGE):
         facts.failed_checks.append(part["clock"])       # said as a problem; the backup rule gives the command
     if not local:
         return {**part, "last_backup": None}
     newest = (present or local)[0]
     return {**part, "last_backup": {"path": newest.path, "time": newest.time, "reason": newest.reason,
-                                    "age_seconds": age_seconds(newest.time)}}
-
-
-def copies_part(config, env, records, local, facts):
-    """The copies a restore could go to, newest first: local backups (not pre-rollback saves), and the
-    off-site copies that are not here too (listed within a few seconds)."""
-    restorable = [b for b in local if b.reason != "pre-rollback"]
-    found = [diagnosis.Copy(backup_id(b), b.time, b.rows_total) for b in restorable]
-    copies, problem = offsite.copies_for(config, env)
-    names = {backup_id(b) for b in restorable}
-    found += [diagnosis.Copy(c.name, c.time, c.rows_total, "off-site") for c in copies if c.name not in names]
-    facts.copies = sorted(found, key=lambda c: c.time, reverse=True)
-    return {"offsite_problem": problem} if problem else {}
-
-
-OLDER_COPY_SECONDS = 2.0      # comparing the live database with the newest backup: bounded
-
-
-def older_copy(env, records, local):
-    """{"backup", "time", "rows"} when the live database lacks rows the newest backup holds (one made since the
-    last restore, not a pre-rollback save) and holds none it lacks; else None (or not compared in time)."""
-    restored = [r.time for r in records if r.kind in ("rollback", "recovery") and r.ok and
-                (getattr(r, "db_restored", False) or (getattr(r, "rollback", None) or {}).get("db_restored"))]
-    since = parse_time(restored[-1]) if restored else None
-    newest = next((b for b in local if b.reason != "pre-rollback"
-                   and (since is None or (parse_time(b.time) and parse_time(b.time) > since))), None)
-    if newest is None or backups.live_schema(env.db) != newest.schema:
-        return None
-    try:
-        lacks = backups.rows_only_in(newest.path, env.db, OLDER_COPY_SECONDS)
-        if not lacks or backups.rows_only_in(env.db, newest.path, OLDER_COPY_SECONDS):
-            return None
-    except (sqlite3.Error, OSError):  # interrupted (too large to compare now), or unreadable: nothing is said
-        return None
-    return {"backup": newest.path, "time": newest.time, "rows": lacks}
+                                    "age_seconds": age_seconds(newest.time), "rows": newest.rows_total}}
 
 
 def log_part(config, env, records, local, facts):
     deploys, rollbacks = logs.of_kind(records, "deploy"), logs.of_kind(records, "rollback")
-    if facts.db_exists and facts.db_check == "ok":
-        facts.older_copy = older_copy(env, records, local)
     rehearsals = logs.of_kind(records, "rehearsal")
-    bug = next((d for d in reversed(deploys) if d.ok and d.rows_deleted and d.backup), None)
-    if bug:
-        running_it = facts.running == bug.to
-        facts.deleted_by = {"tag": bug.tag, "rows": bug.rows_deleted, "backup": bug.backup, "running_it": running_it}
-        if not running_it and env.db.exists():
-            try:
-                missing = backups.rows_only_in(bug.backup, env.db)
-                facts.rows_missing = {t: n for t, n in missing.items() if t in bug.rows_deleted}
-            except (sqlite3.Error, OSError):  # a backup gone or unreadable: the rows cannot be compared
-                facts.rows_missing = None
     r = rehearsals[-1] if rehearsals else None
     return {"last_deploy": deploys[-1].to_json() if deploys else None,
             "last_rollback": rollbacks[-1].to_json() if rollbacks else None,
@@ -278,6 +241,7 @@ def replica_part(config, env, records, local, facts):
     state = replica.look(config, env, lambda script, *a: cli.script_command(config, script, *a))
     if state is not None:
         facts.replica_problem, facts.replica_fix = state.problem, state.fix
+        facts.replicated, facts.replica_newest = True, state.newest
     return {"replica": state.to_json() if state else None}
 
 
@@ -289,16 +253,21 @@ def send_changes(config, envs, reports, quiet):
     for env in envs:
         r, path = reports[env.name], env.state_dir / f"{env.name}.status.json"
         try:
-            was = json.loads(path.read_text()).get("ok")
-        except (OSError, ValueError):
-            was = None                      # never looked: a problem now is news, an OK is not
-        if r["ok"] == was or (r["ok"] and was is None):
+            last = json.loads(path.read_text())
+            was, was_corrupt = last.get("ok"), last.get("corrupt", False)
+        except (OSError, ValueError, AttributeError):
+            was, was_corrupt = None, False  # never looked: a problem now is news, an OK is not
+        corrupt = r.get("database", {}).get("check", "ok") != "ok"
+        if corrupt and not was_corrupt:     # at once, whatever else was already said: the data is at stake
+            was = None if was is False else was
+        if (r["ok"] == was and corrupt == was_corrupt) or (r["ok"] and was is None):
             if was is None:
                 remember(path, r)
             continue
         first = r["advice"][0]["command"] if r["advice"] else None
+        name = "database-corrupt" if corrupt and not was_corrupt else "problem"
         event = (alerts.event("recovered", env.name, f"{env.name} is OK again", None) if r["ok"] else
-                 alerts.event("problem", env.name, "; ".join(r["problems"]), first))
+                 alerts.event(name, env.name, "; ".join(r["problems"]), first))
         problems = alerts.send(config.alerts, event)
         for problem in problems:
             cli.err(f"warning: {problem}")
@@ -312,7 +281,8 @@ def send_changes(config, envs, reports, quiet):
 
 def remember(path, report):
     make_private_dir(path.parent)
-    write_atomic(path, json.dumps({"ok": report["ok"], "time": now_iso(), "problems": report["problems"]}) + "\n")
+    write_atomic(path, json.dumps({"ok": report["ok"], "time": now_iso(), "problems": report["problems"],
+                                   "corrupt": report.get("database", {}).get("check", "ok") != "ok"}) + "\n")
 
 
 def install_timer(config):
@@ -335,7 +305,7 @@ def install_timer(config):
 # -- the text -------------------------------------------------------------------------------------
 def show(reports, as_json):
     if as_json:
-        print(json.dumps({"envs": reports}, indent=2))
+        cli.say(json.dumps({"envs": reports}, indent=2))
         return
     for name, r in reports.items():
         unit, h = r["unit"], r["health"]

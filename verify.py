@@ -214,7 +214,7 @@ def label(check):
 
 def show(env, checks, ok, as_json):
     if as_json:
-        print(json.dumps({"env": env.name, "ok": ok, "checks": [asdict(c) for c in checks]}, indent=2))
+        cli.say(json.dumps({"env": env.name, "ok": ok, "checks": [asdict(c) for c in checks]}, indent=2))
         return
     for c in checks:
         cli.say(f"{label(c)}  {c.name:<15} {c.detail}")

@@ -71,8 +71,6 @@ def run(main, nice=False, alert=None):
             err(exc.output)
         RUN["command"] = exc.command
         code = exc.code
-    except BrokenPipeError:
-        code = 1
     except KeyboardInterrupt as exc:
         err(f"error: {describe_failure(exc)}; nothing more was done")
         code = 1
@@ -81,11 +79,18 @@ def run(main, nice=False, alert=None):
         if getattr(exc, "undone", None):
             err(f"error: {exc.undone}")
         raise
+    if RUN["looking"]:
+        alert = None            # a --list, a --dry-run, a plan: nothing was attempted, so nothing failed
     send_alert(code, alert)
     sys.exit(code or 0)
 
 
-RUN = {"config": None, "env": None, "errors": [], "command": None}   # what the error boundary's alert needs
+RUN = {"config": None, "env": None, "errors": [], "command": None, "looking": False}   # what the alert needs
+
+
+def only_looking():
+    """This run only looks (a --list, a --dry-run): an exit 1 from it is never an operation that failed."""
+    RUN["looking"] = True
 
 
 def send_alert(code, alert):
@@ -128,13 +133,24 @@ def countdown(label):
 
 
 def say(text=""):
-    print(text, flush=True)
+    emit(text, sys.stdout)
 
 
 def err(text):
     if text.startswith("error"):             # the alert's message: errors, not the app's output that follows them
         RUN["errors"].append(text.removeprefix("error: "))
-    print(paint(text, "red", sys.stderr) if text.startswith("error") else text, file=sys.stderr, flush=True)
+    emit(paint(text, "red", sys.stderr) if text.startswith("error") else text, sys.stderr)
+
+
+def emit(text, stream):
+    """Print a line. A reader that went away (`deploy.py prod | head -3`) never stops or fails an operation:
+    what follows goes nowhere, and the exit code is the operation's."""
+    try:
+        print(text, file=stream, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
 
 
 # -- confirmation -----------------------------------------------------------

@@ -115,7 +115,11 @@ def choose_point(points, wanted, last_ok_deploy_tag):
     before the last good deploy, else the newest before-deploy point."""
     if wanted:
         for p in points:
-            if wanted in (p.id, p.backup.path if p.backup else None):
+            if wanted == p.id:
+                return p, None
+        for p in points:        # a backup's own id, file name or path names the point that has it
+            names = backup_names(p.backup.path) if p.backup else ()
+            if wanted in names or (p.copy is not None and wanted in (p.copy.name, p.copy.file)):
                 return p, None
         ids = ", ".join(p.id for p in points[:5]) or "none yet"
         return None, f"--to {wanted!r}: no such rollback point (newest: {ids}; see --list)"
@@ -127,6 +131,12 @@ def choose_point(points, wanted, last_ok_deploy_tag):
     if tagged:
         return tagged[0], None
     return None, "no before-deploy point yet; choose one with --to (see --list)"
+
+
+def backup_names(path):
+    """What names a backup: its path, its file name, and its id (the file name without .sqlite3)."""
+    name = path.rsplit("/", 1)[-1]
+    return (path, name, name.removesuffix(".sqlite3"))
 
 
 # -- the database decision of a rollback ----------------------------------------------------------

@@ -126,8 +126,18 @@ class RehearsalRecord(Record):
     incompatible: str = ""              # where it did not: the failing path and the app's line
 
 
+@dataclass
+class RowsRecord(Record):
+    """backup.py ENV --restore-rows COPY: what went back, or why nothing did."""
+    kind: str = "restore-rows"
+    copy: str = ""                      # the copy's id
+    restored: dict = field(default_factory=dict)
+    rekeyed: dict = field(default_factory=dict)
+    left_out: int = 0
+
+
 KINDS = {"deploy": DeployRecord, "rollback": RollbackRecord, "recovery": RecoveryRecord, "drill": DrillRecord,
-         "rehearsal": RehearsalRecord}
+         "rehearsal": RehearsalRecord, "restore-rows": RowsRecord}
 
 
 def from_json(data):

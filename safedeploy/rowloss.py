@@ -20,9 +20,10 @@ from __future__ import annotations
 import sqlite3
 import tempfile
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import backups, ledger, salvage
+from . import backups, ledger, rowcompare, salvage
 from .files import make_private_dir
 from .rowsets import TableRows
 
@@ -87,3 +88,40 @@ def salvage_into_copy(env, damaged: Path, commit: str, reason: str = "salvaged")
         backup = backups.backup_database(out, folder, env.name, reason, commit=commit, bookkeeping=env.bookkeeping)
     hold(backup)
     return backup, found
+
+
+@dataclass
+class Leaving:
+    """What a restore of a copy takes out of the live database."""
+    rows: dict[str, int] = field(default_factory=dict)       # live rows the copy lacks, by content
+    changed: dict[str, int] = field(default_factory=dict)    # live rows updated since the copy (same key)
+    unreadable: bool = False                                 # the live database cannot be read: salvaged instead
+    salvage: dict | None = None                              # datafacts.preview_salvage's findings
+
+
+def leaving(env, backup) -> Leaving:
+    """The rows a restore of backup takes out of the live database (all kept in the pre-rollback copy)."""
+    from . import datafacts     # datafacts reads the ledger as this module does; imported where needed
+    if backups.integrity_of(env.db, quick=True) != "ok":
+        best = datafacts.Outstanding(id="", path=backup.path, where="local", reason=backup.reason, time=backup.time,
+                                     held=False, total=None, missing={})
+        return Leaving(unreadable=True, salvage=datafacts.preview_salvage(env, best))
+    try:
+        same, _, _ = ledger.same_schema(backup.path, env.db, tuple(env.bookkeeping))
+        if same:
+            live = ledger.live_rows(env)
+            kept = ledger.copy_rows(env, ledger.Known(id="", time="", reason="", path=backup.path, sha256=backup.sha256))
+        else:
+            kept, live = ledger.paired_rows(env, ledger.Known(id="", time="", reason="", path=backup.path,
+                                                              sha256=backup.sha256),
+                                            *ledger.same_schema(backup.path, env.db, tuple(env.bookkeeping))[1:], None)
+    except sqlite3.Error:
+        return Leaving()
+    out = Leaving()
+    for table, rows in live.items():
+        diff = rowcompare.compare(rows, kept.get(table))
+        if diff.missing:
+            out.rows[table] = len(diff.missing)
+        if diff.candidates:
+            out.changed[table] = len(diff.candidates)
+    return out

@@ -224,17 +224,16 @@ class Resolver:
         taken = self.live_keys(ltable) if surrogate else set()
         next_key = max([k for k in taken if isinstance(k, int)] + [0]) + 1
         used = set(taken)
-        for key, _ in rows:
-            if not surrogate:
+        for key, _ in rows:             # first every row whose key is free keeps it
+            if not surrogate or key not in used:
                 assigned[key] = key
-            elif key in used:
+                used.add(key)
+        for key, _ in rows:             # then the rows whose key a live row took get the next free ones
+            if key not in assigned:
                 while next_key in used:
                     next_key += 1
                 assigned[key] = rekeyed[key] = next_key
                 used.add(next_key)
-            else:
-                assigned[key] = key
-                used.add(key)
 
     def refuse_all(self, name: str) -> None:
         why = "its table cannot come back"

@@ -343,6 +343,11 @@ def deploy_failed_after(run, step, exc):
     cli.err("  saved     " + (f"the failed release's database, in {done.pre_rollback}" if done.pre_rollback else
                              f"the failed release's database lies at {done.aside}: {done.seal_problem}" if done.aside
                              else "no database to save"))
+    if done.rows_lost:
+        lost = ", ".join(f"{n} row(s) of {t}" for t, n in sorted(done.rows_lost.items()))
+        cli.err(f"  rows      {lost} written since the backup are in that copy, not live: put them back with: "
+                + cli.script_command(run.config, "backup.py", env.name, "--restore-rows",
+                                     done.pre_rollback or done.salvaged or "", "--yes"))
     if not isinstance(exc, (DeployError, KeyboardInterrupt)):
         raise after_undo(exc, f"deploy of {env.name} failed at {step} ({what}); rolled back by itself to "
                               f"{plan.running[:12]}") from None

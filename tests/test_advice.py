@@ -113,8 +113,8 @@ def test_a_rebuilt_host_gets_its_rows_back_by_following_the_advice(sandbox):
     shutil.rmtree(sb.root / "state")
     for env, rows in (("dev", 4), ("prod", 5)):
         first = status(sb, env)
-        assert not first["ok"] and "holds no row" in " ".join(first["problems"]), first["problems"]
-        assert "rollback.py" in first["advice"][0]["command"] and "--with-db" in first["advice"][0]["command"]
+        assert not first["ok"] and "a fresh or an older database" in " ".join(first["problems"]), first["problems"]
+        assert "rollback.py" in first["advice"][0]["command"] and "--db-only" in first["advice"][0]["command"]
         assert "backup.py" not in first["advice"][0]["command"]
         ran, last = follow_advice(sb, env)
         assert len(bodies(sb.db_path(env))) == rows, ran
@@ -160,7 +160,7 @@ def test_a_database_replaced_by_an_older_copy_gets_the_newest_rows_back(sandbox)
     sb.manager.systemctl("start", sb.unit("dev").replace(".service", ".socket"), sb.unit("dev"))
     sb.wait_serving("dev")
     first = status(sb, "dev")
-    assert "looks like an older copy" in " ".join(first["problems"]), first["problems"]
+    assert "a fresh or an older database" in " ".join(first["problems"]), first["problems"]
     assert "nightly" in first["advice"][0]["command"]
     ran, last = follow_advice(sb, "dev")
     assert bodies(db) == ["a0", "a1", "a2", "o0", "o1"] and last["ok"], (ran, last["problems"])
@@ -186,7 +186,7 @@ def test_a_release_that_deletes_rows_gets_the_gentle_route(sandbox):
     assert requests.post(sb.url("dev", "/posts"), data={"author_id": carol, "body": "c1"}, timeout=5).status_code == 201
     first = status(sb, "dev")
     commands = [a["command"] for a in first["advice"]]
-    assert "--code-only" in commands[0] and "--rows-to-restore" in commands[1], commands
+    assert "--code-only" in commands[0] and "--restore-rows" in commands[1], commands
     ran, last = follow_advice(sb, "dev")
     posts = requests.get(sb.url("dev", "/posts"), timeout=5).json()
     assert sorted((p["author"], p["body"]) for p in posts) == [

@@ -1,7 +1,8 @@
 """The diagnosis rules, one by one (safedeploy/diagnosis.py is pure: facts in, problems and advice out).
 The end-to-end incidents, with the advice pasted, are in tests/test_advice.py."""
 
-from safedeploy.diagnosis import Copy, Facts, diagnose, restore_target
+from safedeploy.datafacts import Outstanding, best_copy
+from safedeploy.diagnosis import Facts, diagnose
 
 
 def cmd(script, *args):
@@ -10,7 +11,7 @@ def cmd(script, *args):
 
 def facts(**kw):
     base = dict(env="prod", db="/srv/prod.db", unit="app.service", running="a" * 40, live_rows=10,
-                copies=[Copy("prod-2-nightly", "t2", 10)], local_backups=1, newest_backup_age=60.0,
+                local_backups=1, newest_backup_age=60.0,
                 rollback="py rollback.py prod --to p1 --yes")
     base.update(kw)
     return Facts(**base)
@@ -40,49 +41,97 @@ def test_an_interrupted_deploy_is_finished_by_a_deploy_of_the_commit_it_left():
     assert first(d) == "py backup.py prod"
 
 
+def copy(id, total, missing=None, reason="nightly", where="local", held=False, time="t2", restorable=None, **kw):
+    missing = missing if missing is not None else {"notes": total}
+    return Outstanding(id=id, path=f"/b/{id}.sqlite3" if where == "local" else None, where=where, reason=reason,
+                       time=time, held=held, total=total, missing=missing,
+                       restorable=sum(missing.values()) if restorable is None else restorable, **kw)
+
+
 def test_the_restore_target_is_the_copy_with_the_most_rows_not_the_newest():
-    copies = [Copy("empty-after-rebuild", "t3", 0, "local"), Copy("nightly", "t2", 12, "off-site"),
-              Copy("older", "t1", 12, "off-site"), Copy("uncounted", "t0", None)]
-    assert restore_target(facts(copies=copies)).id == "nightly"
-    assert restore_target(facts(copies=[Copy("x", "t", None)])).id == "x"
-    assert restore_target(facts(copies=[])) is None
+    found = [copy("empty-after-rebuild", 0, {}, time="t3"), copy("nightly", 12, where="off-site"),
+             copy("older", 12, where="off-site", time="t1"), copy("save", 99, reason="pre-rollback", held=True)]
+    assert best_copy(found).id == "nightly"
+    assert best_copy([]) is None
 
 
-def test_a_fresh_empty_database_is_restored_first_and_never_backed_up():
-    d = diagnose(facts(live_rows=0, local_backups=0, copies=[Copy("nightly", "t2", 12, "off-site")],
-                       unit_state="active"), cmd)
-    assert first(d) == "py rollback.py prod --to nightly --with-db --yes"
+def test_a_fresh_database_is_restored_alone_first_and_never_backed_up():
+    rich = copy("nightly", 12, where="off-site")
+    d = diagnose(facts(live_rows=3, local_backups=0, outstanding=[rich], best=rich), cmd)
+    assert first(d) == "py rollback.py prod --to nightly --db-only --yes"
+    assert "a backup now would copy it" in d.problems[0]
     assert not any("backup.py" in a["command"] for a in d.advice)
 
 
 def test_an_empty_database_with_no_copy_holding_rows_is_just_new():
-    d = diagnose(facts(live_rows=0, copies=[Copy("nightly", "t2", 0)]), cmd)
-    assert d.ok
+    assert diagnose(facts(live_rows=0), cmd).ok
 
 
-def test_a_missing_or_damaged_database_is_restored_from_the_richest_copy():
-    for kw in ({"db_exists": False}, {"db_check": "*** page 3: btree"}):
-        d = diagnose(facts(copies=[Copy("new", "t3", 2), Copy("rich", "t2", 9)], **kw), cmd)
-        assert first(d) == "py rollback.py prod --to rich --with-db --yes"
+def test_a_missing_or_damaged_database_is_restored_alone_from_the_richest_copy():
+    rich = copy("rich", 9)
+    for kw in ({"db_exists": False}, {"db_check": "*** page 3: btree",
+                                      "salvage": {"rows": 7, "bad_pages": 2, "lost_estimate": 3, "lost_and_found": 0}}):
+        d = diagnose(facts(outstanding=[copy("new", 2, time="t3"), rich], best=rich, **kw), cmd)
+        assert first(d) == "py rollback.py prod --to rich --db-only --yes"
+        assert len(d.advice) == 1
+    assert "still holds 7 users' row(s)" in d.problems[0] and "(3 row(s)" in d.problems[0]
+
+
+def test_a_newer_moment_in_the_continuous_copies_is_copied_first():
+    rich = copy("rich", 9, time="2026-12-04T10:00:00+00:00")
+    d = diagnose(facts(db_exists=False, outstanding=[rich], best=rich, replicated=True,
+                       replica_newest="2026-12-04T11:00:00+00:00"), cmd)
+    assert first(d) == "py backup.py prod --at latest"
+    d = diagnose(facts(db_exists=False, outstanding=[rich], best=rich, replicated=True,
+                       replica_newest="2026-12-04T11:00:00+00:00", point_in_time=["2026-12-04T11:00:00+00:00"]), cmd)
+    assert first(d) == "py rollback.py prod --to rich --db-only --yes"
 
 
 def test_a_data_bug_gets_code_back_without_the_database_then_the_rows():
-    bug = {"tag": "deploy-1", "rows": {"post": 3}, "backup": "/b/pre-deploy.sqlite3", "running_it": True}
-    d = diagnose(facts(deleted_by=bug), cmd)
+    pre = copy("pre-deploy", 10, {"post": 3}, reason="pre-deploy", held=True)
+    bug = {"tag": "deploy-1", "to": "b" * 40, "rows": {"post": 3}, "backup": pre.path, "running_it": True,
+           "uncopied": {}}
+    d = diagnose(facts(deleted_by=bug, outstanding=[pre]), cmd)
     commands = [a["command"] for a in d.advice]
-    assert commands[0] == "py rollback.py prod --to deploy-1 --code-only --yes"
-    assert commands[1].startswith("py backup.py --rows-to-restore /b/pre-deploy.sqlite3 > ")
-    assert "sqlite3 /srv/prod.db <" in commands[1]
+    assert commands == ["py rollback.py prod --to deploy-1 --code-only --yes",
+                        "py backup.py prod --restore-rows pre-deploy --yes"]
     # once the code is back, only the rows remain; once the rows are back, nothing
-    d = diagnose(facts(deleted_by={**bug, "running_it": False}, rows_missing={"post": 3}), cmd)
-    assert len(d.advice) == 1 and "--rows-to-restore" in first(d)
-    assert diagnose(facts(deleted_by={**bug, "running_it": False}, rows_missing={}), cmd).ok
+    d = diagnose(facts(deleted_by={**bug, "running_it": False}, outstanding=[pre]), cmd)
+    assert [a["command"] for a in d.advice] == ["py backup.py prod --restore-rows pre-deploy --yes"]
+    assert diagnose(facts(deleted_by={**bug, "running_it": False}), cmd).ok
 
 
-def test_an_older_copy_gets_the_missing_rows_not_a_rollback():
-    d = diagnose(facts(older_copy={"backup": "/b/nightly.sqlite3", "time": "t2", "rows": {"notes": 3}}), cmd)
-    assert "older copy" in d.problems[0] and "--rows-to-restore /b/nightly.sqlite3" in first(d)
-    assert "rollback.py" not in first(d)
+def test_rows_no_copy_holds_are_counted_and_taken_from_the_continuous_copies():
+    bug = {"tag": "deploy-1", "to": "b" * 40, "rows": {"post": 4}, "backup": "/b/pre.sqlite3", "running_it": False,
+           "uncopied": {"post": 1}, "switched_at": "2026-12-04T10:00:00+00:00"}
+    d = diagnose(facts(deleted_by=bug), cmd)
+    assert not d.ok and d.advice == [] and "1 row(s) that no copy held" in d.problems[0]
+    d = diagnose(facts(deleted_by=bug, replicated=True), cmd)
+    assert first(d) == "py backup.py prod --at 2026-12-04T10:00:00+00:00"
+    assert diagnose(facts(deleted_by=bug, replicated=True, point_in_time=["2026-12-04T09:59:59+00:00"]), cmd).ok
+
+
+def test_rows_outside_the_live_database_keep_status_not_ok_until_back_or_dismissed():
+    save = copy("save", 50, {"notes": 4}, reason="pre-rollback", held=True)
+    d = diagnose(facts(outstanding=[save]), cmd)
+    assert not d.ok and first(d) == "py backup.py prod --restore-rows save --yes"
+    assert "--release-hold save" in d.problems[0]
+    # what the tool cannot put back is said, and no command loops on it
+    stuck = copy("save", 50, {"notes": 4}, reason="pre-rollback", held=True, restorable=0,
+                 left_out={"notes: column mood of the copy is not in the live schema": 4})
+    d = diagnose(facts(outstanding=[stuck]), cmd)
+    assert not d.ok and d.advice == [] and "column mood" in d.problems[0]
+    # a restore that failed when pasted is not advised again unchanged
+    d = diagnose(facts(outstanding=[save], failed_restores={"save": "a trigger would delete live rows"}), cmd)
+    assert d.advice == [] and "--restore-rows save --sql" in d.problems[0]
+
+
+def test_a_hung_process_is_restarted_and_a_release_failing_after_a_fresh_start_rolled_back():
+    d = diagnose(facts(healthy=False, health="timed out", uptime=3600.0, health_timeout=5.0,
+                       serving_unit="app.service"), cmd)
+    assert first(d) == "systemctl --user restart app.service" and "does not answer" in d.problems[0]
+    d = diagnose(facts(healthy=False, health="timed out", uptime=4.0, health_timeout=5.0), cmd)
+    assert first(d) == "py rollback.py prod --to p1 --yes"
 
 
 def test_an_edited_or_missing_release_is_built_again_from_its_commit():
@@ -99,7 +148,7 @@ def test_stopped_by_hand_is_started_never_rolled_back():
 
 
 def test_failed_or_unhealthy_rolls_back_to_the_newest_safe_point():
-    for kw in ({"unit_failed": True, "unit_state": "failed"}, {"healthy": False, "health": "500"}):
+    for kw in ({"unit_failed": True, "unit_state": "failed"}, {"healthy": False, "health": "500", "uptime": 2.0}):
         assert first(diagnose(facts(**kw), cmd)) == "py rollback.py prod --to p1 --yes"
 
 
