@@ -93,7 +93,8 @@ def gather(config, env, local: list, records: list, running: str, offsite_copies
     if facts.db_exists:
         facts.db_check = backups.integrity_of(env.db, quick=True)
     copies = known_copies(env, local, offsite_copies)
-    book = ledger.look(env, copies, dismissed(env))
+    gone = dismissed(env)
+    book = ledger.look(env, copies, gone)
     facts.incomplete = book.incomplete
     if book.live is not None and facts.db_check == "ok":
         facts.live_rows = sum(book.live.values())
@@ -102,6 +103,8 @@ def gather(config, env, local: list, records: list, running: str, offsite_copies
     if facts.db_exists and facts.db_check != "ok":
         facts.salvage = preview_salvage(env, facts.best)
     facts.deleted_by = release_deleted(records, running)
+    if facts.deleted_by and Path(facts.deleted_by.get("backup") or "").name.removesuffix(".sqlite3") in gone:
+        facts.deleted_by["uncopied"] = {}       # the operator released its copy: nothing more is asked of them
     facts.failed_restores = failed_restores(records)
     return facts
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Callable
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 
 from .units import holder_name
@@ -240,7 +241,10 @@ def uncopied_finding(f: Facts, cmd: Cmd, bug: dict) -> list[Finding]:
             return []               # the copy of that moment is here: the rows rule above compares it
         return one(text + ": the continuous copies hold them", "a copy of the moment the release was switched in; its "
                    "rows come back next", cmd("backup.py", f.env, "--at", moment))
-    return one(text + ": they cannot be put back (no continuous copies: [replica])")
+    release = cmd("backup.py", f.env, "--release-hold", Path(bug["backup"]).name.removesuffix(".sqlite3")) \
+        if bug.get("backup") else None
+    return one(text + ": they cannot be put back (no continuous copies: [replica])"
+               + (f"; once that is understood: {release}" if release else ""))
 
 
 def abs_time_before(t: str, moment: str) -> bool:

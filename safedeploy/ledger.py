@@ -38,7 +38,7 @@ from . import rowcompare, rowsets
 from .files import make_private_dir, remove_quietly, write_atomic
 from .rowsets import Schema, TableRows
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CONTINUES = 0.5           # a later copy holding this share of an earlier one's rows continues it
 NOT_A_CONTINUATION = ("pre-rollback", "salvaged", "point-in-time")      # copies that never supersede another
 
@@ -102,7 +102,7 @@ def save_rows(path: Path, rows: dict[str, TableRows], identity: str) -> None:
     payload = bytearray()
     tables = {}
     for name, t in rows.items():
-        tables[name] = len(t.digests)
+        tables[name] = [len(t.digests), t.ordered]
         payload += array("q", t.keys).tobytes() + array("q", t.digests).tobytes()
     head = {"v": CACHE_VERSION, "identity": identity, "tables": tables,
             "blake2b": hashlib.blake2b(bytes(payload), digest_size=16).hexdigest()}
@@ -122,13 +122,13 @@ def load_rows(path: Path, identity: str) -> dict[str, TableRows] | None:
             or hashlib.blake2b(payload, digest_size=16).hexdigest() != head.get("blake2b")):
         return None
     out, at = {}, 0
-    for name, n in head["tables"].items():
+    for name, (n, ordered) in head["tables"].items():
         size = 8 * n
         keys, digests = array("q"), array("q")
         keys.frombytes(payload[at:at + size])
         digests.frombytes(payload[at + size:at + 2 * size])
         at += 2 * size
-        out[name] = TableRows(list(keys), list(digests))
+        out[name] = TableRows(list(keys), list(digests), bool(ordered))
     return out
 
 

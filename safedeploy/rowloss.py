@@ -46,13 +46,27 @@ def deleted(env, before: dict[str, TableRows] | None, backup) -> tuple[dict[str,
         return counted_fewer(env, backup), {}
     gone, uncopied = {}, {}
     for table, rows in before.items():
-        left = Counter(rows.digests) - Counter(now.get(table, TableRows()).digests)
-        if left:
-            gone[table] = sum(left.values())
-            outside = left - Counter(kept.get(table, TableRows()).digests)
-            if outside:
-                uncopied[table] = sum(outside.values())
+        live = now.get(table, TableRows())
+        left = Counter(rows.digests) - Counter(live.digests)
+        outside = sum((left - Counter(kept.get(table, TableRows()).digests)).values())
+        since = written_and_gone(rows, live)
+        if left or since:
+            gone[table] = sum(left.values()) + since
+        if outside or since:
+            uncopied[table] = outside + since
     return gone, uncopied
+
+
+def written_and_gone(before: TableRows, now: TableRows) -> int:
+    """Rows written after the snapshot and deleted again before the count (the new release deleted them as it
+    started): the keys handed out past the snapshot's largest that are not live. SQLite hands out the largest
+    key plus one, so these are rows that were there; a key handed out again (no AUTOINCREMENT, the largest
+    row deleted) hides one, so this is a lower bound where the largest rows went."""
+    if not before.keys or not now.keys or not (before.ordered and now.ordered):
+        return 0
+    floor, top = max(before.keys), max(now.keys)
+    live = {k for k in now.keys if k > floor}
+    return max(0, (top - floor) - len(live))
 
 
 def counted_fewer(env, backup) -> dict[str, int]:

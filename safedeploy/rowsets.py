@@ -237,6 +237,7 @@ class TableRows:
     digest, both 64-bit integers."""
     keys: list[int] = field(default_factory=list)
     digests: list[int] = field(default_factory=list)
+    ordered: bool = True        # keys are rowids or an integer key SQLite hands out in order (not digests)
 
 
 def key_columns(table: Table) -> list[str]:
@@ -261,7 +262,7 @@ def read_rows(conn: sqlite3.Connection, schema: str, table: Table, shape: Shape,
     k = len(keys)
     natural = natural_key(table)
     select = ", ".join(keys + [quote(c) for c in shape.own] + [quote(c) for c in ref_cols])
-    out = TableRows()
+    out = TableRows(ordered=not natural)
     n_own = len(shape.own)
     for row in conn.execute(f"SELECT {select} FROM {schema}.{quote(table.name)}"):
         values: list[object] = [table.name.lower(), *row[k:k + n_own]]
