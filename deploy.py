@@ -139,7 +139,7 @@ def show_plan(config, env, args):
         raise
     steps = [] if plan.nothing_to_deploy else runbook.deploy_steps(config, env, plan)
     if args.json:
-        print(json.dumps({"env": env.name, "target": plan.target, "steps": steps}, indent=2))
+        cli.say(json.dumps({"env": env.name, "target": plan.target, "steps": steps}, indent=2))
         return 0
     cli.say(f"dry run: deploy {env.name}, nothing will be changed")
     j = recovery.interrupted(env)
@@ -159,7 +159,10 @@ def show_plan(config, env, args):
         cli.say(f"  forced: {why}")
     if env.pre_restart:
         cli.say(f"  migration: {plan.migration_mode}: {plan.migration_why}")
-    cli.say(f"  rehearsal: passed {plan.rehearsed.time} on {env.name}'s data" if plan.rehearsed else
+    last = plan.last_rehearsal
+    cli.say(f"  rehearsal: FAILED {last.time} at {last.failed} on {env.name}'s data (fix it and rehearse again: "
+            f"{cli.script_command(config, 'deploy.py', env.name, '--rehearse')})" if last and not last.ok else
+            f"  rehearsal: passed {plan.rehearsed.time} on {env.name}'s data" if plan.rehearsed else
             f"  rehearsal: none for this tree (try it on {env.name}'s data first: "
             f"{cli.script_command(config, 'deploy.py', env.name, '--rehearse')})")
     return 0

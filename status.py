@@ -301,7 +301,7 @@ def install_timer(config):
 # -- the text -------------------------------------------------------------------------------------
 def show(reports, as_json):
     if as_json:
-        print(json.dumps({"envs": reports}, indent=2))
+        cli.say(json.dumps({"envs": reports}, indent=2))
         return
     for name, r in reports.items():
         unit, h = r["unit"], r["health"]

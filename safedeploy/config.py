@@ -60,6 +60,7 @@ ENV_KEYS = {
     "rehearse_paths": ([], "a list of URL paths starting with /, e.g. [\"/\", \"/rfc/1\"]"),
     "require_rehearsal": (False, "true or false"),
     "migration_mode": ("auto", "\"auto\" (the rehearsal's verdict, else online), \"online\" or \"stop-first\""),
+    "secret_env": ([], "a list of variable names whose values are never shown, e.g. [\"DJANGO_SECRET_KEY\"]"),
     "backup_dir": ("backups", "a folder"),
     "state_dir": ("state", "a folder"),
 }
@@ -150,6 +151,7 @@ class Env:
     rehearse_paths: list = field(default_factory=list)
     require_rehearsal: bool = False
     migration_mode: str = "auto"
+    secret_env: list = field(default_factory=list)
     keys: dict = field(default_factory=dict, repr=False)     # key -> where it was set ("env.prod.db", "defaults.db")
 
     @property
@@ -455,6 +457,8 @@ def parse_env(name, table, defaults, base, fail):
         isinstance(p, str) and p.startswith("/") and not any(c.isspace() for c in p) for p in merged["rehearse_paths"]))
     expect("require_rehearsal", isinstance(merged["require_rehearsal"], bool))
     expect("migration_mode", merged["migration_mode"] in ("auto", "online", "stop-first"))
+    expect("secret_env", isinstance(merged["secret_env"], list) and all(
+        isinstance(n, str) and re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", n) for n in merged["secret_env"]))
     if not os.path.isabs(os.path.expanduser(merged["db"])) and not os.path.dirname(os.path.normpath(merged["db"])):
         if merged["build"] or merged["shared"]:
             fail(key_of("db"), f"{merged['db']!r} lies at the top of a release; releases share the database's "
@@ -487,6 +491,7 @@ def parse_env(name, table, defaults, base, fail):
         rehearse_paths=list(merged["rehearse_paths"]),
         require_rehearsal=merged["require_rehearsal"],
         migration_mode=merged["migration_mode"],
+        secret_env=list(merged["secret_env"]),
         keys={k: key_of(k) for k in ENV_KEYS},
     )
 

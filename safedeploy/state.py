@@ -20,6 +20,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from . import redaction
 from .errors import EXIT_HUMAN, EXIT_LOCKED, DeployError
 from .files import disk_error, make_private_dir, write_atomic
 
@@ -207,7 +208,8 @@ class JsonLog:
         and a verify, which take no env lock) never lose each other's records. O_APPEND, one
         write, fsync; a line torn by a crash is closed first, so it costs only itself."""
         make_private_dir(self.path.parent)
-        line = json.dumps(record).encode() + b"\n"     # in the record's own order: its steps as they ran
+        # in the record's own order (its steps as they ran), secrets hidden (safedeploy.redaction)
+        line = redaction.redact(json.dumps(record)).encode() + b"\n"
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
