@@ -137,14 +137,7 @@ def table_changes(old: Table, now: Table, breaking: list, compatible: list) -> N
                             "name it fails)")
         else:
             compatible.append(f"column {name}.{c.name} added")
-    for c in old.columns:
-        n = now.column(c.name)
-        if n is None:
-            continue
-        if n.required and not c.required:
-            breaking.append(f"column {name}.{c.name} became NOT NULL without a default")
-        elif n.type != c.type:
-            compatible.append(f"column {name}.{c.name} {c.type or 'untyped'} -> {n.type or 'untyped'}")
+    column_changes(old, now, breaking, compatible)
     existing = {c.name for c in old.columns}
     for cols in sorted(now.unique - old.unique):
         if set(cols) <= existing:
@@ -152,3 +145,15 @@ def table_changes(old: Table, now: Table, breaking: list, compatible: list) -> N
     for key in sorted(now.foreign_keys - old.foreign_keys):
         if key[0] in existing:
             breaking.append(f"foreign key {name}.{key[0]} -> {key[1]}.{key[2] or 'id'} added")
+
+
+def column_changes(old: Table, now: Table, breaking: list, compatible: list) -> None:
+    """The columns both schemas have: a new NOT NULL without a default breaks, a type change does not."""
+    for c in old.columns:
+        n = now.column(c.name)
+        if n is None:
+            continue
+        if n.required and not c.required:
+            breaking.append(f"column {old.name}.{c.name} became NOT NULL without a default")
+        elif n.type != c.type:
+            compatible.append(f"column {old.name}.{c.name} {c.type or 'untyped'} -> {n.type or 'untyped'}")
