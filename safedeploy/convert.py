@@ -357,7 +357,8 @@ def put_back(env, files, saved, modes, first, moves):
     for path in files:
         old = saved / path.name
         if old.exists():
-            write_atomic(path, old.read_bytes(), mode=modes[path])
+            data = old.read_bytes()
+            write_atomic(path, data, mode=units.unit_file_mode(data.decode(errors="replace"), modes[path]))
         else:
             remove_quietly(path)
     units.daemon_reload()

@@ -126,8 +126,11 @@ def migration_mode(env, plan):
     files = ()
     if env.pre_restart and env.migration_mode == "auto":
         words = tuple(w for argv in env.pre_restart for w in argv)
-        files = tuple(p for p in plan.repo.changed_files(plan.running, plan.target)
-                      if decisions.looks_like_migration(p, words))
+        try:
+            files = tuple(p for p in plan.repo.changed_files(plan.running, plan.target)
+                          if decisions.looks_like_migration(p, words))
+        except DeployError as exc:          # not known: judged as if a migration changed
+            files = (f"(the files changed since {plan.running[:12]} could not be listed: {exc})",)
     facts = decisions.MigrationFacts(has_pre_restart=bool(env.pre_restart), configured=env.migration_mode,
                                      rehearsal=rehearsal_facts(newest), migration_files=files)
     decision = decisions.migration_mode(facts)
