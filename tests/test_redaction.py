@@ -92,3 +92,18 @@ def test_a_path_into_a_live_folder_is_moved_only_at_a_path_boundary(tmp_path):
     moves = [(live, copy, False)]
     assert unitenv.move(f"DB={live}/instance/app.db", moves) == f"DB={copy}/instance/app.db"
     assert unitenv.move(f"DB={live}-other/app.db", moves) == f"DB={live}-other/app.db"
+
+
+def test_a_unit_file_that_holds_environment_values_is_written_0600_whatever_it_had(tmp_path, monkeypatch):
+    from safedeploy import units
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    folder = units.user_unit_dir()
+    folder.mkdir(parents=True)
+    (folder / "notes.service").write_text("old\n")
+    (folder / "notes.service").chmod(0o644)
+    service = "[Service]\nEnvironment=DJANGO_SECRET_KEY=abc123def456\nExecStart=/bin/true\n"
+    units.install_unit_files({"notes.service": service, "notes-handover.service": service,
+                              "notes.socket": "[Socket]\nListenStream=127.0.0.1:8000\n"},
+                             modes={folder / "notes-handover.service": 0o644}, reload=False)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert modes == {"notes.service": 0o600, "notes-handover.service": 0o600, "notes.socket": 0o644}
