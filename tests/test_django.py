@@ -88,7 +88,7 @@ class Outputs:
 def probed(sb, *argv, path="/notes"):
     """Run a script while a prober sends GET path and a writer posts notes; (process, answers, writer)."""
     load = Load(sb.url("dev", path), rate=30, timeout=60).start()
-    writer = NoteWriter(sb.url("dev", "/notes"), pause=0.05)
+    writer = NoteWriter(sb.url("dev", "/notes"), pause=0.05, timeout=60)     # waits as the prober does
     writer.start()
     time.sleep(1.0)
     proc = sb.run(*argv, timeout=300)
