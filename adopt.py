@@ -2,7 +2,8 @@
 """adopt.py: the seed's migration plan as a command, from a host as it runs today to a host on the tool.
 
   --discover [--write FILE]   propose config.toml from the running user units (reads no config)
-  ENV [--yes] [--dry-run]     phase 1 for every env the first time (tags pushed, verified backups,
+  ENV [--yes] [--dry-run] [--move-secrets]
+                              phase 1 for every env the first time (tags pushed, verified backups,
                               unit files saved, adoption.json), then ENV onto its branch and the
                               tool (releases, socket units), checked healthy; put back if not
   --checklist                 the seed's checklist before prod; exit 0 only when every line holds
@@ -37,10 +38,10 @@ def main():
     first_time = adoption.needs_phase_one(config, doc)
     if args.dry_run:
         cli.only_looking()
-        return dry_run(config, env, first_time)
+        return dry_run(config, env, first_time, args.move_secrets)
     with EnvLock(env.state_dir, env.name, "adopt"):
         phase_one = show_phase_one(config, first_time)
-        plan = adoption.env_plan(env, cli.say, cli.err)
+        plan = adoption.env_plan(env, cli.say, cli.err, args.move_secrets)
         confirm(env, args)
         if phase_one:
             cli.say("phase 1: back up everything")
@@ -64,6 +65,9 @@ def parse_arguments():
     p.add_argument("--checklist", action="store_true", help="print the seed's checklist; exit 0 only when all hold")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation (needed without a terminal)")
     p.add_argument("--dry-run", action="store_true", help="print what it would do; change nothing")
+    p.add_argument("--move-secrets", action="store_true",
+                   help="move the secret values of the unit's Environment= into a 0600 file outside the work tree, "
+                        "named by EnvironmentFile= (the plan says which)")
     args = p.parse_args()
     modes = [m for m, on in (("--discover", args.discover), ("--checklist", args.checklist), ("ENV", args.env)) if on]
     if len(modes) > 1:
@@ -72,8 +76,8 @@ def parse_arguments():
         raise usage_error("name the env to adopt, or give --discover or --checklist (see --help)")
     if args.write and not args.discover:
         raise usage_error("--write goes with --discover")
-    if (args.yes or args.dry_run) and not args.env:
-        raise usage_error("--yes and --dry-run go with an env to adopt")
+    if (args.yes or args.dry_run or args.move_secrets) and not args.env:
+        raise usage_error("--yes, --dry-run and --move-secrets go with an env to adopt")
     if args.discover and args.config:
         raise usage_error("--discover reads no config: it proposes one (use --write FILE)")
     return args
@@ -85,13 +89,15 @@ def discover(args):
     if target is not None and (target.exists() or target.is_symlink()):
         raise usage_error(f"--write {target}: the file exists; adopt.py never overwrites a config "
                           "(write to a new name and compare)")
-    text = discovery.render(discovery.discover(), now_iso())
+    proposal = discovery.discover()
+    text = discovery.render(proposal, now_iso())
     if target is None:
         sys.stdout.write(text)
         return 0
     write_atomic(target, text, mode=0o600)
-    cli.say(f"wrote {target}: read it, fix what it marks GUESS, UNSURE or NOT FOUND, then run: "
-            f"{cli.command_line('adopt.py', '--checklist', config_file=target.absolute())}")
+    first = discovery.first_to_adopt(proposal)
+    cli.say(f"wrote {target}: read it, fix what it marks GUESS, UNSURE or NOT FOUND, then see what adopting "
+            f"{first} would do: {cli.command_line('adopt.py', first, '--dry-run', config_file=target.absolute())}")
     unsure = [line.strip() for line in text.splitlines()[discovery.HEADER_LINES:]
               if any(mark in line for mark in discovery.MARKS)]
     for line in unsure:
@@ -142,12 +148,12 @@ def show_phase_one(config, envs):
     return plan
 
 
-def dry_run(config, env, first_time):
+def dry_run(config, env, first_time, move_secrets=False):
     holder = lock_holder(env.state_dir, env.name)
     if holder:
         raise DeployError(f"env {env.name} is locked: {holder}", EXIT_LOCKED)
     show_phase_one(config, first_time)
-    adoption.env_plan(env, cli.say, cli.err)
+    adoption.env_plan(env, cli.say, cli.err, move_secrets)
     cli.say("dry run: nothing was changed")
     return 0
 

@@ -160,7 +160,10 @@ def show_plan(config, env, args):
         cli.say(f"  forced: {why}")
     if env.pre_restart:
         cli.say(f"  migration: {plan.migration_mode}: {plan.migration_why}")
-    cli.say(f"  rehearsal: passed {plan.rehearsed.time} on {env.name}'s data" if plan.rehearsed else
+    last = plan.last_rehearsal
+    cli.say(f"  rehearsal: FAILED {last.time} at {last.failed} on {env.name}'s data (fix it and rehearse again: "
+            f"{cli.script_command(config, 'deploy.py', env.name, '--rehearse')})" if last and not last.ok else
+            f"  rehearsal: passed {plan.rehearsed.time} on {env.name}'s data" if plan.rehearsed else
             f"  rehearsal: none for this tree (try it on {env.name}'s data first: "
             f"{cli.script_command(config, 'deploy.py', env.name, '--rehearse')})")
     return 0

@@ -58,9 +58,11 @@ MIGRATION = ("import pathlib, sqlite3; v = pathlib.Path('VERSION').read_text().s
 class NoteWriter(threading.Thread):
     """Posts notes to the env's app as fast as a client would; remembers the acknowledged ids."""
 
-    def __init__(self, url, pause=0.01):
+    def __init__(self, url, pause=0.01, timeout=2.0):
+        """timeout: how long a client waits for an answer (a stop-first deploy holds requests in the socket's
+        queue for the length of the migration and the start: a client that waits longer sees none fail)."""
         super().__init__(daemon=True)
-        self.url, self.pause = url, pause
+        self.url, self.pause, self.timeout = url, pause, timeout
         self.acked, self.failed = set(), 0
         self.halt = threading.Event()
 
@@ -69,7 +71,7 @@ class NoteWriter(threading.Thread):
         while not self.halt.is_set():
             n += 1
             try:
-                r = requests.post(self.url, data=f"note {n}", timeout=2)
+                r = requests.post(self.url, data=f"note {n}", timeout=self.timeout)
                 if r.status_code == 201:
                     self.acked.add(r.json()["id"])
                 else:

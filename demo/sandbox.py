@@ -208,10 +208,12 @@ unit = "{dev_unit}"
 class Sandbox:
     """The sample app in dev and prod, on a private user manager, in one folder."""
 
-    def __init__(self, root, manager, health_timeout=10, name="sample", seed=False, python=None):
+    def __init__(self, root, manager, health_timeout=10, name="sample", seed=False, python=None, app=None):
         """seed=True: the seed's host as it runs before the tool (build_seed): units named like
         datatracker.service and datatracker-dev.service, both trees on main, no config.
-        python: the interpreter that runs the scripts and the app (default: this one)."""
+        python: the interpreter that runs the scripts and the app (default: this one).
+        app: another app than the sample app (demo.django_site.DjangoSite): its files, units, config keys."""
+        self.app = app
         self.python = str(python or sys.executable)
         self.root = Path(root)
         self.manager = manager
@@ -275,6 +277,8 @@ class Sandbox:
 
     def start_units(self):
         for env in ("prod", "dev"):
+            if self.app is not None:
+                self.app.prepare(self.path(env), env)
             self.write_unit(env)
         self.manager.systemctl("daemon-reload")
         for env in ("prod", "dev"):
@@ -287,8 +291,11 @@ class Sandbox:
         origin, seed = self.root / "origin.git", self.root / "seed"
         git(self.root, "init", "--quiet", "--bare", "--initial-branch=main", str(origin))
         git(self.root, "clone", "--quiet", str(origin), str(seed))
-        shutil.copytree(SAMPLE_APP, seed, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "instance"))
+        if self.app is not None:
+            self.write_files(seed, self.app.files())
+        else:
+            shutil.copytree(SAMPLE_APP, seed, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("__pycache__", "instance"))
         git(seed, "checkout", "--quiet", "-B", "main")
         git(seed, "add", "-A")
         git(seed, "commit", "--quiet", "-m", "sample app, first release")
@@ -296,7 +303,10 @@ class Sandbox:
         return origin, seed
 
     def write_config(self, **extra):
-        """(Re)write config.toml; extra={"dev": 'pre_restart = [["false"]]'} adds lines to an env."""
+        """(Re)write config.toml; extra={"dev": 'pre_restart = [["false"]]'} adds lines to an env (after
+        the app's own keys, which they may not repeat)."""
+        if self.app is not None:
+            extra = {env: self.app.config_lines() + extra.get(env, "") for env in ("prod", "dev")}
         self.config.write_text(CONFIG_TEMPLATE.format(
             root=self.root, prod_port=self.ports["prod"], dev_port=self.ports["dev"],
             prod_unit=self.unit("prod"), dev_unit=self.unit("dev"), health_timeout=self.health_timeout,
@@ -314,8 +324,14 @@ class Sandbox:
     def write_unit(self, env, python=None):
         """The env's unit; python: the interpreter ExecStart runs (default: this one)."""
         (self.root / "logs").mkdir(exist_ok=True)
+        log = self.root / "logs" / f"{env}.log"
+        if self.app is not None:        # its secrets in Environment=: the unit file is the user's alone
+            path = self.manager.unit_dir / self.unit(env)
+            path.touch(mode=0o600)
+            path.write_text(self.app.unit(env, self.path(env), self.ports[env], log, self.root))
+            return
         text = UNIT_TEMPLATE.format(env=env, path=self.path(env), python=python or self.python, port=self.ports[env],
-                                    log=self.root / "logs" / f"{env}.log")
+                                    log=log)
         (self.manager.unit_dir / self.unit(env)).write_text(text)
 
     def url(self, env, path="/health"):
@@ -340,12 +356,17 @@ class Sandbox:
         git(seed, "fetch", "--quiet", "origin")          # a branch adopt.py created on origin
         git(seed, "checkout", "--quiet", branch)
         git(seed, "pull", "--quiet", "--ff-only", "origin", branch)
-        for name, text in files.items():
-            (seed / name).write_text(text)
+        self.write_files(seed, files)
         git(seed, "add", "-A")
         git(seed, "commit", "--quiet", "-m", message)
         git(seed, "push", "--quiet", "origin", branch)
         return git(seed, "rev-parse", "HEAD")
+
+    @staticmethod
+    def write_files(folder, files):
+        for name, text in files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
 
     def merge_to_main(self, ref="origin/dev", message=None):
         """Promote: merge dev into main in the seed clone and push; return main's sha."""

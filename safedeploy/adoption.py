@@ -226,8 +226,9 @@ class EnvPlan:
     switched: bool = False
 
 
-def env_plan(env, say, warn):
-    """What adopting env does; refuses, before any change, what it cannot do safely."""
+def env_plan(env, say, warn, move_secrets=False):
+    """What adopting env does; refuses, before any change, what it cannot do safely. move_secrets: the
+    service's secret Environment= values go into a 0600 EnvironmentFile= (see convert.offer_secrets)."""
     repo = Repo(env.path)
     convert.refuse_dirty(env, repo, "adopt")
     commit, branch_before = repo.head(), repo.current_branch()
@@ -251,7 +252,7 @@ def env_plan(env, say, warn):
             moves = "" if remote == commit else f"; the next deploy.py {env.name} moves it to {remote[:12]}"
             say(f"  - {env.branch} exists on {env.remote} at {remote[:12]}{moves}")
         say(f"  - switch {env.path} onto {env.branch} at {commit[:12]} (the commit it runs: no file changes)")
-    plan.conversion = convert.plan(env, repo, False, say, warn)
+    plan.conversion = convert.plan(env, repo, False, say, warn, move_secrets=move_secrets)
     return plan
 
 

@@ -21,6 +21,7 @@ import time
 
 from . import commands, health
 from .config import mask
+from .redaction import redact
 from .state import now_iso
 
 CONNECT_TIMEOUT = 3.0
@@ -34,7 +35,7 @@ EVENTS = ("backup-failed", "deploy-failed", "rollback-failed", "needs-human", "o
 
 def event(name, env, message, command=None):
     return {"event": name, "env": env, "time": now_iso(), "host": socket.gethostname(),
-            "message": mask(" ".join(message.split())), "command": mask(command) if command else command}
+            "message": redact(" ".join(message.split())), "command": redact(command) if command else command}
 
 
 def send(alerts, body):

@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import SCRIPTS_DIR, TOOL_VENV, alerts, in_a_venv
+from . import SCRIPTS_DIR, TOOL_VENV, alerts, in_a_venv, redaction, unitenv
 from . import config as configmod
 from .errors import EXIT_FAILED, EXIT_HUMAN, EXIT_USAGE, DeployError, describe_failure, usage_error
 
@@ -133,10 +133,11 @@ def countdown(label):
 
 
 def say(text=""):
-    emit(text, sys.stdout)
+    emit(redaction.redact(text), sys.stdout)
 
 
 def err(text):
+    text = redaction.redact(text)           # never a secret on a terminal, in a cron mail or an alert
     if text.startswith("error"):             # the alert's message: errors, not the app's output that follows them
         RUN["errors"].append(text.removeprefix("error: "))
     emit(paint(text, "red", sys.stderr) if text.startswith("error") else text, sys.stderr)
@@ -197,6 +198,9 @@ def command_line(script, *args, config_file=None):
 def load_config(args):
     RUN["config"] = configmod.load(args.config)
     RUN["env"] = getattr(args, "env", None)
+    redaction.register_environment(os.environ)
+    for env in RUN["config"].envs.values():         # what each unit's environment holds is never shown
+        unitenv.register_quietly(env)
     return RUN["config"]
 
 

@@ -20,15 +20,26 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
+from enum import Enum
 
+from . import redaction
 from .errors import DeployError
 
 
-@dataclass
+class FailureKind(Enum):
+    """Why a build or pre_restart command failed: it could not start (the host or the config: a program
+    not found or not executable), it ran past command_timeout, or it exited non-zero."""
+    COULD_NOT_START = "could-not-start"
+    TIMED_OUT = "timed-out"
+    EXIT = "exit"
+
+
+@dataclass(frozen=True)
 class CommandFailure:
     argv: list
     why: str
     output: str
+    kind: FailureKind = FailureKind.EXIT
 
 
 @dataclass
@@ -183,31 +194,37 @@ def tail_text(data, limit=TAIL_BYTES):
     return data[-limit:].decode(errors="replace")
 
 
-def run_all(argvs, cwd, timeout):
-    """Run each argv in cwd; raise DeployError naming the first that fails, with its output."""
+def run_all(argvs, cwd, timeout, environ=None):
+    """Run each argv in cwd (with environ: the unit's environment, see safedeploy.unitenv); raise
+    DeployError naming the first that fails, with its output (secrets hidden), its CommandFailure as
+    `failure` (what decides whether the host or the release is to blame)."""
     for argv in argvs:
-        failure = run_one(argv, cwd, timeout)
+        failure = run_one(argv, cwd, timeout, environ=environ)
         if failure:
             tail = "\n".join(failure.output.splitlines()[-15:])
-            raise DeployError(f"pre_restart command `{' '.join(argv)}` {failure.why}", output=tail)
+            exc = DeployError(f"pre_restart command `{redaction.shown(argv)}` {failure.why}", output=tail)
+            exc.failure = failure
+            raise exc
 
 
 BUILD_NICE = 10     # a build runs while the app serves: it yields the CPU to the app's workers
 
 
-def run_one(argv, cwd, timeout, nice=0):
+def run_one(argv, cwd, timeout, nice=0, environ=None):
     """One build or pre_restart command: None when it exited 0, else a CommandFailure with the tail
-    of its output (stdout and stderr as they came)."""
+    of its output (stdout and stderr as they came, secrets hidden). environ: the whole environment it
+    gets (None: this process's)."""
     try:
-        done = run(argv, timeout, cwd=cwd, stdout="tail", stderr="stdout", nice=nice)
+        done = run(argv, timeout, cwd=cwd, env=environ, stdout="tail", stderr="stdout", nice=nice)
     except FileNotFoundError:
-        return CommandFailure(argv, f"could not start: {argv[0]} not found (relative to {cwd})", "")
+        return CommandFailure(argv, f"could not start: {argv[0]} not found (relative to {cwd})", "",
+                              FailureKind.COULD_NOT_START)
     except PermissionError:
-        return CommandFailure(argv, f"could not start: {argv[0]} is not executable", "")
-    output = tail_text(done.stdout)
+        return CommandFailure(argv, f"could not start: {argv[0]} is not executable", "", FailureKind.COULD_NOT_START)
+    output = redaction.redact(tail_text(done.stdout))
     if done.timed_out:
         return CommandFailure(argv, f"timed out after {timeout:g}s (command_timeout); its processes were killed",
-                              output)
+                              output, FailureKind.TIMED_OUT)
     if done.returncode != 0:
         return CommandFailure(argv, f"failed with exit {done.returncode}", output)
     return None

@@ -65,6 +65,7 @@ ENV_KEYS = {
     "migration_mode": ("auto", "\"auto\" (the rehearsal's verdict, else online), \"online\" or \"stop-first\""),
     "bookkeeping_tables": (["django_migrations", "alembic_version", "sqlite_sequence", "django_session"],
                            "a list of table names a framework keeps for itself, e.g. [\"django_migrations\"]"),
+    "secret_env": ([], "a list of variable names whose values are never shown, e.g. [\"DJANGO_SECRET_KEY\"]"),
     "backup_dir": ("backups", "a folder"),
     "state_dir": ("state", "a folder"),
 }
@@ -157,6 +158,7 @@ class Env:
     migration_mode: str = "auto"
     bookkeeping: list = field(default_factory=lambda: ["django_migrations", "alembic_version", "sqlite_sequence",
                                                        "django_session"])
+    secret_env: list = field(default_factory=list)
     keys: dict = field(default_factory=dict, repr=False)     # key -> where it was set ("env.prod.db", "defaults.db")
 
     @property
@@ -478,6 +480,8 @@ def parse_env(name, table, defaults, base, fail):
     expect("migration_mode", merged["migration_mode"] in ("auto", "online", "stop-first"))
     expect("bookkeeping_tables", isinstance(merged["bookkeeping_tables"], list) and all(
         isinstance(n, str) and n and "\0" not in n for n in merged["bookkeeping_tables"]))
+    expect("secret_env", isinstance(merged["secret_env"], list) and all(
+        isinstance(n, str) and re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", n) for n in merged["secret_env"]))
     if not os.path.isabs(os.path.expanduser(merged["db"])) and not os.path.dirname(os.path.normpath(merged["db"])):
         if merged["build"] or merged["shared"]:
             fail(key_of("db"), f"{merged['db']!r} lies at the top of a release; releases share the database's "
@@ -511,6 +515,7 @@ def parse_env(name, table, defaults, base, fail):
         require_rehearsal=merged["require_rehearsal"],
         migration_mode=merged["migration_mode"],
         bookkeeping=list(merged["bookkeeping_tables"]),
+        secret_env=list(merged["secret_env"]),
         keys={k: key_of(k) for k in ENV_KEYS},
     )
 

@@ -24,7 +24,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import release, releases, replica, units
+from . import redaction, release, releases, replica, unitenv, units
 from .errors import DeployError
 from .files import fsync_dir, make_private_dir, remove_quietly, write_atomic
 from .gitrepo import Repo
@@ -138,20 +138,26 @@ def stop_all(env):
 # -- the whole conversion: plan, then one switch-over, put back when not healthy -------------
 @dataclass
 class Conversion:
-    """What plan() found: the unit files to install, and (converting) the commit and the moves."""
+    """What plan() found: the unit files to install, and (converting) the commit and the moves; with
+    move_secrets, the secret variables taken out of the service's Environment= into secrets_file."""
     repo: Repo
     files: dict
     converting: bool
     commit: str | None
     pairs: list
     changes: bool
+    secrets: list = field(default_factory=list)
+    secrets_file: Path | None = None
 
 
-def plan(env, repo, notify, say, warn):
+def plan(env, repo, notify, say, warn, move_secrets=None):
     """Print what the conversion will do (the plan, the unit diff); refuse what it cannot do safely,
-    before any change. deploy.py --install-units and adopt.py both start here."""
+    before any change. deploy.py --install-units and adopt.py both start here. move_secrets: True moves
+    the service's secret Environment= values into a 0600 EnvironmentFile= outside the work tree; False
+    says that it could (adopt.py's --move-secrets); None says nothing."""
     converting = not env.converted
     files = socket_unit_files(env, notify, converting)
+    secrets, secrets_file = offer_secrets(env, files, move_secrets, say)
     commit, pairs = (conversion_steps(env, repo, say) if converting else (None, []))
     warn_gunicorn_readiness(files, env, warn)
     if units.restart_method(env.unit) == "plain":
@@ -160,7 +166,40 @@ def plan(env, repo, notify, say, warn):
             f"lets the port go (its own stop) to the moment the socket listens (measured here: {PORT_MOVE})")
     changed = show_unit_diffs(files, say)
     return Conversion(repo=repo, files=files, converting=converting, commit=commit, pairs=pairs,
-                      changes=changed or converting)
+                      changes=changed or converting, secrets=secrets, secrets_file=secrets_file)
+
+
+def offer_secrets(env, files, move_secrets, say):
+    """The service's secret Environment= values: moved (move_secrets) out of the unit text in files (the
+    service's and the handover slot's) into a file named by EnvironmentFile=, or named in a note."""
+    service = units.user_unit_dir() / env.unit
+    target = unitenv.secrets_file(env.unit)
+    text, taken = unitenv.without_secrets(files[service], env.unit, env.secret_env, target)
+    if not taken or move_secrets is None:
+        return [], None
+    names = ", ".join(sorted({k for k, _ in taken}))
+    if not move_secrets:
+        say(f"  note: {env.unit} holds {names} in Environment=, in the unit file itself: add --move-secrets to move "
+            f"them into {target} (0600, outside the work tree), which the unit then names with EnvironmentFile=")
+        return [], None
+    if target.exists() or target.is_symlink():
+        raise DeployError(f"cannot move {names} out of {env.unit}: {target} exists already; move it away first "
+                          "(nothing was changed)")
+    files[service] = text
+    helper = units.user_unit_dir() / units.helper_name(env.unit)
+    if helper in files:
+        files[helper] = units.render_helper(text, env.unit)
+    say(f"  move {names} out of {env.unit} into {target} (0600), named by EnvironmentFile=")
+    return taken, target
+
+
+def write_secrets(conversion):
+    """The moved secrets' file, 0600 in a 0700 folder, before the unit that names it is installed."""
+    if conversion.secrets_file is None:
+        return
+    make_private_dir(conversion.secrets_file.parent)
+    write_atomic(conversion.secrets_file, "".join(unitenv.env_file_line(k, v) for k, v in conversion.secrets),
+                 mode=0o600)
 
 
 def report(env, conversion, run, say):
@@ -178,6 +217,8 @@ def discard(run):
     """After a failed conversion was put back: the copies of the old unit files (they are back in place)
     and a releases folder this run made go."""
     shutil.rmtree(run.saved, ignore_errors=True)
+    if run.conversion.secrets_file is not None:
+        remove_quietly(run.conversion.secrets_file)         # the old unit file, with them in it, is back
     if run.made_root:
         shutil.rmtree(run.env.releases_root, ignore_errors=True)
 
@@ -234,12 +275,15 @@ def socket_unit_files(env, notify, converting=False):
 
 
 def show_unit_diffs(files, say):
+    """Say the diff of each unit file that changes, its Environment= values and Exec secrets hidden
+    (redaction.redact_unit_text: DJANGO_SECRET_KEY=<redacted>); True when one changes."""
     changed = False
     for path, text in files.items():
         old = path.read_text() if path.exists() else ""
         if old != text:
             changed = True
-            say("".join(difflib.unified_diff(old.splitlines(True), text.splitlines(True),
+            say("".join(difflib.unified_diff(redaction.redact_unit_text(old).splitlines(True),
+                                             redaction.redact_unit_text(text).splitlines(True),
                                              str(path) if old else "/dev/null", str(path))))
     return changed
 
@@ -273,6 +317,7 @@ def install_units(run):
     env = run.env
     run.held_by_socket = units.state(units.socket_name(env.unit)).is_active   # then requests wait throughout
     holder = {} if run.held_by_socket else units.port_holder_files(env.unit)
+    write_secrets(run.conversion)
     units.install_unit_files({**run.conversion.files, **holder}, run.modes, reload=False)
     units.systemctl("enable", "--no-reload", units.socket_name(env.unit))
     units.daemon_reload()           # once, for both
@@ -313,7 +358,8 @@ def put_back(env, files, saved, modes, first, moves):
     for path in files:
         old = saved / path.name
         if old.exists():
-            write_atomic(path, old.read_bytes(), mode=modes[path])
+            data = old.read_bytes()
+            write_atomic(path, data, mode=units.unit_file_mode(data.decode(errors="replace"), modes[path]))
         else:
             remove_quietly(path)
     units.daemon_reload()

@@ -9,10 +9,14 @@ the facts are gathered right.
 - which rollback point: --to, else the state before the last good deploy;
 - the database decision of a rollback: restore or keep, and why;
 - what the recovery of an interrupted operation does;
-- the exit code when an operation fails: 1 (back as it was) or 4 (a human is needed).
+- the exit code when an operation fails: 1 (back as it was) or 4 (a human is needed);
+- who is to blame for a failed deploy, the release (marked bad) or the host and its config (not);
+- how pre_restart meets the release that serves meanwhile (online or stop-first), safe by default.
 """
 
+import re
 from dataclasses import dataclass, field
+from enum import Enum
 
 from .errors import EXIT_FAILED, EXIT_HUMAN
 
@@ -228,3 +232,149 @@ def maintenance(migration_seconds):
     return retry, (f"the rehearsal's migration took {migration_seconds:.0f}s, longer than clients wait "
                    f"({LONG_MIGRATION:.0f}s): meanwhile every request gets a quick 503 with Retry-After: {retry} "
                    "(the page: the release's maintenance.html, else a short default)")
+
+
+# -- who is to blame for a failed deploy: the release, or the host and its config -----------------------
+class Blame(Enum):
+    RELEASE = "release"         # the release failed: it is marked bad, the gates keep it out
+    HOST = "host"               # the host or its config: nothing marked; fix it and deploy the same commit again
+    INTERRUPTED = "interrupted"     # the operator stopped it: nothing judged
+
+
+@dataclass(frozen=True)
+class FailureFacts:
+    step: str                   # the step that failed
+    message: str                # the error's one line
+    output: str = ""            # the command's output, or the unit's last log lines
+    could_not_start: bool = False   # a build or pre_restart command could not start (not found, not executable)
+    interrupted: bool = False
+
+
+@dataclass(frozen=True)
+class Judgement:
+    blame: Blame
+    why: str                    # what failed, named: the step, and the cause when it is the host's
+
+
+# a variable the release reads from its environment and does not find: os.environ["NAME"], django-environ,
+# "NAME is not set", Django's empty SECRET_KEY
+MISSING_VARIABLE = [
+    re.compile(r"environ\b.*\n(?:.*\n){0,6}?\s*KeyError: '(?P<name>[A-Z][A-Z0-9_]*)'"),
+    re.compile(r"[Ss]et the (?P<name>[A-Z][A-Z0-9_]+) environment variable"),
+    re.compile(r"environment variable '?(?P<name>[A-Z][A-Z0-9_]+)'? (?:is )?(?:not set|missing|required|undefined)"),
+    re.compile(r"\b(?P<name>[A-Z][A-Z0-9_]{2,}) (?:environment variable )?is not set\b"),
+    re.compile(r"The (?P<name>SECRET_KEY) setting must not be empty"),
+]
+HOST_TROUBLE = [
+    (re.compile(r"No space left on device|Disk quota exceeded"), "the disk is full"),
+    (re.compile(r"Read-only file system"), "a file system is read-only"),
+    (re.compile(r"cannot read the service's EnvironmentFile|cannot read \S+'s unit file"), "the unit's environment "
+                                                                                           "cannot be read"),
+    (re.compile(r"status=203/EXEC|Failed to locate executable|Failed at step EXEC"), "the unit's program cannot be "
+                                                                                       "started (not found or not "
+                                                                                       "executable)"),
+]
+
+
+def judge_failure(f: FailureFacts) -> Judgement:
+    """Blame a failure after the switch on the release (marked bad) or on the host and its config (not
+    marked: "a bad mark is for a bad release"): a command that could not start, a variable the release
+    needs and its environment lacks, a full or read-only disk, an environment file that cannot be read."""
+    what = f"failed at {f.step}: {f.message}"
+    if f.interrupted:
+        return Judgement(Blame.INTERRUPTED, f"interrupted at {f.step}")
+    if f.could_not_start:
+        return Judgement(Blame.HOST, f"{what} (a command that cannot start is the config's or the host's)")
+    text = f"{f.message}\n{f.output}"
+    for pattern in MISSING_VARIABLE:
+        found = pattern.search(text)
+        if found:
+            return Judgement(Blame.HOST, f"{what} ({found.group('name')} is not set in the environment the release "
+                                         "runs with: the unit's Environment= or EnvironmentFile=)")
+    for pattern, cause in HOST_TROUBLE:
+        if pattern.search(text):
+            return Judgement(Blame.HOST, f"{what} ({cause})")
+    return Judgement(Blame.RELEASE, what)
+
+
+# -- how pre_restart meets the release that serves meanwhile ----------------------------------------
+class MigrationMode(Enum):
+    ONLINE = "online"           # the running release serves during pre_restart
+    STOP_FIRST = "stop-first"   # it is stopped first; requests wait in the socket's queue
+
+
+@dataclass(frozen=True)
+class RehearsalFacts:
+    """The newest rehearsal of the target's tree, whatever its result."""
+    time: str
+    passed: bool
+    failed_step: str = ""
+    error: str = ""
+    compatible: bool | None = None      # the running release served on the migrated copy (None: not tried)
+    incompatible: str = ""
+    breaking: tuple[str, ...] = ()      # schema changes that break the running release, whatever the probes say
+    schema_changed: bool = False
+
+
+@dataclass(frozen=True)
+class MigrationFacts:
+    has_pre_restart: bool
+    configured: str                     # migration_mode: "auto", "online" or "stop-first"
+    rehearsal: RehearsalFacts | None    # None: this tree was never rehearsed here
+    migration_files: tuple[str, ...] = ()   # files that look like migrations, changed from what runs to the target
+
+
+@dataclass(frozen=True)
+class MigrationDecision:
+    mode: MigrationMode
+    why: str
+
+
+MIGRATION_DIRS = {"migrations", "migration", "migrate", "alembic"}
+
+
+def looks_like_migration(path: str, commands: tuple[str, ...] = ()) -> bool:
+    """A file a migration is made of: under a folder named migrations, migration, migrate or alembic, a
+    .sql file, or a file pre_restart runs (commands: the words of its argv lists)."""
+    parts = path.split("/")
+    return bool(MIGRATION_DIRS & set(parts[:-1])) or path.endswith(".sql") or path in commands
+
+
+def migration_mode(f: MigrationFacts) -> MigrationDecision:
+    """Safe by default: online only when a passed rehearsal of this tree found the running release serves on
+    the migrated schema and the schema lost nothing it uses, or when nothing that looks like a migration
+    changed. A failed rehearsal, a breaking schema change (whatever the probes say), or migration files
+    that no rehearsal judged: stop-first."""
+    online, stop = MigrationMode.ONLINE, MigrationMode.STOP_FIRST
+    if not f.has_pre_restart:
+        return MigrationDecision(online, "no pre_restart: nothing changes the schema before the new release starts")
+    if f.configured in ("online", "stop-first"):
+        return MigrationDecision(MigrationMode(f.configured), f"migration_mode = \"{f.configured}\"")
+    r = f.rehearsal
+    if r is not None and not r.passed:
+        return MigrationDecision(stop, f"the rehearsal of this tree at {r.time} FAILED at {r.failed_step or '?'} "
+                                       f"({r.error or 'no detail'}): a migration that fails may leave the schema "
+                                       "half-changed, which the running release must not serve; it stops first")
+    if r is not None and r.breaking:
+        return MigrationDecision(stop, f"the rehearsal at {r.time} found the migration breaks the running release's "
+                                       f"schema ({'; '.join(r.breaking[:3])}): it stops before pre_restart")
+    if r is not None and r.compatible is False:
+        return MigrationDecision(stop, f"the rehearsal at {r.time} found the running release breaks on the migrated "
+                                       f"schema ({r.incompatible}): it stops before pre_restart")
+    if r is not None and (r.compatible or not r.schema_changed):
+        return MigrationDecision(online, f"the rehearsal at {r.time} found the running release serves on the migrated "
+                                         "schema" if r.compatible else
+                                 f"the rehearsal at {r.time} found the migration changes no schema")
+    if f.migration_files:
+        files = ", ".join(f.migration_files[:3]) + (f" and {len(f.migration_files) - 3} more"
+                                                     if len(f.migration_files) > 3 else "")
+        judged = ("it did not try the running release on the migrated copy" if r is not None
+                  else "no rehearsal of this tree says the running release survives them")
+        return MigrationDecision(stop, f"the target changes its migrations ({files}) and {judged}: it stops before "
+                                       "pre_restart; to let it serve, rehearse first (--rehearse)")
+    if r is not None:
+        return MigrationDecision(online, f"the rehearsal at {r.time} did not try the running release on the migrated "
+                                         "schema, and no file that looks like a migration changed")
+    return MigrationDecision(online, "the migration's effect on the running release is unknown (no rehearsal of this "
+                                     "tree), and no file that looks like a migration changed since what runs: the old "
+                                     "release serves during pre_restart; find out first with --rehearse")

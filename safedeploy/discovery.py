@@ -12,7 +12,10 @@ can mark what it guessed:
   processes listen on; none of these: the proposal says NOT FOUND and leaves the key out, so the
   config does not load until someone fills it in;
 - the database: the one SQLite file the app's processes hold open, else the one untracked SQLite
-  file in its tree; none or several: the key is left out and the candidates are listed.
+  file in its tree; none or several: the key is left out and the candidates are listed;
+- rehearse_paths, marked GUESS: the pages its access log shows answered 2xx most often (GET, no
+  static file, not the tool's own checks), else the pages the running app links from / that answer
+  200 now; the rehearsal asks them of the running release on a migrated copy. Nothing found: no key.
 
 A key left out is deliberate: a config that loads with a wrong database would back up the wrong
 file every night.
@@ -57,6 +60,8 @@ class Found:
     db_candidates: list = field(default_factory=list)
     build: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    probe_paths: list = field(default_factory=list)
+    probe_source: str = ""
 
 
 @dataclass
@@ -154,6 +159,56 @@ def describe(env):
     env.port, env.port_source = find_port(env, pids)
     env.db, env.db_source, env.db_candidates = find_database(env, pids)
     env.build = propose_build(env)
+    env.probe_paths, env.probe_source = propose_probes(env)
+
+
+def first_to_adopt(proposal):
+    """The env adopted first: the one the others promote from (dev), else the first proposed."""
+    names = [e.name for e in proposal.envs]
+    return "dev" if "dev" in names else (names[0] if names else "dev")
+
+
+# -- probe paths for rehearsals ------------------------------------------------------------------
+ACCESS_RE = re.compile(r'"GET (?P<path>/[^\s"?#]*)(?:\?[^\s"]*)? HTTP/[0-9.]+" (?P<status>[0-9]{3})')
+NOT_A_PAGE = re.compile(r"^/(?:static|media|assets|_deploy)/|^/(?:favicon\.ico|robots\.txt)$|^/health|"
+                        r"\.(?:css|js|png|jpe?g|gif|svg|ico|woff2?|map|txt)$")
+LINK_RE = re.compile(r'href="(?P<path>/(?!/)[^"?#\s]*)"')
+MAX_PROBES = 3
+LOG_LINES = 2000
+
+
+def pages_in_log(lines):
+    """[(path, times)] of the GETs a log shows answered 2xx, most frequent first (the tool's own checks,
+    static files and health pages left out)."""
+    counts = {}
+    for line in lines:
+        if "safe-deploy health check" in line:
+            continue
+        m = ACCESS_RE.search(line)
+        if m and m.group("status").startswith("2") and not NOT_A_PAGE.search(m.group("path")):
+            counts[m.group("path")] = counts.get(m.group("path"), 0) + 1
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def propose_probes(env):
+    """(paths, how they were found): from the unit's access log, else from the running app's / and its links."""
+    found = pages_in_log(units.journal_tail(env.unit, LOG_LINES)) if env.active == "active" else []
+    if found:
+        top = found[:MAX_PROBES]
+        return [p for p, _ in top], ("GUESS: the pages its log shows answered 2xx most often ("
+                                     + ", ".join(f"GET {p} x{n}" for p, n in top) + ")")
+    if not env.port or env.active != "active":
+        return [], ""
+    from . import health
+    base = f"http://127.0.0.1:{env.port}"
+    home = health.check(f"{base}/", timeout=5)
+    if not home.ok:
+        return [], ""
+    links = [p for p in dict.fromkeys(m.group("path") for m in LINK_RE.finditer(home.body.decode(errors="replace")))
+             if not NOT_A_PAGE.search(p) and p != "/"]
+    answered = [p for p in links[:10] if health.check(f"{base}{p}", timeout=5).status == 200][:MAX_PROBES - 1]
+    return ["/", *answered], ("GUESS: / and the pages it links to answered 200 just now" if answered else
+                              "GUESS: / answered 200 just now")
 
 
 # -- the port ------------------------------------------------------------------------------------
@@ -394,6 +449,9 @@ def env_lines(env, has_dev):
     out.append(f"unit = {toml(env.unit)}")
     if env.name == "prod" and has_dev:
         out.append('promote_from = "dev"   # prod deploys only what dev verified')
+    if env.probe_paths:
+        out.append(f"rehearse_paths = [{', '.join(toml(p) for p in env.probe_paths)}]   # {env.probe_source}; a "
+                   "rehearsal asks them of the running release on the migrated copy: add pages that read and write")
     if env.build:
         out.append(f"# GUESS: it runs {env.exec_start[0]}, so each release needs its own venv: this makes the same one")
         out.append("# (the running venv's python and packages, pinned); later, install the tree's requirements instead")

@@ -76,6 +76,13 @@ class Repo:
         out = self.run("ls-tree", "-r", "--name-only", "-z", commit, "--", *paths)
         return [p for p in out.split("\0") if p]
 
+    def changed_files(self, a, b):
+        """Paths that differ between commits a and b (added, changed, removed, renamed)."""
+        if a == b:
+            return []
+        out = self.run("diff", "--name-only", "--no-renames", "-z", a, b, "--")
+        return [p for p in out.split("\0") if p]
+
     def is_ancestor(self, older, newer):
         status, _, _ = self.run("merge-base", "--is-ancestor", older, newer, check=False)
         return status == 0

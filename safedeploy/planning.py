@@ -38,6 +38,7 @@ class DeployPlan:
     reuse: object = None                # releases: a kept release of the target to switch to (no build)
     clears_bad: bool = False            # --force past a bad mark: a healthy deploy clears it
     rehearsed: object = None            # the passed rehearsal of the target's tree, if any
+    last_rehearsal: object = None       # the newest rehearsal of the target's tree, passed or failed
     migration_mode: str = "online"      # online: the old release serves during pre_restart; stop-first
     migration_why: str = ""
     retry_after: int | None = None      # stop-first, a migration longer than clients wait: 503s with this Retry-After
@@ -93,7 +94,9 @@ def deploy_plan(config, env, ref=None, fetch=True, force=False, reason=""):
             raise DeployError(f"{env.name}'s migration needs the running release stopped first ({plan.migration_why}), "
                               f"and {env.unit} has no socket unit to hold requests meanwhile (they would be refused); "
                               "install one first: " + cli.script_command(config, "deploy.py", env.name,
-                                                                        "--install-units"))
+                                                                        "--install-units")
+                              + "; or find out whether the running release can serve during the migration: "
+                              + facts.rehearse_command)
         plan.retry_after, why = decisions.maintenance(plan.rehearsed.migration_seconds if plan.rehearsed else None)
         plan.migration_why += f"; {why}"
     if plan.converted:
@@ -137,21 +140,31 @@ def promotion_hint(config: object, env: object, here: list, shared: list, proble
 
 
 def migration_mode(env, plan):
-    """(mode, why): how pre_restart meets the release that serves meanwhile (see docs/how-it-works.md)."""
-    if not env.pre_restart:
-        return "online", "no pre_restart: nothing changes the schema before the new release starts"
-    if env.migration_mode in ("online", "stop-first"):
-        return env.migration_mode, f"migration_mode = \"{env.migration_mode}\""
-    r = plan.rehearsed
+    """(mode, why): how pre_restart meets the release that serves meanwhile (safedeploy.decisions.migration_mode:
+    safe by default). Facts: the newest rehearsal of the target's tree, passed or failed, and the files that
+    look like migrations among those changed since what runs."""
+    newest = records.newest_rehearsal(records.read(env), plan.target_tree) if env.pre_restart else None
+    plan.last_rehearsal = newest
+    files = ()
+    if env.pre_restart and env.migration_mode == "auto":
+        words = tuple(w for argv in env.pre_restart for w in argv)
+        try:
+            files = tuple(p for p in plan.repo.changed_files(plan.running, plan.target)
+                          if decisions.looks_like_migration(p, words))
+        except DeployError as exc:          # not known: judged as if a migration changed
+            files = (f"(the files changed since {plan.running[:12]} could not be listed: {exc})",)
+    facts = decisions.MigrationFacts(has_pre_restart=bool(env.pre_restart), configured=env.migration_mode,
+                                     rehearsal=rehearsal_facts(newest), migration_files=files)
+    decision = decisions.migration_mode(facts)
+    return decision.mode.value, decision.why
+
+
+def rehearsal_facts(r):
     if r is None:
-        return "online", ("the migration's effect on the running release is unknown (no rehearsal of this tree): "
-                          "the old release serves during pre_restart; find out first with --rehearse")
-    if r.compatible is False:
-        return "stop-first", (f"the rehearsal at {r.time} found the running release breaks on the migrated schema "
-                              f"({r.incompatible}): it stops before pre_restart")
-    if r.compatible:
-        return "online", f"the rehearsal at {r.time} found the running release serves on the migrated schema"
-    return "online", f"the rehearsal at {r.time} did not try the running release on the migrated schema"
+        return None
+    return decisions.RehearsalFacts(time=r.time, passed=r.ok, failed_step=r.failed, error=r.error or "",
+                                    compatible=r.compatible, incompatible=r.incompatible,
+                                    breaking=tuple(r.schema_breaking), schema_changed=bool(r.schema_changes))
 
 
 def preflight(env):

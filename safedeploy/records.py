@@ -67,6 +67,7 @@ class DeployRecord(Record):
                                                         # once it served (by content): a data bug
     rows_in_no_copy: dict = field(default_factory=dict)     # of those, the rows no copy holds (written after the backup)
     rollback: dict | None = None        # the automatic rollback's record, when there was one
+    blame: str | None = None            # a failure's cause: "release" (marked bad), "host" (not), "interrupted"
 
 
 @dataclass
@@ -123,7 +124,11 @@ class RehearsalRecord(Record):
     paths: dict = field(default_factory=dict)
     running_commit: str | None = None   # the release that ran when it was rehearsed (tried on the new schema)
     compatible: bool | None = None      # whether that release served on the migrated copy (None: not tried)
-    incompatible: str = ""              # where it did not: the failing path and the app's line
+    incompatible: str = ""              # where it did not: the schema's breaking changes, the failing path and the app's line
+    schema_breaking: list = field(default_factory=list)     # schema changes the running release cannot live with
+    probes: dict = field(default_factory=dict)      # {path: answer} the running release gave on the migrated copy
+    probe_rows: dict = field(default_factory=dict)  # {table: rows} the probes wrote there (+ added, - removed)
+    app_said: list = field(default_factory=list)    # the app's log lines while its failing probe was answered
 
 
 @dataclass
@@ -205,3 +210,9 @@ def tag_backups(records):
 def passed_rehearsal(records, tree):
     """The newest passed rehearsal of tree, or None."""
     return next((r for r in reversed(of_kind(records, "rehearsal")) if r.tree == tree and r.ok), None)
+
+
+def newest_rehearsal(records, tree):
+    """The newest rehearsal of tree, passed or failed, or None: a failed one counts (the next deploy of that
+    tree stops the running release first), it is never the same as none."""
+    return next((r for r in reversed(of_kind(records, "rehearsal")) if r.tree == tree), None)

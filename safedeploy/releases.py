@@ -32,7 +32,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import commands
+from . import commands, redaction, unitenv
 from .errors import DeployError
 from .files import fsync_dir, write_atomic
 from .state import now_iso, utc_stamp
@@ -137,7 +137,7 @@ def build(env, repo, commit, say=None, folder=None, shared=None):
         link_shared(env, work, stand_ins, originals)
         if env.build and say:
             say(f"building release {rid}: {len(env.build)} command(s) in {work} (shared paths: stand-ins)")
-        run_build(env, work)
+        run_build(env, work, stand_ins)
         shadowed = link_shared(env, work, shared, originals)
         # REVISION last: a folder without it is a build that did not finish, never a release
         revision = {"commit": commit, "env": env.name, "branch": env.branch, "release": rid, "built": now_iso(),
@@ -316,12 +316,21 @@ def differing(source, kept, rel):
     return found
 
 
-def run_build(env, work):
+def run_build(env, work, stand_ins):
+    """The `build` commands in work, with the unit's environment as the app will see it from this release:
+    `current` and the work tree moved to work, the shared folder to the stand-ins (a build that names the
+    live database through a variable reaches a stand-in, never live data)."""
+    if not env.build:
+        return
+    moves = [(env.current_link, work, False), (env.releases_root / "shared", stand_ins, False), (env.path, work, True)]
+    environ = unitenv.command_environment(env, moves)
     for argv in env.build:
-        failure = commands.run_one(argv, work, env.command_timeout, nice=commands.BUILD_NICE)
+        failure = commands.run_one(argv, work, env.command_timeout, nice=commands.BUILD_NICE, environ=environ)
         if failure:
-            raise DeployError(f"build command `{' '.join(argv)}` {failure.why}; nothing live was changed",
+            exc = DeployError(f"build command `{redaction.shown(argv)}` {failure.why}; nothing live was changed",
                               output="\n".join(failure.output.splitlines()[-15:]))
+            exc.failure = failure
+            raise exc
 
 
 def switch(env, release):

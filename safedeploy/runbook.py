@@ -40,11 +40,11 @@ exit 4, with the command to run.
 
 import json
 import os
-import shlex
 from dataclasses import dataclass, field
 
-from . import backups, cli, commands, convert, marks, records, release, releases, replica, rowloss, units, verified_notes
-from .decisions import failure_code
+from . import (backups, cli, commands, convert, marks, records, redaction, release, releases, replica, rowloss, unitenv,
+               units, verified_notes)
+from .decisions import Blame, FailureFacts, failure_code, judge_failure
 from .errors import EXIT_FAILED, EXIT_HUMAN, DeployError, after_undo, describe_failure
 from .files import write_atomic
 from .points import Point
@@ -243,7 +243,7 @@ def build_detail(run):
     plan, env = run.plan, run.env
     if plan.reuse:
         return f"reuse the kept release {plan.reuse.path} of {plan.target[:12]} (built the same way, unchanged): no build"
-    commands_text = "; ".join(shlex.join(argv) for argv in env.build) or "no build commands"
+    commands_text = "; ".join(redaction.shown(argv) for argv in env.build) or "no build commands"
     return (f"build {env.releases_root / 'releases' / release_name(run)} from {plan.target[:12]} (git archive), the "
             f"shared paths ({', '.join(releases.shared_paths(env)) or 'none'}) linked to stand-ins, not live data, "
             f"while it runs: {commands_text}; then linked to {env.releases_root / 'shared'}")
@@ -282,9 +282,10 @@ DEPLOY = [
     Step("switch", AFTER, switch, switch_detail),
     Step("pre_restart", AFTER,
          lambda r: commands.run_all(r.env.pre_restart, r.release.path if r.release else r.env.path,
-                                    r.env.command_timeout),
+                                    r.env.command_timeout, environ=unitenv.command_environment(r.env)),
          lambda r: "; ".join(f"run in {r.env.releases_root / 'releases' / release_name(r) if r.plan.converted else r.env.path}: "
-                             f"{shlex.join(argv)}" for argv in r.env.pre_restart)
+                             f"{redaction.shown(argv)}" for argv in r.env.pre_restart)
+         + " (with the unit's environment)"
          + (f" ({r.plan.migration_why})" if r.plan.migration_mode == "online" else ""),
          when=lambda r: r.env.pre_restart),
     *bring_up_steps(),
@@ -323,8 +324,9 @@ def deploy_failed_after(run, step, exc):
     details = (getattr(exc, "output", "") or "").splitlines()
     if not details and step in ("restart", "health", "watch"):
         details = units.journal_tail(units.serving_state(env.unit).name)
+    judged = judge(step, exc, what, details)
     record.result, record.failed_step, record.error = "rolled-back", step, what
-    record.steps, record.running = dict(run.clock.seconds), plan.running
+    record.steps, record.running, record.blame = dict(run.clock.seconds), plan.running, judged.blame.value
     cli.err(f"error: deploy of {env.name} failed at step {step}: {what}")
     for line in details[-10:]:
         cli.err(f"  | {line}")
@@ -332,9 +334,10 @@ def deploy_failed_after(run, step, exc):
                   release=run.previous_release or (plan.running_release.id if plan.running_release else None))
     from .planning import decide_database
     restore_db, why = decide_database(env, point, "auto", compare=False)
-    # a release that failed is marked bad; one the operator interrupted (Ctrl-C, SIGTERM) is not judged
+    # a release that failed is marked bad; a failure of the host or its config is not (the same commit deploys
+    # once it is fixed), nor one the operator interrupted (Ctrl-C, SIGTERM)
     back = roll_back(run.config, env, plan.repo, point, restore_db, why, plan.target, parent=record,
-                     mark=not isinstance(exc, KeyboardInterrupt), quick_stop=QUICK_STOP)
+                     mark=judged.blame == Blame.RELEASE, quick_stop=QUICK_STOP, why_marked=judged.why)
     done = back.record
     cli.err(f"rolled back by itself: {env.name} runs {plan.running[:12]} again, and {env.health_url} answers "
             f"{back.health.describe()}")
@@ -348,10 +351,21 @@ def deploy_failed_after(run, step, exc):
         cli.err(f"  rows      {lost} written since the backup are in that copy, not live: put them back with: "
                 + cli.script_command(run.config, "backup.py", env.name, "--restore-rows",
                                      done.pre_rollback or done.salvaged or "", "--yes"))
+    if judged.blame == Blame.HOST:
+        cli.err(f"  cause     the host or its config, not the release: {judged.why}. {plan.target[:12]} is not "
+                f"marked bad: fix it, then deploy again: {cli.script_command(run.config, 'deploy.py', env.name)}")
     if not isinstance(exc, (DeployError, KeyboardInterrupt)):
         raise after_undo(exc, f"deploy of {env.name} failed at {step} ({what}); rolled back by itself to "
                               f"{plan.running[:12]}") from None
     return EXIT_FAILED
+
+
+def judge(step, exc, what, details):
+    """The release or the host to blame (safedeploy.decisions.judge_failure) for a failure after the switch."""
+    failure = getattr(exc, "failure", None)
+    return judge_failure(FailureFacts(step=step, message=what, output="\n".join(details),
+                                      could_not_start=failure is not None and failure.kind == commands.FailureKind.COULD_NOT_START,
+                                      interrupted=isinstance(exc, KeyboardInterrupt)))
 
 
 def deploy_operation():
@@ -560,11 +574,12 @@ def code(run):
 
 def restore_unit(run):
     b = run.point.backup
-    try:        # never widen: a unit holding Environment= secrets may be 0600
+    try:        # never widen: a unit holding Environment= secrets is 0600
         mode = os.stat(b.unit_file).st_mode & 0o755
     except OSError:
         mode = 0o600
-    write_atomic(b.unit_file, open(b.unit_backup, "rb").read(), mode=mode)
+    data = open(b.unit_backup, "rb").read()
+    write_atomic(b.unit_file, data, mode=units.unit_file_mode(data.decode(errors="replace"), mode))
     units.daemon_reload()
     run.record.unit_restored = True
 
@@ -758,13 +773,14 @@ def rollback_operation():
 
 
 def roll_back(config, env, repo, point, restore_db, why, running, parent=None, watch=0, quick_stop=None, mark=True,
-              run=None, db_only=False):
+              run=None, why_marked=None, db_only=False):
     """The one "roll back and report" path: take the env (locked by the caller) to point, record it (alone,
-    or inside parent's record), mark what it left bad (mark); return the RollbackRun. Failure before any
-    change: DeployError (exit 1). After: DeployError with EXIT_HUMAN and the command to run."""
+    or inside parent's record), mark what it left bad (mark, naming why_marked: what failed); return the
+    RollbackRun. Failure before any change: DeployError (exit 1). After: DeployError with EXIT_HUMAN and the
+    command to run."""
     run = run or rollback_run(config, env, repo, point, restore_db, why, running, watch, quick_stop, mark, db_only)
     run.parent = parent
-    run.why_marked = getattr(parent, "error", None) or "by hand"
+    run.why_marked = why_marked or getattr(parent, "error", None) or "by hand"
     execute(rollback_operation(), run, env)
     return run
 

@@ -20,7 +20,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import holders, integrity
+from . import holders, integrity, redaction
 from .errors import EXIT_HUMAN, EXIT_LOCKED, DeployError
 from .files import disk_error, make_private_dir, write_atomic
 
@@ -190,7 +190,8 @@ class JsonLog:
         write, fsync; a line torn by a crash is closed first, so it costs only itself. A log replaced
         while this waited for its flock (a damaged line set aside) is opened again."""
         make_private_dir(self.path.parent)
-        line = integrity.encode(record)     # in the record's own order: its steps as they ran
+        # in the record's own order (its steps as they ran), secrets hidden (safedeploy.redaction)
+        line = integrity.encode(json.loads(redaction.redact(json.dumps(record))))
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)

@@ -296,10 +296,22 @@ def user_unit_dir():
     return Path(base) / "systemd" / "user"
 
 
+def holds_environment(text):
+    """Whether a unit file's text sets variables itself (Environment=): their values may be secrets."""
+    return any(line.strip().startswith("Environment=") and line.split("=", 1)[1].strip()
+               for line in str(text).splitlines())
+
+
+def unit_file_mode(text, mode):
+    """The mode a unit file is written with: 0600 when it holds Environment= values (whatever it had: a
+    0644 unit with a secret in it is not copied as such), else mode (never group- or world-writable)."""
+    return 0o600 if holds_environment(text) else mode & 0o755
+
+
 def install_unit_files(files, modes=None, reload=True):
     """Write {name or path: text} into the user's unit folder (atomically), then daemon-reload.
-    A file keeps the mode it had (a unit holding Environment= secrets may be 0600); modes
-    {path: mode} sets it for new files; otherwise 0644."""
+    A file keeps the mode it had; modes {path: mode} sets it for new files; otherwise 0644. A file that
+    holds Environment= values is 0600 whatever its mode was (unit_file_mode)."""
     folder = user_unit_dir()
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
@@ -311,7 +323,7 @@ def install_unit_files(files, modes=None, reload=True):
             except OSError:
                 mode = 0o644
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, text, mode=mode & 0o755)
+        write_atomic(path, text, mode=unit_file_mode(text, mode))
     if reload:
         daemon_reload()
     return folder
