@@ -228,9 +228,14 @@ def compare_file(env, copy: Known, live: dict[str, TableRows] | None, deadline: 
                 if table_rows.digests:
                     missing[copy_table.name if copy_table else name] = len(table_rows.digests)
                 continue
+            pairing = rowsets.pair_tables(copy_table, live_table)
+            if copy_table.own and not pairing.copy.own:         # no column in common: nothing can be compared
+                not_live.append(copy_table.name)
+                missing[copy_table.name] = len(table_rows.digests)
+                continue
             diff = rowcompare.compare(table_rows, live_side.get(name))
-            diff = rowcompare.classify(conn, copy_table, live_table, rowsets.pair_tables(copy_table, live_table),
-                                       table_rows, live_side[name], diff, copy_db="main", live_db="live")
+            diff = rowcompare.classify(conn, copy_table, live_table, pairing, table_rows, live_side[name], diff,
+                                       copy_db="main", live_db="live")
             if diff.missing:
                 missing[copy_table.name] = len(diff.missing)
             if diff.changed:

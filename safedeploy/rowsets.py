@@ -320,23 +320,23 @@ class Pairing:
 
 
 def pair_tables(copy: Table, live: Table) -> Pairing:
-    """Columns matched by name (case-insensitively, as SQLite does); one column the copy has and the live
-    table lacks, where the live table has one the copy lacks in the same place with the same declared type,
-    is taken as renamed (a RenameField, ALTER TABLE ... RENAME COLUMN)."""
+    """Columns matched by name (case-insensitively, as SQLite does); a column the copy has and the live table
+    lacks, where the live table has one the copy lacks in the same place with the same declared type, is
+    taken as renamed (a RenameField, ALTER TABLE ... RENAME COLUMN keep the place; added columns go last)."""
     live_by = {c.lower(): c for c in live.columns}
     pairs = [(c, live_by[c.lower()]) for c in copy.columns if c.lower() in live_by]
     only_copy = [c for c in copy.columns if c.lower() not in live_by]
     copy_by = {c.lower() for c in copy.columns}
     only_live = [c for c in live.columns if c not in copy_by and c.lower() not in copy_by]
     renamed: list[tuple[str, str]] = []
-    if len(only_copy) == 1 and len(only_live) == 1:
-        a, b = only_copy[0], only_live[0]
-        same_place = copy.columns.index(a) == live.columns.index(b)
-        same_type = copy.types[copy.columns.index(a)].upper() == live.types[live.columns.index(b)].upper()
-        if same_place and same_type:
+    for a in list(only_copy):           # renamed: the live column in its place is new, of the same declared type
+        i = copy.columns.index(a)
+        b = live.columns[i] if i < len(live.columns) else None
+        if b in only_live and copy.types[i].upper() == live.types[i].upper():
             renamed.append((a, b))
             pairs.append((a, b))
-            only_copy = []
+            only_copy.remove(a)
+            only_live.remove(b)
     matched = {c.lower(): twin for c, twin in pairs}
     own_copy = tuple(c for c in copy.own if c.lower() in matched)
     own_live = tuple(matched[c.lower()] for c in own_copy)

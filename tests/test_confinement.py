@@ -60,9 +60,10 @@ FREE_BODY = "line one\nline two\r\n\ttabbed; -- not a comment\x7f 'quoted' \"too
 
 
 def test_rows_to_restore_never_runs_a_value_as_sql_even_in_a_conflict(tmp_path):
-    """A conflicting row is written commented out; a newline in its value used to end the comment and
-    run the rest as SQL: `sqlite3 LIVE < rows.sql` emptied the table. Now no value can end a comment
-    or a statement, and the free rows come back byte for byte."""
+    """The review text of a restore (backup.py --rows-to-restore, as --restore-rows --sql): a newline in a
+    value used to end a comment and run the rest as SQL (`sqlite3 LIVE < rows.sql` emptied the table). No
+    value can end a comment or a statement; read by the real sqlite3 shell, the free rows come back byte
+    for byte and the taken id under a new one."""
     cfg = make_host(tmp_path)
     live = tmp_path / "app" / "live.db"
     conn = sqlite3.connect(live, isolation_level=None)
@@ -81,7 +82,7 @@ def test_rows_to_restore_never_runs_a_value_as_sql_even_in_a_conflict(tmp_path):
     proc = script("backup.py", cfg, "--rows-to-restore", saved.path)
     assert proc.returncode == 0, proc.stderr
     sql = proc.stdout
-    assert "post: 2 row(s), 1 of them flagged" in sql and sql.count("comes back under a new id") == 1
+    assert sql.count("INSERT OR ABORT") == 2 and sql.count("comes back as 4") == 1     # the review text
     applied = subprocess.run(["sqlite3", str(live)], input=sql, capture_output=True, text=True, timeout=30)
     assert applied.returncode == 0, applied.stderr
     conn = sqlite3.connect(live)
@@ -91,7 +92,7 @@ def test_rows_to_restore_never_runs_a_value_as_sql_even_in_a_conflict(tmp_path):
     assert rows == {1: ("kept", None), 2: (FREE_BODY, b"\x00\n\xff"), 3: ("written since the restore", None),
                     4: (HOSTILE_BODY, None)}
     for line in sql.splitlines():           # every statement and comment is one line: nothing spans two
-        assert line.startswith(("-- ", ".bail on")) or line.endswith(";") or not line.strip(), line
+        assert line.startswith("-- ") or line.endswith(";") or not line.strip(), line
 
 
 # -- a command's pipes are closed when it exits, whatever its children do --------------------------------
