@@ -11,17 +11,21 @@ safedeploy.diagnosis turns into problems and advice. It reads; it writes nothing
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import tempfile
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 from . import backups, ledger, rowrestore, rowsets, salvage
-from .files import make_private_dir
+from .errors import DeployError
+from .files import make_private_dir, write_atomic
 from .points import backup_id
 from .state import JsonLog, parse_time
 
+CHECK_AGAIN = 3600.0
 NOT_A_WHOLE_RESTORE = ("pre-rollback", "salvaged")       # copies whose rows come back row by row, never whole
 
 
@@ -63,6 +67,27 @@ class DataFacts:
     incomplete: str = ""
 
 
+def quick_check(env) -> str:
+    """quick_check's verdict of the live database, kept by the identity of its files (an unchanged 1 GB
+    database is not read again on the next look), and checked again at least every CHECK_AGAIN seconds
+    (damage that changes no file time: the disk itself)."""
+    kept = make_private_dir(env.state_dir / "ledger") / f"check-{env.name}.json"
+    identity = ledger.file_identity(env.db)
+    try:
+        data = json.loads(kept.read_text())
+        fresh = time.time() - float(data.get("at", 0)) < CHECK_AGAIN
+        if data.get("identity") == identity and isinstance(data.get("verdict"), str) and fresh:
+            return data["verdict"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    verdict = backups.integrity_of(env.db, quick=True)
+    try:
+        write_atomic(kept, json.dumps({"identity": identity, "verdict": verdict, "at": time.time()}))
+    except DeployError:
+        pass                    # a full state disk costs the cache, never the look
+    return verdict
+
+
 def known_copies(env, local: list, offsite_copies: list) -> list[ledger.Known]:
     keep = set(n.lower() for n in env.bookkeeping) | {"sqlite_sequence"}
 
@@ -91,7 +116,7 @@ def dismissed(env) -> set[str]:
 def gather(config, env, local: list, records: list, running: str, offsite_copies: list) -> DataFacts:
     facts = DataFacts(db_exists=env.db.exists())
     if facts.db_exists:
-        facts.db_check = backups.integrity_of(env.db, quick=True)
+        facts.db_check = quick_check(env)
     copies = known_copies(env, local, offsite_copies)
     gone = dismissed(env)
     book = ledger.look(env, copies, gone)
@@ -116,7 +141,7 @@ def outstanding(env, o: ledger.Outside) -> Outstanding:
     if not c.path or not env.db.exists():
         return item
     try:
-        the_plan = rowrestore.plan(env, c.path)
+        the_plan = rowrestore.plan(env, c.path, c.sha256)
     except (sqlite3.Error, OSError):
         return item
     left = {}

@@ -38,7 +38,7 @@ from . import rowcompare, rowsets
 from .files import make_private_dir, remove_quietly, write_atomic
 from .rowsets import Schema, TableRows
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 CONTINUES = 0.5           # a later copy holding this share of an earlier one's rows continues it
 NOT_A_CONTINUATION = ("pre-rollback", "salvaged", "point-in-time")      # copies that never supersede another
 

@@ -95,18 +95,35 @@ def sides(conn: sqlite3.Connection, bookkeeping: tuple[str, ...]) -> tuple[Side,
 
 
 # -- the plan -----------------------------------------------------------------------------------------
-def plan(env, copy_path: str | Path) -> Plan:
-    """What apply() would do now (read-only)."""
+def plan(env, copy_path: str | Path, sha256: str | None = None) -> Plan:
+    """What apply() would do now (read-only). sha256: the copy's, to use the row ledger's kept digests of both
+    sides when their schemas are the same (status plans every copy that holds missing rows on every look)."""
     conn = connect(env, write=False)
     try:
         attach_copy(conn, copy_path)
-        return make_plan(conn, str(copy_path), tuple(env.bookkeeping))
+        known = kept_sides(env, conn, str(copy_path), sha256) if sha256 else None
+        return make_plan(conn, str(copy_path), tuple(env.bookkeeping), known)
     finally:
         conn.close()
 
 
-def make_plan(conn: sqlite3.Connection, copy_path: str, bookkeeping: tuple[str, ...]) -> Plan:
-    copy, live, pairs = sides(conn, bookkeeping)
+def kept_sides(env, conn: sqlite3.Connection, copy_path: str, sha256: str):
+    """(copy, live, pairs) from the ledger's cache, or None when the schemas differ."""
+    from . import ledger
+    bookkeeping = tuple(env.bookkeeping)
+    mine = rowsets.read_schema(conn, "copy", bookkeeping)
+    theirs = rowsets.read_schema(conn, "main", bookkeeping)
+    if not all(theirs.get(t.name) is not None and rowsets.same_shape(t, theirs.get(t.name)) for t in mine.users):
+        return None
+    copy_rows = ledger.copy_rows(env, ledger.Known(id="", time="", reason="", path=copy_path, sha256=sha256))
+    live_rows = ledger.live_rows(env)
+    pairs = {t.name.lower(): rowsets.pair_tables(t, theirs.get(t.name)) for t in mine.users
+             if theirs.get(t.name).kind == rowsets.USERS}
+    return Side(mine, copy_rows), Side(theirs, live_rows), pairs
+
+
+def make_plan(conn: sqlite3.Connection, copy_path: str, bookkeeping: tuple[str, ...], known=None) -> Plan:
+    copy, live, pairs = known or sides(conn, bookkeeping)
     result = Plan(copy=copy_path)
     for t in copy.schema.users:
         if t.name.lower() not in pairs and copy.rows.get(t.name.lower()) and copy.rows[t.name.lower()].digests:
