@@ -147,6 +147,8 @@ def test_a_full_state_folder_stops_a_deploy_before_it_changes_anything(watched, 
     small.mkdir(mode=0o700)
     with tmpfs(small, "size=1m,mode=0700"):
         for f in saved.iterdir():
+            if not f.is_file():
+                continue            # the row ledger's cache (state/ledger/): a cache, computed again
             (small / f.name).write_bytes(f.read_bytes())
             os.chmod(small / f.name, 0o600)
         subprocess.run(["dd", "if=/dev/zero", f"of={small}/filler", "bs=64k"], capture_output=True)
