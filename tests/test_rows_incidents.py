@@ -174,3 +174,26 @@ def test_a_closed_pipe_a_list_or_a_dry_run_never_sends_a_failure(sandbox, receiv
     assert requests.get(sb.url("dev", "/"), timeout=5).json()["version"] == "2"
     listed = sb.run("backup.py", "--list")
     assert " rows " in listed.stdout, listed.stdout
+
+
+def test_rows_put_back_while_a_writer_writes_to_the_same_table(sandbox):
+    """A restore of rows in one transaction while users keep writing: every writer row and every restored row
+    are there after (the writers wait for the lock the restore holds; none is refused)."""
+    sb = sandbox
+    fill(sb, "dev", 300, "kept")
+    sb.release("dev", {"VERSION": "2\n"}, "v2")
+    assert sb.run("deploy.py", "dev").returncode == 0
+    fill(sb, "dev", 200, "gone")                            # the restore below takes these out
+    assert sb.run("rollback.py", "dev", "--with-db", "--yes").returncode == 0
+    saved = log_records(sb, "dev")[-1]["pre_rollback"]
+    with NotesWriter(sb.url("dev", "/notes"), rate=60, prefix="live") as writer:
+        time.sleep(1)
+        proc = sb.run("backup.py", "dev", "--restore-rows", saved, "--yes")
+        time.sleep(1)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    live = live_notes(sb, "dev")
+    assert {b for b, _, _ in writer.acked} <= live and len(writer.acked) > 60
+    assert {f"gone{i}-" + "x" * 300 for i in range(200)} <= live and {f"kept{i}-" + "x" * 300 for i in range(300)} <= live
+    conn = sqlite3.connect(f"file:{sb.db_path('dev')}?mode=ro", uri=True)
+    assert conn.execute("SELECT count(*) FROM notes").fetchone()[0] == 500 + len(writer.acked)
+    conn.close()
