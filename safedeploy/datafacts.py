@@ -210,14 +210,15 @@ def ids_missing(salvaged: Path, copy: str | None, bookkeeping: list[str]) -> int
 
 
 def release_deleted(records: list, running: str) -> dict | None:
-    """The newest good deploy whose release deleted rows as it went live, with when it was switched in."""
+    """The newest good deploy whose release deleted rows as it went live, with the moment its restart began
+    (switched_at: the last moment the continuous copies hold the rows it deleted)."""
     bug = next((r for r in reversed(records) if r.kind == "deploy" and r.ok and r.rows_deleted), None)
     if bug is None:
         return None
     start = parse_time(bug.time)
     before_switch = 0.0
-    for name, seconds in (bug.steps or {}).items():
-        if name == "switch":
+    for name, seconds in (bug.steps or {}).items():     # the moment the new release was started: its restart
+        if name == "restart":
             break
         before_switch += float(seconds or 0)
     switched = (start + timedelta(seconds=before_switch)).isoformat(timespec="milliseconds") if start else None
