@@ -136,7 +136,7 @@ def test_a_folder_replica_gives_the_rows_committed_by_a_moment_and_survives_a_lo
     assert not rep["ok"] and "not replicated" in rep["problem"] and "lacks" in rep["problem"], rep
     # the lost disk: status's advice brings the newest copy back, at most a second of acknowledged writes lost
     ran = follow_advice(sb, "prod")
-    assert any("--at latest" in c for c in ran) and "rollback.py" in ran[-1] and "--with-db" in ran[-1], ran
+    assert any("--at latest" in c for c in ran) and "rollback.py" in ran[-1] and "--db-only" in ran[-1], ran
     lost = assert_at_most_a_second_lost(writer, bodies(sb.db_path("prod")), killed_at)
     print(f"acknowledged {len(writer.acked)} rows at {writer.rate_achieved():.0f}/s; lost {lost}")
     # and the replica goes on from the restored database
