@@ -53,3 +53,24 @@ def paste(sb, command, timeout=180):
            **sb.manager.env}
     return subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
+
+
+def make_db(path, script, rows=()):
+    """An SQLite file in WAL mode with script's schema and the rows the statements insert."""
+    import sqlite3
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.executescript(script)
+    for sql in rows:
+        conn.execute(sql)
+    conn.close()
+
+
+def run_sql(db, *statements):
+    import sqlite3
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        for statement in statements:
+            conn.execute(statement)
+    finally:
+        conn.close()

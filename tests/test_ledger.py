@@ -9,24 +9,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from helpers import make_db, run_sql
 from safedeploy import ledger
 from safedeploy.rowsets import DEFAULT_BOOKKEEPING
-
-
-def make(path, script, rows=()):
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.executescript(script)
-    for sql in rows:
-        conn.execute(sql)
-    conn.close()
-
-
-def run(db, *sql):
-    conn = sqlite3.connect(db, isolation_level=None)
-    for s in sql:
-        conn.execute(s)
-    conn.close()
 
 
 def sha(path):
@@ -54,31 +39,31 @@ NOTES = "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT, created TEXT);"
 
 def test_a_row_whose_id_a_newer_row_took_is_still_missing(tmp_path):
     env = env_at(tmp_path)
-    make(env.db, NOTES, ["INSERT INTO notes (body, created) VALUES ('a', 't1'), ('b', 't2'), ('lost', 't3')"])
+    make_db(env.db, NOTES, ["INSERT INTO notes (body, created) VALUES ('a', 't1'), ('b', 't2'), ('lost', 't3')"])
     nightly = copy_of(env, "nightly")
-    run(env.db, "DELETE FROM notes WHERE id = 3", "INSERT INTO notes (body, created) VALUES ('new', 't4')")
+    run_sql(env.db, "DELETE FROM notes WHERE id = 3", "INSERT INTO notes (body, created) VALUES ('new', 't4')")
     book = ledger.look(env, [nightly])
     assert [o.missing for o in book.outstanding] == [{"notes": 1}]          # by id, nothing looked missing
 
 
 def test_an_updated_row_is_the_same_row_and_bookkeeping_never_counts(tmp_path):
     env = env_at(tmp_path)
-    make(env.db, 'CREATE TABLE "user" (id INTEGER PRIMARY KEY, name TEXT UNIQUE, last_login TEXT);'
+    make_db(env.db, 'CREATE TABLE "user" (id INTEGER PRIMARY KEY, name TEXT UNIQUE, last_login TEXT);'
                  "CREATE TABLE django_migrations (id INTEGER PRIMARY KEY, app TEXT);",
          ["INSERT INTO user (name, last_login) VALUES ('ann', 'mon'), ('bob', 'mon')",
           "INSERT INTO django_migrations (app) VALUES ('a'), ('b')"])
     nightly = copy_of(env, "nightly")
-    run(env.db, "UPDATE user SET last_login = 'tue'", "DELETE FROM django_migrations")
+    run_sql(env.db, "UPDATE user SET last_login = 'tue'", "DELETE FROM django_migrations")
     book = ledger.look(env, [nightly])
     assert book.outstanding == [] and book.compared[0].changed == {"user": 2}
 
 
 def test_rows_are_compared_across_a_renamed_column(tmp_path):
     env = env_at(tmp_path)
-    make(env.db, "CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT);",
+    make_db(env.db, "CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT);",
          ["INSERT INTO notes (text) VALUES ('one'), ('two'), ('three')"])
     save = copy_of(env, "save", reason="pre-rollback", held=True)
-    run(env.db, "ALTER TABLE notes RENAME COLUMN text TO body", "DELETE FROM notes WHERE id = 2",
+    run_sql(env.db, "ALTER TABLE notes RENAME COLUMN text TO body", "DELETE FROM notes WHERE id = 2",
         "ALTER TABLE notes ADD COLUMN mood TEXT")
     book = ledger.look(env, [save])
     assert [o.missing for o in book.outstanding] == [{"notes": 1}]
@@ -86,14 +71,14 @@ def test_rows_are_compared_across_a_renamed_column(tmp_path):
 
 def test_a_later_copy_supersedes_an_earlier_one_unless_it_lost_most_of_it(tmp_path):
     env = env_at(tmp_path)
-    make(env.db, NOTES, [f"INSERT INTO notes (body, created) VALUES ('n{i}', 't')" for i in range(10)])
+    make_db(env.db, NOTES, [f"INSERT INTO notes (body, created) VALUES ('n{i}', 't')" for i in range(10)])
     early = copy_of(env, "early", time_="2026-12-01T03:00:00+00:00")
-    run(env.db, "DELETE FROM notes WHERE id = 1")                       # a user deleted one: the app at work
+    run_sql(env.db, "DELETE FROM notes WHERE id = 1")                       # a user deleted one: the app at work
     later = copy_of(env, "later", time_="2026-12-02T03:00:00+00:00")
     book = ledger.look(env, [early, later])
     assert book.superseded == {"early": "later"} and book.outstanding == []
-    run(env.db, "DELETE FROM notes")                                    # a fresh database, backed up at night
-    run(env.db, "INSERT INTO notes (body, created) VALUES ('fresh', 't')")
+    run_sql(env.db, "DELETE FROM notes")                                    # a fresh database, backed up at night
+    run_sql(env.db, "INSERT INTO notes (body, created) VALUES ('fresh', 't')")
     fresh = copy_of(env, "fresh", time_="2026-12-03T03:00:00+00:00")
     book = ledger.look(env, [early, later, fresh])
     assert "later" not in book.superseded and [o.copy.id for o in book.outstanding] == ["later"]
@@ -102,7 +87,7 @@ def test_a_later_copy_supersedes_an_earlier_one_unless_it_lost_most_of_it(tmp_pa
 
 def test_an_off_site_copy_with_no_file_here_is_compared_by_count(tmp_path):
     env = env_at(tmp_path)
-    make(env.db, NOTES, ["INSERT INTO notes (body) VALUES ('x')"])
+    make_db(env.db, NOTES, ["INSERT INTO notes (body) VALUES ('x')"])
     far = ledger.Known(id="far", time="2026-12-01T03:00:00+00:00", reason="nightly", rows={"notes": 872},
                        where="off-site")
     (o,) = ledger.look(env, [far]).outstanding
@@ -111,15 +96,15 @@ def test_an_off_site_copy_with_no_file_here_is_compared_by_count(tmp_path):
 
 def test_a_dismissed_copy_does_not_count(tmp_path):
     env = env_at(tmp_path)
-    make(env.db, NOTES, ["INSERT INTO notes (body) VALUES ('x'), ('y')"])
+    make_db(env.db, NOTES, ["INSERT INTO notes (body) VALUES ('x'), ('y')"])
     nightly = copy_of(env, "nightly")
-    run(env.db, "DELETE FROM notes WHERE body = 'y'")
+    run_sql(env.db, "DELETE FROM notes WHERE body = 'y'")
     assert ledger.look(env, [nightly], {nightly.sha256}).outstanding == []
 
 
 def test_an_unchanged_database_is_looked_at_without_reading_a_row(tmp_path):
     env = env_at(tmp_path)
-    make(env.db, NOTES + "CREATE TABLE blob (id INTEGER PRIMARY KEY, data BLOB);",
+    make_db(env.db, NOTES + "CREATE TABLE blob (id INTEGER PRIMARY KEY, data BLOB);",
          ["WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 20000) "
           "INSERT INTO blob (data) SELECT randomblob(200) FROM c"])
     nightly = copy_of(env, "nightly")

@@ -8,26 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from helpers import make_db, run_sql
 from safedeploy import rowrestore
 from safedeploy.rowsets import DEFAULT_BOOKKEEPING
-
-
-def make(path, script, rows=()):
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.executescript(script)
-    for sql in rows:
-        conn.execute(sql)
-    conn.close()
-
-
-def run(db, sql):
-    conn = sqlite3.connect(db, isolation_level=None)
-    try:
-        for statement in sql:
-            conn.execute(statement)
-    finally:
-        conn.close()
 
 
 def query(db, sql):
@@ -48,14 +31,14 @@ def dump(db):
 
 @pytest.fixture
 def pair(tmp_path):
-    """(env, copy path): make(schema, rows) writes the copy; then the test changes the live database."""
+    """(env, copy path): make_db(schema, rows) writes the copy; then the test changes the live database."""
     env = SimpleNamespace(db=tmp_path / "live.db", bookkeeping=list(DEFAULT_BOOKKEEPING), name="t")
     copy = tmp_path / "copy.db"
 
     def build(script, rows, since):
-        make(copy, script, rows)
+        make_db(copy, script, rows)
         shutil.copy(copy, env.db)
-        run(env.db, since)
+        run_sql(env.db, *since)
         return env, copy
     return build
 
@@ -198,7 +181,7 @@ def test_fts_shadow_tables_are_left_to_sqlite_and_the_index_stays_sound(pair):
     assert [t.table for t in the_plan.tables] == ["doc"]
     assert any("doc_fts" in note for note in the_plan.notes)
     rowrestore.apply(env, copy)
-    run(env.db, ["INSERT INTO doc_fts(doc_fts) VALUES ('integrity-check')"])
+    run_sql(env.db, "INSERT INTO doc_fts(doc_fts) VALUES ('integrity-check')")
     assert query(env.db, "SELECT rowid FROM doc_fts WHERE doc_fts MATCH 'beta'") == [(2,)]
 
 
@@ -214,7 +197,7 @@ def test_a_without_rowid_table_whose_key_is_taken_keeps_the_live_row(pair):
 def test_a_column_the_live_schema_lacks_is_a_one_line_refusal_for_that_table(pair, tmp_path):
     env, copy = pair("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT, mood TEXT, stars INT);",
                      ["INSERT INTO notes VALUES (1, 'a', 'happy', 3), (2, 'b', 'sad', 1)"], [])
-    make(env.db, "DROP TABLE notes; CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT);")
+    make_db(env.db, "DROP TABLE notes; CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT);")
     the_plan = rowrestore.plan(env, copy)
     assert "notes" in the_plan.refused and "not in the live schema" in the_plan.refused["notes"]
     with pytest.raises(rowrestore.RestoreRefused):
