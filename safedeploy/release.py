@@ -60,7 +60,7 @@ def watch(env, seconds, show=None):
         elapsed = time.monotonic() - start
         left = seconds - elapsed
         if left <= 0:
-            return round(elapsed, 1)
+            return float(seconds)           # watched the whole configured time (a busy host overshoots it a little)
         if show:
             show(left)
         st = units.serving_state(env.unit)
