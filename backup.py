@@ -361,7 +361,7 @@ def restore_rows(config, envs, args):
     record = records.RowsRecord(env=env.name, user=cli.user_name(), copy=backup_id(backup))
     with EnvLock(env.state_dir, env.name, "restore-rows", wait=args.lock_wait):
         try:
-            plan = rowrestore.plan(env, backup.path)
+            plan = rowrestore.plan(env, backup.path, backup.sha256)
         except sqlite3.Error as exc:
             raise DeployError(f"cannot compare {backup.path} with {env.db}: {exc}; nothing was changed") from None
         if args.sql:
@@ -374,7 +374,7 @@ def restore_rows(config, envs, args):
             return EXIT_FAILED if plan.refused else 0
         confirm_restore(env, args.yes, plan.total)
         try:
-            done = rowrestore.apply(env, backup.path)
+            done = rowrestore.apply(env, backup.path, backup.sha256)
         except (rowrestore.RestoreRefused, sqlite3.Error) as exc:
             record.result, record.error = "failed", str(exc)
             records.append(env, record)

@@ -107,8 +107,10 @@ def plan(env, copy_path: str | Path, sha256: str | None = None) -> Plan:
         conn.close()
 
 
-def kept_sides(env, conn: sqlite3.Connection, copy_path: str, sha256: str):
-    """(copy, live, pairs) from the ledger's cache, or None when the schemas differ."""
+def kept_sides(env, conn: sqlite3.Connection, copy_path: str, sha256: str,
+               live: dict[str, rowsets.TableRows] | None = None):
+    """(copy, live, pairs) from the ledger's cache, or None when the schemas differ. live: the live rows as
+    just read (apply's snapshot inside its transaction) instead of the ledger's."""
     from . import ledger
     bookkeeping = tuple(env.bookkeeping)
     mine = rowsets.read_schema(conn, "copy", bookkeeping)
@@ -116,7 +118,7 @@ def kept_sides(env, conn: sqlite3.Connection, copy_path: str, sha256: str):
     if not all(theirs.get(t.name) is not None and rowsets.same_shape(t, theirs.get(t.name)) for t in mine.users):
         return None
     copy_rows = ledger.copy_rows(env, ledger.Known(id="", time="", reason="", path=copy_path, sha256=sha256))
-    live_rows = ledger.live_rows(env)
+    live_rows = ledger.live_rows(env) if live is None else live
     pairs = {t.name.lower(): rowsets.pair_tables(t, theirs.get(t.name)) for t in mine.users
              if theirs.get(t.name).kind == rowsets.USERS}
     return Side(mine, copy_rows), Side(theirs, live_rows), pairs
@@ -401,16 +403,20 @@ class Applied:
     rekeyed: dict[str, int]
 
 
-def apply(env, copy_path: str | Path) -> Applied:
-    """Put the rows back (see the module's contract); RestoreRefused when it cannot, nothing changed."""
+def apply(env, copy_path: str | Path, sha256: str | None = None) -> Applied:
+    """Put the rows back (see the module's contract); RestoreRefused when it cannot, nothing changed.
+    sha256: the copy's (its manifest's, verified), so the copy's digests come from the row ledger's cache
+    and, the schemas being the same, the plan uses the live rows read for the check: inside the write
+    transaction the live database is read twice (before and after the inserts), the copy not at all."""
     bookkeeping = tuple(env.bookkeeping)
     conn = connect(env, write=True)
     try:
         attach_copy(conn, copy_path)
         conn.execute("BEGIN IMMEDIATE")
         try:
-            before = snapshot(conn, bookkeeping)
-            the_plan = make_plan(conn, str(copy_path), bookkeeping)
+            live_rows, before = snapshot_rows(conn, bookkeeping)
+            known = kept_sides(env, conn, str(copy_path), sha256, live_rows) if sha256 else None
+            the_plan = make_plan(conn, str(copy_path), bookkeeping, known)
             if the_plan.refused and not the_plan.total:
                 raise RestoreRefused("; ".join(the_plan.refused.values()))
             shadow = {t.name.lower() for t in rowsets.read_schema(conn, "main", bookkeeping).of_kind(rowsets.SHADOW)}
@@ -450,13 +456,19 @@ def insert_all(conn: sqlite3.Connection, the_plan: Plan) -> dict[str, list[int]]
 
 def snapshot(conn: sqlite3.Connection, bookkeeping: tuple[str, ...]) -> dict[str, Counter]:
     """Every users' and bookkeeping table's rows, as digests (full shape), sqlite_sequence aside."""
+    return snapshot_rows(conn, bookkeeping)[1]
+
+
+def snapshot_rows(conn: sqlite3.Connection, bookkeeping: tuple[str, ...]
+                  ) -> tuple[dict[str, rowsets.TableRows], dict[str, Counter]]:
+    """The users' tables' rows as read (full shape), and snapshot()'s counters of them: one read."""
     schema = rowsets.read_schema(conn, "main", bookkeeping)
     users = rowsets.digests(conn, schema, "main")
     out = {name: Counter(rows.digests) for name, rows in users.items()}
     for t in schema.of_kind(rowsets.BOOKKEEPING):
         if t.name.lower() != "sqlite_sequence":
             out[t.name.lower()] = Counter(rowsets.digest(r) for r in conn.execute(f"SELECT * FROM main.{quote(t.name)}"))
-    return out
+    return users, out
 
 
 def verify(conn: sqlite3.Connection, bookkeeping: tuple[str, ...], before: dict[str, Counter], the_plan: Plan,

@@ -2,8 +2,10 @@
 that broke the printed SQL: every case either puts the rows back with every live row unchanged and every
 reference right, or refuses with one line and changes nothing. Real SQLite files; no user manager needed."""
 
+import hashlib
 import shutil
 import sqlite3
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -29,10 +31,21 @@ def dump(db):
         conn.close()
 
 
-@pytest.fixture
-def pair(tmp_path):
-    """(env, copy path): make_db(schema, rows) writes the copy; then the test changes the live database."""
-    env = SimpleNamespace(db=tmp_path / "live.db", bookkeeping=list(DEFAULT_BOOKKEEPING), name="t")
+@pytest.fixture(params=["read", "kept"])
+def pair(tmp_path, request, monkeypatch):
+    """(env, copy path): make_db(schema, rows) writes the copy; then the test changes the live database.
+    Every test runs twice: the copy read whole inside the transaction ("read"), and the copy's digests
+    from the row ledger's cache by its sha256, the plan using the live rows read for the check ("kept",
+    as backup.py --restore-rows runs it)."""
+    env = SimpleNamespace(db=tmp_path / "live.db", bookkeeping=list(DEFAULT_BOOKKEEPING), name="t",
+                          state_dir=tmp_path / "state")
+    if request.param == "kept":
+        apply, plan = rowrestore.apply, rowrestore.plan
+
+        def sha(path):
+            return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        monkeypatch.setattr(rowrestore, "apply", lambda e, c: apply(e, c, sha(c)))
+        monkeypatch.setattr(rowrestore, "plan", lambda e, c: plan(e, c, sha(c)))
     copy = tmp_path / "copy.db"
 
     def build(script, rows, since):
