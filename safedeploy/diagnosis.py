@@ -30,10 +30,14 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Callable
-from pathlib import Path
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .units import holder_name
+
+if TYPE_CHECKING:
+    from .datafacts import Outstanding
 
 MAX_BACKUP_AGE = 24 * 3600
 Cmd = Callable[..., str]
@@ -63,8 +67,8 @@ class Facts:
     db_exists: bool = True
     db_check: str = "ok"
     live_rows: int | None = None      # users' rows live (None: not counted)
-    outstanding: list = field(default_factory=list)      # [datafacts.Outstanding]: copies holding rows live lacks
-    best: object = None               # the datafacts.Outstanding a whole restore goes to
+    outstanding: list[Outstanding] = field(default_factory=list)     # copies holding rows live lacks
+    best: Outstanding | None = None   # the copy a whole restore goes to
     salvage: dict | None = None       # what the damaged database still holds (datafacts.preview_salvage)
     deleted_by: dict | None = None    # the last deploy whose release deleted rows (datafacts.release_deleted)
     failed_restores: dict = field(default_factory=dict)  # copy id -> why its last --restore-rows failed
@@ -209,8 +213,7 @@ def copy_finding(f: Facts, cmd: Cmd, o, bug: dict | None) -> Finding:
     problem = (f"{o.id} ({o.reason}, {o.where}, {o.time}) holds {bound}{lacks} that the live database lacks "
                f"(compared by content); if they were deleted on purpose: {dismiss}")
     advice: list[tuple[str, str]] = []
-    from_release = bug and o.path and o.path == bug.get("backup")
-    if from_release:
+    if bug and o.path and o.path == bug.get("backup"):
         problem = f"the release of {bug['to'][:12]} deleted rows as it went live ({bug['tag']}): " + problem
         if bug.get("running_it"):
             advice.append(("the data bug's code out first, the database kept (the rows users wrote since stay)",

@@ -54,7 +54,8 @@ def kernel_holders(path: Path) -> list:
         lines = Path("/proc/locks").read_text().splitlines()
     except OSError:
         return []
-    exact, by_inode = [], []
+    exact: list[int] = []
+    by_inode: list[int] = []
     for line in lines:
         fields = line.split()
         if "->" in fields or len(fields) < 6:

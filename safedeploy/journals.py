@@ -79,7 +79,7 @@ def deploy_journal(env, repo, j: dict) -> dict | None:
         found = tags[0] if tags and tags[0][0] not in recorded else None
         if found is None:
             return None
-    commit = j.get("from") or found[1]
+    commit = j.get("from") or (found[1] if found else "")
     rebuilt = {**j, "op": "deploy", "from": commit, "step": DAMAGED_STEP}
     if found:
         rebuilt["tag"] = found[0]

@@ -30,6 +30,7 @@ import os
 import sqlite3
 import time
 from array import array
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote as url_quote
@@ -205,8 +206,7 @@ def same_schema(copy_path: str, live_path: Path, bookkeeping: tuple[str, ...]) -
         theirs = rowsets.read_schema(conn, "live", bookkeeping)
     finally:
         conn.close()
-    same = all(theirs.get(t.name) is not None and rowsets.same_shape(t, theirs.get(t.name)) for t in mine.users)
-    return same, mine, theirs
+    return mine.same_users_as(theirs), mine, theirs
 
 
 def compare_file(env, copy: Known, live: dict[str, TableRows] | None, deadline: float | None) -> Outside:
@@ -222,11 +222,11 @@ def compare_file(env, copy: Known, live: dict[str, TableRows] | None, deadline: 
     try:
         conn.execute("ATTACH DATABASE ? AS live", (f"file:{url_quote(str(env.db))}?mode=ro",))
         for name, table_rows in rows.items():
-            copy_table, live_table = mine.get(name), theirs.get(name)
+            copy_table, live_table = mine.table(name), theirs.get(name)
             if live_table is None or live_table.kind != rowsets.USERS:
-                not_live.append(copy_table.name if copy_table else name)
+                not_live.append(copy_table.name)
                 if table_rows.digests:
-                    missing[copy_table.name if copy_table else name] = len(table_rows.digests)
+                    missing[copy_table.name] = len(table_rows.digests)
                 continue
             pairing = rowsets.pair_tables(copy_table, live_table)
             if copy_table.own and not pairing.copy.own:         # no column in common: nothing can be compared
@@ -248,8 +248,7 @@ def compare_file(env, copy: Known, live: dict[str, TableRows] | None, deadline: 
 def paired_rows(env, copy: Known, mine: Schema, theirs: Schema, deadline: float | None
                 ) -> tuple[dict[str, TableRows], dict[str, TableRows]]:
     """Digests of both sides over the columns they share (a copy from before or after a migration)."""
-    pairs = {t.name.lower(): rowsets.pair_tables(t, theirs.get(t.name)) for t in mine.users
-             if theirs.get(t.name) is not None and theirs.get(t.name).kind == rowsets.USERS}
+    pairs = {t.name.lower(): rowsets.pair_tables(t, twin) for t, twin in mine.users_also_in(theirs)}
     conn = open_ro(copy.path or "")
     try:
         if deadline is not None:
@@ -309,7 +308,7 @@ def heads(env, copies: list[Known], known_rows: dict[str, dict[str, TableRows]])
     return [c for c in reversed(ordered) if c.id not in superseded], superseded
 
 
-def look(env, copies: list[Known], dismissed: set[str] = frozenset(), seconds: float = 60.0) -> Ledger:
+def look(env, copies: list[Known], dismissed: AbstractSet[str] = frozenset(), seconds: float = 60.0) -> Ledger:
     """The ledger of env (see the module's contract). copies: local and off-site, deduplicated by the caller."""
     start = time.monotonic()
     deadline = start + seconds

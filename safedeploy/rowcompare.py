@@ -77,7 +77,7 @@ def classify(conn: sqlite3.Connection, copy_table: Table, live_table: Table, pai
         diff.candidates = []
         return diff
     highest = survivor_key(copy_rows, live_rows)
-    rest = []
+    rest: list[int] = []
     for i in diff.candidates:
         key = copy_rows.keys[i]
         (diff.changed if highest is not None and key < highest else rest).append(i)

@@ -87,8 +87,7 @@ def attach_copy(conn: sqlite3.Connection, copy_path: str | Path) -> None:
 def sides(conn: sqlite3.Connection, bookkeeping: tuple[str, ...]) -> tuple[Side, Side, dict[str, Pairing]]:
     mine = rowsets.read_schema(conn, "copy", bookkeeping)
     theirs = rowsets.read_schema(conn, "main", bookkeeping)
-    pairs = {t.name.lower(): rowsets.pair_tables(t, theirs.get(t.name)) for t in mine.users
-             if theirs.get(t.name) is not None and theirs.get(t.name).kind == rowsets.USERS}
+    pairs = {t.name.lower(): rowsets.pair_tables(t, twin) for t, twin in mine.users_also_in(theirs)}
     copy_rows = rowsets.digests(conn, mine, "copy", {k: p.copy for k, p in pairs.items()})
     live_rows = rowsets.digests(conn, theirs, "main", {k: p.live for k, p in pairs.items()})
     return Side(mine, copy_rows), Side(theirs, live_rows), pairs
@@ -115,12 +114,11 @@ def kept_sides(env, conn: sqlite3.Connection, copy_path: str, sha256: str,
     bookkeeping = tuple(env.bookkeeping)
     mine = rowsets.read_schema(conn, "copy", bookkeeping)
     theirs = rowsets.read_schema(conn, "main", bookkeeping)
-    if not all(theirs.get(t.name) is not None and rowsets.same_shape(t, theirs.get(t.name)) for t in mine.users):
+    if not mine.same_users_as(theirs):
         return None
     copy_rows = ledger.copy_rows(env, ledger.Known(id="", time="", reason="", path=copy_path, sha256=sha256))
     live_rows = ledger.live_rows(env) if live is None else live
-    pairs = {t.name.lower(): rowsets.pair_tables(t, theirs.get(t.name)) for t in mine.users
-             if theirs.get(t.name).kind == rowsets.USERS}
+    pairs = {t.name.lower(): rowsets.pair_tables(t, twin) for t, twin in mine.users_also_in(theirs)}
     return Side(mine, copy_rows), Side(theirs, live_rows), pairs
 
 
@@ -135,14 +133,14 @@ def make_plan(conn: sqlite3.Connection, copy_path: str, bookkeeping: tuple[str, 
     notes = [f"{t.name}: {kinds[t.kind]}" for t in copy.schema.tables.values() if t.kind in kinds]
     verdicts = {}
     for name, pairing in pairs.items():
-        ctable, ltable = copy.schema.get(name), live.schema.get(name)
+        ctable, ltable = copy.schema.table(name), live.schema.table(name)
         diff = rowcompare.compare(copy.rows[name], live.rows[name])
         verdicts[name] = rowcompare.classify(conn, ctable, ltable, pairing, copy.rows[name], live.rows[name], diff,
                                              copy_db="copy", live_db="main")
     resolver = Resolver(conn, copy, live, pairs, verdicts)
     order = parents_first(copy.schema, list(pairs))
     for name in order:
-        why = table_refusal(copy.schema.get(name), live.schema.get(name), pairs[name], resolver.missing_rows(name))
+        why = table_refusal(copy.schema.table(name), live.schema.table(name), pairs[name], resolver.missing_rows(name))
         if why:
             result.refused[ltable_name(live, name)] = why
             resolver.refuse_all(name)
@@ -218,7 +216,7 @@ class Resolver:
             by_digest.setdefault(d, []).append(k)
         found: dict[object, object] = {}
         changed = {crow.keys[i] for i in self.verdicts[name].changed}
-        ctable, ltable = self.copy.schema.get(name), self.live.schema.get(name)
+        ctable, ltable = self.copy.schema.table(name), self.live.schema.table(name)
         moved = rowcompare.unique_held(self.conn, ctable, ltable, self.pairs[name], sorted(changed, key=str),
                                        "copy", "main") if changed else {}
         for k, d in zip(crow.keys, crow.digests):
@@ -230,13 +228,13 @@ class Resolver:
 
     def missing_rows(self, name: str) -> list[tuple[object, dict]]:
         if name not in self.rows:
-            ctable = self.copy.schema.get(name)
+            ctable = self.copy.schema.table(name)
             keys = [self.copy.rows[name].keys[i] for i in self.verdicts[name].missing]
             self.rows[name] = self.fetch(ctable, self.pairs[name], keys) if keys else []
         return self.rows[name]
 
     def assign(self, name: str) -> None:
-        ctable, ltable = self.copy.schema.get(name), self.live.schema.get(name)
+        ctable, ltable = self.copy.schema.table(name), self.live.schema.table(name)
         rows = self.missing_rows(name)
         assigned, rekeyed = self.assigned.setdefault(name, {}), self.rekeyed.setdefault(name, {})
         surrogate = bool(ltable.surrogate and ctable.surrogate)
@@ -283,7 +281,7 @@ class Resolver:
 
     def resolve_row(self, name: str, key: object, values: dict) -> tuple[dict, str]:
         """(the row's values as it goes in live, '') or ({}, why it cannot)."""
-        ctable, ltable, pairing = self.copy.schema.get(name), self.live.schema.get(name), self.pairs[name]
+        ctable, ltable, pairing = self.copy.schema.table(name), self.live.schema.table(name), self.pairs[name]
         for cols in ltable.unique:
             mine = [values.get(self.copy_name(pairing, c)) for c in cols]
             if all(v is not None for v in mine):
@@ -305,7 +303,7 @@ class Resolver:
         return live_row, ""
 
     def table_plan(self, name: str) -> TablePlan | None:
-        ltable = self.live.schema.get(name)
+        ltable = self.live.schema.table(name)
         out = TablePlan(table=ltable.name, changed=len(self.verdicts[name].changed))
         for key, _ in self.missing_rows(name):
             why = self.blocked.get(name, {}).get(key)
@@ -319,7 +317,8 @@ class Resolver:
 
     def fetch(self, table: Table, pairing: Pairing, keys: list) -> list[tuple[object, dict]]:
         cols = [c for c, _ in pairing.columns] + list(pairing.dropped)
-        wanted, out = set(keys), []
+        wanted = set(keys)
+        out: list[tuple[object, dict]] = []
         kcols = rowsets.key_columns(table)
         natural = rowsets.natural_key(table)
         select = ", ".join(kcols + [quote(c) for c in cols])
@@ -330,6 +329,7 @@ class Resolver:
         return out
 
     def live_keys(self, table: Table) -> set:
+        assert table.surrogate, table.name          # called for tables with a surrogate key only
         return {r[0] for r in self.conn.execute(f"SELECT {quote(table.surrogate)} FROM main.{quote(table.name)}")}
 
     def copy_name(self, pairing: Pairing, live_col: str) -> str:
@@ -359,7 +359,7 @@ class Resolver:
         ckey = self.parent_key(ptable, pcols, value)
         if ckey is None or ckey in self.blocked.get(parent, {}):
             return None
-        ltable = self.live.schema.get(parent)
+        ltable = self.live.schema.table(parent)
         lcols = [self.live_name(self.pairs[parent], c) for c in pcols]
         if ckey in self.assigned.get(parent, {}):           # coming back too
             self.needs.setdefault((parent, ckey), []).append((child, child_key))
@@ -450,7 +450,7 @@ def insert_all(conn: sqlite3.Connection, the_plan: Plan) -> dict[str, list[int]]
                 if "not authorized" in why:
                     why = "a trigger would update or delete live rows when a row is inserted"
                 raise RestoreRefused(f"{t.table}: {why}; nothing was changed") from None
-            rowids.setdefault(t.table, []).append(cur.lastrowid)
+            rowids.setdefault(t.table, []).append(cur.lastrowid or 0)   # 0: a WITHOUT ROWID table
     return rowids
 
 

@@ -74,6 +74,27 @@ class Schema:
     def get(self, name: str) -> Table | None:
         return self.tables.get(name.lower())
 
+    def table(self, name: str) -> Table:
+        """The table a caller knows is there (paired, listed): KeyError naming it otherwise."""
+        return self.tables[name.lower()]
+
+    def same_users_as(self, other: "Schema") -> bool:
+        """Every users' table of this schema is in other with the same shape (digests of both compare whole)."""
+        for t in self.users:
+            twin = other.get(t.name)
+            if twin is None or not same_shape(t, twin):
+                return False
+        return True
+
+    def users_also_in(self, other: "Schema") -> list[tuple[Table, Table]]:
+        """(this table, other's table of the same name) for each users' table both have as a users' table."""
+        out = []
+        for t in self.users:
+            twin = other.get(t.name)
+            if twin is not None and twin.kind == USERS:
+                out.append((t, twin))
+        return out
+
     def of_kind(self, kind: str) -> list[Table]:
         return [t for t in self.tables.values() if t.kind == kind]
 
@@ -253,10 +274,10 @@ def read_rows(conn: sqlite3.Connection, schema: str, table: Table, shape: Shape,
     cursor = conn.execute(f"SELECT {select} FROM {schema}.{quote(table.name)}")
     if not shape.refs and not natural:          # the common case, kept tight: a million rows a few seconds
         prefix = (table.name.lower(),)
-        keys, digests_ = out.keys, out.digests
+        keys_, digests_ = out.keys, out.digests
         for row in cursor:
             key = row[0]
-            keys.append(key if isinstance(key, int) else digest(row[:k]))
+            keys_.append(key if isinstance(key, int) else digest(row[:k]))
             digests_.append(digest(prefix + row[k:]))
         return out
     for row in cursor:

@@ -121,7 +121,9 @@ def expand(value: str, table: dict[str, str]) -> str:
 def parse_service(texts: list[str], table: dict[str, str]) -> tuple[list, list, list]:
     """(ExecStart argv, [(name, value)], [EnvironmentFile]) from the [Service] sections of texts (the
     fragment, then its drop-ins), as systemd merges them."""
-    exec_start, pairs, files = [], [], []
+    exec_start: list[str] = []
+    pairs: list[tuple[str, str]] = []
+    files: list[str] = []
     for text in texts:
         section = None
         for line in logical_lines(text):
@@ -132,7 +134,8 @@ def parse_service(texts: list[str], table: dict[str, str]) -> tuple[list, list, 
                 continue
             key, value = (part.strip() for part in line.split("=", 1))
             if key == "Environment":
-                pairs = [] if not value else pairs + [tuple(w.split("=", 1)) for w in split_words(expand(value, table))
+                pairs = [] if not value else pairs + [(w.split("=", 1)[0], w.split("=", 1)[1])
+                                                      for w in split_words(expand(value, table))
                                                       if "=" in w and NAME_RE.match(w.split("=", 1)[0])]
             elif key == "EnvironmentFile":
                 files = [] if not value else files + [expand(value, table)]
@@ -344,7 +347,7 @@ def without_secrets(text: str, unit: str, secret_names=(), file: Path | None = N
         out.append(line)
     if not taken:
         return text, []
-    at = next((i for i, line in enumerate(out) if line.strip() == "[Service]"), None)
+    at = next((i for i, line in enumerate(out) if line.strip() == "[Service]"), len(out) - 1)
     out.insert(at + 1, f"EnvironmentFile={file or secrets_file(unit)}")
     return "\n".join(out) + ("\n" if text.endswith("\n") else ""), taken
 
