@@ -153,7 +153,7 @@ def back_up_all(config, envs, args):
     codes = []
     for env in envs:
         try:
-            backup = back_up_env(env, reason, args.lock_wait, None if args.quiet else progress_printer(env))
+            backup = back_up_env(config, env, reason, args.lock_wait, None if args.quiet else progress_printer(env))
         except DeployError as exc:
             cli.err(f"error: backup of {env.name} failed: {exc}")
             codes.append(exc.code)
@@ -244,7 +244,11 @@ def notify(config, name, env, message, command=None):
         cli.err(f"warning: {problem}")
 
 
-def back_up_env(env, reason, lock_wait, progress=None):
+def look_with(config):
+    return lambda name: cli.script_command(config, "status.py", name)
+
+
+def back_up_env(config, env, reason, lock_wait, progress=None):
     with EnvLock(env.state_dir, env.name, f"backup ({reason})", wait=lock_wait):
         clean_up_interrupted(env)
         journal = Journal(env.state_dir, env.name, "backup-journal")
@@ -252,7 +256,8 @@ def back_up_env(env, reason, lock_wait, progress=None):
         try:
             return backups.backup_database(env.db, env.backup_dir, env.name, reason, commit=commit_running(env),
                                            unit_file=unit_file(env), progress=progress,
-                                           clock=StepClock(journal, "backup"), bookkeeping=env.bookkeeping)
+                                           clock=StepClock(journal, "backup", look_with=look_with(config)),
+                                           bookkeeping=env.bookkeeping)
         finally:
             journal.finish()
 

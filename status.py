@@ -21,7 +21,8 @@ from safedeploy.errors import EXIT_FAILED, DeployError, usage_error
 from safedeploy.files import make_private_dir, write_atomic
 from safedeploy.gitrepo import Repo
 from safedeploy.points import list_points
-from safedeploy.state import age_seconds, bad_mark, human_age, lock_holder, now_iso
+from safedeploy.marks import bad_mark
+from safedeploy.state import age_seconds, human_age, lock_holder, now_iso
 
 HEALTH_TIMEOUT = 2.0
 TIMER_NAME = "safe-deploy-status"

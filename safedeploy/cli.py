@@ -3,14 +3,12 @@
 import argparse
 import getpass
 import os
-import shlex
-import shutil
 import signal
 import sys
-from pathlib import Path
 
-from . import SCRIPTS_DIR, TOOL_VENV, alerts, in_a_venv, redaction, unitenv
+from . import alerts, redaction, unitenv
 from . import config as configmod
+from .commandline import command_line, python_word, script_command  # noqa: F401 (the scripts call cli.script_command)
 from .errors import EXIT_FAILED, EXIT_HUMAN, EXIT_USAGE, DeployError, describe_failure, usage_error
 
 
@@ -169,30 +167,7 @@ def confirm_env(env, yes, action):
         raise DeployError(f"not confirmed (typed {answer!r}, expected {env!r}); nothing was changed", EXIT_USAGE)
 
 
-# -- commands an operator pastes --------------------------------------------
-def python_word():
-    """How a pasted command names the interpreter: `python3` where the system python3 (cron's PATH is
-    /usr/bin:/bin) runs the scripts as this process does (it re-runs itself in the tool's venv, see
-    safedeploy/__init__.py), else this interpreter's full path (a venv the operator chose)."""
-    if Path(sys.prefix).resolve() == TOOL_VENV.resolve():
-        return "python3"
-    system = shutil.which("python3", path="/usr/bin:/bin")
-    if not in_a_venv() and system and Path(system).resolve() == Path(sys.executable).resolve():
-        return "python3"
-    return sys.executable
-
-
-def script_command(config, script, *args):
-    """The exact command line to run one of the scripts against this config."""
-    return command_line(script, *args, config_file=config.file if config is not None and config.explicit else None)
-
-
-def command_line(script, *args, config_file=None):
-    """script (a file beside the scripts) with args, and --config config_file when one is named."""
-    words = [python_word(), str(SCRIPTS_DIR / script), *args]
-    if config_file is not None and Path(config_file).absolute() != SCRIPTS_DIR / "config.toml":
-        words += ["--config", str(config_file)]
-    return shlex.join(words)
+# -- commands an operator pastes: safedeploy/commandline (python_word, script_command, command_line) --
 
 
 def load_config(args):

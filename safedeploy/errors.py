@@ -49,3 +49,11 @@ def describe_failure(exc):
     if isinstance(exc, KeyboardInterrupt):
         return str(exc) if str(exc).startswith("interrupted") else "interrupted by Ctrl-C"
     return f"an unexpected {type(exc).__name__}: {exc} (a bug; its traceback follows)"
+
+
+class LockLost(DeployError):
+    """A lock this process held was removed or replaced under it: another operation may be running."""
+
+    def __init__(self, message: str, env: str):
+        super().__init__(message, EXIT_HUMAN)
+        self.env = env

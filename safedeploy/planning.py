@@ -13,7 +13,8 @@ from .errors import DeployError, usage_error
 from .files import same_disk
 from .gitrepo import Repo
 from .points import instant, list_points, next_best
-from .state import bad_mark, verified_log
+from .marks import bad_mark
+from .state import verified_log
 
 REF_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/@^~-]*$")   # checked before the lock: a bad ref touches nothing
 STATE_ROOM = 1 << 20      # the deploy log, the journal and the lock need little, but they need it

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .commandline import script_command
 from .state import Journal, StepClock
 
 BEFORE, AFTER = "before", "after"
@@ -76,7 +77,9 @@ def execute(operation, ctx, env):
     what after_failed returned. ctx.clock is the step clock (its seconds: the log's "steps")."""
     journal = Journal(env.state_dir, env.name)
     journal.start(operation.name, **operation.journal_data(ctx))
-    ctx.clock = StepClock(journal, operation.name)
+    config = getattr(ctx, "config", None)
+    ctx.clock = StepClock(journal, operation.name,
+                          look_with=lambda name: script_command(config, "status.py", name))
     ctx.journal = journal
     previous = ({s: signal.signal(s, signal.SIG_IGN) for s in SIGNALS}
                 if operation.shielded else {})

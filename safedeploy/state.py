@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import holders, integrity, redaction
-from .errors import EXIT_HUMAN, EXIT_LOCKED, DeployError
+from .errors import EXIT_LOCKED, DeployError, LockLost
 from .files import disk_error, make_private_dir, write_atomic
 
 
@@ -231,13 +231,6 @@ def bad_log(env):
     return JsonLog(env.state_dir / f"{env.name}.bad.jsonl")
 
 
-def bad_mark(config, env, tree):
-    """The record that makes tree a bad release for env, or None: the marks in every env's bad log and
-    the rolled-back tags, read together (safedeploy/marks.py)."""
-    from . import marks          # here: marks reads the logs this module writes
-    return marks.bad_mark(config, env, tree)
-
-
 def verified_log(env_name, state_dir):
     return JsonLog(Path(state_dir) / f"{env_name}.verified.jsonl")
 
@@ -316,26 +309,27 @@ def inject_fault(op, step):
             time.sleep(1)            # let the handler run here, inside the step
 
 
-def check_locks():
-    """Stop when a lock this process holds was removed under it: another operation may be running."""
-    from . import cli        # here, not at the top: cli needs this module
+def check_locks(look_with=None):
+    """Stop when a lock this process holds was removed under it: another operation may be running.
+    look_with(env name): the command that shows the env (the step clock's owner knows the config)."""
     for lock in HELD_LOCKS:
         if not lock.still_held():
-            status = cli.script_command(cli.RUN["config"], "status.py", lock.env)
-            raise DeployError(f"the lock file {lock.path} was removed or replaced while this {lock.operation} ran, "
-                              f"so another operation may have started on env {lock.env} at the same time; this one "
-                              f"stops here. Look with: {status}", EXIT_HUMAN)
+            look = f". Look with: {look_with(lock.env)}" if look_with else ""
+            raise LockLost(f"the lock file {lock.path} was removed or replaced while this {lock.operation} ran, "
+                           f"so another operation may have started on env {lock.env} at the same time; this one "
+                           f"stops here{look}", lock.env)
 
 
 class StepClock:
     """Times the named steps of an operation; remembers which one was running when it failed;
     keeps the operation's journal at the step it is in."""
 
-    def __init__(self, journal=None, op=""):
+    def __init__(self, journal=None, op="", look_with=None):
         self.seconds = {}
         self.current = None
         self.journal = journal
         self.op = op
+        self.look_with = look_with          # env name -> the command that shows it (see check_locks)
 
     def step(self, name):
         clock = self
@@ -344,7 +338,7 @@ class StepClock:
             def __enter__(self):
                 clock.current = name
                 clock.seconds[name] = 0.0       # listed from its start: a record written in it, or of its failure, names it
-                check_locks()
+                check_locks(clock.look_with)
                 if clock.journal:
                     clock.journal.update(step=name)
                 self.start = time.monotonic()
