@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from safedeploy import adoption, alerts, backups, cli, convert, offsite, recovery, replica, replica_copy, rowrestore, units
+from safedeploy import adoption, alerts, backups, cli, convert, offsite, recovery, replica, replica_copy, retention, rowrestore, units
 from safedeploy.errors import EXIT_FAILED, EXIT_LOCKED, DeployError, usage_error
 from safedeploy.gitrepo import Repo
 from safedeploy.points import backup_id
@@ -26,7 +26,6 @@ from safedeploy.state import EnvLock, JsonLog, Journal, StepClock, age_seconds, 
 
 REASON_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 TIME_RE = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
-PROTECT_LAST_DEPLOYS = 5      # the backups the last few deploys and rollbacks refer to are never pruned
 
 
 def main():
@@ -521,8 +520,9 @@ def prune(config, envs, args):
     for env in envs:
         with EnvLock(env.state_dir, env.name, "prune", wait=args.lock_wait):
             found = backups.list_backups(env.backup_dir)
-            protected = protected_backups(config, env, found)
-            keep, remove = backups.prune_plan(found, config.retention, protected)
+            protected = retention.protected(
+                env, found, (adoption.read_doc(config)["envs"].get(env.name) or {}).get("backup"))
+            keep, remove = retention.prune_plan(found, config.retention, protected)
             held = [b for b in remove if b.held]
             remove = [b for b in remove if not b.held]
             for b in held:
@@ -559,10 +559,10 @@ def prune_offsite(config, plans, args):
     for env, by_name in plans:
         try:
             copies = [c for c in mine if c.env == env.name]
-            most = backups.richest(copies + [b for b in backups.list_backups(env.backup_dir)])
+            most = retention.richest(copies + [b for b in backups.list_backups(env.backup_dir)])
             if most:            # the copy with the data, wherever it is (off-site only on a rebuilt host)
-                by_name.setdefault(Path(most.path).name, backups.RICHEST.format(n=most.rows_total))
-            keep, remove = backups.prune_plan(copies, config.retention, by_name)
+                by_name.setdefault(Path(most.path).name, retention.RICHEST.format(n=most.rows_total))
+            keep, remove = retention.prune_plan(copies, config.retention, by_name)
             for c in remove:
                 if not args.quiet or args.dry_run:
                     cli.say(f"{'would forget' if args.dry_run else 'forgot'} off-site {c.file} (snapshot {c.id[:8]}, {c.time})")
@@ -591,25 +591,6 @@ def offsite_prune_failed(config, env_name, exc):
     cli.err(f"error: {what} failed: {exc}; nothing more was removed off-site")
     notify(config, "offsite-failed", env_name, f"{what} failed: {exc}", cli.script_command(config, "backup.py", "--prune"))
     return False
-
-
-def protected_backups(config, env, found):
-    """Backups prune must never remove: the newest one that verifies, the last deploys' ones, and the
-    one adopt.py took of the host as it ran before the tool (the seed's "backup everything")."""
-    protected = {}
-    entry = adoption.read_doc(config)["envs"].get(env.name) or {}
-    if entry.get("backup"):
-        protected[entry["backup"]] = "the host before adoption (adopt.py phase 1); remove it by hand when done"
-    for b in found:
-        if backups.verify_backup(b) == "ok":
-            protected[b.path] = "newest verified backup"
-            break
-    for path, why in records.protected_backups(records.read(env), PROTECT_LAST_DEPLOYS).items():
-        protected.setdefault(path, why)
-    most = backups.richest(found)
-    if most:
-        protected.setdefault(most.path, backups.RICHEST.format(n=most.rows_total))
-    return protected
 
 
 # -- the systemd timer -------------------------------------------------------------------

@@ -24,7 +24,7 @@ import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
 
@@ -520,68 +520,7 @@ def integrity_of(path, quick=False):
         return f"{path} is not a readable SQLite database: {exc}"
 
 
-# -- retention -------------------------------------------------------------------------
-PERIODS = {
-    "daily": lambda t: t.strftime("%Y-%m-%d"),
-    "weekly": lambda t: "%d-W%02d" % t.isocalendar()[:2],
-    "monthly": lambda t: t.strftime("%Y-%m"),
-}
-
-
-def local_time(backup):
-    value = datetime.fromisoformat(backup.time)
-    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).astimezone()
-
-
-def retention_keep(found, retention):
-    """What borg's --keep-daily/--keep-weekly/--keep-monthly would keep: {path: why}.
-
-    For each rule in turn, newest first: the newest backup of each period counts,
-    unless an earlier rule kept it already (then the period is skipped, not
-    counted); a rule that runs out of backups before N keeps the oldest one."""
-    kept = {}
-    ordered = sorted(found, key=sort_key, reverse=True)
-    for rule in ("daily", "weekly", "monthly"):
-        n, last, count, backup = retention.get(rule, 0), None, 0, None
-        if n <= 0:
-            continue
-        for backup in ordered:
-            period = PERIODS[rule](local_time(backup))
-            if period == last:
-                continue
-            last = period
-            if backup.path not in kept:
-                count += 1
-                kept[backup.path] = f"{rule} #{count}"
-                if count == n:
-                    break
-        if backup is not None and count < n and backup.path not in kept:
-            kept[backup.path] = f"{rule} (oldest)"
-    return kept
-
-
-def richest(found):
-    """Of backups or off-site copies, the newest that holds the most rows (None: none was counted). Retention
-    never removes it: after a rebuilt host backs up its fresh empty database night after night, tight
-    rules would otherwise keep only empty copies and forget the one with the data."""
-    counted = [b for b in found if b.rows_total is not None]
-    if not counted:
-        return None
-    most = max(b.rows_total for b in counted)
-    return max((b for b in counted if b.rows_total == most), key=lambda b: local_time(b).timestamp())
-
-
-RICHEST = "holds the most rows of any copy ({n}): a copy of a database with fewer never counts against it"
-
-
-def prune_plan(found, retention, protected):
-    """(keep {path: why}, remove [Backup]); protected maps paths that must stay to why."""
-    keep = retention_keep(found, retention)
-    for path, why in protected.items():
-        keep.setdefault(path, why)
-    return keep, [b for b in found if b.path not in keep]
-
-
+# -- holds and removal (what is kept is safedeploy/retention's) ---------------------------------
 def set_held(backup, held):
     """held: the copy holds rows an operation took out of the live database (prune keeps it, the row ledger
     always compares it); released: the operator has the rows back, or does not want them."""

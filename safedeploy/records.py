@@ -183,23 +183,9 @@ def of_kind(records, kind):
     return [r for r in records if r.kind == kind]
 
 
-def operations(records, n=5):
+def operations(records, n):
     """The last n deploys and rollbacks."""
     return [r for r in records if r.kind in ("deploy", "rollback")][-n:]
-
-
-def protected_backups(records, n=5):
-    """{backup path: why} the last n operations refer to: prune never removes them."""
-    found = {}
-    for r in [r for r in records if getattr(r, "backup", None)][-n:]:
-        found.setdefault(r.backup, f"rollback point of the {r.kind} at {r.time}")
-    return found
-
-
-def needed_commits(records, n=5):
-    """Commits a rollback point of the last n operations names: their releases are kept."""
-    return {c for r in operations(records, n) for c in (getattr(r, "from_", None), getattr(r, "to", None), r.running)
-            if c}
 
 
 def tag_backups(records):

@@ -42,7 +42,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from . import (backups, cli, commands, convert, marks, records, redaction, release, releases, replica, rowloss, unitenv,
+from . import (backups, cli, commands, convert, marks, records, redaction, release, releases, replica, retention, rowloss, unitenv,
                units, verified_notes)
 from .decisions import Blame, FailureFacts, failure_code, judge_failure
 from .errors import EXIT_FAILED, EXIT_HUMAN, DeployError, after_undo, describe_failure
@@ -407,7 +407,7 @@ def after_deploy(run):
     removed = []
     if run.release:
         try:
-            removed = releases.prune(env, run.previous_release, records.needed_commits(records.read(env)))
+            removed = releases.prune(env, run.previous_release, retention.needed_commits(records.read(env)))
         except OSError as exc:
             notes.append(f"warning: could not remove old releases in {env.releases_root}: {exc}")
     return notes, removed

@@ -15,7 +15,7 @@ import pytest
 
 from demo import writer
 from demo.sandbox import REPO_ROOT
-from safedeploy import backups
+from safedeploy import backups, retention
 from safedeploy.errors import DeployError
 from safedeploy.state import EnvLock
 
@@ -250,7 +250,7 @@ def test_retention_keeps_what_borg_would_over_a_year():
     times = [start + timedelta(days=d) for d in range(365) if d not in (360, 361)]      # two nights missed
     times += [start + timedelta(days=364, hours=12)]                                   # and a manual one
     found = fake_backups(Path("/nonexistent"), times)
-    keep = backups.retention_keep(found, {"daily": 7, "weekly": 4, "monthly": 6})
+    keep = retention.retention_keep(found, {"daily": 7, "weekly": 4, "monthly": 6})
     when = {b.path: datetime.fromisoformat(b.time) for b in found}
 
     def kept_by(rule):
@@ -267,7 +267,7 @@ def test_retention_keeps_what_borg_would_over_a_year():
 def test_retention_keeps_the_oldest_when_there_are_too_few():
     start = datetime(2026, 3, 1, 3, 0, tzinfo=timezone.utc)
     found = fake_backups(Path("/nonexistent"), [start + timedelta(days=d) for d in range(3)])
-    assert len(backups.retention_keep(found, {"daily": 7, "weekly": 0, "monthly": 0})) == 3
+    assert len(retention.retention_keep(found, {"daily": 7, "weekly": 0, "monthly": 0})) == 3
 
 
 def test_prune_removes_what_retention_drops_but_never_the_newest_verified(tmp_path):

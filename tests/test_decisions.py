@@ -3,8 +3,9 @@
 
 import pytest
 
-from safedeploy import decisions, records, runbook
-from safedeploy.backups import Backup, prune_plan
+from safedeploy import decisions, records, retention, runbook
+from safedeploy.backups import Backup
+from safedeploy.retention import prune_plan
 from safedeploy.decisions import DatabaseFacts, DeployFacts, database_decision, deploy_gates
 from safedeploy.errors import EXIT_FAILED, EXIT_HUMAN
 from safedeploy.points import Point
@@ -123,9 +124,9 @@ def test_the_log_s_readers():
            records.DeployRecord(env="dev", result="failed", tag="t2", from_=A, to=B, running=A),
            records.RehearsalRecord(env="dev", result="ok", tree="T", commit=B)]
     assert records.running_commit(log) == A and records.last_ok_deploy(log).tag == "t1"
-    assert records.protected_backups(log) == {"/b/1": f"rollback point of the deploy at {log[0].time}",
+    assert retention.protected_by_records(log) == {"/b/1": f"rollback point of the deploy at {log[0].time}",
                                               "/b/2": f"rollback point of the rollback at {log[1].time}"}
-    assert records.needed_commits(log) == {A, B} and records.passed_rehearsal(log, "T").commit == B
+    assert retention.needed_commits(log) == {A, B} and records.passed_rehearsal(log, "T").commit == B
     again = [records.from_json(r.to_json()) for r in log]
     assert again == log and log[0].to_json()["from"] == A and "from_" not in log[0].to_json()
     assert records.from_json({"kind": "nonsense"}) is None and records.from_json([1]) is None

@@ -345,7 +345,8 @@ def test_13_a_local_tag_named_like_the_remote_branch_does_not_stand_in_for_it(sa
 
 
 def test_13_backups_sort_by_instant_and_by_order_within_a_second():
-    from safedeploy.backups import Backup, retention_keep, sort_key
+    from safedeploy.backups import Backup, sort_key
+    from safedeploy.retention import retention_keep
 
     def b(path, time):
         return Backup(env="dev", path=path, time=time, bytes=1, sha256="", reason="nightly", page_size=4096,

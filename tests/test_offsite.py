@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from demo.sandbox import free_port
-from safedeploy import backups, config, offsite
+from safedeploy import backups, config, offsite, retention
 from tests.helpers import one_line_error
 
 PASSWORD = "correct horse battery staple 7f3a"
@@ -200,7 +200,7 @@ def test_prune_plan_on_offsite_copies_is_the_local_rule():
     copies = [offsite.Copy(id=f"id{i}", env="prod", file=f"prod-2026110{i}-031700-nightly.sqlite3",
                            time=f"2026-11-0{i}T03:17:00+00:00", reason="nightly", commit="c", sha256="s", paths=[])
               for i in range(1, 10)]
-    keep, remove = backups.prune_plan(copies, {"daily": 3, "weekly": 0, "monthly": 0},
+    keep, remove = retention.prune_plan(copies, {"daily": 3, "weekly": 0, "monthly": 0},
                                       {"prod-20261101-031700-nightly.sqlite3": "rollback point"})
     assert set(keep) == {"prod-20261109-031700-nightly.sqlite3", "prod-20261108-031700-nightly.sqlite3",
                          "prod-20261107-031700-nightly.sqlite3", "prod-20261101-031700-nightly.sqlite3"}
