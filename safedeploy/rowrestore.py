@@ -32,6 +32,7 @@ from pathlib import Path
 from urllib.parse import quote as url_quote
 
 from . import rowsets
+from .errors import DeployError
 from .rowplan import Plan, Side, TablePlan, make_plan, sides
 from .rowsets import quote
 
@@ -233,7 +234,6 @@ def expected_digests(conn: sqlite3.Connection, the_plan: Plan, bookkeeping: tupl
 # -- for review ----------------------------------------------------------------------------------------
 def sql(the_plan: Plan) -> list[str]:
     """The inserts of the plan as SQL text, for review only (the tool applies them itself, verified)."""
-    from .backups import sql_literal, sql_name
     lines = [f"-- the rows of {the_plan.copy} the live database lacks, as `backup.py ENV --restore-rows` would put "
              "them back: for review only; it applies them itself, in one transaction verified before COMMIT"]
     for table, why in sorted(the_plan.refused.items()):
@@ -255,3 +255,50 @@ def sql(the_plan: Plan) -> list[str]:
 
 def kind_of(value: object) -> str:
     return "blob" if isinstance(value, (bytes, memoryview)) else "text"
+
+
+def sql_name(name):
+    """An identifier, double-quoted. The schema is the app's, but a name with a control character
+    in it would be the one way left to break a line: refused, never written."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise DeployError(f"a table or column name holds a control character ({name!r}): refused; "
+                          "export those rows by hand")
+    return '"' + name.replace('"', '""') + '"'
+
+
+def sql_literal(kind, value):
+    """value (SQLite type kind) as an SQL literal on one line, which no value can end early.
+
+    Text: 'pieces' with '' for a quote, and every control character (newline, CR, NUL, ...) as
+    char(N) between them: 'my day' || char(10) || 'DELETE ...' stays one literal on one line. Text
+    that is not UTF-8 is written as CAST(X'...' AS TEXT). Blobs are X'hex'; numbers as SQLite reads
+    them back (an infinite real as 9e999); NULL."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value:
+            return "NULL"           # SQLite stores a NaN as NULL anyway
+        if value in (float("inf"), float("-inf")):
+            return "9e999" if value > 0 else "-9e999"
+        return repr(value)
+    if kind == "blob":
+        return f"X'{bytes(value).hex().upper()}'"
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return f"CAST(X'{value.hex().upper()}' AS TEXT)"
+    pieces, plain = [], ""
+    for ch in value:
+        if ord(ch) < 32 or ord(ch) == 127:
+            if plain:
+                pieces.append("'" + plain.replace("'", "''") + "'")
+                plain = ""
+            pieces.append(f"char({ord(ch)})")
+        else:
+            plain += ch
+    if plain or not pieces:
+        pieces.append("'" + plain.replace("'", "''") + "'")
+    return " || ".join(pieces)
