@@ -5,12 +5,14 @@ import json
 import os
 import re
 import stat
+import subprocess
 import sys
 import threading
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from demo.sandbox import REPO_ROOT
 from safedeploy import metrics, oplog
 
 
@@ -55,11 +57,13 @@ def test_a_failed_deploy_names_its_full_output_in_its_message_status_and_alert(s
     sb = sandbox
     receiver = Receiver()
     try:
-        sb.env["DEPLOY_TEST_PASSWORD"] = SECRET         # a secret-named variable of the tool's: never in a log
         sb.write_config(dev=f"build = {json.dumps(FAILING_BUILD)}")
         sb.config.write_text(sb.config.read_text() + f'\n[alerts]\nwebhook = "{receiver.url}"\n')
         sb.release("dev", {"NEWS": "a change\n"}, "a change")
-        proc = sb.run("deploy.py", "dev", "--yes")
+        # a secret-named variable in the tool's environment, which the build inherits: never in a log
+        proc = subprocess.run([sb.python, str(REPO_ROOT / "deploy.py"), "dev", "--yes", "--config", str(sb.config)],
+                              env={**sb.env, "DEPLOY_TEST_PASSWORD": SECRET}, capture_output=True, text=True,
+                              timeout=180, stdin=subprocess.DEVNULL)
         assert proc.returncode == 1, proc.stderr
         error = next(line for line in proc.stderr.splitlines() if line.startswith("error:"))
         found = re.search(r"\(full output: (\S+)\)$", error)
@@ -99,16 +103,30 @@ def test_a_failed_deploy_names_its_full_output_in_its_message_status_and_alert(s
         receiver.close()
 
 
+def test_a_deploy_that_rolled_back_by_itself_names_its_output_last(sandbox):
+    sb = sandbox
+    sb.write_config(dev='pre_restart = [["sh", "-c", "echo migration 51c0 broke; exit 3"]]')
+    sb.release("dev", {"NEWS": "a change\n"}, "a change")
+    proc = sb.run("deploy.py", "dev", "--yes")
+    assert proc.returncode == 1, proc.stderr
+    found = re.fullmatch(r"\(full output: (\S+)\)", proc.stderr.splitlines()[-1])
+    assert found, proc.stderr
+    text = Path(found.group(1)).read_text()
+    assert "| migration 51c0 broke" in text and "rolled back by itself" in text
+    assert status_json(sb, "dev")["dev"]["log"] == found.group(1)
+
+
 def test_metrics_match_status_json(sandbox, tmp_path):
     sb = sandbox
     assert sb.run("backup.py", "--all").returncode == 0
     sb.release("dev", {"NEWS": "a change\n"}, "a change")
     assert sb.run("deploy.py", "dev", "--yes").returncode == 0
     assert sb.run("rollback.py", "dev", "--drill").returncode == 0
-    out = tmp_path / "safe_deploy.prom"
+    (tmp_path / "textfile").mkdir()
+    out = tmp_path / "textfile" / "safe_deploy.prom"
     proc = sb.run("status.py", "--metrics", str(out), "--json")
     envs = json.loads(proc.stdout)["envs"]
-    assert out.exists() and not [p for p in tmp_path.iterdir() if p != out]     # no temp file left
+    assert out.exists() and not [p for p in out.parent.iterdir() if p != out]     # no temp file left
     found = {}
     for family in text_string_to_metric_families(out.read_text()):
         for sample in family.samples:
