@@ -8,6 +8,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from . import SCRIPTS_DIR, TOOL_VENV, alerts, in_a_venv, oplog, redaction, unitenv
 from . import config as configmod
@@ -113,8 +114,8 @@ def full_output(env=None):
     return f"(full output: {log.path})"
 
 
-RUN = {"config": None, "env": None, "errors": [], "command": None, "looking": False,   # what the alert needs
-       "named_log": False}
+RUN: dict[str, Any] = {"config": None, "env": None, "errors": [], "command": None,   # what the alert needs
+                       "looking": False, "named_log": False}
 
 
 def only_looking():
