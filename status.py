@@ -283,8 +283,10 @@ def send_changes(config, envs, reports, quiet):
             continue
         first = r["advice"][0]["command"] if r["advice"] else None
         name = "database-corrupt" if corrupt and not was_corrupt else "problem"
+        op = r.get("last_operation") or {}
+        failed_log = op.get("log") if op.get("result") in ("failed", "interrupted") else None
         event = (alerts.event("recovered", env.name, f"{env.name} is OK again", None) if r["ok"] else
-                 alerts.event(name, env.name, "; ".join(r["problems"]), first))
+                 alerts.event(name, env.name, "; ".join(r["problems"]), first, log=failed_log))
         problems = alerts.send(config.alerts, event)
         for problem in problems:
             cli.err(f"warning: {problem}")

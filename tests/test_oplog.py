@@ -193,3 +193,20 @@ def test_the_timer_writes_metrics_when_asked():
     assert timer_arguments(True, None) == ["--alert", "--quiet"]
     assert timer_arguments(True, "/m/s.prom") == ["--alert", "--metrics", "/m/s.prom", "--quiet"]
     assert timer_arguments(False, "/m/s.prom") == ["--metrics", "/m/s.prom", "--quiet"]
+
+
+def test_the_status_timer_writes_the_metrics_file(sandbox, tmp_path):
+    sb = sandbox
+    folder = tmp_path / "textfile"
+    folder.mkdir()
+    out = folder / "safe_deploy.prom"
+    proc = sb.run("status.py", "--install-timer", "--metrics", str(out))      # no [alerts]: metrics only
+    assert proc.returncode == 0, proc.stderr
+    try:
+        service = (sb.manager.unit_dir / "safe-deploy-status.service").read_text()
+        assert f"--metrics {out} --quiet" in service and "--alert" not in service
+        sb.manager.systemctl("start", "safe-deploy-status.service", timeout=120)      # one run, as the timer's
+        names = {f.name for f in text_string_to_metric_families(out.read_text())}
+        assert {"safe_deploy_up", "safe_deploy_healthy", "safe_deploy_commit_info"} <= names, names
+    finally:
+        sb.manager.systemctl("disable", "--now", "safe-deploy-status.timer", check=False)
