@@ -157,7 +157,7 @@ def back_up_all(config, envs, args):
         try:
             backup = back_up_env(env, reason, args.lock_wait, None if args.quiet else progress_printer(env))
         except DeployError as exc:
-            cli.err(f"error: backup of {env.name} failed: {exc} {cli.full_output(env.name)}")
+            cli.err(f"error: backup of {env.name} failed: {exc} {cli.full_output(env.name)}".rstrip())
             oplog.mark(env.name, False)
             codes.append(exc.code)
             if exc.code != EXIT_LOCKED:
@@ -228,7 +228,7 @@ class OffsiteRun:
         return True
 
     def failed(self, env, message):
-        cli.err(f"error: {message} {cli.full_output(env.name)}")
+        cli.err(f"error: {message} {cli.full_output(env.name)}".rstrip())
         notify(self.config, "offsite-failed", env.name, message, cli.script_command(self.config, "backup.py", env.name))
         return False
 

@@ -65,8 +65,8 @@ class OpLog:
     def write_line(self, text: str) -> None:
         if self.fd < 0:
             return
-        data = "".join(f"{time.strftime('%H:%M:%S')} {line}\n"
-                       for line in redaction.redact(ANSI_RE.sub("", text)).splitlines() or [""])
+        stamp = time.strftime('%H:%M:%S')
+        data = "".join(f"{stamp} {line}\n" for line in redaction.redact(ANSI_RE.sub("", text)).splitlines() or [""])
         try:
             os.write(self.fd, data.encode(errors="replace"))
         except OSError:
@@ -141,8 +141,8 @@ class CommandCopy:
     def __call__(self, data: bytes) -> None:
         self.pending += data
         *lines, self.pending = self.pending.split(b"\n")
-        for raw in lines:
-            line("| " + raw.decode(errors="replace").rstrip("\r"))
+        if lines:           # one write for what one read brought: redacted line by line all the same
+            line("\n".join("| " + raw.decode(errors="replace").rstrip("\r") for raw in lines))
         if len(self.pending) > 1 << 16:            # a line without end: written in pieces
             line("| " + self.pending.decode(errors="replace"))
             self.pending = b""
