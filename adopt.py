@@ -40,6 +40,7 @@ def main():
         cli.only_looking()
         return dry_run(config, env, first_time, args.move_secrets)
     with EnvLock(env.state_dir, env.name, "adopt"):
+        cli.log_operation([env], "adoption")
         phase_one = show_phase_one(config, first_time)
         plan = adoption.env_plan(env, cli.say, cli.err, args.move_secrets)
         confirm(env, args)

@@ -17,7 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from safedeploy import adoption, alerts, backups, cli, convert, offsite, recovery, replica, replica_copy, retention, rowrestore, units
+from safedeploy import (adoption, alerts, backups, cli, convert, offsite, oplog, recovery, replica, replica_copy,
+                         retention, rowrestore, units)
 from safedeploy.errors import EXIT_FAILED, EXIT_LOCKED, DeployError, usage_error
 from safedeploy.gitrepo import Repo
 from safedeploy.points import backup_id
@@ -147,6 +148,7 @@ def select_envs(config, args):
 # -- taking backups -------------------------------------------------------------
 def back_up_all(config, envs, args):
     reason = args.reason or ("nightly" if args.quiet else "manual")
+    cli.log_operation(envs, "backup")
     remote = OffsiteRun(config, args.quiet)
     remote.warn_if_stale(envs)
     codes = []
@@ -154,7 +156,8 @@ def back_up_all(config, envs, args):
         try:
             backup = back_up_env(config, env, reason, args.lock_wait, None if args.quiet else progress_printer(env))
         except DeployError as exc:
-            cli.err(f"error: backup of {env.name} failed: {exc}")
+            cli.err(f"error: backup of {env.name} failed: {exc} {cli.full_output(env.name)}".rstrip())
+            oplog.mark(env.name, False)
             codes.append(exc.code)
             if exc.code != EXIT_LOCKED:
                 notify(config, "backup-failed", env.name, f"the {reason} backup of {env.name} failed: {exc}",
@@ -164,7 +167,10 @@ def back_up_all(config, envs, args):
             cli.say(f"backed up {env.name}: {backup.path} ({backup.bytes / 1e6:.1f} MB, "
                     f"sha256 {backup.sha256[:12]}, integrity ok, {backup.seconds:.2f}s)")
         if not remote.push(env, backup):
+            oplog.mark(env.name, False)
             codes.append(EXIT_FAILED)
+        else:
+            oplog.mark(env.name, True)
     if not codes:
         return 0
     return EXIT_LOCKED if EXIT_LOCKED in codes and len(set(codes)) == 1 else EXIT_FAILED
@@ -221,7 +227,7 @@ class OffsiteRun:
         return True
 
     def failed(self, env, message):
-        cli.err(f"error: {message}")
+        cli.err(f"error: {message} {cli.full_output(env.name)}".rstrip())
         notify(self.config, "offsite-failed", env.name, message, cli.script_command(self.config, "backup.py", env.name))
         return False
 
@@ -238,8 +244,11 @@ class OffsiteRun:
 
 
 def notify(config, name, env, message, command=None):
-    """An alert for an event, when [alerts] is set; a delivery problem is printed, never raised."""
-    for problem in alerts.send(config.alerts, alerts.event(name, env, message, command)):
+    """An alert for an event, when [alerts] is set; a delivery problem is printed, never raised. It carries
+    the env's log of this run, when one is open."""
+    log = oplog.current(env) if env else None
+    for problem in alerts.send(config.alerts, alerts.event(name, env, message, command,
+                                                           log=log.path if log else None)):
         cli.err(f"warning: {problem}")
 
 
@@ -364,6 +373,8 @@ def restore_rows(config, envs, args):
     backup = copy_to_restore_from(config, env, args.restore_rows)
     record = records.RowsRecord(env=env.name, user=cli.user_name(), copy=backup_id(backup))
     with EnvLock(env.state_dir, env.name, "restore-rows", wait=args.lock_wait):
+        if not args.sql:
+            cli.log_operation([env], "restore-rows")
         try:
             plan = rowrestore.plan(env, backup.path, backup.sha256)
         except sqlite3.Error as exc:

@@ -33,6 +33,7 @@ def main():
         return show_plan(config, env, args)
     with EnvLock(env.state_dir, env.name, "rehearse" if args.rehearse else "deploy", backup_wait=BACKUP_WAIT,
                  on_wait=cli.say):
+        cli.log_operation([env], "rehearsal" if args.rehearse else "deploy")
         recovery.recover(config, env, Repo(env.path), cli.say)      # a killed operation: finish or undo it first
         if args.rehearse:
             return rehearse(config, env, args)
@@ -195,6 +196,7 @@ def install_units(config, env, args):
     diff first, then the runbook's CONVERSION steps; everything put back if not healthy."""
     with EnvLock(env.state_dir, env.name, "install units"):
         if not args.dry_run:
+            cli.log_operation([env], "conversion")
             recovery.recover(config, env, Repo(env.path), cli.say)
         conversion = convert.plan(env, Repo(env.path), args.notify, cli.say, cli.err)
         if not conversion.changes:

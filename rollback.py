@@ -36,6 +36,7 @@ def main():
     if args.drill:
         return drill(config, env, repo, args)
     with EnvLock(env.state_dir, env.name, "rollback", backup_wait=BACKUP_WAIT, on_wait=cli.say):
+        cli.log_operation([env], "rollback")
         recovery.recover(config, env, repo, cli.say)      # a killed operation: finish or undo it first
         run = plan(config, env, repo, args)
         show_plan(env, repo, run)
@@ -224,6 +225,7 @@ def print_summary(config, env, repo, run):
 def drill(config, env, repo, args):
     """Prove a point without touching the env: its backup restored and checked in a private folder, its
     kept release (rebuilt only when retention removed it, and then it says so) started on that copy."""
+    cli.log_operation([env], "drill")
     point = choose_point(config, env, repo, args)
     record = rehearsal.drill(config, env, repo, point)
     if not record.ok:

@@ -11,11 +11,12 @@ parallel, with short timeouts. Exit 0 when every env shown is OK, 1 otherwise (m
 """
 
 import json
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from safedeploy import (alertlock, alerts, backups, cli, clock, datafacts, diagnosis, health, journals, offsite, planning,
-                        recovery, releases, replica, units)
+from safedeploy import (alertlock, alerts, backups, cli, clock, datafacts, diagnosis, health, journals, metrics, offsite,
+                        oplog, planning, recovery, releases, replica, units)
 from safedeploy import records as logs
 from safedeploy.errors import EXIT_FAILED, DeployError, usage_error
 from safedeploy.files import make_private_dir, write_atomic
@@ -34,7 +35,7 @@ def main():
     args = parse_arguments()
     config = cli.load_config(args)
     if args.install_timer:
-        return install_timer(config)
+        return install_timer(config, args.metrics)
     envs = [config.env(args.env)] if args.env else list(config.envs.values())
     with ThreadPoolExecutor(max_workers=max(1, len(envs))) as pool:
         reports = dict(zip((e.name for e in envs), pool.map(lambda e: look_at(config, e), envs)))
@@ -45,6 +46,8 @@ def main():
             else:
                 cli.err(f"another status.py --alert for {config.file} is still sending after "
                         f"{alertlock.ALERT_WAIT:g}s; this run sends nothing (that one sends what changed)")
+    if args.metrics:
+        metrics.write(args.metrics, reports)
     if not args.quiet:
         show(reports, args.json)
     return 0 if all(r["ok"] for r in reports.values()) else EXIT_FAILED
@@ -53,18 +56,27 @@ def main():
 def parse_arguments():
     p = cli.parser("status.py", "Show every env at a glance: what is wrong, and the commands that fix it.",
                    ["python3 status.py", "python3 status.py prod --json", "python3 status.py --alert --quiet",
-                    "python3 status.py --install-timer"])
+                    "python3 status.py --install-timer",
+                    "python3 status.py --metrics /var/lib/node_exporter/textfile/safe_deploy.prom"])
     p.add_argument("env", metavar="ENV", nargs="?", help="show only this env")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--alert", action="store_true",
                    help="send an alert for each env that turned not OK since the last --alert, and when it is OK again")
-    p.add_argument("--quiet", action="store_true", help="with --alert: print nothing (for the timer)")
-    p.add_argument("--install-timer", action="store_true", help="a user timer running --alert --quiet every 5 minutes")
+    p.add_argument("--quiet", action="store_true", help="with --alert or --metrics: print nothing (for the timer)")
+    p.add_argument("--metrics", metavar="FILE",
+                   help="also write each env's state to FILE in the node_exporter textfile format (atomically); "
+                        "with --install-timer: the timer writes it every run")
+    p.add_argument("--install-timer", action="store_true",
+                   help="a user timer running --alert --quiet (and --metrics FILE when given) every 5 minutes")
     args = p.parse_args()
-    if args.quiet and not args.alert:
-        raise usage_error("--quiet goes with --alert")
-    if args.install_timer and (args.env or args.json or args.alert):
-        raise usage_error("--install-timer takes no ENV, --json or --alert: it installs the timer for every env")
+    if args.quiet and not (args.alert or args.metrics):
+        raise usage_error("--quiet goes with --alert or --metrics")
+    if args.install_timer and (args.env or args.json or args.alert or args.quiet):
+        raise usage_error("--install-timer takes no ENV, --json, --alert or --quiet: it installs the timer for every env")
+    if args.metrics:
+        args.metrics = os.path.abspath(os.path.expanduser(args.metrics))
+        if not os.path.isdir(os.path.dirname(args.metrics)):
+            raise usage_error(f"--metrics {args.metrics}: its folder {os.path.dirname(args.metrics)} does not exist")
     return args
 
 
@@ -74,7 +86,10 @@ def look_at(config, env):
     report = {"commit": None, "subject": "", "branch": None, "unit": {"active": False, "state": "unknown"},
               "health": {"ok": False, "status": None, "ms": None}, "last_deploy": None, "last_backup": None,
               "rollback": None, "lock": lock_holder(env.state_dir, env.name), "interrupted": None, "problems": [],
-              "restart_method": None, "warning": None, "replica": None}
+              "restart_method": None, "warning": None, "replica": None,
+              "log": oplog.last_failed(env.state_dir, env.name), "last_operation": None}
+    last_op = oplog.last_operation(env.state_dir, env.name)
+    report["last_operation"] = last_op.to_json() if last_op else None
     facts = diagnosis.Facts(env=env.name, db=str(env.db), unit=env.unit, lock=report["lock"],
                             health_timeout=env.health_timeout)
     if not report["lock"]:
@@ -229,9 +244,11 @@ def data_part(config, env, records, local, facts):
 
 def log_part(config, env, records, local, facts):
     deploys, rollbacks = logs.of_kind(records, "deploy"), logs.of_kind(records, "rollback")
-    rehearsals = logs.of_kind(records, "rehearsal")
+    rehearsals, drills = logs.of_kind(records, "rehearsal"), logs.of_kind(records, "drill")
     r = rehearsals[-1] if rehearsals else None
+    drill = drills[-1] if drills else None
     return {"last_deploy": deploys[-1].to_json() if deploys else None,
+            "last_drill": {"time": drill.time, "result": drill.result, "point": drill.point} if drill else None,
             "last_rollback": rollbacks[-1].to_json() if rollbacks else None,
             "last_rehearsal": {"time": r.time, "commit": r.commit, "result": r.result, "failed": r.failed,
                                "migration_seconds": r.migration_seconds, "compatible": r.compatible} if r else None}
@@ -267,8 +284,10 @@ def send_changes(config, envs, reports, quiet):
             continue
         first = r["advice"][0]["command"] if r["advice"] else None
         name = "database-corrupt" if corrupt and not was_corrupt else "problem"
+        op = r.get("last_operation") or {}
+        failed_log = op.get("log") if op.get("result") in ("failed", "interrupted") else None
         event = (alerts.event("recovered", env.name, f"{env.name} is OK again", None) if r["ok"] else
-                 alerts.event(name, env.name, "; ".join(r["problems"]), first))
+                 alerts.event(name, env.name, "; ".join(r["problems"]), first, log=failed_log))
         problems = alerts.send(config.alerts, event)
         for problem in problems:
             cli.err(f"warning: {problem}")
@@ -286,12 +305,20 @@ def remember(path, report):
                                    "corrupt": report.get("database", {}).get("check", "ok") != "ok"}) + "\n")
 
 
-def install_timer(config):
-    if config.alerts is None:
+def timer_arguments(has_alerts, metrics_file):
+    """What the timer's status.py runs with: --alert when [alerts] is set, --metrics FILE when given."""
+    return [*(["--alert"] if has_alerts else []), *(["--metrics", metrics_file] if metrics_file else []), "--quiet"]
+
+
+def install_timer(config, metrics_file=None):
+    if config.alerts is None and not metrics_file:
         raise usage_error(f"{config.file}: no [alerts] table: status.py --alert has nowhere to send (add a webhook or "
-                          "a command first)")
-    command = cli.script_command(config, "status.py", "--alert", "--quiet").split(" ", 1)[1]
-    service = (f"[Unit]\nDescription=safe-deploy: alert when an env turns not OK, or OK again\n\n"
+                          "a command first, or give --metrics FILE for a timer that only writes metrics)")
+    command = cli.script_command(config, "status.py", *timer_arguments(config.alerts is not None, metrics_file)
+                                 ).split(" ", 1)[1]
+    what = "; ".join(filter(None, ["alert when an env turns not OK, or OK again" if config.alerts else "",
+                                   f"write metrics to {metrics_file}" if metrics_file else ""]))
+    service = (f"[Unit]\nDescription=safe-deploy: {what}\n\n"
                f"[Service]\nType=oneshot\nExecStart={sys.executable} {command}\nSuccessExitStatus=1\n")
     timer = ("[Unit]\nDescription=safe-deploy status every 5 minutes\n\n"
              "[Timer]\nOnBootSec=1min\nOnUnitActiveSec=5min\n\n[Install]\nWantedBy=timers.target\n")
@@ -346,6 +373,10 @@ def show(reports, as_json):
             cli.say(f"  lock      {r['lock']}")
         if r["interrupted"]:
             cli.say(cli.paint(f"  INTERRUPTED {recovery.describe(r['interrupted'])}", "red"))
+        op = r.get("last_operation")
+        if op and op["result"] in ("failed", "interrupted"):
+            cli.say(cli.paint(f"  output    the last operation ({op['op']}{', ' + op['time'] if op['time'] else ''}) "
+                              f"{op['result']}; its full output: {op['log']}", "yellow"))
         for problem in r["problems"]:
             cli.say(cli.paint(f"  problem   {problem}", "red"))
         for i, step in enumerate(r["advice"], 1):

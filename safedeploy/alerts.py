@@ -19,7 +19,7 @@ import socket
 import time
 
 
-from . import commands, health
+from . import commands, health, oplog
 from .config import mask
 from .redaction import redact
 from .state import now_iso
@@ -33,9 +33,15 @@ EVENTS = ("backup-failed", "deploy-failed", "rollback-failed", "needs-human", "o
           "verify-failed", "problem", "recovered", "test", "replica-behind", "database-corrupt")
 
 
-def event(name, env, message, command=None):
-    return {"event": name, "env": env, "time": now_iso(), "host": socket.gethostname(),
+def event(name, env, message, command=None, log=None):
+    """The contract's body; with log (the operation's full output, safedeploy.oplog): "log", its path, and
+    "log_tail", its last lines (redacted when written)."""
+    body = {"event": name, "env": env, "time": now_iso(), "host": socket.gethostname(),
             "message": redact(" ".join(message.split())), "command": redact(command) if command else command}
+    if log is not None:
+        body["log"] = str(log)
+        body["log_tail"] = [redact(line) for line in oplog.tail(log)]
+    return body
 
 
 def send(alerts, body):

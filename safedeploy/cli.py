@@ -5,8 +5,9 @@ import getpass
 import os
 import signal
 import sys
+from typing import Any
 
-from . import alerts, redaction, unitenv
+from . import alerts, oplog, redaction, unitenv
 from . import config as configmod
 from .commandline import command_line, python_word, script_command  # noqa: F401 (the scripts call cli.script_command)
 from .errors import EXIT_FAILED, EXIT_HUMAN, EXIT_USAGE, DeployError, describe_failure, usage_error
@@ -64,26 +65,55 @@ def run(main, nice=False, alert=None):
     try:
         code = main()
     except DeployError as exc:
-        err(f"error: {exc}")
+        where = full_output(RUN["env"])
+        if exc.code == EXIT_HUMAN:      # its message ends with the command to run: the log's path follows it
+            err(f"error: {exc}")
+            if where:
+                err(where)
+        else:
+            err(f"error: {exc}" + (f" {where}" if where else ""))
         if exc.output:
             err(exc.output)
         RUN["command"] = exc.command
         code = exc.code
     except KeyboardInterrupt as exc:
-        err(f"error: {describe_failure(exc)}; nothing more was done")
+        err(f"error: {describe_failure(exc)}; nothing more was done" + (f" {full_output(RUN['env'])}"
+                                                                       if oplog.active() else ""))
         code = 1
     except Exception as exc:
         # a bug: it keeps its traceback (Python prints it), after what the undo that ran for it did
         if getattr(exc, "undone", None):
             err(f"error: {exc.undone}")
+        oplog.line(f"error: a bug: {type(exc).__name__}: {exc}")
+        oplog.close_all(1)
         raise
+    else:
+        if code and oplog.active() and not RUN["named_log"]:
+            err(full_output(RUN["env"]))        # failed without an exception (a deploy that rolled back)
     if RUN["looking"]:
         alert = None            # a --list, a --dry-run, a plan: nothing was attempted, so nothing failed
     send_alert(code, alert)
+    oplog.close_all(code or 0)
     sys.exit(code or 0)
 
 
-RUN = {"config": None, "env": None, "errors": [], "command": None, "looking": False}   # what the alert needs
+def log_operation(envs, op):
+    """Keep this run's whole output (its lines and its commands' output) in a log per env (safedeploy.oplog);
+    cli.run closes them with the exit code."""
+    oplog.open_logs(envs, op)
+
+
+def full_output(env=None):
+    """`(full output: PATH)` for env's log of this run (the only one when env is None), or ""."""
+    log = oplog.current(env) or oplog.current()
+    if log is None:
+        return ""
+    RUN["named_log"] = True
+    return f"(full output: {log.path})"
+
+
+RUN: dict[str, Any] = {"config": None, "env": None, "errors": [], "command": None,   # what the alert needs
+                       "looking": False, "named_log": False}
 
 
 def only_looking():
@@ -96,10 +126,11 @@ def send_alert(code, alert):
     if config is None or config.alerts is None or not (code == EXIT_HUMAN or (code == EXIT_FAILED and alert)):
         return
     message = " ".join(RUN["errors"][-3:]) or f"exit {code}"
+    log = oplog.current(RUN["env"]) or oplog.current()
     event = alerts.event("needs-human" if code == EXIT_HUMAN else f"{alert}-failed", RUN["env"], message,
-                         RUN["command"])
+                         RUN["command"], log=log.path if log else None)
     for problem in alerts.send(config.alerts, event):
-        print(f"warning: {problem}", file=sys.stderr, flush=True)
+        emit(f"warning: {problem}", sys.stderr)
 
 
 # -- output ---------------------------------------------------------------
@@ -143,7 +174,8 @@ def err(text):
 
 def emit(text, stream):
     """Print a line. A reader that went away (`deploy.py prod | head -3`) never stops or fails an operation:
-    what follows goes nowhere, and the exit code is the operation's."""
+    what follows goes nowhere, and the exit code is the operation's. The operation's log gets it too."""
+    oplog.line(text)
     try:
         print(text, file=stream, flush=True)
     except BrokenPipeError:

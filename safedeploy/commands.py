@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 
-from . import redaction
+from . import oplog, redaction
 from .errors import DeployError
 
 
@@ -59,12 +59,13 @@ DRAIN_SECONDS = 0.5         # after the program exits: output already in the pip
 
 
 def run(argv, timeout, cwd=None, env=None, stdin=None, stdout="tail", stderr="tail", tail=TAIL_BYTES, nice=0,
-        pass_fds=()):
+        pass_fds=(), copy=None):
     """Run argv (a list, never a shell) bounded as the module says; return Finished.
 
     stdin: bytes to feed it (through an unlinked temp file: a program that never reads cannot block
     us), or None for /dev/null. stdout, stderr: "all", "tail" (the last `tail` bytes), "discard",
     "stdout" (stderr only: into the same stream), or an open file to write into (a restic dump).
+    copy: a callable given every piece of what is read from its pipes, as it comes (the operation's log).
     Raises FileNotFoundError / PermissionError when the program cannot start."""
     start = time.monotonic()
     deadline = start + timeout
@@ -119,14 +120,14 @@ def run(argv, timeout, cwd=None, env=None, stdin=None, stdout="tail", stderr="ta
             # with a pidfd the program's exit wakes the select; without one, look every 50 ms
             for key, _ in sel.select(remaining if exited is not None else min(remaining, 0.05)):
                 if key.fileobj is not exited:
-                    read_some(sel, key.fileobj, kept, limits)
+                    read_some(sel, key.fileobj, kept, limits, copy)
         drain_until = time.monotonic() + DRAIN_SECONDS
         while len(sel.get_map()) > (exited is not None) and time.monotonic() < drain_until:
             ready = [key for key, _ in sel.select(0) if key.fileobj is not exited]
             if not ready:
                 break           # nothing more is there: a child still holding the pipe is not waited for
             for key in ready:
-                read_some(sel, key.fileobj, kept, limits)
+                read_some(sel, key.fileobj, kept, limits, copy)
     finally:
         sel.close()
         if exited is not None:
@@ -161,7 +162,7 @@ def pidfd_of(proc):
         return None
 
 
-def read_some(sel, stream, kept, limits):
+def read_some(sel, stream, kept, limits, copy=None):
     try:
         data = os.read(stream.fileno(), 1 << 16)
     except BlockingIOError:
@@ -169,6 +170,8 @@ def read_some(sel, stream, kept, limits):
     if not data:
         sel.unregister(stream)
         return
+    if copy is not None:
+        copy(data)
     buf = kept[stream]
     buf += data
     limit = limits[stream]
@@ -213,14 +216,21 @@ BUILD_NICE = 10     # a build runs while the app serves: it yields the CPU to th
 def run_one(argv, cwd, timeout, nice=0, environ=None):
     """One build or pre_restart command: None when it exited 0, else a CommandFailure with the tail
     of its output (stdout and stderr as they came, secrets hidden). environ: the whole environment it
-    gets (None: this process's)."""
+    gets (None: this process's). All of its output goes to the operation's log, when one is open."""
+    copy = oplog.command_copy(argv, cwd)
     try:
-        done = run(argv, timeout, cwd=cwd, env=environ, stdout="tail", stderr="stdout", nice=nice)
+        done = run(argv, timeout, cwd=cwd, env=environ, stdout="tail", stderr="stdout", nice=nice, copy=copy)
     except FileNotFoundError:
+        if copy:
+            copy.finish("could not start: not found")
         return CommandFailure(argv, f"could not start: {argv[0]} not found (relative to {cwd})", "",
                               FailureKind.COULD_NOT_START)
     except PermissionError:
+        if copy:
+            copy.finish("could not start: not executable")
         return CommandFailure(argv, f"could not start: {argv[0]} is not executable", "", FailureKind.COULD_NOT_START)
+    if copy:
+        copy.finish(f"timed out after {timeout:g}s" if done.timed_out else f"exit {done.returncode} in {done.seconds:.1f}s")
     output = redaction.redact(tail_text(done.stdout))
     if done.timed_out:
         return CommandFailure(argv, f"timed out after {timeout:g}s (command_timeout); its processes were killed",

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import backups, cli, commands, records, releases, schema, transient, units
+from . import backups, cli, commands, oplog, records, releases, schema, transient, units
 from .errors import DeployError
 from .files import make_private_dir
 from .records import DrillRecord, RehearsalRecord
@@ -94,6 +94,7 @@ def rehearse(config, env, repo, commit, say):
         run.output = exc.output or (app_log_tail(scratch) if record.failed in ("start", "health", "paths") else "")
         run.output = run.output or "\n".join(units.journal_tail(unit))
     finally:
+        keep_app_logs(scratch, ("app.log", "old-app.log"))
         clean_up({"units": [run.unit, run.old_unit], "scratch": str(scratch)})
         record.steps = run.clock.seconds if run.clock else {}
     records.append(env, record)
@@ -246,6 +247,20 @@ REHEARSAL_OPERATION = Operation(
                             "commit": r.commit})
 
 
+def keep_app_logs(scratch: Path, names: tuple[str, ...]) -> None:
+    """What the app started on the scratch copy wrote (its transient unit's output), into the operation's
+    log before the scratch folder goes: its last APP_LOG_KEPT bytes each."""
+    for name in names:
+        text = transient.log_tail(scratch, limit=APP_LOG_KEPT, name=name)
+        if text:
+            oplog.line(f"-- what the app wrote on the scratch copy ({name}, its last {APP_LOG_KEPT // 1024} KiB):")
+            for line in text.splitlines():
+                oplog.line(f"| {line}")
+
+
+APP_LOG_KEPT = 64 * 1024
+
+
 def clean_up(j):
     """Stop a rehearsal's or a drill's transient units and remove its scratch folder (also for one that
     was killed: the journal names them). Returns what it did."""
@@ -276,6 +291,7 @@ def drill(config, env, repo, point):
         record.result = "failed"
         record.problems.append(f"cannot use {scratch}: {exc.strerror or exc} (the backup folder's disk)")
     finally:
+        keep_app_logs(scratch, ("app.log",))
         clean_up({"units": [unit], "scratch": str(scratch)})
         record.steps = run.clock.seconds if run.clock else {}
     records.append(env, record)

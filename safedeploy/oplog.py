@@ -1,0 +1,246 @@
+"""Every operation keeps its full output: STATE_DIR/logs/ENV-<stamp>-<op>.log.
+
+What goes in: every line the tool prints (cli.say/err, through cli.emit), and every line of every build
+and pre_restart command it runs (commands.run_one), each line stamped with the time; then a last line
+`# end {json}` with the result. Secrets never: each line is redacted (safedeploy.redaction) before it is
+written, a command's output line by line (a secret is never split between two writes).
+
+The files are 0600 in a 0700 folder; a run that touches several envs (backup.py --all) writes one log per
+env, each with the whole run's output and its own env's result. The log is opened by the operation's run
+(cli.log_operation) and closed by cli.run with the exit code.
+
+Retention (prune): the newest KEEP_PER_ENV logs of each env are kept, whatever their age: an env deployed
+once a quarter keeps the log of its last failure, and a loop of retries cannot fill the disk.
+
+Reading (last_failed, last_operation): a log with no `# end` line is a run still going (its file is
+flock'ed by the run) or one that was killed (an interrupted operation: counted as failed).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import redaction
+from .files import make_private_dir
+from .state import now_iso, utc_stamp
+
+KEEP_PER_ENV = 50
+TAIL_LINES = 20             # what an alert carries of the log
+END = "# end "
+ANSI_RE = re.compile(r"\033\[[0-9;]*m")
+NAME_RE = re.compile(r"^(?P<env>.+)-(?P<stamp>\d{8}-\d{6})(?:-\d+)?-(?P<op>[a-z-]+)\.log$")
+
+
+def folder(state_dir) -> Path:
+    return Path(state_dir) / "logs"
+
+
+class OpLog:
+    """One open log file of one env."""
+
+    def __init__(self, state_dir, env: str, op: str):
+        self.env, self.op = env, op
+        self.folder = make_private_dir(folder(state_dir))
+        stamp, n = utc_stamp(), 0
+        while True:
+            name = f"{env}-{stamp}{'-' + str(n) if n else ''}-{op}.log"
+            try:
+                self.fd = os.open(self.folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+                break
+            except FileExistsError:
+                n += 1
+        self.path = self.folder / name
+        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)     # held while it runs: readers know it is going
+        self.result: bool | None = None                         # set by the run for a multi-env run
+        self.write_line(f"# {op} of {env}, started {now_iso()}, pid {os.getpid()}")
+        prune(self.folder, env)
+
+    def write_line(self, text: str) -> None:
+        if self.fd < 0:
+            return
+        stamp = time.strftime('%H:%M:%S')
+        data = "".join(f"{stamp} {line}\n" for line in redaction.redact(ANSI_RE.sub("", text)).splitlines() or [""])
+        try:
+            os.write(self.fd, data.encode(errors="replace"))
+        except OSError:
+            pass            # a full disk never fails the operation over its log
+
+    def close(self, code: int) -> None:
+        if self.fd < 0:
+            return
+        ok = self.result if self.result is not None else code == 0
+        try:
+            os.write(self.fd, (END + json.dumps({"result": "ok" if ok else "failed", "code": code,
+                                                 "time": now_iso()}) + "\n").encode())
+            os.fsync(self.fd)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = -1
+
+
+# -- the logs the running process writes ----------------------------------------------------------
+_OPEN: dict[str, OpLog] = {}
+_LOCK = threading.Lock()
+
+
+def open_logs(envs, op: str) -> dict[str, OpLog]:
+    """Open a log for each env (objects with .name and .state_dir) of this run."""
+    with _LOCK:
+        for env in envs:
+            if env.name not in _OPEN:
+                _OPEN[env.name] = OpLog(env.state_dir, env.name, op)
+        return dict(_OPEN)
+
+
+def current(env: str | None = None) -> OpLog | None:
+    if env is not None:
+        return _OPEN.get(env)
+    return next(iter(_OPEN.values()), None)
+
+
+def active() -> bool:
+    return bool(_OPEN)
+
+
+def line(text: str) -> None:
+    """A line the tool printed, into every open log."""
+    with _LOCK:
+        for log in _OPEN.values():
+            log.write_line(text)
+
+
+def mark(env: str, ok: bool) -> None:
+    """The result of one env of a multi-env run (a backup of --all)."""
+    log = _OPEN.get(env)
+    if log is not None:
+        log.result = ok if log.result is None else (log.result and ok)
+
+
+def close_all(code: int) -> None:
+    with _LOCK:
+        for log in _OPEN.values():
+            log.close(code)
+        _OPEN.clear()
+
+
+class CommandCopy:
+    """A command's output, bytes as they come, into the open logs line by line (redacted per line)."""
+
+    def __init__(self, argv, cwd):
+        self.pending = b""
+        line(f"$ {redaction.shown(argv)}" + (f"   (in {cwd})" if cwd else ""))
+
+    def __call__(self, data: bytes) -> None:
+        self.pending += data
+        *lines, self.pending = self.pending.split(b"\n")
+        if lines:           # one write for what one read brought: redacted line by line all the same
+            line("\n".join("| " + raw.decode(errors="replace").rstrip("\r") for raw in lines))
+        if len(self.pending) > 1 << 16:            # a line without end: written in pieces
+            line("| " + self.pending.decode(errors="replace"))
+            self.pending = b""
+
+    def finish(self, how: str) -> None:
+        if self.pending:
+            line("| " + self.pending.decode(errors="replace").rstrip("\r"))
+            self.pending = b""
+        line(f"$ ({how})")
+
+
+def command_copy(argv, cwd) -> CommandCopy | None:
+    return CommandCopy(argv, cwd) if active() else None
+
+
+# -- retention and reading -------------------------------------------------------------------------
+def env_logs(state_dir, env: str) -> list[Path]:
+    """env's logs, oldest first (by the stamp in the name, then the name)."""
+    try:
+        entries = list(folder(state_dir).iterdir())
+    except OSError:
+        return []
+    found = []
+    for path in entries:
+        m = NAME_RE.match(path.name)
+        if m and m.group("env") == env:
+            found.append((m.group("stamp"), path.stat().st_mtime if path.exists() else 0, path.name, path))
+    return [p for *_, p in sorted(found)]
+
+
+def prune(log_folder: Path, env: str, keep: int = KEEP_PER_ENV) -> list[Path]:
+    removed = []
+    for path in env_logs(log_folder.parent, env)[:-keep]:
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+@dataclass(frozen=True)
+class Ending:
+    path: str
+    op: str
+    result: str         # "ok", "failed", "running", "interrupted"
+    time: str | None
+
+    @property
+    def failed(self) -> bool:
+        return self.result in ("failed", "interrupted")
+
+    def to_json(self) -> dict:
+        return {"op": self.op, "result": self.result, "time": self.time, "log": self.path}
+
+
+def ending(path: Path) -> Ending:
+    m = NAME_RE.match(path.name)
+    op = m.group("op") if m else "?"
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 4096))
+            last = fh.read().decode(errors="replace").splitlines()
+            if last and last[-1].startswith(END):
+                data = json.loads(last[-1][len(END):])
+                return Ending(str(path), op, data.get("result", "failed"), data.get("time"))
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return Ending(str(path), op, "running", None)
+            return Ending(str(path), op, "interrupted", None)
+    except (OSError, ValueError):
+        return Ending(str(path), op, "interrupted", None)
+
+
+def last_operation(state_dir, env: str) -> Ending | None:
+    """The newest finished (or killed) operation's log of env; a run still going is skipped."""
+    for path in reversed(env_logs(state_dir, env)):
+        e = ending(path)
+        if e.result != "running":
+            return e
+    return None
+
+
+def last_failed(state_dir, env: str) -> str | None:
+    """The path of env's last failed operation's log, or None."""
+    for path in reversed(env_logs(state_dir, env)):
+        if ending(path).failed:
+            return str(path)
+    return None
+
+
+def tail(path, lines: int = TAIL_LINES) -> list[str]:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 16384))
+            return [ln for ln in fh.read().decode(errors="replace").splitlines() if not ln.startswith(END)][-lines:]
+    except OSError:
+        return []

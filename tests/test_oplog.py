@@ -1,0 +1,212 @@
+"""Every operation keeps its full output (issue 32, item 5), and status.py --metrics (item 6)."""
+
+import http.server
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from demo.sandbox import REPO_ROOT
+from safedeploy import metrics, oplog
+
+
+class Receiver:
+    """A real webhook on 127.0.0.1 that keeps what it is sent."""
+
+    def __init__(self):
+        self.events = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                receiver.events.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0)))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+SECRET = "hunter2-not-for-logs-93kd"
+FAILING_BUILD = [[sys.executable, "-c",
+                  "import os, sys; print('the build says: wheel 7f3a not found'); "
+                  "print('password is', os.environ.get('DEPLOY_TEST_PASSWORD'), file=sys.stderr); sys.exit(1)"]]
+
+
+def status_json(sb, *args):
+    proc = sb.run("status.py", *args, "--json")
+    return json.loads(proc.stdout)["envs"]
+
+
+def test_a_failed_deploy_names_its_full_output_in_its_message_status_and_alert(sandbox):
+    sb = sandbox
+    receiver = Receiver()
+    try:
+        sb.write_config(dev=f"build = {json.dumps(FAILING_BUILD)}")
+        sb.config.write_text(sb.config.read_text() + f'\n[alerts]\nwebhook = "{receiver.url}"\n')
+        sb.release("dev", {"NEWS": "a change\n"}, "a change")
+        # a secret-named variable in the tool's environment, which the build inherits: never in a log
+        proc = subprocess.run([sb.python, str(REPO_ROOT / "deploy.py"), "dev", "--yes", "--config", str(sb.config)],
+                              env={**sb.env, "DEPLOY_TEST_PASSWORD": SECRET}, capture_output=True, text=True,
+                              timeout=180, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 1, proc.stderr
+        error = next(line for line in proc.stderr.splitlines() if line.startswith("error:"))
+        found = re.search(r"\(full output: (\S+)\)$", error)
+        assert found, proc.stderr
+        log = Path(found.group(1))
+        assert log.parent == sb.root / "state" / "logs" and re.match(r"dev-\d{8}-\d{6}-deploy\.log$", log.name)
+        assert stat.S_IMODE(log.stat().st_mode) == 0o600
+        assert stat.S_IMODE(log.parent.stat().st_mode) == 0o700
+        text = log.read_text()
+        assert "| the build says: wheel 7f3a not found" in text            # the command's stdout
+        assert "| password is <redacted>" in text and SECRET not in text    # its stderr, the secret hidden
+        assert error.removeprefix("error: ") in text                        # the tool's own lines
+        assert '# end {"result": "failed", "code": 1' in text
+
+        envs = status_json(sb)
+        assert envs["dev"]["log"] == str(log)
+        assert envs["dev"]["last_operation"]["result"] == "failed"
+        assert envs["prod"]["log"] is None
+        shown = sb.run("status.py", "dev").stdout
+        assert f"its full output: {log}" in shown
+
+        sent = [e for e in receiver.events if e["event"] == "deploy-failed"]
+        assert len(sent) == 1, receiver.events
+        assert sent[0]["log"] == str(log)
+        assert any("the build says: wheel 7f3a not found" in line for line in sent[0]["log_tail"])
+        assert not any(SECRET in line for line in sent[0]["log_tail"])
+
+        # fixed: the next deploy goes live, and its log says so; the failed one is still the last failed
+        sb.write_config()
+        sb.config.write_text(sb.config.read_text() + f'\n[alerts]\nwebhook = "{receiver.url}"\n')
+        assert sb.run("deploy.py", "dev", "--yes").returncode == 0
+        envs = status_json(sb, "dev")
+        assert envs["dev"]["last_operation"]["result"] == "ok"
+        assert envs["dev"]["log"] == str(log)
+        assert "its full output" not in sb.run("status.py", "dev").stdout
+    finally:
+        receiver.close()
+
+
+def test_a_deploy_that_rolled_back_by_itself_names_its_output_last(sandbox):
+    sb = sandbox
+    sb.write_config(dev='pre_restart = [["sh", "-c", "echo migration 51c0 broke; exit 3"]]')
+    sb.release("dev", {"NEWS": "a change\n"}, "a change")
+    proc = sb.run("deploy.py", "dev", "--yes")
+    assert proc.returncode == 1, proc.stderr
+    found = re.fullmatch(r"\(full output: (\S+)\)", proc.stderr.splitlines()[-1])
+    assert found, proc.stderr
+    text = Path(found.group(1)).read_text()
+    assert "| migration 51c0 broke" in text and "rolled back by itself" in text
+    assert status_json(sb, "dev")["dev"]["log"] == found.group(1)
+
+
+def test_metrics_match_status_json(sandbox, tmp_path):
+    sb = sandbox
+    assert sb.run("backup.py", "--all").returncode == 0
+    sb.release("dev", {"NEWS": "a change\n"}, "a change")
+    assert sb.run("deploy.py", "dev", "--yes").returncode == 0
+    assert sb.run("rollback.py", "dev", "--drill").returncode == 0
+    (tmp_path / "textfile").mkdir()
+    out = tmp_path / "textfile" / "safe_deploy.prom"
+    proc = sb.run("status.py", "--metrics", str(out), "--json")
+    envs = json.loads(proc.stdout)["envs"]
+    assert out.exists() and not [p for p in out.parent.iterdir() if p != out]     # no temp file left
+    found = {}
+    for family in text_string_to_metric_families(out.read_text()):
+        for sample in family.samples:
+            found[(sample.name, sample.labels.get("env"))] = (sample.value, sample.labels)
+    for env, r in envs.items():
+        assert found[("safe_deploy_up", env)][0] == float(r["unit"]["active"])
+        assert found[("safe_deploy_healthy", env)][0] == float(r["health"]["ok"])
+        assert found[("safe_deploy_ok", env)][0] == float(r["ok"])
+        assert found[("safe_deploy_problems", env)][0] == len(r["problems"])
+        value, labels = found[("safe_deploy_commit_info", env)]
+        assert value == 1 and labels["commit"] == r["commit"] and labels["branch"] == r["branch"]
+        assert abs(found[("safe_deploy_last_backup_age_seconds", env)][0] - r["last_backup"]["age_seconds"]) < 60
+        assert found[("safe_deploy_last_backup_rows", env)][0] == r["last_backup"]["rows"]
+        assert ("safe_deploy_replica_lag_seconds", env) not in found        # no [replica]
+    deploy = envs["dev"]["last_deploy"]
+    assert found[("safe_deploy_last_deploy_timestamp_seconds", "dev")][0] == metrics.timestamp(deploy["time"])
+    assert found[("safe_deploy_last_deploy_success", "dev")][0] == 1.0
+    assert found[("safe_deploy_last_drill_timestamp_seconds", "dev")][0] == \
+        metrics.timestamp(envs["dev"]["last_drill"]["time"])
+    assert found[("safe_deploy_last_drill_success", "dev")][0] == 1.0
+    assert found[("safe_deploy_last_operation_failed", "dev")][0] == 0.0
+
+
+# -- the pure parts -----------------------------------------------------------------------------------
+def test_metric_samples_leave_out_what_is_not_known():
+    report = {"unit": {"active": False}, "health": {"ok": False}, "ok": False, "problems": ["a", "b"],
+              "commit": None, "last_deploy": None, "last_backup": None, "replica": {"lag_s": 2.5},
+              "last_drill": None, "last_operation": {"result": "interrupted"}}
+    found = metrics.samples({"prod": report})
+    assert found["problems"] == [({"env": "prod"}, 2.0)]
+    assert found["replica_lag_seconds"] == [({"env": "prod"}, 2.5)]
+    assert found["last_operation_failed"] == [({"env": "prod"}, 1.0)]
+    assert "commit" not in found and "last_deploy_success" not in found and "last_backup_rows" not in found
+
+
+def test_logs_are_kept_per_env_up_to_the_retention(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for i in range(oplog.KEEP_PER_ENV + 5):
+        (logs / f"prod-20260101-{i:06d}-deploy.log").write_text("x\n")
+    (logs / "dev-20250101-000000-backup.log").write_text("x\n")
+    removed = oplog.prune(logs, "prod")
+    assert [p.name for p in removed] == [f"prod-20260101-{i:06d}-deploy.log" for i in range(5)]
+    assert len(oplog.env_logs(tmp_path, "prod")) == oplog.KEEP_PER_ENV
+    assert (logs / "dev-20250101-000000-backup.log").exists()         # another env's logs are its own
+
+
+def test_a_log_without_its_end_is_an_interrupted_operation(tmp_path):
+    log = oplog.OpLog(tmp_path, "prod", "deploy")
+    assert oplog.ending(log.path).result == "running"          # its run holds it
+    os.close(log.fd)                                            # killed: no end line, nobody holds it
+    assert oplog.ending(log.path).result == "interrupted"
+    assert oplog.last_failed(tmp_path, "prod") == str(log.path)
+    ok = oplog.OpLog(tmp_path, "prod", "backup")
+    ok.write_line("backed up")
+    ok.close(0)
+    assert oplog.last_operation(tmp_path, "prod").result == "ok"
+    assert oplog.last_failed(tmp_path, "prod") == str(log.path)
+    assert oplog.tail(ok.path)[-1].endswith("backed up")
+
+
+def test_the_timer_writes_metrics_when_asked():
+    from status import timer_arguments
+    assert timer_arguments(True, None) == ["--alert", "--quiet"]
+    assert timer_arguments(True, "/m/s.prom") == ["--alert", "--metrics", "/m/s.prom", "--quiet"]
+    assert timer_arguments(False, "/m/s.prom") == ["--metrics", "/m/s.prom", "--quiet"]
+
+
+def test_the_status_timer_writes_the_metrics_file(sandbox, tmp_path):
+    sb = sandbox
+    folder = tmp_path / "textfile"
+    folder.mkdir()
+    out = folder / "safe_deploy.prom"
+    proc = sb.run("status.py", "--install-timer", "--metrics", str(out))      # no [alerts]: metrics only
+    assert proc.returncode == 0, proc.stderr
+    try:
+        service = (sb.manager.unit_dir / "safe-deploy-status.service").read_text()
+        assert f"--metrics {out} --quiet" in service and "--alert" not in service
+        sb.manager.systemctl("start", "safe-deploy-status.service", timeout=120)      # one run, as the timer's
+        names = {f.name for f in text_string_to_metric_families(out.read_text())}
+        assert {"safe_deploy_up", "safe_deploy_healthy", "safe_deploy_commit_info"} <= names, names
+    finally:
+        sb.manager.systemctl("disable", "--now", "safe-deploy-status.timer", check=False)
