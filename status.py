@@ -14,7 +14,7 @@ import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from safedeploy import (alertlock, alerts, backups, cli, clock, datafacts, diagnosis, health, journals, offsite, planning,
+from safedeploy import (alertlock, alerts, backups, cli, clock, datafacts, diagnosis, health, journals, offsite, planning, probe,
                         recovery, releases, replica, units)
 from safedeploy import records as logs
 from safedeploy.errors import EXIT_FAILED, DeployError, usage_error
@@ -322,6 +322,8 @@ def show(reports, as_json):
         cli.say(f"  deploy    {d['time']} {d['result']}: {str(d['from'])[:12]} -> {str(d['to'])[:12]} by {d['user']}"
                 + (f", failed at {d['failed_step']}" if d["result"] != "ok" else "")
                 + (f", watched {d['watch']:g}s" if d.get("watch") else "") if d else "  deploy    none recorded")
+        if d and d.get("probe"):
+            cli.say(f"  probe     {probe.describe(d['probe'])}")
         rh = r.get("last_rehearsal")
         if rh:
             cli.say(f"  rehearsed {rh['time']} {str(rh['commit'])[:12]}: {rh['result']}"

@@ -1,0 +1,56 @@
+"""A release that crash-loops, rolled back again and again on a busy host: never a false exit 4.
+
+The race it guards against: the rollback's own start of the unit met systemd's pending automatic
+restart of the crashing release, so the rolled-back release came up counted as "1 automatic restart"
+and its health answers were refused as "something else answers on the port" (exit 4, while the
+rolled-back release served). One sandbox, 20 rounds, under a CPU hog (stress-ng, killed at the end)."""
+
+import shutil
+import subprocess
+import time
+
+import pytest
+import requests
+
+from helpers import log_records
+
+ROUNDS = 20
+
+
+@pytest.fixture
+def cpu_hog():
+    """stress-ng keeping one CPU busy for the test; killed (by its pid) at the end."""
+    if not shutil.which("stress-ng"):
+        pytest.fail("stress-ng is not installed: this test needs a busy host")
+    hog = subprocess.Popen(["stress-ng", "--cpu", "1", "--quiet", "--timeout", "600"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        yield hog
+    finally:
+        hog.kill()
+        hog.wait(timeout=30)
+
+
+def version(sb, env):
+    return requests.get(sb.url(env, "/"), timeout=5).json()["version"]
+
+
+def test_a_crash_looping_release_rolled_back_20_times_under_load_never_exits_4(sandbox, cpu_hog):
+    sb = sandbox
+    sb.release("dev", {"VERSION": "2\n"}, "v2")
+    proc = sb.run("deploy.py", "dev")
+    assert proc.returncode == 0, proc.stderr
+    good = sb.head("dev")
+    sb.release("dev", {"MODE": "crash\n", "VERSION": "3\n"}, "v3 crash-loops")
+    codes, start = [], time.monotonic()
+    for i in range(ROUNDS):
+        # the first round marks v3 bad; the next ones deploy it again past the mark
+        args = ("--force", "--reason", f"round {i}") if i else ()
+        proc = sb.run("deploy.py", "dev", *args)
+        codes.append(proc.returncode)
+        assert proc.returncode == 1, f"round {i}: exit {proc.returncode}\n{proc.stderr}"
+        assert "rolled back by itself" in proc.stderr, proc.stderr
+        assert sb.head("dev") == good and version(sb, "dev") == "2"
+    record = log_records(sb, "dev")[-1]
+    assert record["result"] == "rolled-back" and record["rollback"]["result"] == "ok"
+    print(f"{ROUNDS} rounds in {time.monotonic() - start:.1f}s, exit codes {sorted(set(codes))}")
