@@ -27,8 +27,11 @@ def wait_until_healthy(env, expect_commit=None, since=None):
     since = units.restart_counts(env.unit) if since is None else since
 
     def still_starting():
-        st = units.serving_state(env.unit)  # a crash shows at once as auto-restart: stop waiting then
-        return st.active in ("active", "activating", "reloading") and st.sub != "auto-restart"
+        # a crash shows as auto-restart, or (the next start already under way) as a restart since the tool's
+        # own start: stop waiting then, before systemd's start limit closes a socket unit's port
+        st = units.serving_state(env.unit)
+        return (st.active in ("active", "activating", "reloading") and st.sub != "auto-restart"
+                and st.restarts <= since.get(st.name, 0))
 
     def own_answer(result):
         return decisions.answer_problem(answer_facts(env, units.serving_state(env.unit), since, expect_commit))
