@@ -15,7 +15,7 @@ def restart_unit(env):
     return units.restart(env.unit)
 
 
-def wait_until_healthy(env, expect_commit=None, since=None):
+def wait_until_healthy(env, expect_commit: str | None = None, since: dict[str, int] | None = None):
     """Poll the env's health URL until healthy; raise with the unit's state and journal if not.
 
     An answer counts only when it is the unit's own, the release's own process (decisions.answer_problem):
@@ -45,7 +45,8 @@ def wait_until_healthy(env, expect_commit=None, since=None):
     return result
 
 
-def answer_facts(env, st, since, expect_commit=None):
+def answer_facts(env, st: units.UnitState, since: dict[str, int],
+                 expect_commit: str | None = None) -> decisions.AnswerFacts:
     """The facts decisions.answer_problem judges, gathered from systemd and /proc (and /_deploy/status last,
     only when the rest found nothing wrong: it is one more request)."""
     problem, confirmed = units.port_owner(st.name, env.port, st.main_pid)
@@ -59,7 +60,7 @@ def answer_facts(env, st, since, expect_commit=None):
     return facts
 
 
-def release_id(rel):
+def release_id(rel) -> str | None:
     return rel.id if rel is not None else None
 
 

@@ -76,21 +76,21 @@ def bring_up_steps():
     ]
 
 
-def restart_step(c):
+def restart_step(c: "Run") -> None:
     """The restart (or handover), measured: the probe starts just before it (when a stop before it has not
     started it already), and the restart counters it leaves are what the health step counts from."""
     start_probe(c)
     c.started = units.restart(c.env.unit, c.quick_stop)
 
 
-def start_probe(run):
+def start_probe(run: "Run") -> None:
     """From here until health is confirmed (and through the watch), the operation measures what the switch
     costs users (safedeploy.probe); stop_probe ends it on every path out."""
     if run.probe is None:
         run.probe = probe.Probe(run.env.health_url).start()
 
 
-def stop_probe(run):
+def stop_probe(run: "Run") -> dict | None:
     """The probe's tally ({"requests", "refused", "errors", "slowest_s"}), or None when it never started.
     Safe to call again: the same tally."""
     return run.probe.stop() if run.probe is not None else None

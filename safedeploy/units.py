@@ -115,7 +115,7 @@ def parent_of(pid):
         return 0
 
 
-def port_owner(unit, port, main_pid):
+def port_owner(unit: str, port: int, main_pid: int) -> tuple[str, bool]:
     """(problem, confirmed): problem is '' when the socket listening on port is held by the unit's main
     process or its children (a socket unit's passed socket counts), else what holds it; confirmed says
     /proc showed the main process (or a child) holding it. Where /proc cannot tell: ('', False)."""
@@ -190,7 +190,7 @@ def restart(unit, quick_stop=None):
     return restart_counts(unit)
 
 
-def restart_counts(unit):
+def restart_counts(unit: str) -> dict[str, int]:
     """{slot: its NRestarts} now: what a health check after the tool's own start counts restarts from (a
     counter carried over from the release being replaced is not the new release's)."""
     return {st.name: st.restarts for st in slot_states(unit)}
@@ -210,7 +210,7 @@ def describe_restart(unit):
     return f"systemctl --user restart {unit} (the port closes meanwhile: requests are refused)"
 
 
-def stop_within(unit, seconds):
+def stop_within(unit: str, seconds: float) -> None:
     """Stop unit, killing what is left of its process after seconds (SIGKILL). Returns once the stop job
     is over: the unit is inactive, so the start that follows is the tool's own, not systemd's. (A stop
     queued with --no-block and not yet run is replaced by that start; and a start met by a crashing

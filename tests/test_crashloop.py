@@ -1,9 +1,14 @@
 """A release that crash-loops, rolled back again and again on a busy host: never a false exit 4.
 
-The race it guards against: the rollback's own start of the unit met systemd's pending automatic
-restart of the crashing release, so the rolled-back release came up counted as "1 automatic restart"
-and its health answers were refused as "something else answers on the port" (exit 4, while the
-rolled-back release served). One sandbox, 20 rounds, under a CPU hog (stress-ng, killed at the end)."""
+The race seen under load: the rollback of a crash-looping release ended in exit 4 ("t65-dev.service is
+active (running, 1 automatic restart(s)): something else answers on the port") while the release it
+rolled back to served. systemd carries NRestarts over when a start meets the failed release's pending
+automatic restart (a stop queued with --no-block that the start replaced), and health refused every
+answer of the unit's own process for it. Now the quick stop is over before the start, restarts count
+from the tool's own start, and a restart counts against an answer only where /proc cannot show the
+unit's own process holding the port (safedeploy.decisions.answer_problem, tests/test_probe.py).
+One sandbox, 20 rounds, under a CPU hog (stress-ng, killed at the end); each round measured by the probe.
+"""
 
 import shutil
 import subprocess
@@ -51,6 +56,8 @@ def test_a_crash_looping_release_rolled_back_20_times_under_load_never_exits_4(s
         assert proc.returncode == 1, f"round {i}: exit {proc.returncode}\n{proc.stderr}"
         assert "rolled back by itself" in proc.stderr, proc.stderr
         assert sb.head("dev") == good and version(sb, "dev") == "2"
+        record = log_records(sb, "dev")[-1]
+        assert record["rollback"]["probe"]["requests"] > 0, record     # the rollback measured its own switch
     record = log_records(sb, "dev")[-1]
     assert record["result"] == "rolled-back" and record["rollback"]["result"] == "ok"
     print(f"{ROUNDS} rounds in {time.monotonic() - start:.1f}s, exit codes {sorted(set(codes))}")
