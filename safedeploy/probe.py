@@ -60,12 +60,17 @@ def tally(outcomes: list[Outcome]) -> dict:
 
 
 def describe(probe: dict | None) -> str:
-    """The summary line's text: "12 requests: none refused, no errors, the slowest 0.41 s"."""
+    """The summary line's text: "12 requests to the health URL while it switched: none refused, no errors,
+    the slowest 0.41 s"."""
     if not probe:
         return "not measured"
-    refused, errors = probe.get("refused", 0), probe.get("errors", 0)
-    return (f"{probe.get('requests', 0)} request(s) to the health URL while it switched: "
-            f"{refused or 'none'} refused, {errors or 'no'} error(s), the slowest {probe.get('slowest_s', 0):.2f} s")
+    requests, refused, errors = probe.get("requests", 0), probe.get("refused", 0), probe.get("errors", 0)
+    return (f"{plural(requests, 'request')} to the health URL while it switched: {refused or 'none'} refused, "
+            f"{plural(errors, 'error') if errors else 'no errors'}, the slowest {probe.get('slowest_s', 0):.2f} s")
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def request_once(url: str, timeout: float) -> Outcome:

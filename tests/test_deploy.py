@@ -269,7 +269,7 @@ def test_the_deploy_measures_what_its_switch_cost_users(sandbox):
     assert set(probe) == {"requests", "refused", "errors", "slowest_s"}
     assert probe["requests"] > 0 and probe["refused"] == 0, probe
     line = next(line for line in proc.stdout.splitlines() if line.startswith("  probe "))
-    assert f"{probe['requests']} request(s)" in line and "none refused" in line
+    assert f"{probe['requests']} request" in line and "none refused" in line
     status = sb.run("status.py", "dev", "--json")
     assert json.loads(status.stdout)["envs"]["dev"]["last_deploy"]["probe"] == probe
     text = sb.run("status.py", "dev").stdout

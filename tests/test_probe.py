@@ -32,7 +32,9 @@ def test_what_counts_as_refused_and_as_an_error():
 def test_the_summary_line_says_it_in_words():
     assert probe.describe(None) == "not measured"
     line = probe.describe({"requests": 12, "refused": 0, "errors": 2, "slowest_s": 0.41})
-    assert line.startswith("12 request(s)") and "none refused" in line and "2 error(s)" in line and "0.41 s" in line
+    assert line.startswith("12 requests ") and "none refused" in line and "2 errors" in line and "0.41 s" in line
+    assert "1 request " in probe.describe({"requests": 1, "refused": 1, "errors": 0, "slowest_s": 0.0})
+    assert "no errors" in probe.describe({"requests": 1, "refused": 1, "errors": 0, "slowest_s": 0.0})
 
 
 class Answers(BaseHTTPRequestHandler):
