@@ -16,6 +16,7 @@ The deploy records it as "probe": {"requests": N, "refused": N, "errors": N, "sl
 
 import errno
 import http.client
+import signal
 import socket
 import threading
 import time
@@ -116,6 +117,9 @@ class Probe:
         return self
 
     def _loop(self) -> None:
+        # the signals an operator sends are the main thread's: delivered here, they would slip past a block that
+        # the main thread defers them in (runner.signals_deferred, while a record is written)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
         while not self._stop.is_set():
             began = time.monotonic()
             outcome = request_once(self.url, self.timeout)

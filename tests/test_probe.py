@@ -2,6 +2,7 @@
 real loopback server (a refused port, a 503, a slow answer), stopped however it ends."""
 
 import http.client
+import signal
 import socket
 import threading
 import time
@@ -103,3 +104,21 @@ def test_whose_answer_it_is():
     assert "still stopping" in decisions.answer_problem(facts(process_release="r1", expected_release="r2"))
     assert decisions.answer_problem(facts(process_release="r2", expected_release="r2")) == ""
     assert "not cccccccccccc" in decisions.answer_problem(facts(served_commit="b" * 40, expected_commit="c" * 40))
+
+
+def test_the_probe_thread_takes_no_signal_meant_for_the_operation():
+    """SIGINT, SIGTERM and SIGHUP are blocked in the probe's thread: the kernel hands them to the main thread,
+    so a block the main thread defers them in (writing a record) holds."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    p = probe.Probe(f"http://127.0.0.1:{listener.getsockname()[1]}/health", interval=0.05, timeout=5.0).start()
+    try:
+        time.sleep(0.2)
+        status = open(f"/proc/self/task/{p._thread.native_id}/status").read()
+        blocked = int(next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            assert blocked & (1 << (sig - 1)), sig
+    finally:
+        p.stop()
+        listener.close()
