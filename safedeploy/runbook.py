@@ -345,6 +345,11 @@ def deploy_failed_after(run, step, exc):
                           "then deploy the same commit again: it reuses the release and records it",
                           EXIT_HUMAN, command=cli.script_command(run.config, "deploy.py", env.name, "--ref", plan.target,
                                                                 "--yes"))
+    if step in ("restart", "health", "watch"):
+        try:                # a crash loop stops here, the socket kept: it must not burn the start limit meanwhile
+            units.hold_crashing(env.unit, run.started, QUICK_STOP)
+        except DeployError:
+            pass            # the rollback's restart stops it as it would have
     record.probe = stop_probe(run)         # the deploy's own switch; the rollback measures its own
     what = describe_failure(exc)
     details = (getattr(exc, "output", "") or "").splitlines()
