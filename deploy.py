@@ -13,7 +13,7 @@ steps, --dry-run --json as JSON.
 import json
 import sys
 
-from safedeploy import cli, convert, planning, recovery, rehearsal, replica, runbook
+from safedeploy import cli, convert, planning, probe, recovery, rehearsal, replica, runbook
 from safedeploy.errors import EXIT_FAILED, EXIT_LOCKED, DeployError, usage_error
 from safedeploy.gitrepo import Repo
 from safedeploy.points import list_points
@@ -114,6 +114,8 @@ def print_summary(config, env, run, removed):
     cli.say(f"  health  {env.health_url}: {record.health}")
     if record.watch:
         cli.say(f"  watch   watched {record.watch:g}s: healthy throughout, same process, no restart")
+    if record.probe:
+        cli.say(f"  probe   {probe.describe(record.probe)}")
     if run.release:
         cli.say(f"  release {run.release.path} (was {run.previous_release or 'none'})"
                 + ("; reused, not rebuilt" if plan.reuse else "") + (f"; removed {len(removed)} old" if removed else ""))

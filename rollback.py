@@ -13,7 +13,7 @@ import json
 import re
 import sys
 
-from safedeploy import backups, cli, offsite, planning, recovery, rehearsal, rowloss, runbook, units
+from safedeploy import backups, cli, offsite, planning, probe, recovery, rehearsal, rowloss, runbook, units
 from safedeploy.errors import EXIT_FAILED, DeployError, usage_error
 from safedeploy.gitrepo import Repo
 from safedeploy.points import list_points
@@ -219,6 +219,8 @@ def print_summary(config, env, repo, run):
     cli.say(f"  health    {env.health_url}: {run.health.describe()}")
     if r.watch:
         cli.say(f"  watch     watched {r.watch:g}s: healthy throughout, same process, no restart")
+    if r.probe:
+        cli.say(f"  probe     {probe.describe(r.probe)}")
     cli.say("  steps     " + ", ".join(f"{k} {v:.2f}s" for k, v in r.steps.items()))
 
 

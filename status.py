@@ -16,7 +16,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from safedeploy import (alertlock, alerts, backups, cli, clock, datafacts, diagnosis, health, journals, metrics, offsite,
-                        oplog, planning, recovery, releases, replica, units)
+                        oplog, planning, probe, recovery, releases, replica, units)
 from safedeploy import records as logs
 from safedeploy.errors import EXIT_FAILED, DeployError, usage_error
 from safedeploy.files import make_private_dir, write_atomic
@@ -350,6 +350,8 @@ def show(reports, as_json):
         cli.say(f"  deploy    {d['time']} {d['result']}: {str(d['from'])[:12]} -> {str(d['to'])[:12]} by {d['user']}"
                 + (f", failed at {d['failed_step']}" if d["result"] != "ok" else "")
                 + (f", watched {d['watch']:g}s" if d.get("watch") else "") if d else "  deploy    none recorded")
+        if d and d.get("probe"):
+            cli.say(f"  probe     {probe.describe(d['probe'])}")
         rh = r.get("last_rehearsal")
         if rh:
             cli.say(f"  rehearsed {rh['time']} {str(rh['commit'])[:12]}: {rh['result']}"

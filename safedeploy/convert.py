@@ -24,7 +24,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import redaction, release, releases, replica, unitenv, units
+from . import probe, redaction, release, releases, replica, unitenv, units
 from .errors import DeployError
 from .files import fsync_dir, make_private_dir, remove_quietly, write_atomic
 from .gitrepo import Repo
@@ -211,6 +211,8 @@ def report(env, conversion, run, say):
             f"{env.releases_root / 'shared'}; deploys now build a release beside the running one")
     say(f"installed: {units.socket_name(env.unit)} holds port {env.port}; {env.unit} takes its socket from "
         f"systemd{serves}; the old files are saved in {run.saved}")
+    if run.probe is not None:
+        say(f"probe: {probe.describe(run.probe.stop())}")
 
 
 def discard(run):
@@ -364,5 +366,4 @@ def put_back(env, files, saved, modes, first, moves):
             remove_quietly(path)
     units.daemon_reload()
     replica.resume(env, swapped=False)
-    release.restart_unit(env)
-    release.wait_until_healthy(env)
+    release.wait_until_healthy(env, since=release.restart_unit(env))

@@ -378,3 +378,50 @@ def migration_mode(f: MigrationFacts) -> MigrationDecision:
     return MigrationDecision(online, "the migration's effect on the running release is unknown (no rehearsal of this "
                                      "tree), and no file that looks like a migration changed since what runs: the old "
                                      "release serves during pre_restart; find out first with --rehearse")
+
+
+# -- whose answer a health check got ----------------------------------------------------------------
+@dataclass
+class AnswerFacts:
+    """What was seen as a health check answered 2xx/3xx, for the unit that should be serving.
+    restarts_since_start: systemd's automatic restarts since the tool's own start of the unit (NRestarts
+    then and now: a counter carried over from the release being replaced does not count). port_problem:
+    what else holds the port ('' when nothing else does, or /proc cannot tell); port_confirmed: /proc showed
+    the unit's main process (or a child) holding it. process_release: the release folder the main process
+    runs in (its cwd), expected_release: the one `current` names; None where it is not known (an env that
+    runs from its work tree). served_commit: what /_deploy/status names (None: not served)."""
+    unit: str
+    active: str
+    sub: str
+    restarts_since_start: int = 0
+    port_problem: str = ""
+    port_confirmed: bool = False
+    process_release: str | None = None
+    expected_release: str | None = None
+    served_commit: str | None = None
+    expected_commit: str | None = None
+
+
+def answer_problem(f: AnswerFacts) -> str:
+    """'' when the answer is the unit's own (the release's own process), else why it is not, in words.
+
+    The unit must be running (an answer while it is not comes from something else). A process holding
+    the port other than the unit's own answers for it (a stray server while the unit crash-loops on
+    EADDRINUSE). A restart since the tool's start counts
+    against the answer only where /proc could not confirm that the unit's own process holds the port:
+    confirmed, the answer is the release's own whatever the counter says. A main process that runs in
+    another release than `current` names is the old one, still stopping (or not yet replaced)."""
+    if f.active != "active" or f.sub not in ("running", "listening"):
+        return f"{f.unit} is {f.active} ({f.sub}), not running: something else answers on the port"
+    if f.port_problem:
+        return f"{f.port_problem}: something else answers on the port"
+    if f.restarts_since_start > 0 and not f.port_confirmed:
+        return (f"{f.unit} restarted {f.restarts_since_start} time(s) by itself since it was started, and the port "
+                "cannot be shown to be its own: something else may answer on the port")
+    if f.process_release and f.expected_release and f.process_release != f.expected_release:
+        return (f"{f.unit}'s main process runs release {f.process_release}, not {f.expected_release}: the process "
+                "being replaced answers (still stopping, or the new one is not started yet)")
+    if f.expected_commit and f.served_commit and f.served_commit != f.expected_commit:
+        return (f"/_deploy/status names {f.served_commit[:12]}, not {f.expected_commit[:12]}: another process "
+                "answers")
+    return ""

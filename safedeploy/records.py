@@ -62,6 +62,7 @@ class DeployRecord(Record):
     backup: str | None = None
     health: str | None = None
     watch: float | None = None
+    probe: dict | None = None           # what the switch cost users (safedeploy.probe): requests, refused, errors, slowest_s
     shadowed: list = field(default_factory=list)    # tracked files the shared copy stands in for
     rows_deleted: dict = field(default_factory=dict)    # {table: rows} live as the release was switched in and gone
                                                         # once it served (by content): a data bug
@@ -90,6 +91,7 @@ class RollbackRecord(Record):
     unit_why: str = ""
     stash: str | None = None
     watch: float | None = None
+    probe: dict | None = None           # what its switch cost users, as a deploy's
     db_only: bool = False               # the database alone went back (rollback.py --db-only): the code stayed
     salvaged: str | None = None         # the held copy of what an unreadable replaced database still held
 

@@ -132,8 +132,7 @@ def remove_stale_git_lock(repo):
 def ensure_running(env, say):
     if not units.serving_state(env.unit).is_active:
         say(f"recovering: {env.unit} was not running; starting it")
-        release.restart_unit(env)
-        release.wait_until_healthy(env)
+        release.wait_until_healthy(env, since=release.restart_unit(env))
 
 
 def point_of(env, j, commit_key, release_key):

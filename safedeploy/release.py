@@ -4,40 +4,37 @@ wait for health, write REVISION."""
 import json
 import time
 
-from . import health, units
+from . import decisions, health, releases, units
 from .errors import DeployError
 from .files import write_atomic
 from .state import now_iso
 
 
 def restart_unit(env):
-    units.restart(env.unit)
+    """Restart the env's unit; {slot: NRestarts} once started (wait_until_healthy counts from there)."""
+    return units.restart(env.unit)
 
 
-def wait_until_healthy(env, expect_commit=None):
+def wait_until_healthy(env, expect_commit: str | None = None, since: dict[str, int] | None = None):
     """Poll the env's health URL until healthy; raise with the unit's state and journal if not.
 
-    An answer counts only when it is the unit's own: the unit active (running) and not restarted by
-    systemd since this restart (a stray server on the port answers while the unit crash-loops on
-    EADDRINUSE), and, with expect_commit, the release's /_deploy/status (when the app serves it)
-    naming that commit."""
+    An answer counts only when it is the unit's own, the release's own process (decisions.answer_problem):
+    the unit running; the port held by its main process (a stray server on the port answers while the unit
+    crash-loops on EADDRINUSE); no automatic restart since the tool's own start (since: {slot: NRestarts}
+    as units.restart left it; default: as found now), unless /proc shows the unit's process holding the
+    port; its main process in the release `current` names (not the one being replaced, still stopping);
+    and, with expect_commit, the release's /_deploy/status (when the app serves it) naming that commit."""
+    since = units.restart_counts(env.unit) if since is None else since
+
     def still_starting():
-        st = units.serving_state(env.unit)  # a crash shows at once as auto-restart: stop waiting then
-        return st.active in ("active", "activating", "reloading") and st.sub != "auto-restart"
+        # a crash shows as auto-restart, or (the next start already under way) as a restart since the tool's
+        # own start: stop waiting then, before systemd's start limit closes a socket unit's port
+        st = units.serving_state(env.unit)
+        return (st.active in ("active", "activating", "reloading") and st.sub != "auto-restart"
+                and st.restarts <= since.get(st.name, 0))
 
     def own_answer(result):
-        st = units.serving_state(env.unit)
-        if st.active != "active" or st.sub not in ("running", "listening") or st.restarts:
-            return (f"{st.name} is {st.active} ({st.sub}, {st.restarts} automatic restart(s)): "
-                    "something else answers on the port")
-        owner = units.port_owner_problem(st.name, env.port, st.main_pid)
-        if owner:
-            return f"{owner}: something else answers on the port"
-        if expect_commit:
-            commit = health.served_commit(env.base_url)
-            if commit and commit != expect_commit:
-                return f"/_deploy/status names {commit[:12]}, not {expect_commit[:12]}: another process answers"
-        return ""
+        return decisions.answer_problem(answer_facts(env, units.serving_state(env.unit), since, expect_commit))
 
     result, waited = health.wait_healthy(env.health_url, env.health_timeout, still_starting, confirm=own_answer)
     if not result.ok:
@@ -46,6 +43,25 @@ def wait_until_healthy(env, expect_commit=None):
                           f"{result.describe()}; the unit is {st.active} ({st.sub})",
                           output="\n".join(units.journal_tail(st.name)))
     return result
+
+
+def answer_facts(env, st: units.UnitState, since: dict[str, int],
+                 expect_commit: str | None = None) -> decisions.AnswerFacts:
+    """The facts decisions.answer_problem judges, gathered from systemd and /proc (and /_deploy/status last,
+    only when the rest found nothing wrong: it is one more request)."""
+    problem, confirmed = units.port_owner(st.name, env.port, st.main_pid)
+    facts = decisions.AnswerFacts(unit=st.name, active=st.active, sub=st.sub,
+                                  restarts_since_start=max(0, st.restarts - since.get(st.name, 0)),
+                                  port_problem=problem, port_confirmed=confirmed,
+                                  process_release=release_id(releases.serving(env, st.main_pid)),
+                                  expected_release=release_id(releases.current(env)), expected_commit=expect_commit)
+    if expect_commit and not decisions.answer_problem(facts):
+        facts.served_commit = health.served_commit(env.base_url)
+    return facts
+
+
+def release_id(rel) -> str | None:
+    return rel.id if rel is not None else None
 
 
 def watch(env, seconds, show=None):
@@ -64,9 +80,11 @@ def watch(env, seconds, show=None):
         if show:
             show(left)
         st = units.serving_state(env.unit)
-        if not st.is_active or st.restarts or st.main_pid != first.main_pid or st.name != first.name:
+        if (not st.is_active or st.restarts != first.restarts or st.main_pid != first.main_pid
+                or st.name != first.name):
             raise DeployError(f"watch: after {elapsed:.1f}s of {seconds:g}s, {st.name} is {st.active} ({st.sub}), "
-                              f"main pid {st.main_pid} (was {first.main_pid}), {st.restarts} automatic restart(s)",
+                              f"main pid {st.main_pid} (was {first.main_pid}), {st.restarts - first.restarts} automatic restart(s) "
+                              "since the watch began",
                               output="\n".join(units.journal_tail(st.name)))
         result = health.check(env.health_url, timeout=max(0.5, min(2.0, left)))
         failed_checks = 0 if result.ok else failed_checks + 1

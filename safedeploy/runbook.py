@@ -42,8 +42,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from . import (backups, cli, commands, convert, marks, records, redaction, release, releases, replica, retention, rowloss, unitenv,
-               units, verified_notes)
+from . import (backups, cli, commands, convert, marks, probe, records, redaction, release, releases, replica, retention,
+               rowloss, unitenv, units, verified_notes)
 from .decisions import Blame, FailureFacts, failure_code, judge_failure
 from .errors import EXIT_FAILED, EXIT_HUMAN, DeployError, after_undo, describe_failure
 from .files import write_atomic
@@ -61,8 +61,8 @@ def bring_up_steps():
     process must name, releases), watch_seconds, revision (the commit REVISION records, in place),
     quick_stop (a failed release being replaced: its stop is bounded)."""
     return [
-        Step("restart", AFTER, lambda c: units.restart(c.env.unit, c.quick_stop), restart_detail),
-        Step("health", AFTER, lambda c: setattr(c, "health", release.wait_until_healthy(c.env, c.expect)),
+        Step("restart", AFTER, restart_step, restart_detail),
+        Step("health", AFTER, lambda c: setattr(c, "health", release.wait_until_healthy(c.env, c.expect, c.started)),
              lambda c: f"wait up to {c.env.health_timeout:g}s for {c.env.health_url} to answer 2xx/3xx from the unit's "
                        "own process" + (f" naming {c.expect[:12]} at /_deploy/status" if c.expect else "")),
         Step("watch", AFTER, lambda c: setattr(c, "watched", release.watch(
@@ -74,6 +74,26 @@ def bring_up_steps():
              lambda c: f"write {c.env.path / 'REVISION'} ({c.revision[:12]})",
              when=lambda c: c.revision is not None),
     ]
+
+
+def restart_step(c: "Run") -> None:
+    """The restart (or handover), measured: the probe starts just before it (when a stop before it has not
+    started it already), and the restart counters it leaves are what the health step counts from."""
+    start_probe(c)
+    c.started = units.restart(c.env.unit, c.quick_stop)
+
+
+def start_probe(run: "Run") -> None:
+    """From here until health is confirmed (and through the watch), the operation measures what the switch
+    costs users (safedeploy.probe); stop_probe ends it on every path out."""
+    if run.probe is None:
+        run.probe = probe.Probe(run.env.health_url).start()
+
+
+def stop_probe(run: "Run") -> dict | None:
+    """The probe's tally ({"requests", "refused", "errors", "slowest_s"}), or None when it never started.
+    Safe to call again: the same tally."""
+    return run.probe.stop() if run.probe is not None else None
 
 
 def restart_detail(c):
@@ -92,8 +112,11 @@ def restart_detail(c):
 @dataclass(kw_only=True)
 class Run:
     """What the runner and the bring-up keep on any run: the step clock and journal (set by the runner),
-    the health answer, the seconds watched, and how long a process being replaced may take to stop."""
+    the health answer, the seconds watched, how long a process being replaced may take to stop, the
+    restart counters the tool's own start left (health counts restarts from them), and the probe."""
     quick_stop: float | None = None
+    started: dict | None = None
+    probe: object = None
     health: object = None
     watched: float = 0.0
     clock: object = None
@@ -212,6 +235,7 @@ def record_deploy(run):
     record.running_release = run.release.id if run.release else None
     record.health = run.health.describe() if run.health else None
     record.watch = run.watched or None
+    record.probe = stop_probe(run)
     record.previous_release = run.previous_release
     with signals_deferred():          # the record whole or not at all: a Ctrl-C here arrives once it is written
         records.append(env, record)
@@ -262,6 +286,7 @@ def stop_old(run):
     activates the holder meanwhile (requests wait in its queue, or get 503s: see units.hold); the restart
     step gives the socket back to the app."""
     page = (run.release.path / "maintenance.html") if run.release else run.env.path / "maintenance.html"
+    start_probe(run)            # the switch, for users, starts here
     units.hold(run.env.unit, run.plan.retry_after, page if run.plan.retry_after else None)
 
 
@@ -320,6 +345,12 @@ def deploy_failed_after(run, step, exc):
                           "then deploy the same commit again: it reuses the release and records it",
                           EXIT_HUMAN, command=cli.script_command(run.config, "deploy.py", env.name, "--ref", plan.target,
                                                                 "--yes"))
+    if step in ("restart", "health", "watch"):
+        try:                # a crash loop stops here, the socket kept: it must not burn the start limit meanwhile
+            units.hold_crashing(env.unit, run.started, QUICK_STOP)
+        except DeployError:
+            pass            # the rollback's restart stops it as it would have
+    record.probe = stop_probe(run)         # the deploy's own switch; the rollback measures its own
     what = describe_failure(exc)
     details = (getattr(exc, "output", "") or "").splitlines()
     if not details and step in ("restart", "health", "watch"):
@@ -343,6 +374,7 @@ def deploy_failed_after(run, step, exc):
             f"{back.health.describe()}")
     cli.err(f"  code      {'release ' + done.release if done.release else 'the work tree at ' + plan.running[:12]}")
     cli.err(f"  database  {'restored from ' + run.backup.path if restore_db else 'kept'}: {why}")
+    cli.err(f"  probe     the deploy: {probe.describe(record.probe)}; the rollback: {probe.describe(done.probe)}")
     cli.err("  saved     " + (f"the failed release's database, in {done.pre_rollback}" if done.pre_rollback else
                              f"the failed release's database lies at {done.aside}: {done.seal_problem}" if done.aside
                              else "no database to save"))
@@ -378,7 +410,10 @@ def deploy_operation():
 def deploy(config, env, plan):
     """Carry out a deploy plan; 0, or EXIT_FAILED after the automatic rollback; raises otherwise."""
     run = deploy_run(config, env, plan)
-    failed = execute(deploy_operation(), run, env)
+    try:
+        failed = execute(deploy_operation(), run, env)
+    finally:
+        stop_probe(run)             # every way out, a Ctrl-C and a bug included
     if failed is not None:
         return failed, run
     return 0, run
@@ -537,6 +572,7 @@ def prepare(run):
 
 
 def stop_for_restore(run):
+    start_probe(run)            # the switch, for users, starts with this stop
     run.stopped = True
     units.stop_for_restore(run.env.unit)
     replica.pause(run.env)          # its last writes reach the replica; nothing reads the file while it moves
@@ -630,6 +666,7 @@ def record_rollback(run):
     record.running = run.commit
     record.running_release = run.target.id if run.target else (current_release_id(run.env) if run.db_only else None)
     record.watch = run.watched or None
+    record.probe = stop_probe(run)
     write_rollback_record(run)
     if run.mark and run.running != run.point.commit:
         try:
@@ -713,6 +750,7 @@ def rollback_failed(run, step, exc, changed):
     env, record = run.env, run.record
     record.result, record.failed_step, record.error = "failed", step, describe_failure(exc)
     record.steps = run.clock.seconds
+    record.probe = stop_probe(run)
     put_back = not changed and put_back_before_change(run)
     if put_back and run.parent is None:
         record.running = run.running
@@ -781,7 +819,10 @@ def roll_back(config, env, repo, point, restore_db, why, running, parent=None, w
     run = run or rollback_run(config, env, repo, point, restore_db, why, running, watch, quick_stop, mark, db_only)
     run.parent = parent
     run.why_marked = why_marked or getattr(parent, "error", None) or "by hand"
-    execute(rollback_operation(), run, env)
+    try:
+        execute(rollback_operation(), run, env)
+    finally:
+        stop_probe(run)
     return run
 
 
@@ -823,6 +864,7 @@ def build_first(run):
 def finish_conversion(run):
     units.release_holder(run.env.unit)
     replica.resume(run.env, swapped=False)     # the replicator restarts on the database's new path
+    stop_probe(run)
 
 
 def conversion_steps():
@@ -833,7 +875,7 @@ def conversion_steps():
                        f"{c.env.releases_root / 'releases'}", when=lambda c: c.conversion.converting),
         Step("units", AFTER, convert.install_units,
              lambda c: f"install the unit files (diff above) and enable {units.socket_name(c.env.unit)}, the app serving"),
-        Step("stop", AFTER, convert.stop_for_move,
+        Step("stop", AFTER, lambda c: (start_probe(c), convert.stop_for_move(c)),
              lambda c: f"stop {c.env.unit}; the moment the port is free {units.socket_name(c.env.unit)} listens "
                        "(requests wait in its queue)"),
         Step("data", AFTER, lambda c: convert.move_data(c.conversion.pairs, c.moves),
@@ -888,7 +930,10 @@ def convert_env(env, conversion, say):
     run = ConversionRun(env=env, conversion=conversion, repo=conversion.repo,
                         made_root=not env.releases_root.exists())
     run.saved, run.modes = convert.save_unit_files(env, conversion.files)
-    execute(conversion_operation(), run, env)
+    try:
+        execute(conversion_operation(), run, env)
+    finally:
+        stop_probe(run)
     convert.report(env, conversion, run, say)
     return run.first
 

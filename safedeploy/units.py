@@ -29,14 +29,16 @@ def systemctl(*args, timeout=SYSTEMCTL_TIMEOUT, check=True):
     return proc
 
 
-def run_command(argv, timeout=SYSTEMCTL_TIMEOUT):
+def run_command(argv, timeout=SYSTEMCTL_TIMEOUT, check_timeout=True):
     """Run a systemd tool (systemctl, systemd-run) with a timeout; the CompletedProcess, never a raise
-    for its exit code."""
+    for its exit code. Past the timeout: DeployError, or None with check_timeout=False."""
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except FileNotFoundError:
         raise DeployError(f"{argv[0]} is not installed: this tool needs systemd") from None
     except subprocess.TimeoutExpired:
+        if not check_timeout:
+            return None
         raise DeployError(f"`{' '.join(argv)}` did not answer within {timeout}s") from None
 
 
@@ -113,12 +115,13 @@ def parent_of(pid):
         return 0
 
 
-def port_owner_problem(unit, port, main_pid):
-    """'' when the socket listening on port is held by the unit's main process or its children
-    (a socket unit's passed socket counts), else what holds it. Where /proc cannot tell, ''."""
+def port_owner(unit: str, port: int, main_pid: int) -> tuple[str, bool]:
+    """(problem, confirmed): problem is '' when the socket listening on port is held by the unit's main
+    process or its children (a socket unit's passed socket counts), else what holds it; confirmed says
+    /proc showed the main process (or a child) holding it. Where /proc cannot tell: ('', False)."""
     inodes = listening_inodes(port)
     if not inodes or not main_pid:
-        return ""
+        return "", False
     wanted = {f"socket:[{i}]" for i in inodes}
     holders = set()
     for entry in Path("/proc").iterdir():
@@ -132,15 +135,20 @@ def port_owner_problem(unit, port, main_pid):
         except OSError:
             continue
     if not holders:
-        return ""
+        return "", False
     for pid in holders:
         seen = 0
         while pid > 1 and seen < 64:
             if pid == main_pid:
-                return ""
+                return "", True
             pid, seen = parent_of(pid), seen + 1
     return (f"port {port} is held by pid {', '.join(map(str, sorted(holders)))}, not by {unit} "
-            f"(main pid {main_pid})")
+            f"(main pid {main_pid})"), False
+
+
+def port_owner_problem(unit, port, main_pid):
+    """'' when the port is the unit's own (or /proc cannot tell), else what holds it (see port_owner)."""
+    return port_owner(unit, port, main_pid)[0]
 
 
 def require_known(unit):
@@ -161,12 +169,12 @@ def restart(unit, quick_stop=None):
     rollbacks in a few seconds must not be refused as "start request repeated too quickly".
     quick_stop: seconds the process that stops may take before it is killed (a failed release being
     rolled back: its graceful stop would wait out a request it never answers); None: its own
-    TimeoutStopSec."""
+    TimeoutStopSec. Returns restart_counts() once started: health counts restarts from there."""
     if holding(unit):               # the app was stopped (a migration, a restore): the socket activates it again
         release_holder(unit)        # (a queued request may start it at once: `start` then waits for that start)
         systemctl("reset-failed", unit, check=False)
         systemctl("start", unit, timeout=RESTART_TIMEOUT)
-        return
+        return restart_counts(unit)
     st = state(unit)
     if st.need_reload or state(helper_name(unit)).need_reload:
         daemon_reload()
@@ -179,6 +187,13 @@ def restart(unit, quick_stop=None):
         systemctl("start", unit, timeout=RESTART_TIMEOUT)
     else:
         systemctl("restart", unit, timeout=RESTART_TIMEOUT)
+    return restart_counts(unit)
+
+
+def restart_counts(unit: str) -> dict[str, int]:
+    """{slot: its NRestarts} now: what a health check after the tool's own start counts restarts from (a
+    counter carried over from the release being replaced is not the new release's)."""
+    return {st.name: st.restarts for st in slot_states(unit)}
 
 
 def describe_restart(unit):
@@ -195,22 +210,16 @@ def describe_restart(unit):
     return f"systemctl --user restart {unit} (the port closes meanwhile: requests are refused)"
 
 
-STOP_POLL = 0.05
-
-
-def stop_within(unit, seconds):
-    """Stop unit, killing what is left of its process after seconds (SIGKILL). Done once the process
-    that ran is gone and the stop is over: behind a socket, a queued request may start the unit again
-    at once (from the release `current` names now), and that start is left alone."""
-    old = state(unit).main_pid
-    systemctl("stop", "--no-block", unit, check=False)
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not alive(old) and state(unit).active != "deactivating":
-            return
-        time.sleep(STOP_POLL)
-    systemctl("kill", "--signal=SIGKILL", unit, check=False)
-    systemctl("stop", unit, timeout=RESTART_TIMEOUT, check=False)
+def stop_within(unit: str, seconds: float) -> None:
+    """Stop unit, killing what is left of its process after seconds (SIGKILL). Returns once the stop job
+    is over: the unit is inactive, so the start that follows is the tool's own, not systemd's. (A stop
+    queued with --no-block and not yet run is replaced by that start; and a start met by a crashing
+    release waiting in auto-restart waits for that automatic restart, whose process then counts as
+    "1 automatic restart" though it is the new release's.) Behind a socket, a queued request may start
+    the unit again once it stopped (from the release `current` names now), and that start is left alone."""
+    if run_command(["systemctl", "--user", "stop", unit], timeout=seconds, check_timeout=False) is None:
+        systemctl("kill", "--signal=SIGKILL", unit, check=False)
+        systemctl("stop", unit, timeout=RESTART_TIMEOUT, check=False)
 
 
 def stop(unit):
@@ -374,6 +383,26 @@ def hold(unit, retry_after=None, page=None, why="while the app is stopped for a 
                             + (["--page", str(page)] if page else []))
     install_unit_files(port_holder_files(unit, command, why=why))
     stop_serving(unit)
+
+
+def hold_crashing(unit: str, started: dict[str, int] | None, seconds: float) -> bool:
+    """A release that crash-loops behind a socket, found failed: stop it now, the socket kept and activating the
+    holder (requests wait in its queue), so systemd restarts it no more while it is rolled back. Each restart
+    counts against the start limit (5 in 10 s), and the limit, once hit, fails the socket with the service:
+    the port closes and requests are refused until the rollback starts the socket again (seen under load:
+    2 to 4 refused per rollback). A release that is not crashing (it answers badly, or the old slot of a
+    handover still serves) is left to the rollback. Returns whether it held."""
+    if restart_method(unit) == "plain" or holding(unit):
+        return False
+    st = serving_state(unit)
+    crashing = (st.sub == "auto-restart" or st.active in ("activating", "failed")
+                or st.restarts > (started or {}).get(st.name, 0))
+    if not crashing:
+        return False
+    install_unit_files(port_holder_files(unit, why="while the release that crashed is rolled back"))
+    for name in reversed(slots(unit)):
+        stop_within(name, seconds)
+    return True
 
 
 def holding(unit):

@@ -257,3 +257,26 @@ def test_unreachable_remote_fails_cleanly_and_no_fetch_works(sandbox):
     proc = sb.run("deploy.py", "dev", "--no-fetch")
     assert proc.returncode == 0, proc.stderr
     assert "could not push tag" in proc.stderr and version(sb, "dev") == "2"
+
+
+def test_the_deploy_measures_what_its_switch_cost_users(sandbox):
+    """The deploy probes the health URL itself while it switches: on a socket-activated env, none refused."""
+    sb = sandbox
+    sb.release("dev", {"VERSION": "2\n"}, "v2")
+    proc = sb.run("deploy.py", "dev")
+    assert proc.returncode == 0, proc.stderr
+    probe = log_records(sb, "dev")[-1]["probe"]
+    assert set(probe) == {"requests", "refused", "errors", "slowest_s"}
+    assert probe["requests"] > 0 and probe["refused"] == 0, probe
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("  probe "))
+    assert f"{probe['requests']} request" in line and "none refused" in line
+    status = sb.run("status.py", "dev", "--json")
+    assert json.loads(status.stdout)["envs"]["dev"]["last_deploy"]["probe"] == probe
+    text = sb.run("status.py", "dev").stdout
+    assert any(line.startswith("  probe ") and "none refused" in line for line in text.splitlines()), text
+    # a rollback by hand measures its own switch
+    proc = sb.run("rollback.py", "dev", "--yes", "--code-only")
+    assert proc.returncode == 0, proc.stderr
+    back = log_records(sb, "dev")[-1]
+    assert back["kind"] == "rollback" and back["probe"]["requests"] > 0 and back["probe"]["refused"] == 0
+    assert any(line.startswith("  probe ") for line in proc.stdout.splitlines()), proc.stdout

@@ -138,3 +138,6 @@ def test_ctrl_c_during_the_watch_rolls_back(sandbox):
     assert proc.returncode == 1, out + err
     assert "failed at step watch" in err and "Ctrl-C" in err and "rolled back by itself" in err
     assert requests.get(sb.url("dev", "/"), timeout=5).json()["version"] == "1"
+    record = log_records(sb, "dev")[-1]         # the probe stopped with the Ctrl-C: the deploy's and the rollback's
+    assert record["probe"]["requests"] > 0 and record["rollback"]["probe"]["requests"] > 0, record
+    assert "  probe     the deploy: " in err

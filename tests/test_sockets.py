@@ -34,6 +34,7 @@ def test_install_units_shows_the_diff_saves_the_old_files_and_switches(in_place)
     assert checks["restart"]["ok"] and "WARNING" in checks["restart"]["detail"]
     assert json.loads(sb.run("status.py", "dev", "--json").stdout)["envs"]["dev"]["restart_method"] == "plain"
     proc = install(sb)
+    assert any(line.startswith("probe: ") and " request" in line for line in proc.stdout.splitlines()), proc.stdout
     assert "+Requires=" in proc.stdout and "+ListenStream=127.0.0.1:" in proc.stdout and "+Type=notify" in proc.stdout
     sock = sb.unit("dev").replace(".service", ".socket")
     assert sb.manager.systemctl("is-active", sock).stdout.strip() == "active"
@@ -66,6 +67,8 @@ def test_a_deploy_behind_the_socket_fails_no_request(sandbox):
     result = summary(samples)
     assert result["requests"] > 250 and result["failed"] == 0, result
     assert any(s.latency > 0.5 for s in samples)           # they waited in the socket's queue, none refused
+    probe = log_records(sb, "dev")[-1]["probe"]          # the deploy's own measure says the same
+    assert probe["requests"] > 0 and probe["refused"] == 0 and probe["slowest_s"] > 0.5, probe
 
 
 def test_a_release_that_never_turns_healthy_behind_the_socket_fails_no_request(sandbox):
