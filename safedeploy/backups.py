@@ -367,17 +367,22 @@ def write_behind(fd, offset, length, chunk):
         _SYNC_FILE_RANGE(fd, offset - chunk, chunk, wait_before | write | wait_after)
 
 
-def finish_copy(db_path, tmp, bookkeeping=DEFAULT_BOOKKEEPING):
-    """Make the copy self-contained, then check it and hash it (in parallel), then fsync it."""
+def finish_copy(db_path, tmp, bookkeeping=DEFAULT_BOOKKEEPING, alongside=None):
+    """Make the copy self-contained, then check it and hash it (in parallel), then fsync it. alongside: a
+    function that reads the self-contained copy (read-only), run at the same time (a restore's seal counts
+    the rows the restore took out meanwhile)."""
     dst = sqlite3.connect(tmp, isolation_level=None)
     try:
         dst.execute("PRAGMA synchronous = OFF")
         if dst.execute("PRAGMA journal_mode").fetchone()[0] != "delete":
             dst.execute("PRAGMA journal_mode = DELETE")      # a self-contained file, no -wal beside it
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        with ThreadPoolExecutor(max_workers=2) as pool:
             digest = pool.submit(sha256_file, tmp)           # hashlib and SQLite both release the GIL
+            extra = pool.submit(alongside) if alongside is not None else None
             verdict = integrity(dst)
             sha256 = digest.result()
+            if extra is not None:
+                extra.result()
         if verdict != "ok":
             raise DeployError(f"the backup copy of {db_path} fails integrity_check: {verdict}")
         page_size = dst.execute("PRAGMA page_size").fetchone()[0]
@@ -640,6 +645,26 @@ def prepare_restore(backup, db_path):
     return tmp
 
 
+class EarlyPrepare:
+    """prepare_restore() started at once in a thread (a rollback's plan starts it: the copy, bound by the disk,
+    goes on while the plan compares rows, bound by the CPU). result(): the temp path, or the DeployError;
+    discard(): wait for it and remove what it made (a plan not confirmed). Changes nothing live."""
+
+    def __init__(self, backup, db_path) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.future = self.pool.submit(prepare_restore, backup, db_path)
+        self.pool.shutdown(wait=False)
+
+    def result(self):
+        return self.future.result()
+
+    def discard(self) -> None:
+        try:
+            remove_temp(self.future.result())
+        except BaseException:       # it failed: it removed what it made itself
+            pass
+
+
 def trusted_hash(backup) -> bool:
     """Whether a file matching backup's sha256 needs no integrity_check of its own: the tool writes a manifest
     with a sha256 only after the file passed integrity_check (backup_database, seal, a verified fetch), so the
@@ -703,19 +728,22 @@ def put_in_place(tmp, db_path):
     fsync_dir(Path(db_path).parent)
 
 
-def seal(saved, folder, env, commit, unit_file=None):
+def seal(saved, folder, env, commit, unit_file=None, alongside=None):
     """Make a database set aside by a restore a verified backup (manifest, sha256) in folder.
-    A file already in folder is sealed where it lies; one outside is copied in (and stays)."""
+    A file already in folder is sealed where it lies; one outside is copied in (and stays).
+    alongside: a function reading the saved file, run while it is checked (see finish_copy)."""
     saved, folder = Path(saved), Path(folder)
     if saved.parent != folder:
         backup = backup_database(saved, folder, env, "pre-rollback", commit=commit, unit_file=unit_file)
+        if alongside is not None:
+            alongside()
         backup.held = True
         write_atomic(backup.manifest_path, json.dumps(backup.to_json(), indent=2) + "\n")
         os.chmod(saved, 0o600)
         return backup
     start = time.monotonic()
     try:
-        info = finish_copy(saved, saved)
+        info = finish_copy(saved, saved, alongside=alongside)
     except (sqlite3.DatabaseError, DeployError) as exc:
         evidence = saved.with_name(saved.name.removesuffix(".sqlite3") + ".unreadable.sqlite3")
         for suffix in ("-wal", "-shm", ""):

@@ -255,7 +255,13 @@ def database_facts(env, point, compare):
 
 
 def decide_database(env, point, mode, compare=True):
+    """(restore?, why). Only "auto" looks at the live database (--with-db and --code-only decide by the flag:
+    the plan's row warning, rowloss.leaving, then counts what a restore takes out)."""
     try:
+        if mode != "auto":
+            return decisions.database_decision(mode, decisions.DatabaseFacts(
+                point_id=point.id, has_backup=point.backup is not None,
+                backup_path=point.backup.path if point.backup else "", live_exists=env.db.exists()))
         return decisions.database_decision(mode, database_facts(env, point, compare))
     except ValueError as exc:
         raise DeployError(str(exc)) from None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import sqlite3
 import tempfile
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote as url_quote
@@ -92,6 +93,14 @@ def lost(env, copy_path: str, sha256: str) -> dict[str, int]:
         return {}
 
 
+def lost_quickly(env, copy_path: str | Path) -> dict[str, int] | None:
+    """lost() by the rows that differ only (lost_by_delta), or None: then lost() compares every row."""
+    try:
+        return lost_by_delta(env, str(copy_path))
+    except sqlite3.Error:
+        return None
+
+
 def attached(copy_path: str | Path, live: Path) -> sqlite3.Connection:
     """The copy (main) and the live database (live) on one read-only connection."""
     conn = ledger.open_ro(copy_path)
@@ -153,16 +162,19 @@ class Leaving:
 def leaving(env, backup) -> Leaving:
     """The rows a restore of backup takes out of the live database (all kept in the pre-rollback copy)."""
     from . import datafacts     # datafacts reads the ledger as this module does; imported where needed
-    if backups.integrity_of(env.db, quick=True) != "ok":
+    with ThreadPoolExecutor(max_workers=1) as pool:     # SQLite lets go of the GIL: the check and the rows at once
+        check = pool.submit(backups.integrity_of, env.db, True)
+        try:
+            quick = leaving_by_delta(env, backup)
+        except sqlite3.Error:
+            quick = None
+        readable = check.result() == "ok"
+    if readable and quick is not None:
+        return quick
+    if not readable:
         best = datafacts.Outstanding(id="", path=backup.path, where="local", reason=backup.reason, time=backup.time,
                                      held=False, total=None, missing={})
         return Leaving(unreadable=True, salvage=datafacts.preview_salvage(env, best))
-    try:
-        quick = leaving_by_delta(env, backup)
-        if quick is not None:
-            return quick
-    except sqlite3.Error:
-        pass
     try:
         same, _, _ = ledger.same_schema(backup.path, env.db, tuple(env.bookkeeping))
         if same:

@@ -435,6 +435,7 @@ class RollbackRun(Run):
     target: object = None               # the release it switches to (releases)
     kept: object = None                 # the point's kept release, found when planned
     prepared: object = None
+    early: object = None                # a backups.EarlyPrepare the plan started, which prepare waits for
     stopped: bool = False
     unit_action: str = "keep"           # "restore" or "keep", with unit_why
     unit_why: str = ""
@@ -534,7 +535,8 @@ def rollback_build(run):
 
 
 def prepare(run):
-    run.prepared = backups.prepare_restore(run.point.backup, run.env.db)
+    early, run.early = run.early, None
+    run.prepared = early.result() if early is not None else backups.prepare_restore(run.point.backup, run.env.db)
 
 
 def stop_for_restore(run):
@@ -591,15 +593,21 @@ def seal(run):
     env, record = run.env, run.record
     if record.aside is None:
         return              # there was no live database to set aside (or a killed run's save was sealed already)
+    counted: dict = {}
+
+    def count():            # while the seal checks and hashes the file: only the rows that differ are read
+        counted["lost"] = rowloss.lost_quickly(env, record.aside)
     try:
-        sealed = backups.seal(record.aside, env.backup_dir, env.name, run.running, current_unit_file(env))
+        sealed = backups.seal(record.aside, env.backup_dir, env.name, run.running, current_unit_file(env),
+                              alongside=count)
     except DeployError as exc:
         record.pre_rollback, record.seal_problem = None, str(exc)
         record.aside = exc.evidence or record.aside
         salvage_evidence(run)
         return
     record.pre_rollback = record.aside = record.backup = sealed.path
-    record.rows_lost = rowloss.lost(env, sealed.path, sealed.sha256)
+    lost = counted.get("lost")
+    record.rows_lost = lost if lost is not None else rowloss.lost(env, sealed.path, sealed.sha256)
 
 
 def salvage_evidence(run):
