@@ -114,3 +114,4 @@ def test_parents_that_differ():
     b = {(1,): 10, (2,): 21, (4,): 40}
     assert rowdelta.parent_keys_differing(a, b) == {2, 3, 4}
     assert rowdelta.parent_keys_differing(a, dict(a)) == set()
+
