@@ -102,9 +102,11 @@ def lost_quickly(env, copy_path: str | Path) -> dict[str, int] | None:
 
 
 def attached(copy_path: str | Path, live: Path) -> sqlite3.Connection:
-    """The copy (main) and the live database (live) on one read-only connection."""
+    """The copy (main) and the live database (live) on one read-only connection, in one read transaction
+    (closing the connection ends it)."""
     conn = ledger.open_ro(copy_path)
     conn.execute("ATTACH DATABASE ? AS live", (f"file:{url_quote(str(live))}?mode=ro",))
+    conn.execute("BEGIN")       # one read transaction: every statement sees the same moment of the live database
     return conn
 
 
