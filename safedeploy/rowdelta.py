@@ -53,13 +53,25 @@ def key_of(table: Table) -> str:
     return quote(table.surrogate) if table.surrogate else "rowid"
 
 
+def mixes_numbers(declared: str) -> bool:
+    """Whether a column of this declared type can hold 1 and 1.0 side by side (SQLite finds them equal; their
+    digests differ): only a column of BLOB affinity (no type, or a type naming BLOB). INTEGER and NUMERIC
+    affinity store an integral real as an integer, REAL affinity an integer as a real, TEXT affinity a number
+    as text (SQLite's rules for a column's affinity, in their order)."""
+    t = declared.upper()
+    if "INT" in t or any(k in t for k in ("CHAR", "CLOB", "TEXT")):
+        return False
+    return "BLOB" in t or not t
+
+
 def differing_keys(conn: sqlite3.Connection, table: Table, a: str, b: str) -> tuple[set[int], set[int]]:
     """(keys of the table on side a whose row side b holds with another value in a column, keys side b lacks).
     Values are compared bytewise and by type: 1 and 1.0, 'A' and 'a' under NOCASE, '1' and x'31' all differ."""
     k = key_of(table)
     q = quote(table.name)
-    checks = " OR ".join(f"x.{quote(c)} IS NOT y.{quote(c)} COLLATE BINARY OR typeof(x.{quote(c)}) != typeof(y.{quote(c)})"
-                         for c in table.columns if c != table.surrogate)
+    checks = " OR ".join(f"x.{quote(c)} IS NOT y.{quote(c)} COLLATE BINARY"
+                         + (f" OR typeof(x.{quote(c)}) != typeof(y.{quote(c)})" if mixes_numbers(kind) else "")
+                         for c, kind in zip(table.columns, table.types) if c != table.surrogate)
     where = f"y.{k} IS NULL" + (f" OR {checks}" if checks else "")
     changed, only = set(), set()
     for key, missing in conn.execute(f"SELECT x.{k}, y.{k} IS NULL FROM {a}.{q} AS x LEFT JOIN {b}.{q} AS y "

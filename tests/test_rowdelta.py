@@ -115,3 +115,11 @@ def test_parents_that_differ():
     assert rowdelta.parent_keys_differing(a, b) == {2, 3, 4}
     assert rowdelta.parent_keys_differing(a, dict(a)) == set()
 
+
+
+def test_which_columns_can_hold_1_and_1_0_apart():
+    for declared in ("", "BLOB", "blob"):
+        assert rowdelta.mixes_numbers(declared)
+    for declared in ("INTEGER", "int", "TEXT", "VARCHAR(20)", "REAL", "DOUBLE", "NUMERIC", "DECIMAL(10,2)", "BOOLEAN",
+                     "TIMESTAMP", "CLOB", "BIGINT"):
+        assert not rowdelta.mixes_numbers(declared)
