@@ -596,7 +596,10 @@ def seal(run):
     counted: dict = {}
 
     def count():            # while the seal checks and hashes the file: only the rows that differ are read
-        counted["lost"] = rowloss.lost_quickly(env, record.aside)
+        try:
+            counted["lost"] = rowloss.lost_quickly(env, record.aside)
+        except Exception:   # a count is a report: the full comparison below then makes it, the seal goes on
+            counted["lost"] = None
     try:
         sealed = backups.seal(record.aside, env.backup_dir, env.name, run.running, current_unit_file(env),
                               alongside=count)
