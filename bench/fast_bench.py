@@ -11,7 +11,7 @@ through the app, which the plan warns about):
   (`systemctl --user restart` + first answer);
 - on the first size: p99 during steady stretches, during deploys and during rollbacks (--code-only).
 
-Targets (issue 32): rollback at most 5 s at 1 GB, the stretch at most the bare restart plus 0.1 s;
+Targets: rollback at most 5 s at 1 GB, the stretch at most the bare restart plus 0.1 s;
 p99 during a deploy or a rollback at most 1.5 x steady + 5 ms, no request failed.
 
     python3 bench/fast_bench.py [--sizes 100,1000] [--rate 200] [--rounds 2]
