@@ -12,6 +12,7 @@ without touching the env.
 import json
 import re
 import sys
+from pathlib import Path
 
 from safedeploy import backups, cli, offsite, planning, probe, recovery, rehearsal, rowloss, runbook, units
 from safedeploy.errors import EXIT_FAILED, DeployError, usage_error
@@ -39,9 +40,15 @@ def main():
         cli.log_operation([env], "rollback")
         recovery.recover(config, env, repo, cli.say)      # a killed operation: finish or undo it first
         run = plan(config, env, repo, args)
-        show_plan(env, repo, run)
-        confirm(env, args)
-        units.require_known(env.unit)
+        try:
+            show_plan(env, repo, run)
+            check_early_copy(env, repo, run)
+            confirm(env, args)
+            units.require_known(env.unit)
+        except BaseException:
+            if run.early is not None:
+                run.early.discard()
+            raise
         runbook.roll_back(config, env, repo, run.point, run.restore_db, run.db_why, run.running, run=run,
                           db_only=run.db_only)
         print_summary(config, env, repo, run)
@@ -112,13 +119,35 @@ def plan(config, env, repo, args):
                else "")
         if point.backup is None:
             raise DeployError(f"--db-only: {point.id} has no database copy; choose another with --to (backup.py --list)")
-        planning.check_point_backup(env, repo, point)
-        return runbook.rollback_run(config, env, repo, point, True, why, running, watch=env.watch, db_only=True)
+        run = runbook.rollback_run(config, env, repo, point, True, why, running, watch=env.watch, db_only=True)
+        return start_copy(run)
     planning.refuse_tracked_database(env, repo, [repo.head(), point.commit])
     restore_db, why = planning.decide_database(env, point, db_mode(args))
-    if restore_db:
-        planning.check_point_backup(env, repo, point)
-    return runbook.rollback_run(config, env, repo, point, restore_db, why, running, watch=env.watch)
+    run = runbook.rollback_run(config, env, repo, point, restore_db, why, running, watch=env.watch)
+    return start_copy(run) if restore_db else run
+
+
+def start_copy(run):
+    """A restore's copy of the point's backup starts now, beside the live file (the prepare step), while the
+    plan is worked out and shown: its sha256, computed as it copies, is the check of the backup (see
+    check_early_copy). A backup file gone is refused at once."""
+    if not Path(run.point.backup.path).exists():
+        planning.check_point_backup(run.env, run.repo, run.point)
+    run.early = backups.EarlyPrepare(run.point.backup, run.env.db)
+    return run
+
+
+def check_early_copy(env, repo, run):
+    """A backup whose copy does not match its recorded sha256 is refused before anything is stopped, naming the
+    next-best point (planning.check_point_backup, which hashes it again to say what is wrong)."""
+    if run.early is None:
+        return
+    try:
+        run.early.result()
+    except DeployError:
+        run.early = None
+        planning.check_point_backup(env, repo, run.point)
+        raise
 
 
 # -- looking -------------------------------------------------------------------------------

@@ -367,17 +367,22 @@ def write_behind(fd, offset, length, chunk):
         _SYNC_FILE_RANGE(fd, offset - chunk, chunk, wait_before | write | wait_after)
 
 
-def finish_copy(db_path, tmp, bookkeeping=DEFAULT_BOOKKEEPING):
-    """Make the copy self-contained, then check it and hash it (in parallel), then fsync it."""
+def finish_copy(db_path, tmp, bookkeeping=DEFAULT_BOOKKEEPING, alongside=None):
+    """Make the copy self-contained, then check it and hash it (in parallel), then fsync it. alongside: a
+    function that reads the self-contained copy (read-only), run at the same time (a restore's seal counts
+    the rows the restore took out meanwhile)."""
     dst = sqlite3.connect(tmp, isolation_level=None)
     try:
         dst.execute("PRAGMA synchronous = OFF")
         if dst.execute("PRAGMA journal_mode").fetchone()[0] != "delete":
             dst.execute("PRAGMA journal_mode = DELETE")      # a self-contained file, no -wal beside it
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        with ThreadPoolExecutor(max_workers=2) as pool:
             digest = pool.submit(sha256_file, tmp)           # hashlib and SQLite both release the GIL
+            extra = pool.submit(alongside) if alongside is not None else None
             verdict = integrity(dst)
             sha256 = digest.result()
+            if extra is not None:
+                extra.result()
         if verdict != "ok":
             raise DeployError(f"the backup copy of {db_path} fails integrity_check: {verdict}")
         page_size = dst.execute("PRAGMA page_size").fetchone()[0]
@@ -494,13 +499,16 @@ def sort_key(backup):
     return (when.timestamp(), int(match.group(1) or 1) if match else 0, backup.path)
 
 
-def verify_backup(backup):
-    """'ok', or what is wrong with the backup file (missing, checksum, integrity)."""
+def verify_backup(backup, trust_hash=False):
+    """'ok', or what is wrong with the backup file (missing, checksum, integrity). trust_hash: a file matching
+    the sha256 its manifest recorded after an integrity_check (trusted_hash) is not checked again."""
     path = Path(backup.path)
     if not path.exists():
         return f"{path} is missing"
     if sha256_file(path) != backup.sha256:
         return f"{path} does not match its recorded sha256"
+    if trust_hash and trusted_hash(backup):
+        return "ok"
     return integrity_of(path)
 
 
@@ -551,7 +559,7 @@ def remove_backup(backup):
 # save: no copy is made while the app is down); put_in_place() renames the prepared copy in;
 # seal() makes the set-aside files a verified backup with a manifest once the app is back.
 def prepare_restore(backup, db_path):
-    """Copy backup beside db_path (a temp name) and check its sha256 and integrity; return the
+    """Copy backup beside db_path (a temp name) and check its sha256 (integrity too, unless trusted_hash); return the
     temp path. Runs while the app serves; out of room, it fails before anything is stopped."""
     db_path = Path(db_path)
     folder = db_path.parent
@@ -562,18 +570,68 @@ def prepare_restore(backup, db_path):
                           f"{free / 2**20:.1f} MiB free, {need / 2**20:.1f} MiB needed; nothing was stopped or changed")
     tmp = folder / f".{db_path.name}.restore-{os.getpid()}"
     with removed_on_failure(tmp, target=db_path):
-        copy_file(backup.path, tmp, lambda n: None, limit=os.stat(backup.path).st_size)
-        if sha256_file(tmp) != backup.sha256:
+        if copy_hashed(backup.path, tmp) != backup.sha256:
             raise DeployError(f"the copy of {backup.path} does not match its sha256; the live database was not touched")
-        verdict = integrity_of(tmp)
-        if verdict != "ok":
-            raise DeployError(f"the copy of {backup.path} fails integrity_check ({verdict}); the live database "
-                              "was not touched")
+        if not trusted_hash(backup):
+            verdict = integrity_of(tmp)
+            if verdict != "ok":
+                raise DeployError(f"the copy of {backup.path} fails integrity_check ({verdict}); the live database "
+                                  "was not touched")
         if db_path.exists():
             st = db_path.stat()
             os.chmod(tmp, stat_mode(st.st_mode))
             os.chown(tmp, st.st_uid, st.st_gid)
     return tmp
+
+
+class EarlyPrepare:
+    """prepare_restore() started at once in a thread (a rollback's plan starts it: the copy, bound by the disk,
+    goes on while the plan compares rows, bound by the CPU). result(): the temp path, or the DeployError;
+    discard(): wait for it and remove what it made (a plan not confirmed). Changes nothing live."""
+
+    def __init__(self, backup, db_path) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.future = self.pool.submit(prepare_restore, backup, db_path)
+        self.pool.shutdown(wait=False)
+
+    def result(self):
+        return self.future.result()
+
+    def discard(self) -> None:
+        try:
+            remove_temp(self.future.result())
+        except BaseException:       # it failed: it removed what it made itself
+            pass
+
+
+def trusted_hash(backup) -> bool:
+    """Whether a file matching backup's sha256 needs no integrity_check of its own: the tool writes a manifest
+    with a sha256 only after the file passed integrity_check (backup_database, seal, a verified fetch), so the
+    same bytes pass it again. A manifest without a sha256 proves nothing."""
+    return isinstance(getattr(backup, "sha256", None), str) and len(backup.sha256) == 64
+
+
+def copy_hashed(src_path, dst_path, chunk: int = 2 << 20) -> str:
+    """Copy a file (new file, 0600) and return the sha256 of the bytes written, in one read of the source: each
+    chunk is hashed from the buffer it is written from, pushed to disk as it goes (see write_behind)."""
+    digest = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    fd = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with open(src_path, "rb", buffering=0) as src:
+            offset = 0
+            while n := src.readinto(buf):
+                digest.update(view[:n])
+                out = view[:n]
+                while out:
+                    out = out[os.write(fd, out):]
+                write_behind(fd, offset, n, chunk)
+                offset += n
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
 
 
 def aside_name(db_path, backup_folder, env, stamp):
@@ -609,19 +667,22 @@ def put_in_place(tmp, db_path):
     fsync_dir(Path(db_path).parent)
 
 
-def seal(saved, folder, env, commit, unit_file=None):
+def seal(saved, folder, env, commit, unit_file=None, alongside=None):
     """Make a database set aside by a restore a verified backup (manifest, sha256) in folder.
-    A file already in folder is sealed where it lies; one outside is copied in (and stays)."""
+    A file already in folder is sealed where it lies; one outside is copied in (and stays).
+    alongside: a function reading the saved file, run while it is checked (see finish_copy)."""
     saved, folder = Path(saved), Path(folder)
     if saved.parent != folder:
         backup = backup_database(saved, folder, env, "pre-rollback", commit=commit, unit_file=unit_file)
+        if alongside is not None:
+            alongside()
         backup.held = True
         write_atomic(backup.manifest_path, json.dumps(backup.to_json(), indent=2) + "\n")
         os.chmod(saved, 0o600)
         return backup
     start = time.monotonic()
     try:
-        info = finish_copy(saved, saved)
+        info = finish_copy(saved, saved, alongside=alongside)
     except (sqlite3.DatabaseError, DeployError) as exc:
         evidence = saved.with_name(saved.name.removesuffix(".sqlite3") + ".unreadable.sqlite3")
         for suffix in ("-wal", "-shm", ""):

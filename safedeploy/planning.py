@@ -256,7 +256,13 @@ def database_facts(env, point, compare):
 
 
 def decide_database(env, point, mode, compare=True):
+    """(restore?, why). Only "auto" looks at the live database (--with-db and --code-only decide by the flag:
+    the plan's row warning, rowloss.leaving, then counts what a restore takes out)."""
     try:
+        if mode != "auto":
+            return decisions.database_decision(mode, decisions.DatabaseFacts(
+                point_id=point.id, has_backup=point.backup is not None,
+                backup_path=point.backup.path if point.backup else "", live_exists=env.db.exists()))
         return decisions.database_decision(mode, database_facts(env, point, compare))
     except ValueError as exc:
         raise DeployError(str(exc)) from None
@@ -281,8 +287,9 @@ def safe_points(config, env, repo, points, running):
 
 
 def check_point_backup(env, repo, point):
-    """Refuse a backup that fails its checksum or integrity check, naming the next-best point."""
-    verdict = backups.verify_backup(point.backup)
+    """Refuse a backup that fails its checksum (the integrity_check it passed when its sha256 was recorded is
+    not run again: backups.trusted_hash), naming the next-best point."""
+    verdict = backups.verify_backup(point.backup, trust_hash=True)
     if verdict == "ok":
         return
     better = next_best(list_points(env, repo), point)

@@ -62,9 +62,10 @@ def survivor_key(copy_rows: TableRows, live_rows: TableRows) -> int | None:
 
 def classify(conn: sqlite3.Connection, copy_table: Table, live_table: Table, pairing: Pairing,
              copy_rows: TableRows, live_rows: TableRows, diff: TableDiff, copy_db: str = "copy",
-             live_db: str = "main") -> TableDiff:
+             live_db: str = "main", same_top: int | None = None) -> TableDiff:
     """Decide the candidates of diff (see the module's rules); returns diff with them moved. A missing row
-    whose UNIQUE value a live row holds under another key is that row too (re-keyed, and updated): changed."""
+    whose UNIQUE value a live row holds under another key is that row too (re-keyed, and updated): changed.
+    same_top: the largest key identical on both sides among rows the caller left out (rule 3)."""
     if diff.missing and copy_table.unique:
         held = unique_held(conn, copy_table, live_table, pairing, [copy_rows.keys[i] for i in diff.missing],
                            copy_db, live_db)
@@ -77,6 +78,8 @@ def classify(conn: sqlite3.Connection, copy_table: Table, live_table: Table, pai
         diff.candidates = []
         return diff
     highest = survivor_key(copy_rows, live_rows)
+    if same_top is not None and (highest is None or same_top > highest):
+        highest = same_top      # rows left out of copy_rows and live_rows as identical (safedeploy.rowdelta)
     rest: list[int] = []
     for i in diff.candidates:
         key = copy_rows.keys[i]

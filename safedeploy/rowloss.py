@@ -20,10 +20,12 @@ from __future__ import annotations
 import sqlite3
 import tempfile
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote as url_quote
 
-from . import backups, ledger, rowcompare, salvage
+from . import backups, ledger, rowcompare, rowdelta, rowsets, salvage
 from .files import make_private_dir
 from .rowsets import TableRows
 
@@ -78,11 +80,57 @@ def counted_fewer(env, backup) -> dict[str, int]:
 
 
 def lost(env, copy_path: str, sha256: str) -> dict[str, int]:
+    try:
+        quick = lost_by_delta(env, copy_path)
+        if quick is not None:
+            return quick
+    except sqlite3.Error:
+        pass
     known = ledger.Known(id=Path(copy_path).name, time="", reason="pre-rollback", path=copy_path, sha256=sha256)
     try:
         return ledger.compare_file(env, known, ledger.live_rows(env), None).missing
     except sqlite3.Error:
         return {}
+
+
+def lost_quickly(env, copy_path: str | Path) -> dict[str, int] | None:
+    """lost() by the rows that differ only (lost_by_delta), or None: then lost() compares every row."""
+    try:
+        return lost_by_delta(env, str(copy_path))
+    except sqlite3.Error:
+        return None
+
+
+def attached(copy_path: str | Path, live: Path) -> sqlite3.Connection:
+    """The copy (main) and the live database (live) on one read-only connection, in one read transaction
+    (closing the connection ends it)."""
+    conn = ledger.open_ro(copy_path)
+    conn.execute("ATTACH DATABASE ? AS live", (f"file:{url_quote(str(live))}?mode=ro",))
+    conn.execute("BEGIN")       # one read transaction: every statement sees the same moment of the live database
+    return conn
+
+
+def lost_by_delta(env, copy_path: str) -> dict[str, int] | None:
+    """lost(), reading only the rows that differ between the copy and the live database (safedeploy.rowdelta);
+    None where that cannot stand for the comparison of every row."""
+    conn = attached(copy_path, env.db)
+    try:
+        found = rowdelta.delta(conn, "main", "live", tuple(env.bookkeeping))
+        if found is None:
+            return None
+        mine = rowsets.read_schema(conn, "main", tuple(env.bookkeeping))
+        theirs = rowsets.read_schema(conn, "live", tuple(env.bookkeeping))
+        missing = {}
+        for name, d in found.items():
+            copy_table, live_table = mine.get(name), theirs.get(name)
+            diff = rowcompare.compare(d.a, d.b)
+            diff = rowcompare.classify(conn, copy_table, live_table, rowsets.pair_tables(copy_table, live_table),
+                                       d.a, d.b, diff, copy_db="main", live_db="live", same_top=d.same_top)
+            if diff.missing:
+                missing[copy_table.name] = len(diff.missing)
+        return missing
+    finally:
+        conn.close()
 
 
 def hold(backup) -> None:
@@ -116,7 +164,16 @@ class Leaving:
 def leaving(env, backup) -> Leaving:
     """The rows a restore of backup takes out of the live database (all kept in the pre-rollback copy)."""
     from . import datafacts     # datafacts reads the ledger as this module does; imported where needed
-    if backups.integrity_of(env.db, quick=True) != "ok":
+    with ThreadPoolExecutor(max_workers=1) as pool:     # SQLite lets go of the GIL: the check and the rows at once
+        check = pool.submit(backups.integrity_of, env.db, True)
+        try:
+            quick = leaving_by_delta(env, backup)
+        except sqlite3.Error:
+            quick = None
+        readable = check.result() == "ok"
+    if readable and quick is not None:
+        return quick
+    if not readable:
         best = datafacts.Outstanding(id="", path=backup.path, where="local", reason=backup.reason, time=backup.time,
                                      held=False, total=None, missing={})
         return Leaving(unreadable=True, salvage=datafacts.preview_salvage(env, best))
@@ -134,6 +191,26 @@ def leaving(env, backup) -> Leaving:
     out = Leaving()
     for table, rows in live.items():
         diff = rowcompare.compare(rows, kept.get(table))
+        if diff.missing:
+            out.rows[table] = len(diff.missing)
+        if diff.candidates:
+            out.changed[table] = len(diff.candidates)
+    return out
+
+
+def leaving_by_delta(env, backup) -> Leaving | None:
+    """leaving(), reading only the rows that differ between the live database and the copy (safedeploy.rowdelta);
+    None where that cannot stand for the comparison of every row."""
+    conn = attached(backup.path, env.db)
+    try:
+        found = rowdelta.delta(conn, "live", "main", tuple(env.bookkeeping))
+    finally:
+        conn.close()
+    if found is None:
+        return None
+    out = Leaving()
+    for table, d in found.items():
+        diff = rowcompare.compare(d.a, d.b)
         if diff.missing:
             out.rows[table] = len(diff.missing)
         if diff.candidates:

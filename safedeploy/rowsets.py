@@ -261,9 +261,9 @@ def natural_key(table: Table) -> bool:
     return table.surrogate is None and bool(table.key)
 
 
-def read_rows(conn: sqlite3.Connection, schema: str, table: Table, shape: Shape, parents: dict[tuple[str, tuple], dict]
-              ) -> TableRows:
-    """Every row of table with its digest (see the module's contract)."""
+def read_rows(conn: sqlite3.Connection, schema: str, table: Table, shape: Shape, parents: dict[tuple[str, tuple], dict],
+              where: str = "", args: tuple = ()) -> TableRows:
+    """Every row of table with its digest (see the module's contract); where: only the rows it selects."""
     ref_cols = [c for r in shape.refs for c in r.columns]
     keys = key_columns(table)
     k = len(keys)
@@ -271,7 +271,8 @@ def read_rows(conn: sqlite3.Connection, schema: str, table: Table, shape: Shape,
     select = ", ".join(keys + [quote(c) for c in shape.own] + [quote(c) for c in ref_cols])
     out = TableRows(ordered=not natural)
     n_own = len(shape.own)
-    cursor = conn.execute(f"SELECT {select} FROM {schema}.{quote(table.name)}")
+    cursor = conn.execute(f"SELECT {select} FROM {schema}.{quote(table.name)}" + (f" WHERE {where}" if where else ""),
+                          args)
     if not shape.refs and not natural:          # the common case, kept tight: a million rows a few seconds
         prefix = (table.name.lower(),)
         keys_, digests_ = out.keys, out.digests

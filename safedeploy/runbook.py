@@ -22,8 +22,9 @@ A failure in a BEFORE step: recorded, exit 1, nothing live changed. After: the a
 A rollback, in order:
   tag          tag the commit it leaves ENV-rolled-back-<stamp>                                  BEFORE
   build        (releases) the point's kept release, or rebuild it when retention removed it      BEFORE
-  prepare      (database) copy the point's backup beside the live file, check sha256 and
-               integrity, while the app still serves: a bad backup or a full disk stops here     BEFORE
+  prepare      (database) copy the point's backup beside the live file, check its sha256 against
+               the one recorded with its integrity_check, while the app still serves: a bad
+               backup or a full disk stops here                                                  BEFORE
   stop         (database) stop the app (its socket and handover slot too)                        BEFORE
   save         database restored: rename the stopped app's files aside (that rename is the
                pre-rollback save); kept: an online backup, the app serving                       BEFORE
@@ -469,6 +470,7 @@ class RollbackRun(Run):
     target: object = None               # the release it switches to (releases)
     kept: object = None                 # the point's kept release, found when planned
     prepared: object = None
+    early: object = None                # a backups.EarlyPrepare the plan started, which prepare waits for
     stopped: bool = False
     unit_action: str = "keep"           # "restore" or "keep", with unit_why
     unit_why: str = ""
@@ -568,7 +570,8 @@ def rollback_build(run):
 
 
 def prepare(run):
-    run.prepared = backups.prepare_restore(run.point.backup, run.env.db)
+    early, run.early = run.early, None
+    run.prepared = early.result() if early is not None else backups.prepare_restore(run.point.backup, run.env.db)
 
 
 def stop_for_restore(run):
@@ -626,15 +629,24 @@ def seal(run):
     env, record = run.env, run.record
     if record.aside is None:
         return              # there was no live database to set aside (or a killed run's save was sealed already)
+    counted: dict = {}
+
+    def count():            # while the seal checks and hashes the file: only the rows that differ are read
+        try:
+            counted["lost"] = rowloss.lost_quickly(env, record.aside)
+        except Exception:   # a count is a report: the full comparison below then makes it, the seal goes on
+            counted["lost"] = None
     try:
-        sealed = backups.seal(record.aside, env.backup_dir, env.name, run.running, current_unit_file(env))
+        sealed = backups.seal(record.aside, env.backup_dir, env.name, run.running, current_unit_file(env),
+                              alongside=count)
     except DeployError as exc:
         record.pre_rollback, record.seal_problem = None, str(exc)
         record.aside = exc.evidence or record.aside
         salvage_evidence(run)
         return
     record.pre_rollback = record.aside = record.backup = sealed.path
-    record.rows_lost = rowloss.lost(env, sealed.path, sealed.sha256)
+    lost = counted.get("lost")
+    record.rows_lost = lost if lost is not None else rowloss.lost(env, sealed.path, sealed.sha256)
 
 
 def salvage_evidence(run):
@@ -714,7 +726,8 @@ ROLLBACK = [
                                                 f"{r.stamp}", when=lambda r: not r.db_only),
     Step("build", BEFORE, rollback_build, build_rollback_detail, when=lambda r: r.converted and not r.db_only),
     Step("prepare", BEFORE, prepare,
-         lambda r: f"copy {r.point.backup.path} beside {r.env.db} and check its sha256 and integrity, the app serving",
+         lambda r: f"copy {r.point.backup.path} beside {r.env.db} and check its sha256 (hashed as it is copied) against "
+                   "the one recorded when the backup passed integrity_check, the app serving",
          when=lambda r: r.restore_db),
     Step("stop", BEFORE, stop_for_restore,
          lambda r: f"stop {r.env.unit} so that nothing opens the database" + (

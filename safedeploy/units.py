@@ -545,6 +545,7 @@ def handover_restart(unit, quick_stop=None):
         active = [keep]
     old = active[0]
     new = next(u for u in slots(unit) if u != old)
+    old_workers = len(children_of(state(old).main_pid))
     systemctl("reset-failed", new, check=False)
     inject_fault("restart", "handover")        # test-only: kill before the new slot is up
     if systemctl("start", new, timeout=RESTART_TIMEOUT, check=False).returncode != 0:
@@ -552,10 +553,53 @@ def handover_restart(unit, quick_stop=None):
         systemctl("stop", new, timeout=RESTART_TIMEOUT, check=False)
         raise DeployError(f"the new release did not start (its handover slot {new} failed); "
                           f"{old} still serves the release before it", output=output)
+    wait_for_workers(state(new).main_pid, old_workers)
     if quick_stop is not None:
         stop_within(old, quick_stop)
     else:
         systemctl("stop", old, timeout=RESTART_TIMEOUT)
+
+
+WORKERS_WAIT = 5.0      # seconds the old slot keeps serving while the new one's workers boot, at most
+
+
+def children_of(pid: int) -> dict[int, str]:
+    """{child pid: its state letter (R running, S sleeping, ...)} of a process; {} when it is gone."""
+    if pid <= 0:
+        return {}
+    try:
+        kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return {}
+    found = {}
+    for kid in kids:
+        try:
+            found[kid] = Path(f"/proc/{kid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def workers_booted(want: int, kids: dict[int, str], seen_idle: set[int]) -> bool:
+    """Whether a new server's workers can all answer: as many as the old server has (want), and each seen
+    idle (sleeping, waiting for a connection) at least once since it appeared. A server without workers
+    (want 0) is ready when it says so."""
+    seen_idle |= {k for k, st in kids.items() if st in ("S", "I")}
+    return len(kids) >= want and all(k in seen_idle for k in kids)
+
+
+def wait_for_workers(new_pid: int, want: int, timeout: float = WORKERS_WAIT) -> None:
+    """A server that tells systemd it is ready before its workers exist (gunicorn sends READY=1, then forks its
+    workers): the old slot is stopped only once the new one's workers are booted, else requests wait in the
+    socket meanwhile. Bounded: past timeout the handover goes on (the workers take the queue when they come)."""
+    if want <= 0:
+        return
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if workers_booted(want, children_of(new_pid), seen):
+            return
+        time.sleep(0.01)
 
 
 def render_socket_service(text, unit, notify):

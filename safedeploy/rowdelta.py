@@ -1,0 +1,157 @@
+"""Two databases' rows compared where they differ: what a rollback's plan and its seal count, in a time
+that grows with what changed, not with the file.
+
+Two versions of one database (the live file and a copy of it made earlier, or the pre-rollback save and
+the restored file) share almost every row: same key, same columns. SQLite finds the rows whose key or
+content differ in one read of each file, in C (`differing_keys`); only those rows are digested
+(safedeploy.rowsets), and the comparison by content (safedeploy.rowcompare) runs on them alone. Rows
+identical under the same key on both sides have the same digest and cancel out; so the counts are those
+of the comparison of every row (see `same_digest_when_equal` for when that holds).
+
+The contract:
+- `delta(conn, a, b, bookkeeping)`: with both files attached to conn (read-only), per users' table the rows
+  of each side that are not identical under the same key on the other side, as TableRows, and the largest
+  key identical on both (rowcompare's rule 3); or None where this cannot stand for the full comparison
+  (a schema that differs, a natural key, a foreign key over several columns): the caller then digests
+  every row, as before.
+- Nothing here writes to a database or prints.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+
+from . import rowsets
+from .rowsets import Schema, Table, TableRows, quote
+
+
+@dataclass
+class TableDelta:
+    a: TableRows                 # rows of side a not identical (same key, same content) on side b
+    b: TableRows                 # and the other way round
+    same_top: int | None         # the largest key whose row is identical on both sides
+
+
+def same_digest_when_equal(table: Table, other: Table) -> bool:
+    """Whether a row stored identically (same key, same values, same types) on both sides has the same digest
+    on both: the digest is of the row's own columns and its parents' identity, so the tables must have the
+    same shape, a rowid key (a natural key's digest is of its key columns: fine, but rowcompare's classify
+    then needs every key), and foreign keys of one column each (a parent that differs is then looked up by
+    that column: see `parent_keys_differing`)."""
+    return (rowsets.same_shape(table, other) and rowid_keyed(table) and rowid_keyed(other)
+            and all(len(r.columns) == 1 for r in table.refs) and all(len(r.columns) == 1 for r in other.refs))
+
+
+def rowid_keyed(table: Table) -> bool:
+    """The table's key is its rowid (or an alias of it): an integer on every row, never NULL."""
+    return not table.without_rowid and (table.surrogate is None and not table.key or table.alias)
+
+
+def key_of(table: Table) -> str:
+    return quote(table.surrogate) if table.surrogate else "rowid"
+
+
+def mixes_numbers(declared: str) -> bool:
+    """Whether a column of this declared type can hold 1 and 1.0 side by side (SQLite finds them equal; their
+    digests differ): only a column of BLOB affinity (no type, or a type naming BLOB). INTEGER and NUMERIC
+    affinity store an integral real as an integer, REAL affinity an integer as a real, TEXT affinity a number
+    as text (SQLite's rules for a column's affinity, in their order)."""
+    t = declared.upper()
+    if "INT" in t or any(k in t for k in ("CHAR", "CLOB", "TEXT")):
+        return False
+    return "BLOB" in t or not t
+
+
+def differing_keys(conn: sqlite3.Connection, table: Table, a: str, b: str) -> tuple[set[int], set[int]]:
+    """(keys of the table on side a whose row side b holds with another value in a column, keys side b lacks).
+    Values are compared bytewise and by type: 1 and 1.0, 'A' and 'a' under NOCASE, '1' and x'31' all differ."""
+    k = key_of(table)
+    q = quote(table.name)
+    checks = " OR ".join(f"x.{quote(c)} IS NOT y.{quote(c)} COLLATE BINARY"
+                         + (f" OR typeof(x.{quote(c)}) != typeof(y.{quote(c)})" if mixes_numbers(kind) else "")
+                         for c, kind in zip(table.columns, table.types) if c != table.surrogate)
+    where = f"y.{k} IS NULL" + (f" OR {checks}" if checks else "")
+    changed, only = set(), set()
+    for key, missing in conn.execute(f"SELECT x.{k}, y.{k} IS NULL FROM {a}.{q} AS x LEFT JOIN {b}.{q} AS y "
+                                     f"ON y.{k} = x.{k} WHERE {where}"):
+        (only if missing else changed).add(key)
+    return changed, only
+
+
+def only_keys(conn: sqlite3.Connection, table: Table, a: str, b: str) -> list[int]:
+    """Keys of side a that side b does not have."""
+    k, q = key_of(table), quote(table.name)
+    return [r[0] for r in conn.execute(f"SELECT x.{k} FROM {a}.{q} AS x WHERE NOT EXISTS "
+                                       f"(SELECT 1 FROM {b}.{q} AS y WHERE y.{k} = x.{k})")]
+
+
+def parent_keys_differing(lookup_a: dict[tuple, int], lookup_b: dict[tuple, int]) -> set:
+    """The parent key values whose row is not the same parent on both sides (changed, or on one side only):
+    a child row pointing at one of them has another digest on each side although it is stored identically."""
+    return {k[0] for k in set(lookup_a) | set(lookup_b) if lookup_a.get(k) != lookup_b.get(k)}
+
+
+def keys_pointing_at(conn: sqlite3.Connection, table: Table, side: str, column: str, values: set) -> list[int]:
+    if not values:
+        return []
+    return [r[0] for r in conn.execute(
+        f"SELECT {key_of(table)} FROM {side}.{quote(table.name)} WHERE {quote(column)} IN "
+        "(SELECT value FROM json_each(?))", (json.dumps(sorted(values, key=repr)),))]
+
+
+def top_same(conn: sqlite3.Connection, table: Table, side: str, differing: set[int]) -> int | None:
+    """The largest key of side not in differing (so identical on the other side)."""
+    for (key,) in conn.execute(f"SELECT {key_of(table)} FROM {side}.{quote(table.name)} ORDER BY 1 DESC"):
+        if key not in differing:
+            return key
+    return None
+
+
+def read_keys(conn: sqlite3.Connection, side: str, table: Table, keys: list[int],
+              parents: dict[tuple[str, tuple], dict]) -> TableRows:
+    """The digests of the rows of table with these keys (rowsets.read_rows, on a few rows)."""
+    if not keys:
+        return TableRows()
+    return rowsets.read_rows(conn, side, table, rowsets.full_shape(table), parents,
+                             where=f"{key_of(table)} IN (SELECT value FROM json_each(?))", args=(json.dumps(keys),))
+
+
+def parents_of(conn: sqlite3.Connection, side: str, schema: Schema, tables: list[Table]) -> dict[tuple[str, tuple], dict]:
+    parents: dict[tuple[str, tuple], dict] = {}
+    for table in tables:
+        for r in table.refs:
+            parent = schema.get(r.parent)
+            wanted = (r.parent.lower(), r.parent_columns)
+            if parent is not None and parent.kind == rowsets.USERS and wanted not in parents:
+                parents[wanted] = rowsets.parent_lookup(conn, side, parent, r.parent_columns,
+                                                        rowsets.identity_columns(parent, parent.own))
+    return parents
+
+
+def delta(conn: sqlite3.Connection, a: str, b: str, bookkeeping: tuple[str, ...]) -> dict[str, TableDelta] | None:
+    """See the module's contract. a and b: the names the two files are attached under."""
+    schema_a = rowsets.read_schema(conn, a, bookkeeping)
+    schema_b = rowsets.read_schema(conn, b, bookkeeping)
+    users_a, users_b = schema_a.users, schema_b.users
+    if {t.name.lower() for t in users_a} != {t.name.lower() for t in users_b}:
+        return None
+    for t in users_a:
+        if not same_digest_when_equal(t, schema_b.get(t.name)):
+            return None
+    parents_a, parents_b = parents_of(conn, a, schema_a, users_a), parents_of(conn, b, schema_b, users_b)
+    out: dict[str, TableDelta] = {}
+    for t in users_a:
+        other = schema_b.get(t.name)
+        changed, only_a = differing_keys(conn, t, a, b)
+        keys_a, keys_b = changed | only_a, changed | set(only_keys(conn, other, b, a))
+        for r in t.refs:
+            bad = parent_keys_differing(parents_a.get((r.parent.lower(), r.parent_columns), {}),
+                                        parents_b.get((r.parent.lower(), r.parent_columns), {}))
+            keys_a |= set(keys_pointing_at(conn, t, a, r.columns[0], bad))
+            keys_b |= set(keys_pointing_at(conn, other, b, r.columns[0], bad))
+        rows_a = read_keys(conn, a, t, sorted(keys_a), parents_a)
+        rows_b = read_keys(conn, b, other, sorted(keys_b), parents_b)
+        out[t.name.lower()] = TableDelta(rows_a, rows_b, top_same(conn, t, a, keys_a))
+    return out

@@ -1,0 +1,125 @@
+"""The rows a rollback's plan and seal count, read only where the two files differ (safedeploy.rowdelta),
+give the counts of the comparison of every row (safedeploy.ledger / rowcompare); and the decisions of when
+that holds. Real SQLite files, no mocks."""
+
+import shutil
+import types
+from pathlib import Path
+
+import pytest
+
+from safedeploy import backups, rowdelta, rowloss, rowsets
+from tests.helpers import make_db, run_sql
+
+FLASKR = """
+CREATE TABLE user (id INTEGER PRIMARY KEY AUTOINCREMENT, username TEXT UNIQUE NOT NULL, password TEXT NOT NULL);
+CREATE TABLE post (id INTEGER PRIMARY KEY, author_id INTEGER NOT NULL REFERENCES user (id),
+                   title TEXT NOT NULL COLLATE NOCASE, body BLOB);
+CREATE TABLE plain (a, b);
+"""
+ROWS = [f"INSERT INTO user (username, password) VALUES ('u{i}', 'p{i}')" for i in range(5)] + \
+       [f"INSERT INTO post (author_id, title, body) VALUES ({1 + i % 5}, 'T{i}', 'b{i}')" for i in range(60)] + \
+       [f"INSERT INTO plain VALUES ({i}, 'x{i}')" for i in range(20)]
+
+CHANGES = {
+    "nothing": [],
+    "inserts": ["INSERT INTO post (author_id, title, body) VALUES (2, 'new', 'n')", "INSERT INTO plain VALUES (99, 'y')"],
+    "deletes": ["DELETE FROM post WHERE id IN (3, 60)", "DELETE FROM plain WHERE a = 4"],
+    "updates": ["UPDATE post SET body = 'other' WHERE id = 7", "UPDATE plain SET b = 'z' WHERE a = 5"],
+    "case only": ["UPDATE post SET title = 't8' WHERE id = 9"],                # NOCASE: equal for SQL, not the same
+    "type only": ["UPDATE plain SET a = 6.0 WHERE a = 6", "UPDATE post SET body = CAST('b11' AS BLOB) WHERE id = 12"],
+    "key taken again": ["DELETE FROM post WHERE id = 60",
+                        "INSERT INTO post (id, author_id, title, body) VALUES (60, 1, 'quite another', 'row')"],
+    "parent renamed": ["UPDATE user SET username = 'renamed' WHERE id = 2"],
+    "parent gone": ["DELETE FROM user WHERE id = 3"],
+    "parent new, child moved": ["INSERT INTO user (username, password) VALUES ('u9', 'p9')",
+                                "UPDATE post SET author_id = 6 WHERE id = 20"],
+    "all": ["DELETE FROM post WHERE id % 7 = 0", "UPDATE post SET body = 'x' WHERE id % 5 = 0",
+            "INSERT INTO post (author_id, title, body) VALUES (1, 'a', 'b')", "UPDATE user SET password = 'q'"],
+}
+
+
+def pair(tmp_path: Path, changes: list[str]) -> tuple[Path, Path]:
+    old = tmp_path / "old.sqlite3"
+    make_db(old, FLASKR, ROWS)
+    run_sql(old, "PRAGMA wal_checkpoint(TRUNCATE)")
+    new = tmp_path / "new.sqlite3"
+    shutil.copy(old, new)
+    run_sql(new, *changes)
+    return old, new
+
+
+def env_for(tmp_path: Path, live: Path):
+    return types.SimpleNamespace(db=live, bookkeeping=list(rowsets.DEFAULT_BOOKKEEPING), state_dir=tmp_path / "state",
+                                 name="t")
+
+
+@pytest.mark.parametrize("case", sorted(CHANGES))
+def test_delta_counts_what_every_row_counts(tmp_path, case):
+    old, new = pair(tmp_path, CHANGES[case])
+    copy = types.SimpleNamespace(path=str(old), sha256=backups.sha256_file(old), reason="r", time="t")
+    # the plan: rows of the live (new) database that the copy lacks
+    env = env_for(tmp_path, new)
+    quick = rowloss.leaving_by_delta(env, copy)
+    assert quick is not None
+    full_leaving = full(rowloss.leaving, env, copy)
+    assert (quick.rows, quick.changed) == (full_leaving.rows, full_leaving.changed)
+    # the seal: rows of the set-aside (new) database that the restored (old) one lacks
+    env = env_for(tmp_path, old)
+    sealed = rowloss.lost_by_delta(env, str(new))
+    assert sealed is not None
+    assert sealed == full(rowloss.lost, env, str(new), backups.sha256_file(new))
+
+
+def full(func, *args):
+    """func with the delta turned off: the comparison of every row."""
+    saved = rowloss.leaving_by_delta, rowloss.lost_by_delta
+    rowloss.leaving_by_delta = rowloss.lost_by_delta = lambda *a: None
+    try:
+        return func(*args)
+    finally:
+        rowloss.leaving_by_delta, rowloss.lost_by_delta = saved
+
+
+def test_a_schema_that_differs_takes_the_full_comparison(tmp_path):
+    old, new = pair(tmp_path, ["ALTER TABLE plain ADD COLUMN c"])
+    env = env_for(tmp_path, new)
+    assert rowloss.leaving_by_delta(env, types.SimpleNamespace(path=str(old))) is None
+
+
+def table(**kw) -> rowsets.Table:
+    base = dict(name="t", columns=("id", "a"), types=("INTEGER", ""), notnull=(False, False), defaults=(False, False),
+                key=("id",), surrogate="id", alias=True, without_rowid=False, autoincrement=False, unique=(), refs=())
+    return rowsets.Table(**{**base, **kw})
+
+
+def test_when_identical_rows_have_identical_digests():
+    assert rowdelta.same_digest_when_equal(table(), table())
+    assert rowdelta.same_digest_when_equal(table(key=(), surrogate=None, alias=False), table(key=(), surrogate=None,
+                                                                                            alias=False))
+    # INTEGER PRIMARY KEY DESC is no rowid alias: it may hold NULL or text
+    assert not rowdelta.same_digest_when_equal(table(alias=False), table(alias=False))
+    # a natural key, a table without rowid
+    assert not rowdelta.same_digest_when_equal(table(surrogate=None, alias=False, types=("TEXT", "")), table())
+    assert not rowdelta.same_digest_when_equal(table(without_rowid=True, alias=False), table())
+    # another shape
+    assert not rowdelta.same_digest_when_equal(table(), table(columns=("id", "a", "b")))
+    # a foreign key over two columns
+    two = (rowsets.Ref(("a", "id"), "p", ("x", "y")),)
+    assert not rowdelta.same_digest_when_equal(table(refs=two), table(refs=two))
+
+
+def test_parents_that_differ():
+    a = {(1,): 10, (2,): 20, (3,): 30}
+    b = {(1,): 10, (2,): 21, (4,): 40}
+    assert rowdelta.parent_keys_differing(a, b) == {2, 3, 4}
+    assert rowdelta.parent_keys_differing(a, dict(a)) == set()
+
+
+
+def test_which_columns_can_hold_1_and_1_0_apart():
+    for declared in ("", "BLOB", "blob"):
+        assert rowdelta.mixes_numbers(declared)
+    for declared in ("INTEGER", "int", "TEXT", "VARCHAR(20)", "REAL", "DOUBLE", "NUMERIC", "DECIMAL(10,2)", "BOOLEAN",
+                     "TIMESTAMP", "CLOB", "BIGINT"):
+        assert not rowdelta.mixes_numbers(declared)
