@@ -26,7 +26,8 @@ def parser(prog, description, examples):
                epilog="examples:\n" + "\n".join(f"  {line}" for line in examples),
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE",
-                   help="config file (default: $DEPLOY_CONFIG, else config.toml beside the scripts)")
+                   help="config file (default: $DEPLOY_CONFIG, else your own ~/.config/safe-deploy/config.toml "
+                        "($XDG_CONFIG_HOME/safe-deploy/...) when it exists, else config.toml beside the scripts)")
     return p
 
 
@@ -188,11 +189,21 @@ def script_command(config, script, *args):
 
 
 def command_line(script, *args, config_file=None):
-    """script (a file beside the scripts) with args, and --config config_file when one is named."""
+    """script (a file beside the scripts) with args, and --config config_file when one is named and the
+    lookup (no --config, no other $DEPLOY_CONFIG) would not find it."""
     words = [python_word(), str(SCRIPTS_DIR / script), *args]
-    if config_file is not None and Path(config_file).absolute() != SCRIPTS_DIR / "config.toml":
+    if config_file is not None and not found_without_naming(Path(config_file).absolute()):
         words += ["--config", str(config_file)]
     return shlex.join(words)
+
+
+def found_without_naming(file):
+    """Whether a command without --config loads file: the file the lookup ends at (your own, or the one
+    beside the scripts), and no $DEPLOY_CONFIG naming another."""
+    named = os.environ.get("DEPLOY_CONFIG")
+    if named and Path(named).absolute() != file:
+        return False
+    return file == configmod.default_config_file().absolute()
 
 
 def load_config(args):
