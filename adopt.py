@@ -56,8 +56,8 @@ def main():
 
 def parse_arguments():
     p = cli.parser("adopt.py", "Move a host as it runs today onto the tool, dev first (the seed's migration plan).",
-                   ["python3 adopt.py --discover                        # show the config proposed from the running units",
-                    "python3 adopt.py --discover --write                # write it to ~/.config/safe-deploy/config.toml",
+                   ["python3 adopt.py --discover                         # show the config proposed from the running units",
+                    "python3 adopt.py --discover --write                 # write it to ~/.config/safe-deploy/config.toml",
                     "python3 adopt.py dev --dry-run                      # what adopting dev would do",
                     "python3 adopt.py dev                                # phase 1, then dev onto branch dev and the tool",
                     "python3 adopt.py --checklist                        # the seed's checklist before prod",
