@@ -1,7 +1,8 @@
 # The two commands of the README: `make demo` and `make test`. Both set up .venv first.
 # `make install` is what an operator runs on a host (the scripts' requirements only, in .venv);
 # `make test-debian` runs the tests that build releases under Debian's own /usr/bin/python3.
-# `make docs` writes docs/cli.md from the scripts' --help (tests/test_docs.py fails when it is stale).
+# `make docs` writes docs/cli.md from the scripts' --help and docs/config.md from safedeploy/config_keys.py
+# (tests/test_docs.py fails when either is stale).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -39,6 +40,7 @@ test-debian: system-packages $(DEBIAN_VENV)/.ready
 
 docs: $(VENV)/.ready
 	$(PY) docs/generate_cli.py
+	$(PY) docs/generate_config.py
 
 lint: $(VENV)/.ready
 	$(VENV)/bin/ruff check .

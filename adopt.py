@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """adopt.py: the seed's migration plan as a command, from a host as it runs today to a host on the tool.
 
-  --discover [--write FILE]   propose config.toml from the running user units (reads no config)
+  --discover [--write [FILE]] propose config.toml from the running user units (reads no config); --write
+                              writes it to your own ~/.config/safe-deploy/config.toml, or to FILE
   ENV [--yes] [--dry-run] [--move-secrets]
                               phase 1 for every env the first time (tags pushed, verified backups,
                               unit files saved, adoption.json), then ENV onto its branch and the
@@ -16,8 +17,9 @@ import sys
 from pathlib import Path
 
 from safedeploy import adoption, cli, discovery, replica
+from safedeploy.config import own_config_file
 from safedeploy.errors import EXIT_FAILED, EXIT_LOCKED, DeployError, usage_error
-from safedeploy.files import write_atomic
+from safedeploy.files import make_private_dir, write_new
 from safedeploy.state import EnvLock, lock_holder, now_iso
 
 
@@ -55,14 +57,17 @@ def main():
 
 def parse_arguments():
     p = cli.parser("adopt.py", "Move a host as it runs today onto the tool, dev first (the seed's migration plan).",
-                   ["python3 adopt.py --discover --write config.toml   # propose the config from the running units",
+                   ["python3 adopt.py --discover                         # show the config proposed from the running units",
+                    "python3 adopt.py --discover --write                 # write it to ~/.config/safe-deploy/config.toml",
                     "python3 adopt.py dev --dry-run                      # what adopting dev would do",
                     "python3 adopt.py dev                                # phase 1, then dev onto branch dev and the tool",
                     "python3 adopt.py --checklist                        # the seed's checklist before prod",
                     "python3 adopt.py prod --yes"])
     p.add_argument("env", metavar="ENV", nargs="?", help="the env to adopt, as named in config.toml")
     p.add_argument("--discover", action="store_true", help="propose config.toml from the running user units")
-    p.add_argument("--write", metavar="FILE", help="with --discover: write the proposal to FILE (never overwrites)")
+    p.add_argument("--write", metavar="FILE", nargs="?", const="",
+                   help="with --discover: write the proposal to your own config, $XDG_CONFIG_HOME/safe-deploy/config.toml "
+                        "(~/.config/...; folder 0700, file 0600), or to FILE; never overwrites")
     p.add_argument("--checklist", action="store_true", help="print the seed's checklist; exit 0 only when all hold")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation (needed without a terminal)")
     p.add_argument("--dry-run", action="store_true", help="print what it would do; change nothing")
@@ -75,27 +80,33 @@ def parse_arguments():
         raise usage_error(f"{' and '.join(modes)} cannot go together: run them one at a time")
     if not modes:
         raise usage_error("name the env to adopt, or give --discover or --checklist (see --help)")
-    if args.write and not args.discover:
+    if args.write is not None and not args.discover:
         raise usage_error("--write goes with --discover")
     if (args.yes or args.dry_run or args.move_secrets) and not args.env:
         raise usage_error("--yes, --dry-run and --move-secrets go with an env to adopt")
     if args.discover and args.config:
-        raise usage_error("--discover reads no config: it proposes one (use --write FILE)")
+        raise usage_error("--discover reads no config: it proposes one (use --write, or --write FILE)")
     return args
 
 
 # -- discover --------------------------------------------------------------------------------------
 def discover(args):
-    target = Path(args.write) if args.write else None
+    target = write_target(args.write)
     if target is not None and (target.exists() or target.is_symlink()):
         raise usage_error(f"--write {target}: the file exists; adopt.py never overwrites a config "
-                          "(write to a new name and compare)")
+                          "(write to a new name with --write FILE and compare)")
     proposal = discovery.discover()
     text = discovery.render(proposal, now_iso())
     if target is None:
         sys.stdout.write(text)
         return 0
-    write_atomic(target, text, mode=0o600)
+    if args.write == "":
+        make_own_folder(target.parent)
+    try:
+        write_new(target, text, mode=0o600)
+    except FileExistsError:
+        raise usage_error(f"--write {target}: the file appeared while the proposal was made; adopt.py never "
+                          "overwrites a config (nothing was written)") from None
     first = discovery.first_to_adopt(proposal)
     cli.say(f"wrote {target}: read it, fix what it marks GUESS, UNSURE or NOT FOUND, then see what adopting "
             f"{first} would do: {cli.command_line('adopt.py', first, '--dry-run', config_file=target.absolute())}")
@@ -104,6 +115,26 @@ def discover(args):
     for line in unsure:
         cli.err(f"check: {line}")
     return 0
+
+
+def write_target(value):
+    """Where --write writes: None (stdout), FILE, or the operator's own config ("" = --write alone)."""
+    if value is None:
+        return None
+    if value:
+        return Path(value)
+    own = own_config_file()
+    if own is None:
+        raise usage_error("--write: no home folder to find ~/.config in: give --write FILE")
+    return own
+
+
+def make_own_folder(folder):
+    """$XDG_CONFIG_HOME (~/.config) and its safe-deploy folder, each made 0700 when missing."""
+    if not folder.parent.is_dir():
+        folder.parent.mkdir(mode=0o700, parents=True)
+        folder.parent.chmod(0o700)
+    make_private_dir(folder)
 
 
 # -- the checklist and the promotion gate ------------------------------------------------------------

@@ -29,8 +29,6 @@ READ_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 10.0
 STDERR_TAIL = 400           # bytes of the command's stderr kept to say why it failed
 RETRY_PAUSE = 1.0
-EVENTS = ("backup-failed", "deploy-failed", "rollback-failed", "needs-human", "offsite-failed", "offsite-stale",
-          "verify-failed", "problem", "recovered", "test", "replica-behind", "database-corrupt")
 
 
 def event(name, env, message, command=None, log=None):

@@ -25,7 +25,8 @@ def parser(prog, description, examples):
                epilog="examples:\n" + "\n".join(f"  {line}" for line in examples),
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE",
-                   help="config file (default: $DEPLOY_CONFIG, else config.toml beside the scripts)")
+                   help="config file (default: $DEPLOY_CONFIG, else your own ~/.config/safe-deploy/config.toml "
+                        "($XDG_CONFIG_HOME/safe-deploy/...) when it exists, else config.toml beside the scripts)")
     return p
 
 

@@ -1,12 +1,14 @@
 """The commands an operator pastes: the scripts, named with the interpreter that runs them when pasted
 under cron's PATH, and --config when the config was named. Pure text; nothing here prints."""
 
+import os
 import shlex
 import shutil
 import sys
 from pathlib import Path
 
 from . import SCRIPTS_DIR, TOOL_VENV, in_a_venv
+from . import config as configmod
 
 
 def python_word():
@@ -27,8 +29,19 @@ def script_command(config, script, *args):
 
 
 def command_line(script, *args, config_file=None):
-    """script (a file beside the scripts) with args, and --config config_file when one is named."""
+    """script (a file beside the scripts) with args, and --config config_file when one is named and the
+    lookup (no --config, no other $DEPLOY_CONFIG) would not find it."""
     words = [python_word(), str(SCRIPTS_DIR / script), *args]
-    if config_file is not None and Path(config_file).absolute() != SCRIPTS_DIR / "config.toml":
+    if config_file is not None and not found_without_naming(Path(config_file).absolute()):
         words += ["--config", str(config_file)]
     return shlex.join(words)
+
+
+def found_without_naming(file: Path) -> bool:
+    """Whether a command without --config loads file: the file the lookup ends at (your own, or the one
+    beside the scripts), and no $DEPLOY_CONFIG naming another."""
+    named = os.environ.get("DEPLOY_CONFIG")
+    if named and Path(named).absolute() != file:
+        return False
+    return file == configmod.default_config_file().absolute()
+

@@ -52,6 +52,25 @@ def write_atomic(path, data, mode=0o600):
         raise disk_error(exc, path) from exc
 
 
+def write_new(path, data, mode=0o600):
+    """Write a file that must not exist yet, atomically: a temp file beside it, fsynced, then hard-linked to
+    its name (link refuses a name that exists: no check-then-write race). FileExistsError when it exists."""
+    path = Path(path)
+    if isinstance(data, str):
+        data = data.encode()
+    tmp = temp_path_for(path)
+    try:
+        write_atomic(tmp, data, mode)
+        os.link(tmp, path)
+        fsync_dir(path.parent)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        raise disk_error(exc, path) from exc
+    finally:
+        remove_quietly(tmp)
+
+
 def remove_quietly(path):
     try:
         os.unlink(path)

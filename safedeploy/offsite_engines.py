@@ -178,10 +178,6 @@ class Engine:
         found, _ = self.scan(timeout)
         return [c for c in found if env_name is None or c.env == env_name]
 
-    def copies_if_any(self, env_name=None, timeout=LIST_TIMEOUT):
-        """copies(): [] when no repository was made yet (no backup has been pushed)."""
-        return self.copies(env_name, timeout)
-
     # -- copies ----------------------------------------------------------------------------------
     def fetch(self, copy, folder, env_name=None):
         """Bring a copy of env_name (default: the env its tag names) back into a fresh private folder

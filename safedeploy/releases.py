@@ -54,10 +54,6 @@ def layout(env):
     return root, root / "releases", root / "shared", root / "current"
 
 
-def is_converted(env):
-    return env.current_link.is_symlink()
-
-
 def read_release(folder):
     """The Release in folder (from its REVISION), or None when it is not a finished release."""
     folder = Path(folder)

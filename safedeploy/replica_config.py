@@ -20,14 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-REPLICA_KEYS = {
-    "url": "where each env's continuous copies go (a folder per env under it): \"file:///mnt/backup/replica\", "
-           "\"sftp://user@nas.example.org:22/srv/replica\" or \"s3://bucket/path\"",
-    "envs": "a list of env names, e.g. [\"prod\"] (default: every env)",
-    "key_file": "sftp: the private key file, mode 0600, e.g. \"/home/u/.ssh/replica\"",
-    "password_file": "sftp: a file holding the password, mode 0600",
-    "known_hosts": "sftp: the known_hosts file holding the server's host key (default \"~/.ssh/known_hosts\")",
-}
+from .config_keys import REPLICA_KEYS
+
 SCHEMES = ("file", "sftp", "s3")
 USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 

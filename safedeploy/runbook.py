@@ -49,7 +49,7 @@ from .decisions import Blame, FailureFacts, failure_code, judge_failure
 from .errors import EXIT_FAILED, EXIT_HUMAN, DeployError, after_undo, describe_failure
 from .files import write_atomic
 from .points import Point
-from .records import DeployRecord, RecoveryRecord, RollbackRecord
+from .records import DeployRecord, RollbackRecord
 from .runner import AFTER, BEFORE, Operation, Step, describe, execute, signals_deferred
 from .state import bad_log, now_iso, utc_stamp, verified_log
 
@@ -952,17 +952,8 @@ def convert_env(env, conversion, say):
 
 
 # -- recovery -----------------------------------------------------------------------------------
-def recovery_record(env, journal):
-    return RecoveryRecord(env=env.name, interrupted=journal)
-
-
 def before_change():
     """{op: names of the steps of its BEFORE phase}: where a killed operation had changed nothing live."""
     return {"deploy": DEPLOY_BEFORE, "rollback": ROLLBACK_BEFORE, "convert": CONVERSION_BEFORE}
-
-
-def all_operations():
-    """Every operation's steps, by name (the fault matrix reads it)."""
-    return {"deploy": DEPLOY, "rollback": ROLLBACK, "convert": CONVERSION}
 
 

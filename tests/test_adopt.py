@@ -3,7 +3,9 @@ databases, no config. Real git, SQLite, HTTP and a real systemd --user manager o
 own, so that discovery sees only the units these tests start."""
 
 import json
+import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +87,29 @@ def test_discover_proposes_the_seeds_config_and_never_overwrites(seed):
     status = subprocess.run([sys.executable, str(REPO / "status.py"), "--config", str(seed.config)], env=seed.env,
                             capture_output=True, text=True, timeout=60)
     assert "Traceback" not in status.stderr and status.returncode in (0, 1), status.stderr
+
+
+def test_discover_write_alone_writes_the_operator_s_own_config(seed):
+    """--write without FILE: $XDG_CONFIG_HOME/safe-deploy/config.toml (the user manager's, here), its folder
+    0700 and the file 0600; every script then finds it without --config, and a second --write refuses."""
+    own = Path(seed.env["XDG_CONFIG_HOME"]) / "safe-deploy" / "config.toml"
+    assert not own.parent.exists()
+    try:
+        proc = adopt(seed, "--discover", "--write", config=False)
+        assert proc.returncode == 0, proc.stderr
+        assert f"wrote {own}" in proc.stdout and "--config" not in proc.stdout
+        assert stat.S_IMODE(own.stat().st_mode) == 0o600 and stat.S_IMODE(own.parent.stat().st_mode) == 0o700
+        assert "[env.prod]" in own.read_text() and "[env.dev]" in own.read_text()
+        before = own.read_bytes()
+        again = adopt(seed, "--discover", "--write", config=False)
+        assert again.returncode == 2 and f"--write {own}: the file exists" in one_line_error(again)
+        assert own.read_bytes() == before
+        # found without naming it: rollback.py's error names the file it loaded
+        listed = subprocess.run([sys.executable, str(REPO / "rollback.py"), "nosuch", "--list"], capture_output=True,
+                                text=True, timeout=60, env={k: v for k, v in seed.env.items() if k != "DEPLOY_CONFIG"})
+        assert f"{own}: no env named 'nosuch'" in one_line_error(listed)
+    finally:
+        shutil.rmtree(own.parent, ignore_errors=True)
 
 
 def test_the_seeds_migration_dev_first_prod_untouched_until_its_turn(seed):

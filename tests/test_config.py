@@ -64,18 +64,31 @@ def test_good_config_resolves_paths_and_defaults(tmp_path):
     assert prod.pre_restart == [["venv/bin/pip", "install", "-r", "requirements.txt"]]
 
 
-def test_shipped_example_is_the_seed_host_and_stays_out_of_the_way():
-    """The example is config.example.toml: config.toml beside the scripts is the operator's own (git
-    ignores it), so `adopt.py --discover --write config.toml` works on a fresh clone."""
-    assert not (ROOT / "config.toml").exists() or "config.toml" not in subprocess.run(
-        ["git", "-C", str(ROOT), "ls-files", "config.toml"], capture_output=True, text=True, timeout=30).stdout
-    assert subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "config.toml"], timeout=30).returncode == 0
-    data = config.read_toml(ROOT / "config.example.toml")
+def test_shipped_config_is_the_seed_host_and_loads(tmp_path):
+    """config.toml beside the scripts is shipped (in git): the seed's host, commented. The real loader takes
+    it as it is but for the seed host's folders, which do not exist here: with them made (the same file,
+    /home/ubuntu/ moved under tmp_path), it loads, every check passing."""
+    assert "config.toml" in subprocess.run(["git", "-C", str(ROOT), "ls-files", "config.toml"],
+                                           capture_output=True, text=True, timeout=30).stdout
+    text = (ROOT / "config.toml").read_text()
+    data = config.read_toml(ROOT / "config.toml")
     assert data["env"]["prod"]["branch"] == "main" and data["env"]["prod"]["port"] == 8000
     assert data["env"]["dev"]["unit"] == "datatracker-dev.service"
-    # it is valid apart from the seed host's folders, which do not exist here
     with pytest.raises(DeployError, match=r"env\.prod\.path: /home/ubuntu/datatracker is not an existing folder"):
-        config.parse(data, ROOT / "config.example.toml")
+        config.parse(data, ROOT / "config.toml")
+    home = tmp_path / "home" / "ubuntu"
+    for tree in ("datatracker", "datatracker-dev"):
+        (home / tree).mkdir(parents=True)
+    copy = tmp_path / "tool" / "config.toml"
+    copy.parent.mkdir()
+    copy.write_text(text.replace("/home/ubuntu/", f"{home}/"))
+    cfg = config.load(str(copy))
+    assert list(cfg.envs) == ["prod", "dev"]
+    prod = cfg.envs["prod"]
+    assert prod.path == home / "datatracker" and prod.db_setting == "instance/datatracker.db"
+    assert prod.promote_from == "dev" and prod.watch == 60 and prod.keep_releases == 5
+    assert prod.build and prod.pre_restart == [["venv/bin/flask", "db", "upgrade"]]
+    assert prod.backup_dir == copy.parent / "backups" / "prod" and cfg.retention == {"daily": 7, "weekly": 4, "monthly": 6}
 
 
 def test_config_found_by_env_variable(tmp_path, monkeypatch):

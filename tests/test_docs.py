@@ -1,6 +1,7 @@
-"""The docs checked against the code, without a user manager: docs/config.md names every key the loader
-accepts (and none it does not), with its default as TOML and a meaning; docs/cli.md is what the scripts'
---help prints now; every relative link resolves; no page speaks of the project's own work items."""
+"""The docs checked against the code, without a user manager: docs/config.md is what the key tables of
+safedeploy/config_keys.py say (docs/generate_config.py), names every key the loader accepts (and none it
+does not), with its default as TOML and a meaning; docs/cli.md is what the scripts' --help prints now;
+every relative link resolves; no page speaks of the project's own work items."""
 
 import importlib.util
 import json
@@ -125,6 +126,13 @@ def generator():
 
 def test_cli_page_is_what_the_scripts_print():
     assert (DOCS / "cli.md").read_text() == generator().render(), "docs/cli.md is stale: run make docs"
+
+
+def test_config_page_is_what_the_key_tables_say():
+    spec = importlib.util.spec_from_file_location("generate_config", DOCS / "generate_config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (DOCS / "config.md").read_text() == module.render(), "docs/config.md is stale: run make docs"
 
 
 # -- links ---------------------------------------------------------------------------------------
