@@ -241,3 +241,20 @@ def test_the_sql_for_review_is_what_apply_does_and_changes_nothing(pair):
     inserts = [line for line in lines if line.startswith("INSERT")]
     assert len(inserts) == 2 and all("\n" not in line for line in lines)
     assert all(line.startswith(("INSERT", "--")) for line in lines)
+
+
+def test_an_autoincrement_key_handed_out_again_after_an_older_copy_was_restored_is_another_row(pair):
+    """A restored older copy takes its sqlite_sequence back: the keys after it go to new rows again. The copy's
+    rows under those keys are missing (they come back under new keys), not "updated since"."""
+    env, copy = pair("CREATE TABLE notes (id INTEGER PRIMARY KEY AUTOINCREMENT, author TEXT NOT NULL, "
+                     "body TEXT NOT NULL, created TEXT NOT NULL);",
+                     ["INSERT INTO notes (author, body, created) VALUES ('w', 'one', 't1'), ('w', 'two', 't2'), "
+                      "('w', 'three', 't3'), ('w', 'four', 't4'), ('w', 'five', 't5')"],
+                     ["DELETE FROM notes WHERE id > 3", "UPDATE sqlite_sequence SET seq = 3",
+                      "INSERT INTO notes (author, body, created) VALUES ('w', 'six', 't6'), ('w', 'seven', 't7')"])
+    the_plan = rowrestore.plan(env, copy)
+    notes = next(t for t in the_plan.tables if t.table == "notes")
+    assert notes.changed == 0 and len(notes.rows) == 2 and notes.rekeyed == {4: 6, 5: 7}
+    rowrestore.apply(env, copy)
+    assert sorted(r[0] for r in query(env.db, "SELECT body FROM notes")) == \
+        ["five", "four", "one", "seven", "six", "three", "two"]
