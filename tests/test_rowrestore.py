@@ -258,3 +258,40 @@ def test_an_autoincrement_key_handed_out_again_after_an_older_copy_was_restored_
     rowrestore.apply(env, copy)
     assert sorted(r[0] for r in query(env.db, "SELECT body FROM notes")) == \
         ["five", "four", "one", "seven", "six", "three", "two"]
+
+
+DJANGO_NOTES = ("CREATE TABLE django_migrations (id INTEGER PRIMARY KEY AUTOINCREMENT, app TEXT, name TEXT, "
+                "applied TEXT);"
+                "CREATE TABLE notes (id INTEGER PRIMARY KEY AUTOINCREMENT, author TEXT NOT NULL, body TEXT NOT NULL, "
+                "words INTEGER NOT NULL);")
+
+
+def test_a_column_a_migration_the_live_database_has_not_run_added_is_left_out_and_the_rows_come_back(pair):
+    """A pre-rollback save of a release whose migration (0002: a NOT NULL column) was rolled back with the
+    database: the live schema lacks the column, its django_migrations lacks 0002. The rows written
+    meanwhile come back without the column's values (the migration's fill), with a note that says so."""
+    env, copy = pair(DJANGO_NOTES,
+                     ["INSERT INTO django_migrations (app, name, applied) VALUES ('notes', '0001_initial', 't'), "
+                      "('notes', '0002_note_words', 't')",
+                      "INSERT INTO notes (author, body, words) VALUES ('w', 'one', 0), ('w', 'two', 2), ('w', 'new', 0)"],
+                     [])
+    make_db(env.db, "DROP TABLE notes; CREATE TABLE notes (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                    "author TEXT NOT NULL, body TEXT NOT NULL);",
+            ["INSERT INTO notes (author, body) VALUES ('w', 'one'), ('w', 'two')",
+             "DELETE FROM django_migrations WHERE name = '0002_note_words'"])
+    the_plan = rowrestore.plan(env, copy)
+    assert not the_plan.refused and any("words" in n and "0002_note_words" in n for n in the_plan.notes)
+    assert rowrestore.apply(env, copy).restored == {"notes": 1}
+    assert sorted(r[0] for r in query(env.db, "SELECT body FROM notes")) == ["new", "one", "two"]
+
+
+def test_a_column_only_the_copy_has_is_still_refused_when_the_live_database_ran_other_migrations(pair):
+    """The live database is not behind the copy (it ran a migration the copy lacks): no direction, refused."""
+    env, copy = pair(DJANGO_NOTES,
+                     ["INSERT INTO django_migrations (app, name, applied) VALUES ('notes', '0001_initial', 't'), "
+                      "('notes', '0002_note_words', 't')",
+                      "INSERT INTO notes (author, body, words) VALUES ('w', 'one', 1)"], [])
+    make_db(env.db, "DROP TABLE notes; CREATE TABLE notes (id INTEGER PRIMARY KEY, author TEXT, body TEXT);",
+            ["DELETE FROM django_migrations WHERE name = '0002_note_words'",
+             "INSERT INTO django_migrations (app, name, applied) VALUES ('notes', '0002_other', 't')"])
+    assert "notes" in rowrestore.plan(env, copy).refused
