@@ -295,3 +295,28 @@ def test_a_column_only_the_copy_has_is_still_refused_when_the_live_database_ran_
             ["DELETE FROM django_migrations WHERE name = '0002_note_words'",
              "INSERT INTO django_migrations (app, name, applied) VALUES ('notes', '0002_other', 't')"])
     assert "notes" in rowrestore.plan(env, copy).refused
+
+
+def test_orphan_rows_go_to_the_table_of_their_width_whose_walk_met_a_damaged_page():
+    from safedeploy.salvage import orphan_owners
+    assert orphan_owners(["notes"], set()) == ["notes"]
+    assert orphan_owners(["django_migrations", "notes"], {"notes"}) == ["notes"]
+    assert orphan_owners(["django_migrations", "notes"], set()) == []           # lost_and_found
+    assert orphan_owners(["a", "b"], {"a", "b"}) == ["a", "b"]                   # lost_and_found
+
+
+def test_a_salvage_puts_the_rows_under_a_damaged_interior_page_back_in_their_table_not_lost_and_found(tmp_path):
+    """Django's notes and django_migrations have four columns each: the leaf pages under the notes' damaged
+    interior page are read as orphans, and go to notes (the table whose walk met the damage)."""
+    from safedeploy import salvage
+    db = tmp_path / "app.db"
+    make_db(db, DJANGO_NOTES.replace(", words INTEGER NOT NULL", ", created TEXT NOT NULL"),
+            ["INSERT INTO django_migrations (app, name, applied) VALUES ('notes', '0001_initial', 't')"])
+    run_sql(db, *[f"INSERT INTO notes (author, body, created) VALUES ('w', 'n{i}-{'x' * 300}', 't{i}')"
+                  for i in range(400)], "PRAGMA wal_checkpoint(TRUNCATE)")
+    root = query(db, "SELECT rootpage FROM sqlite_schema WHERE name = 'notes'")[0][0]
+    with open(db, "r+b") as fh:                           # the notes' root (an interior page) overwritten
+        fh.seek(4096 * (root - 1))
+        fh.write(b"\x00" * 4096)
+    found = salvage.salvage(db, tmp_path / "salvaged.db")
+    assert found.lost_and_found == 0 and found.tables["notes"] == 400 and found.tables["django_migrations"] == 1
