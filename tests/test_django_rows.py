@@ -87,7 +87,8 @@ def test_a_django_data_migration_that_deletes_notes_is_taken_out_and_the_notes_p
     with NotesWriter(sb.url("dev", "/notes"), rate=30, prefix="a") as writer:
         time.sleep(2)
         started = time.time()                           # the pre-deploy backup is made after this
-        assert sb.run("deploy.py", "dev", timeout=300).returncode == 0
+        deployed = sb.run("deploy.py", "dev", timeout=300)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         time.sleep(1)
         deploy = log_records(sb, "dev")[-1]
         assert deploy["rows_deleted"].get("notes", 0) > 0, deploy
@@ -124,7 +125,8 @@ def test_a_rollback_with_the_database_across_a_rename_then_the_advice_puts_back_
     sb = host
     fill(sb, "prod", 20, "kept")
     sb.release("main", django_site.release_files("rename"), "v2: body renamed to text")
-    assert sb.run("deploy.py", "prod", timeout=300).returncode == 0
+    deployed = sb.run("deploy.py", "prod", "--yes", "--force", "--reason", "a hotfix straight to prod", timeout=300)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     with NotesWriter(sb.url("prod", "/notes"), rate=30, prefix="r") as writer:
         time.sleep(2)                                    # rows in notes.text, after the pre-deploy backup
         proc = paste(sb, f"{sb.python} {django_site.Path(__file__).resolve().parent.parent / 'rollback.py'} prod "
