@@ -8,7 +8,8 @@ live row is that row updated (reported as `changed`: never put back, the live ve
 row that took its key (the copy's row is `missing`: it comes back under a new key):
 
 1. a natural key (a text or composite PRIMARY KEY) names one thing: same key, same row, updated;
-2. AUTOINCREMENT never hands out a key twice: updated;
+2. (AUTOINCREMENT is no rule: a restored older copy takes its sqlite_sequence back with it, so the keys
+   handed out after the copy are handed out again to other rows; rules 3-5 decide as for a plain rowid)
 3. SQLite gives a new row the largest key plus one, so a key is taken again only above every row that
    survived: a key below a row that is identical in both is updated;
 4. a UNIQUE column (or set) with the same value in both rows: updated;
@@ -73,7 +74,7 @@ def classify(conn: sqlite3.Connection, copy_table: Table, live_table: Table, pai
         diff.missing = [i for i in diff.missing if copy_rows.keys[i] not in held]
     if not diff.candidates:
         return diff
-    if natural_key(copy_table) or copy_table.autoincrement:
+    if natural_key(copy_table):
         diff.changed += diff.candidates
         diff.candidates = []
         return diff

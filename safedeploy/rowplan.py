@@ -72,11 +72,16 @@ def make_plan(conn: sqlite3.Connection, copy_path: str, bookkeeping: tuple[str, 
                                              copy_db="copy", live_db="main")
     resolver = Resolver(conn, copy, live, pairs, verdicts)
     order = parents_first(copy.schema, list(pairs))
+    ahead = migrations_ahead(conn, copy.schema, live.schema)
     for name in order:
-        why = table_refusal(copy.schema.table(name), live.schema.table(name), pairs[name], resolver.missing_rows(name))
+        rows = resolver.missing_rows(name)
+        why = table_refusal(copy.schema.table(name), live.schema.table(name), pairs[name], rows, ahead)
         if why:
             result.refused[ltable_name(live, name)] = why
             resolver.refuse_all(name)
+        elif ahead and rows and pairs[name].dropped:
+            notes.append(f"{ltable_name(live, name)}: column(s) {', '.join(pairs[name].dropped)} of the copy left out: "
+                         f"a migration the live database has not run ({', '.join(ahead[:3])}) added them")
     resolver.resolve()
     for name in order:
         if ltable_name(live, name) not in result.refused:
@@ -92,11 +97,35 @@ def ltable_name(live: Side, name: str) -> str:
     return table.name if table else name
 
 
-def table_refusal(copy_t: Table, live_t: Table, pairing: Pairing, rows: list[tuple[object, dict]]) -> str:
-    """Why none of a table's rows can come back, or ''."""
+def migrations_ahead(conn: sqlite3.Connection, copy: Schema, live: Schema) -> list[str]:
+    """The migrations the copy's bookkeeping tables record beyond the live database's (django_migrations: both
+    sides have the table, and the live one's rows are all in the copy's): the copy was made on a schema
+    migrated past the live one (a pre-rollback save of a release whose migration was rolled back with the
+    database). A table holding only the current version (alembic_version) says no direction: never ahead."""
+    out: list[str] = []
+    for t in copy.of_kind(rowsets.BOOKKEEPING):
+        twin = live.get(t.name)
+        if twin is None or t.name.lower() in ("sqlite_sequence", "django_session"):
+            continue
+        cols = [c for c in t.own if c.lower() != "applied" and c in twin.columns]
+        if not cols:
+            continue
+        select = ", ".join(quote(c) for c in cols)
+        live_rows = set(conn.execute(f"SELECT {select} FROM main.{quote(twin.name)}"))
+        copy_rows = set(conn.execute(f"SELECT {select} FROM copy.{quote(t.name)}"))
+        if live_rows and live_rows < copy_rows:
+            out += sorted(" ".join(str(v) for v in r) for r in copy_rows - live_rows)
+    return out
+
+
+def table_refusal(copy_t: Table, live_t: Table, pairing: Pairing, rows: list[tuple[object, dict]],
+                  ahead: list[str] | None = None) -> str:
+    """Why none of a table's rows can come back, or ''. ahead: the migrations the copy has run and the live
+    database has not (migrations_ahead): a column only the copy has was added by one of them, and its values
+    (the migration's fill, or what the release rolled back wrote) go with that release; the rows come back."""
     if not rows:
         return ""
-    for col in pairing.dropped:
+    for col in () if ahead else pairing.dropped:
         if any(values.get(col) is not None for _, values in rows):
             return f"{live_t.name}: column {col} of the copy is not in the live schema (its values would be lost)"
     given = {twin.lower() for _, twin in pairing.columns}

@@ -8,7 +8,8 @@ nor Python's module is built with, so the tool reads the file format itself (htt
 - the schema from sqlite_schema (page 1) when it can be read;
 - each table's b-tree walked from its root page, skipping a page that is not a valid b-tree page;
   every table leaf page that no walk reached (its parent was damaged) is read too, unless it is on the
-  freelist (deleted rows stay deleted), and its rows go to the one table whose column count matches,
+  freelist (deleted rows stay deleted), and its rows go to the one table whose column count matches
+  (of several, the one whose own walk met a damaged page: an orphan leaf's parent was one of those),
   else to a `lost_and_found` table;
 - records decoded with their overflow chains; a cell that does not decode is counted as lost.
 
@@ -263,8 +264,12 @@ def salvage(damaged: Path, dest: Path) -> Salvaged:
     """Read what damaged (and its -wal) still hold into a new database at dest (see the module's contract)."""
     pages = Pages(damaged)
     reader = Reader(pages)
-    tables = [(name, root, sql) for _, name, root, sql in schema_rows(reader)
+    schema = schema_rows(reader)
+    tables = [(name, root, sql) for _, name, root, sql in schema
               if not name.startswith("sqlite_") and not sql.upper().lstrip().startswith("CREATE VIRTUAL")]
+    for _, name, root, _ in schema:         # SQLite's own (sqlite_sequence): its pages are no orphans
+        if name.startswith("sqlite_") and root > 1:
+            reader.walk(root)
     if not tables:
         raise Unsalvageable(f"no table could be read from the schema of {damaged}")
     conn = sqlite3.connect(dest, isolation_level=None)
@@ -274,13 +279,17 @@ def salvage(damaged: Path, dest: Path) -> Salvaged:
         for name, _, sql in tables:
             conn.execute(sql)
             widths[name] = len(conn.execute(f"PRAGMA table_info({quote(name)})").fetchall())
+        holed: set[str] = set()         # the tables whose walk met a page that was not what it should be
         for name, root, _ in tables:
+            bad = reader.found.bad_pages
             reader.found.tables[name] = insert(conn, name, widths[name], reader.walk(root))
+            if reader.found.bad_pages > bad:
+                holed.add(name)
         by_width: dict[int, list[str]] = {}
         for name, n in widths.items():
             by_width.setdefault(n, []).append(name)
         for rowid, values in reader.orphans():
-            owners = by_width.get(len(values), [])
+            owners = orphan_owners(by_width.get(len(values), []), holed)
             if len(owners) == 1:
                 reader.found.tables[owners[0]] += insert(conn, owners[0], widths[owners[0]], [(rowid, values)])
             else:
@@ -291,6 +300,14 @@ def salvage(damaged: Path, dest: Path) -> Salvaged:
         conn.close()
     os.chmod(dest, 0o600)
     return reader.found
+
+
+def orphan_owners(same_width: list[str], holed: set[str]) -> list[str]:
+    """The tables an orphan row (of a leaf page no walk reached) may belong to: those with its column count;
+    of several, those whose walk met a damaged page (the orphan's parent was one of their pages)."""
+    if len(same_width) > 1:
+        return [t for t in same_width if t in holed]
+    return same_width
 
 
 def insert(conn: sqlite3.Connection, table: str, width: int, rows: list[tuple[int, list[object]]]) -> int:

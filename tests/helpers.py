@@ -3,8 +3,15 @@
 import contextlib
 import json
 import os
+import re
+import sqlite3
+import shutil
 import subprocess
 from pathlib import Path
+
+import requests
+
+from demo.sandbox import git
 
 
 def listing(*folders):
@@ -74,3 +81,72 @@ def run_sql(db, *statements):
             conn.execute(statement)
     finally:
         conn.close()
+
+
+def status(sb, env):
+    proc = sb.run("status.py", env, "--json")
+    assert proc.returncode in (0, 1) and "Traceback" not in proc.stderr, proc.stderr
+    return json.loads(proc.stdout)["envs"][env]
+
+
+def no_good_release_marked_bad(sb, env):
+    bad = sb.root / "state" / f"{env}.bad.jsonl"
+    return not bad.exists() or all(not json.loads(line)["bad"] for line in bad.read_text().splitlines())
+
+
+def live_notes(sb, env, column="body"):
+    """The bodies of the notes live in env's database (column: the name the note's text has there)."""
+    conn = sqlite3.connect(f"file:{sb.db_path(env)}?mode=ro", uri=True)
+    try:
+        return {r[0] for r in conn.execute(f"SELECT {column} FROM notes")}
+    finally:
+        conn.close()
+
+
+def follow(sb, env, limit=4):
+    """Paste the first advice until there is none; (the commands, the problems status showed, the last report)."""
+    ran, said = [], []
+    for _ in range(limit):
+        report = status(sb, env)
+        said += report["problems"]
+        if not report["advice"]:
+            return ran, said, report
+        command = report["advice"][0]["command"]
+        proc = paste(sb, command)
+        assert proc.returncode == 0, (command, proc.stdout + proc.stderr)
+        ran.append(command)
+    raise AssertionError(f"the advice did not end after {limit} commands: {ran}; now {report['advice']}")
+
+
+def said_lost(problems, pattern):
+    """The number of rows the tool said, beforehand, it could not save."""
+    found = [int(m.group(1)) for p in problems for m in [re.search(pattern, p)] if m]
+    return max(found, default=0)
+
+
+def fill(sb, env, n, prefix):
+    """n notes of 300 bytes and more, each acknowledged (201)."""
+    session = requests.Session()
+    for i in range(n):
+        assert session.post(sb.url(env, "/notes"), data=f"{prefix}{i}-" + "x" * 300, timeout=5).status_code == 201
+
+
+def rebuild(sb, env):
+    """The backup disk died and the host was reinstalled: the backups, the state, the releases and the
+    socket units are gone; the tree is cloned again and runs from a plain unit on a new, empty database."""
+    stem = sb.unit(env).removesuffix(".service")
+    for name in (f"{stem}.socket", sb.unit(env), f"{stem}-handover.service"):
+        sb.manager.systemctl("stop", name, check=False)
+        (sb.manager.unit_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(f"{sb.path(env)}.releases")
+    if env == "dev" and (sb.path("dev") / ".git").is_file():        # dev was a work tree of prod's clone
+        git(sb.path("prod"), "worktree", "remove", "--force", str(sb.path("dev")))
+    shutil.rmtree(sb.path(env), ignore_errors=True)      # (the work tree removal took dev already)
+    branch = "main" if env == "prod" else "dev"
+    git(sb.root, "clone", "--quiet", "--branch", branch, str(sb.root / "origin.git"), str(sb.path(env)))
+    if sb.app is not None:          # a Django site: its venv, its empty database migrated, static files
+        sb.app.prepare(sb.path(env), env)
+    sb.write_unit(env)
+    sb.manager.systemctl("daemon-reload")
+    sb.manager.systemctl("start", sb.unit(env))
+    sb.wait_serving(env)

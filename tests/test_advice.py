@@ -12,8 +12,7 @@ import sqlite3
 import pytest
 import requests
 
-from demo.sandbox import git
-from helpers import log_records, paste
+from helpers import log_records, no_good_release_marked_bad, paste, rebuild, status
 from test_offsite import enable_offsite, receiver  # noqa: F401 (a fixture)
 
 FLASKR = ('CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY, body TEXT NOT NULL, '
@@ -22,11 +21,6 @@ FLASKR = ('CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY, body TEXT N
           'CREATE TABLE IF NOT EXISTS post (id INTEGER PRIMARY KEY AUTOINCREMENT, '
           'author_id INTEGER NOT NULL REFERENCES "user" (id), body TEXT NOT NULL);\n')
 
-
-def status(sb, env):
-    proc = sb.run("status.py", env, "--json")
-    assert proc.returncode in (0, 1) and "Traceback" not in proc.stderr, proc.stderr
-    return json.loads(proc.stdout)["envs"][env]
 
 
 def follow_advice(sb, env, limit=6):
@@ -60,10 +54,6 @@ def bodies(db):
         conn.close()
 
 
-def no_good_release_marked_bad(sb, env):
-    bad = sb.root / "state" / f"{env}.bad.jsonl"
-    return not bad.exists() or all(not json.loads(line)["bad"] for line in bad.read_text().splitlines())
-
 
 def nightly_prune_keeps_the_rows(sb, env, rows):
     """The nightly run that follows (tight retention: one daily) forgets no off-site copy holding the rows."""
@@ -78,24 +68,6 @@ def nightly_prune_keeps_the_rows(sb, env, rows):
     assert offsite_rows, listed
     assert any(rows <= (b["rows"] or 0) for b in listed if b["env"] == env), json.dumps(listed, indent=1)
 
-
-def rebuild(sb, env):
-    """The backup disk died and the host was reinstalled: the backups, the state, the releases and the
-    socket units are gone; the tree is cloned again and runs from a plain unit on a new, empty database."""
-    stem = sb.unit(env).removesuffix(".service")
-    for name in (f"{stem}.socket", sb.unit(env), f"{stem}-handover.service"):
-        sb.manager.systemctl("stop", name, check=False)
-        (sb.manager.unit_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(f"{sb.path(env)}.releases")
-    if env == "dev" and (sb.path("dev") / ".git").is_file():        # dev was a work tree of prod's clone
-        git(sb.path("prod"), "worktree", "remove", "--force", str(sb.path("dev")))
-    shutil.rmtree(sb.path(env), ignore_errors=True)      # (the work tree removal took dev already)
-    branch = "main" if env == "prod" else "dev"
-    git(sb.root, "clone", "--quiet", "--branch", branch, str(sb.root / "origin.git"), str(sb.path(env)))
-    sb.write_unit(env)
-    sb.manager.systemctl("daemon-reload")
-    sb.manager.systemctl("start", sb.unit(env))
-    sb.wait_serving(env)
 
 
 def test_a_rebuilt_host_gets_its_rows_back_by_following_the_advice(sandbox):

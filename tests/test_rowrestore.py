@@ -241,3 +241,82 @@ def test_the_sql_for_review_is_what_apply_does_and_changes_nothing(pair):
     inserts = [line for line in lines if line.startswith("INSERT")]
     assert len(inserts) == 2 and all("\n" not in line for line in lines)
     assert all(line.startswith(("INSERT", "--")) for line in lines)
+
+
+def test_an_autoincrement_key_handed_out_again_after_an_older_copy_was_restored_is_another_row(pair):
+    """A restored older copy takes its sqlite_sequence back: the keys after it go to new rows again. The copy's
+    rows under those keys are missing (they come back under new keys), not "updated since"."""
+    env, copy = pair("CREATE TABLE notes (id INTEGER PRIMARY KEY AUTOINCREMENT, author TEXT NOT NULL, "
+                     "body TEXT NOT NULL, created TEXT NOT NULL);",
+                     ["INSERT INTO notes (author, body, created) VALUES ('w', 'one', 't1'), ('w', 'two', 't2'), "
+                      "('w', 'three', 't3'), ('w', 'four', 't4'), ('w', 'five', 't5')"],
+                     ["DELETE FROM notes WHERE id > 3", "UPDATE sqlite_sequence SET seq = 3",
+                      "INSERT INTO notes (author, body, created) VALUES ('w', 'six', 't6'), ('w', 'seven', 't7')"])
+    the_plan = rowrestore.plan(env, copy)
+    notes = next(t for t in the_plan.tables if t.table == "notes")
+    assert notes.changed == 0 and len(notes.rows) == 2 and notes.rekeyed == {4: 6, 5: 7}
+    rowrestore.apply(env, copy)
+    assert sorted(r[0] for r in query(env.db, "SELECT body FROM notes")) == \
+        ["five", "four", "one", "seven", "six", "three", "two"]
+
+
+DJANGO_NOTES = ("CREATE TABLE django_migrations (id INTEGER PRIMARY KEY AUTOINCREMENT, app TEXT, name TEXT, "
+                "applied TEXT);"
+                "CREATE TABLE notes (id INTEGER PRIMARY KEY AUTOINCREMENT, author TEXT NOT NULL, body TEXT NOT NULL, "
+                "words INTEGER NOT NULL);")
+
+
+def test_a_column_a_migration_the_live_database_has_not_run_added_is_left_out_and_the_rows_come_back(pair):
+    """A pre-rollback save of a release whose migration (0002: a NOT NULL column) was rolled back with the
+    database: the live schema lacks the column, its django_migrations lacks 0002. The rows written
+    meanwhile come back without the column's values (the migration's fill), with a note that says so."""
+    env, copy = pair(DJANGO_NOTES,
+                     ["INSERT INTO django_migrations (app, name, applied) VALUES ('notes', '0001_initial', 't'), "
+                      "('notes', '0002_note_words', 't')",
+                      "INSERT INTO notes (author, body, words) VALUES ('w', 'one', 0), ('w', 'two', 2), ('w', 'new', 0)"],
+                     [])
+    make_db(env.db, "DROP TABLE notes; CREATE TABLE notes (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                    "author TEXT NOT NULL, body TEXT NOT NULL);",
+            ["INSERT INTO notes (author, body) VALUES ('w', 'one'), ('w', 'two')",
+             "DELETE FROM django_migrations WHERE name = '0002_note_words'"])
+    the_plan = rowrestore.plan(env, copy)
+    assert not the_plan.refused and any("words" in n and "0002_note_words" in n for n in the_plan.notes)
+    assert rowrestore.apply(env, copy).restored == {"notes": 1}
+    assert sorted(r[0] for r in query(env.db, "SELECT body FROM notes")) == ["new", "one", "two"]
+
+
+def test_a_column_only_the_copy_has_is_still_refused_when_the_live_database_ran_other_migrations(pair):
+    """The live database is not behind the copy (it ran a migration the copy lacks): no direction, refused."""
+    env, copy = pair(DJANGO_NOTES,
+                     ["INSERT INTO django_migrations (app, name, applied) VALUES ('notes', '0001_initial', 't'), "
+                      "('notes', '0002_note_words', 't')",
+                      "INSERT INTO notes (author, body, words) VALUES ('w', 'one', 1)"], [])
+    make_db(env.db, "DROP TABLE notes; CREATE TABLE notes (id INTEGER PRIMARY KEY, author TEXT, body TEXT);",
+            ["DELETE FROM django_migrations WHERE name = '0002_note_words'",
+             "INSERT INTO django_migrations (app, name, applied) VALUES ('notes', '0002_other', 't')"])
+    assert "notes" in rowrestore.plan(env, copy).refused
+
+
+def test_orphan_rows_go_to_the_table_of_their_width_whose_walk_met_a_damaged_page():
+    from safedeploy.salvage import orphan_owners
+    assert orphan_owners(["notes"], set()) == ["notes"]
+    assert orphan_owners(["django_migrations", "notes"], {"notes"}) == ["notes"]
+    assert orphan_owners(["django_migrations", "notes"], set()) == []           # lost_and_found
+    assert orphan_owners(["a", "b"], {"a", "b"}) == ["a", "b"]                   # lost_and_found
+
+
+def test_a_salvage_puts_the_rows_under_a_damaged_interior_page_back_in_their_table_not_lost_and_found(tmp_path):
+    """Django's notes and django_migrations have four columns each: the leaf pages under the notes' damaged
+    interior page are read as orphans, and go to notes (the table whose walk met the damage)."""
+    from safedeploy import salvage
+    db = tmp_path / "app.db"
+    make_db(db, DJANGO_NOTES.replace(", words INTEGER NOT NULL", ", created TEXT NOT NULL"),
+            ["INSERT INTO django_migrations (app, name, applied) VALUES ('notes', '0001_initial', 't')"])
+    run_sql(db, *[f"INSERT INTO notes (author, body, created) VALUES ('w', 'n{i}-{'x' * 300}', 't{i}')"
+                  for i in range(400)], "PRAGMA wal_checkpoint(TRUNCATE)")
+    root = query(db, "SELECT rootpage FROM sqlite_schema WHERE name = 'notes'")[0][0]
+    with open(db, "r+b") as fh:                           # the notes' root (an interior page) overwritten
+        fh.seek(4096 * (root - 1))
+        fh.write(b"\x00" * 4096)
+    found = salvage.salvage(db, tmp_path / "salvaged.db")
+    assert found.lost_and_found == 0 and found.tables["notes"] == 400 and found.tables["django_migrations"] == 1

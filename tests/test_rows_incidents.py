@@ -15,44 +15,13 @@ import time
 import requests
 
 from demo.notes_writer import NotesWriter
-from helpers import log_records, paste
-from test_advice import FLASKR, no_good_release_marked_bad, status
+from helpers import fill, follow, live_notes, log_records, no_good_release_marked_bad, paste, said_lost, status
+from test_advice import FLASKR
 from test_offsite import receiver  # noqa: F401 (a fixture)
 
 
-def live_notes(sb, env):
-    conn = sqlite3.connect(f"file:{sb.db_path(env)}?mode=ro", uri=True)
-    try:
-        return {r[0] for r in conn.execute("SELECT body FROM notes")}
-    finally:
-        conn.close()
 
 
-def follow(sb, env, limit=4):
-    """Paste the first advice until there is none; (the commands, the problems status showed, the last report)."""
-    ran, said = [], []
-    for _ in range(limit):
-        report = status(sb, env)
-        said += report["problems"]
-        if not report["advice"]:
-            return ran, said, report
-        command = report["advice"][0]["command"]
-        proc = paste(sb, command)
-        assert proc.returncode == 0, (command, proc.stdout + proc.stderr)
-        ran.append(command)
-    raise AssertionError(f"the advice did not end after {limit} commands: {ran}; now {report['advice']}")
-
-
-def said_lost(problems, pattern):
-    """The number of rows the tool said, beforehand, it could not save."""
-    found = [int(m.group(1)) for p in problems for m in [re.search(pattern, p)] if m]
-    return max(found, default=0)
-
-
-def fill(sb, env, n, prefix):
-    session = requests.Session()
-    for i in range(n):
-        assert session.post(sb.url(env, "/notes"), data=f"{prefix}{i}-" + "x" * 300, timeout=5).status_code == 201
 
 
 def test_a_database_damaged_while_the_app_writes_is_salvaged_restored_and_its_rows_put_back(sandbox):
