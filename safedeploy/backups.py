@@ -190,6 +190,7 @@ def backup_database(db_path, folder, env, reason, commit="", unit_file=None, pro
         raise DeployError(f"not enough free disk in {folder} for a backup of {db_path}: "
                           f"{free / 2**20:.1f} MiB free, {need / 2**20:.1f} MiB needed")
     final = Path(final) if final and not Path(final).exists() else backup_name(env, reason, folder)
+    unit_text = read_unit_file(unit_file) if unit_file else None    # as it is with this copy of the database
     tmp = temp_path_for(final)
     start = time.monotonic()
     with removed_on_failure(tmp, target=final):
@@ -212,11 +213,19 @@ def backup_database(db_path, folder, env, reason, commit="", unit_file=None, pro
     if unit_file:
         backup.unit_file, backup.unit_backup = str(unit_file), str(final.with_suffix(".unit"))
     with removed_on_failure(tmp, final, backup.unit_backup, target=final), clock.step("publish"):
-        if unit_file:
-            write_atomic(backup.unit_backup, Path(unit_file).read_bytes())
+        if unit_text is not None:
+            write_atomic(backup.unit_backup, unit_text)
         os.replace(tmp, final)
         write_atomic(backup.manifest_path, json.dumps(backup.to_json(), indent=2) + "\n")   # last: now it counts
     return backup
+
+
+def read_unit_file(unit_file) -> bytes:
+    try:
+        return Path(unit_file).read_bytes()
+    except OSError as exc:
+        raise DeployError(f"cannot read the unit file {unit_file} to keep it with the backup: "
+                          f"{exc.strerror or exc}") from None
 
 
 @contextlib.contextmanager

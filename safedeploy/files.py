@@ -91,7 +91,8 @@ def disk_error(exc, path):
         return DeployError(f"disk full while writing {path}: free some space and run again")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return DeployError(f"cannot write {path}: {exc.strerror}")
-    return DeployError(f"cannot write {path}: {exc.strerror or exc}")
+    other = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+    return DeployError(f"cannot write {path}: {exc.strerror or exc}{other}")
 
 
 def existing_ancestor(path):

@@ -209,7 +209,7 @@ def back_up(run):
         cli.say(f"note: {env.db} does not exist yet; no database to back up")
         return
     run.backup = backups.backup_database(env.db, env.backup_dir, env.name, "pre-deploy", commit=run.plan.running,
-                                         unit_file=run.plan.unit_file or None, final=run.backup_path,
+                                         unit_file=current_unit_file(env), final=run.backup_path,
                                          bookkeeping=env.bookkeeping)
     run.record.backup = run.backup.path
     run.journal.update(backup=run.backup.path)
