@@ -3,6 +3,7 @@
 # `make test-debian` runs the tests that build releases under Debian's own /usr/bin/python3.
 # `make docs` writes docs/cli.md from the scripts' --help and docs/config.md from safedeploy/config_keys.py
 # (tests/test_docs.py fails when either is stale).
+# `make lint`: ruff, mypy on safedeploy/ (settings in pyproject.toml's [tool.mypy]) and vermin (python 3.10).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -44,6 +45,7 @@ docs: $(VENV)/.ready
 
 lint: $(VENV)/.ready
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/vermin --quiet --no-tips --violations -t=3.10- --exclude-regex '(^|/)(\.venv[^/]*|tests)/' .
 
 clean:

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -142,6 +143,7 @@ def run(argv, timeout, cwd=None, env=None, stdin=None, stdout="tail", stderr="ta
 
 
 PR_SET_PDEATHSIG = 1
+_PRCTL: Callable[..., int] | None
 try:
     _PRCTL = ctypes.CDLL(None, use_errno=True).prctl       # looked up here: the child only calls it
 except (OSError, AttributeError):

@@ -18,6 +18,7 @@ import re
 import shlex
 import socket
 import stat
+import sys
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
@@ -30,9 +31,9 @@ from .errors import usage_error
 from .replica_config import ReplicaSettings
 from .replica_config import parse as parse_replica
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib  # novermin: Python 3.11 and later
-except ImportError:     # Python 3.10 (Ubuntu 22.04): the same parser, packaged as tomli (python3-tomli)
+else:                   # Python 3.10 (Ubuntu 22.04): the same parser, packaged as tomli (python3-tomli)
     import tomli as tomllib
 
 # user:password@ in a URL (rest:https://u:pw@host/, s3:https://KEY:SECRET@host/, sftp://u:pw@host/):

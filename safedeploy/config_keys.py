@@ -22,6 +22,7 @@ SHELL_CHARS = set(";&|$`<>()'\"!{}#")
 REQUIRED = object()         # the default of a key that must be given
 
 Check = Callable[[Any], "bool | tuple[str, str]"]
+Predicate = Callable[[Any], bool]      # a check with no message of its own: good or not
 Convert = Callable[[Any, Path, str], Any]      # (value, the config's folder, the env's name) -> the Env's value
 
 
@@ -84,19 +85,19 @@ def a_path(value: Any) -> bool:
     return isinstance(value, str) and value != "" and "\0" not in value
 
 
-def int_in(low: int, high: int) -> Check:
+def int_in(low: int, high: int) -> Predicate:
     return lambda value: is_int(value) and low <= value <= high
 
 
-def number_in(low: float, high: float) -> Check:
+def number_in(low: float, high: float) -> Predicate:
     return lambda value: is_number(value) and low <= value <= high
 
 
-def matching(pattern: re.Pattern, empty_ok: bool = False) -> Check:
+def matching(pattern: re.Pattern, empty_ok: bool = False) -> Predicate:
     return lambda value: isinstance(value, str) and ((empty_ok and value == "") or bool(pattern.match(value)))
 
 
-def list_of(ok: Callable[[Any], bool]) -> Check:
+def list_of(ok: Predicate) -> Predicate:
     return lambda value: isinstance(value, list) and all(ok(v) for v in value)
 
 

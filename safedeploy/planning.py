@@ -7,8 +7,10 @@ import os
 import re
 import sqlite3
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from . import backups, cli, decisions, records, releases, units, verified_notes
+from .config import Config
 from .errors import DeployError, usage_error
 from .files import same_disk
 from .gitrepo import Repo
@@ -32,14 +34,14 @@ class DeployPlan:
     fast_forward: bool
     converted: bool
     reason: str = ""
-    forced: list = field(default_factory=list)
-    running_release: object = None      # releases: the release `current` points at
+    forced: list[str] = field(default_factory=list)
+    running_release: releases.Release | None = None     # releases: the release `current` points at
     dangling_current: bool = False      # releases: `current` names a folder that is gone
-    edited: list = field(default_factory=list)      # releases: files of the running release changed by hand
-    reuse: object = None                # releases: a kept release of the target to switch to (no build)
+    edited: list[str] = field(default_factory=list)     # releases: files of the running release changed by hand
+    reuse: releases.Release | None = None   # releases: a kept release of the target to switch to (no build)
     clears_bad: bool = False            # --force past a bad mark: a healthy deploy clears it
-    rehearsed: object = None            # the passed rehearsal of the target's tree, if any
-    last_rehearsal: object = None       # the newest rehearsal of the target's tree, passed or failed
+    rehearsed: records.RehearsalRecord | None = None        # the passed rehearsal of the target's tree, if any
+    last_rehearsal: records.RehearsalRecord | None = None   # the newest rehearsal of the target's tree, passed or failed
     migration_mode: str = "online"      # online: the old release serves during pre_restart; stop-first
     migration_why: str = ""
     retry_after: int | None = None      # stop-first, a migration longer than clients wait: 503s with this Retry-After
@@ -105,7 +107,14 @@ def deploy_plan(config, env, ref=None, fetch=True, force=False, reason=""):
     return plan
 
 
-def promotion_facts(config: object, env: object, tree: str, repo: Repo | None = None,
+class PromotingEnv(Protocol):
+    """What a promotion reads of an env: config.Env (made by make_dataclass, so no class mypy can name)."""
+    name: str
+    promote_from: str       # the env it promotes from ("" for none)
+    remote: str             # the git remote its verifications are shared through ("" for none)
+
+
+def promotion_facts(config: Config, env: PromotingEnv, tree: str, repo: Repo | None = None,
                     fetch: bool = False) -> tuple[bool, str]:
     """(verified?, the hint when not): the tree was verified in promote_from on this host (its verified log),
     or on any host that shared it through the env's remote (verified_notes; fetched first unless fetch=False)."""
@@ -120,11 +129,13 @@ def promotion_facts(config: object, env: object, tree: str, repo: Repo | None = 
     return False, promotion_hint(config, env, here, shared, problem)
 
 
-def promotion_hint(config: object, env: object, here: list, shared: list, problem: str) -> str:
+def promotion_hint(config: Config, env: PromotingEnv, here: list[dict[str, Any]], shared: list[verified_notes.Verification],
+                   problem: str) -> str:
     name = env.promote_from
     last_here = here[-1] if here else None
     last_shared = shared[-1] if shared else None
     fetched = f"; the verifications shared through {env.remote} could not be fetched ({problem})" if problem else ""
+    last: dict[str, Any] | None
     if last_shared and (not last_here or instant(last_shared.time) > instant(last_here.get("time"))):
         last = {"commit": last_shared.commit, "time": f"{last_shared.time} on {last_shared.host}"}
     else:
@@ -140,13 +151,13 @@ def promotion_hint(config: object, env: object, here: list, shared: list, proble
             f"(python3 verify.py {name}); a healthy deploy or a passing verify pushes its verification")
 
 
-def migration_mode(env, plan):
+def migration_mode(env: Any, plan: DeployPlan) -> tuple[str, str]:
     """(mode, why): how pre_restart meets the release that serves meanwhile (safedeploy.decisions.migration_mode:
     safe by default). Facts: the newest rehearsal of the target's tree, passed or failed, and the files that
     look like migrations among those changed since what runs."""
     newest = records.newest_rehearsal(records.read(env), plan.target_tree) if env.pre_restart else None
     plan.last_rehearsal = newest
-    files = ()
+    files: tuple[str, ...] = ()
     if env.pre_restart and env.migration_mode == "auto":
         words = tuple(w for argv in env.pre_restart for w in argv)
         try:
@@ -160,7 +171,7 @@ def migration_mode(env, plan):
     return decision.mode.value, decision.why
 
 
-def rehearsal_facts(r):
+def rehearsal_facts(r: records.RehearsalRecord | None) -> decisions.RehearsalFacts | None:
     if r is None:
         return None
     return decisions.RehearsalFacts(time=r.time, passed=r.ok, failed_step=r.failed, error=r.error or "",

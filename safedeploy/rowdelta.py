@@ -73,7 +73,8 @@ def differing_keys(conn: sqlite3.Connection, table: Table, a: str, b: str) -> tu
                          + (f" OR typeof(x.{quote(c)}) != typeof(y.{quote(c)})" if mixes_numbers(kind) else "")
                          for c, kind in zip(table.columns, table.types) if c != table.surrogate)
     where = f"y.{k} IS NULL" + (f" OR {checks}" if checks else "")
-    changed, only = set(), set()
+    changed: set[int] = set()
+    only: set[int] = set()
     for key, missing in conn.execute(f"SELECT x.{k}, y.{k} IS NULL FROM {a}.{q} AS x LEFT JOIN {b}.{q} AS y "
                                      f"ON y.{k} = x.{k} WHERE {where}"):
         (only if missing else changed).add(key)
@@ -137,13 +138,13 @@ def delta(conn: sqlite3.Connection, a: str, b: str, bookkeeping: tuple[str, ...]
     users_a, users_b = schema_a.users, schema_b.users
     if {t.name.lower() for t in users_a} != {t.name.lower() for t in users_b}:
         return None
-    for t in users_a:
-        if not same_digest_when_equal(t, schema_b.get(t.name)):
+    for t in users_a:           # every table of a is in b (the names are the same): Schema.table
+        if not same_digest_when_equal(t, schema_b.table(t.name)):
             return None
     parents_a, parents_b = parents_of(conn, a, schema_a, users_a), parents_of(conn, b, schema_b, users_b)
     out: dict[str, TableDelta] = {}
     for t in users_a:
-        other = schema_b.get(t.name)
+        other = schema_b.table(t.name)
         changed, only_a = differing_keys(conn, t, a, b)
         keys_a, keys_b = changed | only_a, changed | set(only_keys(conn, other, b, a))
         for r in t.refs:

@@ -122,7 +122,7 @@ def lost_by_delta(env, copy_path: str) -> dict[str, int] | None:
         theirs = rowsets.read_schema(conn, "live", tuple(env.bookkeeping))
         missing = {}
         for name, d in found.items():
-            copy_table, live_table = mine.get(name), theirs.get(name)
+            copy_table, live_table = mine.table(name), theirs.table(name)    # delta found it on both sides
             diff = rowcompare.compare(d.a, d.b)
             diff = rowcompare.classify(conn, copy_table, live_table, rowsets.pair_tables(copy_table, live_table),
                                        d.a, d.b, diff, copy_db="main", live_db="live", same_top=d.same_top)

@@ -58,7 +58,7 @@ def human_age(seconds):
     return f"{seconds}s ago"
 
 
-HELD_LOCKS = []         # the EnvLocks this process holds; every step checks they still hold (check_locks)
+HELD_LOCKS: list["EnvLock"] = []         # the EnvLocks this process holds; every step checks they still hold (check_locks)
 
 
 class EnvLock:
