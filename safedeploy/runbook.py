@@ -43,11 +43,13 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from . import (backups, cli, commands, convert, marks, probe, records, redaction, release, releases, replica, retention,
+from . import (backups, commands, convert, marks, probe, records, redaction, release, releases, replica, retention,
                rowloss, unitenv, units, verified_notes)
+from .commandline import script_command
 from .decisions import Blame, FailureFacts, failure_code, judge_failure
 from .errors import EXIT_FAILED, EXIT_HUMAN, DeployError, after_undo, describe_failure
 from .files import write_atomic
+from .output import PLAIN, Output
 from .points import Point
 from .records import DeployRecord, RollbackRecord
 from .runner import AFTER, BEFORE, Operation, Step, describe, execute, signals_deferred
@@ -67,7 +69,7 @@ def bring_up_steps():
              lambda c: f"wait up to {c.env.health_timeout:g}s for {c.env.health_url} to answer 2xx/3xx from the unit's "
                        "own process" + (f" naming {c.expect[:12]} at /_deploy/status" if c.expect else "")),
         Step("watch", AFTER, lambda c: setattr(c, "watched", release.watch(
-                c.env, c.watch_seconds, cli.countdown(f"watching {c.env.name}"))),
+                c.env, c.watch_seconds, c.out.countdown(f"watching {c.env.name}"))),
              lambda c: f"watch for {c.watch_seconds:g}s: health and the unit (same process, no restart); a failure "
                        "rolls back",
              when=lambda c: c.watch_seconds),
@@ -122,6 +124,7 @@ class Run:
     watched: float = 0.0
     clock: object = None
     journal: object = None
+    out: Output = PLAIN             # where the run's own lines go: the script's cli.output()
 
 
 # -- deploy ---------------------------------------------------------------------------------------
@@ -160,9 +163,9 @@ class DeployRun(Run):
         return f"{self.env.name}-before-deploy-{self.stamp}"
 
 
-def deploy_run(config, env, plan):
-    run = DeployRun(config=config, env=env, plan=plan)
-    run.record = DeployRecord(env=env.name, user=cli.user_name(), from_=plan.running, to=plan.target,
+def deploy_run(config, env, plan, out=PLAIN):
+    run = DeployRun(config=config, env=env, plan=plan, out=out)
+    run.record = DeployRecord(env=env.name, user=unitenv.user(), from_=plan.running, to=plan.target,
                               forced=plan.forced, reason=plan.reason, migration_mode=plan.migration_mode,
                               rehearsed=plan.rehearsed.time if plan.rehearsed else None)
     if env.db.exists():
@@ -172,12 +175,12 @@ def deploy_run(config, env, plan):
 
 def build_release(run):
     plan, env = run.plan, run.env
-    run.release = plan.reuse or releases.build(env, plan.repo, plan.target, cli.say)
+    run.release = plan.reuse or releases.build(env, plan.repo, plan.target, run.out.say)
     run.record.release = run.release.id
     run.record.shadowed = shadowed(run.release)
     run.journal.update(release=run.release.id)
     for name in run.record.shadowed:
-        cli.err(f"warning: {name} is tracked in {plan.target[:12]} but lies under a shared path: the release uses "
+        run.out.warn(f"{name} is tracked in {plan.target[:12]} but lies under a shared path: the release uses "
                 f"the shared copy in {env.releases_root / 'shared'}, which differs; the commit's version never runs")
 
 
@@ -200,13 +203,13 @@ def tag_running(run):
             plan.repo.push_tag(env.remote, run.record.tag)
             run.record.tag_pushed = True
         except DeployError as exc:
-            cli.err(f"warning: could not push tag {run.record.tag} to {env.remote} (the deploy goes on): {exc}")
+            run.out.warn(f"could not push tag {run.record.tag} to {env.remote} (the deploy goes on): {exc}")
 
 
 def back_up(run):
     env = run.env
     if not env.db.exists():
-        cli.say(f"note: {env.db} does not exist yet; no database to back up")
+        run.out.say(f"note: {env.db} does not exist yet; no database to back up")
         return
     run.backup = backups.backup_database(env.db, env.backup_dir, env.name, "pre-deploy", commit=run.plan.running,
                                          unit_file=current_unit_file(env), final=run.backup_path,
@@ -337,14 +340,14 @@ def deploy_failed_after(run, step, exc):
     healthy, only its record is missing."""
     env, plan, record = run.env, run.plan, run.record
     if step == "record" and run.recorded:           # interrupted once the record was written: the deploy stands
-        cli.err(f"interrupted after the deploy of {env.name} was recorded: it stands ({plan.target[:12]} serves, its "
+        run.out.err(f"interrupted after the deploy of {env.name} was recorded: it stands ({plan.target[:12]} serves, its "
                 f"health check passed); nothing was rolled back")
         return 0
     if step == "record" and not isinstance(exc, KeyboardInterrupt):
         raise DeployError(f"{env.name} runs {plan.target[:12]} and its health check passed, but the deploy could not "
                           f"be recorded: {describe_failure(exc)}. Free space in {env.state_dir} (df -h {env.state_dir}), "
                           "then deploy the same commit again: it reuses the release and records it",
-                          EXIT_HUMAN, command=cli.script_command(run.config, "deploy.py", env.name, "--ref", plan.target,
+                          EXIT_HUMAN, command=script_command(run.config, "deploy.py", env.name, "--ref", plan.target,
                                                                 "--yes"))
     if step in ("restart", "health", "watch"):
         try:                # a crash loop stops here, the socket kept: it must not burn the start limit meanwhile
@@ -359,9 +362,9 @@ def deploy_failed_after(run, step, exc):
     judged = judge(step, exc, what, details)
     record.result, record.failed_step, record.error = "rolled-back", step, what
     record.steps, record.running, record.blame = dict(run.clock.seconds), plan.running, judged.blame.value
-    cli.err(f"error: deploy of {env.name} failed at step {step}: {what}")
+    run.out.err(f"error: deploy of {env.name} failed at step {step}: {what}")
     for line in details[-10:]:
-        cli.err(f"  | {line}")
+        run.out.err(f"  | {line}")
     point = Point(record.tag or "interrupted", "before-deploy", plan.running, record.time, run.backup,
                   release=run.previous_release or (plan.running_release.id if plan.running_release else None))
     from .planning import decide_database
@@ -369,24 +372,24 @@ def deploy_failed_after(run, step, exc):
     # a release that failed is marked bad; a failure of the host or its config is not (the same commit deploys
     # once it is fixed), nor one the operator interrupted (Ctrl-C, SIGTERM)
     back = roll_back(run.config, env, plan.repo, point, restore_db, why, plan.target, parent=record,
-                     mark=judged.blame == Blame.RELEASE, quick_stop=QUICK_STOP, why_marked=judged.why)
+                     mark=judged.blame == Blame.RELEASE, quick_stop=QUICK_STOP, why_marked=judged.why, out=run.out)
     done = back.record
-    cli.err(f"rolled back by itself: {env.name} runs {plan.running[:12]} again, and {env.health_url} answers "
+    run.out.err(f"rolled back by itself: {env.name} runs {plan.running[:12]} again, and {env.health_url} answers "
             f"{back.health.describe()}")
-    cli.err(f"  code      {'release ' + done.release if done.release else 'the work tree at ' + plan.running[:12]}")
-    cli.err(f"  database  {'restored from ' + run.backup.path if restore_db else 'kept'}: {why}")
-    cli.err(f"  probe     the deploy: {probe.describe(record.probe)}; the rollback: {probe.describe(done.probe)}")
-    cli.err("  saved     " + (f"the failed release's database, in {done.pre_rollback}" if done.pre_rollback else
+    run.out.err(f"  code      {'release ' + done.release if done.release else 'the work tree at ' + plan.running[:12]}")
+    run.out.err(f"  database  {'restored from ' + run.backup.path if restore_db else 'kept'}: {why}")
+    run.out.err(f"  probe     the deploy: {probe.describe(record.probe)}; the rollback: {probe.describe(done.probe)}")
+    run.out.err("  saved     " + (f"the failed release's database, in {done.pre_rollback}" if done.pre_rollback else
                              f"the failed release's database lies at {done.aside}: {done.seal_problem}" if done.aside
                              else "no database to save"))
     if done.rows_lost:
         lost = ", ".join(f"{n} row(s) of {t}" for t, n in sorted(done.rows_lost.items()))
-        cli.err(f"  rows      {lost} written since the backup are in that copy, not live: put them back with: "
-                + cli.script_command(run.config, "backup.py", env.name, "--restore-rows",
+        run.out.err(f"  rows      {lost} written since the backup are in that copy, not live: put them back with: "
+                + script_command(run.config, "backup.py", env.name, "--restore-rows",
                                      done.pre_rollback or done.salvaged or "", "--yes"))
     if judged.blame == Blame.HOST:
-        cli.err(f"  cause     the host or its config, not the release: {judged.why}. {plan.target[:12]} is not "
-                f"marked bad: fix it, then deploy again: {cli.script_command(run.config, 'deploy.py', env.name)}")
+        run.out.err(f"  cause     the host or its config, not the release: {judged.why}. {plan.target[:12]} is not "
+                f"marked bad: fix it, then deploy again: {script_command(run.config, 'deploy.py', env.name)}")
     if not isinstance(exc, (DeployError, KeyboardInterrupt)):
         raise after_undo(exc, f"deploy of {env.name} failed at {step} ({what}); rolled back by itself to "
                               f"{plan.running[:12]}") from None
@@ -408,9 +411,9 @@ def deploy_operation():
                                              else None})
 
 
-def deploy(config, env, plan):
-    """Carry out a deploy plan; 0, or EXIT_FAILED after the automatic rollback; raises otherwise."""
-    run = deploy_run(config, env, plan)
+def deploy(config, env, plan, out=PLAIN):
+    """Carry out a deploy plan (its lines to out); 0, or EXIT_FAILED after the automatic rollback; raises otherwise."""
+    run = deploy_run(config, env, plan, out)
     try:
         failed = execute(deploy_operation(), run, env)
     finally:
@@ -499,11 +502,11 @@ class RollbackRun(Run):
 
 
 def rollback_run(config, env, repo, point, restore_db, why, running, watch=0, quick_stop=None, mark=True,
-                 db_only=False):
+                 db_only=False, out=PLAIN):
     run = RollbackRun(config=config, env=env, repo=repo, point=point, restore_db=restore_db, db_why=why,
                       running=running, watch_seconds=watch, quick_stop=quick_stop, mark=mark and not db_only,
-                      db_only=db_only)
-    run.record = RollbackRecord(env=env.name, user=cli.user_name(), from_=running, to=point.commit, point=point.id,
+                      db_only=db_only, out=out)
+    run.record = RollbackRecord(env=env.name, user=unitenv.user(), from_=running, to=point.commit, point=point.id,
                                 db_restored=restore_db, db_why=why, db_only=db_only)
     if db_only:
         run.unit_action, run.unit_why = "keep", "the database alone: the code and its unit file stay as they are"
@@ -756,7 +759,7 @@ ROLLBACK_BEFORE = {s.name for s in ROLLBACK if s.phase == BEFORE}
 def again_command(config, env, point, restore_db, db_only=False):
     """What a human pastes when a rollback could not finish: the same rollback, to the same point."""
     mode = "--db-only" if db_only else "--with-db" if restore_db else "--code-only"
-    return cli.script_command(config, "rollback.py", env.name, "--to", point.id, "--yes", mode)
+    return script_command(config, "rollback.py", env.name, "--to", point.id, "--yes", mode)
 
 
 def rollback_failed(run, step, exc, changed):
@@ -790,7 +793,7 @@ def next_command(run, step):
     saved = run.record.pre_rollback
     if step in ("restart", "health", "watch") and saved:
         mode = "--db-only" if run.db_only else "--with-db" if run.restore_db else "--code-only"
-        return cli.script_command(run.config, "rollback.py", run.env.name, "--to",
+        return script_command(run.config, "rollback.py", run.env.name, "--to",
                                   os.path.basename(saved).removesuffix(".sqlite3"), "--yes", mode)
     return again_command(run.config, run.env, run.point, run.restore_db, run.db_only)
 
@@ -824,12 +827,12 @@ def rollback_operation():
 
 
 def roll_back(config, env, repo, point, restore_db, why, running, parent=None, watch=0, quick_stop=None, mark=True,
-              run=None, why_marked=None, db_only=False):
+              run=None, why_marked=None, db_only=False, out=PLAIN):
     """The one "roll back and report" path: take the env (locked by the caller) to point, record it (alone,
     or inside parent's record), mark what it left bad (mark, naming why_marked: what failed); return the
     RollbackRun. Failure before any change: DeployError (exit 1). After: DeployError with EXIT_HUMAN and the
     command to run."""
-    run = run or rollback_run(config, env, repo, point, restore_db, why, running, watch, quick_stop, mark, db_only)
+    run = run or rollback_run(config, env, repo, point, restore_db, why, running, watch, quick_stop, mark, db_only, out)
     run.parent = parent
     run.why_marked = why_marked or getattr(parent, "error", None) or "by hand"
     try:
@@ -870,7 +873,7 @@ class ConversionRun(Run):
 
 
 def build_first(run):
-    run.first = releases.build(run.env, run.conversion.repo, run.conversion.commit, cli.say)
+    run.first = releases.build(run.env, run.conversion.repo, run.conversion.commit, run.out.say)
     run.journal.update(first=run.first.id)
 
 
@@ -937,17 +940,18 @@ def conversion_operation():
                                              "pairs": [[str(a), str(b)] for a, b in c.conversion.pairs]})
 
 
-def convert_env(env, conversion, say):
-    """Carry out a conversion plan (convert.plan): build the first release, then the one short switch-over;
-    on any failure every move is put back. Returns the first release (None: only the units changed)."""
+def convert_env(env, conversion, out: Output):
+    """Carry out a conversion plan (convert.plan): build the first release, then the one short switch-over
+    (what it says goes to out); on any failure every move is put back. Returns the first release (None:
+    only the units changed)."""
     run = ConversionRun(env=env, conversion=conversion, repo=conversion.repo,
-                        made_root=not env.releases_root.exists())
+                        made_root=not env.releases_root.exists(), out=out)
     run.saved, run.modes = convert.save_unit_files(env, conversion.files)
     try:
         execute(conversion_operation(), run, env)
     finally:
         stop_probe(run)
-    convert.report(env, conversion, run, say)
+    convert.report(env, conversion, run, out.say)
     return run.first
 
 
