@@ -94,6 +94,7 @@ def test_no_circle_in_the_package_imports():
 def test_the_graph_reads_subpackages_and_relative_imports():
     edges = graph()
     assert {"errors", "units", "runbook"} <= edges["recovery"]
+    assert {"runbook.bringup", "runbook.rollback", "planning", "units"} <= edges["runbook.deployment"]
     for name, imported in edges.items():
         assert all(m in edges for m in imported), (name, imported)
 
