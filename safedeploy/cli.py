@@ -66,17 +66,7 @@ def run(main, nice=False, alert=None):
     try:
         code = main()
     except DeployError as exc:
-        where = full_output(RUN["env"])
-        if exc.code == EXIT_HUMAN:      # its message ends with the command to run: the log's path follows it
-            err(f"error: {exc}")
-            if where:
-                err(where)
-        else:
-            err(f"error: {exc}" + (f" {where}" if where else ""))
-        if exc.output:
-            err(exc.output)
-        RUN["command"] = exc.command
-        code = exc.code
+        code = report_error(exc)
     except KeyboardInterrupt as exc:
         err(f"error: {describe_failure(exc)}; nothing more was done" + (f" {full_output(RUN['env'])}"
                                                                        if oplog.active() else ""))
@@ -96,6 +86,22 @@ def run(main, nice=False, alert=None):
     send_alert(code, alert)
     oplog.close_all(code or 0)
     sys.exit(code or 0)
+
+
+def report_error(exc: DeployError) -> int:
+    """The error boundary's lines for a DeployError (its message, where the full output is, its output); its
+    exit code."""
+    where = full_output(RUN["env"])
+    if exc.code == EXIT_HUMAN:      # its message ends with the command to run: the log's path follows it
+        err(f"error: {exc}")
+        if where:
+            err(where)
+    else:
+        err(f"error: {exc}" + (f" {where}" if where else ""))
+    if exc.output:
+        err(exc.output)
+    RUN["command"] = exc.command
+    return exc.code
 
 
 def log_operation(envs, op):
