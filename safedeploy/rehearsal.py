@@ -79,7 +79,7 @@ def scratch_for(env, kind):
 
 
 # -- the rehearsal --------------------------------------------------------------------------------
-def rehearse(config, env, repo, commit, out: Output = PLAIN):
+def rehearse(config, env, repo, commit, out=PLAIN):
     """Play the deploy of commit on a copy of env's data (the caller holds the env's lock; the build's
     progress goes to out); return the RehearsalRecord (recorded)."""
     scratch, unit = scratch_for(env, "rehearsal")
