@@ -50,7 +50,7 @@ def main():
             cli.say("phase 1: back up everything")
             doc = adoption.phase_one(config, phase_one, doc, cli.say, held=env.name)
             cli.say(f"phase 1 done: recorded in {adoption.doc_path(config)}")
-        adoption.adopt(config, plan, doc, cli.say)
+        adoption.adopt(config, plan, doc, cli.output())
     print_next(config, env)
     return 0
 

@@ -45,7 +45,7 @@ def main():
         announce(config, env, plan)
         if env.promote_from:
             cli.confirm_env(env.name, args.yes, f"deploy {plan.target[:12]}")
-        code, run = runbook.deploy(config, env, plan)
+        code, run = runbook.deploy(config, env, plan, cli.output())
         if code:
             return code
         notes, removed = runbook.after_deploy(run)
@@ -181,7 +181,7 @@ def rehearse(config, env, args):
     target = planning.resolve_target(repo, env, args.ref)
     cli.say(f"rehearsing the deploy of {target[:12]} ({repo.subject(target)}) on a copy of {env.name}'s database; "
             "nothing live changes")
-    result = rehearsal.rehearse(config, env, repo, target, cli.say)
+    result = rehearsal.rehearse(config, env, repo, target, cli.output())
     for line in rehearsal.report(env, result):
         cli.say(line)
     if not result.ok:
@@ -211,7 +211,7 @@ def install_units(config, env, args):
             if not sys.stdin.isatty():
                 raise usage_error("--install-units changes unit files and restarts the service: add --yes")
             cli.confirm_env(env.name, False, "install the socket units and restart")
-        runbook.convert_env(env, conversion, cli.say)
+        runbook.convert_env(env, conversion, cli.output())
     offer = replica.offer(config)
     if offer:
         cli.say(f"{offer}: {cli.script_command(config, 'backup.py', '--install-replica')}")

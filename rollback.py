@@ -119,11 +119,13 @@ def plan(config, env, repo, args):
                else "")
         if point.backup is None:
             raise DeployError(f"--db-only: {point.id} has no database copy; choose another with --to (backup.py --list)")
-        run = runbook.rollback_run(config, env, repo, point, True, why, running, watch=env.watch, db_only=True)
+        run = runbook.rollback_run(config, env, repo, point, True, why, running, watch=env.watch, db_only=True,
+                                   out=cli.output())
         return start_copy(run)
     planning.refuse_tracked_database(env, repo, [repo.head(), point.commit])
     restore_db, why = planning.decide_database(env, point, db_mode(args))
-    run = runbook.rollback_run(config, env, repo, point, restore_db, why, running, watch=env.watch)
+    run = runbook.rollback_run(config, env, repo, point, restore_db, why, running, watch=env.watch,
+                               out=cli.output())
     return start_copy(run) if restore_db else run
 
 

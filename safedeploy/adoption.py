@@ -29,10 +29,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import backups, cli, convert, health, records, runbook, units
+from . import backups, convert, health, records, runbook, units
+from .commandline import script_command
 from .errors import DeployError, after_undo, describe_failure
 from .files import make_private_dir, write_atomic
 from .gitrepo import NETWORK_TIMEOUT, Repo
+from .output import Output
 from .state import EnvLock, inject_fault, now_iso, parse_time, utc_stamp, verified_log
 
 DOC_VERSION = 1
@@ -256,14 +258,15 @@ def env_plan(env, say, warn, move_secrets=False):
     return plan
 
 
-def adopt(config, plan, doc, say):
-    """Carry out env_plan's plan; on failure put everything back and raise (exit 1), or exit 4."""
+def adopt(config, plan, doc, out: Output):
+    """Carry out env_plan's plan (what it says goes to out); on failure put everything back and raise (exit 1),
+    or exit 4."""
     env = plan.env
     try:
         move_onto_branch(plan)
         inject_fault("adopt", "convert")
         if plan.conversion.changes:
-            first = runbook.convert_env(env, plan.conversion, say)
+            first = runbook.convert_env(env, plan.conversion, out)
         else:
             first = None
     except BaseException as exc:        # a bug too: what it made is put back, then its traceback shows
@@ -340,7 +343,7 @@ def backups_item(config, doc):
     missing = [e.name for e in config.envs.values() if e.name not in doc["envs"]]
     if missing:
         return Item(False, text, f"no phase 1 for {', '.join(missing)}: run "
-                                 f"{cli.script_command(config, 'adopt.py', missing[0])}")
+                                 f"{script_command(config, 'adopt.py', missing[0])}")
     bad = []
     for name, entry in doc["envs"].items():
         if entry.get("backup"):
@@ -394,9 +397,9 @@ def source_items(config, doc, source):
     else:
         why = ("not adopted yet" if not adopted else
                f"no deploy of {source.name} made with the tool since its adoption: push a commit to "
-               f"{source.branch} and run {cli.script_command(config, 'deploy.py', source.name)}" if not deploy else
+               f"{source.branch} and run {script_command(config, 'deploy.py', source.name)}" if not deploy else
                f"{deploy.running[:12]} (deployed {deploy.time}) has no passing verify since: run "
-               f"{cli.script_command(config, 'verify.py', source.name)}")
+               f"{script_command(config, 'verify.py', source.name)}")
         items.append(Item(False, f"{source.name} tested: a deploy made with the tool, and a passing verify of it", why))
     items.append(stable_item(source, verify))
     return items
@@ -412,13 +415,13 @@ def branch_item(config, source):
     except DeployError as exc:
         return Item(False, text, str(exc))
     return Item(bool(sha), text, f"{source.remote}/{source.branch} at {sha[:12]}" if sha else
-                f"{source.remote} has no branch {source.branch}: run {cli.script_command(config, 'adopt.py', source.name)}")
+                f"{source.remote} has no branch {source.branch}: run {script_command(config, 'adopt.py', source.name)}")
 
 
 def adopted_item(config, source, adopted):
     text = f"new scripts work in {source.name}: adopted, converted, healthy now"
     if not adopted:
-        return Item(False, text, f"not adopted yet: run {cli.script_command(config, 'adopt.py', source.name)}")
+        return Item(False, text, f"not adopted yet: run {script_command(config, 'adopt.py', source.name)}")
     if not source.converted:
         return Item(False, text, f"{source.current_link} is missing: {source.name} no longer runs releases")
     result = health.check(source.health_url, timeout=5)

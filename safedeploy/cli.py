@@ -1,7 +1,6 @@
 """What every script shares: argument parsing, the error boundary, output, confirmation."""
 
 import argparse
-import getpass
 import os
 import signal
 import sys
@@ -11,6 +10,7 @@ from . import alerts, oplog, redaction, unitenv
 from . import config as configmod
 from .commandline import command_line, python_word, script_command  # noqa: F401 (the scripts call cli.script_command)
 from .errors import EXIT_FAILED, EXIT_HUMAN, EXIT_USAGE, DeployError, describe_failure, usage_error
+from .output import Output
 
 
 class Parser(argparse.ArgumentParser):
@@ -66,17 +66,7 @@ def run(main, nice=False, alert=None):
     try:
         code = main()
     except DeployError as exc:
-        where = full_output(RUN["env"])
-        if exc.code == EXIT_HUMAN:      # its message ends with the command to run: the log's path follows it
-            err(f"error: {exc}")
-            if where:
-                err(where)
-        else:
-            err(f"error: {exc}" + (f" {where}" if where else ""))
-        if exc.output:
-            err(exc.output)
-        RUN["command"] = exc.command
-        code = exc.code
+        code = report_error(exc)
     except KeyboardInterrupt as exc:
         err(f"error: {describe_failure(exc)}; nothing more was done" + (f" {full_output(RUN['env'])}"
                                                                        if oplog.active() else ""))
@@ -96,6 +86,22 @@ def run(main, nice=False, alert=None):
     send_alert(code, alert)
     oplog.close_all(code or 0)
     sys.exit(code or 0)
+
+
+def report_error(exc: DeployError) -> int:
+    """The error boundary's lines for a DeployError (its message, where the full output is, its output); its
+    exit code."""
+    where = full_output(RUN["env"])
+    if exc.code == EXIT_HUMAN:      # its message ends with the command to run: the log's path follows it
+        err(f"error: {exc}")
+        if where:
+            err(where)
+    else:
+        err(f"error: {exc}" + (f" {where}" if where else ""))
+    if exc.output:
+        err(exc.output)
+    RUN["command"] = exc.command
+    return exc.code
 
 
 def log_operation(envs, op):
@@ -173,6 +179,12 @@ def err(text):
     emit(paint(text, "red", sys.stderr) if text.startswith("error") else text, sys.stderr)
 
 
+def output() -> Output:
+    """The Output the scripts give the package's runs (safedeploy.output): these say, err and countdown, so
+    the package's lines are redacted, counted for the alert and kept in the operation's log like the scripts'."""
+    return Output(say=say, err=err, countdown=countdown)
+
+
 def emit(text, stream):
     """Print a line. A reader that went away (`deploy.py prod | head -3`) never stops or fails an operation:
     what follows goes nowhere, and the exit code is the operation's. The operation's log gets it too."""
@@ -213,7 +225,4 @@ def load_config(args):
 
 
 def user_name():
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return str(os.getuid())
+    return unitenv.user()

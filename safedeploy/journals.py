@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 
 from . import backups, integrity, marks, records
+from .commandline import script_command
 from .errors import EXIT_HUMAN, DeployError
 from .points import instant
 from .state import deploy_log, utc_stamp, verified_log
@@ -112,12 +113,7 @@ def human_needed(config, env, where: str, why: str) -> DeployError:
         aside = Path(where)
     return DeployError(f"the journal of an interrupted operation on {env.name} is damaged ({aside}, kept): {why}. "
                        "Look at what runs and pick the point to go to", EXIT_HUMAN,
-                       command=command_line(config, "rollback.py", env.name, "--list"))
-
-
-def command_line(config, script: str, *args: str) -> str:
-    from .cli import command_line as line     # here, as state.check_locks does: the scripts' own command line
-    return line(script, *args, config_file=config.file if config is not None and config.explicit else None)
+                       command=script_command(config, "rollback.py", env.name, "--list"))
 
 
 def _text(path: str) -> str:

@@ -9,7 +9,8 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import backups, cli, decisions, records, releases, units, verified_notes
+from . import backups, decisions, records, releases, units, verified_notes
+from .commandline import script_command
 from .config import Config
 from .errors import DeployError, usage_error
 from .files import same_disk
@@ -81,7 +82,7 @@ def deploy_plan(config, env, ref=None, fetch=True, force=False, reason=""):
         fast_forward=plan.fast_forward,
         target_is_older=repo.is_ancestor(target, head), bad_mark=mark,
         require_rehearsal=env.require_rehearsal, rehearsed=plan.rehearsed is not None,
-        rehearse_command=cli.script_command(config, "deploy.py", env.name, *(["--ref", ref] if ref else []),
+        rehearse_command=script_command(config, "deploy.py", env.name, *(["--ref", ref] if ref else []),
                                             "--rehearse"))
     if env.promote_from:
         facts.promote_from = env.promote_from
@@ -96,7 +97,7 @@ def deploy_plan(config, env, ref=None, fetch=True, force=False, reason=""):
         if units.restart_method(env.unit) == "plain":
             raise DeployError(f"{env.name}'s migration needs the running release stopped first ({plan.migration_why}), "
                               f"and {env.unit} has no socket unit to hold requests meanwhile (they would be refused); "
-                              "install one first: " + cli.script_command(config, "deploy.py", env.name,
+                              "install one first: " + script_command(config, "deploy.py", env.name,
                                                                         "--install-units")
                               + "; or find out whether the running release can serve during the migration: "
                               + facts.rehearse_command)
@@ -142,10 +143,10 @@ def promotion_hint(config: Config, env: PromotingEnv, here: list[dict[str, Any]]
         last = last_here
     if last:
         return (f"{name} last verified {last['commit'][:12]} at {last['time']}{fetched}; to promote it: "
-                + cli.script_command(config, "deploy.py", env.name, "--ref", last["commit"]))
+                + script_command(config, "deploy.py", env.name, "--ref", last["commit"]))
     if name in config.envs:
         return (f"nothing has been verified in {name} yet{fetched}: deploy it there and run "
-                + cli.script_command(config, "verify.py", name))
+                + script_command(config, "verify.py", name))
     where = f"{env.remote}'s notes ({verified_notes.NOTES_REF})" if env.remote else "this host"
     return (f"no verification in {name} is in {where}{fetched}: deploy it on a {name} host and verify it there "
             f"(python3 verify.py {name}); a healthy deploy or a passing verify pushes its verification")

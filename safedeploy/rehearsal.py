@@ -36,9 +36,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import backups, cli, commands, oplog, records, releases, schema, transient, units
+from . import backups, commands, oplog, records, releases, schema, transient, unitenv, units
 from .errors import DeployError
 from .files import make_private_dir
+from .output import PLAIN, Output
 from .records import DrillRecord, RehearsalRecord
 from .runner import BEFORE, Operation, Step, execute
 from .state import utc_stamp
@@ -64,6 +65,7 @@ class Run:
     output: str = ""
     clock: object = None
     journal: object = None
+    out: Output = PLAIN                 # where a build's progress goes (the script's cli.output())
 
     @property
     def db(self):
@@ -77,15 +79,15 @@ def scratch_for(env, kind):
 
 
 # -- the rehearsal --------------------------------------------------------------------------------
-def rehearse(config, env, repo, commit, say):
-    """Play the deploy of commit on a copy of env's data (the caller holds the env's lock); return the
-    RehearsalRecord (recorded)."""
+def rehearse(config, env, repo, commit, out=PLAIN):
+    """Play the deploy of commit on a copy of env's data (the caller holds the env's lock; the build's
+    progress goes to out); return the RehearsalRecord (recorded)."""
     scratch, unit = scratch_for(env, "rehearsal")
     running = records.running_commit(records.read(env)) or repo.head()
-    record = RehearsalRecord(env=env.name, user=cli.user_name(), commit=commit, tree=repo.tree_of(commit),
+    record = RehearsalRecord(env=env.name, user=unitenv.user(), commit=commit, tree=repo.tree_of(commit),
                              running_commit=running if running != commit else None)
     run = Run(env=env, repo=repo, commit=commit, scratch=scratch, record=record, unit=unit,
-              old_unit=unit.replace("-rehearsal-", "-rehearsal-old-"))
+              old_unit=unit.replace("-rehearsal-", "-rehearsal-old-"), out=out)
     try:
         execute(REHEARSAL_OPERATION, run, env)
         record.result = "ok"
@@ -149,7 +151,7 @@ def copy_step(run):
 
 
 def build_step(run):
-    run.release = releases.build(run.env, run.repo, run.commit, cli.say, folder=run.scratch / "releases",
+    run.release = releases.build(run.env, run.repo, run.commit, run.out.say, folder=run.scratch / "releases",
                                  shared=run.scratch / "shared")
 
 
@@ -278,7 +280,7 @@ def clean_up(j):
 def drill(config, env, repo, point):
     """Prove point on a copy (nothing live touched); return the DrillRecord (recorded)."""
     scratch, unit = scratch_for(env, "drill")
-    record = DrillRecord(env=env.name, user=cli.user_name(), point=point.id)
+    record = DrillRecord(env=env.name, user=unitenv.user(), point=point.id)
     run = Run(env=env, repo=repo, commit=point.commit, scratch=scratch, record=record, unit=unit)
     run.point = point
     try:

@@ -7,25 +7,44 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "safedeploy"
 
 
+def module_name(path: Path) -> str:
+    """safedeploy/runbook/deploy.py -> "runbook.deploy"; a package's __init__.py is the package."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def resolve(parts: list[str], modules: set[str]) -> str | None:
+    """The module parts names: the longest prefix of it that is a module (a name imported from a module)."""
+    for end in range(len(parts), 0, -1):
+        if ".".join(parts[:end]) in modules:
+            return ".".join(parts[:end])
+    return None
+
+
 def imports_of(path: Path, modules: set[str]) -> set[str]:
-    found = set()
+    name = module_name(path)
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found: set[str | None] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:
-                found.add(node.module.split(".")[0])
-            elif node.level == 1:
-                found.update(a.name for a in node.names)
+            if node.level:
+                base = package[:len(package) - (node.level - 1)]
             elif node.module and node.module.split(".")[0] == "safedeploy":
-                parts = node.module.split(".")
-                found.update([parts[1]] if len(parts) > 1 else [a.name for a in node.names])
+                base = []
+            else:
+                continue
+            where = base + (node.module.split(".")[1:] if not node.level and node.module else
+                            node.module.split(".") if node.module else [])
+            found.update(resolve(where + [a.name], modules) for a in node.names)
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("safedeploy."))
-    return (found & modules) - {path.stem}
+            found.update(resolve(a.name.split(".")[1:], modules) for a in node.names if a.name.startswith("safedeploy."))
+    return {m for m in found if m is not None} - {name}
 
 
 def graph() -> dict[str, set[str]]:
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
-    return {p.stem: imports_of(p, modules) for p in PACKAGE.glob("*.py")}
+    files = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(p) for p in files} - {""}
+    return {module_name(p): imports_of(p, modules) for p in files if module_name(p)}
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -70,3 +89,18 @@ def test_the_cycle_finder_finds_a_circle():
 
 def test_no_circle_in_the_package_imports():
     assert cycles(graph()) == []
+
+
+def test_the_graph_reads_subpackages_and_relative_imports():
+    edges = graph()
+    assert {"errors", "units", "runbook"} <= edges["recovery"]
+    assert {"runbook.bringup", "runbook.rollback", "planning", "units"} <= edges["runbook.deployment"]
+    for name, imported in edges.items():
+        assert all(m in edges for m in imported), (name, imported)
+
+
+def test_only_cli_imports_cli():
+    """The package's lines go through the Output a run carries (safedeploy.output), made by the scripts:
+    no module but cli itself imports cli."""
+    edges = graph()
+    assert sorted(name for name, imported in edges.items() if "cli" in imported) == []
