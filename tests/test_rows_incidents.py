@@ -24,6 +24,15 @@ from test_offsite import receiver  # noqa: F401 (a fixture)
 
 
 
+def copy_notes(path):
+    """{body: (its id, created)} of the notes a copy holds, read before anything else reads it."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return {r[0]: (r[1], r[2]) for r in conn.execute("SELECT body, id, created FROM notes")}
+    finally:
+        conn.close()
+
+
 def test_a_database_damaged_while_the_app_writes_is_salvaged_restored_and_its_rows_put_back(sandbox):
     sb = sandbox
     fill(sb, "dev", 400, "old")
@@ -153,8 +162,10 @@ def test_rows_put_back_while_a_writer_writes_to_the_same_table(sandbox):
     sb.release("dev", {"VERSION": "2\n"}, "v2")
     assert sb.run("deploy.py", "dev").returncode == 0
     fill(sb, "dev", 200, "gone")                            # the restore below takes these out
-    assert sb.run("rollback.py", "dev", "--with-db", "--yes").returncode == 0
+    rolled = sb.run("rollback.py", "dev", "--with-db", "--yes")
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
     saved = log_records(sb, "dev")[-1]["pre_rollback"]
+    in_copy = copy_notes(saved)
     with NotesWriter(sb.url("dev", "/notes"), rate=60, prefix="live") as writer:
         time.sleep(1)
         proc = sb.run("backup.py", "dev", "--restore-rows", saved, "--yes")
@@ -163,7 +174,11 @@ def test_rows_put_back_while_a_writer_writes_to_the_same_table(sandbox):
     live = live_notes(sb, "dev")
     assert {b for b, _, _ in writer.acked} <= live and len(writer.acked) > 60
     lost = ({f"gone{i}-" + "x" * 300 for i in range(200)} | {f"kept{i}-" + "x" * 300 for i in range(300)}) - live
-    assert not lost, (sorted(b.split("-")[0] for b in lost), proc.stdout)
     conn = sqlite3.connect(f"file:{sb.db_path('dev')}?mode=ro", uri=True)
+    if lost:        # what a failure needs to be told apart: the copy lacked them, or which live row holds their key
+        held = {i: (b[:12], c) for i, b, c in conn.execute("SELECT id, body, created FROM notes")}
+        found = {b.split("-")[0]: (in_copy.get(b), held.get(in_copy.get(b, (None,))[0])) for b in sorted(lost)}
+        raise AssertionError(f"lost {found} (name: (its id and created in the pre-rollback copy, the live row at that "
+                             f"id now)); the restore printed:\n{proc.stdout}\nthe rollback printed:\n{rolled.stdout}")
     assert conn.execute("SELECT count(*) FROM notes").fetchone()[0] == 500 + len(writer.acked)
     conn.close()
