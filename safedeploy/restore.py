@@ -5,9 +5,9 @@ serves, and fails before anything is stopped (out of room, a copy that does not 
 integrity_check); EarlyPrepare starts it in a thread. set_aside() renames the stopped app's files away (that
 rename IS the pre-rollback save: no copy is made while the app is down; backups.aside_name says where);
 put_in_place() renames the prepared copy in; backups.seal() makes the set-aside files a verified backup with
-a manifest once the app is back. rows_only_in() counts the rows a copy holds that another lacks. Nothing
-here touches the live database before the app is stopped, and every rename is followed by an fsync of its
-folder. Re-exported by safedeploy/backups (backups.prepare_restore, ...).
+a manifest once the app is back. rows_only_in() counts the rows a copy holds that another lacks.
+Nothing here writes the live database before the app is stopped (rows_only_in only reads it), and every
+rename is followed by an fsync of its folder. Re-exported by safedeploy/backups (backups.prepare_restore...).
 """
 
 import hashlib
@@ -21,6 +21,7 @@ from urllib.parse import quote
 from .dbfiles import NOT_TOOLS, free_bytes, integrity_of, remove_temp, removed_on_failure, write_behind
 from .errors import DeployError
 from .files import fsync_dir
+
 
 def prepare_restore(backup, db_path):
     """Copy backup beside db_path (a temp name) and check its sha256 (integrity too, unless trusted_hash); return the
