@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from . import oplog, redaction
 from .errors import DeployError
@@ -70,20 +71,40 @@ def run(argv, timeout, cwd=None, env=None, stdin=None, stdout="tail", stderr="ta
     Raises FileNotFoundError / PermissionError when the program cannot start."""
     start = time.monotonic()
     deadline = start + timeout
+    proc = start_program(argv, cwd, env, stdin, stdout, stderr, nice, pass_fds)
+    pipes = Pipes(proc, {proc.stdout: stdout, proc.stderr: stderr}, tail, copy)
+    timed_out = False
+    try:
+        timed_out = pipes.read_until_exit(deadline)
+        pipes.drain()
+    finally:
+        pipes.close()
+        if proc.poll() is None:          # an exception (Ctrl-C) while it ran: it must not outlive us
+            kill_group(proc)
+    return Finished(None if timed_out else proc.returncode, bytes(pipes.kept.get(proc.stdout, b"")),
+                    bytes(pipes.kept.get(proc.stderr, b"")), round(time.monotonic() - start, 3))
+
+
+def pipe_target(mode: Any) -> Any:
+    """What Popen is given for an output mode of run()."""
+    if mode in ("all", "tail"):
+        return subprocess.PIPE
+    if mode == "discard":
+        return subprocess.DEVNULL
+    if mode == "stdout":
+        return subprocess.STDOUT
+    return mode
+
+
+def start_program(argv: list, cwd: Any, env: Any, stdin: bytes | None, stdout: Any, stderr: Any, nice: int,
+                  pass_fds: Any) -> subprocess.Popen:
+    """Popen argv in a process group of its own that dies with us, fed stdin (bytes) through an unlinked
+    temp file, or /dev/null."""
     feed = None
     if stdin is not None:
         feed = tempfile.TemporaryFile()
         feed.write(stdin)
         feed.seek(0)
-
-    def target(mode):
-        if mode in ("all", "tail"):
-            return subprocess.PIPE
-        if mode == "discard":
-            return subprocess.DEVNULL
-        if mode == "stdout":
-            return subprocess.STDOUT
-        return mode
 
     def in_child():
         # its own group (start_new_session), so the group can be killed; and it dies with us: a tool
@@ -92,54 +113,63 @@ def run(argv, timeout, cwd=None, env=None, stdin=None, stdout="tail", stderr="ta
         die_with_parent()
 
     try:
-        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=feed if feed is not None else subprocess.DEVNULL,
-                                stdout=target(stdout), stderr=target(stderr), start_new_session=True,
+        return subprocess.Popen(argv, cwd=cwd, env=env, stdin=feed if feed is not None else subprocess.DEVNULL,
+                                stdout=pipe_target(stdout), stderr=pipe_target(stderr), start_new_session=True,
                                 pass_fds=pass_fds, preexec_fn=in_child)
     finally:
         if feed is not None:
             feed.close()
-    kept = {}
-    limits = {}
-    sel = selectors.DefaultSelector()
-    for stream, mode in ((proc.stdout, stdout), (proc.stderr, stderr)):
-        if stream is not None:
-            os.set_blocking(stream.fileno(), False)
-            sel.register(stream, selectors.EVENT_READ)
-            kept[stream] = bytearray()
-            limits[stream] = None if mode == "all" else tail
-    exited = pidfd_of(proc)
-    if exited is not None:
-        sel.register(exited, selectors.EVENT_READ)
-    timed_out = False
-    try:
-        while proc.poll() is None:
+
+
+class Pipes:
+    """The program's stdout and stderr pipes (those run() reads), read without blocking until it exits: what
+    is kept of each (all, or its tail), and the pidfd whose readiness says it exited (None: polled)."""
+
+    def __init__(self, proc: subprocess.Popen, modes: dict, tail: int, copy: Callable[[bytes], object] | None) -> None:
+        self.proc, self.copy = proc, copy
+        self.kept: dict = {}
+        self.limits: dict = {}
+        self.sel = selectors.DefaultSelector()
+        for stream, mode in modes.items():
+            if stream is not None:
+                os.set_blocking(stream.fileno(), False)
+                self.sel.register(stream, selectors.EVENT_READ)
+                self.kept[stream] = bytearray()
+                self.limits[stream] = None if mode == "all" else tail
+        self.exited = pidfd_of(proc)
+        if self.exited is not None:
+            self.sel.register(self.exited, selectors.EVENT_READ)
+
+    def read_until_exit(self, deadline: float) -> bool:
+        """Read until the program exits; past deadline kill its group. Returns whether it timed out."""
+        while self.proc.poll() is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                timed_out = True
-                kill_group(proc)
-                break
+                kill_group(self.proc)
+                return True
             # with a pidfd the program's exit wakes the select; without one, look every 50 ms
-            for key, _ in sel.select(remaining if exited is not None else min(remaining, 0.05)):
-                if key.fileobj is not exited:
-                    read_some(sel, key.fileobj, kept, limits, copy)
+            for key, _ in self.sel.select(remaining if self.exited is not None else min(remaining, 0.05)):
+                if key.fileobj is not self.exited:
+                    read_some(self.sel, key.fileobj, self.kept, self.limits, self.copy)
+        return False
+
+    def drain(self) -> None:
+        """What is already in the pipes once the program exited, for DRAIN_SECONDS at most."""
         drain_until = time.monotonic() + DRAIN_SECONDS
-        while len(sel.get_map()) > (exited is not None) and time.monotonic() < drain_until:
-            ready = [key for key, _ in sel.select(0) if key.fileobj is not exited]
+        while len(self.sel.get_map()) > (self.exited is not None) and time.monotonic() < drain_until:
+            ready = [key for key, _ in self.sel.select(0) if key.fileobj is not self.exited]
             if not ready:
                 break           # nothing more is there: a child still holding the pipe is not waited for
             for key in ready:
-                read_some(sel, key.fileobj, kept, limits, copy)
-    finally:
-        sel.close()
-        if exited is not None:
-            os.close(exited)
-        for stream in (proc.stdout, proc.stderr):
+                read_some(self.sel, key.fileobj, self.kept, self.limits, self.copy)
+
+    def close(self) -> None:
+        self.sel.close()
+        if self.exited is not None:
+            os.close(self.exited)
+        for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()
-        if proc.poll() is None:          # an exception (Ctrl-C) while it ran: it must not outlive us
-            kill_group(proc)
-    return Finished(None if timed_out else proc.returncode, bytes(kept.get(proc.stdout, b"")),
-                    bytes(kept.get(proc.stderr, b"")), round(time.monotonic() - start, 3))
 
 
 PR_SET_PDEATHSIG = 1

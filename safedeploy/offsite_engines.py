@@ -14,58 +14,27 @@ store, read and delete is each engine's own.
 
 import json
 import os
-import re
 import shlex
 import shutil
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import backups, commands
 from .config import mask
 from .errors import DeployError
 from .files import fsync_dir, make_private_dir, remove_quietly, write_atomic
+from .offsite_copies import FILE_RE, Copy, fetched_manifest_problem, sources_in
 
 LIST_TIMEOUT = 60         # a listing for backup.py (a rollback's: copies_for, a few seconds)
 SHORT_TIMEOUT = 300       # forget, init, unlock, the repository's config, the dump of a manifest
 LONG_TIMEOUT = 6 * 3600   # backup, prune, check, dump of a database: bounded, but never cut a big copy short
 MANIFEST_LIMIT = 1 << 20  # a manifest is a few hundred bytes: a bigger one is not read
-FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.sqlite3$")    # a copy's file name: no '/', no dot file
 # "no repository there yet": restic cannot open the config file because it is not there. restic says
 # "Is there a repository at ...?" after every failure to open it, a refused connection included:
 # that alone is trouble, never "none yet" (a dead server listed as an empty repository, exit 0)
 NOT_THERE = ("no such file or directory", "does not exist", "not found", "404")
-
-
-@dataclass
-class Copy:
-    """One off-site snapshot of one backup."""
-    id: str
-    env: str
-    file: str
-    time: str
-    reason: str
-    commit: str
-    sha256: str
-    paths: list
-    host: str = ""            # restic's host of the snapshot
-    config: str = ""          # its config= tag ("" for a copy pushed before the tag existed)
-    rows: int | None = None   # the rows the copy holds, from its rows= tag (None: pushed before it existed)
-
-    @property
-    def rows_total(self):
-        return self.rows
-
-    @property
-    def name(self):
-        return self.file.removesuffix(".sqlite3")
-
-    @property
-    def path(self):
-        """What retention keys by: the file name (the same for a local copy and its off-site twin)."""
-        return self.file
 
 
 class Engine:
@@ -179,12 +148,8 @@ class Engine:
         return [c for c in found if env_name is None or c.env == env_name]
 
     # -- copies ----------------------------------------------------------------------------------
-    def fetch(self, copy, folder, env_name=None):
-        """Bring a copy of env_name (default: the env its tag names) back into a fresh private folder
-        made under folder; return the Backup there once it verifies (see the module's contract). A
-        copy that fails is removed, with its folder, and the error says why; nothing outside that
-        folder is written or removed. (fetch_for also links it beside the local backups.)"""
-        env_name = env_name or copy.env
+    def refuse_unless_wanted(self, copy: Copy, env_name: str) -> None:
+        """A DeployError unless copy is this config's, of env_name, under a backup's file name."""
         if not self.ours(copy):
             raise DeployError(f"the off-site copy {copy.file} (snapshot {copy.id[:8]}) is not this config's "
                               f"(host {copy.host!r}, config {copy.config or '-'}): refused")
@@ -193,16 +158,16 @@ class Engine:
                               f"not {env_name!r}: refused")
         if not FILE_RE.match(copy.file):
             raise DeployError(f"the off-site copy {copy.id[:8]} names its file {copy.file!r}: not a backup's name, refused")
+
+    def fetch(self, copy, folder, env_name=None):
+        """Bring a copy of env_name (default: the env its tag names) back into a fresh private folder
+        made under folder; return the Backup there once it verifies (see the module's contract). A
+        copy that fails is removed, with its folder, and the error says why; nothing outside that
+        folder is written or removed. (fetch_for also links it beside the local backups.)"""
+        env_name = env_name or copy.env
+        self.refuse_unless_wanted(copy, env_name)
         stem = copy.file.removesuffix(".sqlite3")
-        wanted = {copy.file: "db", copy.file + ".json": "manifest", stem + ".unit": "unit"}
-        sources = {}
-        for source in copy.paths:       # the snapshot's own paths: read from, never written to by their names
-            kind = wanted.get(os.path.basename(str(source)))
-            if kind and kind not in sources:
-                sources[kind] = source
-        if "db" not in sources or "manifest" not in sources:
-            raise DeployError(f"the off-site copy {copy.file} (snapshot {copy.id[:8]}) lacks its database or its "
-                              "manifest: refused")
+        sources = sources_in(copy)
         folder = make_private_dir(folder)
         remove_unfinished(folder)
         stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX + f"{copy.id[:8]}-", dir=folder))
@@ -215,11 +180,7 @@ class Engine:
             if "unit" in sources:
                 self.dump(copy.id, sources["unit"], unit_file, limit=MANIFEST_LIMIT)
             manifest = json.loads(manifest_file.read_text())
-            problem = backups.manifest_problem(manifest)
-            if not problem and manifest.get("env") != env_name:
-                problem = f"its manifest is env {manifest.get('env')!r}'s, not {env_name!r}'s"
-            if not problem and manifest.get("sha256") != copy.sha256:
-                problem = "its manifest's sha256 is not the tagged one"
+            problem = fetched_manifest_problem(manifest, copy, env_name)
             if problem:
                 raise DeployError(f"the off-site copy {copy.file} (snapshot {copy.id[:8]}) does not verify: {problem}")
             manifest.update(path=str(db_file), unit_backup=str(unit_file) if unit_file.exists() else None)
@@ -235,6 +196,7 @@ class Engine:
                 raise DeployError(f"the off-site copy {copy.file} could not be read back: {exc}") from None
             raise
         return backup
+
 
 class Restic(Engine):
     """restic: content-defined chunks (about 1 MiB), any backend (a folder, sftp:, S3, B2, REST...)."""

@@ -1,8 +1,9 @@
-"""systemd --user units, through systemctl and journalctl (argv lists, timeouts)."""
+"""systemd --user units, through systemctl and journalctl (argv lists, timeouts): their states, restarts,
+handovers between slots, holding a port in its socket, installing unit files. The unit files' names and texts
+are safedeploy/unitfiles' (pure), re-exported here as units.X."""
 
 import contextlib
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -12,7 +13,34 @@ from pathlib import Path
 
 from .errors import DeployError
 from .files import remove_quietly, write_atomic
+from .processes import (  # noqa: F401  (re-exported: units.X)
+    WORKERS_WAIT,
+    alive,
+    children_of,
+    listening_inodes,
+    listening_sockets,
+    parent_of,
+    port_owner,
+    port_owner_problem,
+    wait_for_workers,
+    workers_booted,
+)
 from .state import inject_fault
+from .unitfiles import (  # noqa: F401  (re-exported: the pure texts and names, used as units.X)
+    DROPS_WARNING,
+    METHOD_NOTES,
+    exec_line,
+    helper_name,
+    holder_name,
+    holds_environment,
+    port_holder_files,
+    render_helper,
+    render_socket,
+    render_socket_service,
+    socket_name,
+    unit_file_mode,
+    user_unit_dir,
+)
 
 SYSTEMCTL_TIMEOUT = 30
 RESTART_TIMEOUT = 120
@@ -85,70 +113,6 @@ def state(unit):
         need_reload=props.get("NeedDaemonReload") == "yes",
         main_pid=int(props.get("MainPID") or 0),
     )
-
-
-def listening_sockets():
-    """{socket inode: port} of every listening TCP socket (any address), from /proc/net/tcp and tcp6."""
-    found = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 9 and fields[3] == "0A":
-                found[fields[9]] = int(fields[1].rsplit(":", 1)[1], 16)
-    return found
-
-
-def listening_inodes(port):
-    """Socket inodes listening on TCP port (any address)."""
-    return {inode for inode, p in listening_sockets().items() if p == port}
-
-
-def parent_of(pid):
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat_line.rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def port_owner(unit: str, port: int, main_pid: int) -> tuple[str, bool]:
-    """(problem, confirmed): problem is '' when the socket listening on port is held by the unit's main
-    process or its children (a socket unit's passed socket counts), else what holds it; confirmed says
-    /proc showed the main process (or a child) holding it. Where /proc cannot tell: ('', False)."""
-    inodes = listening_inodes(port)
-    if not inodes or not main_pid:
-        return "", False
-    wanted = {f"socket:[{i}]" for i in inodes}
-    holders = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            for fd in (entry / "fd").iterdir():
-                if os.readlink(fd) in wanted:
-                    holders.add(int(entry.name))
-                    break
-        except OSError:
-            continue
-    if not holders:
-        return "", False
-    for pid in holders:
-        seen = 0
-        while pid > 1 and seen < 64:
-            if pid == main_pid:
-                return "", True
-            pid, seen = parent_of(pid), seen + 1
-    return (f"port {port} is held by pid {', '.join(map(str, sorted(holders)))}, not by {unit} "
-            f"(main pid {main_pid})"), False
-
-
-def port_owner_problem(unit, port, main_pid):
-    """'' when the port is the unit's own (or /proc cannot tell), else what holds it (see port_owner)."""
-    return port_owner(unit, port, main_pid)[0]
 
 
 def require_known(unit):
@@ -299,24 +263,6 @@ def uptime_text(st):
     return datetime.fromtimestamp(since, timezone.utc).astimezone().isoformat(timespec="seconds")
 
 
-def user_unit_dir():
-    """Where systemd --user reads the user's own unit files."""
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "systemd" / "user"
-
-
-def holds_environment(text):
-    """Whether a unit file's text sets variables itself (Environment=): their values may be secrets."""
-    return any(line.strip().startswith("Environment=") and line.split("=", 1)[1].strip()
-               for line in str(text).splitlines())
-
-
-def unit_file_mode(text, mode):
-    """The mode a unit file is written with: 0600 when it holds Environment= values (whatever it had: a
-    0644 unit with a secret in it is not copied as such), else mode (never group- or world-writable)."""
-    return 0o600 if holds_environment(text) else mode & 0o755
-
-
 def install_unit_files(files, modes=None, reload=True):
     """Write {name or path: text} into the user's unit folder (atomically), then daemon-reload.
     A file keeps the mode it had; modes {path: mode} sets it for new files; otherwise 0644. A file that
@@ -346,30 +292,7 @@ def install_unit_files(files, modes=None, reload=True):
 # if a connection starts it, only sleeps (the connection waits in the queue, nothing touches the data).
 # The socket then starts the moment the port is free; the service, which names the socket in Sockets=,
 # starts on it once its data is in place, and the socket goes back to activating the service.
-def holder_name(unit):
-    return unit.removesuffix(".service") + "-port-holder.service"
-
-
-def port_holder_files(unit, exec_start=None, why=None):
-    """{path: text}: the socket's drop-in that makes it activate the holder, and the holder. exec_start:
-    what the holder runs when a connection starts it (default: a sleep, so connections wait in the queue)."""
-    folder = user_unit_dir()
-    why = why or f"while {unit}'s port moves to this socket"
-    return {folder / f"{socket_name(unit)}.d" / "50-safe-deploy-move.conf":
-            f"# written by safe-deploy {why}; removed right after\n"
-            f"[Socket]\nService={holder_name(unit)}\n",
-            folder / holder_name(unit):
-            f"[Unit]\nDescription=holds {socket_name(unit)}'s connections {why} "
-            "(written by safe-deploy, removed right after)\n\n"
-            f"[Service]\nExecStart={exec_start or '/bin/sleep infinity'}\n"}
-
-
 MAINTENANCE = Path(__file__).resolve().parent / "maintenance.py"
-
-
-def exec_line(argv):
-    """argv as an ExecStart= line: quoted, and systemd's own % specifiers and $ variables escaped."""
-    return shlex.join(argv).replace("%", "%%").replace("$", "$$")
 
 
 def hold(unit, retry_after=None, page=None, why="while the app is stopped for a migration"):
@@ -410,10 +333,6 @@ def holding(unit):
     return any(path.exists() for path in port_holder_files(unit))
 
 
-def alive(pid):
-    return bool(pid) and Path(f"/proc/{pid}").exists()
-
-
 def move_port_to_socket(unit, port, timeout=RESTART_TIMEOUT):
     """Stop unit and have its socket (activating the holder) listen the moment the port is free: the
     connections refused are those from the old process letting the port go to the socket's bind.
@@ -447,10 +366,6 @@ def release_holder(unit):
 
 
 # -- socket activation ------------------------------------------------------------------------
-def socket_name(unit):
-    return unit.removesuffix(".service") + ".socket"
-
-
 def start_socket_if_stopped(unit):
     """A socket unit of the service that a restore (or a person) stopped: listen again first."""
     sock = socket_name(unit)
@@ -458,11 +373,6 @@ def start_socket_if_stopped(unit):
     if st.known and st.active != "active" and systemctl("is-enabled", sock, check=False).stdout.strip() == "enabled":
         systemctl("reset-failed", sock, check=False)      # a crash-looping service can take its socket down
         systemctl("start", sock)
-
-
-def helper_name(unit):
-    """The second slot of a handover env: the same program on the same socket."""
-    return unit.removesuffix(".service") + "-handover.service"
 
 
 def slot_states(unit):
@@ -496,42 +406,6 @@ def restart_method(unit):
     return "handover" if state(helper_name(unit)).known else "socket"
 
 
-METHOD_NOTES = {
-    "handover": "{unit} and {helper} take turns on {socket}: a deploy starts the idle one and stops the other "
-                "once it is ready, so no request waits and the release starts once",
-    "socket": "{socket} holds the port: requests wait while {unit} restarts, none is refused "
-              "(a server that signals readiness gets a handover helper too: {command})",
-}
-
-DROPS_WARNING = ("a restart closes the port until the new process listens, so requests are refused "
-                 "meanwhile: hold the port with a socket unit ({command})")
-
-
-def render_socket(unit, port):
-    return (f"[Unit]\nDescription=listening socket of {unit} (written by safe-deploy)\n\n"
-            f"[Socket]\n# holds the port across restarts of {unit}: requests wait here, none is refused\n"
-            f"ListenStream=127.0.0.1:{port}\nBacklog=4096\n\n[Install]\nWantedBy=sockets.target\n")
-
-
-def render_helper(service_text, unit):
-    """The handover slot: the same program as the service, on the service's socket, never enabled.
-    A deploy starts it beside the serving service and stops the service (or the other way round)."""
-    lines, section = [], None
-    for line in service_text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("["):
-            section = stripped
-        if section == "[Install]" or stripped.startswith("Description="):
-            continue
-        lines.append(line)
-        if stripped == "[Unit]":
-            lines.append(f"Description=second slot of {unit} (written by safe-deploy; started by deploys, "
-                         "it serves until the next one)")
-        if stripped == "[Service]" and f"Sockets={socket_name(unit)}" not in service_text:
-            lines.append(f"Sockets={socket_name(unit)}")
-    return "\n".join(lines).rstrip("\n") + "\n"
-
-
 def handover_restart(unit, quick_stop=None):
     """Move a socket-activated env to a new process with no request waiting and one start-up: the
     idle slot starts on the same socket (systemctl start returns once it is ready, so the server
@@ -558,111 +432,3 @@ def handover_restart(unit, quick_stop=None):
         stop_within(old, quick_stop)
     else:
         systemctl("stop", old, timeout=RESTART_TIMEOUT)
-
-
-WORKERS_WAIT = 5.0      # seconds the old slot keeps serving while the new one's workers boot, at most
-
-
-def children_of(pid: int) -> dict[int, str]:
-    """{child pid: its state letter (R running, S sleeping, ...)} of a process; {} when it is gone."""
-    if pid <= 0:
-        return {}
-    try:
-        kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except (OSError, ValueError):
-        return {}
-    found = {}
-    for kid in kids:
-        try:
-            found[kid] = Path(f"/proc/{kid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-    return found
-
-
-def workers_booted(want: int, kids: dict[int, str], seen_idle: set[int]) -> bool:
-    """Whether a new server's workers can all answer: as many as the old server has (want), and each seen
-    idle (sleeping, waiting for a connection) at least once since it appeared. A server without workers
-    (want 0) is ready when it says so."""
-    seen_idle |= {k for k, st in kids.items() if st in ("S", "I")}
-    return len(kids) >= want and all(k in seen_idle for k in kids)
-
-
-def wait_for_workers(new_pid: int, want: int, timeout: float = WORKERS_WAIT) -> None:
-    """A server that tells systemd it is ready before its workers exist (gunicorn sends READY=1, then forks its
-    workers): the old slot is stopped only once the new one's workers are booted, else requests wait in the
-    socket meanwhile. Bounded: past timeout the handover goes on (the workers take the queue when they come)."""
-    if want <= 0:
-        return
-    seen: set[int] = set()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if workers_booted(want, children_of(new_pid), seen):
-            return
-        time.sleep(0.01)
-
-
-def render_socket_service(text, unit, notify):
-    """The service unit `text`, changed to take its socket from systemd: Requires/After the
-    socket (added beside the unit's own Requires=/After=, which stay), Type=notify (readiness)
-    when the server can tell it, a graceful stop."""
-    sock = socket_name(unit)
-    sections, current = {}, None
-    order = []
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("[") and stripped.endswith("]"):
-            current = stripped
-            order.append(current)
-            sections[current] = []
-            continue
-        if current is None:
-            current = "[Unit]"
-            order.append(current)
-            sections[current] = []
-        sections[current].append(line)
-
-    def setting(section, key, value):
-        lines = sections.setdefault(section, [])
-        if section not in order:
-            order.append(section)
-        for i, line in enumerate(lines):
-            if line.strip().startswith(f"{key}="):
-                lines[i] = f"{key}={value}"
-                return
-        while lines and not lines[-1].strip():
-            lines.pop()
-        lines.append(f"{key}={value}")
-
-    def depend(key, value):
-        """Requires= and After= add up over lines in systemd: the unit's own stay as they are (its
-        database, its network) and the socket gets a line of its own, unless a line names it already."""
-        lines = sections.setdefault("[Unit]", [])
-        if "[Unit]" not in order:
-            order.insert(0, "[Unit]")
-        if any(line.strip().startswith(f"{key}=") and value in line.split("=", 1)[1].split() for line in lines):
-            return
-        while lines and not lines[-1].strip():
-            lines.pop()
-        lines.append(f"{key}={value}")
-
-    depend("Requires", sock)
-    depend("After", sock)
-    setting("[Service]", "Sockets", sock)      # its fds whichever unit the socket activates (see holder_name)
-    if notify:
-        setting("[Service]", "Type", "notify")
-        setting("[Service]", "NotifyAccess", "main")
-    setting("[Service]", "KillMode", "mixed")
-    if not any(line.strip().startswith("TimeoutStopSec=") for line in sections.get("[Service]", [])):
-        setting("[Service]", "TimeoutStopSec", "30")
-    if not any(line.strip().startswith("RestartSec=") for line in sections.get("[Service]", [])):
-        # time for a deploy to see a crashing release before systemd's start limit, hit by quick
-        # restarts, fails the service and closes the socket with it
-        setting("[Service]", "RestartSec", "2")
-    out = []
-    for section in order:
-        out.append(section)
-        out.extend(line for line in sections[section])
-        if out[-1].strip():
-            out.append("")
-    return "\n".join(out).rstrip("\n") + "\n"
