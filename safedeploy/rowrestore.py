@@ -275,14 +275,8 @@ def sql_literal(kind, value):
     them back (an infinite real as 9e999); NULL."""
     if value is None:
         return "NULL"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if value != value:
-            return "NULL"           # SQLite stores a NaN as NULL anyway
-        if value in (float("inf"), float("-inf")):
-            return "9e999" if value > 0 else "-9e999"
-        return repr(value)
+    if isinstance(value, (int, float)):
+        return number_literal(value)
     if kind == "blob":
         return f"X'{bytes(value).hex().upper()}'"
     if isinstance(value, bytes):
@@ -290,6 +284,21 @@ def sql_literal(kind, value):
             value = value.decode("utf-8")
         except UnicodeDecodeError:
             return f"CAST(X'{value.hex().upper()}' AS TEXT)"
+    return text_literal(value)
+
+
+def number_literal(value: int | float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if value != value:
+        return "NULL"           # SQLite stores a NaN as NULL anyway
+    if value in (float("inf"), float("-inf")):
+        return "9e999" if value > 0 else "-9e999"
+    return repr(value)
+
+
+def text_literal(value: str) -> str:
+    """'pieces' with '' for a quote, each control character as char(N) between them."""
     pieces, plain = [], ""
     for ch in value:
         if ord(ch) < 32 or ord(ch) == 127:
