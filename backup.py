@@ -6,55 +6,36 @@ holds it), copied with SQLite's online backup API from a read-only connection,
 integrity-checked, hashed, and written with a manifest (commit, reason, sha256,
 schema) so that it is also a rollback point. Safe from cron: --quiet prints
 nothing on success and one line per failure on stderr.
+
+This script parses and prints; the flows are the package's: safedeploy.nightly (backups and their
+off-site copies), safedeploy.pruning (--prune), safedeploy.catalogue (--list, --verify, --release-hold),
+safedeploy.restore_rows (--restore-rows), safedeploy.replica_copy (--at).
 """
 
 import argparse
 import json
 import re
 import shlex
-import sqlite3
 import sys
-import tempfile
 from pathlib import Path
 
-from safedeploy import (adoption, alerts, backups, cli, convert, offsite, oplog, recovery, replica, replica_copy,
-                         retention, rowrestore, units)
-from safedeploy.errors import EXIT_FAILED, EXIT_LOCKED, DeployError, usage_error
-from safedeploy.gitrepo import Repo
-from safedeploy.points import backup_id
-from safedeploy import records
-from safedeploy.state import EnvLock, JsonLog, Journal, StepClock, age_seconds, human_age, now_iso, parse_time
+from safedeploy import alerts, catalogue, cli, convert, nightly, pruning, replica, replica_copy, restore_rows, rowrestore, units
+from safedeploy.errors import EXIT_FAILED, DeployError, usage_error
+from safedeploy.saying import Saying, notify
+from safedeploy.state import EnvLock, age_seconds, human_age
 
 REASON_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 TIME_RE = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+OUT = Saying(cli.say, cli.err, cli.mark, cli.full_output)
 
 
 def main():
     args = parse_arguments()
     config = cli.load_config(args)
     envs = select_envs(config, args)
-    if args.verify is not None:
-        return verify(config, envs, args)
-    if args.list:
-        return show_list(config, envs, args.json)
-    if args.release_hold:
-        return release_hold(envs, args.release_hold)
-    if args.rows_to_restore:
-        return rows_to_restore(envs, args.rows_to_restore)
-    if args.restore_rows:
-        return restore_rows(config, envs, args)
-    if args.install_timer:
-        return install_timer(config, args)
-    if args.test_alert:
-        return test_alert(config)
-    if args.alert_failed:
-        return alert_failed(config, args.alert_failed)
-    if args.at:
-        return point_in_time(config, envs, args)
-    if args.install_replica:
-        return install_replica(config, args.yes)
-    if args.replica_start:
-        return replica_start(config)
+    for wanted, handler in MODES:
+        if wanted(args):
+            return handler(config, envs, args)
     code = 0 if args.prune and not args.envs and not args.all else back_up_all(config, envs, args)
     if args.prune and code == 0:
         code = prune(config, envs, args)
@@ -147,136 +128,9 @@ def select_envs(config, args):
 
 # -- taking backups -------------------------------------------------------------
 def back_up_all(config, envs, args):
-    reason = args.reason or ("nightly" if args.quiet else "manual")
     cli.log_operation(envs, "backup")
-    remote = OffsiteRun(config, args.quiet)
-    remote.warn_if_stale(envs)
-    codes = []
-    for env in envs:
-        try:
-            backup = back_up_env(config, env, reason, args.lock_wait, None if args.quiet else progress_printer(env))
-        except DeployError as exc:
-            cli.err(f"error: backup of {env.name} failed: {exc} {cli.full_output(env.name)}".rstrip())
-            oplog.mark(env.name, False)
-            codes.append(exc.code)
-            if exc.code != EXIT_LOCKED:
-                notify(config, "backup-failed", env.name, f"the {reason} backup of {env.name} failed: {exc}",
-                       cli.script_command(config, "backup.py", env.name))
-            continue
-        if not args.quiet:
-            cli.say(f"backed up {env.name}: {backup.path} ({backup.bytes / 1e6:.1f} MB, "
-                    f"sha256 {backup.sha256[:12]}, integrity ok, {backup.seconds:.2f}s)")
-        if not remote.push(env, backup):
-            oplog.mark(env.name, False)
-            codes.append(EXIT_FAILED)
-        else:
-            oplog.mark(env.name, True)
-    if not codes:
-        return 0
-    return EXIT_LOCKED if EXIT_LOCKED in codes and len(set(codes)) == 1 else EXIT_FAILED
-
-
-class OffsiteRun:
-    """The off-site side of one backup.py run: the repository opened (and initialised) once."""
-
-    def __init__(self, config, quiet):
-        self.config, self.quiet = config, quiet
-        self.engine = offsite.engine(config.offsite) if config.offsite else None
-        self.opened = False
-
-    def open(self):
-        if not self.opened:
-            self.engine.ensure_repository()
-            self.opened = True
-        return self.engine
-
-    def warn_if_stale(self, envs):
-        if not self.engine:
-            return
-        for env in envs:
-            try:
-                why = offsite.stale(env)
-            except DeployError as exc:         # the state folder is full or unwritable: the backup still runs
-                why = f"when {env.name}'s last copy reached off-site is unknown: {exc}"
-            if why:
-                cli.err(f"warning: off-site copies are stale: {why}")
-                notify(self.config, "offsite-stale", env.name, why, cli.script_command(self.config, "backup.py", env.name))
-
-    def push(self, env, backup):
-        """Copy a verified local backup off-site, then every earlier one of env that is not there yet (the
-        copies deploys, rollbacks and adoption made: they are pushed here, never during a deploy, so the
-        network never slows one down). False (said, alerted) when that failed."""
-        if not self.engine:
-            return True
-        try:
-            result = self.open().push(backup)
-            offsite.record_push(env, backup, result)
-        except DeployError as exc:
-            return self.failed(env, f"the off-site copy of {env.name}'s backup {backup.path} failed: {exc}. The "
-                               "local backup is verified; it is on this host's disk only")
-        if not self.quiet:
-            cli.say(f"  off-site: snapshot {result['snapshot'][:8]} in {self.config.offsite.shown}, "
-                    f"{result['added'] / 1e6:.1f} MB added, {result['seconds']:.1f}s")
-        try:
-            caught_up = self.catch_up(env, backup)
-        except DeployError as exc:
-            return self.failed(env, f"{backup.path} reached off-site, but an earlier backup of {env.name} that was "
-                               f"not there yet could not be copied: {exc}")
-        if caught_up and not self.quiet:
-            cli.say(f"  off-site: also {len(caught_up)} earlier backup(s) not yet there: {', '.join(caught_up)}")
-        return True
-
-    def failed(self, env, message):
-        cli.err(f"error: {message} {cli.full_output(env.name)}".rstrip())
-        notify(self.config, "offsite-failed", env.name, message, cli.script_command(self.config, "backup.py", env.name))
-        return False
-
-    def catch_up(self, env, pushed):
-        there = {c.file for c in self.engine.copies(env.name)}
-        done = []
-        for b in reversed(backups.list_backups(env.backup_dir)):        # oldest first
-            name = Path(b.path).name
-            if name in there or b.path == pushed.path or backups.verify_backup(b) != "ok":
-                continue
-            self.engine.push(b)
-            done.append(f"{name.removesuffix('.sqlite3')}")
-        return done
-
-
-def notify(config, name, env, message, command=None):
-    """An alert for an event, when [alerts] is set; a delivery problem is printed, never raised. It carries
-    the env's log of this run, when one is open."""
-    log = oplog.current(env) if env else None
-    for problem in alerts.send(config.alerts, alerts.event(name, env, message, command,
-                                                           log=log.path if log else None)):
-        cli.err(f"warning: {problem}")
-
-
-def look_with(config):
-    return lambda name: cli.script_command(config, "status.py", name)
-
-
-def back_up_env(config, env, reason, lock_wait, progress=None):
-    with EnvLock(env.state_dir, env.name, f"backup ({reason})", wait=lock_wait):
-        clean_up_interrupted(env)
-        journal = Journal(env.state_dir, env.name, "backup-journal")
-        journal.start("backup", reason=reason)
-        try:
-            return backups.backup_database(env.db, env.backup_dir, env.name, reason, commit=commit_running(env),
-                                           unit_file=unit_file(env), progress=progress,
-                                           clock=StepClock(journal, "backup", look_with=look_with(config)),
-                                           bookkeeping=env.bookkeeping)
-        finally:
-            journal.finish()
-
-
-def clean_up_interrupted(env):
-    """A killed backup left temp files: remove them. A killed deploy or rollback is left for the
-    next deploy.py or rollback.py, which finishes or undoes it (backups never change what runs)."""
-    journal = Journal(env.state_dir, env.name, "backup-journal")
-    if journal.read():
-        recovery.remove_temp_files(env)
-        journal.finish()
+    return nightly.back_up_all(config, envs, args.reason or ("nightly" if args.quiet else "manual"), args.lock_wait,
+                               args.quiet, OUT, progress_printer)
 
 
 def progress_printer(env):
@@ -292,115 +146,78 @@ def progress_printer(env):
     return show
 
 
-def commit_running(env):
-    try:
-        return records.running_commit(records.read(env)) or Repo(env.path).head()
-    except DeployError:
-        return ""
-
-
-def unit_file(env):
-    try:
-        path = units.state(env.unit).fragment_path
-    except DeployError:
-        return None
-    return path if path and Path(path).is_file() else None
-
-
 # -- listing and verifying ----------------------------------------------------------
-def show_list(config, envs, as_json):
+def show_list(config, envs, args):
     """Every backup, newest first, with where its copies are: local, offsite, or both."""
-    found = [b for env in envs for b in backups.list_backups(env.backup_dir)]
-    names = {e.name for e in envs}
-    remote, problem, others = [], None, 0
-    if config.offsite:
-        try:
-            remote, others = offsite.engine(config.offsite).scan()      # this config's copies only
-            remote = [c for c in remote if c.env in names]
-        except DeployError as exc:
-            problem = str(exc)
-    remote_files = {c.file for c in remote}
-    local_files = {Path(b.path).name for b in found}
-    known = bool(config.offsite) and not problem        # else whether a copy is off-site too is not known
-
-    def where(b):
-        there = Path(b.path).name in remote_files
-        return {"location": "both" if known and there else "local", "offsite": there if known else None}
-
-    keys = ("env", "path", "time", "bytes", "sha256", "reason", "commit", "schema", "held")
-    rows = [{**{k: getattr(b, k) for k in keys}, "rows": b.rows_total, **where(b)} for b in found]
-    rows += [{"env": c.env, "path": None, "time": c.time, "bytes": None, "sha256": c.sha256, "reason": c.reason,
-              "commit": c.commit, "schema": None, "held": False, "rows": c.rows_total, "location": "offsite",
-              "offsite": True,
-              "snapshot": c.id, "file": c.file} for c in remote if c.file not in local_files]
-    rows.sort(key=lambda r: r["time"] or "", reverse=True)
-    identity = {"repository": config.offsite.shown, "host": config.offsite.host, "config": config.offsite.id,
-                "others": others} if config.offsite else None
-    if as_json:
-        cli.say(json.dumps({"backups": rows, **({"offsite": identity} if identity else {})}, indent=2))
+    found = catalogue.listing(config, envs)
+    if args.json:
+        cli.say(json.dumps(found.to_json(), indent=2))
     else:
-        if not rows:
-            cli.say("no backups yet")
-        for r in rows:
-            size = f"{r['bytes'] / 1e6:9.1f} MB" if r["bytes"] is not None else "         ? MB"
-            where = r["path"] or f"{r['file']} (off-site only, snapshot {r['snapshot'][:8]})"
-            rows_text = f"{r['rows']:>8} rows" if r["rows"] is not None else "       ? rows"
-            cli.say(f"{r['time']}  {r['env']:<8} {r['reason']:<12} {size} {rows_text}  {(r['commit'] or '?')[:12]}  "
-                    f"{human_age(age_seconds(r['time'])):>8}  {r['location']:<7} {where}"
-                    + ("  HELD: holds rows a restore took out; kept until --release-hold" if r["held"] else ""))
-        if identity and not problem:
-            cli.say(f"off-site: {identity['repository']}, this config's copies (host={identity['host']}, "
-                    f"config={identity['config']})" + (f"; {others} copies of other hosts or configs there, not listed"
-                                                       if others else ""))
-    if problem:
-        cli.err(f"error: the off-site copies could not be listed: {problem}")
+        show_rows(found)
+    if found.problem:
+        cli.err(f"error: the off-site copies could not be listed: {found.problem}")
         return EXIT_FAILED
     return 0
 
 
-def rows_to_restore(envs, wanted):
+def show_rows(found):
+    if not found.rows:
+        cli.say("no backups yet")
+    for r in found.rows:
+        size = f"{r['bytes'] / 1e6:9.1f} MB" if r["bytes"] is not None else "         ? MB"
+        where = r["path"] or f"{r['file']} (off-site only, snapshot {r['snapshot'][:8]})"
+        rows_text = f"{r['rows']:>8} rows" if r["rows"] is not None else "       ? rows"
+        cli.say(f"{r['time']}  {r['env']:<8} {r['reason']:<12} {size} {rows_text}  {(r['commit'] or '?')[:12]}  "
+                f"{human_age(age_seconds(r['time'])):>8}  {r['location']:<7} {where}"
+                + ("  HELD: holds rows a restore took out; kept until --release-hold" if r["held"] else ""))
+    identity = found.identity
+    if identity and not found.problem:
+        others = identity["others"]
+        cli.say(f"off-site: {identity['repository']}, this config's copies (host={identity['host']}, "
+                f"config={identity['config']})" + (f"; {others} copies of other hosts or configs there, not listed"
+                                                   if others else ""))
+
+
+def verify(config, envs, args):
+    problems = catalogue.verify(config, envs, args.verify, args.quiet, OUT)
+    if problems:
+        notify(config, OUT, "verify-failed", ",".join(e.name for e in envs),
+               "backup.py --verify found: " + "; ".join(problems), cli.script_command(config, "backup.py", "--verify"))
+    return EXIT_FAILED if problems else 0
+
+
+# -- putting rows back ----------------------------------------------------------------
+def rows_to_restore(config, envs, args):
     """The older spelling: the SQL of a restore, for review only."""
-    backup = find_backup(envs, wanted)
-    env = next(e for e in envs if Path(backup.path).parent == e.backup_dir)
+    backup = catalogue.find_backup(envs, args.rows_to_restore)
+    env = catalogue.env_of(envs, backup)
     cli.say("\n".join(rowrestore.sql(rowrestore.plan(env, backup.path))))
     return 0
 
 
-def restore_rows(config, envs, args):
+def restore_rows_mode(config, envs, args):
     """--restore-rows: the plan, then (asked, or --yes) the verified restore, under the env's lock. The copy
     may be off-site only: it is fetched and verified first, like a rollback's."""
     env = envs[0]
-    backup = copy_to_restore_from(config, env, args.restore_rows)
-    record = records.RowsRecord(env=env.name, user=cli.user_name(), copy=backup_id(backup))
-    with EnvLock(env.state_dir, env.name, "restore-rows", wait=args.lock_wait):
-        if not args.sql:
-            cli.log_operation([env], "restore-rows")
-        try:
-            plan = rowrestore.plan(env, backup.path, backup.sha256)
-        except sqlite3.Error as exc:
-            raise DeployError(f"cannot compare {backup.path} with {env.db}: {exc}; nothing was changed") from None
+    backup = restore_rows.copy_to_restore_from(config, env, args.restore_rows, cli.say)
+
+    def review(plan):
         if args.sql:
             cli.say("\n".join(rowrestore.sql(plan)))
-            return 0
+            return False
         show_restore_plan(env, backup, plan)
-        if not plan.total:
-            cli.say("nothing to put back" + (": what is left out above stays in the copy" if plan.refused or
-                                              plan.left_out_total else ": every row of the copy is live"))
-            return EXIT_FAILED if plan.refused else 0
-        confirm_restore(env, args.yes, plan.total)
-        try:
-            done = rowrestore.apply(env, backup.path, backup.sha256)
-        except (rowrestore.RestoreRefused, sqlite3.Error) as exc:
-            record.result, record.error = "failed", str(exc)
-            records.append(env, record)
-            why = str(exc) if isinstance(exc, rowrestore.RestoreRefused) else \
-                f"{exc}; the transaction was rolled back, nothing was changed"
-            raise DeployError(f"rows of {Path(backup.path).name} not put back: {why}. Review them with: "
-                              + cli.script_command(config, "backup.py", env.name, "--restore-rows",
-                                                   backup_id(backup), "--sql")) from None
-        record.result, record.restored, record.rekeyed = "ok", done.restored, done.rekeyed
-        record.left_out = done.plan.left_out_total
-        records.append(env, record)
+        if plan.total:
+            confirm_restore(env, args.yes, plan.total)
+        return bool(plan.total)
+
+    plan, done = restore_rows.put_back(config, env, backup, cli.user_name(), args.lock_wait,
+                                       lambda: None if args.sql else cli.log_operation([env], "restore-rows"), review)
+    if done is None:
+        if args.sql:
+            return 0
+        cli.say("nothing to put back" + (": what is left out above stays in the copy" if plan.refused or
+                                          plan.left_out_total else ": every row of the copy is live"))
+        return EXIT_FAILED if plan.refused else 0
     restored = ", ".join(f"{n} row(s) of {t}" for t, n in sorted(done.restored.items())) or "no row"
     cli.say(f"put back {restored} into {env.db}, in one transaction, verified before COMMIT: every live row "
             "unchanged, the rows added exactly those planned, with their references")
@@ -409,19 +226,6 @@ def restore_rows(config, envs, args):
     if done.plan.refused or done.plan.left_out_total:
         cli.say("  left out (still in the copy): see above")
     return 0
-
-
-def copy_to_restore_from(config, env, wanted):
-    """A local backup named by wanted, else this config's off-site copy of that name, fetched and verified."""
-    try:
-        return find_backup([env], wanted)
-    except DeployError:
-        copies, problem = offsite.copies_for(config, env)
-        copy = next((c for c in copies if wanted in (c.name, c.file)), None)
-        if copy is None:
-            raise
-        cli.say(f"{copy.name} is off-site only; fetching {copy.file} (snapshot {copy.id[:8]})")
-        return offsite.fetch_for(config, copy, env)
 
 
 def show_restore_plan(env, backup, plan):
@@ -449,159 +253,17 @@ def confirm_restore(env, yes, n):
         raise usage_error(f"putting rows back into {env.name} needs --yes when there is no terminal to ask")
 
 
-def release_hold(envs, wanted):
-    """The rows a copy holds that the live database lacks are not wanted back (deleted on purpose): the row
-    ledger stops counting the copy, and a held copy is no longer kept from prune."""
-    backup = find_backup(envs, wanted)
-    env = next(e for e in envs if Path(backup.path).parent == e.backup_dir)
-    JsonLog(env.state_dir / f"{env.name}.dismissed.jsonl").append(
-        {"time": now_iso(), "id": Path(backup.path).name.removesuffix(".sqlite3"), "sha256": backup.sha256,
-         "by": cli.user_name()})
-    if backup.held:
-        backups.release_hold(backup)
+def release_hold(config, envs, args):
+    """The rows a copy holds that the live database lacks are not wanted back (deleted on purpose)."""
+    backup = catalogue.release_hold(envs, args.release_hold, cli.user_name())
     cli.say(f"released: the rows of {backup.path} the live database lacks are not counted any more (status stops "
             "advising them back); prune treats it as any backup, [retention] decides from now on")
     return 0
 
 
-def verify(config, envs, args):
-    if args.verify:
-        targets = [find_backup(envs, args.verify)]
-    else:
-        targets = [b for env in envs for b in backups.list_backups(env.backup_dir)]
-    problems = []
-    for b in targets:
-        verdict = backups.verify_backup(b)
-        if verdict != "ok":
-            problems.append(f"BAD backup {b.path}: {verdict}")
-            cli.err(f"error: {problems[-1]}")
-        elif not args.quiet:
-            cli.say(f"{cli.mark(True)}  {b.path}")
-    if not args.quiet:
-        cli.say(f"{len(targets) - len(problems)} of {len(targets)} backups good")
-    if config.offsite and not args.verify:
-        problems += verify_offsite(config, envs, args.quiet)
-    if problems:
-        notify(config, "verify-failed", ",".join(e.name for e in envs), "backup.py --verify found: " + "; ".join(problems),
-               cli.script_command(config, "backup.py", "--verify"))
-    return EXIT_FAILED if problems else 0
-
-
-def verify_offsite(config, envs, quiet):
-    """The engine's check (restic: a tenth of the data packs read back; borg: the newest archives' data
-    verified), then the newest off-site copy of each env
-    restored to a temp folder and checked (sha256, integrity) like a local one."""
-    engine, problems = offsite.engine(config.offsite), []
-    try:
-        if not engine.exists():
-            raise DeployError(f"there is no repository at {config.offsite.shown} yet: no backup has reached "
-                              "off-site (the next backup.py run makes it)")
-        checked = engine.check()
-        copies = engine.copies()
-    except DeployError as exc:
-        cli.err(f"error: off-site repository: {exc}")
-        return [str(exc)]
-    if not quiet:
-        cli.say(f"{cli.mark(True)}  off-site repository {config.offsite.shown}: {checked}")
-    for env in envs:
-        newest = next((c for c in copies if c.env == env.name), None)
-        if newest is None:
-            if not quiet:
-                cli.say(f"   {env.name}: no off-site copy yet")
-            continue
-        with tempfile.TemporaryDirectory(prefix="safe-deploy-verify-") as scratch:
-            try:
-                engine.fetch(newest, Path(scratch), env.name)
-            except DeployError as exc:
-                cli.err(f"error: BAD off-site copy of {env.name}: {exc}")
-                problems.append(str(exc))
-                continue
-        if not quiet:
-            cli.say(f"{cli.mark(True)}  {env.name}: newest off-site copy {newest.file} restored to a temp folder: "
-                    "sha256 and integrity ok")
-    return problems
-
-
 # -- retention ------------------------------------------------------------------------
 def prune(config, envs, args):
-    """Local prune of each env under its lock; then the off-site side with no lock held: a repository
-    that does not answer must never keep a rollback waiting (a black-holed one held the env lock for
-    300 s, and every rollback behind it)."""
-    bad, plans = False, []
-    for env in envs:
-        with EnvLock(env.state_dir, env.name, "prune", wait=args.lock_wait):
-            found = backups.list_backups(env.backup_dir)
-            protected = retention.protected(
-                env, found, (adoption.read_doc(config)["envs"].get(env.name) or {}).get("backup"))
-            keep, remove = retention.prune_plan(found, config.retention, protected)
-            held = [b for b in remove if b.held]
-            remove = [b for b in remove if not b.held]
-            for b in held:
-                keep[b.path] = "holds rows a restore took out (backup.py --release-hold FILE lets prune remove it)"
-            for b in remove:
-                if not args.dry_run:
-                    backups.remove_backup(b)
-                if not args.quiet or args.dry_run:
-                    cli.say(f"{'would remove' if args.dry_run else 'removed'} {b.path} ({b.reason}, {b.time})")
-            if not keep and found:
-                bad = True
-            if not args.quiet:
-                cli.say(f"{env.name}: kept {len(keep)}, {'would remove' if args.dry_run else 'removed'} {len(remove)}")
-            # what must stay off-site, by file name: decided under the lock, applied after it
-            by_name = {Path(path).name: why for path, why in protected.items()}
-            by_name.update({Path(b.path).name: "held" for b in found if b.held})
-            plans.append((env, by_name))
-    if config.offsite and not prune_offsite(config, plans, args):
-        bad = True
-    return EXIT_FAILED if bad else 0
-
-
-def prune_offsite(config, plans, args):
-    """[retention] on this config's off-site copies (never another host's or config's), env by env,
-    then one prune (restic prune, borg compact). Stale locks (a restic killed mid-push) are cleared first:
-    restic unlock removes only stale ones (borg removes its own). True when all went well."""
-    engine, ok, forgot = offsite.engine(config.offsite), True, False
-    try:
-        if not args.dry_run:
-            engine.unlock()
-        mine = engine.copies()          # one listing for every env
-    except DeployError as exc:
-        return offsite_prune_failed(config, None, exc)
-    for env, by_name in plans:
-        try:
-            copies = [c for c in mine if c.env == env.name]
-            most = retention.richest(copies + [b for b in backups.list_backups(env.backup_dir)])
-            if most:            # the copy with the data, wherever it is (off-site only on a rebuilt host)
-                by_name.setdefault(Path(most.path).name, retention.RICHEST.format(n=most.rows_total))
-            keep, remove = retention.prune_plan(copies, config.retention, by_name)
-            for c in remove:
-                if not args.quiet or args.dry_run:
-                    cli.say(f"{'would forget' if args.dry_run else 'forgot'} off-site {c.file} (snapshot {c.id[:8]}, {c.time})")
-            if not args.dry_run:
-                engine.forget(remove)
-        except DeployError as exc:
-            ok = offsite_prune_failed(config, env.name, exc) and ok
-            continue
-        if not args.quiet:
-            cli.say(f"{env.name} off-site: kept {len(keep)}, {'would forget' if args.dry_run else 'forgot'} {len(remove)}")
-        forgot = forgot or (bool(remove) and not args.dry_run)
-    if forgot:
-        try:
-            engine.prune()      # once for every env: restic's prune rewrites packs, borg's compact frees segments
-        except DeployError as exc:
-            cli.err(f"error: off-site prune failed: {exc}; the forgotten copies' data stays in the repository until "
-                    "the next --prune")
-            notify(config, "offsite-failed", None, f"the off-site prune failed: {exc}",
-                   cli.script_command(config, "backup.py", "--prune"))
-            ok = False
-    return ok
-
-
-def offsite_prune_failed(config, env_name, exc):
-    what = f"the off-site prune of {env_name}" if env_name else "the off-site prune"
-    cli.err(f"error: {what} failed: {exc}; nothing more was removed off-site")
-    notify(config, "offsite-failed", env_name, f"{what} failed: {exc}", cli.script_command(config, "backup.py", "--prune"))
-    return False
+    return pruning.prune(config, envs, args.lock_wait, args.dry_run, args.quiet, OUT)
 
 
 # -- the systemd timer -------------------------------------------------------------------
@@ -643,7 +305,7 @@ def test_alert(config):
 
 def alert_failed(config, unit):
     """Run by the timer's OnFailure= unit: backup.py itself could not say (killed, out of memory)."""
-    notify(config, "backup-failed", None, f"the systemd unit {unit} failed: the nightly backup did not finish",
+    notify(config, OUT, "backup-failed", None, f"the systemd unit {unit} failed: the nightly backup did not finish",
            f"journalctl --user -u {unit} -n 50")
     return 0
 
@@ -653,8 +315,8 @@ def point_in_time(config, envs, args):
     """backup.py ENV --at TIME: the env's database as it was at TIME, out of its replica, as a verified backup."""
     env, when = envs[0], replica_copy.parse_when(args.at)
     with EnvLock(env.state_dir, env.name, "backup (point-in-time)", wait=args.lock_wait):
-        clean_up_interrupted(env)
-        backup, point = replica_copy.copy_at(config, env, when, lambda moment: commit_at(env, moment))
+        nightly.clean_up_interrupted(env)
+        backup, point = replica_copy.copy_at(config, env, when, lambda moment: nightly.commit_at(env, moment))
     asked = "the replica's newest moment" if when is None else f"the replica's last moment at or before {args.at}"
     name = Path(backup.path).name.removesuffix(".sqlite3")
     cli.say(f"{env.name} as it was at {backup.time} ({asked}): {backup.path} ({backup.rows_total} rows, "
@@ -662,19 +324,6 @@ def point_in_time(config, envs, args):
     cli.say(f"  its rows the live database lacks: {cli.script_command(config, 'backup.py', '--rows-to-restore', backup.path)}")
     cli.say(f"  or the env back to it: {cli.script_command(config, 'rollback.py', env.name, '--to', name, '--with-db')}")
     return 0
-
-
-def commit_at(env, moment):
-    """The commit env ran at moment, by its deploy log (else what runs now)."""
-    try:
-        found = records.read(env)
-    except DeployError:
-        found = []
-    before = [r for r in found if r.running and parse_time(r.time) and parse_time(r.time) <= moment]
-    if before:
-        return before[-1].running
-    first = next((getattr(r, "from_", None) for r in found if getattr(r, "from_", None)), None)
-    return first or commit_running(env)
 
 
 def install_replica(config, yes):
@@ -719,15 +368,19 @@ def replica_start(config):
     return 0
 
 
-def find_backup(envs, name):
-    """A backup named by its path, its file name or its id (the file name without .sqlite3), as status, --list
-    and rollback.py --list print them."""
-    wanted = Path(name.removesuffix(".json")).resolve()
-    for env in envs:
-        for b in backups.list_backups(env.backup_dir):
-            if Path(b.path).resolve() == wanted or name in (Path(b.path).name, Path(b.path).name.removesuffix(".sqlite3")):
-                return b
-    raise usage_error(f"{name}: not a backup with a manifest in any env's backup folder")
+MODES = [  # (is this the mode asked for, what runs it): the first that is; else backups (and --prune)
+    (lambda a: a.verify is not None, verify),
+    (lambda a: a.list, show_list),
+    (lambda a: a.release_hold, release_hold),
+    (lambda a: a.rows_to_restore, rows_to_restore),
+    (lambda a: a.restore_rows, restore_rows_mode),
+    (lambda a: a.install_timer, lambda config, envs, args: install_timer(config, args)),
+    (lambda a: a.test_alert, lambda config, envs, args: test_alert(config)),
+    (lambda a: a.alert_failed, lambda config, envs, args: alert_failed(config, args.alert_failed)),
+    (lambda a: a.at, point_in_time),
+    (lambda a: a.install_replica, lambda config, envs, args: install_replica(config, args.yes)),
+    (lambda a: a.replica_start, lambda config, envs, args: replica_start(config)),
+]
 
 
 if __name__ == "__main__":
