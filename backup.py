@@ -21,12 +21,12 @@ from pathlib import Path
 
 from safedeploy import alerts, catalogue, cli, convert, nightly, pruning, replica, replica_copy, restore_rows, rowrestore, units
 from safedeploy.errors import EXIT_FAILED, DeployError, usage_error
-from safedeploy.saying import Saying, notify
+from safedeploy.saying import notify
 from safedeploy.state import EnvLock, age_seconds, human_age
 
 REASON_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 TIME_RE = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
-OUT = Saying(cli.say, cli.err, cli.mark, cli.full_output)
+OUT = cli.output()
 
 
 def main():

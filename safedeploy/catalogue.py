@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import backups, offsite
 from .errors import DeployError, usage_error
-from .saying import Saying
+from .output import Output
 from .state import JsonLog, now_iso
 
 KEYS = ("env", "path", "time", "bytes", "sha256", "reason", "commit", "schema", "held")
@@ -86,7 +86,7 @@ def release_hold(envs, wanted: str, user: str):
     return backup
 
 
-def verify(config, envs, file: str, quiet: bool, out: Saying) -> list[str]:
+def verify(config, envs, file: str, quiet: bool, out: Output) -> list[str]:
     """--verify [FILE]: FILE, else every local backup of envs and (with [offsite]) the off-site side; the problems."""
     targets = [find_backup(envs, file)] if file else [b for env in envs for b in backups.list_backups(env.backup_dir)]
     problems = []
@@ -104,7 +104,7 @@ def verify(config, envs, file: str, quiet: bool, out: Saying) -> list[str]:
     return problems
 
 
-def verify_offsite(config, envs, quiet: bool, out: Saying) -> list[str]:
+def verify_offsite(config, envs, quiet: bool, out: Output) -> list[str]:
     """The engine's check (restic: a tenth of the data packs read back; borg: the newest archives' data
     verified), then the newest off-site copy of each env
     restored to a temp folder and checked (sha256, integrity) like a local one."""
@@ -129,7 +129,7 @@ def verify_offsite(config, envs, quiet: bool, out: Saying) -> list[str]:
     return problems
 
 
-def check_newest(engine, env, newest, quiet: bool, out: Saying) -> str | None:
+def check_newest(engine, env, newest, quiet: bool, out: Output) -> str | None:
     """env's newest off-site copy restored to a temp folder and checked; the problem, or None."""
     if newest is None:
         if not quiet:

@@ -181,8 +181,9 @@ def err(text):
 
 def output() -> Output:
     """The Output the scripts give the package's runs (safedeploy.output): these say, err and countdown, so
-    the package's lines are redacted, counted for the alert and kept in the operation's log like the scripts'."""
-    return Output(say=say, err=err, countdown=countdown)
+    the package's lines are redacted, counted for the alert and kept in the operation's log like the scripts'.
+    (backup.py's long flows take it too: its mark and full_output.)"""
+    return Output(say=say, err=err, countdown=countdown, mark=mark, full_output=full_output)
 
 
 def emit(text, stream):

@@ -1,6 +1,6 @@
 """backup.py's backups: each env's database copied under its lock (safedeploy.backups), then off-site
 (OffsiteRun: the repository opened once, every earlier copy not there yet pushed after the new one).
-What happens is said through a Saying (safedeploy.saying); the exit code is returned."""
+What happens is said through an Output (safedeploy.output); the exit code is returned."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ from . import backups, offsite, oplog, records, recovery, units
 from .commandline import script_command
 from .errors import EXIT_FAILED, EXIT_LOCKED, DeployError
 from .gitrepo import Repo
-from .saying import Saying, notify
+from .output import Output
+from .saying import notify
 from .state import EnvLock, Journal, StepClock, parse_time
 
 Progress = Callable[[int, int], None]
 
 
-def back_up_all(config, envs, reason: str, lock_wait: float, quiet: bool, out: Saying,
+def back_up_all(config, envs, reason: str, lock_wait: float, quiet: bool, out: Output,
                 progress_for: Callable[[object], Progress | None]) -> int:
     """Back up each env (then off-site); 0, EXIT_LOCKED when every failure was a lock held, else EXIT_FAILED."""
     remote = OffsiteRun(config, quiet, out)
@@ -49,7 +50,7 @@ def back_up_all(config, envs, reason: str, lock_wait: float, quiet: bool, out: S
 class OffsiteRun:
     """The off-site side of one backup.py run: the repository opened (and initialised) once."""
 
-    def __init__(self, config, quiet: bool, out: Saying):
+    def __init__(self, config, quiet: bool, out: Output):
         self.config, self.quiet, self.out = config, quiet, out
         self.engine = offsite.engine(config.offsite) if config.offsite else None
         self.opened = False

@@ -8,6 +8,8 @@ to the Output its run carries (runbook's Run, rehearsal's Run), made by the scri
 - err(text): a line on stderr, as given ("error: ..." or "warning: ..." included by the caller).
 - warn(text): err("warning: " + text).
 - countdown(label): a show(seconds_left) for a wait, or None (not on a terminal).
+- mark(ok): PASS or FAIL (painted on a terminal by the scripts' Output).
+- full_output(env): "(full output: PATH)" naming env's log of this run, or "".
 
 The scripts' Output is cli.output(): cli.say and cli.err, so every line is redacted, coloured on a terminal,
 counted for the alert and written to the operation's log (cli.emit, safedeploy.oplog). PLAIN, the default
@@ -37,11 +39,21 @@ def no_countdown(label: str) -> Show | None:
     return None
 
 
+def plain_mark(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def no_log(env: str | None = None) -> str:
+    return ""
+
+
 @dataclass(frozen=True)
 class Output:
     say: Callable[[str], None] = plain_say
     err: Callable[[str], None] = plain_err
     countdown: Callable[[str], Show | None] = no_countdown
+    mark: Callable[[bool], str] = plain_mark
+    full_output: Callable[[str | None], str] = no_log
 
     def warn(self, text: str) -> None:
         self.err(f"warning: {text}")

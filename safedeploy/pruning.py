@@ -1,6 +1,6 @@
 """backup.py --prune: [retention] on each env's local backups under its lock, then on this config's
 off-site copies with no lock held (a repository that does not answer must never keep a rollback waiting:
-a black-holed one held the env lock for 300 s, and every rollback behind it). Said through a Saying."""
+a black-holed one held the env lock for 300 s, and every rollback behind it). Said through an Output."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ from pathlib import Path
 from . import adoption, backups, offsite, retention
 from .commandline import script_command
 from .errors import EXIT_FAILED, DeployError
-from .saying import Saying, notify
+from .output import Output
+from .saying import notify
 from .state import EnvLock
 
 HELD = "holds rows a restore took out (backup.py --release-hold FILE lets prune remove it)"
 
 
-def prune(config, envs, lock_wait: float, dry_run: bool, quiet: bool, out: Saying) -> int:
+def prune(config, envs, lock_wait: float, dry_run: bool, quiet: bool, out: Output) -> int:
     """Local prune of each env under its lock; then the off-site side. 0, or EXIT_FAILED."""
     bad, plans = False, []
     for env in envs:
@@ -35,7 +36,7 @@ def prune(config, envs, lock_wait: float, dry_run: bool, quiet: bool, out: Sayin
     return EXIT_FAILED if bad else 0
 
 
-def prune_local(env, found, policy, protected, dry_run: bool, quiet: bool, out: Saying):
+def prune_local(env, found, policy, protected, dry_run: bool, quiet: bool, out: Output):
     """The plan for env's backups, applied (unless dry_run): (kept {path: why}, removed)."""
     keep, remove = retention.prune_plan(found, policy, protected)
     for b in remove:
@@ -52,7 +53,7 @@ def prune_local(env, found, policy, protected, dry_run: bool, quiet: bool, out: 
     return keep, remove
 
 
-def prune_offsite(config, plans, dry_run: bool, quiet: bool, out: Saying) -> bool:
+def prune_offsite(config, plans, dry_run: bool, quiet: bool, out: Output) -> bool:
     """[retention] on this config's off-site copies (never another host's or config's), env by env,
     then one prune (restic prune, borg compact). Stale locks (a restic killed mid-push) are cleared first:
     restic unlock removes only stale ones (borg removes its own). True when all went well."""
@@ -82,7 +83,7 @@ def prune_offsite(config, plans, dry_run: bool, quiet: bool, out: Saying) -> boo
     return ok
 
 
-def forget_env(config, engine, env, copies, by_name: dict, dry_run: bool, quiet: bool, out: Saying) -> list:
+def forget_env(config, engine, env, copies, by_name: dict, dry_run: bool, quiet: bool, out: Output) -> list:
     """[retention] on env's off-site copies (the copy with the most rows kept, wherever it is); the forgotten."""
     most = retention.richest(copies + [b for b in backups.list_backups(env.backup_dir)])
     if most:            # the copy with the data, wherever it is (off-site only on a rebuilt host)
@@ -98,7 +99,7 @@ def forget_env(config, engine, env, copies, by_name: dict, dry_run: bool, quiet:
     return remove
 
 
-def offsite_prune_failed(config, out: Saying, env_name: str | None, exc: DeployError) -> bool:
+def offsite_prune_failed(config, out: Output, env_name: str | None, exc: DeployError) -> bool:
     what = f"the off-site prune of {env_name}" if env_name else "the off-site prune"
     out.err(f"error: {what} failed: {exc}; nothing more was removed off-site")
     notify(config, out, "offsite-failed", env_name, f"{what} failed: {exc}", script_command(config, "backup.py", "--prune"))
