@@ -24,7 +24,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import probe, redaction, release, releases, replica, unitenv, units
+from . import probe, redaction, releases, replica, restart, unitenv, units
 from .errors import DeployError
 from .files import fsync_dir, make_private_dir, remove_quietly, write_atomic
 from .gitrepo import Repo
@@ -366,4 +366,4 @@ def put_back(env, files, saved, modes, first, moves):
             remove_quietly(path)
     units.daemon_reload()
     replica.resume(env, swapped=False)
-    release.wait_until_healthy(env, since=release.restart_unit(env))
+    restart.wait_until_healthy(env, since=restart.restart_unit(env))

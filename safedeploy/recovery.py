@@ -24,7 +24,7 @@ of rolled-back tags missing from the bad log are written back (journals.repair_r
 
 import os
 
-from . import backups, convert, decisions, journals, records, rehearsal, release, releases, runbook, units
+from . import backups, convert, decisions, journals, records, rehearsal, releases, restart, runbook, units
 from .errors import EXIT_HUMAN, DeployError
 from .files import remove_quietly
 from .planning import decide_database
@@ -132,7 +132,7 @@ def remove_stale_git_lock(repo):
 def ensure_running(env, say):
     if not units.serving_state(env.unit).is_active:
         say(f"recovering: {env.unit} was not running; starting it")
-        release.wait_until_healthy(env, since=release.restart_unit(env))
+        restart.wait_until_healthy(env, since=restart.restart_unit(env))
 
 
 def point_of(env, j, commit_key, release_key):

@@ -254,12 +254,12 @@ def test_drill_changes_nothing_and_verify_shows_it(sandbox):
 
 
 def test_many_restarts_in_a_row_are_not_refused_by_the_start_limit(sandbox):
-    from safedeploy import release, units
+    from safedeploy import restart, units
     from safedeploy.config import load
     env = load(str(sandbox.config)).env("dev")
     for _ in range(8):                          # systemd's default limit is 5 starts in 10 s
-        release.restart_unit(env)
-    release.wait_until_healthy(env)
+        restart.restart_unit(env)
+    restart.wait_until_healthy(env)
     assert units.state(env.unit).is_active
 
 

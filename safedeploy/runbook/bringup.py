@@ -10,7 +10,7 @@ users from just before it until health and the watch are done; stop_probe is saf
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .. import release, units
+from .. import restart, units
 from ..output import PLAIN, Output
 from ..probe import Probe
 from ..runner import AFTER, Step
@@ -25,15 +25,15 @@ def bring_up_steps():
     quick_stop (a failed release being replaced: its stop is bounded)."""
     return [
         Step("restart", AFTER, restart_step, restart_detail),
-        Step("health", AFTER, lambda c: setattr(c, "health", release.wait_until_healthy(c.env, c.expect, c.started)),
+        Step("health", AFTER, lambda c: setattr(c, "health", restart.wait_until_healthy(c.env, c.expect, c.started)),
              lambda c: f"wait up to {c.env.health_timeout:g}s for {c.env.health_url} to answer 2xx/3xx from the unit's "
                        "own process" + (f" naming {c.expect[:12]} at /_deploy/status" if c.expect else "")),
-        Step("watch", AFTER, lambda c: setattr(c, "watched", release.watch(
+        Step("watch", AFTER, lambda c: setattr(c, "watched", restart.watch(
                 c.env, c.watch_seconds, c.out.countdown(f"watching {c.env.name}"))),
              lambda c: f"watch for {c.watch_seconds:g}s: health and the unit (same process, no restart); a failure "
                        "rolls back",
              when=lambda c: c.watch_seconds),
-        Step("revision", AFTER, lambda c: release.write_revision(c.env, c.repo, c.revision),
+        Step("revision", AFTER, lambda c: restart.write_revision(c.env, c.repo, c.revision),
              lambda c: f"write {c.env.path / 'REVISION'} ({c.revision[:12]})",
              when=lambda c: c.revision is not None),
     ]

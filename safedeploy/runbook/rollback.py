@@ -30,7 +30,7 @@ exit 4, with the command to run.
 import os
 from dataclasses import dataclass, field
 
-from .. import backups, marks, records, release, releases, replica, rowloss, unitenv, units
+from .. import backups, marks, records, releases, replica, restart, rowloss, unitenv, units
 from ..commandline import script_command
 from ..decisions import failure_code
 from ..errors import EXIT_FAILED, EXIT_HUMAN, DeployError, after_undo, describe_failure
@@ -390,7 +390,7 @@ def put_back_before_change(run):
     if run.stopped:
         replica.resume(env, swapped=False)
         try:
-            release.restart_unit(env)
+            restart.restart_unit(env)
         except DeployError:
             return False
     return True

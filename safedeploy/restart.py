@@ -1,4 +1,4 @@
-"""Moving an env between releases, shared by deploy and rollback: restart the unit,
+"""Moving an env between releases, shared by deploy and rollback (safedeploy.releases builds and switches them): restart the unit,
 wait for health, write REVISION."""
 
 import json
