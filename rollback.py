@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from safedeploy import backups, cli, offsite, planning, probe, recovery, rehearsal, rowloss, runbook, units
+from safedeploy import backups, cli, decisions, offsite, planning, probe, recovery, rehearsal, rowloss, runbook, units
 from safedeploy.errors import EXIT_FAILED, DeployError, usage_error
 from safedeploy.gitrepo import Repo
 from safedeploy.points import list_points
@@ -91,8 +91,10 @@ def parse_arguments():
     return args
 
 
-def db_mode(args):
-    return "with-db" if args.with_db or args.db_only else "code-only" if args.code_only else "auto"
+def db_mode(args) -> decisions.DatabaseMode:
+    if args.with_db or args.db_only:
+        return decisions.DatabaseMode.WITH_DB
+    return decisions.DatabaseMode.CODE_ONLY if args.code_only else decisions.DatabaseMode.AUTO
 
 
 def choose_point(config, env, repo, args):
@@ -102,7 +104,7 @@ def choose_point(config, env, repo, args):
     if problem:
         cli.err(f"warning: off-site copies are not considered: {problem}")
     point = planning.choose_point(env, list_points(env, repo, copies), args.to)
-    if point.backup is None and point.copy is not None and db_mode(args) != "code-only":
+    if point.backup is None and point.copy is not None and db_mode(args) != decisions.DatabaseMode.CODE_ONLY:
         cli.say(f"{point.id}: its database copy is off-site only; fetching {point.copy.file} (snapshot "
                 f"{point.copy.id[:8]})")
         point.backup = offsite.fetch_for(config, point.copy, env)

@@ -159,16 +159,27 @@ class DatabaseFacts:
     rows_newer: dict = field(default_factory=dict)       # rows of the live database the backup lacks
 
 
-def database_decision(mode, f):
-    """(restore?, why) for mode "auto", "with-db" or "code-only": only what was compared is said.
+class DatabaseMode(str, Enum):
+    """What a rollback does with the database (rollback.py's --with-db / --db-only, --code-only, or neither)."""
+    AUTO = "auto"               # back too when what was compared says so (schema, damage, rows)
+    WITH_DB = "with-db"         # back to the point's copy, whatever the comparison
+    CODE_ONLY = "code-only"     # left as it is
+
+    def __str__(self) -> str:
+        return self.value       # said and recorded as the flag's word
+
+
+def database_decision(mode: DatabaseMode | str, f) -> tuple[bool, str]:
+    """(restore?, why) for a DatabaseMode: only what was compared is said.
     Raises ValueError (the caller's refusal) for --with-db without a backup."""
-    if mode == "code-only":
+    mode = DatabaseMode(mode)
+    if mode == DatabaseMode.CODE_ONLY:
         return False, "--code-only: the database is left as it is"
     if not f.has_backup:
-        if mode == "with-db":
+        if mode == DatabaseMode.WITH_DB:
             raise ValueError(f"--with-db: point {f.point_id} has no database backup; choose another with --to")
         return False, f"point {f.point_id} has no database backup: the database is left as it is"
-    if mode == "with-db":
+    if mode == DatabaseMode.WITH_DB:
         return True, f"--with-db: restoring {f.backup_path}"
     if not f.live_exists:
         return True, "there is no live database: restoring the point's backup"

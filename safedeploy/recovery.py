@@ -146,7 +146,7 @@ def point_of(env, j, commit_key, release_key):
 
 def undo_deploy(config, env, repo, j, record, say):
     point = point_of(env, j, "from", "previous_release")
-    restore_db, why = decide_database(env, point, "auto", compare=False)
+    restore_db, why = decide_database(env, point, decisions.DatabaseMode.AUTO, compare=False)
     say(f"recovering: undoing the deploy of {j.get('target', '?')[:12]}: back to {j['from'][:12]} ({why})")
     check_backup(point, restore_db)
     record.did = f"the interrupted deploy was undone: {env.name} runs {j['from'][:12]} again"

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from .. import (backups, commands, probe, records, redaction, releases, retention, rowloss, unitenv, units,
                verified_notes)
 from ..commandline import script_command
-from ..decisions import Blame, FailureFacts, judge_failure
+from ..decisions import Blame, DatabaseMode, FailureFacts, judge_failure
 from ..errors import EXIT_FAILED, EXIT_HUMAN, DeployError, after_undo, describe_failure
 from ..output import PLAIN
 from ..points import Point
@@ -275,7 +275,7 @@ def deploy_failed_after(run, step, exc):
     point = Point(record.tag or "interrupted", "before-deploy", plan.running, record.time, run.backup,
                   release=run.previous_release or (plan.running_release.id if plan.running_release else None))
     from ..planning import decide_database
-    restore_db, why = decide_database(env, point, "auto", compare=False)
+    restore_db, why = decide_database(env, point, DatabaseMode.AUTO, compare=False)
     # a release that failed is marked bad; a failure of the host or its config is not (the same commit deploys
     # once it is fixed), nor one the operator interrupted (Ctrl-C, SIGTERM)
     back = roll_back(run.config, env, plan.repo, point, restore_db, why, plan.target, parent=record,
