@@ -140,3 +140,22 @@ def test_a_rollback_with_the_database_across_a_rename_then_the_advice_puts_back_
     assert not lost, (sorted(lost)[:5], ran, said)
     assert {f"kept{i}-" + "x" * 300 for i in range(20)} <= live
     assert any("--restore-rows" in c for c in ran) and len(ran) <= 3, ran
+
+
+def test_a_hung_django_site_is_restarted_never_rolled_back(host):  # noqa: F811
+    """Every process of the site stopped (SIGSTOP to the master and both workers): status advises a restart,
+    never a rollback; pasted, it serves again, no release is marked bad, no row is lost."""
+    sb = host
+    fill(sb, "dev", 10, "kept")
+    assert sb.run("backup.py", "dev").returncode == 0
+    time.sleep(max(0.0, sb.health_timeout + 6 - 0.5))           # past its health window: not a fresh start
+    sb.manager.systemctl("kill", "--signal=SIGSTOP", sb.unit("dev"))
+    try:
+        first = status(sb, "dev")
+        assert first["advice"] and first["advice"][0]["command"].startswith("systemctl --user restart"), first
+        ran, said, last = follow(sb, "dev")
+    finally:
+        sb.manager.systemctl("kill", "--signal=SIGCONT", sb.unit("dev"), check=False)
+    assert last["ok"] and len(ran) == 1, (ran, last["problems"])
+    assert {f"kept{i}-" + "x" * 300 for i in range(10)} <= live_notes(sb, "dev")
+    assert not any(r["kind"] == "rollback" for r in log_records(sb, "dev")) and no_good_release_marked_bad(sb, "dev")
