@@ -70,6 +70,16 @@ def test_the_point_is_what_to_names_else_before_the_last_good_deploy():
     assert decisions.choose_point([point("x", "backup")], None, None)[0] is None
 
 
+
+def test_every_name_status_prints_for_a_copy_names_its_point():
+    """A point's id, its backup's id, file name and path all name it (status and --list print each)."""
+    from types import SimpleNamespace
+    saved = SimpleNamespace(path="/srv/backups/dev/dev-20261201-031700-nightly.sqlite3")
+    points = [point("dev-before-deploy-2"), point("dev-20261201-031700-nightly", "backup", backup=saved)]
+    for name in ("dev-20261201-031700-nightly", "dev-20261201-031700-nightly.sqlite3", saved.path):
+        assert decisions.choose_point(points, name, None)[0] is points[1], name
+    assert decisions.choose_point(points, "/elsewhere/dev-20261201-031700-nightly.sqlite3", None)[0] is None
+
 def dbf(**kw):
     return DatabaseFacts(**{**dict(point_id="p", has_backup=True, backup_path="/b/p.sqlite3", live_schema="s1",
                                    point_schema="s1"), **kw})
