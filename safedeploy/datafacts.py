@@ -125,6 +125,8 @@ def gather(config, env, local: list, records: list, running: str, offsite_copies
         facts.live_rows = sum(book.live.values())
     facts.outstanding = [outstanding(env, o) for o in book.outstanding]
     facts.best = best_copy(facts.outstanding)
+    if facts.best is None and (not facts.db_exists or facts.db_check != "ok"):
+        facts.best = best_copy([base_copy(c) for c in copies if c.sha256 not in gone and c.id not in gone])
     if facts.db_exists and facts.db_check != "ok":
         facts.salvage = preview_salvage(env, facts.best)
     facts.deleted_by = release_deleted(records, running)
@@ -151,6 +153,14 @@ def outstanding(env, o: ledger.Outside) -> Outstanding:
     for table, why in the_plan.refused.items():
         left[why] = o.missing.get(table, 0) or 1
     return Outstanding(**{**item.__dict__, "restorable": the_plan.total, "left_out": left})
+
+
+def base_copy(c: ledger.Known) -> Outstanding:
+    """A copy that holds no row the live database lacks, as a whole restore's base: a missing or damaged
+    database still goes back to a sound file (its schema, whatever rows it has), the damaged one salvaged
+    as it is replaced and its rows put back from there."""
+    return Outstanding(id=c.id, path=c.path, where=c.where, reason=c.reason, time=c.time, held=c.held,
+                       total=c.total, missing={})
 
 
 def best_copy(found: list[Outstanding]) -> Outstanding | None:

@@ -12,7 +12,7 @@ import sqlite3
 import pytest
 import requests
 
-from helpers import log_records, no_good_release_marked_bad, paste, rebuild, status
+from helpers import fill, follow, live_notes, log_records, no_good_release_marked_bad, paste, rebuild, said_lost, status
 from test_offsite import enable_offsite, receiver  # noqa: F401 (a fixture)
 
 FLASKR = ('CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY, body TEXT NOT NULL, '
@@ -226,6 +226,20 @@ def test_status_alert_sends_one_problem_and_one_recovered(sandbox, receiver):  #
     assert paste(sb, event["command"]).returncode == 0
     sb.wait_serving("dev")
     assert alert() == ["problem", "recovered"] and receiver.events[-1]["env"] == "dev"
+    fill(sb, "dev", 300, "n")                               # pages enough that 8 KB in the middle hold rows
+    conn = sqlite3.connect(sb.db_path("dev"), timeout=10)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    conn.close()
+    with open(sb.db_path("dev"), "r+b") as fh:              # the disk damaged it, not SQLite
+        fh.seek(4096 * 12)
+        fh.write(os.urandom(8192))
+    assert alert() == ["problem", "recovered", "database-corrupt"], receiver.events[-1]
+    assert "--db-only" in (receiver.events[-1]["command"] or ""), (receiver.events[-1]["message"], status(sb, "dev")["problems"])
+    assert alert() == ["problem", "recovered", "database-corrupt"]      # said once
+    ran, said, last = follow(sb, "dev")         # the only copy holds no note: the base, the salvage on top
+    lost = {f"n{i}-" + "x" * 300 for i in range(300)} - live_notes(sb, "dev")
+    assert len(lost) <= said_lost(said, r"\((\d+) row\(s\) by the ids missing"), (len(lost), said, ran)
+    assert last["ok"] and len(ran) <= 3, (ran, last["problems"])
     proc = sb.run("status.py", "--install-timer")
     assert proc.returncode == 0, proc.stderr
     assert sb.manager.systemctl("is-active", "safe-deploy-status.timer").stdout.strip() == "active"
