@@ -61,13 +61,29 @@ def run_command(argv, timeout=SYSTEMCTL_TIMEOUT, check_timeout=True):
     """Run a systemd tool (systemctl, systemd-run) with a timeout; the CompletedProcess, never a raise
     for its exit code. Past the timeout: DeployError, or None with check_timeout=False."""
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                              env=manager_env())
     except FileNotFoundError:
         raise DeployError(f"{argv[0]} is not installed: this tool needs systemd") from None
     except subprocess.TimeoutExpired:
         if not check_timeout:
             return None
         raise DeployError(f"`{' '.join(argv)}` did not answer within {timeout}s") from None
+
+
+def manager_env(root: str = "/run/user") -> dict[str, str] | None:
+    """The environment for systemctl: this one, with XDG_RUNTIME_DIR set to the user's own /run/user/UID
+    when it is unset and that folder is this user's (cron and `env -i` give none: systemctl --user then
+    cannot find the user manager's bus). None: this environment as it is."""
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return None
+    runtime = f"{root}/{os.getuid()}"
+    try:
+        if os.stat(runtime).st_uid != os.getuid():
+            return None
+    except OSError:
+        return None
+    return {**os.environ, "XDG_RUNTIME_DIR": runtime}
 
 
 @dataclass
@@ -96,7 +112,8 @@ def state(unit):
     if proc.returncode != 0:
         why = (proc.stderr or "no answer").strip().splitlines()
         raise DeployError(f"cannot ask the systemd user manager about {unit}: {why[-1] if why else ''}"
-                          " (is `systemctl --user` working for this user? see README: loginctl enable-linger)")
+                          " (is `systemctl --user` working for this user, with XDG_RUNTIME_DIR set? see README: "
+                          "loginctl enable-linger)")
     props = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
     entered = int(props.get("ActiveEnterTimestampMonotonic") or 0)
     uptime = None
@@ -401,6 +418,8 @@ def restart_method(unit):
     waits), 'socket' when a socket unit holds the port (requests wait, none is refused), else
     'plain' (the port closes: requests are refused)."""
     proc = systemctl("show", unit, "--property=TriggeredBy", "--value", check=False)
+    if proc.returncode != 0:
+        state(unit)             # raises, naming the env's own unit (not its helper's) and why
     if not any(name.endswith(".socket") for name in proc.stdout.split()):
         return "plain"
     return "handover" if state(helper_name(unit)).known else "socket"

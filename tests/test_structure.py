@@ -104,3 +104,4 @@ def test_only_cli_imports_cli():
     no module but cli itself imports cli."""
     edges = graph()
     assert sorted(name for name, imported in edges.items() if "cli" in imported) == []
+
