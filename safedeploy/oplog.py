@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import redaction
+from .errors import EXIT_USAGE
 from .files import make_private_dir
 from .state import now_iso, utc_stamp
 
@@ -76,8 +77,9 @@ class OpLog:
         if self.fd < 0:
             return
         ok = self.result if self.result is not None else code == 0
+        result = "ok" if ok else "refused" if code == EXIT_USAGE else "failed"     # exit 2: nothing was attempted
         try:
-            os.write(self.fd, (END + json.dumps({"result": "ok" if ok else "failed", "code": code,
+            os.write(self.fd, (END + json.dumps({"result": result, "code": code,
                                                  "time": now_iso()}) + "\n").encode())
             os.fsync(self.fd)
         except OSError:
@@ -188,7 +190,7 @@ def prune(log_folder: Path, env: str, keep: int = KEEP_PER_ENV) -> list[Path]:
 class Ending:
     path: str
     op: str
-    result: str         # "ok", "failed", "running", "interrupted"
+    result: str         # "ok", "failed", "refused" (exit 2: nothing attempted), "running", "interrupted"
     time: str | None
 
     @property

@@ -3,6 +3,7 @@
 import http.server
 import json
 import os
+import time
 import re
 import stat
 import subprocess
@@ -186,6 +187,11 @@ def test_a_log_without_its_end_is_an_interrupted_operation(tmp_path):
     assert oplog.last_operation(tmp_path, "prod").result == "ok"
     assert oplog.last_failed(tmp_path, "prod") == str(log.path)
     assert oplog.tail(ok.path)[-1].endswith("backed up")
+    time.sleep(1.1)                                             # a log's name has the second it started
+    refused = oplog.OpLog(tmp_path, "prod", "rollback")
+    refused.close(2)                                            # needs --yes: nothing was attempted
+    assert oplog.last_operation(tmp_path, "prod").result == "refused"
+    assert oplog.last_failed(tmp_path, "prod") == str(log.path)    # a refusal is no failure
 
 
 def test_the_timer_writes_metrics_when_asked():
