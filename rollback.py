@@ -33,7 +33,7 @@ def main():
     if args.list:
         cli.only_looking()
         copies, problem = offsite.copies_for(config, env)
-        return show_points(env, repo, list_points(env, repo, copies), args.json, problem)
+        return show_points(config, env, repo, list_points(env, repo, copies), args.json, problem)
     if args.drill:
         return drill(config, env, repo, args)
     with EnvLock(env.state_dir, env.name, "rollback", backup_wait=BACKUP_WAIT, on_wait=cli.say):
@@ -155,10 +155,14 @@ def check_early_copy(env, repo, run):
 
 
 # -- looking -------------------------------------------------------------------------------
-def show_points(env, repo, points, as_json, problem=None):
+def show_points(config, env, repo, points, as_json, problem=None):
     live = backups.live_schema(env.db) if env.db.exists() else None      # None: missing or unreadable
-    rows = [p.to_json(repo.subject(p.commit), (p.backup.schema != live) if p.backup and live else None)
-            for p in points]
+    marks: dict = {}
+    for p in points:                    # a release rolled back in any env: said, as the plan says it
+        if p.commit not in marks:
+            marks[p.commit] = planning.point_mark(config, env, repo, p)
+    rows = [{**p.to_json(repo.subject(p.commit), (p.backup.schema != live) if p.backup and live else None),
+             "rolled_back_in": (marks[p.commit] or {}).get("env")} for p in points]
     if as_json:
         cli.say(json.dumps({"env": env.name, "points": rows}, indent=2))
         return 0
@@ -166,6 +170,7 @@ def show_points(env, repo, points, as_json, problem=None):
         cli.say(f"{env.name} has no rollback points yet (a deploy or a backup makes one)")
     for r in rows:
         schema = " SCHEMA DIFFERS" if r["schema_differs"] else ""
+        schema += f" ROLLED BACK in {r['rolled_back_in']}" if r["rolled_back_in"] else ""
         where = ("  (database: local and off-site)" if r["backup"] and r["offsite"] else
                  "  (database: off-site only)" if r["offsite"] else "" if r["backup"] else "  (no backup)")
         cli.say(f"{r['id']:<42} {r['commit'][:12]} {r['time']}  {r['subject'][:40]}{where}{schema}")

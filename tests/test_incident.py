@@ -39,6 +39,9 @@ def test_after_a_rollback_the_pasted_command_never_reinstates_the_bad_release(sa
     points = {p["id"]: p for p in json.loads(sb.run("rollback.py", "dev", "--list", "--json").stdout)["points"]}
     advised = (st["rollback"] or "").split("--to ")[1].split()[0] if st["rollback"] else None
     assert advised is None or points[advised]["commit"] != bad
+    assert all((p["rolled_back_in"] == "dev") == (p["commit"] == bad) for p in points.values()), points
+    assert "ROLLED BACK in dev" in next(line for line in sb.run("rollback.py", "dev", "--list").stdout.splitlines()
+                                         if line.startswith(pre_id))
     # "undo this rollback" is its own, labelled command
     assert pre_id in st["undo_rollback"] and "--with-db" in st["undo_rollback"]
     assert "undo      the last rollback" in sb.run("status.py", "dev").stdout
