@@ -13,6 +13,7 @@ An env with promote_from (prod) is adopted only after its source (dev) was, has 
 of a deploy made with the tool, and the checklist passes. No other env is touched.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def discover(args):
         raise usage_error(f"--write {target}: the file exists; adopt.py never overwrites a config "
                           "(write to a new name with --write FILE and compare)")
     proposal = discovery.discover()
-    text = discovery.render(proposal, now_iso())
+    text = discovery.render(proposal, now_iso(), *([data_folders()] if args.write == "" else []))
     if target is None:
         sys.stdout.write(text)
         return 0
@@ -115,6 +116,15 @@ def discover(args):
     for line in unsure:
         cli.err(f"check: {line}")
     return 0
+
+
+def data_folders() -> tuple[str, str]:
+    """backup_dir and state_dir for the operator's own config: the user's data and state folders
+    ($XDG_DATA_HOME, $XDG_STATE_HOME), never beside the config in ~/.config (relative paths follow the file)."""
+    home = Path.home()
+    data = Path(os.environ.get("XDG_DATA_HOME") or home / ".local" / "share") / "safe-deploy" / "backups"
+    state = Path(os.environ.get("XDG_STATE_HOME") or home / ".local" / "state") / "safe-deploy"
+    return str(data), str(state)
 
 
 def write_target(value):

@@ -35,8 +35,11 @@ machine). Keep your own settings in your own file, so that updating the tool (`g
 conflicts with them: start it from the running host with
 `python3 adopt.py --discover --write` ([install-and-adopt.md](install-and-adopt.md)), which writes
 `~/.config/safe-deploy/config.toml` (its folder 0700, the file 0600; an existing file is never
-overwritten, and `--write FILE` writes elsewhere), or from the example:
-`mkdir -p -m 700 ~/.config/safe-deploy && install -m 600 config.toml ~/.config/safe-deploy/`.
+overwritten, and `--write FILE` writes elsewhere; its `backup_dir` and `state_dir` are
+`~/.local/share/safe-deploy/backups` and `~/.local/state/safe-deploy`, your data kept out of `~/.config`),
+or from the example:
+`mkdir -p -m 700 ~/.config/safe-deploy && install -m 600 config.toml ~/.config/safe-deploy/`, setting
+`backup_dir` and `state_dir` there to absolute folders first (relative ones follow the file's folder).
 `python3 status.py` loads the file and shows what it found. The commands the tool prints name the file
 with `--config` when `--config` or `$DEPLOY_CONFIG` named it, so that they work when pasted elsewhere.
 

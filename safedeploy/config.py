@@ -27,7 +27,7 @@ from . import SCRIPTS_DIR
 from .config_checks import check_across_envs, check_inside, check_replica, check_repository, did_you_mean
 from .config_keys import (ALERT_KEYS, ENV, ENV_KEYS, NAME_RE, OFFSITE_KEYS, REPLICA_KEYS, REQUIRED_ENV_KEYS,  # noqa: F401
                           RETENTION, RETENTION_KEYS, TOP_KEYS, UNIT_RE, Key, resolve)
-from .errors import usage_error
+from .errors import DeployError, usage_error
 from .replica_config import ReplicaSettings
 from .replica_config import parse as parse_replica
 
@@ -215,7 +215,15 @@ def load(cli_value=None):
     file = file.absolute()
     data = read_toml(file, explicit)
     check_private(file, "config file", "it names commands this tool runs")
-    config = parse(data, file)
+    try:
+        config = parse(data, file)
+    except DeployError as exc:
+        if explicit or file != (SCRIPTS_DIR / "config.toml").absolute():
+            raise
+        write = shlex.join(["python3", str(SCRIPTS_DIR / "adopt.py"), "--discover", "--write"])
+        raise DeployError(f"{exc} (this is the example config.toml shipped beside the scripts, for the seed's "
+                          f"host: no --config, no $DEPLOY_CONFIG and no file of your own was found; write yours "
+                          f"from the running units with: {write})", exc.code) from None
     if config.offsite:
         config.offsite.host = config.offsite.host or socket.gethostname()
         config.offsite.id = config.offsite.id or identity(config.offsite.host, file)

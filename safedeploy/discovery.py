@@ -404,8 +404,9 @@ def installed_distributions(folder):
 
 
 # -- the proposal as config.toml -----------------------------------------------------------------
-def render(proposal, now):
-    """config.toml text: every value with a comment saying where it came from."""
+def render(proposal, now, folders: tuple[str, str] = ("backups", "state")):
+    """config.toml text: every value with a comment saying where it came from. folders: backup_dir and
+    state_dir as written (relative ones follow the config file's folder)."""
     if not proposal.envs:
         raise DeployError("no service of the user manager runs from a git work tree: nothing to adopt"
                           + "".join(f"; {u}: {why}" for u, why in proposal.skipped))
@@ -419,7 +420,7 @@ def render(proposal, now):
     lines.append(f"remote = {toml(remote)}" + ("" if remote else "             # NOT FOUND: the trees have no "
                                                                        "common remote; tags are then kept locally only"))
     lines += ['health_path = "/"         # GUESS: set a page that answers 200 only when the app works',
-              "health_timeout = 30", 'backup_dir = "backups"', 'state_dir = "state"', ""]
+              "health_timeout = 30", f"backup_dir = {toml(folders[0])}", f"state_dir = {toml(folders[1])}", ""]
     names = {e.name for e in proposal.envs}
     for env in proposal.envs:
         lines += env_lines(env, "dev" in names)

@@ -141,6 +141,11 @@ def test_write_goes_to_the_operator_s_own_file_private_and_never_over_one(tmp_pa
     own = home / ".config" / "safe-deploy" / "config.toml"
     assert adopt.write_target("") == own and adopt.write_target("x.toml") == Path("x.toml")
     assert adopt.write_target(None) is None
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state-home"))
+    # the data the config names stays out of ~/.config: backups in the data folder, state in the state folder
+    assert adopt.data_folders() == (str(home / ".local/share/safe-deploy/backups"),
+                                    str(tmp_path / "state-home/safe-deploy"))
     adopt.make_own_folder(own.parent)
     for folder in (own.parent, own.parent.parent):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
@@ -172,3 +177,14 @@ def test_write_still_takes_a_file_and_parses_both_ways(tmp_path):
         assert proc.returncode == 2 and f"--write {target}: the file exists" in one_line_error(proc)
     proc = run("adopt.py", "dev", "--write", env={"HOME": str(home)})
     assert proc.returncode == 2 and "--write goes with --discover" in one_line_error(proc)
+
+
+def test_the_shipped_example_that_does_not_fit_this_host_says_what_it_is(tmp_path):
+    """No --config, no $DEPLOY_CONFIG, no file of one's own: the example beside the scripts is loaded; where it
+    does not fit (the seed's host paths), the one line says so and how to write one's own."""
+    home = tmp_path / "home"
+    home.mkdir()
+    proc = run("status.py", env={"HOME": str(home)})
+    if proc.returncode == 2:                 # on the seed's own host the example loads as it is
+        line = one_line_error(proc)
+        assert "the example config.toml shipped beside the scripts" in line and "adopt.py --discover --write" in line
