@@ -142,9 +142,9 @@ def main():
     if failures:
         print("\ndemo FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
-    print("\ndemo finished: every step did what the runbook says. status still says PROBLEM for one reason,"
-          "\non purpose: the branches' tip is the release that was rolled back, and no command fixes that; the"
-          "\nfix is a new commit (a developer's, not the tool's). Then status says OK.")
+    print("\ndemo finished: every step did what the runbook says. status still says PROBLEM, on purpose: the"
+          "\nbranch's tip is the release that was rolled back in prod (no command fixes that: a new commit does),"
+          "\nand dev still runs it (its advice, pasted, rolls dev back too).")
     return 0
 
 
