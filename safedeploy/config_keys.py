@@ -146,7 +146,7 @@ TABLES = {      # name -> what docs/config.md says of it
     "retention": ("[retention]", "optional: how many backups `backup.py --prune` keeps, per env"),
     "offsite": ("[offsite]", "optional: copies of every backup on another machine ([offsite-and-alerts.md](offsite-and-alerts.md))"),
     "alerts": ("[alerts]", "optional: where failures are reported ([offsite-and-alerts.md](offsite-and-alerts.md#alerts))"),
-    "replica": ("[replica]", "optional: continuous copies of the databases, about every second, with Litestream "
+    "replica": ("[replica]", "optional: continuous copies of the databases, about every half second, with Litestream "
                              "([offsite-and-alerts.md](offsite-and-alerts.md#continuous-copies-litestream))"),
 }
 ENV = [     # [env.NAME] and [defaults], in the order they are checked
