@@ -1,46 +1,19 @@
 """Every operation keeps its full output (issue 32, item 5), and status.py --metrics (item 6)."""
 
-import http.server
 import json
 import os
-import time
 import re
 import stat
 import subprocess
 import sys
-import threading
+import time
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from demo.sandbox import REPO_ROOT
 from safedeploy import metrics, oplog
-
-
-class Receiver:
-    """A real webhook on 127.0.0.1 that keeps what it is sent."""
-
-    def __init__(self):
-        self.events = []
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                receiver.events.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0)))))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+from test_offsite import receiver  # noqa: F401 (a fixture)
 
 
 SECRET = "hunter2-not-for-logs-93kd"
@@ -54,54 +27,50 @@ def status_json(sb, *args):
     return json.loads(proc.stdout)["envs"]
 
 
-def test_a_failed_deploy_names_its_full_output_in_its_message_status_and_alert(sandbox):
+def test_a_failed_deploy_names_its_full_output_in_its_message_status_and_alert(sandbox, receiver):  # noqa: F811
     sb = sandbox
-    receiver = Receiver()
-    try:
-        sb.write_config(dev=f"build = {json.dumps(FAILING_BUILD)}")
-        sb.config.write_text(sb.config.read_text() + f'\n[alerts]\nwebhook = "{receiver.url}"\n')
-        sb.release("dev", {"NEWS": "a change\n"}, "a change")
-        # a secret-named variable in the tool's environment, which the build inherits: never in a log
-        proc = subprocess.run([sb.python, str(REPO_ROOT / "deploy.py"), "dev", "--yes", "--config", str(sb.config)],
-                              env={**sb.env, "DEPLOY_TEST_PASSWORD": SECRET}, capture_output=True, text=True,
-                              timeout=180, stdin=subprocess.DEVNULL)
-        assert proc.returncode == 1, proc.stderr
-        error = next(line for line in proc.stderr.splitlines() if line.startswith("error:"))
-        found = re.search(r"\(full output: (\S+)\)$", error)
-        assert found, proc.stderr
-        log = Path(found.group(1))
-        assert log.parent == sb.root / "state" / "logs" and re.match(r"dev-\d{8}-\d{6}-deploy\.log$", log.name)
-        assert stat.S_IMODE(log.stat().st_mode) == 0o600
-        assert stat.S_IMODE(log.parent.stat().st_mode) == 0o700
-        text = log.read_text()
-        assert "| the build says: wheel 7f3a not found" in text            # the command's stdout
-        assert "| password is <redacted>" in text and SECRET not in text    # its stderr, the secret hidden
-        assert error.removeprefix("error: ") in text                        # the tool's own lines
-        assert '# end {"result": "failed", "code": 1' in text
+    sb.write_config(dev=f"build = {json.dumps(FAILING_BUILD)}")
+    sb.config.write_text(sb.config.read_text() + f'\n[alerts]\nwebhook = "{receiver.url}"\n')
+    sb.release("dev", {"NEWS": "a change\n"}, "a change")
+    # a secret-named variable in the tool's environment, which the build inherits: never in a log
+    proc = subprocess.run([sb.python, str(REPO_ROOT / "deploy.py"), "dev", "--yes", "--config", str(sb.config)],
+                          env={**sb.env, "DEPLOY_TEST_PASSWORD": SECRET}, capture_output=True, text=True,
+                          timeout=180, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1, proc.stderr
+    error = next(line for line in proc.stderr.splitlines() if line.startswith("error:"))
+    found = re.search(r"\(full output: (\S+)\)$", error)
+    assert found, proc.stderr
+    log = Path(found.group(1))
+    assert log.parent == sb.root / "state" / "logs" and re.match(r"dev-\d{8}-\d{6}-deploy\.log$", log.name)
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    assert stat.S_IMODE(log.parent.stat().st_mode) == 0o700
+    text = log.read_text()
+    assert "| the build says: wheel 7f3a not found" in text            # the command's stdout
+    assert "| password is <redacted>" in text and SECRET not in text    # its stderr, the secret hidden
+    assert error.removeprefix("error: ") in text                        # the tool's own lines
+    assert '# end {"result": "failed", "code": 1' in text
 
-        envs = status_json(sb)
-        assert envs["dev"]["log"] == str(log)
-        assert envs["dev"]["last_operation"]["result"] == "failed"
-        assert envs["prod"]["log"] is None
-        shown = sb.run("status.py", "dev").stdout
-        assert f"its full output: {log}" in shown
+    envs = status_json(sb)
+    assert envs["dev"]["log"] == str(log)
+    assert envs["dev"]["last_operation"]["result"] == "failed"
+    assert envs["prod"]["log"] is None
+    shown = sb.run("status.py", "dev").stdout
+    assert f"its full output: {log}" in shown
 
-        sent = [e for e in receiver.events if e["event"] == "deploy-failed"]
-        assert len(sent) == 1, receiver.events
-        assert sent[0]["log"] == str(log)
-        assert any("the build says: wheel 7f3a not found" in line for line in sent[0]["log_tail"])
-        assert not any(SECRET in line for line in sent[0]["log_tail"])
+    sent = [e for e in receiver.events if e["event"] == "deploy-failed"]
+    assert len(sent) == 1, receiver.events
+    assert sent[0]["log"] == str(log)
+    assert any("the build says: wheel 7f3a not found" in line for line in sent[0]["log_tail"])
+    assert not any(SECRET in line for line in sent[0]["log_tail"])
 
-        # fixed: the next deploy goes live, and its log says so; the failed one is still the last failed
-        sb.write_config()
-        sb.config.write_text(sb.config.read_text() + f'\n[alerts]\nwebhook = "{receiver.url}"\n')
-        assert sb.run("deploy.py", "dev", "--yes").returncode == 0
-        envs = status_json(sb, "dev")
-        assert envs["dev"]["last_operation"]["result"] == "ok"
-        assert envs["dev"]["log"] == str(log)
-        assert "its full output" not in sb.run("status.py", "dev").stdout
-    finally:
-        receiver.close()
+    # fixed: the next deploy goes live, and its log says so; the failed one is still the last failed
+    sb.write_config()
+    sb.config.write_text(sb.config.read_text() + f'\n[alerts]\nwebhook = "{receiver.url}"\n')
+    assert sb.run("deploy.py", "dev", "--yes").returncode == 0
+    envs = status_json(sb, "dev")
+    assert envs["dev"]["last_operation"]["result"] == "ok"
+    assert envs["dev"]["log"] == str(log)
+    assert "its full output" not in sb.run("status.py", "dev").stdout
 
 
 def test_a_deploy_that_rolled_back_by_itself_names_its_output_last(sandbox):
