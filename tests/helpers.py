@@ -150,3 +150,22 @@ def rebuild(sb, env):
     sb.manager.systemctl("daemon-reload")
     sb.manager.systemctl("start", sb.unit(env))
     sb.wait_serving(env)
+
+
+def rebuilt_host_incident(sb, env="dev"):
+    """The incident on any app: the host rebuilt (releases, units and state gone, the backups kept), the app
+    restarted on a new, empty database and took writes before anyone looked. status is never OK with the
+    copy's rows outside; its advice, pasted, ends with the rows of both live, in at most 3 commands."""
+    fill(sb, env, 30, "before")
+    assert sb.run("backup.py", env).returncode == 0
+    rebuild(sb, env)
+    shutil.rmtree(sb.root / "state")
+    fill(sb, env, 5, "after")                            # writes on the new, empty database
+    first = status(sb, env)
+    assert not first["ok"] and first["advice"], first
+    ran, said, last = follow(sb, env)
+    live = live_notes(sb, env)
+    assert {f"before{i}-" + "x" * 300 for i in range(30)} <= live, (ran, said)
+    assert {f"after{i}-" + "x" * 300 for i in range(5)} <= live, (ran, said)
+    assert last["ok"] and len(ran) <= 3, (ran, last["problems"])
+    assert no_good_release_marked_bad(sb, env)

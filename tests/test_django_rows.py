@@ -5,13 +5,12 @@ is pasted as an operator pastes it (a shell, cron's PATH) until it ends; then ev
 or the tool said beforehand how many it could not save. Real SQLite, git, gunicorn and systemd --user."""
 
 import os
-import shutil
 import sqlite3
 import time
 
 from demo import django_site
 from demo.notes_writer import NotesWriter
-from helpers import (fill, follow, live_notes, log_records, no_good_release_marked_bad, paste, rebuild, said_lost,
+from helpers import (fill, follow, live_notes, log_records, no_good_release_marked_bad, paste, rebuilt_host_incident, said_lost,
                      status)
 from test_django import django_venv, host, site  # noqa: F401 (fixtures)
 
@@ -64,21 +63,7 @@ def test_a_django_database_damaged_while_the_site_writes_is_salvaged_and_its_row
 
 
 def test_a_rebuilt_django_host_that_took_writes_on_an_empty_database_gets_the_rows_of_both(host):  # noqa: F811
-    sb = host
-    fill(sb, "dev", 30, "before")
-    assert sb.run("backup.py", "dev").returncode == 0
-    rebuild(sb, "dev")                                   # releases, units, state gone; the backup folder kept
-    shutil.rmtree(sb.root / "state")
-    fill(sb, "dev", 5, "after")                          # the site took writes on its new, empty database
-    first = status(sb, "dev")
-    assert not first["ok"] and first["advice"], first
-    ran, said, last = follow(sb, "dev")
-    live = live_notes(sb, "dev")
-    assert {f"before{i}-" + "x" * 300 for i in range(30)} <= live, (ran, said)
-    assert {f"after{i}-" + "x" * 300 for i in range(5)} <= live, (ran, said)
-    assert last["ok"] and len(ran) <= 3, (ran, last["problems"])
-    assert no_good_release_marked_bad(sb, "dev")
-
+    rebuilt_host_incident(host)
 
 def test_a_django_data_migration_that_deletes_notes_is_taken_out_and_the_notes_put_back(host):  # noqa: F811
     sb = host
