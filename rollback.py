@@ -157,10 +157,7 @@ def check_early_copy(env, repo, run):
 # -- looking -------------------------------------------------------------------------------
 def show_points(config, env, repo, points, as_json, problem=None):
     live = backups.live_schema(env.db) if env.db.exists() else None      # None: missing or unreadable
-    marks: dict = {}
-    for p in points:                    # a release rolled back in any env: said, as the plan says it
-        if p.commit not in marks:
-            marks[p.commit] = planning.point_mark(config, env, repo, p)
+    marks = planning.point_marks(config, env, repo, points)     # a release rolled back in any env: said
     rows = [{**p.to_json(repo.subject(p.commit), (p.backup.schema != live) if p.backup and live else None),
              "rolled_back_in": (marks[p.commit] or {}).get("env")} for p in points]
     if as_json:

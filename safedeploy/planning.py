@@ -285,17 +285,21 @@ def point_mark(config, env, repo, point):
     return bad_mark(config, env, repo.tree_of(point.commit)) if repo.resolve(point.commit) else None
 
 
+def point_marks(config, env, repo, points) -> dict:
+    """{commit: its bad mark or None} for the points' commits, each looked up once."""
+    marks: dict = {}
+    for p in points:
+        if p.commit not in marks:
+            marks[p.commit] = point_mark(config, env, repo, p)
+    return marks
+
+
 def safe_points(config, env, repo, points, running):
     """The points a printed rollback line may name, newest first: never the commit that runs, a release
     that was rolled back (in any env), nor a pre-rollback copy (it holds the state a rollback left)."""
-    marks = {}
-
-    def bad(p):
-        if p.commit not in marks:
-            marks[p.commit] = point_mark(config, env, repo, p)
-        return marks[p.commit]
-    return [p for p in points if p.commit != running and not bad(p)
-            and not (p.backup and p.backup.reason == "pre-rollback")]
+    candidates = [p for p in points if p.commit != running and not (p.backup and p.backup.reason == "pre-rollback")]
+    marks = point_marks(config, env, repo, candidates)
+    return [p for p in candidates if not marks[p.commit]]
 
 
 def check_point_backup(env, repo, point):
