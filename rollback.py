@@ -246,8 +246,11 @@ def print_summary(config, env, repo, run):
             cli.say("  rows      the restore took away no rows")
         if r.seal_problem:
             cli.say(f"  aside     the replaced database lies at {r.aside}: {r.seal_problem}")
-    cli.say(f"  saved     pre-rollback backup {r.pre_rollback or 'none (no live database)'}")
-    cli.say(f"  tagged    {r.tag} marks the commit it left")
+    saved = r.pre_rollback or (f"none: the live database could not be read; its rows were salvaged into {r.salvaged}"
+                               if r.salvaged else "none (no live database)")
+    cli.say(f"  saved     pre-rollback backup {saved}")
+    if r.tag:                   # a --db-only restore tags nothing: the code stays
+        cli.say(f"  tagged    {r.tag} marks the commit it left")
     cli.say(f"  unit      {'the point' + chr(39) + 's unit file was restored (daemon-reload done)' if r.unit_restored else 'kept: ' + run.unit_why}")
     if r.stash:
         cli.say(f"  stashed   uncommitted changes in the work tree: git -C {env.path} stash show -p {r.stash}")
