@@ -13,6 +13,7 @@ Nothing outside the folder is touched except a cgroup of its own under
 """
 
 import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -138,7 +139,36 @@ def free_port():
 
 
 def free_ports(n):
-    """n distinct free ports: all bound at once, so two are never the same."""
+    """n distinct free ports that no other test process is handed meanwhile.
+
+    bind(0) draws from the kernel's ephemeral range, as every outgoing connection does, so a port
+    found free and closed again could be handed to another pytest-xdist worker (or be a client's
+    local port) before our unit binds it: its health check then reached another test's app. So each
+    worker takes ports from its own block below that range (gw0 from 12000, gw1 from 14000, ...),
+    in turn, and each is checked free by binding it; a process outside pytest-xdist (the demo) still
+    asks the kernel."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or not worker[2:].isdigit() or int(worker[2:]) > 9:
+        return _kernel_ports(n)
+    base = 12000 + 2000 * int(worker[2:])
+    found = []
+    for _ in range(2000):
+        port = base + next(_NEXT_PORT) % 2000
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        found.append(port)
+        if len(found) == n:
+            return found
+    raise RuntimeError(f"no {n} free ports in {base}-{base + 1999}")
+
+
+_NEXT_PORT = itertools.count()
+
+
+def _kernel_ports(n):
     held = [socket.socket() for _ in range(n)]
     try:
         for s in held:
