@@ -95,7 +95,8 @@ class OffsiteRun:
             return self.failed(env, f"{backup.path} reached off-site, but an earlier backup of {env.name} that was "
                                f"not there yet could not be copied: {exc}")
         if caught_up and not self.quiet:
-            self.out.say(f"  off-site: also {len(caught_up)} earlier backup(s) not yet there: {', '.join(caught_up)}")
+            self.out.say(f"  off-site: also sent {len(caught_up)} earlier backup(s) that were on this host only: "
+                         f"{', '.join(caught_up)}")
         return True
 
     def failed(self, env, message: str) -> bool:

@@ -171,6 +171,22 @@ def test_the_seeds_migration_dev_first_prod_untouched_until_its_turn(seed):
         git(seed.root / "seed", "rev-parse", f"{v2}^{{tree}}")
 
 
+def test_the_checklist_fails_dev_tested_for_a_verified_release_rolled_back_since(seed):
+    """A verify passed, then the release was rolled back (marked bad): it is not a tested release."""
+    discovered(seed)
+    assert adopt(seed, "dev", "--yes").returncode == 0
+    seed.release("dev", {"VERSION": "2\n"}, "version 2")
+    assert seed.run("deploy.py", "dev").returncode == 0 and seed.run("verify.py", "dev").returncode == 0
+    assert adopt(seed, "--checklist").returncode == 0
+    rolled = seed.run("rollback.py", "dev", "--yes")
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    after = adopt(seed, "--checklist")
+    assert after.returncode == 1 and "FAIL dev tested" in after.stdout, after.stdout
+    assert "then was rolled back in dev" in after.stdout and "(marked bad)" in after.stdout
+    refused = adopt(seed, "prod", "--yes")
+    assert refused.returncode == 1 and "dev tested" in one_line_error(refused)
+
+
 def test_phase_one_with_the_remote_unreachable_leaves_nothing_half_done(seed):
     discovered(seed)
     dev_pid = main_pid(seed, "dev")

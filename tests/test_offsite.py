@@ -102,7 +102,7 @@ def test_a_backup_goes_offsite_tagged_and_is_listed_in_both_places(sandbox):
     listed = json.loads(sandbox.run("backup.py", "--list", "--json").stdout)["backups"]
     assert sorted(b["location"] for b in listed) == ["both", "local"]
     nightly = sandbox.run("backup.py", "--all")
-    assert nightly.returncode == 0 and "earlier backup(s) not yet there: dev-" in nightly.stdout, nightly.stderr
+    assert nightly.returncode == 0 and "earlier backup(s) that were on this host only: dev-" in nightly.stdout, nightly.stderr
     listed = json.loads(sandbox.run("backup.py", "--list", "--json").stdout)["backups"]
     assert len(listed) == 4 and {b["location"] for b in listed} == {"both"}
     no_password(proc, nightly)
