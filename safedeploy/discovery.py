@@ -114,7 +114,8 @@ def discover():
         workdir = props.get("WorkingDirectory", "").lstrip("-!")
         top = git_toplevel(workdir) if workdir and workdir != "~" else None
         if top is None:
-            skipped.append((unit, f"its WorkingDirectory ({workdir or 'unset'}) is not in a git work tree"))
+            skipped.append((unit, adopted_already(workdir) or
+                            f"its WorkingDirectory ({workdir or 'unset'}) is not in a git work tree"))
             continue
         found.append(Found(unit=unit, path=top, working_directory=workdir, exec_start=exec_argv(props.get("ExecStart", "")),
                            active=props.get("ActiveState", ""), main_pid=int(props.get("MainPID") or 0)))
@@ -123,6 +124,16 @@ def discover():
     for env in found:
         describe(env)
     return Proposal(envs=found, skipped=skipped)
+
+
+def adopted_already(workdir: str) -> str | None:
+    """Why a unit that runs a release of this tool (WorkingDirectory X.releases/current) is not proposed."""
+    path = Path(workdir) if workdir else None
+    if path is None or path.name != "current" or not path.parent.name.endswith(".releases"):
+        return None
+    tree = path.parent.with_name(path.parent.name.removesuffix(".releases"))
+    return (f"adopted already: it runs releases from {path.parent} (of the work tree {tree}); the config "
+            "that names it is the one to use (status.py --config FILE)")
 
 
 def name_envs(found):

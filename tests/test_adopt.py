@@ -175,6 +175,8 @@ def test_the_checklist_fails_dev_tested_for_a_verified_release_rolled_back_since
     """A verify passed, then the release was rolled back (marked bad): it is not a tested release."""
     discovered(seed)
     assert adopt(seed, "dev", "--yes").returncode == 0
+    again = adopt(seed, "--discover", config=False)
+    assert again.returncode == 0 and "datatracker-dev.service: adopted already: it runs releases from" in again.stdout
     seed.release("dev", {"VERSION": "2\n"}, "version 2")
     assert seed.run("deploy.py", "dev").returncode == 0 and seed.run("verify.py", "dev").returncode == 0
     assert adopt(seed, "--checklist").returncode == 0
