@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
+import zlib
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -145,15 +146,16 @@ def free_ports(n):
     found free and closed again could be handed to another pytest-xdist worker (or be a client's
     local port) before our unit binds it: its health check then reached another test's app. So each
     worker takes ports from its own block below that range (gw0 from 12000, gw1 from 14000, ...),
-    in turn, and each is checked free by binding it; a process outside pytest-xdist (the demo) still
+    in turn (from a place of its own per test run), each checked free by binding it; a process outside pytest-xdist (the demo) still
     asks the kernel."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     if not worker.startswith("gw") or not worker[2:].isdigit() or int(worker[2:]) > 9:
         return _kernel_ports(n)
     base = 12000 + 2000 * int(worker[2:])
+    start = zlib.crc32(os.environ.get("PYTEST_XDIST_TESTRUNUID", "").encode()) % 2000   # two runs at once
     found = []
     for _ in range(2000):
-        port = base + next(_NEXT_PORT) % 2000
+        port = base + (start + next(_NEXT_PORT)) % 2000
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
