@@ -146,8 +146,8 @@ def free_ports(n):
     found free and closed again could be handed to another pytest-xdist worker (or be a client's
     local port) before our unit binds it: its health check then reached another test's app. So each
     worker takes ports from its own block below that range (gw0 from 12000, gw1 from 14000, ...),
-    in turn (from a place of its own per test run), each checked free by binding it; a process outside pytest-xdist (the demo) still
-    asks the kernel."""
+    in turn (from a place of its own per test run), each checked free by binding it; a process
+    outside pytest-xdist (the demo) still asks the kernel."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     if not worker.startswith("gw") or not worker[2:].isdigit() or int(worker[2:]) > 9:
         return _kernel_ports(n)
