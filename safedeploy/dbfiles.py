@@ -172,16 +172,24 @@ def copy_snapshot(db_path, tmp, progress=None, method="auto"):
     method "api": SQLite's online backup API in one step (the fallback for
     databases not in WAL mode, where a raw copy would not be safe).
     """
-    src = open_readonly(db_path)
+    require_regular_file(db_path)
+    # The file is opened before the connection and closed after it: closing any descriptor of a file drops
+    # every POSIX lock this process holds on it, the connection's read lock included; the app's last
+    # connection to close would then checkpoint into the file being copied and delete its WAL.
+    raw = os.open(db_path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     try:
-        if method == "auto":
-            method = "snapshot" if src.execute("PRAGMA journal_mode").fetchone()[0] == "wal" else "api"
-        if method == "snapshot":
-            snapshot_copy(src, db_path, tmp, progress)
-        else:
-            api_copy(src, tmp, progress)
+        src = open_readonly(db_path)
+        try:
+            if method == "auto":
+                method = "snapshot" if src.execute("PRAGMA journal_mode").fetchone()[0] == "wal" else "api"
+            if method == "snapshot":
+                snapshot_copy(src, db_path, tmp, progress, raw=raw)
+            else:
+                api_copy(src, tmp, progress)
+        finally:
+            src.close()
     finally:
-        src.close()
+        os.close(raw)
 
 
 def api_copy(src, tmp, progress):
@@ -194,7 +202,9 @@ def api_copy(src, tmp, progress):
         progress(1, 1)
 
 
-def snapshot_copy(src, db_path, tmp, progress):
+def snapshot_copy(src, db_path, tmp, progress, raw: int | None = None):
+    """raw: a descriptor of db_path opened before src and closed after it (see copy_snapshot); without
+    one, the file is opened by path, and the caller must hold no other connection to it open."""
     wal_tmp = Path(f"{tmp}-wal")
     src.execute("BEGIN")
     try:
@@ -208,7 +218,7 @@ def snapshot_copy(src, db_path, tmp, progress):
                 progress(min(done[0], sum(sizes)), sum(sizes))
 
         # Bytes past these sizes belong to commits after the snapshot: never chase a growing WAL.
-        copy_file(db_path, tmp, step, limit=sizes[0])
+        copy_file(db_path, tmp, step, limit=sizes[0], src_fd=raw)
         copy_file(f"{db_path}-wal", wal_tmp, step, limit=sizes[1]) if sizes[1] else remove_quietly(wal_tmp)
     finally:
         src.execute("COMMIT")
@@ -230,13 +240,16 @@ def file_size(path):
         return 0
 
 
-def copy_file(src_path, dst_path, step, limit, chunk=2 << 20):
+def copy_file(src_path, dst_path, step, limit, chunk=2 << 20, src_fd: int | None = None):
     """Copy a file's bytes in small chunks (copy_file_range where the kernel has it), pushing
     each chunk to disk as it goes and waiting for the one before: dirty pages never pile up,
     so the app's own commits (which fsync) wait a few milliseconds at most, not for one big
-    flush at the end."""
+    flush at the end. src_fd: read from this descriptor (from its start), left open."""
     dst_fd = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(src_path, "rb", buffering=0) as src, open(dst_fd, "wb", buffering=0) as dst:
+    if src_fd is not None:
+        os.lseek(src_fd, 0, os.SEEK_SET)
+    source = open(src_fd, "rb", buffering=0, closefd=False) if src_fd is not None else open(src_path, "rb", buffering=0)
+    with source as src, open(dst_fd, "wb", buffering=0) as dst:
         offset = 0
         while offset < limit:
             want = min(chunk, limit - offset)

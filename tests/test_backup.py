@@ -106,6 +106,40 @@ def test_backup_never_writes_the_live_database(tmp_path):
     conn.close()
 
 
+def test_the_copys_read_lock_holds_while_the_apps_last_connection_closes(tmp_path):
+    """Django opens a connection per request: the last one to close checkpoints and deletes the WAL unless
+    another connection holds the database. Seen under load: a backup failed with the WAL gone mid-copy
+    (closing the copy's own descriptor of the file had dropped the connection's read lock)."""
+    db = tmp_path / "live.db"
+    writer.create(db)
+    one_write = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+                 "c.execute('INSERT INTO ledger (src, dst, amount) VALUES (1, 2, 3)'); c.close()")
+    subprocess.run([sys.executable, "-c", one_write, str(db)], check=True, timeout=30)
+    assert Path(f"{db}-wal").exists() is False                  # the last connection closed: WAL folded, gone
+    holding = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+               "c.execute('PRAGMA wal_autocheckpoint = 0'); "
+               "[c.execute('INSERT INTO ledger (src, dst, amount) VALUES (1, 2, 3)') for _ in range(20)]; "
+               "print('ready', flush=True); sys.stdin.readline(); c.close()")
+    app = subprocess.Popen([sys.executable, "-c", holding, str(db)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           text=True)          # the app's connection, in the app's own process
+    assert app.stdout.readline() == "ready\n"
+    seen = []
+
+    def progress(done, total):
+        if done == total and not seen:           # the file and its WAL copied, the snapshot still held
+            app.communicate("close\n", timeout=30)
+            subprocess.run([sys.executable, "-c", one_write, str(db)], check=True, timeout=30)
+            seen.append(Path(f"{db}-wal").exists())
+
+    try:
+        b = backups.backup_database(db, tmp_path / "b", "live", "test", progress=progress)
+    finally:
+        app.kill()
+        app.wait(timeout=30)
+    assert seen == [True]                        # the app's last close could not take the WAL away
+    assert sqlite3.connect(b.path).execute("SELECT count(*) FROM ledger").fetchone()[0] == 21
+
+
 def test_a_rollback_journal_database_uses_the_backup_api(tmp_path):
     db = tmp_path / "old.db"
     conn = sqlite3.connect(db)
