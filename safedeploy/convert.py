@@ -28,6 +28,7 @@ from . import probe, redaction, releases, replica, restart, unitenv, units
 from .errors import DeployError
 from .files import fsync_dir, make_private_dir, remove_quietly, write_atomic
 from .gitrepo import Repo
+from .journals import ConversionJournal
 from . import records
 from .state import utc_stamp
 
@@ -337,17 +338,17 @@ def stop_for_move(run):
     replica.pause(env)          # the database moves next: its last writes reach the replica first
 
 
-def put_back_interrupted(env, j):
+def put_back_interrupted(env, j: ConversionJournal) -> None:
     """Put back a conversion that was killed after it changed something, from its journal: the data it
     had renamed into shared/ goes back, then as put_back()."""
-    saved = Path(j["saved"])
-    moves = Moves(done=[(Path(a), Path(b)) for a, b in j.get("pairs", []) if Path(b).exists() or Path(b).is_symlink()])
-    first = releases.read_release(env.releases_root / "releases" / j["first"]) if j.get("first") else None
+    saved = Path(j.saved)
+    moves = Moves(done=[(Path(a), Path(b)) for a, b in j.pairs if Path(b).exists() or Path(b).is_symlink()])
+    first = releases.read_release(env.releases_root / "releases" / j.first) if j.first else None
     folder = units.user_unit_dir()
     files = [folder / env.unit, folder / units.socket_name(env.unit), folder / units.helper_name(env.unit)]
     put_back(env, files, saved, {p: stat_mode(p) or 0o644 for p in files}, first, moves)
     shutil.rmtree(saved, ignore_errors=True)
-    if j.get("made_root"):
+    if j.made_root:
         shutil.rmtree(env.releases_root, ignore_errors=True)
 
 

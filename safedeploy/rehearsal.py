@@ -39,6 +39,7 @@ from pathlib import Path
 from . import backups, commands, oplog, records, releases, schema, transient, unitenv, units
 from .errors import DeployError
 from .files import make_private_dir
+from .journals import DrillJournal, RehearsalJournal, ScratchJournal
 from .output import PLAIN, Output
 from .records import DrillRecord, RehearsalRecord
 from .runner import BEFORE, Operation, Step, execute
@@ -97,7 +98,7 @@ def rehearse(config, env, repo, commit, out=PLAIN):
         run.output = run.output or "\n".join(units.journal_tail(unit))
     finally:
         keep_app_logs(scratch, ("app.log", "old-app.log"))
-        clean_up({"units": [run.unit, run.old_unit], "scratch": str(scratch)})
+        clean_up(RehearsalJournal(units=[run.unit, run.old_unit], scratch=str(scratch)))
         record.steps = run.clock.seconds if run.clock else {}
     records.append(env, record)
     record.output = run.output
@@ -245,8 +246,7 @@ REHEARSAL = [
 ]
 REHEARSAL_OPERATION = Operation(
     "rehearse", REHEARSAL, before_failed=failed, after_failed=failed,
-    journal_data=lambda r: {"v": records.VERSION, "scratch": str(r.scratch), "units": [r.unit, r.old_unit],
-                            "commit": r.commit})
+    journal=lambda r: RehearsalJournal(scratch=str(r.scratch), units=[r.unit, r.old_unit], commit=r.commit))
 
 
 def keep_app_logs(scratch: Path, names: tuple[str, ...]) -> None:
@@ -263,17 +263,16 @@ def keep_app_logs(scratch: Path, names: tuple[str, ...]) -> None:
 APP_LOG_KEPT = 64 * 1024
 
 
-def clean_up(j):
+def clean_up(j: ScratchJournal) -> str:
     """Stop a rehearsal's or a drill's transient units and remove its scratch folder (also for one that
     was killed: the journal names them). Returns what it did."""
-    for unit in j.get("units") or []:
+    for unit in j.units:
         if unit:
             units.systemctl("stop", unit, timeout=units.RESTART_TIMEOUT, check=False)
             units.systemctl("reset-failed", unit, check=False)
-    scratch = j.get("scratch")
-    if scratch and Path(scratch).name.startswith((".rehearsal-", ".drill-")):
-        shutil.rmtree(scratch, ignore_errors=True)
-    return f"the interrupted {j.get('op', 'rehearsal')}'s transient units were stopped and {scratch} removed"
+    if j.scratch and Path(j.scratch).name.startswith((".rehearsal-", ".drill-")):
+        shutil.rmtree(j.scratch, ignore_errors=True)
+    return f"the interrupted {j.op}'s transient units were stopped and {j.scratch} removed"
 
 
 # -- the drill ---------------------------------------------------------------------------------
@@ -294,7 +293,7 @@ def drill(config, env, repo, point):
         record.problems.append(f"cannot use {scratch}: {exc.strerror or exc} (the backup folder's disk)")
     finally:
         keep_app_logs(scratch, ("app.log",))
-        clean_up({"units": [unit], "scratch": str(scratch)})
+        clean_up(DrillJournal(units=[unit], scratch=str(scratch)))
         record.steps = run.clock.seconds if run.clock else {}
     records.append(env, record)
     return record
@@ -343,8 +342,7 @@ DRILL = [
     Step("health", BEFORE, drill_health, lambda r: f"health, rehearse_paths, watched {DRILL_WATCH:g}s"),
 ]
 DRILL_OPERATION = Operation("drill", DRILL, before_failed=failed, after_failed=failed,
-                            journal_data=lambda r: {"v": records.VERSION, "scratch": str(r.scratch), "units": [r.unit],
-                                                    "point": r.point.id})
+                            journal=lambda r: DrillJournal(scratch=str(r.scratch), units=[r.unit], point=r.point.id))
 
 
 # -- the scratch copy -----------------------------------------------------------------------------

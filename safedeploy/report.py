@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from . import backups, clock, datafacts, diagnosis, health, journals, offsite, oplog, planning, recovery, releases, replica, units
+from . import backups, clock, damaged, datafacts, diagnosis, health, offsite, oplog, planning, recovery, releases, replica, units
 from . import records as logs
 from .commandline import script_command
 from .errors import DeployError
@@ -24,7 +24,6 @@ from .points import list_points
 from .state import age_seconds, lock_holder
 
 HEALTH_TIMEOUT = 2.0
-INTERRUPTED_KEYS = ("op", "pid", "command", "started", "step", "from", "commit")
 
 
 class Absent:
@@ -84,7 +83,8 @@ def look_at(config, env) -> EnvReport:
     if not report.lock:
         j = recovery.interrupted_any(env)
         if j:
-            report.interrupted = facts.interrupted = {k: j.get(k) for k in INTERRUPTED_KEYS}
+            facts.interrupted = j.summary()
+            report.interrupted = facts.interrupted.to_json()
     unreadable: list[str] = []
     with ThreadPoolExecutor(max_workers=1) as pool:
         probe = pool.submit(health.check, env.health_url, HEALTH_TIMEOUT)
@@ -115,11 +115,11 @@ def look_at(config, env) -> EnvReport:
 
 
 def add_record_problems(config, env, report: EnvReport, facts: diagnosis.Facts) -> None:
-    """Damaged records and bad marks that only a tag holds (journals.record_problems): said, and repaired by
+    """Damaged records and bad marks that only a tag holds (damaged.record_problems): said, and repaired by
     the recovery the next deploy runs first (given the commit that runs, it has nothing more to do)."""
-    damaged = journals.record_problems(env)
-    report.problems += damaged
-    if damaged and facts.running:
+    damaged_records = damaged.record_problems(env)
+    report.problems += damaged_records
+    if damaged_records and facts.running:
         report.advice.append({"why": "set the damaged records aside (kept beside them) and write back the marks "
                                      "the rolled-back tags hold: the next deploy does that first",
                               "command": script_command(config, "deploy.py", env.name, "--ref", facts.running, "--yes")})

@@ -7,8 +7,9 @@ back fails too, EXIT_HUMAN with the command to run. Its report goes to out."""
 
 from dataclasses import dataclass, field
 
-from .. import convert, records, releases, replica, units
+from .. import convert, releases, replica, units
 from ..errors import EXIT_HUMAN, DeployError, after_undo, describe_failure
+from ..journals import ConversionJournal
 from ..output import Output
 from ..runner import AFTER, BEFORE, Operation, Step, execute
 from .bringup import Run, bring_up_steps, start_probe, stop_probe
@@ -36,7 +37,8 @@ class ConversionRun(Run):
 
 def build_first(run):
     run.first = releases.build(run.env, run.conversion.repo, run.conversion.commit, run.out.say)
-    run.journal.update(first=run.first.id)
+    run.journal.first = run.first.id
+    run.journal.save()
 
 
 def finish_conversion(run):
@@ -97,9 +99,9 @@ def conversion_failed_after(run, step, exc):
 
 def conversion_operation():
     return Operation("convert", CONVERSION, conversion_failed_before, conversion_failed_after,
-                     journal_data=lambda c: {"v": records.VERSION, "saved": str(c.saved), "commit": c.conversion.commit,
-                                             "converting": c.conversion.converting, "made_root": c.made_root,
-                                             "pairs": [[str(a), str(b)] for a, b in c.conversion.pairs]})
+                     journal=lambda c: ConversionJournal(saved=str(c.saved), commit=c.conversion.commit,
+                                                         converting=c.conversion.converting, made_root=c.made_root,
+                                                         pairs=[[str(a), str(b)] for a, b in c.conversion.pairs]))
 
 
 def convert_env(env, conversion, out: Output):

@@ -35,6 +35,7 @@ from ..commandline import script_command
 from ..decisions import failure_code
 from ..errors import EXIT_FAILED, EXIT_HUMAN, DeployError, after_undo, describe_failure
 from ..files import write_atomic
+from ..journals import RollbackJournal
 from ..output import PLAIN
 from ..records import RollbackRecord
 from ..runner import AFTER, BEFORE, Operation, Step, describe, execute
@@ -153,7 +154,8 @@ def rollback_build(run):
     if run.target is None:
         run.target, run.record.rebuilt = releases.build(run.env, run.repo, run.point.commit), True
     run.record.release = run.target.id
-    run.journal.update(release=run.target.id)
+    run.journal.release = run.target.id
+    run.journal.save()
 
 
 def prepare(run):
@@ -187,7 +189,8 @@ def save(run):
         run.record.pre_rollback = backups.backup_database(env.db, env.backup_dir, env.name, "pre-rollback",
                                                           commit=run.running, unit_file=current_unit_file(env)).path
     run.record.backup = run.record.pre_rollback
-    run.journal.update(aside=run.record.aside)
+    run.journal.aside = run.record.aside
+    run.journal.save()
 
 
 def code(run):
@@ -401,10 +404,9 @@ def rollback_operation():
         "rollback", ROLLBACK,
         before_failed=lambda r, step, exc: rollback_failed(r, step, exc, changed=False),
         after_failed=lambda r, step, exc: rollback_failed(r, step, exc, changed=True), shielded=True,
-        journal_data=lambda r: {"v": records.VERSION, "point": r.point.id, "commit": r.point.commit,
-                                "restore_db": r.restore_db, "db_why": r.db_why, "release": r.point.release,
-                                "db_only": r.db_only,
-                                "backup": r.point.backup.path if r.point.backup else None, "from": r.running})
+        journal=lambda r: RollbackJournal(point=r.point.id, commit=r.point.commit, restore_db=r.restore_db,
+                                          db_why=r.db_why, release=r.point.release, db_only=r.db_only,
+                                          backup=r.point.backup.path if r.point.backup else None, from_=r.running))
 
 
 def roll_back(config, env, repo, point, restore_db, why, running, parent=None, watch=0, quick_stop=None, mark=True,
