@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .journals import Interrupted, Op
-from .units import holder_name
+from .unitfiles import holder_name
 
 if TYPE_CHECKING:
     from .datafacts import Outstanding

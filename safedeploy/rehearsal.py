@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import backups, commands, oplog, records, releases, schema, transient, unitenv, units
+from . import backups, commands, dbfiles, oplog, records, releases, schema, transient, unitenv, units
 from .errors import DeployError
 from .files import make_private_dir
 from .journals import DrillJournal, RehearsalJournal, ScratchJournal
@@ -210,7 +210,7 @@ def old_check_step(run):
     rehearse_paths; count the rows the probes wrote. Breaking: a schema change it cannot live with, else a
     failed probe (its status, and what the app logged meanwhile)."""
     env, record, log = run.env, run.record, run.scratch / "old-app.log"
-    rows_before = backups.live_rows(run.db) or {}
+    rows_before = dbfiles.live_rows(run.db) or {}
     results = []
     try:
         transient.wait_serving(env, run.old_unit, run.port, "the running release")
@@ -219,7 +219,7 @@ def old_check_step(run):
                                              tuple(transient.log_tail(run.scratch, name=log.name).splitlines()[-20:])))
     else:
         results = [transient.probe(run.port, path, log) for path in dict.fromkeys([env.health_path, *env.rehearse_paths])]
-    rows_after = backups.live_rows(run.db) or {}
+    rows_after = dbfiles.live_rows(run.db) or {}
     record.probes = {r.path: r.answer for r in results}
     record.probe_rows = {t: n - rows_before.get(t, 0) for t, n in rows_after.items() if n != rows_before.get(t, 0)}
     failure = next((r for r in results if not r.ok), None)
@@ -348,7 +348,7 @@ DRILL_OPERATION = Operation("drill", DRILL, before_failed=failed, after_failed=f
 # -- the scratch copy -----------------------------------------------------------------------------
 def schema_rows(db):
     try:
-        conn = backups.open_readonly(db)
+        conn = dbfiles.open_readonly(db)
         try:
             return [list(r) for r in conn.execute(
                 "SELECT type, name, coalesce(sql, '') FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' "

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from . import backups, clock, damaged, datafacts, diagnosis, health, offsite, oplog, planning, recovery, releases, replica, units
+from . import backups, clock, damaged, datafacts, diagnosis, health, offsite, oplog, planning, recovery, releases, replica, unitfiles, units
 from . import records as logs
 from .commandline import script_command
 from .errors import DeployError
@@ -128,18 +128,18 @@ def add_record_problems(config, env, report: EnvReport, facts: diagnosis.Facts) 
 def unit_part(config, env, records, local, facts: diagnosis.Facts, report: EnvReport) -> None:
     st = units.serving_state(env.unit)         # with a handover slot, the one that serves
     method = units.restart_method(env.unit)
-    sock = units.state(units.socket_name(env.unit))
+    sock = units.state(unitfiles.socket_name(env.unit))
     facts.socket = sock.name if sock.known else ""
     facts.socket_active = sock.is_active
-    facts.held = [str(path) for path in units.port_holder_files(env.unit) if path.exists()]
+    facts.held = [str(path) for path in unitfiles.port_holder_files(env.unit) if path.exists()]
     facts.unit_state, facts.serving_unit, facts.uptime = st.active, st.name, st.uptime
     facts.unit_failed = st.active == "failed" or (st.is_active and units.is_restart_looping(st)) or st.sub == "auto-restart"
     if method == "handover" and all(units.state(u).is_active for u in units.slots(env.unit)) \
             and not lock_holder(env.state_dir, env.name):
-        facts.mismatch = (f"both {env.unit} and {units.helper_name(env.unit)} run outside a deploy (one was killed "
+        facts.mismatch = (f"both {env.unit} and {unitfiles.helper_name(env.unit)} run outside a deploy (one was killed "
                           "mid-swap); the next deploy.py or rollback.py stops the older")
     report.restart_method = method
-    report.warning = None if method != "plain" else units.DROPS_WARNING.format(
+    report.warning = None if method != "plain" else unitfiles.DROPS_WARNING.format(
         command=script_command(config, "deploy.py", env.name, "--install-units"))
     report.unit = {"active": st.is_active, "state": st.active, "sub": st.sub, "name": st.name,
                    "since": units.uptime_text(st) or None, "restarts": st.restarts,

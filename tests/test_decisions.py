@@ -159,7 +159,7 @@ def test_retention_keeps_what_is_protected_whatever_the_rules_say():
 
 
 def test_a_holder_command_line_escapes_what_systemd_would_expand():
-    from safedeploy.units import exec_line
+    from safedeploy.unitfiles import exec_line
     assert exec_line(["/usr/bin/python3", "/srv/a b/50%$HOME.py"]) == "/usr/bin/python3 '/srv/a b/50%%$$HOME.py'"
 
 

@@ -20,7 +20,7 @@ A failure in a BEFORE step: recorded, exit 1, nothing live changed. After: the a
 import json
 from dataclasses import dataclass, field
 
-from .. import (backups, commands, probe, records, redaction, releases, retention, rowloss, unitenv, units,
+from .. import (backups, commands, probe, records, redaction, releases, retention, rowloss, unitenv, unitfiles, units,
                verified_notes)
 from ..commandline import script_command
 from ..decisions import Blame, DatabaseMode, FailureFacts, judge_failure
@@ -209,7 +209,7 @@ def stop_detail(run):
     wait = (f"requests get a 503 with Retry-After: {run.plan.retry_after} from the tool's listener"
             if run.plan.retry_after else "requests wait in its queue")
     return (f"stop {units.serving_state(run.env.unit).name} before pre_restart ({run.plan.migration_why}); "
-            f"{units.socket_name(run.env.unit)} keeps the port and starts no app: {wait}")
+            f"{unitfiles.socket_name(run.env.unit)} keeps the port and starts no app: {wait}")
 
 
 DEPLOY = [

@@ -30,7 +30,7 @@ exit 4, with the command to run.
 import os
 from dataclasses import dataclass, field
 
-from .. import backups, marks, records, releases, replica, restart, rowloss, unitenv, units
+from .. import backups, dbfiles, marks, records, releases, replica, restart, restore, rowloss, unitenv, unitfiles, units
 from ..commandline import script_command
 from ..decisions import failure_code
 from ..errors import EXIT_FAILED, EXIT_HUMAN, DeployError, after_undo, describe_failure
@@ -58,7 +58,7 @@ class RollbackRun(Run):
     target: object = None               # the release it switches to (releases)
     kept: object = None                 # the point's kept release, found when planned
     prepared: object = None
-    early: object = None                # a backups.EarlyPrepare the plan started, which prepare waits for
+    early: object = None                # a restore.EarlyPrepare the plan started, which prepare waits for
     stopped: bool = False
     unit_action: str = "keep"           # "restore" or "keep", with unit_why
     unit_why: str = ""
@@ -135,9 +135,9 @@ def unit_file_plan(env, point):
         layout = "releases" if for_releases else "its work tree"
         return "keep", (f"the point's unit file runs the app from {layout}, and {env.name} runs from "
                         f"{'releases' if env.converted else 'its work tree'} now: the live unit file is kept")
-    socket_needed = f"Requires={units.socket_name(env.unit)}" in saved.decode(errors="replace")
-    if socket_needed and not units.state(units.socket_name(env.unit)).known:
-        return "keep", f"the point's unit file needs {units.socket_name(env.unit)}, which this host does not have"
+    socket_needed = f"Requires={unitfiles.socket_name(env.unit)}" in saved.decode(errors="replace")
+    if socket_needed and not units.state(unitfiles.socket_name(env.unit)).known:
+        return "keep", f"the point's unit file needs {unitfiles.socket_name(env.unit)}, which this host does not have"
     return "restore", f"put back {b.unit_file} as it was at the point (daemon-reload)"
 
 
@@ -160,7 +160,7 @@ def rollback_build(run):
 
 def prepare(run):
     early, run.early = run.early, None
-    run.prepared = early.result() if early is not None else backups.prepare_restore(run.point.backup, run.env.db)
+    run.prepared = early.result() if early is not None else restore.prepare_restore(run.point.backup, run.env.db)
 
 
 def stop_for_restore(run):
@@ -171,7 +171,7 @@ def stop_for_restore(run):
 
 
 def put_database(run):
-    backups.put_in_place(run.prepared, run.env.db)
+    restore.put_in_place(run.prepared, run.env.db)
     replica.resume(run.env, swapped=True)       # the replica continues from the restored database
 
 
@@ -182,7 +182,7 @@ def save(run):
     if not env.db.exists():
         return
     if run.restore_db:
-        run.record.aside = str(backups.set_aside(env.db, backups.aside_name(env.db, env.backup_dir, env.name,
+        run.record.aside = str(restore.set_aside(env.db, backups.aside_name(env.db, env.backup_dir, env.name,
                                                                             run.stamp)))
         run.record.pre_rollback = run.record.aside
     else:
@@ -208,7 +208,7 @@ def restore_unit(run):
     except OSError:
         mode = 0o600
     data = open(b.unit_backup, "rb").read()
-    write_atomic(b.unit_file, data, mode=units.unit_file_mode(data.decode(errors="replace"), mode))
+    write_atomic(b.unit_file, data, mode=unitfiles.unit_file_mode(data.decode(errors="replace"), mode))
     units.daemon_reload()
     run.record.unit_restored = True
 
@@ -318,7 +318,7 @@ ROLLBACK = [
          when=lambda r: r.restore_db),
     Step("stop", BEFORE, stop_for_restore,
          lambda r: f"stop {r.env.unit} so that nothing opens the database" + (
-             f" ({units.socket_name(r.env.unit)} keeps the port and starts no app: requests wait in its queue)"
+             f" ({unitfiles.socket_name(r.env.unit)} keeps the port and starts no app: requests wait in its queue)"
              if units.restart_method(r.env.unit) != "plain" else ""), when=lambda r: r.restore_db),
     Step("save", BEFORE, save, save_detail),
     Step("code", AFTER, code,
@@ -387,7 +387,7 @@ def put_back_before_change(run):
     was stopped). False when that cannot be done safely (the live database was being set aside)."""
     env = run.env
     if run.prepared:
-        backups.remove_temp(run.prepared)
+        dbfiles.remove_temp(run.prepared)
     if run.restore_db and run.stopped and not env.db.exists():
         return False            # the app stays stopped: it must not start on an empty database
     if run.stopped:
