@@ -14,8 +14,8 @@ on, on the safe side (an operation whose journal is damaged is taken as having c
   decision `restore_db` and `db_only` as the text still shows them, else no);
 - a rehearsal or a drill: cleaned up as from an intact journal (its scratch folder when still shown);
 - anything else that may have changed things (a conversion, a rollback whose point cannot be read, a
-  kind of operation this version does not know, a rolled-back tag no rollback record names): the journal is moved aside, kept, and the recovery stops
-  with exit 4 and what to run.
+  kind of operation this version does not know, a rolled-back tag no rollback record names): the
+  journal is moved aside, kept, and the recovery stops with exit 4 and what to run.
 
 `repair_records` sets aside the damaged lines of the env's logs and writes back the bad marks only a
 tag still holds (marks.repair), so that status and the next decisions read whole records again.

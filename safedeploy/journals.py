@@ -92,7 +92,8 @@ class Interrupted:
 
 @dataclass
 class OpJournal:
-    """What every journal holds. `file` is where it is saved (not written into it)."""
+    """What every journal holds. `file` is where it is saved, `ended` whether finish() ran (neither is
+    written into it)."""
     OP: ClassVar[Op]
     REQUIRED: ClassVar[tuple[str, ...]] = ()    # fields a whole journal of this kind cannot lack
     v: int | None = None
@@ -101,6 +102,7 @@ class OpJournal:
     started: str | None = None
     step: str | None = None             # the step it is in; None: before the first
     file: Path | None = field(default=None, repr=False, compare=False)
+    ended: bool = field(default=False, repr=False, compare=False)
 
     @property
     def op(self) -> Op:
@@ -109,25 +111,29 @@ class OpJournal:
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"op": str(self.op)}
         for f in dataclasses.fields(self):
-            if f.name != "file":
+            if f.name not in NOT_WRITTEN:
                 data[json_key(f.name)] = getattr(self, f.name)
         return data
 
     def start(self, path: Path) -> None:
         """Begin the journal at path for this process (its version, pid, command line, time), and save it."""
-        self.file, self.v, self.pid = Path(path), VERSION, os.getpid()
+        self.file, self.ended, self.v, self.pid = Path(path), False, VERSION, os.getpid()
         self.command, self.started, self.step = " ".join(sys.argv), now_iso(), None
         self.save()
 
     def save(self) -> None:
-        """Write the journal whole (temp file, fsync, rename), its checksum inside."""
+        """Write the journal whole (temp file, fsync, rename), its checksum inside. Once the operation ended
+        (finish), nothing: the journal is gone and stays gone."""
         if self.file is None:
             raise ValueError("a journal is saved only after start()")
+        if self.ended:
+            return
         make_private_dir(self.file.parent)
         write_atomic(self.file, integrity.encode(self.to_json()))
 
     def finish(self) -> None:
         """The operation ended (however it ended, short of a kill): its journal goes."""
+        self.ended = True
         if self.file is not None:
             remove_quietly(self.file)
 
@@ -241,7 +247,7 @@ class DamagedJournal(OpJournal):
 
     def shows(self) -> str:
         """What it still shows, said: "from=..., commit=..." (the fields still whole)."""
-        hidden = {"path", "why", "step", "file"}
+        hidden = {"path", "why", "step", *NOT_WRITTEN}
         said = [f"{'op' if f.name == 'said_op' else json_key(f.name)}={getattr(self, f.name)}"
                 for f in dataclasses.fields(self) if f.name not in hidden and getattr(self, f.name) not in (None, "")]
         return ", ".join(said) or "nothing"
@@ -256,6 +262,7 @@ class DamagedJournal(OpJournal):
 
 KINDS: dict[str, type[OpJournal]] = {k.OP.value: k for k in (DeployJournal, RollbackJournal, ConversionJournal,
                                                              RehearsalJournal, DrillJournal, BackupJournal)}
+NOT_WRITTEN = ("file", "ended")
 SALVAGED = ("command", "started", "step", "from", "target", "tag", "point", "commit", "backup",
             "previous_release", "release", "scratch")
 
@@ -295,7 +302,7 @@ def from_json(data: dict[str, Any], path: Path, text: str = "") -> OpJournal:
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         key = json_key(f.name)
-        if f.name == "file" or key not in data:
+        if f.name in NOT_WRITTEN or key not in data:
             if f.name in cls.REQUIRED:
                 return damaged(path, text, f"it lacks its {key!r}")
             continue

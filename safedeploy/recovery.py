@@ -1,10 +1,9 @@
 """Recovery of an operation that was killed (kill -9, a power cut) before it could clean up.
 
-The journal (journals.py: one dataclass per kind of operation) says which operation ran and the step it
-was in. The next deploy,
-rollback or rehearsal, holding the env's lock (so the killed process is surely gone), calls
-recover() before anything else, and decisions.recovery_action() says what to do, from the
-runbook's own lists of steps (which of them change nothing live):
+The journal (journals.py: one dataclass per kind of operation) says which operation ran and the step
+it was in. The next deploy, rollback or rehearsal, holding the env's lock (so the killed process is
+surely gone), calls recover() before anything else, and decisions.recovery_action() says what to do,
+from the runbook's own lists of steps (which of them change nothing live):
 
 - a deploy killed in a BEFORE step (build, tag, backup): nothing live had changed; temp files
   and a half-built release are removed and the unit is started if it is not running;

@@ -78,6 +78,9 @@ def test_each_kind_is_read_back_as_it_was_written(tmp_path, journal):
     assert path.stat().st_mode & 0o777 == 0o600
     journal.finish()
     assert journals.read(path) is None and not path.exists()
+    journal.step = "later"
+    journal.save()                             # after its end, as the step clock of a nested run may
+    assert not path.exists()
 
 
 def test_the_keys_on_disk_are_the_previous_version_s():
