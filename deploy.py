@@ -148,7 +148,7 @@ def show_plan(config, env, args):
     cli.say(f"dry run: deploy {env.name}, nothing will be changed")
     j = recovery.interrupted(env)
     if j:
-        cli.say(f"  (the real run first recovers an interrupted {recovery.describe(j)})")
+        cli.say(f"  (the real run first recovers an interrupted {j.describe()})")
     if env.remote and not args.no_fetch:
         cli.say(f"  (the real run fetches first: git -C {env.path} fetch --prune --no-tags {env.remote}; "
                 "this dry run uses what is already fetched)")

@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from safedeploy import backups, cli, decisions, offsite, planning, probe, recovery, rehearsal, rowloss, runbook, units
+from safedeploy import cli, dbfiles, decisions, offsite, planning, probe, recovery, rehearsal, restore, rowloss, runbook, units
 from safedeploy.errors import EXIT_FAILED, DeployError, usage_error
 from safedeploy.gitrepo import Repo
 from safedeploy.points import list_points
@@ -137,7 +137,7 @@ def start_copy(run):
     check_early_copy). A backup file gone is refused at once."""
     if not Path(run.point.backup.path).exists():
         planning.check_point_backup(run.env, run.repo, run.point)
-    run.early = backups.EarlyPrepare(run.point.backup, run.env.db)
+    run.early = restore.EarlyPrepare(run.point.backup, run.env.db)
     return run
 
 
@@ -156,7 +156,7 @@ def check_early_copy(env, repo, run):
 
 # -- looking -------------------------------------------------------------------------------
 def show_points(config, env, repo, points, as_json, problem=None):
-    live = backups.live_schema(env.db) if env.db.exists() else None      # None: missing or unreadable
+    live = dbfiles.live_schema(env.db) if env.db.exists() else None      # None: missing or unreadable
     marks = planning.point_marks(config, env, repo, points)     # a release rolled back in any env: said
     rows = [{**p.to_json(repo.subject(p.commit), (p.backup.schema != live) if p.backup and live else None),
              "rolled_back_in": (marks[p.commit] or {}).get("env")} for p in points]

@@ -15,7 +15,7 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from safedeploy import alertlock, cli, metrics, probe, recovery, report, status_alerts, units
+from safedeploy import alertlock, cli, journals, metrics, probe, report, status_alerts, units
 from safedeploy.errors import EXIT_FAILED, usage_error
 from safedeploy.state import human_age
 
@@ -165,7 +165,7 @@ def attention(r):
     if r["lock"]:
         yield f"  lock      {r['lock']}"
     if r["interrupted"]:
-        yield cli.paint(f"  INTERRUPTED {recovery.describe(r['interrupted'])}", "red")
+        yield cli.paint(f"  INTERRUPTED {journals.Interrupted.from_json(r['interrupted']).describe()}", "red")
     op = r.get("last_operation")
     if op and op["result"] in ("failed", "interrupted"):
         yield cli.paint(f"  output    the last operation ({op['op']}{', ' + op['time'] if op['time'] else ''}) "

@@ -12,7 +12,7 @@ the commit's tree is recorded as verified in this env (the promotion gate reads 
 import json
 from dataclasses import asdict, dataclass
 
-from safedeploy import backups, cli, clock, health, releases, replica, replica_copy, units, verified_notes
+from safedeploy import backups, cli, clock, dbfiles, health, releases, replica, replica_copy, unitfiles, units, verified_notes
 from safedeploy.errors import DeployError
 from safedeploy.gitrepo import Repo
 from safedeploy import records
@@ -139,7 +139,7 @@ def check_release(config, env):
 
 
 def check_database(config, env):
-    verdict = backups.integrity_of(env.db, quick=True)
+    verdict = dbfiles.integrity_of(env.db, quick=True)
     return verdict == "ok", f"{env.db}: quick_check {verdict}"
 
 
@@ -183,12 +183,12 @@ def check_drill(config, env):
 def check_restart(config, env):
     """Warns when a restart will drop requests; informational, it never fails the checklist."""
     method = units.restart_method(env.unit)
-    if method in units.METHOD_NOTES:
-        return True, units.METHOD_NOTES[method].format(helper=units.helper_name(env.unit), unit=env.unit,
-                                                       socket=units.socket_name(env.unit),
+    if method in unitfiles.METHOD_NOTES:
+        return True, unitfiles.METHOD_NOTES[method].format(helper=unitfiles.helper_name(env.unit), unit=env.unit,
+                                                       socket=unitfiles.socket_name(env.unit),
                                                        command=cli.script_command(config, "deploy.py", env.name,
                                                                                   "--install-units", "--notify"))
-    return True, "WARNING: " + units.DROPS_WARNING.format(command=cli.script_command(config, "deploy.py", env.name, "--install-units"))
+    return True, "WARNING: " + unitfiles.DROPS_WARNING.format(command=cli.script_command(config, "deploy.py", env.name, "--install-units"))
 
 
 def record_verified(env) -> str:

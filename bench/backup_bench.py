@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from demo import writer  # noqa: E402
-from safedeploy import backups  # noqa: E402
+from safedeploy import dbfiles  # noqa: E402
 
 
 def method_cp(db, dest):
@@ -39,15 +39,15 @@ def method_cp_fsync(db, dest):
 
 
 def method_api(db, dest):
-    src = backups.open_readonly(db)
+    src = dbfiles.open_readonly(db)
     try:
-        backups.api_copy(src, dest, None)
+        dbfiles.api_copy(src, dest, None)
     finally:
         src.close()
 
 
 def method_vacuum(db, dest):
-    src = backups.open_readonly(db)
+    src = dbfiles.open_readonly(db)
     try:
         src.execute("VACUUM INTO ?", (str(dest),))
     finally:
@@ -55,9 +55,9 @@ def method_vacuum(db, dest):
 
 
 def method_snapshot(db, dest):
-    src = backups.open_readonly(db)
+    src = dbfiles.open_readonly(db)
     try:
-        backups.snapshot_copy(src, db, dest, None)
+        dbfiles.snapshot_copy(src, db, dest, None)
     finally:
         src.close()
 
@@ -129,7 +129,7 @@ def run(work, args):
                             os.fsync(fh.fileno())
                         seconds = time.monotonic() - start
                     v0 = time.monotonic()
-                    info = backups.finish_copy(db, dest)
+                    info = dbfiles.finish_copy(db, dest)
                     verify_s = time.monotonic() - v0
                     ok, detail = writer.invariant_holds(dest)
                     assert info["sha256"]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import requests
 
 from demo.sandbox import REPO_ROOT
-from safedeploy import rehearsal, runbook, runner, units
+from safedeploy import rehearsal, runbook, runner, unitfiles
 
 OPS = ("deploy", "rollback", "backup", "rehearse")
 BACKUP_STEPS = ["copy", "verify", "publish"]        # backups.backup_database's clock
@@ -130,7 +130,7 @@ def leftovers(sb, env):
     found += [p for p in glob.glob(f"{sb.path(env)}.releases/releases/*") if not os.path.exists(f"{p}/REVISION")]
     found += glob.glob(str(sb.root / "state" / ".*tmp-*"))
     found += glob.glob(str(sb.root / "state" / f"{env}.*journal.json"))
-    found += [str(p) for p in units.port_holder_files(sb.unit(env)) if p.exists()]     # the socket held
+    found += [str(p) for p in unitfiles.port_holder_files(sb.unit(env)) if p.exists()]     # the socket held
     return found
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import backups, convert, health, records, runbook, units
+from . import backups, convert, dbfiles, health, records, runbook, units
 from .commandline import script_command
 from .errors import DeployError, after_undo, describe_failure
 from .files import make_private_dir, write_atomic
@@ -110,7 +110,7 @@ def phase_one_plan(config, envs):
         repo = Repo(env.path)
         st = units.require_known(env.unit)
         if env.db.exists():
-            backups.check_is_sqlite(env.db)
+            dbfiles.check_is_sqlite(env.db)
         facts = EnvFacts(env=env, repo=repo, commit=repo.head(), branch=repo.current_branch(),
                          unit_file=st.fragment_path)
         if env.remote and env.remote not in plan.remote_tags:

@@ -7,8 +7,8 @@ fsynced, renamed, and the folder fsynced: a partial backup never shows under
 a final name. Only a backup with a manifest counts. Files 0600, folders 0700.
 
 The copy itself (a consistent snapshot of the live database, never written or
-checkpointed) is safedeploy/dbfiles'; the restore is safedeploy/restore's. Both
-are re-exported here, so backups.X keeps naming what it named.
+checkpointed) is safedeploy/dbfiles'; the restore is safedeploy/restore's: callers
+import those from there.
 """
 
 import json
@@ -20,47 +20,11 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .dbfiles import (  # noqa: F401  (re-exported: backups.X)
-    BUSY_TIMEOUT_MS,
-    DEFAULT_BOOKKEEPING,
-    NOT_TOOLS,
-    SQLITE_MAGIC,
-    api_copy,
-    check_is_sqlite,
-    copy_file,
-    copy_snapshot,
-    count_rows,
-    file_size,
-    finish_copy,
-    free_bytes,
-    integrity,
-    integrity_of,
-    live_rows,
-    live_schema,
-    needed_bytes,
-    open_readonly,
-    remove_temp,
-    removed_on_failure,
-    require_regular_file,
-    schema_fingerprint,
-    sha256_file,
-    snapshot_copy,
-    write_behind,
-)
+from .dbfiles import (DEFAULT_BOOKKEEPING, check_is_sqlite, copy_snapshot, finish_copy, free_bytes, integrity_of,
+                      needed_bytes, removed_on_failure, sha256_file)
 from .errors import DeployError
 from .files import disk_error, fsync_dir, make_private_dir, remove_quietly, temp_path_for, write_atomic
-from .restore import (  # noqa: F401  (re-exported: backups.X)
-    EarlyPrepare,
-    copy_hashed,
-    count_missing,
-    fold_wal,
-    prepare_restore,
-    put_in_place,
-    rows_only_in,
-    set_aside,
-    stat_mode,
-    trusted_hash,
-)
+from .restore import trusted_hash
 from .state import StepClock, now_iso
 from .unitfiles import user_unit_dir
 

@@ -24,10 +24,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import probe, redaction, releases, replica, restart, unitenv, units
+from . import probe, redaction, releases, replica, restart, unitenv, unitfiles, units
 from .errors import DeployError
 from .files import fsync_dir, make_private_dir, remove_quietly, write_atomic
 from .gitrepo import Repo
+from .journals import ConversionJournal
 from . import records
 from .state import utc_stamp
 
@@ -128,10 +129,10 @@ def remove_layout(env, release):
 
 def stop_all(env):
     """The app, its socket (so a request cannot start it mid-move) and its helper."""
-    sock = units.socket_name(env.unit)
+    sock = unitfiles.socket_name(env.unit)
     if units.state(sock).known:
         units.systemctl("stop", sock, timeout=units.RESTART_TIMEOUT, check=False)
-    units.systemctl("stop", units.helper_name(env.unit), timeout=units.RESTART_TIMEOUT, check=False)
+    units.systemctl("stop", unitfiles.helper_name(env.unit), timeout=units.RESTART_TIMEOUT, check=False)
     units.stop(env.unit)
 
 
@@ -162,7 +163,7 @@ def plan(env, repo, notify, say, warn, move_secrets=None):
     warn_gunicorn_readiness(files, env, warn)
     if units.restart_method(env.unit) == "plain":
         say(f"  note: {env.unit} holds port {env.port} itself until now, so new connections to it are refused "
-            f"briefly, once, while the port moves to {units.socket_name(env.unit)}: from the moment the app "
+            f"briefly, once, while the port moves to {unitfiles.socket_name(env.unit)}: from the moment the app "
             f"lets the port go (its own stop) to the moment the socket listens (measured here: {PORT_MOVE})")
     changed = show_unit_diffs(files, say)
     return Conversion(repo=repo, files=files, converting=converting, commit=commit, pairs=pairs,
@@ -172,7 +173,7 @@ def plan(env, repo, notify, say, warn, move_secrets=None):
 def offer_secrets(env, files, move_secrets, say):
     """The service's secret Environment= values: moved (move_secrets) out of the unit text in files (the
     service's and the handover slot's) into a file named by EnvironmentFile=, or named in a note."""
-    service = units.user_unit_dir() / env.unit
+    service = unitfiles.user_unit_dir() / env.unit
     target = unitenv.secrets_file(env.unit)
     text, taken = unitenv.without_secrets(files[service], env.unit, env.secret_env, target)
     if not taken or move_secrets is None:
@@ -186,9 +187,9 @@ def offer_secrets(env, files, move_secrets, say):
         raise DeployError(f"cannot move {names} out of {env.unit}: {target} exists already; move it away first "
                           "(nothing was changed)")
     files[service] = text
-    helper = units.user_unit_dir() / units.helper_name(env.unit)
+    helper = unitfiles.user_unit_dir() / unitfiles.helper_name(env.unit)
     if helper in files:
-        files[helper] = units.render_helper(text, env.unit)
+        files[helper] = unitfiles.render_helper(text, env.unit)
     say(f"  move {names} out of {env.unit} into {target} (0600), named by EnvironmentFile=")
     return taken, target
 
@@ -204,12 +205,12 @@ def write_secrets(conversion):
 
 def report(env, conversion, run, say):
     """What a conversion that went through says (the plan said what it would do)."""
-    helper = units.helper_name(env.unit)
+    helper = unitfiles.helper_name(env.unit)
     serves = f"; {helper} serves while it restarts" if any(p.name == helper for p in conversion.files) else ""
     if run.first is not None:
         say(f"converted: {env.name} runs release {run.first.id} through {env.current_link}; its data is in "
             f"{env.releases_root / 'shared'}; deploys now build a release beside the running one")
-    say(f"installed: {units.socket_name(env.unit)} holds port {env.port}; {env.unit} takes its socket from "
+    say(f"installed: {unitfiles.socket_name(env.unit)} holds port {env.port}; {env.unit} takes its socket from "
         f"systemd{serves}; the old files are saved in {run.saved}")
     if run.probe is not None:
         say(f"probe: {probe.describe(run.probe.stop())}")
@@ -255,7 +256,7 @@ def conversion_steps(env, repo, say):
 def warn_gunicorn_readiness(files, env, warn):
     """gunicorn sends READY=1 once its master is up, before its workers have imported the app; a
     handover that trusts it stops the old process while the new one cannot answer yet."""
-    service = files[units.user_unit_dir() / env.unit]
+    service = files[unitfiles.user_unit_dir() / env.unit]
     if "gunicorn" in service and "--preload" not in service:
         warn(f"warning: {env.unit} runs gunicorn without --preload: gunicorn signals ready before its workers "
              "load the app, so requests wait (measured: up to 1.7 s) while the new workers import it. Add "
@@ -266,13 +267,13 @@ def socket_unit_files(env, notify, converting=False):
     st = units.require_known(env.unit)
     current = Path(st.fragment_path).read_text()
     notify = notify or "gunicorn" in current or "Type=notify" in current
-    folder = units.user_unit_dir()
+    folder = unitfiles.user_unit_dir()
     if converting:
         current = rewrite_paths(current, env)
-    service = units.render_socket_service(current, env.unit, notify)
-    files = {folder / env.unit: service, folder / units.socket_name(env.unit): units.render_socket(env.unit, env.port)}
+    service = unitfiles.render_socket_service(current, env.unit, notify)
+    files = {folder / env.unit: service, folder / unitfiles.socket_name(env.unit): unitfiles.render_socket(env.unit, env.port)}
     if notify:      # the helper needs readiness: systemctl start must return only once it serves
-        files[folder / units.helper_name(env.unit)] = units.render_helper(service, env.unit)
+        files[folder / unitfiles.helper_name(env.unit)] = unitfiles.render_helper(service, env.unit)
     return files
 
 
@@ -296,7 +297,7 @@ def save_unit_files(env, files):
     included; an instance of a 0600 template, app@a.service, has no file of its own: the template's
     mode is the one to keep)."""
     folder = make_private_dir(env.backup_dir / f"units-{utc_stamp()}")
-    service_mode = stat_mode(Path(units.state(env.unit).fragment_path or units.user_unit_dir() / env.unit)) or 0o644
+    service_mode = stat_mode(Path(units.state(env.unit).fragment_path or unitfiles.user_unit_dir() / env.unit)) or 0o644
     modes = {}
     for path in files:
         modes[path] = stat_mode(path) or service_mode
@@ -313,15 +314,15 @@ def stat_mode(path):
 
 
 def install_units(run):
-    """The unit files (with, when the port still has to move, the holder: see units.holder_name) and the
+    """The unit files (with, when the port still has to move, the holder: see unitfiles.holder_name) and the
     socket enabled, while the app still serves: both reload the manager, which takes a few hundred
     milliseconds that must not fall in the window where the port is closed."""
     env = run.env
-    run.held_by_socket = units.state(units.socket_name(env.unit)).is_active   # then requests wait throughout
-    holder = {} if run.held_by_socket else units.port_holder_files(env.unit)
+    run.held_by_socket = units.state(unitfiles.socket_name(env.unit)).is_active   # then requests wait throughout
+    holder = {} if run.held_by_socket else unitfiles.port_holder_files(env.unit)
     write_secrets(run.conversion)
     units.install_unit_files({**run.conversion.files, **holder}, run.modes, reload=False)
-    units.systemctl("enable", "--no-reload", units.socket_name(env.unit))
+    units.systemctl("enable", "--no-reload", unitfiles.socket_name(env.unit))
     units.daemon_reload()           # once, for both
 
 
@@ -329,7 +330,7 @@ def stop_for_move(run):
     """Stop the app; the port moves to the socket the moment the old process lets it go. Never `stop` the
     socket here: the new service Requires= it, so systemd would stop the app with it."""
     env = run.env
-    units.systemctl("stop", units.helper_name(env.unit), timeout=units.RESTART_TIMEOUT, check=False)
+    units.systemctl("stop", unitfiles.helper_name(env.unit), timeout=units.RESTART_TIMEOUT, check=False)
     if run.held_by_socket:
         units.stop(env.unit)
     else:
@@ -337,23 +338,23 @@ def stop_for_move(run):
     replica.pause(env)          # the database moves next: its last writes reach the replica first
 
 
-def put_back_interrupted(env, j):
+def put_back_interrupted(env, j: ConversionJournal) -> None:
     """Put back a conversion that was killed after it changed something, from its journal: the data it
     had renamed into shared/ goes back, then as put_back()."""
-    saved = Path(j["saved"])
-    moves = Moves(done=[(Path(a), Path(b)) for a, b in j.get("pairs", []) if Path(b).exists() or Path(b).is_symlink()])
-    first = releases.read_release(env.releases_root / "releases" / j["first"]) if j.get("first") else None
-    folder = units.user_unit_dir()
-    files = [folder / env.unit, folder / units.socket_name(env.unit), folder / units.helper_name(env.unit)]
+    saved = Path(j.saved)
+    moves = Moves(done=[(Path(a), Path(b)) for a, b in j.pairs if Path(b).exists() or Path(b).is_symlink()])
+    first = releases.read_release(env.releases_root / "releases" / j.first) if j.first else None
+    folder = unitfiles.user_unit_dir()
+    files = [folder / env.unit, folder / unitfiles.socket_name(env.unit), folder / unitfiles.helper_name(env.unit)]
     put_back(env, files, saved, {p: stat_mode(p) or 0o644 for p in files}, first, moves)
     shutil.rmtree(saved, ignore_errors=True)
-    if j.get("made_root"):
+    if j.made_root:
         shutil.rmtree(env.releases_root, ignore_errors=True)
 
 
 def put_back(env, files, saved, modes, first, moves):
     stop_all(env)
-    units.systemctl("disable", units.socket_name(env.unit), check=False)
+    units.systemctl("disable", unitfiles.socket_name(env.unit), check=False)
     put_data_back(moves)
     remove_layout(env, first)
     units.release_holder(env.unit)
@@ -361,7 +362,7 @@ def put_back(env, files, saved, modes, first, moves):
         old = saved / path.name
         if old.exists():
             data = old.read_bytes()
-            write_atomic(path, data, mode=units.unit_file_mode(data.decode(errors="replace"), modes[path]))
+            write_atomic(path, data, mode=unitfiles.unit_file_mode(data.decode(errors="replace"), modes[path]))
         else:
             remove_quietly(path)
     units.daemon_reload()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from . import backups, ledger, rowrestore, rowsets, salvage
+from . import dbfiles, ledger, rowrestore, rowsets, salvage
 from .errors import DeployError
 from .files import make_private_dir, write_atomic
 from .points import backup_id
@@ -80,7 +80,7 @@ def quick_check(env) -> str:
             return data["verdict"]
     except (OSError, ValueError, AttributeError):
         pass
-    verdict = backups.integrity_of(env.db, quick=True)
+    verdict = dbfiles.integrity_of(env.db, quick=True)
     try:
         write_atomic(kept, json.dumps({"identity": identity, "verdict": verdict, "at": time.time()}))
     except DeployError:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from .errors import EXIT_FAILED, EXIT_HUMAN
+from .journals import ConversionJournal, DeployJournal, Op, OpJournal, RollbackJournal, ScratchJournal
 
 
 # -- the deploy gates ---------------------------------------------------------------------------
@@ -207,19 +208,19 @@ NOTHING_LIVE, UNDO_DEPLOY, FINISH_ROLLBACK, PUT_BACK_CONVERSION, CLEAN_REHEARSAL
     "nothing-live", "undo-deploy", "finish-rollback", "put-back-conversion", "clean-rehearsal")
 
 
-def recovery_action(journal, before_change):
+def recovery_action(journal: OpJournal, before_change: dict[Op, set[str]]) -> str:
     """What the next command does about an interrupted operation's journal. before_change: {op: the
     step names of its BEFORE phase} (from the runbook's lists), so the rule follows the lists."""
-    op, step = journal.get("op"), journal.get("step")
-    if op == "deploy" and step not in before_change["deploy"] | {None} and journal.get("from"):
+    step = journal.step
+    if isinstance(journal, DeployJournal) and step not in before_change[Op.DEPLOY] | {None} and journal.from_:
         return UNDO_DEPLOY
-    if op == "rollback" and journal.get("commit"):
+    if isinstance(journal, RollbackJournal) and journal.commit:
         return FINISH_ROLLBACK
-    if op == "convert" and step not in before_change["convert"] | {None}:
+    if isinstance(journal, ConversionJournal) and step not in before_change[Op.CONVERT] | {None}:
         return PUT_BACK_CONVERSION
-    if op in ("rehearse", "drill"):
+    if isinstance(journal, ScratchJournal):
         return CLEAN_REHEARSAL
-    return NOTHING_LIVE
+    return NOTHING_LIVE             # a backup's, or a damaged journal the recovery found changed nothing
 
 
 # -- the exit code ----------------------------------------------------------------------------------

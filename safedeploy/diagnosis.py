@@ -34,7 +34,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .units import holder_name
+from .journals import Interrupted, Op
+from .unitfiles import holder_name
 
 if TYPE_CHECKING:
     from .datafacts import Outstanding
@@ -59,7 +60,7 @@ class Facts:
     healthy: bool = True
     health: str = ""
     lock: str | None = None
-    interrupted: dict | None = None   # the journal's op, step, from, commit
+    interrupted: Interrupted | None = None   # the journal's op, pid, step, from, commit
     running: str = ""                 # the commit that serves (what status reports)
     dangling: bool = False            # `current` names a folder that is gone
     edited: list = field(default_factory=list)
@@ -119,12 +120,12 @@ def interrupted_rule(f: Facts, cmd: Cmd) -> list[Finding]:
     if not f.interrupted:
         return []
     j = f.interrupted
-    what = f"an interrupted {j.get('op')} (pid {j.get('pid')}, at step {j.get('step') or 'start'})"
+    what = f"an interrupted {j.op} (pid {j.pid}, at step {j.step or 'start'})"
     what += f"; {f.mismatch}" if f.mismatch else ""
-    if j.get("op") == "backup":
+    if j.op == Op.BACKUP:
         return one(what, "remove what the killed backup left, and back up", cmd("backup.py", f.env), final=True)
-    ref = j.get("commit") if j.get("op") == "rollback" else j.get("from") or f.running
-    return one(what, f"finish or undo the interrupted {j.get('op')}: a deploy does that first, and given the commit it "
+    ref = j.commit if j.op == Op.ROLLBACK else j.from_ or f.running
+    return one(what, f"finish or undo the interrupted {j.op}: a deploy does that first, and given the commit it "
                      "leaves it has nothing more to do", cmd("deploy.py", f.env, "--ref", ref, "--yes") if ref else None,
                final=True)
 

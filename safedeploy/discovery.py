@@ -30,7 +30,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import SCRIPTS_DIR, units
+from . import SCRIPTS_DIR, processes, unitfiles, units
 from .errors import DeployError
 
 SQLITE_HEADER = b"SQLite format 3\0"
@@ -109,7 +109,7 @@ def discover():
     found, skipped = [], []
     for unit in user_services():
         props = show(unit, "WorkingDirectory", "ExecStart", "ActiveState", "MainPID", "FragmentPath")
-        if not props.get("FragmentPath", "").startswith(str(units.user_unit_dir())):
+        if not props.get("FragmentPath", "").startswith(str(unitfiles.user_unit_dir())):
             continue        # the user manager's own and packaged services, transient units: not an app
         workdir = props.get("WorkingDirectory", "").lstrip("-!")
         top = git_toplevel(workdir) if workdir and workdir != "~" else None
@@ -242,11 +242,11 @@ def find_port(env, pids):
     port = port_from_argv(env.exec_start)
     if port:
         return port, "from ExecStart"
-    listen = show(units.socket_name(env.unit), "Listen", "LoadState")
+    listen = show(unitfiles.socket_name(env.unit), "Listen", "LoadState")
     if listen.get("LoadState") == "loaded":
         match = re.search(r":(\d+) \(Stream\)", listen.get("Listen", ""))
         if match:
-            return int(match.group(1)), f"from {units.socket_name(env.unit)}"
+            return int(match.group(1)), f"from {unitfiles.socket_name(env.unit)}"
     ports = listening_ports(pids)
     if len(ports) == 1:
         return ports[0], f"the port its process (pid {env.main_pid}) listens on"
@@ -265,7 +265,7 @@ def process_tree(pid):
     children = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            children.setdefault(units.parent_of(int(entry.name)), []).append(int(entry.name))
+            children.setdefault(processes.parent_of(int(entry.name)), []).append(int(entry.name))
     tree, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -289,7 +289,7 @@ def open_files(pids):
 
 def listening_ports(pids):
     inodes = {target[len("socket:["):-1] for target in open_files(pids) if target.startswith("socket:[")}
-    return sorted({port for inode, port in units.listening_sockets().items() if inode in inodes})
+    return sorted({port for inode, port in processes.listening_sockets().items() if inode in inodes})
 
 
 # -- the database --------------------------------------------------------------------------------

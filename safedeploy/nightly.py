@@ -7,13 +7,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from . import backups, offsite, oplog, records, recovery, units
+from . import backups, journals, offsite, oplog, records, recovery, units
 from .commandline import script_command
 from .errors import EXIT_FAILED, EXIT_LOCKED, DeployError
 from .gitrepo import Repo
 from .output import Output
 from .saying import notify
-from .state import EnvLock, Journal, StepClock, parse_time
+from .journals import BackupJournal, backup_journal_path
+from .state import EnvLock, StepClock, parse_time
 
 Progress = Callable[[int, int], None]
 
@@ -125,8 +126,8 @@ def look_with(config) -> Callable[[str], str]:
 def back_up_env(config, env, reason: str, lock_wait: float, progress: Progress | None = None):
     with EnvLock(env.state_dir, env.name, f"backup ({reason})", wait=lock_wait):
         clean_up_interrupted(env)
-        journal = Journal(env.state_dir, env.name, "backup-journal")
-        journal.start("backup", reason=reason)
+        journal = BackupJournal(reason=reason)
+        journal.start(backup_journal_path(env.state_dir, env.name))
         try:
             return backups.backup_database(env.db, env.backup_dir, env.name, reason, commit=commit_running(env),
                                            unit_file=unit_file(env), progress=progress,
@@ -139,10 +140,10 @@ def back_up_env(config, env, reason: str, lock_wait: float, progress: Progress |
 def clean_up_interrupted(env) -> None:
     """A killed backup left temp files: remove them. A killed deploy or rollback is left for the
     next deploy.py or rollback.py, which finishes or undoes it (backups never change what runs)."""
-    journal = Journal(env.state_dir, env.name, "backup-journal")
-    if journal.read():
+    path = backup_journal_path(env.state_dir, env.name)
+    if journals.read(path) is not None:            # whole or damaged: a backup was killed
         recovery.remove_temp_files(env)
-        journal.finish()
+        journals.remove(path)
 
 
 def commit_running(env) -> str:

@@ -9,7 +9,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import backups, decisions, records, releases, units, verified_notes
+from . import backups, dbfiles, decisions, records, releases, restore, units, verified_notes
 from .commandline import script_command
 from .config import Config
 from .errors import DeployError, usage_error
@@ -191,19 +191,19 @@ def preflight(env):
         raise DeployError(f"{env.path} has uncommitted changes to tracked files ({', '.join(f.strip() for f in dirty[:3])}"
                           f"{', ...' if len(dirty) > 3 else ''}): commit or stash them first")
     unit_state = units.require_known(env.unit)
-    state_free = backups.free_bytes(env.state_dir)
+    state_free = dbfiles.free_bytes(env.state_dir)
     if state_free < STATE_ROOM:
         raise DeployError(f"not enough free disk in the state folder {env.state_dir} to record a deploy: "
                           f"{state_free >> 10} KiB free, {STATE_ROOM >> 10} KiB needed")
     if env.db.exists():
-        need, free = backups.needed_bytes(env.db), backups.free_bytes(env.backup_dir)
+        need, free = dbfiles.needed_bytes(env.db), dbfiles.free_bytes(env.backup_dir)
         if free < need:
             raise DeployError(f"not enough free disk for a backup of {env.db} in {env.backup_dir}: "
                               f"{free / 2**20:.1f} MiB free, {need / 2**20:.1f} MiB needed")
     if env.converted:
-        need, free = releases.room_needed(env), backups.free_bytes(env.releases_root)
+        need, free = releases.room_needed(env), dbfiles.free_bytes(env.releases_root)
         if env.db.exists() and same_disk(env.releases_root, env.backup_dir):
-            need += backups.needed_bytes(env.db)        # the release and the backup share the disk
+            need += dbfiles.needed_bytes(env.db)        # the release and the backup share the disk
         if free < need:
             raise DeployError(f"not enough free disk in {env.releases_root} for a new release: "
                               f"{free / 2**20:.1f} MiB free, {need / 2**20:.1f} MiB needed (the running release's "
@@ -253,15 +253,15 @@ def database_facts(env, point, compare):
                                 backup_path=point.backup.path if point.backup else "", live_exists=env.db.exists())
     if not f.has_backup or not f.live_exists:
         return f
-    f.live_check = backups.integrity_of(env.db, quick=True)
+    f.live_check = dbfiles.integrity_of(env.db, quick=True)
     if f.live_check != "ok":
         return f
-    f.live_schema, f.point_schema = backups.live_schema(env.db), point.backup.schema
+    f.live_schema, f.point_schema = dbfiles.live_schema(env.db), point.backup.schema
     if compare and f.live_schema == f.point_schema:
         f.compared = True
         try:
-            f.rows_lacking = backups.rows_only_in(point.backup.path, env.db)
-            f.rows_newer = backups.rows_only_in(env.db, point.backup.path) if f.rows_lacking else {}
+            f.rows_lacking = restore.rows_only_in(point.backup.path, env.db)
+            f.rows_newer = restore.rows_only_in(env.db, point.backup.path) if f.rows_lacking else {}
         except sqlite3.Error as exc:
             f.compare_error = str(exc)
     return f
@@ -304,7 +304,7 @@ def safe_points(config, env, repo, points, running):
 
 def check_point_backup(env, repo, point):
     """Refuse a backup that fails its checksum (the integrity_check it passed when its sha256 was recorded is
-    not run again: backups.trusted_hash), naming the next-best point."""
+    not run again: restore.trusted_hash), naming the next-best point."""
     verdict = backups.verify_backup(point.backup, trust_hash=True)
     if verdict == "ok":
         return

@@ -1,9 +1,9 @@
 """Recovery of an operation that was killed (kill -9, a power cut) before it could clean up.
 
-The journal (state.Journal) says which operation ran and the step it was in. The next deploy,
-rollback or rehearsal, holding the env's lock (so the killed process is surely gone), calls
-recover() before anything else, and decisions.recovery_action() says what to do, from the
-runbook's own lists of steps (which of them change nothing live):
+The journal (journals.py: one dataclass per kind of operation) says which operation ran and the step
+it was in. The next deploy, rollback or rehearsal, holding the env's lock (so the killed process is
+surely gone), calls recover() before anything else, and decisions.recovery_action() says what to do,
+from the runbook's own lists of steps (which of them change nothing live):
 
 - a deploy killed in a BEFORE step (build, tag, backup): nothing live had changed; temp files
   and a half-built release are removed and the unit is started if it is not running;
@@ -14,77 +14,72 @@ runbook's own lists of steps (which of them change nothing live):
   into shared/ goes back into the tree, the old unit files return);
 - a rehearsal or a drill: its transient units stopped, its scratch folder removed;
 - a backup (its own journal): its temp files removed; the live database was never written;
-- a journal that is damaged (journals.py): taken as an operation that changed things; a deploy is
+- a journal that is damaged (damaged.py): taken as an operation that changed things; a deploy is
   undone to its before-deploy point, read from the journal's fields still whole, else from the
   newest `ENV-before-deploy-*` tag no finished deploy recorded.
 
 Before that, damaged lines of the env's deploy log and bad log are set aside (kept) and the marks
-of rolled-back tags missing from the bad log are written back (journals.repair_records).
+of rolled-back tags missing from the bad log are written back (damaged.repair_records).
 """
 
 import os
 
-from . import backups, convert, decisions, journals, records, rehearsal, releases, restart, runbook, units
+from . import backups, convert, damaged, decisions, journals, records, rehearsal, releases, restart, runbook, units
 from .errors import EXIT_HUMAN, DeployError
 from .files import remove_quietly
+from .journals import ConversionJournal, DamagedJournal, DeployJournal, OpJournal, RollbackJournal, ScratchJournal
 from .planning import decide_database
 from .points import Point
-from .state import Journal
 
 
-def interrupted(env):
-    """The journal of an operation that did not end, or None."""
-    return Journal(env.state_dir, env.name).read()
+def interrupted(env) -> OpJournal | None:
+    """The journal of an operation that did not end (a DamagedJournal when it is not whole), or None."""
+    return journals.read(journals.journal_path(env.state_dir, env.name))
 
 
-def interrupted_any(env):
+def interrupted_any(env) -> OpJournal | None:
     """What status shows: an interrupted operation, else an interrupted backup."""
-    return interrupted(env) or Journal(env.state_dir, env.name, "backup-journal").read()
-
-
-def describe(j):
-    return (f"{j.get('op', 'an operation')} by pid {j.get('pid', '?')} ({j.get('command', '?')}), "
-            f"started {j.get('started', '?')}, interrupted at step {j.get('step') or 'start'}")
+    return interrupted(env) or journals.read(journals.backup_journal_path(env.state_dir, env.name))
 
 
 def recover(config, env, repo, say):
     """Finish or undo an interrupted operation on env (the caller holds the lock). Returns what it did."""
     sealed = seal_unsealed(env, say)
-    for line in journals.repair_records(env):
+    for line in damaged.repair_records(env):
         say(f"recovering: {line}")
     j = interrupted(env)
-    if not j:
+    if j is None:
         return sealed
-    if j.get("damaged"):
-        j = journals.rebuild(config, env, repo, j, say)
-    say(f"recovering: found an interrupted {describe(j)}")
+    if isinstance(j, DamagedJournal):
+        j = damaged.rebuild(config, env, repo, j, say)
+    say(f"recovering: found an interrupted {j.describe()}")
     removed = remove_temp_files(env) + remove_stale_git_lock(repo) + releases.remove_leftovers(env)
     if removed:
         say(f"recovering: removed {len(removed)} temp file(s): {', '.join(str(p) for p in removed[:4])}")
-    record = records.RecoveryRecord(env=env.name, interrupted=j)
+    record = records.RecoveryRecord(env=env.name, interrupted=j.to_json())
     action = decisions.recovery_action(j, runbook.before_change())
-    if action == decisions.UNDO_DEPLOY:
+    if action == decisions.UNDO_DEPLOY and isinstance(j, DeployJournal):
         what = undo_deploy(config, env, repo, j, record, say)
-    elif action == decisions.FINISH_ROLLBACK:
+    elif action == decisions.FINISH_ROLLBACK and isinstance(j, RollbackJournal):
         what = finish_rollback(config, env, repo, j, record, say)
     else:
-        if action == decisions.PUT_BACK_CONVERSION:
+        if action == decisions.PUT_BACK_CONVERSION and isinstance(j, ConversionJournal):
             convert.put_back_interrupted(env, j)
             what = f"the interrupted conversion was put back: {env.name} runs from its work tree as before"
-        elif action == decisions.CLEAN_REHEARSAL:
+        elif action == decisions.CLEAN_REHEARSAL and isinstance(j, ScratchJournal):
             what = rehearsal.clean_up(j)
         else:
             what = "nothing live had changed"
         try:
             ensure_running(env, say)
         except DeployError as exc:
-            raise DeployError(f"recovering the interrupted {j.get('op')} of {env.name} failed: {exc}. Look with: "
+            raise DeployError(f"recovering the interrupted {j.op} of {env.name} failed: {exc}. Look with: "
                               f"systemctl --user status {env.unit}", EXIT_HUMAN,
                               command=f"systemctl --user restart {env.unit}") from None
         record.result, record.did = "ok", what
         records.append(env, record)
-    Journal(env.state_dir, env.name).finish()
-    Journal(env.state_dir, env.name, "backup-journal").finish()       # its temp files went above
+    journals.remove(journals.journal_path(env.state_dir, env.name))
+    journals.remove(journals.backup_journal_path(env.state_dir, env.name))     # its temp files went above
     say(f"recovering: done, {what}")
     return what
 
@@ -135,35 +130,36 @@ def ensure_running(env, say):
         restart.wait_until_healthy(env, since=restart.restart_unit(env))
 
 
-def point_of(env, j, commit_key, release_key):
+def point_of(env, name: str | None, commit: str, release: str | None, backup_path: str | None,
+             started: str | None) -> Point:
+    """The point an interrupted deploy or rollback goes to, from its journal."""
     backup = None
-    if j.get("backup"):
-        found = [b for b in backups.list_backups(env.backup_dir) if b.path == j["backup"]]
+    if backup_path:
+        found = [b for b in backups.list_backups(env.backup_dir) if b.path == backup_path]
         backup = found[0] if found else None
-    return Point(j.get("point") or j.get("tag") or "interrupted", "before-deploy", j[commit_key], j.get("started", ""),
-                 backup, release=j.get(release_key))
+    return Point(name or "interrupted", "before-deploy", commit, started or "", backup, release=release)
 
 
-def undo_deploy(config, env, repo, j, record, say):
-    point = point_of(env, j, "from", "previous_release")
+def undo_deploy(config, env, repo, j: DeployJournal, record, say) -> str:
+    back_to = j.from_ or ""
+    point = point_of(env, j.tag, back_to, j.previous_release, j.backup, j.started)
     restore_db, why = decide_database(env, point, decisions.DatabaseMode.AUTO, compare=False)
-    say(f"recovering: undoing the deploy of {j.get('target', '?')[:12]}: back to {j['from'][:12]} ({why})")
+    say(f"recovering: undoing the deploy of {(j.target or '?')[:12]}: back to {back_to[:12]} ({why})")
     check_backup(point, restore_db)
-    record.did = f"the interrupted deploy was undone: {env.name} runs {j['from'][:12]} again"
-    runbook.roll_back(config, env, repo, point, restore_db, why, j.get("target") or repo.head(), parent=record,
+    record.did = f"the interrupted deploy was undone: {env.name} runs {back_to[:12]} again"
+    runbook.roll_back(config, env, repo, point, restore_db, why, j.target or repo.head(), parent=record,
                       mark=False, quick_stop=runbook.QUICK_STOP)
     return record.did
 
 
-def finish_rollback(config, env, repo, j, record, say):
-    point = point_of(env, j, "commit", "release")
-    restore_db = bool(j.get("restore_db"))
-    say(f"recovering: finishing the rollback to {point.id} ({'with' if restore_db else 'without'} the database)")
-    check_backup(point, restore_db)
-    record.did = (f"the interrupted restore of the database was finished: {env.name} runs {j['commit'][:12]}"
-                  if j.get("db_only") else f"the interrupted rollback was finished: {env.name} runs {j['commit'][:12]}")
-    runbook.roll_back(config, env, repo, point, restore_db, j.get("db_why", "as the interrupted rollback decided"),
-                      j.get("from") or repo.head(), parent=record, mark=False, db_only=bool(j.get("db_only")))
+def finish_rollback(config, env, repo, j: RollbackJournal, record, say) -> str:
+    point = point_of(env, j.point, j.commit, j.release, j.backup, j.started)
+    say(f"recovering: finishing the rollback to {point.id} ({'with' if j.restore_db else 'without'} the database)")
+    check_backup(point, j.restore_db)
+    record.did = (f"the interrupted restore of the database was finished: {env.name} runs {j.commit[:12]}"
+                  if j.db_only else f"the interrupted rollback was finished: {env.name} runs {j.commit[:12]}")
+    runbook.roll_back(config, env, repo, point, j.restore_db, j.db_why or "as the interrupted rollback decided",
+                      j.from_ or repo.head(), parent=record, mark=False, db_only=j.db_only)
     return record.did
 
 

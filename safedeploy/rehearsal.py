@@ -36,9 +36,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import backups, commands, oplog, records, releases, schema, transient, unitenv, units
+from . import backups, commands, dbfiles, oplog, records, releases, schema, transient, unitenv, units
 from .errors import DeployError
 from .files import make_private_dir
+from .journals import DrillJournal, RehearsalJournal, ScratchJournal
 from .output import PLAIN, Output
 from .records import DrillRecord, RehearsalRecord
 from .runner import BEFORE, Operation, Step, execute
@@ -97,7 +98,7 @@ def rehearse(config, env, repo, commit, out=PLAIN):
         run.output = run.output or "\n".join(units.journal_tail(unit))
     finally:
         keep_app_logs(scratch, ("app.log", "old-app.log"))
-        clean_up({"units": [run.unit, run.old_unit], "scratch": str(scratch)})
+        clean_up(RehearsalJournal(units=[run.unit, run.old_unit], scratch=str(scratch)))
         record.steps = run.clock.seconds if run.clock else {}
     records.append(env, record)
     record.output = run.output
@@ -209,7 +210,7 @@ def old_check_step(run):
     rehearse_paths; count the rows the probes wrote. Breaking: a schema change it cannot live with, else a
     failed probe (its status, and what the app logged meanwhile)."""
     env, record, log = run.env, run.record, run.scratch / "old-app.log"
-    rows_before = backups.live_rows(run.db) or {}
+    rows_before = dbfiles.live_rows(run.db) or {}
     results = []
     try:
         transient.wait_serving(env, run.old_unit, run.port, "the running release")
@@ -218,7 +219,7 @@ def old_check_step(run):
                                              tuple(transient.log_tail(run.scratch, name=log.name).splitlines()[-20:])))
     else:
         results = [transient.probe(run.port, path, log) for path in dict.fromkeys([env.health_path, *env.rehearse_paths])]
-    rows_after = backups.live_rows(run.db) or {}
+    rows_after = dbfiles.live_rows(run.db) or {}
     record.probes = {r.path: r.answer for r in results}
     record.probe_rows = {t: n - rows_before.get(t, 0) for t, n in rows_after.items() if n != rows_before.get(t, 0)}
     failure = next((r for r in results if not r.ok), None)
@@ -245,8 +246,7 @@ REHEARSAL = [
 ]
 REHEARSAL_OPERATION = Operation(
     "rehearse", REHEARSAL, before_failed=failed, after_failed=failed,
-    journal_data=lambda r: {"v": records.VERSION, "scratch": str(r.scratch), "units": [r.unit, r.old_unit],
-                            "commit": r.commit})
+    journal=lambda r: RehearsalJournal(scratch=str(r.scratch), units=[r.unit, r.old_unit], commit=r.commit))
 
 
 def keep_app_logs(scratch: Path, names: tuple[str, ...]) -> None:
@@ -263,17 +263,16 @@ def keep_app_logs(scratch: Path, names: tuple[str, ...]) -> None:
 APP_LOG_KEPT = 64 * 1024
 
 
-def clean_up(j):
+def clean_up(j: ScratchJournal) -> str:
     """Stop a rehearsal's or a drill's transient units and remove its scratch folder (also for one that
     was killed: the journal names them). Returns what it did."""
-    for unit in j.get("units") or []:
+    for unit in j.units:
         if unit:
             units.systemctl("stop", unit, timeout=units.RESTART_TIMEOUT, check=False)
             units.systemctl("reset-failed", unit, check=False)
-    scratch = j.get("scratch")
-    if scratch and Path(scratch).name.startswith((".rehearsal-", ".drill-")):
-        shutil.rmtree(scratch, ignore_errors=True)
-    return f"the interrupted {j.get('op', 'rehearsal')}'s transient units were stopped and {scratch} removed"
+    if j.scratch and Path(j.scratch).name.startswith((".rehearsal-", ".drill-")):
+        shutil.rmtree(j.scratch, ignore_errors=True)
+    return f"the interrupted {j.op}'s transient units were stopped and {j.scratch} removed"
 
 
 # -- the drill ---------------------------------------------------------------------------------
@@ -294,7 +293,7 @@ def drill(config, env, repo, point):
         record.problems.append(f"cannot use {scratch}: {exc.strerror or exc} (the backup folder's disk)")
     finally:
         keep_app_logs(scratch, ("app.log",))
-        clean_up({"units": [unit], "scratch": str(scratch)})
+        clean_up(DrillJournal(units=[unit], scratch=str(scratch)))
         record.steps = run.clock.seconds if run.clock else {}
     records.append(env, record)
     return record
@@ -343,14 +342,13 @@ DRILL = [
     Step("health", BEFORE, drill_health, lambda r: f"health, rehearse_paths, watched {DRILL_WATCH:g}s"),
 ]
 DRILL_OPERATION = Operation("drill", DRILL, before_failed=failed, after_failed=failed,
-                            journal_data=lambda r: {"v": records.VERSION, "scratch": str(r.scratch), "units": [r.unit],
-                                                    "point": r.point.id})
+                            journal=lambda r: DrillJournal(scratch=str(r.scratch), units=[r.unit], point=r.point.id))
 
 
 # -- the scratch copy -----------------------------------------------------------------------------
 def schema_rows(db):
     try:
-        conn = backups.open_readonly(db)
+        conn = dbfiles.open_readonly(db)
         try:
             return [list(r) for r in conn.execute(
                 "SELECT type, name, coalesce(sql, '') FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' "

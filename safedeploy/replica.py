@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import backups, litestream, units
+from . import backups, litestream, restore, unitfiles, units
 from .errors import DeployError
 from .files import make_private_dir, remove_quietly, write_atomic
 from .litestream import DbEntry, Point
@@ -210,7 +210,7 @@ def rows_missing(config, e: DbEntry, newest: Point) -> str | None:
         out = scratch / "newest.sqlite3"
         restore_to(config, e, newest, out)
         try:
-            lacks = backups.rows_only_in(out, e.db, COMPARE_SECONDS)
+            lacks = restore.rows_only_in(out, e.db, COMPARE_SECONDS)
         except (sqlite3.Error, OSError) as exc:
             return f"rows that could not be compared ({exc})"
         return f"{sum(lacks.values())} row(s)" if lacks else None
@@ -256,12 +256,12 @@ def unit_files(config, start_argv: list[str]) -> dict[Path, str]:
     text = (f"[Unit]\nDescription=safe-deploy: continuous copies of {envs} (Litestream) for {config.file}\n"
             "StartLimitIntervalSec=600\nStartLimitBurst=20\n\n"
             "[Service]\nType=simple\n"
-            f"ExecStartPre={units.exec_line(start_argv)}\n"
-            f"ExecStart={units.exec_line([str(litestream.binary()), 'replicate', '-config', str(folder / 'litestream.yml'), '-no-expand-env'])}\n"
+            f"ExecStartPre={unitfiles.exec_line(start_argv)}\n"
+            f"ExecStart={unitfiles.exec_line([str(litestream.binary()), 'replicate', '-config', str(folder / 'litestream.yml'), '-no-expand-env'])}\n"
             f"{aws}Restart=always\nRestartSec=5\nTimeoutStartSec=20min\nTimeoutStopSec=60\n"
             "Nice=10\nIOSchedulingClass=best-effort\nIOSchedulingPriority=7\nMemoryMax=1G\nUMask=0077\n\n"
             "[Install]\nWantedBy=default.target\n")
-    return {units.user_unit_dir() / unit_name(config): text}
+    return {unitfiles.user_unit_dir() / unit_name(config): text}
 
 
 def write_aws_env(config) -> list[str]:

@@ -22,7 +22,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import backups, replica
+from . import backups, dbfiles, replica
 from .backups import Backup
 from .errors import DeployError, usage_error
 from .files import make_private_dir, write_atomic
@@ -95,15 +95,15 @@ def check_newest(config, env, timeout: float = CHECK_TIMEOUT) -> tuple[bool, str
     try:
         out = scratch / "newest.sqlite3"
         replica.restore_to(config, e, found[-1], out, timeout)
-        verdict = backups.integrity_of(out)
-        conn = backups.open_readonly(out)
+        verdict = dbfiles.integrity_of(out)
+        conn = dbfiles.open_readonly(out)
         try:
-            rows, schema = sum(backups.count_rows(conn).values()), backups.schema_fingerprint(conn)
+            rows, schema = sum(dbfiles.count_rows(conn).values()), dbfiles.schema_fingerprint(conn)
         finally:
             conn.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    live = backups.live_rows(env.db) if env.db.exists() else None
+    live = dbfiles.live_rows(env.db) if env.db.exists() else None
     live_total = sum(live.values()) if live is not None else None
     age = (datetime.now(timezone.utc) - found[-1].lo).total_seconds()
     detail = (f"newest copy {replica.iso(found[-1].lo)} ({age:.0f}s old) restored in {time.monotonic() - start:.1f}s: "
@@ -112,6 +112,6 @@ def check_newest(config, env, timeout: float = CHECK_TIMEOUT) -> tuple[bool, str
         return False, detail
     if rows == 0 and live_total:
         return False, detail + ": the replica's newest copy is empty"
-    if env.db.exists() and backups.live_schema(env.db) not in (None, schema):
+    if env.db.exists() and dbfiles.live_schema(env.db) not in (None, schema):
         return False, detail + ": its schema is not the live database's"
     return True, detail

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from . import backups, clock, datafacts, diagnosis, health, journals, offsite, oplog, planning, recovery, releases, replica, units
+from . import backups, clock, damaged, datafacts, diagnosis, health, offsite, oplog, planning, recovery, releases, replica, unitfiles, units
 from . import records as logs
 from .commandline import script_command
 from .errors import DeployError
@@ -24,7 +24,6 @@ from .points import list_points
 from .state import age_seconds, lock_holder
 
 HEALTH_TIMEOUT = 2.0
-INTERRUPTED_KEYS = ("op", "pid", "command", "started", "step", "from", "commit")
 
 
 class Absent:
@@ -84,7 +83,8 @@ def look_at(config, env) -> EnvReport:
     if not report.lock:
         j = recovery.interrupted_any(env)
         if j:
-            report.interrupted = facts.interrupted = {k: j.get(k) for k in INTERRUPTED_KEYS}
+            facts.interrupted = j.summary()
+            report.interrupted = facts.interrupted.to_json()
     unreadable: list[str] = []
     with ThreadPoolExecutor(max_workers=1) as pool:
         probe = pool.submit(health.check, env.health_url, HEALTH_TIMEOUT)
@@ -115,11 +115,11 @@ def look_at(config, env) -> EnvReport:
 
 
 def add_record_problems(config, env, report: EnvReport, facts: diagnosis.Facts) -> None:
-    """Damaged records and bad marks that only a tag holds (journals.record_problems): said, and repaired by
+    """Damaged records and bad marks that only a tag holds (damaged.record_problems): said, and repaired by
     the recovery the next deploy runs first (given the commit that runs, it has nothing more to do)."""
-    damaged = journals.record_problems(env)
-    report.problems += damaged
-    if damaged and facts.running:
+    damaged_records = damaged.record_problems(env)
+    report.problems += damaged_records
+    if damaged_records and facts.running:
         report.advice.append({"why": "set the damaged records aside (kept beside them) and write back the marks "
                                      "the rolled-back tags hold: the next deploy does that first",
                               "command": script_command(config, "deploy.py", env.name, "--ref", facts.running, "--yes")})
@@ -128,18 +128,18 @@ def add_record_problems(config, env, report: EnvReport, facts: diagnosis.Facts) 
 def unit_part(config, env, records, local, facts: diagnosis.Facts, report: EnvReport) -> None:
     st = units.serving_state(env.unit)         # with a handover slot, the one that serves
     method = units.restart_method(env.unit)
-    sock = units.state(units.socket_name(env.unit))
+    sock = units.state(unitfiles.socket_name(env.unit))
     facts.socket = sock.name if sock.known else ""
     facts.socket_active = sock.is_active
-    facts.held = [str(path) for path in units.port_holder_files(env.unit) if path.exists()]
+    facts.held = [str(path) for path in unitfiles.port_holder_files(env.unit) if path.exists()]
     facts.unit_state, facts.serving_unit, facts.uptime = st.active, st.name, st.uptime
     facts.unit_failed = st.active == "failed" or (st.is_active and units.is_restart_looping(st)) or st.sub == "auto-restart"
     if method == "handover" and all(units.state(u).is_active for u in units.slots(env.unit)) \
             and not lock_holder(env.state_dir, env.name):
-        facts.mismatch = (f"both {env.unit} and {units.helper_name(env.unit)} run outside a deploy (one was killed "
+        facts.mismatch = (f"both {env.unit} and {unitfiles.helper_name(env.unit)} run outside a deploy (one was killed "
                           "mid-swap); the next deploy.py or rollback.py stops the older")
     report.restart_method = method
-    report.warning = None if method != "plain" else units.DROPS_WARNING.format(
+    report.warning = None if method != "plain" else unitfiles.DROPS_WARNING.format(
         command=script_command(config, "deploy.py", env.name, "--install-units"))
     report.unit = {"active": st.is_active, "state": st.active, "sub": st.sub, "name": st.name,
                    "since": units.uptime_text(st) or None, "restarts": st.restarts,

@@ -4,7 +4,7 @@ wait for health, write REVISION."""
 import json
 import time
 
-from . import decisions, health, releases, units
+from . import decisions, health, processes, releases, units
 from .errors import DeployError
 from .files import write_atomic
 from .state import now_iso
@@ -49,7 +49,7 @@ def answer_facts(env, st: units.UnitState, since: dict[str, int],
                  expect_commit: str | None = None) -> decisions.AnswerFacts:
     """The facts decisions.answer_problem judges, gathered from systemd and /proc (and /_deploy/status last,
     only when the rest found nothing wrong: it is one more request)."""
-    problem, confirmed = units.port_owner(st.name, env.port, st.main_pid)
+    problem, confirmed = processes.port_owner(st.name, env.port, st.main_pid)
     facts = decisions.AnswerFacts(unit=st.name, active=st.active, sub=st.sub,
                                   restarts_since_start=max(0, st.restarts - since.get(st.name, 0)),
                                   port_problem=problem, port_confirmed=confirmed,

@@ -7,7 +7,7 @@ rename IS the pre-rollback save: no copy is made while the app is down; backups.
 put_in_place() renames the prepared copy in; backups.seal() makes the set-aside files a verified backup with
 a manifest once the app is back. rows_only_in() counts the rows a copy holds that another lacks.
 Nothing here writes the live database before the app is stopped (rows_only_in only reads it), and every
-rename is followed by an fsync of its folder. Re-exported by safedeploy/backups (backups.prepare_restore...).
+rename is followed by an fsync of its folder.
 """
 
 import hashlib

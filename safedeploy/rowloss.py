@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote as url_quote
 
-from . import backups, ledger, rowcompare, rowdelta, rowsets, salvage
+from . import backups, dbfiles, ledger, rowcompare, rowdelta, rowsets, salvage
 from .files import make_private_dir
 from .rowsets import TableRows
 
@@ -75,7 +75,7 @@ def counted_fewer(env, backup) -> dict[str, int]:
     """The old measure, when digests cannot be read: tables holding fewer rows than the backup."""
     if backup is None or not isinstance(backup.rows, dict):
         return {}
-    live = backups.live_rows(env.db, bookkeeping=env.bookkeeping)
+    live = dbfiles.live_rows(env.db, bookkeeping=env.bookkeeping)
     return {t: n - live.get(t, 0) for t, n in backup.rows.items() if live is not None and live.get(t, 0) < n}
 
 
@@ -165,7 +165,7 @@ def leaving(env, backup) -> Leaving:
     """The rows a restore of backup takes out of the live database (all kept in the pre-rollback copy)."""
     from . import datafacts     # datafacts reads the ledger as this module does; imported where needed
     with ThreadPoolExecutor(max_workers=1) as pool:     # SQLite lets go of the GIL: the check and the rows at once
-        check = pool.submit(backups.integrity_of, env.db, True)
+        check = pool.submit(dbfiles.integrity_of, env.db, True)
         try:
             quick = leaving_by_delta(env, backup)
         except sqlite3.Error:

@@ -17,11 +17,12 @@ journal, and the next command finishes it.
 
 import signal
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from .commandline import script_command
-from .state import Journal, StepClock
+from .journals import OpJournal, journal_path
+from .state import StepClock
 
 BEFORE, AFTER = "before", "after"
 
@@ -44,8 +45,8 @@ class Operation:
     steps: list
     before_failed: Callable         # before_failed(ctx, step name, exc): raises (exit 1)
     after_failed: Callable          # after_failed(ctx, step name, exc): returns the result, or raises
+    journal: Callable[[Any], OpJournal]     # journal(ctx): the operation's journal as it starts (journals.py)
     shielded: bool = False
-    journal_data: Callable = field(default=lambda ctx: {})     # what the journal records at the start
 
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -75,8 +76,8 @@ def describe(operation, ctx):
 def execute(operation, ctx, env):
     """Run the operation's steps on ctx under a journal of env's; return None when every step ran, else
     what after_failed returned. ctx.clock is the step clock (its seconds: the log's "steps")."""
-    journal = Journal(env.state_dir, env.name)
-    journal.start(operation.name, **operation.journal_data(ctx))
+    journal = operation.journal(ctx)
+    journal.start(journal_path(env.state_dir, env.name))
     config = getattr(ctx, "config", None)
     ctx.clock = StepClock(journal, operation.name,
                           look_with=lambda name: script_command(config, "status.py", name))

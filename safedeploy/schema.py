@@ -18,7 +18,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import backups
+from . import dbfiles
 from .errors import DeployError
 
 
@@ -68,7 +68,7 @@ def quoted(name: str) -> str:
 def read(db: Path) -> Schema:
     """The schema of the database file db (read-only)."""
     try:
-        conn = backups.open_readonly(db)
+        conn = dbfiles.open_readonly(db)
     except (DeployError, sqlite3.Error):
         return Schema(())
     try:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import holders, integrity, redaction
 from .errors import EXIT_LOCKED, DeployError, LockLost
-from .files import disk_error, make_private_dir, write_atomic
+from .files import disk_error, make_private_dir
 
 
 def now_iso():
@@ -235,59 +235,6 @@ def verified_log(env_name, state_dir):
     return JsonLog(Path(state_dir) / f"{env_name}.verified.jsonl")
 
 
-JOURNAL_FIELDS = ("op", "command", "started", "from", "target", "tag", "point", "commit", "backup",
-                  "previous_release", "release", "step")
-
-
-class Journal:
-    """<env>.journal.json: the operation under way and its last step, so that after a kill -9
-    the next command knows what was interrupted where. Written atomically at every step;
-    removed when the operation ends (however it ends, short of a kill)."""
-
-    def __init__(self, state_dir, env, kind="journal"):
-        self.path = Path(state_dir) / f"{env}.{kind}.json"       # backups keep their own: "backup-journal"
-        self.data = None
-
-    def read(self):
-        """The journal, None when there is none; a damaged one (a torn write, an edit) is
-        {"damaged": True, "op": "unknown" unless it still says, "path": its file, and the fields it still
-        shows whole}: the recovery treats it as an operation that changed things (recovery.py)."""
-        try:
-            text = self.path.read_text(errors="replace")
-            data = json.loads(text)
-            if isinstance(data, dict):
-                return data
-        except FileNotFoundError:
-            return None
-        except OSError:
-            text = ""
-        except ValueError:
-            pass
-        return {"op": "unknown", "step": None, **integrity.salvage(text, *JOURNAL_FIELDS), "damaged": True,
-                "path": str(self.path)}
-
-    def start(self, op, **data):
-        self.data = {"op": op, "pid": os.getpid(), "command": " ".join(sys.argv), "started": now_iso(),
-                     "step": None, **data}
-        self._write()
-
-    def update(self, **data):
-        if self.data is not None:
-            self.data.update(data)
-            self._write()
-
-    def finish(self):
-        self.data = None
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-
-    def _write(self):
-        make_private_dir(self.path.parent)
-        write_atomic(self.path, json.dumps(self.data, sort_keys=True))
-
-
 FAULT_VARIABLE = "SAFE_DEPLOY_FAULT"     # test-only: "OP:STEP:SIGNAL" kills the process entering STEP
 
 
@@ -322,7 +269,7 @@ def check_locks(look_with=None):
 
 class StepClock:
     """Times the named steps of an operation; remembers which one was running when it failed;
-    keeps the operation's journal at the step it is in."""
+    keeps the operation's journal (a journals.OpJournal) at the step it is in."""
 
     def __init__(self, journal=None, op="", look_with=None):
         self.seconds = {}
@@ -340,7 +287,8 @@ class StepClock:
                 clock.seconds[name] = 0.0       # listed from its start: a record written in it, or of its failure, names it
                 check_locks(clock.look_with)
                 if clock.journal:
-                    clock.journal.update(step=name)
+                    clock.journal.step = name
+                    clock.journal.save()
                 self.start = time.monotonic()
                 inject_fault(clock.op, name)
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import backups, health, unitenv, units
+from . import dbfiles, health, unitenv, units
 from .errors import DeployError
 from .files import write_atomic
 
@@ -46,15 +46,15 @@ def copy_data(env, scratch: Path) -> None:
     db = scratch_db(env, scratch)
     db.parent.mkdir(parents=True, mode=0o700)
     if env.db.exists():
-        need, free = backups.needed_bytes(env.db), backups.free_bytes(scratch)
+        need, free = dbfiles.needed_bytes(env.db), dbfiles.free_bytes(scratch)
         if free < need:
             raise DeployError(f"not enough free disk in {scratch.parent} for a copy of {env.db}: "
                               f"{free / 2**20:.1f} MiB free, {need / 2**20:.1f} MiB needed")
-        backups.check_is_sqlite(env.db)
+        dbfiles.check_is_sqlite(env.db)
         fd = os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.close(fd)
         try:
-            backups.copy_snapshot(env.db, db)
+            dbfiles.copy_snapshot(env.db, db)
         except sqlite3.DatabaseError as exc:
             raise DeployError(f"cannot copy {env.db} for the rehearsal: {exc}") from None
         for entry in env.db.parent.iterdir():

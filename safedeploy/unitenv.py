@@ -24,7 +24,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import redaction, units
+from . import redaction, unitfiles, units
 from .errors import DeployError
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -301,7 +301,7 @@ def command_environment(env, moves=None) -> dict[str, str]:
 def register_quietly(env) -> None:
     """Register env's unit's secret values for redaction from its unit files in the user's unit folder
     (no systemctl: every script does this at start); a unit that cannot be read is skipped."""
-    folder = units.user_unit_dir()
+    folder = unitfiles.user_unit_dir()
     fragment = folder / env.unit
     dropins = sorted((folder / f"{env.unit}.d").glob("*.conf")) if (folder / f"{env.unit}.d").is_dir() else []
     try:
@@ -314,7 +314,7 @@ def register_quietly(env) -> None:
 def secrets_file(unit: str) -> Path:
     """Where adoption moves a unit's secret variables: ~/.config/safe-deploy/env/<unit>.env, beside the
     user's unit folder, outside every work tree (0600 in a 0700 folder)."""
-    return units.user_unit_dir().parent.parent / "safe-deploy" / "env" / f"{unit.removesuffix('.service')}.env"
+    return unitfiles.user_unit_dir().parent.parent / "safe-deploy" / "env" / f"{unit.removesuffix('.service')}.env"
 
 
 def env_file_line(name: str, value: str) -> str:

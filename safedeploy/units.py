@@ -1,6 +1,7 @@
 """systemd --user units, through systemctl and journalctl (argv lists, timeouts): their states, restarts,
 handovers between slots, holding a port in its socket, installing unit files. The unit files' names and texts
-are safedeploy/unitfiles' (pure), re-exported here as units.X."""
+are safedeploy/unitfiles' (pure), what /proc says of processes and sockets safedeploy/processes': callers
+import those from there."""
 
 import contextlib
 import os
@@ -13,34 +14,10 @@ from pathlib import Path
 
 from .errors import DeployError
 from .files import remove_quietly, write_atomic
-from .processes import (  # noqa: F401  (re-exported: units.X)
-    WORKERS_WAIT,
-    alive,
-    children_of,
-    listening_inodes,
-    listening_sockets,
-    parent_of,
-    port_owner,
-    port_owner_problem,
-    wait_for_workers,
-    workers_booted,
-)
+from .processes import alive, children_of, listening_inodes, wait_for_workers
 from .state import inject_fault
-from .unitfiles import (  # noqa: F401  (re-exported: the pure texts and names, used as units.X)
-    DROPS_WARNING,
-    METHOD_NOTES,
-    exec_line,
-    helper_name,
-    holder_name,
-    holds_environment,
-    port_holder_files,
-    render_helper,
-    render_socket,
-    render_socket_service,
-    socket_name,
-    unit_file_mode,
-    user_unit_dir,
-)
+from .unitfiles import (exec_line, helper_name, holder_name, port_holder_files, socket_name, unit_file_mode,
+                        user_unit_dir)
 
 SYSTEMCTL_TIMEOUT = 30
 RESTART_TIMEOUT = 120

@@ -15,7 +15,7 @@ import pytest
 
 from demo import writer
 from demo.sandbox import REPO_ROOT
-from safedeploy import backups, retention
+from safedeploy import backups, dbfiles, retention
 from safedeploy.errors import DeployError
 from safedeploy.state import EnvLock
 
@@ -81,7 +81,7 @@ def test_every_backup_under_a_live_writer_is_consistent(live_db, tmp_path):
         b = backups.backup_database(live_db, folder, "live", "test", progress=slow)
         ok, detail = writer.invariant_holds(b.path)
         assert ok, detail
-        assert backups.sha256_file(b.path) == b.sha256
+        assert dbfiles.sha256_file(b.path) == b.sha256
         assert backups.verify_backup(b) == "ok"
         seen.add(detail.split("transfers=")[1])
         assert not Path(b.path + "-wal").exists() and not Path(b.path + "-shm").exists()
@@ -167,7 +167,7 @@ def test_files_are_private_and_described_by_their_manifest(tmp_path):
     for key in ("sha256", "bytes", "page_size", "page_count", "schema", "commit", "seconds", "time"):
         assert key in manifest
     assert manifest["bytes"] == db_file.stat().st_size
-    assert manifest["schema"] == backups.live_schema(tmp_path / "app" / "live.db")
+    assert manifest["schema"] == dbfiles.live_schema(tmp_path / "app" / "live.db")
 
 
 def test_flipped_byte_is_caught_by_verify(tmp_path):

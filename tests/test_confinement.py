@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from demo.sandbox import REPO_ROOT, free_port
-from safedeploy import alerts, backups, commands, config, offsite, units
+from safedeploy import alerts, backups, commands, config, offsite, unitfiles
 from safedeploy.config import Alerts
 from safedeploy.errors import DeployError
 from safedeploy.state import EnvLock
@@ -203,12 +203,12 @@ def test_the_alert_command_s_output_is_not_read_into_memory(tmp_path):
 def test_the_socket_service_keeps_the_unit_s_own_requires_and_after():
     text = ("[Unit]\nDescription=app\nRequires=postgresql.service\nAfter=network-online.target postgresql.service\n"
             "Wants=network-online.target\n\n[Service]\nExecStart=/srv/app/venv/bin/gunicorn app:app\n")
-    out = units.render_socket_service(text, "app.service", notify=True)
+    out = unitfiles.render_socket_service(text, "app.service", notify=True)
     unit_lines = out.split("[Service]")[0].splitlines()
     assert "Requires=postgresql.service" in unit_lines and "After=network-online.target postgresql.service" in unit_lines
     assert "Wants=network-online.target" in unit_lines
     assert "Requires=app.socket" in unit_lines and "After=app.socket" in unit_lines
-    assert units.render_socket_service(out, "app.service", notify=True) == out          # idempotent: nothing doubled
+    assert unitfiles.render_socket_service(out, "app.service", notify=True) == out          # idempotent: nothing doubled
 
 
 # -- 1, 2: overlapping shared paths, a db that climbs out of its tree: refused before anything runs ----------

@@ -3,7 +3,7 @@
 
 import pytest
 
-from safedeploy import decisions, records, retention, runbook
+from safedeploy import decisions, journals, records, retention, runbook
 from safedeploy.backups import Backup
 from safedeploy.retention import prune_plan
 from safedeploy.decisions import DatabaseFacts, DeployFacts, database_decision, deploy_gates
@@ -107,16 +107,19 @@ def test_with_db_needs_a_backup():
 
 
 @pytest.mark.parametrize("journal, action", [
-    ({"op": "deploy", "step": "build", "from": A}, decisions.NOTHING_LIVE),
-    ({"op": "deploy", "step": "backup", "from": A}, decisions.NOTHING_LIVE),
-    ({"op": "deploy", "step": "switch", "from": A}, decisions.UNDO_DEPLOY),
-    ({"op": "deploy", "step": "record", "from": A}, decisions.UNDO_DEPLOY),
-    ({"op": "rollback", "step": "tag", "commit": A}, decisions.FINISH_ROLLBACK),
-    ({"op": "convert", "step": "build"}, decisions.NOTHING_LIVE),
-    ({"op": "convert", "step": "data"}, decisions.PUT_BACK_CONVERSION),
-    ({"op": "rehearse", "step": "health"}, decisions.CLEAN_REHEARSAL),
-    ({"op": "drill", "step": "start"}, decisions.CLEAN_REHEARSAL),
-    ({"op": "unknown", "damaged": True}, decisions.NOTHING_LIVE),
+    (journals.DeployJournal(step="build", from_=A), decisions.NOTHING_LIVE),
+    (journals.DeployJournal(step="backup", from_=A), decisions.NOTHING_LIVE),
+    (journals.DeployJournal(step=None, from_=A), decisions.NOTHING_LIVE),
+    (journals.DeployJournal(step="switch", from_=None), decisions.NOTHING_LIVE),     # nothing known ran
+    (journals.DeployJournal(step="switch", from_=A), decisions.UNDO_DEPLOY),
+    (journals.DeployJournal(step="record", from_=A), decisions.UNDO_DEPLOY),
+    (journals.RollbackJournal(step="tag", commit=A), decisions.FINISH_ROLLBACK),
+    (journals.ConversionJournal(step="build", saved="/s"), decisions.NOTHING_LIVE),
+    (journals.ConversionJournal(step="data", saved="/s"), decisions.PUT_BACK_CONVERSION),
+    (journals.RehearsalJournal(step="health"), decisions.CLEAN_REHEARSAL),
+    (journals.DrillJournal(step="start"), decisions.CLEAN_REHEARSAL),
+    (journals.BackupJournal(step="copy"), decisions.NOTHING_LIVE),
+    (journals.DamagedJournal(why="not valid JSON"), decisions.NOTHING_LIVE),   # only after damaged.rebuild
 ])
 def test_the_recovery_follows_the_runbook_s_own_phases(journal, action):
     assert decisions.recovery_action(journal, runbook.before_change()) == action
@@ -156,7 +159,7 @@ def test_retention_keeps_what_is_protected_whatever_the_rules_say():
 
 
 def test_a_holder_command_line_escapes_what_systemd_would_expand():
-    from safedeploy.units import exec_line
+    from safedeploy.unitfiles import exec_line
     assert exec_line(["/usr/bin/python3", "/srv/a b/50%$HOME.py"]) == "/usr/bin/python3 '/srv/a b/50%%$$HOME.py'"
 
 

@@ -3,6 +3,7 @@ The end-to-end incidents, with the advice pasted, are in tests/test_advice.py.""
 
 from safedeploy.datafacts import Outstanding, best_copy
 from safedeploy.diagnosis import Facts, diagnose
+from safedeploy.journals import Interrupted
 
 
 def cmd(script, *args):
@@ -33,11 +34,11 @@ def test_a_held_lock_says_wait_first_and_still_says_the_rest_with_no_command():
 
 
 def test_an_interrupted_deploy_is_finished_by_a_deploy_of_the_commit_it_left():
-    d = diagnose(facts(interrupted={"op": "deploy", "pid": 9, "step": "switch", "from": "b" * 40}), cmd)
+    d = diagnose(facts(interrupted=Interrupted(op="deploy", pid=9, step="switch", from_="b" * 40)), cmd)
     assert first(d) == f"py deploy.py prod --ref {'b' * 40} --yes"
-    d = diagnose(facts(interrupted={"op": "rollback", "pid": 9, "step": "restore", "commit": "c" * 40}), cmd)
+    d = diagnose(facts(interrupted=Interrupted(op="rollback", pid=9, step="restore", commit="c" * 40)), cmd)
     assert first(d) == f"py deploy.py prod --ref {'c' * 40} --yes"
-    d = diagnose(facts(interrupted={"op": "backup", "pid": 9, "step": "copy"}), cmd)
+    d = diagnose(facts(interrupted=Interrupted(op="backup", pid=9, step="copy")), cmd)
     assert first(d) == "py backup.py prod"
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import requests
 
 from demo.sandbox import REPO_ROOT
-from safedeploy.state import JsonLog, Journal
+from safedeploy import journals
+from safedeploy.state import JsonLog
 
 from helpers import log_records
 
@@ -52,13 +53,16 @@ def test_a_torn_last_line_and_a_changed_line_are_damage_named_by_file_and_line(t
 
 
 def test_a_damaged_journal_is_never_read_as_nothing(tmp_path):
-    journal = Journal(tmp_path, "dev")
-    journal.start("deploy", **{"from": "f" * 40, "target": "t" * 40, "backup": "/b/x.sqlite3"})
-    journal.update(step="health")
-    cut(journal.path, 40)
-    j = journal.read()
-    assert j["damaged"] and j["op"] in ("deploy", "unknown") and j["from"] == "f" * 40
-    assert j["path"] == str(journal.path)
+    path = journals.journal_path(tmp_path, "dev")
+    journal = journals.DeployJournal(from_="f" * 40, target="t" * 40, backup="/b/x.sqlite3")
+    journal.start(path)
+    journal.step = "health"
+    journal.save()
+    cut(path, 40)
+    j = journals.read(path)
+    assert isinstance(j, journals.DamagedJournal)
+    assert j.op in (journals.Op.DEPLOY, journals.Op.UNKNOWN) and j.from_ == "f" * 40
+    assert j.path == str(path)
 
 
 # -- finding 1: a torn bad-release log does not undo a rollback -----------------------------------------
@@ -122,6 +126,30 @@ def test_a_deploy_killed_at_health_with_a_torn_journal_is_undone(sandbox):
     assert sb.head("dev") == before
     recovery = [r for r in log_records(sb, "dev") if r["kind"] == "recovery"][-1]
     assert "undone" in recovery["did"] and recovery["result"] == "ok"
+    assert not journal.exists()
+
+
+def test_a_deploy_killed_by_the_previous_version_is_undone_from_its_journal(sandbox):
+    """A journal in the format the version before the typed journals wrote (sorted keys, no checksum) is
+    recovered by this one: the deploy killed at health is undone."""
+    sb = sandbox
+    before = sb.head("dev")
+    sb.release("dev", {"VERSION": "2\n"}, "v2")
+    argv = [sb.python, str(REPO_ROOT / "deploy.py"), "dev", "--config", str(sb.config)]
+    proc = subprocess.run(argv, env={**sb.env, "SAFE_DEPLOY_FAULT": "deploy:health:KILL"}, capture_output=True,
+                          text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0
+    journal = sb.root / "state" / "dev.journal.json"
+    data = json.loads(journal.read_text())
+    assert data.pop("_crc32")
+    journal.write_text(json.dumps(data, sort_keys=True))      # state.Journal._write of the previous version
+    assert version(sb, "dev") == "2"
+    proc = sb.run("deploy.py", "dev", "--rehearse")
+    assert "found an interrupted deploy" in proc.stdout and "damaged" not in proc.stdout, proc.stdout + proc.stderr
+    assert version(sb, "dev") == "1" and sb.head("dev") == before
+    recovery = [r for r in log_records(sb, "dev") if r["kind"] == "recovery"][-1]
+    assert "undone" in recovery["did"] and recovery["result"] == "ok"
+    assert recovery["interrupted"]["from"] == before and recovery["interrupted"]["step"] == "health"
     assert not journal.exists()
 
 

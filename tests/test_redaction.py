@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from safedeploy import redaction, unitenv
+from safedeploy import redaction, unitenv, unitfiles
 from safedeploy.redaction import REDACTED
 
 
@@ -97,7 +97,7 @@ def test_a_path_into_a_live_folder_is_moved_only_at_a_path_boundary(tmp_path):
 def test_a_unit_file_that_holds_environment_values_is_written_0600_whatever_it_had(tmp_path, monkeypatch):
     from safedeploy import units
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
-    folder = units.user_unit_dir()
+    folder = unitfiles.user_unit_dir()
     folder.mkdir(parents=True)
     (folder / "notes.service").write_text("old\n")
     (folder / "notes.service").chmod(0o644)

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from demo.sandbox import REPO_ROOT, git
-from safedeploy import backups
+from safedeploy import dbfiles
 
 from helpers import log_records, one_line_error
 
@@ -120,12 +120,12 @@ def test_a_failed_release_with_a_migration_restores_the_database(sandbox):
     sb = sandbox
     deploy_v2(sb)
     write_notes(sb, "dev", 2)
-    before = backups.live_schema(sb.db_path("dev"))
+    before = dbfiles.live_schema(sb.db_path("dev"))
     sb.release("dev", {"schema.sql": MIGRATION, "MODE": "http500\n"}, "migration, and broken")
     proc = sb.run("deploy.py", "dev")
     assert proc.returncode == 1
     assert "  database  restored from" in proc.stderr
-    assert backups.live_schema(sb.db_path("dev")) == before
+    assert dbfiles.live_schema(sb.db_path("dev")) == before
     assert notes(sb, "dev") == 2 and db_ok(sb, "dev")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from safedeploy import backups, rowdelta, rowloss, rowsets
+from safedeploy import dbfiles, rowdelta, rowloss, rowsets
 from tests.helpers import make_db, run_sql
 
 FLASKR = """
@@ -57,7 +57,7 @@ def env_for(tmp_path: Path, live: Path):
 @pytest.mark.parametrize("case", sorted(CHANGES))
 def test_delta_counts_what_every_row_counts(tmp_path, case):
     old, new = pair(tmp_path, CHANGES[case])
-    copy = types.SimpleNamespace(path=str(old), sha256=backups.sha256_file(old), reason="r", time="t")
+    copy = types.SimpleNamespace(path=str(old), sha256=dbfiles.sha256_file(old), reason="r", time="t")
     # the plan: rows of the live (new) database that the copy lacks
     env = env_for(tmp_path, new)
     quick = rowloss.leaving_by_delta(env, copy)
@@ -68,7 +68,7 @@ def test_delta_counts_what_every_row_counts(tmp_path, case):
     env = env_for(tmp_path, old)
     sealed = rowloss.lost_by_delta(env, str(new))
     assert sealed is not None
-    assert sealed == full(rowloss.lost, env, str(new), backups.sha256_file(new))
+    assert sealed == full(rowloss.lost, env, str(new), dbfiles.sha256_file(new))
 
 
 def full(func, *args):

@@ -17,6 +17,7 @@ killed operation had changed nothing live (before_change). What a run says goes 
 (safedeploy.output), made by the script: nothing here imports cli.
 """
 
+from ..journals import Op
 from .bringup import QUICK_STOP, Run, bring_up_steps, start_probe, stop_probe
 from .conversion import CONVERSION, CONVERSION_BEFORE, ConversionRun, conversion_operation, convert_env
 from .deployment import (DEPLOY, DEPLOY_BEFORE, DeployRun, after_deploy, deploy, deploy_operation, deploy_run,
@@ -31,6 +32,6 @@ __all__ = ["CONVERSION", "CONVERSION_BEFORE", "DEPLOY", "DEPLOY_BEFORE", "QUICK_
            "start_probe", "stop_probe"]
 
 
-def before_change() -> dict[str, set[str]]:
+def before_change() -> dict[Op, set[str]]:
     """{op: names of the steps of its BEFORE phase}: where a killed operation had changed nothing live."""
-    return {"deploy": DEPLOY_BEFORE, "rollback": ROLLBACK_BEFORE, "convert": CONVERSION_BEFORE}
+    return {Op.DEPLOY: DEPLOY_BEFORE, Op.ROLLBACK: ROLLBACK_BEFORE, Op.CONVERT: CONVERSION_BEFORE}

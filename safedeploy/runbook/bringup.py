@@ -10,7 +10,7 @@ users from just before it until health and the watch are done; stop_probe is saf
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .. import restart, units
+from .. import restart, unitfiles, units
 from ..output import PLAIN, Output
 from ..probe import Probe
 from ..runner import AFTER, Step
@@ -75,9 +75,9 @@ def restart_detail(c):
     plan = getattr(c, "plan", None)
     held = ((plan is not None and plan.migration_mode == "stop-first") or
             (getattr(c, "restore_db", False) and units.restart_method(c.env.unit) != "plain"
-             and units.state(units.socket_name(c.env.unit)).is_active))
+             and units.state(unitfiles.socket_name(c.env.unit)).is_active))
     if held:
-        return (f"give {units.socket_name(c.env.unit)} back to the app and start {c.env.unit}: it answers the requests "
+        return (f"give {unitfiles.socket_name(c.env.unit)} back to the app and start {c.env.unit}: it answers the requests "
                 "that waited")
     return units.describe_restart(c.env.unit)
 

@@ -7,8 +7,9 @@ back fails too, EXIT_HUMAN with the command to run. Its report goes to out."""
 
 from dataclasses import dataclass, field
 
-from .. import convert, records, releases, replica, units
+from .. import convert, releases, replica, unitfiles, units
 from ..errors import EXIT_HUMAN, DeployError, after_undo, describe_failure
+from ..journals import ConversionJournal
 from ..output import Output
 from ..runner import AFTER, BEFORE, Operation, Step, execute
 from .bringup import Run, bring_up_steps, start_probe, stop_probe
@@ -36,7 +37,8 @@ class ConversionRun(Run):
 
 def build_first(run):
     run.first = releases.build(run.env, run.conversion.repo, run.conversion.commit, run.out.say)
-    run.journal.update(first=run.first.id)
+    run.journal.first = run.first.id
+    run.journal.save()
 
 
 def finish_conversion(run):
@@ -52,9 +54,9 @@ def conversion_steps():
              lambda c: f"build {c.conversion.commit[:12]} (what runs) as the first release in "
                        f"{c.env.releases_root / 'releases'}", when=lambda c: c.conversion.converting),
         Step("units", AFTER, convert.install_units,
-             lambda c: f"install the unit files (diff above) and enable {units.socket_name(c.env.unit)}, the app serving"),
+             lambda c: f"install the unit files (diff above) and enable {unitfiles.socket_name(c.env.unit)}, the app serving"),
         Step("stop", AFTER, lambda c: (start_probe(c), convert.stop_for_move(c)),
-             lambda c: f"stop {c.env.unit}; the moment the port is free {units.socket_name(c.env.unit)} listens "
+             lambda c: f"stop {c.env.unit}; the moment the port is free {unitfiles.socket_name(c.env.unit)} listens "
                        "(requests wait in its queue)"),
         Step("data", AFTER, lambda c: convert.move_data(c.conversion.pairs, c.moves),
              lambda c: f"rename the untracked data into {c.env.releases_root / 'shared'}",
@@ -63,7 +65,7 @@ def conversion_steps():
              lambda c: f"point {c.env.current_link} at the first release", when=lambda c: c.conversion.converting),
         restart, health,
         Step("finish", AFTER, finish_conversion,
-             lambda c: f"{units.socket_name(c.env.unit)} activates {c.env.unit} again"),
+             lambda c: f"{unitfiles.socket_name(c.env.unit)} activates {c.env.unit} again"),
     ]
 
 
@@ -97,9 +99,9 @@ def conversion_failed_after(run, step, exc):
 
 def conversion_operation():
     return Operation("convert", CONVERSION, conversion_failed_before, conversion_failed_after,
-                     journal_data=lambda c: {"v": records.VERSION, "saved": str(c.saved), "commit": c.conversion.commit,
-                                             "converting": c.conversion.converting, "made_root": c.made_root,
-                                             "pairs": [[str(a), str(b)] for a, b in c.conversion.pairs]})
+                     journal=lambda c: ConversionJournal(saved=str(c.saved), commit=c.conversion.commit,
+                                                         converting=c.conversion.converting, made_root=c.made_root,
+                                                         pairs=[[str(a), str(b)] for a, b in c.conversion.pairs]))
 
 
 def convert_env(env, conversion, out: Output):

@@ -20,11 +20,12 @@ A failure in a BEFORE step: recorded, exit 1, nothing live changed. After: the a
 import json
 from dataclasses import dataclass, field
 
-from .. import (backups, commands, probe, records, redaction, releases, retention, rowloss, unitenv, units,
+from .. import (backups, commands, probe, records, redaction, releases, retention, rowloss, unitenv, unitfiles, units,
                verified_notes)
 from ..commandline import script_command
 from ..decisions import Blame, DatabaseMode, FailureFacts, judge_failure
 from ..errors import EXIT_FAILED, EXIT_HUMAN, DeployError, after_undo, describe_failure
+from ..journals import DeployJournal
 from ..output import PLAIN
 from ..points import Point
 from ..records import DeployRecord
@@ -85,7 +86,8 @@ def build_release(run):
     run.release = plan.reuse or releases.build(env, plan.repo, plan.target, run.out.say)
     run.record.release = run.release.id
     run.record.shadowed = shadowed(run.release)
-    run.journal.update(release=run.release.id)
+    run.journal.release = run.release.id
+    run.journal.save()
     for name in run.record.shadowed:
         run.out.warn(f"{name} is tracked in {plan.target[:12]} but lies under a shared path: the release uses "
                 f"the shared copy in {env.releases_root / 'shared'}, which differs; the commit's version never runs")
@@ -104,7 +106,8 @@ def tag_running(run):
                f"commit: {plan.running}\nbranch: {env.branch}\nbackup: {run.backup_path or 'none (no database)'}\n")
     run.record.tag = plan.repo.create_tag(run.tag_name, plan.running, message)
     run.record.tag_pushed = False
-    run.journal.update(tag=run.record.tag)
+    run.journal.tag = run.record.tag
+    run.journal.save()
     if env.remote:
         try:
             plan.repo.push_tag(env.remote, run.record.tag)
@@ -122,7 +125,8 @@ def back_up(run):
                                          unit_file=current_unit_file(env), final=run.backup_path,
                                          bookkeeping=env.bookkeeping)
     run.record.backup = run.backup.path
-    run.journal.update(backup=run.backup.path)
+    run.journal.backup = run.backup.path
+    run.journal.save()
 
 
 def switch(run):
@@ -205,7 +209,7 @@ def stop_detail(run):
     wait = (f"requests get a 503 with Retry-After: {run.plan.retry_after} from the tool's listener"
             if run.plan.retry_after else "requests wait in its queue")
     return (f"stop {units.serving_state(run.env.unit).name} before pre_restart ({run.plan.migration_why}); "
-            f"{units.socket_name(run.env.unit)} keeps the port and starts no app: {wait}")
+            f"{unitfiles.socket_name(run.env.unit)} keeps the port and starts no app: {wait}")
 
 
 DEPLOY = [
@@ -313,9 +317,9 @@ def judge(step, exc, what, details):
 
 def deploy_operation():
     return Operation("deploy", DEPLOY, deploy_failed_before, deploy_failed_after,
-                     journal_data=lambda r: {"v": records.VERSION, "target": r.plan.target, "from": r.plan.running,
-                                             "previous_release": r.plan.running_release.id if r.plan.running_release
-                                             else None})
+                     journal=lambda r: DeployJournal(target=r.plan.target, from_=r.plan.running,
+                                                     previous_release=r.plan.running_release.id
+                                                     if r.plan.running_release else None))
 
 
 def deploy(config, env, plan, out=PLAIN):

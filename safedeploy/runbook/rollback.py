@@ -30,11 +30,12 @@ exit 4, with the command to run.
 import os
 from dataclasses import dataclass, field
 
-from .. import backups, marks, records, releases, replica, restart, rowloss, unitenv, units
+from .. import backups, dbfiles, marks, records, releases, replica, restart, restore, rowloss, unitenv, unitfiles, units
 from ..commandline import script_command
 from ..decisions import failure_code
 from ..errors import EXIT_FAILED, EXIT_HUMAN, DeployError, after_undo, describe_failure
 from ..files import write_atomic
+from ..journals import RollbackJournal
 from ..output import PLAIN
 from ..records import RollbackRecord
 from ..runner import AFTER, BEFORE, Operation, Step, describe, execute
@@ -57,7 +58,7 @@ class RollbackRun(Run):
     target: object = None               # the release it switches to (releases)
     kept: object = None                 # the point's kept release, found when planned
     prepared: object = None
-    early: object = None                # a backups.EarlyPrepare the plan started, which prepare waits for
+    early: object = None                # a restore.EarlyPrepare the plan started, which prepare waits for
     stopped: bool = False
     unit_action: str = "keep"           # "restore" or "keep", with unit_why
     unit_why: str = ""
@@ -134,9 +135,9 @@ def unit_file_plan(env, point):
         layout = "releases" if for_releases else "its work tree"
         return "keep", (f"the point's unit file runs the app from {layout}, and {env.name} runs from "
                         f"{'releases' if env.converted else 'its work tree'} now: the live unit file is kept")
-    socket_needed = f"Requires={units.socket_name(env.unit)}" in saved.decode(errors="replace")
-    if socket_needed and not units.state(units.socket_name(env.unit)).known:
-        return "keep", f"the point's unit file needs {units.socket_name(env.unit)}, which this host does not have"
+    socket_needed = f"Requires={unitfiles.socket_name(env.unit)}" in saved.decode(errors="replace")
+    if socket_needed and not units.state(unitfiles.socket_name(env.unit)).known:
+        return "keep", f"the point's unit file needs {unitfiles.socket_name(env.unit)}, which this host does not have"
     return "restore", f"put back {b.unit_file} as it was at the point (daemon-reload)"
 
 
@@ -153,12 +154,13 @@ def rollback_build(run):
     if run.target is None:
         run.target, run.record.rebuilt = releases.build(run.env, run.repo, run.point.commit), True
     run.record.release = run.target.id
-    run.journal.update(release=run.target.id)
+    run.journal.release = run.target.id
+    run.journal.save()
 
 
 def prepare(run):
     early, run.early = run.early, None
-    run.prepared = early.result() if early is not None else backups.prepare_restore(run.point.backup, run.env.db)
+    run.prepared = early.result() if early is not None else restore.prepare_restore(run.point.backup, run.env.db)
 
 
 def stop_for_restore(run):
@@ -169,7 +171,7 @@ def stop_for_restore(run):
 
 
 def put_database(run):
-    backups.put_in_place(run.prepared, run.env.db)
+    restore.put_in_place(run.prepared, run.env.db)
     replica.resume(run.env, swapped=True)       # the replica continues from the restored database
 
 
@@ -180,14 +182,15 @@ def save(run):
     if not env.db.exists():
         return
     if run.restore_db:
-        run.record.aside = str(backups.set_aside(env.db, backups.aside_name(env.db, env.backup_dir, env.name,
+        run.record.aside = str(restore.set_aside(env.db, backups.aside_name(env.db, env.backup_dir, env.name,
                                                                             run.stamp)))
         run.record.pre_rollback = run.record.aside
     else:
         run.record.pre_rollback = backups.backup_database(env.db, env.backup_dir, env.name, "pre-rollback",
                                                           commit=run.running, unit_file=current_unit_file(env)).path
     run.record.backup = run.record.pre_rollback
-    run.journal.update(aside=run.record.aside)
+    run.journal.aside = run.record.aside
+    run.journal.save()
 
 
 def code(run):
@@ -205,7 +208,7 @@ def restore_unit(run):
     except OSError:
         mode = 0o600
     data = open(b.unit_backup, "rb").read()
-    write_atomic(b.unit_file, data, mode=units.unit_file_mode(data.decode(errors="replace"), mode))
+    write_atomic(b.unit_file, data, mode=unitfiles.unit_file_mode(data.decode(errors="replace"), mode))
     units.daemon_reload()
     run.record.unit_restored = True
 
@@ -315,7 +318,7 @@ ROLLBACK = [
          when=lambda r: r.restore_db),
     Step("stop", BEFORE, stop_for_restore,
          lambda r: f"stop {r.env.unit} so that nothing opens the database" + (
-             f" ({units.socket_name(r.env.unit)} keeps the port and starts no app: requests wait in its queue)"
+             f" ({unitfiles.socket_name(r.env.unit)} keeps the port and starts no app: requests wait in its queue)"
              if units.restart_method(r.env.unit) != "plain" else ""), when=lambda r: r.restore_db),
     Step("save", BEFORE, save, save_detail),
     Step("code", AFTER, code,
@@ -384,7 +387,7 @@ def put_back_before_change(run):
     was stopped). False when that cannot be done safely (the live database was being set aside)."""
     env = run.env
     if run.prepared:
-        backups.remove_temp(run.prepared)
+        dbfiles.remove_temp(run.prepared)
     if run.restore_db and run.stopped and not env.db.exists():
         return False            # the app stays stopped: it must not start on an empty database
     if run.stopped:
@@ -401,10 +404,9 @@ def rollback_operation():
         "rollback", ROLLBACK,
         before_failed=lambda r, step, exc: rollback_failed(r, step, exc, changed=False),
         after_failed=lambda r, step, exc: rollback_failed(r, step, exc, changed=True), shielded=True,
-        journal_data=lambda r: {"v": records.VERSION, "point": r.point.id, "commit": r.point.commit,
-                                "restore_db": r.restore_db, "db_why": r.db_why, "release": r.point.release,
-                                "db_only": r.db_only,
-                                "backup": r.point.backup.path if r.point.backup else None, "from": r.running})
+        journal=lambda r: RollbackJournal(point=r.point.id, commit=r.point.commit, restore_db=r.restore_db,
+                                          db_why=r.db_why, release=r.point.release, db_only=r.db_only,
+                                          backup=r.point.backup.path if r.point.backup else None, from_=r.running))
 
 
 def roll_back(config, env, repo, point, restore_db, why, running, parent=None, watch=0, quick_stop=None, mark=True,
