@@ -108,15 +108,20 @@ def test_a_torn_bad_log_keeps_a_rolled_back_release_out(sandbox):
 
 
 # -- finding 2: a torn journal is not "nothing happened" ---------------------------------------------------
-def test_a_deploy_killed_at_health_with_a_torn_journal_is_undone(sandbox):
-    sb = sandbox
+def deploy_killed_at_health(sb):
+    """v2 deployed to dev and the deploy killed at its health step: (dev's commit before, its journal)."""
     before = sb.head("dev")
     sb.release("dev", {"VERSION": "2\n"}, "v2")
     argv = [sb.python, str(REPO_ROOT / "deploy.py"), "dev", "--config", str(sb.config)]
     proc = subprocess.run(argv, env={**sb.env, "SAFE_DEPLOY_FAULT": "deploy:health:KILL"}, capture_output=True,
                           text=True, timeout=180, stdin=subprocess.DEVNULL)
     assert proc.returncode != 0
-    journal = sb.root / "state" / "dev.journal.json"
+    return before, sb.root / "state" / "dev.journal.json"
+
+
+def test_a_deploy_killed_at_health_with_a_torn_journal_is_undone(sandbox):
+    sb = sandbox
+    before, journal = deploy_killed_at_health(sb)
     data = journal.read_bytes()
     journal.write_bytes(data[:len(data) // 2])               # cut in half
     assert version(sb, "dev") == "2"
@@ -133,13 +138,7 @@ def test_a_deploy_killed_by_the_previous_version_is_undone_from_its_journal(sand
     """A journal in the format the version before the typed journals wrote (sorted keys, no checksum) is
     recovered by this one: the deploy killed at health is undone."""
     sb = sandbox
-    before = sb.head("dev")
-    sb.release("dev", {"VERSION": "2\n"}, "v2")
-    argv = [sb.python, str(REPO_ROOT / "deploy.py"), "dev", "--config", str(sb.config)]
-    proc = subprocess.run(argv, env={**sb.env, "SAFE_DEPLOY_FAULT": "deploy:health:KILL"}, capture_output=True,
-                          text=True, timeout=180, stdin=subprocess.DEVNULL)
-    assert proc.returncode != 0
-    journal = sb.root / "state" / "dev.journal.json"
+    before, journal = deploy_killed_at_health(sb)
     data = json.loads(journal.read_text())
     assert data.pop("_crc32")
     journal.write_text(json.dumps(data, sort_keys=True))      # state.Journal._write of the previous version
