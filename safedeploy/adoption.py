@@ -34,7 +34,7 @@ from .commandline import script_command
 from .errors import DeployError, after_undo, describe_failure
 from .files import make_private_dir, write_atomic
 from .gitrepo import NETWORK_TIMEOUT, Repo
-from .marks import bad_mark
+from .marks import commit_mark
 from .output import Output
 from .state import EnvLock, inject_fault, now_iso, parse_time, utc_stamp, verified_log
 
@@ -392,7 +392,8 @@ def source_items(config, doc, source):
     adopted = entry.get("adopted")
     items = [branch_item(config, source), adopted_item(config, source, adopted)]
     deploy, verify = tool_deploy_and_verify(source, adopted)
-    mark = deploy and verify and tested_release_mark(config, source, deploy.running)
+    # a release rolled back after its verify (marked bad, in any env) is not a tested one
+    mark = deploy and verify and commit_mark(config, source, Repo(source.path), deploy.running)
     if mark:
         items.append(Item(False, f"{source.name} tested: a deploy made with the tool, and a passing verify of it",
                           f"{deploy.running[:12]} passed its verify, then was rolled back in {mark.get('env')} at "
@@ -448,13 +449,6 @@ def tool_deploy_and_verify(source, adopted):
     verifies = [v for v in verified_log(source.name, source.state_dir).read()
                 if v.get("by") == "verify" and v.get("commit") == deploy.running and (parse_time(v.get("time")) or at) >= at]
     return deploy, (verifies[-1] if verifies else None)
-
-
-def tested_release_mark(config, source, commit):
-    """The bad mark on the tested commit's tree (a rollback of it in any env), or None: a release rolled
-    back after its verify is not a tested one."""
-    repo = Repo(source.path)
-    return bad_mark(config, source, repo.tree_of(commit)) if repo.resolve(commit) else None
 
 
 def stable_item(source, verify):

@@ -271,6 +271,11 @@ def json_key(name: str) -> str:
     return "from" if name == "from_" else name
 
 
+def field_name(key: str) -> str:
+    """json_key's inverse: the field a JSON key is read into."""
+    return "from_" if key == "from" else key
+
+
 def read(path: Path) -> OpJournal | None:
     """The journal at path as its dataclass; None when there is none; a DamagedJournal when it is not
     whole (see the module)."""
@@ -333,7 +338,7 @@ def damaged(path: Path, text: str, why: str) -> DamagedJournal:
     j = DamagedJournal(path=str(path), why=why, said_op=found.pop("op", None), file=path,
                        restore_db=flag(text, "restore_db"), db_only=flag(text, "db_only"))
     for key, value in found.items():
-        setattr(j, "from_" if key == "from" else key, value)
+        setattr(j, field_name(key), value)
     return j
 
 

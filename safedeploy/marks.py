@@ -149,6 +149,12 @@ def bad_mark(config, env, tree):
     return max(logged or marks, key=_when)
 
 
+def commit_mark(config, env, repo, commit):
+    """The bad mark of a commit's tree (a rollback of that tree, in any env), or None; None as well for a
+    commit the repository does not have."""
+    return bad_mark(config, env, repo.tree_of(commit)) if repo.resolve(commit) else None
+
+
 def missing_marks(env):
     """[TagMark] of env's marking tags that its bad log holds no mark for (of that tree, made at or after
     the tag) and that no clearing after the tag undid."""

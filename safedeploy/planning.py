@@ -16,7 +16,7 @@ from .errors import DeployError, usage_error
 from .files import same_disk
 from .gitrepo import Repo
 from .points import instant, list_points, next_best
-from .marks import bad_mark
+from .marks import bad_mark, commit_mark
 from .state import verified_log
 
 REF_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/@^~-]*$")   # checked before the lock: a bad ref touches nothing
@@ -282,7 +282,7 @@ def decide_database(env, point, mode, compare=True):
 
 def point_mark(config, env, repo, point):
     """The bad mark of the release a point goes back to (a rollback of its tree, in any env), or None."""
-    return bad_mark(config, env, repo.tree_of(point.commit)) if repo.resolve(point.commit) else None
+    return commit_mark(config, env, repo, point.commit)
 
 
 def point_marks(config, env, repo, points) -> dict:
