@@ -12,6 +12,12 @@ env, each with the whole run's output and its own env's result. The log is opene
 Retention (prune): the newest KEEP_PER_ENV logs of each env are kept, whatever their age: an env deployed
 once a quarter keeps the log of its last failure, and a loop of retries cannot fill the disk.
 
+A cap per file (MAX_BYTES): a command that prints without end (a build in a loop, a migration logging each
+row) cannot fill the disk either. Past the cap the log says so in one line and keeps, in memory, only the
+last TAIL_KEPT bytes of what follows, written whole lines at the close before `# end`, with the number of
+bytes dropped: the head (what ran) and the tail (how it ended, the error) both stay. A run killed past the
+cap keeps the head only (its log reads as interrupted, as any killed run's).
+
 Reading (last_failed, last_operation): a log with no `# end` line is a run still going (its file is
 flock'ed by the run) or one that was killed (an interrupted operation: counted as failed).
 """
@@ -24,6 +30,7 @@ import os
 import re
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +41,8 @@ from .state import now_iso, utc_stamp
 
 KEEP_PER_ENV = 50
 TAIL_LINES = 20             # what an alert carries of the log
+MAX_BYTES = 32 << 20        # a log's cap: past it only the last TAIL_KEPT bytes are kept (see above)
+TAIL_KEPT = 1 << 20
 END = "# end "
 ANSI_RE = re.compile(r"\033\[[0-9;]*m")
 NAME_RE = re.compile(r"^(?P<env>.+)-(?P<stamp>\d{8}-\d{6})(?:-\d+)?-(?P<op>[a-z-]+)\.log$")
@@ -46,8 +55,12 @@ def folder(state_dir) -> Path:
 class OpLog:
     """One open log file of one env."""
 
-    def __init__(self, state_dir, env: str, op: str):
+    def __init__(self, state_dir, env: str, op: str, max_bytes: int = MAX_BYTES, tail_kept: int = TAIL_KEPT):
         self.env, self.op = env, op
+        self.max_bytes, self.tail_kept = max_bytes, tail_kept
+        self.written = 0                            # bytes in the file so far
+        self.over: deque[bytes] | None = None       # past the cap: the last bytes, kept for the close
+        self.over_size = self.dropped = 0
         self.folder = make_private_dir(folder(state_dir))
         stamp, n = utc_stamp(), 0
         while True:
@@ -68,16 +81,45 @@ class OpLog:
             return
         stamp = time.strftime('%H:%M:%S')
         data = "".join(f"{stamp} {line}\n" for line in redaction.redact(ANSI_RE.sub("", text)).splitlines() or [""])
+        raw = data.encode(errors="replace")
+        if self.over is None and self.written + len(raw) > self.max_bytes:
+            self.over = deque()
+            self._write(f"# this log reached its cap of {self.max_bytes} bytes: what follows is dropped but for "
+                        f"its last {self.tail_kept} bytes, written at the end\n".encode())
+        if self.over is None:
+            self._write(raw)
+            return
+        self.over.append(raw)
+        self.over_size += len(raw)
+        while self.over_size - len(self.over[0]) >= self.tail_kept:
+            self.dropped += len(self.over[0])
+            self.over_size -= len(self.over.popleft())
+
+    def _write(self, raw: bytes) -> None:
         try:
-            os.write(self.fd, data.encode(errors="replace"))
+            os.write(self.fd, raw)
+            self.written += len(raw)
         except OSError:
             pass            # a full disk never fails the operation over its log
+
+    def _write_tail(self) -> None:
+        """Past the cap: the kept last bytes, from the first whole line, and how much was dropped."""
+        if self.over is None:
+            return
+        kept = b"".join(self.over)
+        if len(kept) > self.tail_kept:
+            cut = kept.find(b"\n", len(kept) - self.tail_kept)
+            self.dropped += cut + 1
+            kept = kept[cut + 1:]
+        self._write(f"# {self.dropped} bytes past the cap dropped; the last {len(kept)} bytes:\n".encode() + kept)
+        self.over = None
 
     def close(self, code: int) -> None:
         if self.fd < 0:
             return
         ok = self.result if self.result is not None else code == 0
         result = "ok" if ok else "refused" if code == EXIT_USAGE else "failed"     # exit 2: nothing was attempted
+        self._write_tail()
         try:
             os.write(self.fd, (END + json.dumps({"result": result, "code": code,
                                                  "time": now_iso()}) + "\n").encode())

@@ -163,6 +163,33 @@ def test_a_log_without_its_end_is_an_interrupted_operation(tmp_path):
     assert oplog.last_failed(tmp_path, "prod") == str(log.path)    # a refusal is no failure
 
 
+def test_a_command_that_prints_without_end_cannot_fill_the_disk(tmp_path):
+    """Past its cap a log keeps its head and the last bytes of the rest (the error at the end), says how much
+    it dropped, and still ends as a log is read: a real command through commands.run_one."""
+    from safedeploy import commands
+    log = oplog.OpLog(tmp_path, "prod", "deploy", max_bytes=200_000, tail_kept=20_000)
+    oplog._OPEN["prod"] = log
+    try:
+        failure = commands.run_one([sys.executable, "-c",
+                                    "import sys\nfor i in range(100000): print('row', i)\n"
+                                    "print('the error: disk quota', file=sys.stderr); sys.exit(3)"], tmp_path, 60)
+    finally:
+        oplog.close_all(1)
+    assert failure is not None and "exit 3" in failure.why and "the error: disk quota" in failure.output
+    size = log.path.stat().st_size
+    assert 200_000 < size < 200_000 + 20_000 + 1000
+    text = log.path.read_text()
+    assert "| row 0\n" in text and "| row 99999\n" in text and "| the error: disk quota" in text
+    assert "| row 50000\n" not in text
+    assert "reached its cap of 200000 bytes" in text
+    dropped = int(re.search(r"# (\d+) bytes past the cap dropped; the last (\d+) bytes:\n", text).group(1))
+    assert dropped > 1_000_000                                      # ~1.5 MB printed, ~0.2 MB kept
+    kept = text.split(" bytes:\n", 1)[1]
+    assert kept.splitlines()[0].split(" ", 1)[1].startswith("| row ")   # whole lines: the first is stamped
+    assert oplog.ending(log.path).result == "failed"
+    assert "$ (exit 3 in " in oplog.tail(log.path)[-1]               # what an alert carries: how it ended
+
+
 def test_the_timer_writes_metrics_when_asked():
     from status import timer_arguments
     assert timer_arguments(True, None) == ["--alert", "--quiet"]
