@@ -165,11 +165,14 @@ def show_points(config, env, repo, points, as_json, problem=None):
         return 0
     if not rows:
         cli.say(f"{env.name} has no rollback points yet (a deploy or a backup makes one)")
+    # with [offsite], a copy on this host only is said: it goes with the disk (the next backup.py pushes it)
+    local_only = "  (database: this host only, not off-site yet)" if config.offsite and not problem else ""
     for r in rows:
         schema = " SCHEMA DIFFERS" if r["schema_differs"] else ""
         schema += f" ROLLED BACK in {r['rolled_back_in']}" if r["rolled_back_in"] else ""
         where = ("  (database: local and off-site)" if r["backup"] and r["offsite"] else
-                 "  (database: off-site only)" if r["offsite"] else "" if r["backup"] else "  (no backup)")
+                 "  (database: off-site only)" if r["offsite"] else
+                 local_only if r["backup"] else "  (no backup)")
         cli.say(f"{r['id']:<42} {r['commit'][:12]} {r['time']}  {r['subject'][:40]}{where}{schema}")
     if problem:
         cli.err(f"error: the off-site copies could not be listed ({problem}); the points above are local only")

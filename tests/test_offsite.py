@@ -101,6 +101,8 @@ def test_a_backup_goes_offsite_tagged_and_is_listed_in_both_places(sandbox):
     assert sandbox.run("deploy.py", "dev").returncode == 0
     listed = json.loads(sandbox.run("backup.py", "--list", "--json").stdout)["backups"]
     assert sorted(b["location"] for b in listed) == ["both", "local"]
+    shown = sandbox.run("rollback.py", "dev", "--list").stdout          # the deploy's point: said to be on this host only
+    assert "(database: this host only, not off-site yet)" in shown.splitlines()[0], shown
     nightly = sandbox.run("backup.py", "--all")
     assert nightly.returncode == 0 and "earlier backup(s) that were on this host only: dev-" in nightly.stdout, nightly.stderr
     listed = json.loads(sandbox.run("backup.py", "--list", "--json").stdout)["backups"]
