@@ -65,9 +65,22 @@ def copy_data(env, scratch: Path) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port for a transient app, reserved until the app binds it. A port found by bind(0) and
+    closed again is from the kernel's ephemeral range, which every outgoing connection draws from: on a
+    busy host a client could take it before the app starts, and the app then fails to bind (a false
+    "the rehearsed release does not start"). So the port is left in TIME_WAIT (listened on, connected
+    to, closed from the accepting side first): for a minute the kernel hands it to no outgoing
+    connection, while a server that sets SO_REUSEADDR, as gunicorn, werkzeug and Python's socketserver
+    do, binds it at once."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            accepted, _ = listener.accept()
+            accepted.close()        # the accepting side closes first: its end waits in TIME_WAIT
+    return port
 
 
 # -- the settings, moved off the live data ---------------------------------------------------------
