@@ -141,3 +141,21 @@ def test_ctrl_c_during_the_watch_rolls_back(sandbox):
     record = log_records(sb, "dev")[-1]         # the probe stopped with the Ctrl-C: the deploy's and the rollback's
     assert record["probe"]["requests"] > 0 and record["rollback"]["probe"]["requests"] > 0, record
     assert "  probe     the deploy: " in err
+
+
+def test_a_rehearsal_port_is_reserved_until_the_app_binds_it():
+    """free_port leaves the port in TIME_WAIT: a plain bind (what an outgoing connection's port needs) is
+    refused, a server's SO_REUSEADDR bind succeeds at once."""
+    import socket
+    from safedeploy.transient import free_port
+    port = free_port()
+    with socket.socket() as plain:
+        try:
+            plain.bind(("127.0.0.1", port))
+            raise AssertionError(f"port {port} could still be handed out")
+        except OSError:
+            pass
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", port))
+        server.listen(1)
