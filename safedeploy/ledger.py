@@ -95,8 +95,13 @@ class Ledger:
 
 
 # -- the cache ---------------------------------------------------------------------------------------
-def cache_dir(state_dir: Path) -> Path:
-    return make_private_dir(Path(state_dir) / "ledger")
+def cache_dir(state_dir: Path) -> Path | None:
+    """The digests' cache folder, or None where it cannot be made (a file in its place, a state disk full or
+    read-only, a folder another user owns): the look reads the rows and keeps nothing."""
+    try:
+        return make_private_dir(Path(state_dir) / "ledger")
+    except OSError:
+        return None
 
 
 def save_rows(path: Path, rows: dict[str, TableRows], identity: str) -> None:
@@ -165,17 +170,18 @@ def rows_of(path: str | Path, bookkeeping: tuple[str, ...], deadline: float | No
         conn.close()
 
 
-def cached_rows(cache: Path, name: str, identity: str, path: str | Path, bookkeeping: tuple[str, ...],
+def cached_rows(cache: Path | None, name: str, identity: str, path: str | Path, bookkeeping: tuple[str, ...],
                 deadline: float | None = None) -> dict[str, TableRows]:
-    kept = cache / f"{name}.rows"
+    kept = cache / f"{name}.rows" if cache is not None else None
     identity = f"{identity}|{','.join(sorted(bookkeeping))}"
-    found = load_rows(kept, identity)
+    found = load_rows(kept, identity) if kept is not None else None
     if found is None:
         _, found = rows_of(path, bookkeeping, deadline)
-        try:
-            save_rows(kept, found, identity)
-        except Exception:           # a full state disk costs the cache, never the look
-            remove_quietly(kept)
+        if kept is not None:
+            try:
+                save_rows(kept, found, identity)
+            except Exception:           # a full state disk costs the cache, never the look
+                remove_quietly(kept)
     return found
 
 
@@ -328,8 +334,9 @@ def look(env, copies: list[Known], dismissed: AbstractSet[str] = frozenset(), se
     known_rows = {}
     for c in kept:
         if c.path and c.sha256 and live is not None:
-            kept_rows = load_rows(cache_dir(env.state_dir) / f"copy-{c.sha256}.rows",
-                                  f"{c.sha256}|{','.join(sorted(env.bookkeeping))}")
+            cache = cache_dir(env.state_dir)
+            kept_rows = cache and load_rows(cache / f"copy-{c.sha256}.rows",
+                                            f"{c.sha256}|{','.join(sorted(env.bookkeeping))}")
             if kept_rows is not None:
                 known_rows[c.id] = kept_rows
     counting, ledger.superseded = heads(env, kept, known_rows)

@@ -131,3 +131,17 @@ def test_an_unchanged_database_is_looked_at_without_reading_a_row(tmp_path):
     torn = next(p for p in kept if p.name.startswith("live-"))
     torn.write_bytes(torn.read_bytes()[:-5])                            # a torn cache file is computed again
     assert ledger.look(env, [nightly]).outstanding == []
+
+
+def test_a_cache_folder_that_cannot_be_made_costs_the_cache_not_the_look(tmp_path):
+    """A file where the cache's folder should be (as a full or read-only state disk, or another user's
+    folder): the rows are read and compared all the same, nothing is kept, nothing raises."""
+    env = env_at(tmp_path)
+    make_db(env.db, NOTES, ["INSERT INTO notes (body) VALUES ('kept'), ('lost')"])
+    nightly = copy_of(env, "nightly")
+    run_sql(env.db, "DELETE FROM notes WHERE body = 'lost'")
+    env.state_dir.mkdir()
+    (env.state_dir / "ledger").write_text("not a folder")
+    book = ledger.look(env, [nightly])
+    assert [o.missing_total for o in book.outstanding] == [1]
+    assert (env.state_dir / "ledger").read_text() == "not a folder"
