@@ -335,8 +335,8 @@ def look(env, copies: list[Known], dismissed: AbstractSet[str] = frozenset(), se
     for c in kept:
         if c.path and c.sha256 and live is not None:
             cache = cache_dir(env.state_dir)
-            kept_rows = cache and load_rows(cache / f"copy-{c.sha256}.rows",
-                                            f"{c.sha256}|{','.join(sorted(env.bookkeeping))}")
+            kept_rows = load_rows(cache / f"copy-{c.sha256}.rows",
+                                  f"{c.sha256}|{','.join(sorted(env.bookkeeping))}") if cache is not None else None
             if kept_rows is not None:
                 known_rows[c.id] = kept_rows
     counting, ledger.superseded = heads(env, kept, known_rows)
