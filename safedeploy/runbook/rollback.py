@@ -313,8 +313,8 @@ ROLLBACK = [
                                                 f"{r.stamp}", when=lambda r: not r.db_only),
     Step("build", BEFORE, rollback_build, build_rollback_detail, when=lambda r: r.converted and not r.db_only),
     Step("prepare", BEFORE, prepare,
-         lambda r: f"copy {r.point.backup.path} beside {r.env.db} and check its sha256 (hashed as it is copied) against "
-                   "the one recorded when the backup passed integrity_check, the app serving",
+         lambda r: f"copy {r.point.backup.path} beside {r.env.db} and check its sha256 (the copy read back and hashed as "
+                   "the kernel copies it) against the one recorded when the backup passed integrity_check, the app serving",
          when=lambda r: r.restore_db),
     Step("stop", BEFORE, stop_for_restore,
          lambda r: f"stop {r.env.unit} so that nothing opens the database" + (
