@@ -291,27 +291,34 @@ def write_behind(fd, offset, length, chunk):
 
 
 def finish_copy(db_path, tmp, bookkeeping=DEFAULT_BOOKKEEPING, alongside=None):
-    """Make the copy self-contained, then check it and hash it (in parallel), then fsync it. alongside: a
-    function that reads the self-contained copy (read-only), run at the same time (a restore's seal counts
-    the rows the restore took out meanwhile)."""
+    """Make the copy self-contained, then check it (integrity_check), hash it and count its rows, all three at
+    once (threads: SQLite and hashlib let go of the GIL), then fsync it. alongside: a function that reads the
+    self-contained copy (read-only), run at the same time (a restore's seal counts the rows the restore took
+    out meanwhile)."""
     dst = sqlite3.connect(tmp, isolation_level=None)
     try:
         dst.execute("PRAGMA synchronous = OFF")
         if dst.execute("PRAGMA journal_mode").fetchone()[0] != "delete":
             dst.execute("PRAGMA journal_mode = DELETE")      # a self-contained file, no -wal beside it
-        with ThreadPoolExecutor(max_workers=2) as pool:
+        with ThreadPoolExecutor(max_workers=3) as pool:
             digest = pool.submit(sha256_file, tmp)           # hashlib and SQLite both release the GIL
+            counted = pool.submit(rows_of, tmp, bookkeeping)     # its own read-only connection
             extra = pool.submit(alongside) if alongside is not None else None
             verdict = integrity(dst)
             sha256 = digest.result()
             if extra is not None:
                 extra.result()
+            try:
+                rows = counted.result()
+            except sqlite3.DatabaseError:
+                if verdict == "ok":
+                    raise
+                rows = None             # the file is damaged: integrity_check's verdict says so below
         if verdict != "ok":
             raise DeployError(f"the backup copy of {db_path} fails integrity_check: {verdict}")
         page_size = dst.execute("PRAGMA page_size").fetchone()[0]
         page_count = dst.execute("PRAGMA page_count").fetchone()[0]
         schema = schema_fingerprint(dst)
-        rows = count_rows(dst, bookkeeping=bookkeeping)
     finally:
         dst.close()
     fd = os.open(tmp, os.O_RDONLY)
@@ -321,6 +328,15 @@ def finish_copy(db_path, tmp, bookkeeping=DEFAULT_BOOKKEEPING, alongside=None):
         os.close(fd)
     return {"bytes": os.stat(tmp).st_size, "sha256": sha256, "page_size": page_size,
             "page_count": page_count, "schema": schema, "rows": rows}
+
+
+def rows_of(path, bookkeeping=DEFAULT_BOOKKEEPING):
+    """count_rows of the database at path, on a read-only connection of its own."""
+    conn = open_readonly(path)
+    try:
+        return count_rows(conn, bookkeeping=bookkeeping)
+    finally:
+        conn.close()
 
 
 def count_rows(conn, schema="main", bookkeeping=DEFAULT_BOOKKEEPING):

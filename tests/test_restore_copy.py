@@ -124,3 +124,24 @@ def test_a_source_that_shrinks_while_copied_is_a_short_copy(tmp_path, point, mon
     monkeypatch.setattr(restore, "copy_chunk", shrinking)
     with pytest.raises(DeployError, match="not .*bytes|could not be read whole"):
         restore.copy_checked(backup.path, tmp_path / "copy.db", backup.sha256, chunk=65_536)
+
+
+def test_finish_copy_counts_rows_checks_and_hashes_at_once(tmp_path, point):
+    """The seal's and a backup's checks (dbfiles.finish_copy): the rows counted on their own connection while
+    integrity_check and the sha256 run; a file whose pages are damaged is refused by integrity_check."""
+    from safedeploy import dbfiles
+    live, backup, _ = point
+    assert backup.rows == {"notes": 3000}
+    copy = tmp_path / "aside.db"
+    copy.write_bytes(live.read_bytes())
+    seen = []
+    info = dbfiles.finish_copy(live, copy, alongside=lambda: seen.append(dbfiles.rows_of(copy)))
+    assert info["rows"] == {"notes": 3001} and seen == [{"notes": 3001}]
+    assert info["sha256"] == dbfiles.sha256_file(copy)
+    broken = tmp_path / "broken.db"
+    data = bytearray(live.read_bytes())
+    page = info["page_size"]
+    data[3 * page:4 * page] = bytes(range(256)) * (page // 256)      # a page of rows overwritten
+    broken.write_bytes(bytes(data))
+    with pytest.raises((DeployError, sqlite3.DatabaseError), match="fails integrity_check|malformed"):
+        dbfiles.finish_copy(broken, broken)     # the callers (backup_database, seal) take either as the refusal
