@@ -20,6 +20,7 @@ import sqlite3
 import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -119,6 +120,36 @@ def sha256_file(path, chunk=1 << 20):
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class WalMark:
+    """What tells whether a WAL database was written between two looks: the WAL index header as its -shm file
+    holds it (SQLite changes it on every commit: iChange, mxFrame, the salts and checksums; None when the file
+    is missing or its two copies of the header differ, as they do in the middle of an update), and the
+    (device, inode, size, mtime) of the database file and its -wal (None: the file is missing)."""
+    header: bytes | None
+    db: tuple[int, int, int, int] | None
+    wal: tuple[int, int, int, int] | None
+
+
+def wal_mark(db_path) -> WalMark:
+    """The WalMark of the database at db_path now (reads 96 bytes of its -shm and stats two files; writes nothing)."""
+    try:
+        with open(f"{db_path}-shm", "rb") as fh:
+            raw = fh.read(96)
+        header = raw[:48] if len(raw) == 96 and raw[:48] == raw[48:] else None
+    except OSError:
+        header = None
+    return WalMark(header, file_state(db_path), file_state(f"{db_path}-wal"))
+
+
+def file_state(path) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def free_bytes(folder):
@@ -290,11 +321,12 @@ def write_behind(fd, offset, length, chunk):
         _SYNC_FILE_RANGE(fd, offset - chunk, chunk, wait_before | write | wait_after)
 
 
-def finish_copy(db_path, tmp, bookkeeping=DEFAULT_BOOKKEEPING, alongside=None):
+def finish_copy(db_path, tmp, bookkeeping=DEFAULT_BOOKKEEPING, alongside=None, rows=None):
     """Make the copy self-contained, then check it (integrity_check), hash it and count its rows, all three at
     once (threads: SQLite and hashlib let go of the GIL), then fsync it. alongside: a function that reads the
     self-contained copy (read-only), run at the same time (a restore's seal counts the rows the restore took
-    out meanwhile)."""
+    out meanwhile). rows: the count, when the caller knows it for these very bytes (a seal that takes the
+    plan's: see decisions.plan_count_reusable); then it is not counted again."""
     dst = sqlite3.connect(tmp, isolation_level=None)
     try:
         dst.execute("PRAGMA synchronous = OFF")
@@ -302,14 +334,14 @@ def finish_copy(db_path, tmp, bookkeeping=DEFAULT_BOOKKEEPING, alongside=None):
             dst.execute("PRAGMA journal_mode = DELETE")      # a self-contained file, no -wal beside it
         with ThreadPoolExecutor(max_workers=3) as pool:
             digest = pool.submit(sha256_file, tmp)           # hashlib and SQLite both release the GIL
-            counted = pool.submit(rows_of, tmp, bookkeeping)     # its own read-only connection
+            counted = pool.submit(rows_of, tmp, bookkeeping) if rows is None else None   # its own connection
             extra = pool.submit(alongside) if alongside is not None else None
             verdict = integrity(dst)
             sha256 = digest.result()
             if extra is not None:
                 extra.result()
             try:
-                rows = counted.result()
+                rows = counted.result() if counted is not None else rows
             except sqlite3.DatabaseError:
                 if verdict == "ok":
                     raise

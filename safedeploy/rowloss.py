@@ -9,6 +9,9 @@ The contract:
   after the pre-deploy backup): ({table: n}, {table: n in no copy}).
 - `lost(env, copy_path)`: per table, the rows of a copy (a pre-rollback save) that the live database
   lacks by content, bookkeeping tables left out.
+- `leaving(env, backup, keep)`: the plan's count of the live rows a restore of backup takes out; with keep,
+  also what the seal counts, the live files held open until the stop (PlanView; see
+  decisions.plan_count_reusable for when the seal takes it).
 - `salvage_into_copy(env, damaged, reason)`: what the damaged file still holds, as a verified, held
   backup in the env's backup folder (safedeploy.salvage), with the rows it found; None when nothing
   could be read.
@@ -118,19 +121,57 @@ def lost_by_delta(env, copy_path: str) -> dict[str, int] | None:
         found = rowdelta.delta(conn, "main", "live", tuple(env.bookkeeping))
         if found is None:
             return None
-        mine = rowsets.read_schema(conn, "main", tuple(env.bookkeeping))
-        theirs = rowsets.read_schema(conn, "live", tuple(env.bookkeeping))
-        missing = {}
-        for name, d in found.items():
-            copy_table, live_table = mine.table(name), theirs.table(name)    # delta found it on both sides
-            diff = rowcompare.compare(d.a, d.b)
-            diff = rowcompare.classify(conn, copy_table, live_table, rowsets.pair_tables(copy_table, live_table),
-                                       d.a, d.b, diff, copy_db="main", live_db="live", same_top=d.same_top)
-            if diff.missing:
-                missing[copy_table.name] = len(diff.missing)
-        return missing
+        return missing_in(conn, found, "main", "live", tuple(env.bookkeeping))
     finally:
         conn.close()
+
+
+def missing_in(conn: sqlite3.Connection, found: dict[str, rowdelta.TableDelta], copy_db: str, live_db: str,
+               bookkeeping: tuple[str, ...]) -> dict[str, int]:
+    """Per table, the rows of copy_db that live_db lacks (rowcompare's rules, classify included), from a delta
+    of copy_db (its side a) against live_db."""
+    mine = rowsets.read_schema(conn, copy_db, bookkeeping)
+    theirs = rowsets.read_schema(conn, live_db, bookkeeping)
+    missing = {}
+    for name, d in found.items():
+        copy_table, live_table = mine.table(name), theirs.table(name)    # delta found it on both sides
+        diff = rowcompare.compare(d.a, d.b)
+        diff = rowcompare.classify(conn, copy_table, live_table, rowsets.pair_tables(copy_table, live_table),
+                                   d.a, d.b, diff, copy_db=copy_db, live_db=live_db, same_top=d.same_top)
+        if diff.missing:
+            missing[copy_table.name] = len(diff.missing)
+    return missing
+
+
+class PlanView:
+    """What a rollback's plan counted in the live database, with its read-only connection held open until the
+    app is stopped (while it is open, no connection of the app that closes last checkpoints and removes the
+    WAL: the files stay as the plan saw them unless something commits). lost: the live rows the point's copy
+    lacks, as the seal counts them (missing_in: the set-aside file against the restored copy as it goes in);
+    rows: count_rows of the live database; at_plan, after_plan: its WalMark before and after the count;
+    at_stop: the mark once the app is stopped (stopped()). close() is idempotent."""
+
+    def __init__(self, conn: sqlite3.Connection, at_plan: dbfiles.WalMark | None, after_plan: dbfiles.WalMark,
+                 lost: dict[str, int],
+                 rows: dict[str, int]) -> None:
+        self.conn: sqlite3.Connection | None = conn
+        self.at_plan, self.after_plan = at_plan, after_plan
+        self.at_stop: dbfiles.WalMark | None = None
+        self.lost, self.rows = lost, rows
+        self.held_open = True
+
+    def stopped(self, db_path) -> None:
+        """The app is stopped: take the mark, then let go of the live files."""
+        if self.conn is not None:
+            self.at_stop = dbfiles.wal_mark(db_path)
+        self.close()
+
+    def close(self) -> None:
+        if self.conn is not None:
+            if self.at_stop is None:
+                self.held_open = False      # closed before the stop: the plan's count cannot be vouched for
+            self.conn.close()
+            self.conn = None
 
 
 def hold(backup) -> None:
@@ -159,20 +200,25 @@ class Leaving:
     changed: dict[str, int] = field(default_factory=dict)    # live rows updated since the copy (same key)
     unreadable: bool = False                                 # the live database cannot be read: salvaged instead
     salvage: dict | None = None                              # datafacts.preview_salvage's findings
+    view: PlanView | None = None                             # leaving(keep=True): what the seal may take
 
 
-def leaving(env, backup) -> Leaving:
-    """The rows a restore of backup takes out of the live database (all kept in the pre-rollback copy)."""
+def leaving(env, backup, keep: bool = False) -> Leaving:
+    """The rows a restore of backup takes out of the live database (all kept in the pre-rollback copy). keep: the
+    plan goes on to the stop without a prompt: count also what the seal would count, and hold the connection
+    open (Leaving.view: a PlanView, for the seal; the caller closes it)."""
     from . import datafacts     # datafacts reads the ledger as this module does; imported where needed
     with ThreadPoolExecutor(max_workers=1) as pool:     # SQLite lets go of the GIL: the check and the rows at once
         check = pool.submit(dbfiles.integrity_of, env.db, True)
         try:
-            quick = leaving_by_delta(env, backup)
+            quick = leaving_by_delta(env, backup, keep)
         except sqlite3.Error:
             quick = None
         readable = check.result() == "ok"
     if readable and quick is not None:
         return quick
+    if quick is not None and quick.view is not None:
+        quick.view.close()
     if not readable:
         best = datafacts.Outstanding(id="", path=backup.path, where="local", reason=backup.reason, time=backup.time,
                                      held=False, total=None, missing={})
@@ -198,21 +244,35 @@ def leaving(env, backup) -> Leaving:
     return out
 
 
-def leaving_by_delta(env, backup) -> Leaving | None:
+def leaving_by_delta(env, backup, keep: bool = False) -> Leaving | None:
     """leaving(), reading only the rows that differ between the live database and the copy (safedeploy.rowdelta);
-    None where that cannot stand for the comparison of every row."""
+    None where that cannot stand for the comparison of every row. keep: see leaving()."""
     conn = attached(backup.path, env.db)
+    bookkeeping = tuple(env.bookkeeping)
+    view = None
     try:
-        found = rowdelta.delta(conn, "live", "main", tuple(env.bookkeeping))
+        at_plan = None
+        if keep:        # a first read opens the live files (held from here on); the marks go around the count
+            conn.execute("SELECT count(*) FROM live.sqlite_master").fetchone()
+            conn.execute("COMMIT")
+            at_plan = dbfiles.wal_mark(env.db)
+            conn.execute("BEGIN")
+        found = rowdelta.delta(conn, "live", "main", bookkeeping)
+        if found is None:
+            return None
+        out = Leaving()
+        for table, d in found.items():
+            diff = rowcompare.compare(d.a, d.b)
+            if diff.missing:
+                out.rows[table] = len(diff.missing)
+            if diff.candidates:
+                out.changed[table] = len(diff.candidates)
+        if keep:
+            lost = missing_in(conn, found, "live", "main", bookkeeping)
+            rows = dbfiles.count_rows(conn, "live", bookkeeping)
+            conn.execute("COMMIT")
+            out.view = view = PlanView(conn, at_plan, dbfiles.wal_mark(env.db), lost, rows)
+        return out
     finally:
-        conn.close()
-    if found is None:
-        return None
-    out = Leaving()
-    for table, d in found.items():
-        diff = rowcompare.compare(d.a, d.b)
-        if diff.missing:
-            out.rows[table] = len(diff.missing)
-        if diff.candidates:
-            out.changed[table] = len(diff.candidates)
-    return out
+        if view is None:
+            conn.close()

@@ -3,12 +3,13 @@ give the counts of the comparison of every row (safedeploy.ledger / rowcompare);
 that holds. Real SQLite files, no mocks."""
 
 import shutil
+import sqlite3
 import types
 from pathlib import Path
 
 import pytest
 
-from safedeploy import dbfiles, rowdelta, rowloss, rowsets
+from safedeploy import dbfiles, decisions, rowdelta, rowloss, rowsets
 from tests.helpers import make_db, run_sql
 
 FLASKR = """
@@ -123,3 +124,75 @@ def test_which_columns_can_hold_1_and_1_0_apart():
     for declared in ("INTEGER", "int", "TEXT", "VARCHAR(20)", "REAL", "DOUBLE", "NUMERIC", "DECIMAL(10,2)", "BOOLEAN",
                      "TIMESTAMP", "CLOB", "BIGINT"):
         assert not rowdelta.mixes_numbers(declared)
+
+
+# -- the seal takes the plan's count when nothing was written between (decisions.plan_count_reusable) ----------
+@pytest.mark.parametrize("case", sorted(CHANGES))
+def test_the_plans_kept_count_is_what_the_seal_counts(tmp_path, case):
+    """leaving(keep=True) also counts what the seal counts: the live rows the copy lacks (by content, rowcompare's
+    rules), and the live rows per table, as the seal finds them once the live file is set aside and the copy is in."""
+    old, new = pair(tmp_path, CHANGES[case])
+    copy = types.SimpleNamespace(path=str(old), sha256=dbfiles.sha256_file(old), reason="r", time="t")
+    app = sqlite3.connect(new, isolation_level=None)        # the app's connection: the WAL is there
+    app.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    leaving = rowloss.leaving(env_for(tmp_path, new), copy, keep=True)
+    view = leaving.view
+    assert view is not None and view.conn is not None
+    app.close()
+    view.stopped(new)
+    assert view.conn is None and view.held_open
+    assert view.rows == dbfiles.rows_of(new)
+    assert view.lost == rowloss.lost_by_delta(env_for(tmp_path, old), str(new))
+    assert view.lost == full(rowloss.lost, env_for(tmp_path, old), str(new), dbfiles.sha256_file(new))
+    assert decisions.plan_count_reusable(True, view.held_open, view.at_plan, view.after_plan, view.at_stop)[0]
+
+
+def plan_with_app(tmp_path):
+    old, new = pair(tmp_path, CHANGES["inserts"])
+    copy = types.SimpleNamespace(path=str(old), sha256=dbfiles.sha256_file(old), reason="r", time="t")
+    app = sqlite3.connect(new, isolation_level=None)
+    app.execute("SELECT count(*) FROM post").fetchone()
+    return new, app, rowloss.leaving(env_for(tmp_path, new), copy, keep=True).view
+
+
+def reusable(view) -> bool:
+    return decisions.plan_count_reusable(True, view.held_open, view.at_plan, view.after_plan, view.at_stop)[0]
+
+
+def test_a_commit_after_the_plan_makes_the_seal_count_again(tmp_path):
+    new, app, view = plan_with_app(tmp_path)
+    app.execute("INSERT INTO plain VALUES (1000, 'written after the plan')")
+    app.close()
+    view.stopped(new)
+    assert view.at_stop != view.at_plan and not reusable(view)
+
+
+def test_an_update_in_place_after_the_plan_makes_the_seal_count_again(tmp_path):
+    """Same size, same row count: the WAL index header still changes."""
+    new, app, view = plan_with_app(tmp_path)
+    app.execute("UPDATE plain SET b = 'Z' WHERE a = 1")
+    view.stopped(new)
+    app.close()
+    assert view.at_stop.header != view.at_plan.header and not reusable(view)
+
+
+def test_the_apps_last_connection_closing_changes_nothing_while_the_plan_holds_its_own(tmp_path):
+    """Reads and the app's connections closing (flaskr opens one per request) leave the marks as they were:
+    the plan's connection, held open, keeps the last one to close from checkpointing and removing the WAL."""
+    new, app, view = plan_with_app(tmp_path)
+    for _ in range(3):
+        other = sqlite3.connect(new, isolation_level=None)
+        other.execute("SELECT count(*) FROM post").fetchone()
+        other.close()
+    app.close()
+    assert Path(f"{new}-wal").exists()
+    view.stopped(new)
+    assert view.at_stop == view.at_plan and reusable(view)
+
+
+def test_a_plan_closed_before_the_stop_is_never_reused(tmp_path):
+    new, app, view = plan_with_app(tmp_path)
+    view.close()
+    app.close()         # the last connection: checkpoints and removes the WAL
+    view.stopped(new)
+    assert not view.held_open and not reusable(view)
