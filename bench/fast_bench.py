@@ -127,7 +127,8 @@ def one_size(root: Path, manager, mb: int, rate: int, rounds: int) -> dict:
     warning = next((line.strip() for line in proc.stdout.splitlines() if line.strip().startswith("rows")), "")
     sb.stop_units()
     return {"mb": mb, "filled": filled, "bytes": size, "wall": end - start, "cp": copy, "bare": bare, "during": during,
-            "steps": record["steps"], "warning": warning, "p99": p99, "lost": record.get("rows_lost")}
+            "steps": record["steps"], "warning": warning, "p99": p99, "lost": record.get("rows_lost"),
+            "counted": record.get("rows_counted", "")}
 
 
 def main() -> None:
@@ -152,6 +153,7 @@ def main() -> None:
         print("            steps: " + ", ".join(f"{k} {v:.2f}" for k, v in r["steps"].items()))
         print(f"            plan: {r['warning']}; rows the restore took away: {r['lost']}; filled to "
               f"{r['filled'] / 1e6:.0f} MB")
+        print(f"            rows counted by the {r['counted']}")
     rows = results[0]["p99"] if results else []
     if rows:
         steady = max(s["p99"] for what, s, _ in rows if what == "steady")

@@ -251,6 +251,7 @@ def seal(run):
         salvage_evidence(run)
         return
     record.pre_rollback = record.aside = record.backup = sealed.path
+    record.rows_counted = ("plan: " if reuse else "seal: ") + (run.seal_count or "no plan's count to take")
     lost = counted.get("lost")
     record.rows_lost = lost if lost is not None else rowloss.lost(env, sealed.path, sealed.sha256)
 
