@@ -321,12 +321,13 @@ def write_behind(fd, offset, length, chunk):
         _SYNC_FILE_RANGE(fd, offset - chunk, chunk, wait_before | write | wait_after)
 
 
-def finish_copy(db_path, tmp, bookkeeping=DEFAULT_BOOKKEEPING, alongside=None, rows=None):
+def finish_copy(db_path, tmp, bookkeeping=DEFAULT_BOOKKEEPING, alongside=None, rows=None, checked=None):
     """Make the copy self-contained, then check it (integrity_check), hash it and count its rows, all three at
     once (threads: SQLite and hashlib let go of the GIL), then fsync it. alongside: a function that reads the
     self-contained copy (read-only), run at the same time (a restore's seal counts the rows the restore took
     out meanwhile). rows: the count, when the caller knows it for these very bytes (a seal that takes the
-    plan's: see decisions.plan_count_reusable); then it is not counted again."""
+    plan's: see decisions.plan_count_reusable); then it is not counted again. checked: likewise, the verdict of an
+    integrity_check of the same content ("ok"); then it is not checked again."""
     dst = sqlite3.connect(tmp, isolation_level=None)
     try:
         dst.execute("PRAGMA synchronous = OFF")
@@ -336,7 +337,7 @@ def finish_copy(db_path, tmp, bookkeeping=DEFAULT_BOOKKEEPING, alongside=None, r
             digest = pool.submit(sha256_file, tmp)           # hashlib and SQLite both release the GIL
             counted = pool.submit(rows_of, tmp, bookkeeping) if rows is None else None   # its own connection
             extra = pool.submit(alongside) if alongside is not None else None
-            verdict = integrity(dst)
+            verdict = integrity(dst) if checked is None else checked
             sha256 = digest.result()
             if extra is not None:
                 extra.result()

@@ -206,8 +206,8 @@ def database_decision(mode: DatabaseMode | str, f) -> tuple[bool, str]:
 
 # -- the seal of a database rollback: count again, or take the plan's count -----------------------
 def plan_count_reusable(without_prompt: bool, held_open: bool, at_plan, after_plan, at_stop) -> tuple[bool, str]:
-    """(whether the seal may take the plan's count of the live rows the restore takes out, and of the live
-    rows per table, instead of reading the set-aside file again; why). The marks are dbfiles.WalMark (or None:
+    """(whether the seal may take the plan's count of the live rows the restore takes out, of the live rows per
+    table, and its integrity_check verdict, instead of reading the set-aside file again for them; why). The marks are dbfiles.WalMark (or None:
     not taken) of the live database: at_plan just before the plan's read transaction began, after_plan once
     it had counted (the same: no commit during the count), at_stop once the app was stopped, before anything
     moved. Only when nothing can have been written between: no prompt between the plan and the stop (--yes),

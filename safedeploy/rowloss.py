@@ -144,20 +144,19 @@ def missing_in(conn: sqlite3.Connection, found: dict[str, rowdelta.TableDelta], 
 
 
 class PlanView:
-    """What a rollback's plan counted in the live database, with its read-only connection held open until the
-    app is stopped (while it is open, no connection of the app that closes last checkpoints and removes the
-    WAL: the files stay as the plan saw them unless something commits). lost: the live rows the point's copy
-    lacks, as the seal counts them (missing_in: the set-aside file against the restored copy as it goes in);
-    rows: count_rows of the live database; at_plan, after_plan: its WalMark before and after the count;
-    at_stop: the mark once the app is stopped (stopped()). close() is idempotent."""
+    """What a rollback's plan found in the live database, with a read-only connection held open until the app is
+    stopped (while it is open, no connection of the app that closes last checkpoints and removes the WAL: the
+    files stay as the plan saw them unless something commits). lost: the live rows the point's copy lacks, as
+    the seal counts them (missing_in: the set-aside file against the restored copy as it goes in); rows:
+    count_rows of the live database; integrity: its integrity_check verdict; at_plan, after_plan: its WalMark
+    before and after all three; at_stop: the mark once the app is stopped (stopped()). close() is idempotent."""
 
     def __init__(self, conn: sqlite3.Connection, at_plan: dbfiles.WalMark | None, after_plan: dbfiles.WalMark,
-                 lost: dict[str, int],
-                 rows: dict[str, int]) -> None:
+                 lost: dict[str, int], rows: dict[str, int], integrity: str) -> None:
         self.conn: sqlite3.Connection | None = conn
         self.at_plan, self.after_plan = at_plan, after_plan
         self.at_stop: dbfiles.WalMark | None = None
-        self.lost, self.rows = lost, rows
+        self.lost, self.rows, self.integrity = lost, rows, integrity
         self.held_open = True
 
     def stopped(self, db_path) -> None:
@@ -201,24 +200,34 @@ class Leaving:
     unreadable: bool = False                                 # the live database cannot be read: salvaged instead
     salvage: dict | None = None                              # datafacts.preview_salvage's findings
     view: PlanView | None = None                             # leaving(keep=True): what the seal may take
+    seal: tuple[dict[str, int], dict[str, int]] | None = None    # leaving_by_delta(keep=True): lost, rows
 
 
 def leaving(env, backup, keep: bool = False) -> Leaving:
     """The rows a restore of backup takes out of the live database (all kept in the pre-rollback copy). keep: the
-    plan goes on to the stop without a prompt: count also what the seal would count, and hold the connection
-    open (Leaving.view: a PlanView, for the seal; the caller closes it)."""
+    plan goes on to the stop without a prompt: count also what the seal would count (the rows per table, the
+    rows lost as the seal counts them) and run integrity_check rather than quick_check, between two marks of
+    the live files, which a connection held open keeps as they are (Leaving.view: a PlanView for the seal,
+    which the caller closes)."""
     from . import datafacts     # datafacts reads the ledger as this module does; imported where needed
-    with ThreadPoolExecutor(max_workers=1) as pool:     # SQLite lets go of the GIL: the check and the rows at once
-        check = pool.submit(dbfiles.integrity_of, env.db, True)
-        try:
-            quick = leaving_by_delta(env, backup, keep)
-        except sqlite3.Error:
-            quick = None
-        readable = check.result() == "ok"
+    holder, at_plan = hold_open(env.db) if keep else (None, None)
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:     # SQLite lets go of the GIL: the check and the rows at once
+            check = pool.submit(dbfiles.integrity_of, env.db, not keep)
+            try:
+                quick = leaving_by_delta(env, backup, keep)
+            except sqlite3.Error:
+                quick = None
+            verdict = check.result()
+        readable = verdict == "ok"
+        if holder is not None and readable and quick is not None and quick.seal is not None:
+            quick.view = PlanView(holder, at_plan, dbfiles.wal_mark(env.db), *quick.seal, integrity=verdict)
+            holder = None
+    finally:
+        if holder is not None:
+            holder.close()
     if readable and quick is not None:
         return quick
-    if quick is not None and quick.view is not None:
-        quick.view.close()
     if not readable:
         best = datafacts.Outstanding(id="", path=backup.path, where="local", reason=backup.reason, time=backup.time,
                                      held=False, total=None, missing={})
@@ -244,19 +253,25 @@ def leaving(env, backup, keep: bool = False) -> Leaving:
     return out
 
 
+def hold_open(db_path) -> tuple[sqlite3.Connection | None, dbfiles.WalMark | None]:
+    """(a read-only connection to the live database that has read it once: its files are held from here on,
+    so that no connection of the app, closing last, checkpoints and removes the WAL; the WalMark taken after
+    that read), or (None, None) when it cannot be opened."""
+    try:
+        conn = ledger.open_ro(db_path)
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error:
+        return None, None
+    return conn, dbfiles.wal_mark(db_path)
+
+
 def leaving_by_delta(env, backup, keep: bool = False) -> Leaving | None:
     """leaving(), reading only the rows that differ between the live database and the copy (safedeploy.rowdelta);
-    None where that cannot stand for the comparison of every row. keep: see leaving()."""
+    None where that cannot stand for the comparison of every row. keep: also what the seal counts, in the same
+    read transaction (Leaving.seal: (the rows lost, the rows per table))."""
     conn = attached(backup.path, env.db)
     bookkeeping = tuple(env.bookkeeping)
-    view = None
     try:
-        at_plan = None
-        if keep:        # a first read opens the live files (held from here on); the marks go around the count
-            conn.execute("SELECT count(*) FROM live.sqlite_master").fetchone()
-            conn.execute("COMMIT")
-            at_plan = dbfiles.wal_mark(env.db)
-            conn.execute("BEGIN")
         found = rowdelta.delta(conn, "live", "main", bookkeeping)
         if found is None:
             return None
@@ -268,11 +283,7 @@ def leaving_by_delta(env, backup, keep: bool = False) -> Leaving | None:
             if diff.candidates:
                 out.changed[table] = len(diff.candidates)
         if keep:
-            lost = missing_in(conn, found, "live", "main", bookkeeping)
-            rows = dbfiles.count_rows(conn, "live", bookkeeping)
-            conn.execute("COMMIT")
-            out.view = view = PlanView(conn, at_plan, dbfiles.wal_mark(env.db), lost, rows)
+            out.seal = (missing_in(conn, found, "live", "main", bookkeeping), dbfiles.count_rows(conn, "live", bookkeeping))
         return out
     finally:
-        if view is None:
-            conn.close()
+        conn.close()

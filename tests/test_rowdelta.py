@@ -130,7 +130,8 @@ def test_which_columns_can_hold_1_and_1_0_apart():
 @pytest.mark.parametrize("case", sorted(CHANGES))
 def test_the_plans_kept_count_is_what_the_seal_counts(tmp_path, case):
     """leaving(keep=True) also counts what the seal counts: the live rows the copy lacks (by content, rowcompare's
-    rules), and the live rows per table, as the seal finds them once the live file is set aside and the copy is in."""
+    rules), and the live rows per table, as the seal finds them once the live file is set aside and the copy is in;
+    and runs integrity_check (not quick_check)."""
     old, new = pair(tmp_path, CHANGES[case])
     copy = types.SimpleNamespace(path=str(old), sha256=dbfiles.sha256_file(old), reason="r", time="t")
     app = sqlite3.connect(new, isolation_level=None)        # the app's connection: the WAL is there
@@ -141,7 +142,7 @@ def test_the_plans_kept_count_is_what_the_seal_counts(tmp_path, case):
     app.close()
     view.stopped(new)
     assert view.conn is None and view.held_open
-    assert view.rows == dbfiles.rows_of(new)
+    assert view.rows == dbfiles.rows_of(new) and view.integrity == "ok"
     assert view.lost == rowloss.lost_by_delta(env_for(tmp_path, old), str(new))
     assert view.lost == full(rowloss.lost, env_for(tmp_path, old), str(new), dbfiles.sha256_file(new))
     assert decisions.plan_count_reusable(True, view.held_open, view.at_plan, view.after_plan, view.at_stop)[0]

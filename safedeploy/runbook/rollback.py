@@ -222,8 +222,9 @@ def restore_unit(run):
 
 def seal(run):
     """Once the app is back: the set-aside database becomes a verified backup; its rows that the restored
-    database lacks are counted (or taken from the plan, when nothing can have been written between the plan
-    and the stop: decisions.plan_count_reusable). A file SQLite cannot read stays where it is, as evidence."""
+    database lacks are counted (or, with its rows per table and its integrity_check, taken from the plan, when
+    nothing can have been written between the plan and the stop: decisions.plan_count_reusable); its sha256 is
+    always computed from the file. A file SQLite cannot read stays where it is, as evidence."""
     env, record = run.env, run.record
     if record.aside is None:
         return              # there was no live database to set aside (or a killed run's save was sealed already)
@@ -244,7 +245,8 @@ def seal(run):
         counted["lost"] = dict(view.lost)
     try:
         sealed = backups.seal(record.aside, env.backup_dir, env.name, run.running, current_unit_file(env),
-                              alongside=None if reuse else count, rows=dict(view.rows) if reuse else None)
+                              alongside=None if reuse else count, rows=dict(view.rows) if reuse else None,
+                              checked=view.integrity if reuse else None)
     except DeployError as exc:
         record.pre_rollback, record.seal_problem = None, str(exc)
         record.aside = exc.evidence or record.aside
