@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote as url_quote
 
-from . import backups, dbfiles, ledger, rowcompare, rowdelta, rowsets, salvage
+from . import backups, dbfiles, ledger, rowcompare, rowdelta, rowpages, rowsets, salvage
 from .files import make_private_dir
 from .rowsets import TableRows
 
@@ -201,6 +201,7 @@ class Leaving:
     salvage: dict | None = None                              # datafacts.preview_salvage's findings
     view: PlanView | None = None                             # leaving(keep=True): what the seal may take
     seal: tuple[dict[str, int], dict[str, int]] | None = None    # leaving_by_delta(keep=True): lost, rows
+    narrowed: bool = False                                   # only the rows off the shared pages were compared
 
 
 def leaving(env, backup, keep: bool = False) -> Leaving:
@@ -210,22 +211,8 @@ def leaving(env, backup, keep: bool = False) -> Leaving:
     the live files, which a connection held open keeps as they are (Leaving.view: a PlanView for the seal,
     which the caller closes)."""
     from . import datafacts     # datafacts reads the ledger as this module does; imported where needed
-    holder, at_plan = hold_open(env.db) if keep else (None, None)
-    try:
-        with ThreadPoolExecutor(max_workers=1) as pool:     # SQLite lets go of the GIL: the check and the rows at once
-            check = pool.submit(dbfiles.integrity_of, env.db, not keep)
-            try:
-                quick = leaving_by_delta(env, backup, keep)
-            except sqlite3.Error:
-                quick = None
-            verdict = check.result()
-        readable = verdict == "ok"
-        if holder is not None and readable and quick is not None and quick.seal is not None:
-            quick.view = PlanView(holder, at_plan, dbfiles.wal_mark(env.db), *quick.seal, integrity=verdict)
-            holder = None
-    finally:
-        if holder is not None:
-            holder.close()
+    quick, verdict = compared(env, backup, keep)
+    readable = verdict == "ok"
     if readable and quick is not None:
         return quick
     if not readable:
@@ -253,6 +240,34 @@ def leaving(env, backup, keep: bool = False) -> Leaving:
     return out
 
 
+def compared(env, backup, keep: bool) -> tuple[Leaving | None, str]:
+    """(leaving_by_delta's answer, with its PlanView when keep; the live database's quick_check, or with keep
+    integrity_check, verdict), the two at once."""
+    holder, at_plan = hold_open(env.db) if keep else (None, None)
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:     # SQLite lets go of the GIL: the check and the rows at once
+            check = pool.submit(dbfiles.integrity_of, env.db, not keep)
+            try:
+                quick = leaving_by_delta(env, backup, keep, at_plan)
+            except sqlite3.Error:
+                quick = None
+            verdict = check.result()
+        after_plan = dbfiles.wal_mark(env.db) if holder is not None else None
+        if quick is not None and quick.narrowed and after_plan != at_plan:
+            try:        # a commit while the pages were read: they may be a mixture; compare every row instead
+                quick = leaving_by_delta(env, backup)
+            except sqlite3.Error:
+                quick = None
+        if holder is not None and after_plan is not None and verdict == "ok" and quick is not None \
+                and quick.seal is not None:
+            quick.view = PlanView(holder, at_plan, after_plan, *quick.seal, integrity=verdict)
+            holder = None
+    finally:
+        if holder is not None:
+            holder.close()
+    return quick, verdict
+
+
 def hold_open(db_path) -> tuple[sqlite3.Connection | None, dbfiles.WalMark | None]:
     """(a read-only connection to the live database that has read it once: its files are held from here on,
     so that no connection of the app, closing last, checkpoints and removes the WAL; the WalMark taken after
@@ -265,17 +280,20 @@ def hold_open(db_path) -> tuple[sqlite3.Connection | None, dbfiles.WalMark | Non
     return conn, dbfiles.wal_mark(db_path)
 
 
-def leaving_by_delta(env, backup, keep: bool = False) -> Leaving | None:
+def leaving_by_delta(env, backup, keep: bool = False, mark: dbfiles.WalMark | None = None) -> Leaving | None:
     """leaving(), reading only the rows that differ between the live database and the copy (safedeploy.rowdelta);
     None where that cannot stand for the comparison of every row. keep: also what the seal counts, in the same
-    read transaction (Leaving.seal: (the rows lost, the rows per table))."""
+    read transaction (Leaving.seal: (the rows lost, the rows per table)). mark: the live database's WalMark
+    before this read (leaving(keep=True)): then only the rows off the pages the two files share are compared
+    (safedeploy.rowpages; Leaving.narrowed), and the caller checks the mark is unchanged after."""
     conn = attached(backup.path, env.db)
     bookkeeping = tuple(env.bookkeeping)
     try:
-        found = rowdelta.delta(conn, "live", "main", bookkeeping)
+        among = pages_differing(conn, env.db, backup.path, mark) if mark is not None else None
+        found = rowdelta.delta(conn, "live", "main", bookkeeping, among)
         if found is None:
             return None
-        out = Leaving()
+        out = Leaving(narrowed=among is not None)
         for table, d in found.items():
             diff = rowcompare.compare(d.a, d.b)
             if diff.missing:
@@ -283,7 +301,24 @@ def leaving_by_delta(env, backup, keep: bool = False) -> Leaving | None:
             if diff.candidates:
                 out.changed[table] = len(diff.candidates)
         if keep:
-            out.seal = (missing_in(conn, found, "live", "main", bookkeeping), dbfiles.count_rows(conn, "live", bookkeeping))
+            schema = rowsets.read_schema(conn, "live", bookkeeping)
+            rows = ({t.name: among[t.name.lower()][2] for t in schema.users} if among is not None
+                    else dbfiles.count_rows(conn, "live", bookkeeping))
+            out.seal = (missing_in(conn, found, "live", "main", bookkeeping), rows)
         return out
     finally:
         conn.close()
+
+
+def pages_differing(conn: sqlite3.Connection, live: Path, copy: str, mark: dbfiles.WalMark
+                    ) -> dict[str, tuple[set[int], set[int], int]] | None:
+    """rowpages.candidates for every table both sides hold (root pages read in conn's read transaction), or
+    None (then every row is compared)."""
+    roots = {}
+    for side in ("live", "main"):
+        roots[side] = {name.lower(): root for name, root in conn.execute(
+            f"SELECT name, rootpage FROM {side}.sqlite_master WHERE type = 'table' AND rootpage > 0")}
+    tables = {name: (root, roots["main"][name]) for name, root in roots["live"].items() if name in roots["main"]}
+    if set(tables) != set(roots["live"]) | set(roots["main"]):
+        return None         # a table on one side only: rowdelta compares nothing narrower anyway
+    return rowpages.candidates(str(live), copy, mark, tables)

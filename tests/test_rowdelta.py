@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from safedeploy import dbfiles, decisions, rowdelta, rowloss, rowsets
+from safedeploy import dbfiles, decisions, rowdelta, rowloss, rowpages, rowsets
 from tests.helpers import make_db, run_sql
 
 FLASKR = """
@@ -197,3 +197,79 @@ def test_a_plan_closed_before_the_stop_is_never_reused(tmp_path):
     app.close()         # the last connection: checkpoints and removes the WAL
     view.stopped(new)
     assert not view.held_open and not reusable(view)
+
+
+# -- only the rows off the pages both files share are compared (safedeploy.rowpages) ------------------------
+FILLER = [f"INSERT INTO plain VALUES ({1000 + i}, '{'f' * 300}{i}')" for i in range(1500)] + \
+    ["INSERT INTO plain VALUES (9000, zeroblob(9000))"]           # ~120 leaf pages; a row on overflow pages
+ON_PAGES = {"a filler page": ["UPDATE plain SET b = 'changed in place' WHERE a = 1700"],
+            "an overflow tail": ["UPDATE plain SET b = zeroblob(8999) || x'01' WHERE a = 9000"]}
+
+
+def pair_in_wal(tmp_path: Path, changes: list[str]):
+    """(the copy, the live database, the app's connection): the live changes still in the WAL (no checkpoint),
+    so the pages are read through it."""
+    old = tmp_path / "old.sqlite3"
+    make_db(old, FLASKR, ROWS + FILLER)
+    run_sql(old, "PRAGMA wal_checkpoint(TRUNCATE)")
+    new = tmp_path / "new.sqlite3"
+    shutil.copy(old, new)
+    app = sqlite3.connect(new, isolation_level=None)
+    app.execute("PRAGMA wal_autocheckpoint = 0")
+    for sql in changes:
+        app.execute(sql)
+    return old, new, app
+
+
+@pytest.mark.parametrize("case", sorted(CHANGES) + sorted(ON_PAGES))
+def test_the_pages_both_files_share_are_left_out_and_the_counts_stay(tmp_path, case):
+    changes = CHANGES[case] if case in CHANGES else ON_PAGES[case]
+    old, new, app = pair_in_wal(tmp_path, changes)
+    assert not changes or Path(f"{new}-wal").stat().st_size > 0
+    copy = types.SimpleNamespace(path=str(old), sha256=dbfiles.sha256_file(old), reason="r", time="t")
+    env = env_for(tmp_path, new)
+    leaving = rowloss.leaving(env, copy, keep=True)
+    assert leaving.narrowed and leaving.view is not None
+    every = full(rowloss.leaving, env, copy)
+    assert (leaving.rows, leaving.changed) == (every.rows, every.changed)
+    assert leaving.view.rows == dbfiles.rows_of(new)
+    assert leaving.view.lost == rowloss.lost_by_delta(env_for(tmp_path, old), str(new))
+    leaving.view.close()
+    app.close()         # the last connection: the WAL goes into the file (the ledger caches digests by sha256)
+    assert leaving.view.lost == full(rowloss.lost, env_for(tmp_path, old), str(new), dbfiles.sha256_file(new))
+
+
+def test_few_rows_are_read_where_few_pages_differ(tmp_path):
+    old, new, app = pair_in_wal(tmp_path, ["UPDATE plain SET b = 'x' WHERE a = 1200"])
+    conn = rowloss.attached(str(old), new)
+    try:
+        among = rowloss.pages_differing(conn, new, str(old), dbfiles.wal_mark(new))
+    finally:
+        conn.close()
+        app.close()
+    keys_live, keys_copy, rows = among["plain"]
+    assert rows == 20 + 1501 and 0 < len(keys_live) < 40 and keys_live == keys_copy
+    assert among["post"][0] == set() and among["user"][0] == set()
+
+
+def test_a_commit_while_the_plan_reads_makes_it_compare_every_row(tmp_path, monkeypatch):
+    old, new, app = pair_in_wal(tmp_path, CHANGES["inserts"])
+    copy = types.SimpleNamespace(path=str(old), sha256=dbfiles.sha256_file(old), reason="r", time="t")
+    real = rowpages.candidates
+
+    def with_a_commit(*args):
+        found = real(*args)
+        app.execute("INSERT INTO plain VALUES (5000, 'between the pages and the rows')")
+        return found
+
+    monkeypatch.setattr(rowpages, "candidates", with_a_commit)
+    leaving = rowloss.leaving(env_for(tmp_path, new), copy, keep=True)
+    assert not leaving.narrowed and leaving.view is None
+    app.close()
+    assert leaving.rows == full(rowloss.leaving, env_for(tmp_path, new), copy).rows == {"post": 1, "plain": 2}
+
+
+def test_no_wal_no_narrowing(tmp_path):
+    old, new = pair(tmp_path, CHANGES["inserts"])
+    run_sql(new, "PRAGMA journal_mode = DELETE")
+    assert rowpages.candidates(str(new), str(old), dbfiles.wal_mark(new), {"plain": (2, 2)}) is None
