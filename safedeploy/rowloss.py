@@ -314,11 +314,12 @@ def pages_differing(conn: sqlite3.Connection, live: Path, copy: str, mark: dbfil
                     ) -> dict[str, tuple[set[int], set[int], int]] | None:
     """rowpages.candidates for every table both sides hold (root pages read in conn's read transaction), or
     None (then every row is compared)."""
-    roots = {}
+    roots: dict[str, dict[tuple[str, str], int]] = {}
     for side in ("live", "main"):
-        roots[side] = {name.lower(): root for name, root in conn.execute(
-            f"SELECT name, rootpage FROM {side}.sqlite_master WHERE type = 'table' AND rootpage > 0")}
-    tables = {name: (root, roots["main"][name]) for name, root in roots["live"].items() if name in roots["main"]}
-    if set(tables) != set(roots["live"]) | set(roots["main"]):
-        return None         # a table on one side only: rowdelta compares nothing narrower anyway
-    return rowpages.candidates(str(live), copy, mark, tables)
+        roots[side] = {(kind, name.lower()): root for kind, name, root in conn.execute(
+            f"SELECT type, name, rootpage FROM {side}.sqlite_master WHERE type IN ('table', 'index') AND rootpage > 0")}
+    if set(roots["live"]) != set(roots["main"]):
+        return None         # a table or an index on one side only: every row is compared
+    tables = {name: (root, roots["main"][(kind, name)]) for (kind, name), root in roots["live"].items() if kind == "table"}
+    indexes = {name: (root, roots["main"][(kind, name)]) for (kind, name), root in roots["live"].items() if kind == "index"}
+    return rowpages.candidates(str(live), copy, mark, tables, indexes)

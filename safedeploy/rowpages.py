@@ -21,13 +21,14 @@ The contract:
 
 from __future__ import annotations
 
+import bisect
 import os
 import struct
 
 from .dbfiles import WalMark
 
 WAL_MAGIC = (0x377F0682, 0x377F0683)
-READ_RUN = 2048         # pages read at once where leaves are consecutive
+READ_RUN = 2048         # pages read and compared at once (8 MB of 4 KiB pages)
 
 
 class Pages:
@@ -83,15 +84,19 @@ class Pages:
             raise ValueError(f"page {n} cannot be read whole")
         return data
 
-    def run(self, first: int, count: int) -> list[bytes]:
-        """Pages first..first+count-1, read at once from the file where no WAL frame stands over them."""
-        if any(n in self.overlay for n in range(first, first + count)):
-            return [self.page(n) for n in range(first, first + count)]
+    def raw(self, first: int, count: int) -> bytes:
+        """Pages first..first+count-1 as one run of bytes, the WAL's frames laid over the file's."""
         data = os.pread(self.fd, count * self.page_size, (first - 1) * self.page_size)
         if len(data) != count * self.page_size:
             raise ValueError(f"pages {first}..{first + count - 1} cannot be read whole")
-        ps = self.page_size
-        return [data[i * ps:(i + 1) * ps] for i in range(count)]
+        over = [n for n in range(first, first + count) if n in self.overlay] if self.overlay else []
+        if not over:
+            return data
+        out = bytearray(data)
+        for n in over:
+            at = (n - first) * self.page_size
+            out[at:at + self.page_size] = self.page(n)
+        return bytes(out)
 
     def close(self) -> None:
         for fd in (self.fd, self.wal_fd):
@@ -111,34 +116,39 @@ def varint(data: bytes, at: int) -> tuple[int, int]:
     return (value << 8) | data[at + 8], at + 9
 
 
-def leaves(pages: Pages, root: int) -> list[int]:
-    """The leaf pages of the table b-tree rooted at root, in key order. ValueError: not a table b-tree."""
-    out: list[int] = []
-    todo = [root]
-    seen = set()
-    while todo:
-        n = todo.pop()
-        if n in seen or n < 1 or n > pages.pages:
-            raise ValueError(f"page {n} is not in the table's b-tree")
-        seen.add(n)
-        data = pages.page(n)
-        off = 100 if n == 1 else 0
-        kind = data[off]
-        if kind == 0x0D:
-            out.append(n)
-            continue
-        if kind != 0x05:
-            raise ValueError(f"page {n} is not a page of a table b-tree")
-        cells = struct.unpack(">H", data[off + 3:off + 5])[0]
-        children = [struct.unpack(">I", data[p:p + 4])[0] for p in cell_offsets(data, off, 12, cells)]
-        children.append(struct.unpack(">I", data[off + 8:off + 12])[0])
-        todo.extend(reversed(children))      # popped in key order
-    return out
+def btree(pages: Pages, root: int, leaf_kind: int, interior_kind: int) -> tuple[list[int], list[int]]:
+    """(the leaf pages, the interior pages) of the b-tree rooted at root, leaves in key order, reading the
+    interior pages only: a b-tree's leaves are all at one depth, so one child per level says whether the
+    level below is the leaves (the caller checks each leaf's kind as it reads it). ValueError: not such a
+    b-tree."""
+    interiors: list[int] = []
+    level = [root]
+    while True:
+        first = pages.page(level[0])
+        kind = first[100 if level[0] == 1 else 0]
+        if kind == leaf_kind:
+            return level, interiors
+        if kind != interior_kind:
+            raise ValueError(f"page {level[0]} is not a page of the b-tree")
+        below: list[int] = []
+        for n in level:
+            if n < 1 or n > pages.pages:
+                raise ValueError(f"page {n} is not in the file")
+            data = first if n == level[0] else pages.page(n)
+            off = 100 if n == 1 else 0
+            if data[off] != interior_kind:
+                raise ValueError(f"page {n} is not an interior page of the b-tree")
+            interiors.append(n)
+            cells = struct.unpack(">H", data[off + 3:off + 5])[0]
+            below += [int.from_bytes(data[p:p + 4], "big") for p in cell_offsets(data, off, 12, cells)]
+            below.append(struct.unpack(">I", data[off + 8:off + 12])[0])
+        if len(interiors) > pages.pages:
+            raise ValueError("a b-tree with more pages than the file")
+        level = below
 
 
-def cell_offsets(data: bytes, off: int, header: int, cells: int) -> list[int]:
-    start = off + header
-    return [struct.unpack(">H", data[start + 2 * i:start + 2 * i + 2])[0] for i in range(cells)]
+def cell_offsets(data: bytes, off: int, header: int, cells: int) -> tuple[int, ...]:
+    return struct.unpack_from(f">{cells}H", data, off + header)
 
 
 def leaf_cells(data: bytes, n: int, usable: int) -> tuple[list[int], bool]:
@@ -157,9 +167,10 @@ def leaf_cells(data: bytes, n: int, usable: int) -> tuple[list[int], bool]:
     return keys, local
 
 
-def candidates(live: str, copy: str, mark: WalMark, tables: dict[str, tuple[int, int]]
-               ) -> dict[str, tuple[set[int], set[int], int]] | None:
-    """See the module's contract. tables: {name: (its root page live, its root page in the copy)}."""
+def candidates(live: str, copy: str, mark: WalMark, tables: dict[str, tuple[int, int]],
+               indexes: dict[str, tuple[int, int]] | None = None) -> dict[str, tuple[set[int], set[int], int]] | None:
+    """See the module's contract. tables: {name: (its root page live, its root page in the copy)}; indexes: the
+    same for the indexes (their pages are told from overflow pages by them: see differing_rows)."""
     if mark.header is None or wal_frames(copy):
         return None             # not a WAL database (no snapshot to name), or a copy with frames in a WAL of its own
     try:
@@ -174,16 +185,46 @@ def candidates(live: str, copy: str, mark: WalMark, tables: dict[str, tuple[int,
     try:
         if a.page_size != b.page_size or a.usable != b.usable:
             return None
+        trees_a = {name: btree(a, root_a, 0x0D, 0x05) for name, (root_a, _) in tables.items()}
+        trees_b = {name: btree(b, root_b, 0x0D, 0x05) for name, (_, root_b) in tables.items()}
+        known = {1}             # page 1 (sqlite_master's root, and the file's header)
+        for name, (root_a, root_b) in (indexes or {}).items():
+            for pages, root in ((a, root_a), (b, root_b)):
+                leaf_pages, interior = btree(pages, root, 0x0A, 0x02)
+                known.update(leaf_pages, interior)
+        for trees in (trees_a, trees_b):
+            for leaf_pages, interior in trees.values():
+                known.update(leaf_pages, interior)
+        leaf_of = {n: name for name, (leaf_pages, _) in trees_a.items() for n in leaf_pages}
+        differ, cells = differing_pages(a, b, leaf_of)
+        whole = differ <= known     # no overflow (or free) page differs: a leaf the same is its rows the same
         out = {}
-        for name, (root_a, root_b) in tables.items():
-            leaves_a, leaves_b = leaves(a, root_a), leaves(b, root_b)
-            out[name] = differing_rows(a, b, leaves_a, set(leaves_b))
+        for name in tables:
+            keys_a, keys_b = table_keys(a, b, trees_a[name][0], set(trees_b[name][0]), differ, whole)
+            out[name] = (keys_a, keys_b, sum(cells[n] for n in trees_a[name][0]))
         return out
     except (OSError, ValueError, IndexError, struct.error):
         return None
     finally:
         a.close()
         b.close()
+
+
+def table_keys(a: Pages, b: Pages, leaves_a: list[int], leaves_b: set[int], differ: set[int], whole: bool
+               ) -> tuple[set[int], set[int]]:
+    """(the rowids on a's leaves that are not a leaf of b with the same bytes, and the other way round). whole:
+    no overflow page differs; else a leaf the same counts only when every cell is on the page itself."""
+    same = {n for n in leaves_a if n in leaves_b and n not in differ}
+    if not whole:
+        same = {n for n in same if leaf_cells(a.page(n), n, a.usable)[1]}
+    keys_a: set[int] = set()
+    for n in leaves_a:
+        if n not in same:
+            keys_a.update(leaf_cells(a.page(n), n, a.usable)[0])
+    keys_b: set[int] = set()
+    for n in leaves_b - same:
+        keys_b.update(leaf_cells(b.page(n), n, b.usable)[0])
+    return keys_a, keys_b
 
 
 def wal_frames(path: str) -> bool:
@@ -194,37 +235,34 @@ def wal_frames(path: str) -> bool:
         return False
 
 
-def differing_rows(a: Pages, b: Pages, leaves_a: list[int], leaves_b: set[int]) -> tuple[set[int], set[int], int]:
-    """(rowids on a's leaves not the same page in b, rowids on b's leaves not the same page in a, a's rows)."""
-    keys_a: set[int] = set()
-    same: set[int] = set()
-    rows = 0
-    for first, count in runs(leaves_a):
-        pages_a = a.run(first, count)
-        in_b = [first + i for i in range(count) if first + i in leaves_b and first + i <= b.pages]
-        pages_b = dict(zip(range(first, first + count), b.run(first, count))) if len(in_b) == count else \
-            {n: b.page(n) for n in in_b}
-        for i, data in enumerate(pages_a):
-            n = first + i
-            keys, local = leaf_cells(data, n, a.usable)
-            rows += len(keys)
-            if local and pages_b.get(n) == data:
-                same.add(n)
-            else:
-                keys_a.update(keys)
-    keys_b: set[int] = set()
-    for n in sorted(leaves_b - same):
-        keys, _ = leaf_cells(b.page(n), n, b.usable)
-        keys_b.update(keys)
-    return keys_a, keys_b, rows
-
-
-def runs(numbers: list[int]) -> list[tuple[int, int]]:
-    """Consecutive page numbers as (first, count), at most READ_RUN pages each."""
-    out: list[tuple[int, int]] = []
-    for n in sorted(numbers):
-        if out and out[-1][0] + out[-1][1] == n and out[-1][1] < READ_RUN:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((n, 1))
-    return out
+def differing_pages(a: Pages, b: Pages, leaf_of: dict[int, str]) -> tuple[set[int], dict[int, int]]:
+    """(the page numbers whose bytes differ between a and b, or that one of them lacks; {leaf page of a: its
+    cells}), in one read of each, a run of pages at a time (one memcmp where the run is the same)."""
+    differ = set(range(min(a.pages, b.pages) + 1, max(a.pages, b.pages) + 1))
+    cells: dict[int, int] = {}
+    ps = a.page_size
+    leaves = sorted(leaf_of)
+    at_leaf = 0
+    first = 1
+    last = min(a.pages, b.pages)
+    while first <= last:
+        count = min(READ_RUN, last - first + 1)
+        run_a, run_b = a.raw(first, count), b.raw(first, count)
+        if run_a != run_b:
+            for i in range(count):
+                if run_a[i * ps:(i + 1) * ps] != run_b[i * ps:(i + 1) * ps]:
+                    differ.add(first + i)
+        end = bisect.bisect_left(leaves, first + count, at_leaf)
+        for n in leaves[at_leaf:end]:
+            at = (n - first) * ps
+            if run_a[at] != 0x0D:
+                raise ValueError(f"page {n} is not a leaf of {leaf_of[n]}")
+            cells[n] = struct.unpack_from(">H", run_a, at + 3)[0]
+        at_leaf = end
+        first += count
+    for n in leaves[at_leaf:]:          # past the copy's end: read alone
+        data = a.page(n)
+        if data[0] != 0x0D:
+            raise ValueError(f"page {n} is not a leaf of {leaf_of[n]}")
+        cells[n] = struct.unpack_from(">H", data, 3)[0]
+    return differ, cells
