@@ -136,12 +136,34 @@ class WalMark:
 def wal_mark(db_path) -> WalMark:
     """The WalMark of the database at db_path now (reads 96 bytes of its -shm and stats two files; writes nothing)."""
     try:
-        with open(f"{db_path}-shm", "rb") as fh:
-            raw = fh.read(96)
+        raw = os.pread(held_fd(f"{db_path}-shm"), 96, 0)
         header = raw[:48] if len(raw) == 96 and raw[:48] == raw[48:] else None
     except OSError:
         header = None
     return WalMark(header, file_state(db_path), file_state(f"{db_path}-wal"))
+
+
+_HELD: dict[tuple[int, int], int] = {}
+
+
+def held_fd(path) -> int:
+    """A read-only descriptor of the file at path, opened once per file (device, inode) and never closed while
+    this process runs. Closing any descriptor of a file drops every POSIX lock the process holds on it: the
+    read locks of this process's own SQLite connections to the live database (its SHARED lock on the file,
+    its WAL read marks in -shm) would go, and with them what keeps the app from checkpointing under them or
+    removing the WAL. So the raw reads of a live database's files (wal_mark, safedeploy.rowpages) never close
+    what they open."""
+    st = os.stat(path)
+    fd = _HELD.get((st.st_dev, st.st_ino))
+    if fd is not None:
+        return fd
+    fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+    opened = os.fstat(fd)
+    key = (opened.st_dev, opened.st_ino)
+    if key in _HELD:            # replaced and put back between the stat and the open: keep the first one
+        return _HELD[key]
+    _HELD[key] = fd
+    return fd
 
 
 def file_state(path) -> tuple[int, int, int, int] | None:

@@ -25,7 +25,7 @@ import bisect
 import os
 import struct
 
-from .dbfiles import WalMark
+from .dbfiles import WalMark, held_fd
 
 WAL_MAGIC = (0x377F0682, 0x377F0683)
 READ_RUN = 2048         # pages read and compared at once (8 MB of 4 KiB pages)
@@ -34,8 +34,11 @@ READ_RUN = 2048         # pages read and compared at once (8 MB of 4 KiB pages)
 class Pages:
     """A database's pages as one snapshot sees them: the file, with the WAL's frames 1..mx_frame over it."""
 
-    def __init__(self, path: str, mark: WalMark | None = None) -> None:
-        self.fd = os.open(path, os.O_RDONLY)
+    def __init__(self, path: str, mark: WalMark | None = None, held: bool = False) -> None:
+        """held: a live database, which this process's own connections may hold locks on: its files are read
+        through descriptors never closed (dbfiles.held_fd); a copy's own descriptor is closed by close()."""
+        self.held = held
+        self.fd = held_fd(path) if held else os.open(path, os.O_RDONLY)
         self.wal_fd: int | None = None
         self.overlay: dict[int, int] = {}       # page number -> offset of its newest frame's page in the WAL
         try:
@@ -62,7 +65,7 @@ class Pages:
             return
         if (65536 if sz_page == 1 else sz_page) != self.page_size:
             raise ValueError("the WAL index names another page size")
-        self.wal_fd = os.open(f"{path}-wal", os.O_RDONLY)
+        self.wal_fd = held_fd(f"{path}-wal")
         head = os.pread(self.wal_fd, 32, 0)
         if len(head) < 32 or struct.unpack(">I", head[:4])[0] not in WAL_MAGIC or head[16:24] != salts:
             raise ValueError("the WAL is not the one its index names")
@@ -99,10 +102,8 @@ class Pages:
         return bytes(out)
 
     def close(self) -> None:
-        for fd in (self.fd, self.wal_fd):
-            if fd is not None:
-                os.close(fd)
-        self.wal_fd = None
+        if not self.held:
+            os.close(self.fd)
 
 
 def varint(data: bytes, at: int) -> tuple[int, int]:
@@ -174,7 +175,7 @@ def candidates(live: str, copy: str, mark: WalMark, tables: dict[str, tuple[int,
     if mark.header is None or wal_frames(copy):
         return None             # not a WAL database (no snapshot to name), or a copy with frames in a WAL of its own
     try:
-        a = Pages(live, mark)
+        a = Pages(live, mark, held=True)
     except (OSError, ValueError, struct.error):
         return None
     try:

@@ -273,3 +273,41 @@ def test_no_wal_no_narrowing(tmp_path):
     old, new = pair(tmp_path, CHANGES["inserts"])
     run_sql(new, "PRAGMA journal_mode = DELETE")
     assert rowpages.candidates(str(new), str(old), dbfiles.wal_mark(new), {"plain": (2, 2)}) is None
+
+
+APP = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA wal_autocheckpoint = 0")
+conn.execute("INSERT INTO plain VALUES (7000, 'from the app')")
+print("ready", flush=True)
+sys.stdin.readline()
+conn.close()
+print("closed", flush=True)
+"""
+
+
+def test_the_plans_raw_reads_keep_its_locks_against_an_app_in_another_process(tmp_path):
+    """The raw reads of the live files (the -shm's header, the pages) never close a descriptor of them: that
+    would drop this process's SQLite locks, and the app's last connection, in its own process, would then
+    checkpoint and remove the WAL under the plan's held connection."""
+    import subprocess
+    import sys
+    old, new = pair(tmp_path, CHANGES["inserts"])
+    run_sql(old, "PRAGMA journal_mode = DELETE")        # a backup is self-contained
+    copy = types.SimpleNamespace(path=str(old), sha256=dbfiles.sha256_file(old), reason="r", time="t")
+    app = subprocess.Popen([sys.executable, "-c", APP, str(new)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           text=True)
+    try:
+        assert app.stdout.readline().strip() == "ready"
+        leaving = rowloss.leaving(env_for(tmp_path, new), copy, keep=True)
+        assert leaving.narrowed and leaving.view is not None
+        app.stdin.write("close\n")
+        app.stdin.flush()
+        assert app.stdout.readline().strip() == "closed"
+    finally:
+        app.wait(timeout=30)
+    assert Path(f"{new}-wal").exists() and Path(f"{new}-shm").exists()
+    leaving.view.stopped(new)
+    assert leaving.view.at_stop == leaving.view.at_plan and reusable(leaving.view)
+    assert leaving.rows == {"post": 1, "plain": 2}
