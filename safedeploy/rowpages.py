@@ -88,14 +88,18 @@ class Pages:
         return data
 
     def raw(self, first: int, count: int) -> bytes:
-        """Pages first..first+count-1 as one run of bytes, the WAL's frames laid over the file's."""
+        """Pages first..first+count-1 as one run of bytes, the WAL's frames laid over the file's (pages past the
+        file's end are in the WAL: rows appended since the last checkpoint)."""
         data = os.pread(self.fd, count * self.page_size, (first - 1) * self.page_size)
-        if len(data) != count * self.page_size:
-            raise ValueError(f"pages {first}..{first + count - 1} cannot be read whole")
         over = [n for n in range(first, first + count) if n in self.overlay] if self.overlay else []
-        if not over:
+        if len(data) == count * self.page_size and not over:
             return data
-        out = bytearray(data)
+        whole = len(data) // self.page_size
+        out = bytearray(data[:whole * self.page_size])
+        out.extend(bytes(count * self.page_size - len(out)))
+        for n in range(first + whole, first + count):
+            if n not in self.overlay:
+                raise ValueError(f"page {n} is past the file's end and in no WAL frame")
         for n in over:
             at = (n - first) * self.page_size
             out[at:at + self.page_size] = self.page(n)

@@ -203,7 +203,8 @@ def test_a_plan_closed_before_the_stop_is_never_reused(tmp_path):
 FILLER = [f"INSERT INTO plain VALUES ({1000 + i}, '{'f' * 300}{i}')" for i in range(1500)] + \
     ["INSERT INTO plain VALUES (9000, zeroblob(9000))"]           # ~120 leaf pages; a row on overflow pages
 ON_PAGES = {"a filler page": ["UPDATE plain SET b = 'changed in place' WHERE a = 1700"],
-            "an overflow tail": ["UPDATE plain SET b = zeroblob(8999) || x'01' WHERE a = 9000"]}
+            "an overflow tail": ["UPDATE plain SET b = zeroblob(8999) || x'01' WHERE a = 9000"],
+            "pages past the file's end": [f"INSERT INTO plain VALUES ({20000 + i}, '{'g' * 300}')" for i in range(300)]}
 
 
 def pair_in_wal(tmp_path: Path, changes: list[str]):
@@ -311,3 +312,17 @@ def test_the_plans_raw_reads_keep_its_locks_against_an_app_in_another_process(tm
     leaving.view.stopped(new)
     assert leaving.view.at_stop == leaving.view.at_plan and reusable(leaving.view)
     assert leaving.rows == {"post": 1, "plain": 2}
+
+
+def test_pages_past_the_files_end_are_read_from_the_wal(tmp_path):
+    old, new, app = pair_in_wal(tmp_path, ON_PAGES["pages past the file's end"])
+    mark = dbfiles.wal_mark(new)
+    pages = rowpages.Pages(str(new), mark, held=True)
+    assert pages.pages * pages.page_size > new.stat().st_size      # the file has not grown: the WAL holds them
+    conn = rowloss.attached(str(old), new)
+    try:
+        among = rowloss.pages_differing(conn, new, str(old), mark)
+    finally:
+        conn.close()
+        app.close()
+    assert among is not None and among["plain"][2] == 20 + 1501 + 300 and len(among["plain"][0]) >= 300
