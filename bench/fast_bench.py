@@ -3,8 +3,9 @@
 
 A flaskr-like app under gunicorn (2 workers, `--preload`), converted to releases and socket units
 (demo.flaskr, no network), a client asking GET / at a steady rate. For each database size (its `notes`
-table filled with ~1 KiB rows, then a deploy, which makes the point's backup, then a few rows written
-through the app, which the plan warns about):
+table filled with ~1 KiB rows until the file is that size, then a deploy, which makes the point's backup,
+then a few rows written through the app, which the plan warns about; the record says whether the seal
+took the plan's count):
 
 - `rollback.py dev --yes --with-db`, command to exit, beside `cp` of the same file (page cache warm), the
   rollback's steps, the longest stretch without an answer during it and the app's bare restart
