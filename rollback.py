@@ -41,6 +41,7 @@ def main():
         recovery.recover(config, env, repo, cli.say)      # a killed operation: finish or undo it first
         run = plan(config, env, repo, args)
         try:
+            run.without_prompt = bool(args.yes)
             show_plan(env, repo, run)
             check_early_copy(env, repo, run)
             confirm(env, args)
@@ -48,6 +49,8 @@ def main():
         except BaseException:
             if run.early is not None:
                 run.early.discard()
+            if run.plan_view is not None:
+                run.plan_view.close()
             raise
         runbook.roll_back(config, env, repo, run.point, run.restore_db, run.db_why, run.running, run=run,
                           db_only=run.db_only)
@@ -191,7 +194,7 @@ def show_plan(env, repo, run):
                 f"point {point.id}")
     cli.say(f"  database  {'RESTORE ' + point.backup.path if run.restore_db else 'keep'}: {run.db_why}")
     if run.restore_db and env.db.exists():
-        show_rows_leaving(env, point)
+        run.plan_view = show_rows_leaving(env, point, keep=run.without_prompt)
     cli.say(f"  unit file {'RESTORE' if run.unit_action == 'restore' else 'keep'}: {run.unit_why}")
     mark = planning.point_mark(run.config, env, repo, point)
     if mark:
@@ -201,26 +204,29 @@ def show_plan(env, repo, run):
         cli.say(f"  {i:2}. {step['name']}: {step['detail']}")
 
 
-def show_rows_leaving(env, point):
+def show_rows_leaving(env, point, keep=False):
     """The rows the restore takes out of the live database (by content), or what a salvage of a damaged one
-    finds: all of them are kept, in the pre-rollback copy or a salvaged one, for `backup.py --restore-rows`."""
-    leaving = rowloss.leaving(env, point.backup)
+    finds: all of them are kept, in the pre-rollback copy or a salvaged one, for `backup.py --restore-rows`.
+    keep (--yes: no prompt before the stop): returns the plan's view of the live database, held open for the
+    seal (rowloss.PlanView), or None."""
+    leaving = rowloss.leaving(env, point.backup, keep=keep)
     if leaving.unreadable:
         s = leaving.salvage or {}
         if "error" in s:
             cli.say(f"  rows      the live database cannot be read, and nothing can be salvaged from it ({s['error']})")
-            return
+            return None
         cli.say(f"  rows      the live database cannot be read; read page by page it still holds {s.get('rows', 0)} "
                 "row(s): they are salvaged into a held copy as it is replaced"
                 + (f"; {s['bad_pages']} page(s) cannot be read: up to {s['lost_estimate']} row(s) past the copy's "
                    "newest cannot be saved" if s.get("bad_pages") else ""))
-        return
+        return None
     text = ", ".join(f"{t} {n}" for t, n in sorted(leaving.rows.items()))
     cli.say("  rows      leaving the live database (by content): " + (
         f"{text} (kept in the pre-rollback copy; status then advises them back)" if text else
         "none (every live row is in the copy)")
             + (f"; {sum(leaving.changed.values())} row(s) updated since go back to the copy's version"
                if leaving.changed else ""))
+    return leaving.view
 
 
 def confirm(env, args):

@@ -3,8 +3,9 @@
 
 A flaskr-like app under gunicorn (2 workers, `--preload`), converted to releases and socket units
 (demo.flaskr, no network), a client asking GET / at a steady rate. For each database size (its `notes`
-table filled with ~1 KiB rows, then a deploy, which makes the point's backup, then a few rows written
-through the app, which the plan warns about):
+table filled with ~1 KiB rows until the file is that size, then a deploy, which makes the point's backup,
+then a few rows written through the app, which the plan warns about; the record says whether the seal
+took the plan's count):
 
 - `rollback.py dev --yes --with-db`, command to exit, beside `cp` of the same file (page cache warm), the
   rollback's steps, the longest stretch without an answer during it and the app's bare restart
@@ -36,18 +37,27 @@ from demo.sandbox import Sandbox, scratch_host  # noqa: E402
 ROW = 1000          # bytes of text per row
 
 
-def fill(db: Path, mb: int) -> None:
-    rows = mb * 1_000_000 // (ROW + 40)
+def fill(db: Path, mb: int) -> int:
+    """Fill the notes table with ~1 KiB rows until the database holds mb MB (10^6 bytes) by its real size
+    (pages in use x page size: the rows and SQLite's overhead, whatever the schema); return the file's size."""
+    target = mb * 1_000_000
     conn = sqlite3.connect(db, timeout=30, isolation_level=None)
     conn.execute("PRAGMA busy_timeout = 30000")
     conn.execute("CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY, body TEXT)")
-    step = 50_000
-    for start in range(0, rows, step):
-        n = min(step, rows - start)
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+
+    def size() -> int:
+        return conn.execute("PRAGMA page_count").fetchone()[0] * page
+
+    per_row = float(ROW + 40)       # a first guess, then what the file really grew by per row
+    while (have := size()) < target:
+        n = max(1, min(50_000, int((target - have) / per_row)))
         conn.execute(f"WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {n}) "
                      f"INSERT INTO notes (body) SELECT hex(randomblob({ROW // 2})) FROM s")
+        per_row = max(1.0, (size() - have) / n)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
+    return os.stat(db).st_size
 
 
 def bare_restart(sb: Sandbox) -> float:
@@ -98,7 +108,7 @@ def one_size(root: Path, manager, mb: int, rate: int, rounds: int) -> dict:
     sb.build()
     flaskr.set_up(sb)
     db = sb.db_path("dev")
-    fill(db, mb)
+    filled = fill(db, mb)
     load = Load(sb.url("dev", "/"), rate=rate, timeout=30).start()
     p99 = p99_rounds(sb, load, rounds, 2) if rounds else []
     sb.release("dev", flaskr.release_files(90, "body", "none"), "the release rolled back")
@@ -117,8 +127,9 @@ def one_size(root: Path, manager, mb: int, rate: int, rounds: int) -> dict:
     size = os.stat(db).st_size
     warning = next((line.strip() for line in proc.stdout.splitlines() if line.strip().startswith("rows")), "")
     sb.stop_units()
-    return {"mb": mb, "bytes": size, "wall": end - start, "cp": copy, "bare": bare, "during": during,
-            "steps": record["steps"], "warning": warning, "p99": p99, "lost": record.get("rows_lost")}
+    return {"mb": mb, "filled": filled, "bytes": size, "wall": end - start, "cp": copy, "bare": bare, "during": during,
+            "steps": record["steps"], "warning": warning, "p99": p99, "lost": record.get("rows_lost"),
+            "counted": record.get("rows_counted", "")}
 
 
 def main() -> None:
@@ -141,7 +152,9 @@ def main() -> None:
         print(f"{r['bytes'] / 1e6:8.0f}MB {r['wall']:17.2f}s {r['cp']:5.2f}s {d['gap']:8.2f}s {r['bare']:11.2f}s "
               f"{d['failed']:6} {d['p99']:7.1f}")
         print("            steps: " + ", ".join(f"{k} {v:.2f}" for k, v in r["steps"].items()))
-        print(f"            plan: {r['warning']}; rows the restore took away: {r['lost']}")
+        print(f"            plan: {r['warning']}; rows the restore took away: {r['lost']}; filled to "
+              f"{r['filled'] / 1e6:.0f} MB")
+        print(f"            rows counted by the {r['counted']}")
     rows = results[0]["p99"] if results else []
     if rows:
         steady = max(s["p99"] for what, s, _ in rows if what == "steady")

@@ -256,10 +256,11 @@ def aside_name(db_path, backup_folder, env, stamp):
     return db_path.parent / f"{db_path.name}.rolled-back-{stamp}"
 
 
-def seal(saved, folder, env, commit, unit_file=None, alongside=None):
+def seal(saved, folder, env, commit, unit_file=None, alongside=None, rows=None, checked=None):
     """Make a database set aside by a restore a verified backup (manifest, sha256) in folder.
     A file already in folder is sealed where it lies; one outside is copied in (and stays).
-    alongside: a function reading the saved file, run while it is checked (see finish_copy)."""
+    alongside: a function reading the saved file, run while it is checked; rows, checked: its row count and
+    integrity_check verdict when known (see finish_copy)."""
     saved, folder = Path(saved), Path(folder)
     if saved.parent != folder:
         backup = backup_database(saved, folder, env, "pre-rollback", commit=commit, unit_file=unit_file)
@@ -271,7 +272,7 @@ def seal(saved, folder, env, commit, unit_file=None, alongside=None):
         return backup
     start = time.monotonic()
     try:
-        info = finish_copy(saved, saved, alongside=alongside)
+        info = finish_copy(saved, saved, alongside=alongside, rows=rows, checked=checked)
     except (sqlite3.DatabaseError, DeployError) as exc:
         evidence = saved.with_name(saved.name.removesuffix(".sqlite3") + ".unreadable.sqlite3")
         for suffix in ("-wal", "-shm", ""):

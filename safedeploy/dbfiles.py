@@ -20,6 +20,7 @@ import sqlite3
 import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -119,6 +120,58 @@ def sha256_file(path, chunk=1 << 20):
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class WalMark:
+    """What tells whether a WAL database was written between two looks: the WAL index header as its -shm file
+    holds it (SQLite changes it on every commit: iChange, mxFrame, the salts and checksums; None when the file
+    is missing or its two copies of the header differ, as they do in the middle of an update), and the
+    (device, inode, size, mtime) of the database file and its -wal (None: the file is missing)."""
+    header: bytes | None
+    db: tuple[int, int, int, int] | None
+    wal: tuple[int, int, int, int] | None
+
+
+def wal_mark(db_path) -> WalMark:
+    """The WalMark of the database at db_path now (reads 96 bytes of its -shm and stats two files; writes nothing)."""
+    try:
+        raw = os.pread(held_fd(f"{db_path}-shm"), 96, 0)
+        header = raw[:48] if len(raw) == 96 and raw[:48] == raw[48:] else None
+    except OSError:
+        header = None
+    return WalMark(header, file_state(db_path), file_state(f"{db_path}-wal"))
+
+
+_HELD: dict[tuple[int, int], int] = {}
+
+
+def held_fd(path) -> int:
+    """A read-only descriptor of the file at path, opened once per file (device, inode) and never closed while
+    this process runs. Closing any descriptor of a file drops every POSIX lock the process holds on it: the
+    read locks of this process's own SQLite connections to the live database (its SHARED lock on the file,
+    its WAL read marks in -shm) would go, and with them what keeps the app from checkpointing under them or
+    removing the WAL. So the raw reads of a live database's files (wal_mark, safedeploy.rowpages) never close
+    what they open."""
+    st = os.stat(path)
+    fd = _HELD.get((st.st_dev, st.st_ino))
+    if fd is not None:
+        return fd
+    fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+    opened = os.fstat(fd)
+    key = (opened.st_dev, opened.st_ino)
+    if key in _HELD:            # replaced and put back between the stat and the open: keep the first one
+        return _HELD[key]
+    _HELD[key] = fd
+    return fd
+
+
+def file_state(path) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def free_bytes(folder):
@@ -290,28 +343,37 @@ def write_behind(fd, offset, length, chunk):
         _SYNC_FILE_RANGE(fd, offset - chunk, chunk, wait_before | write | wait_after)
 
 
-def finish_copy(db_path, tmp, bookkeeping=DEFAULT_BOOKKEEPING, alongside=None):
-    """Make the copy self-contained, then check it and hash it (in parallel), then fsync it. alongside: a
-    function that reads the self-contained copy (read-only), run at the same time (a restore's seal counts
-    the rows the restore took out meanwhile)."""
+def finish_copy(db_path, tmp, bookkeeping=DEFAULT_BOOKKEEPING, alongside=None, rows=None, checked=None):
+    """Make the copy self-contained, then check it (integrity_check), hash it and count its rows, all three at
+    once (threads: SQLite and hashlib let go of the GIL), then fsync it. alongside: a function that reads the
+    self-contained copy (read-only), run at the same time (a restore's seal counts the rows the restore took
+    out meanwhile). rows: the count, when the caller knows it for these very bytes (a seal that takes the
+    plan's: see decisions.plan_count_reusable); then it is not counted again. checked: likewise, the verdict of an
+    integrity_check of the same content ("ok"); then it is not checked again."""
     dst = sqlite3.connect(tmp, isolation_level=None)
     try:
         dst.execute("PRAGMA synchronous = OFF")
         if dst.execute("PRAGMA journal_mode").fetchone()[0] != "delete":
             dst.execute("PRAGMA journal_mode = DELETE")      # a self-contained file, no -wal beside it
-        with ThreadPoolExecutor(max_workers=2) as pool:
+        with ThreadPoolExecutor(max_workers=3) as pool:
             digest = pool.submit(sha256_file, tmp)           # hashlib and SQLite both release the GIL
+            counted = pool.submit(rows_of, tmp, bookkeeping) if rows is None else None   # its own connection
             extra = pool.submit(alongside) if alongside is not None else None
-            verdict = integrity(dst)
+            verdict = integrity(dst) if checked is None else checked
             sha256 = digest.result()
             if extra is not None:
                 extra.result()
+            try:
+                rows = counted.result() if counted is not None else rows
+            except sqlite3.DatabaseError:
+                if verdict == "ok":
+                    raise
+                rows = None             # the file is damaged: integrity_check's verdict says so below
         if verdict != "ok":
             raise DeployError(f"the backup copy of {db_path} fails integrity_check: {verdict}")
         page_size = dst.execute("PRAGMA page_size").fetchone()[0]
         page_count = dst.execute("PRAGMA page_count").fetchone()[0]
         schema = schema_fingerprint(dst)
-        rows = count_rows(dst, bookkeeping=bookkeeping)
     finally:
         dst.close()
     fd = os.open(tmp, os.O_RDONLY)
@@ -321,6 +383,15 @@ def finish_copy(db_path, tmp, bookkeeping=DEFAULT_BOOKKEEPING, alongside=None):
         os.close(fd)
     return {"bytes": os.stat(tmp).st_size, "sha256": sha256, "page_size": page_size,
             "page_count": page_count, "schema": schema, "rows": rows}
+
+
+def rows_of(path, bookkeeping=DEFAULT_BOOKKEEPING):
+    """count_rows of the database at path, on a read-only connection of its own."""
+    conn = open_readonly(path)
+    try:
+        return count_rows(conn, bookkeeping=bookkeeping)
+    finally:
+        conn.close()
 
 
 def count_rows(conn, schema="main", bookkeeping=DEFAULT_BOOKKEEPING):

@@ -11,7 +11,8 @@ the facts are gathered right.
 - what the recovery of an interrupted operation does;
 - the exit code when an operation fails: 1 (back as it was) or 4 (a human is needed);
 - who is to blame for a failed deploy, the release (marked bad) or the host and its config (not);
-- how pre_restart meets the release that serves meanwhile (online or stop-first), safe by default.
+- how pre_restart meets the release that serves meanwhile (online or stop-first), safe by default;
+- whether a database rollback's seal may take the plan's row count rather than count again.
 """
 
 import re
@@ -201,6 +202,30 @@ def database_decision(mode: DatabaseMode | str, f) -> tuple[bool, str]:
     cost = ", ".join(f"{n} of {t}" for t, n in sorted(f.rows_newer.items())) or "none"
     return False, (f"{kept}; but it lacks {lacks} that the point's backup has (deleted since, by the release or by "
                    f"users): --with-db brings them back, taking out the rows written since ({cost})")
+
+
+# -- the seal of a database rollback: count again, or take the plan's count -----------------------
+def plan_count_reusable(without_prompt: bool, held_open: bool, at_plan, after_plan, at_stop) -> tuple[bool, str]:
+    """(whether the seal may take the plan's count of the live rows the restore takes out, of the live rows per
+    table, and its integrity_check verdict, instead of reading the set-aside file again for them; why). The marks are dbfiles.WalMark (or None:
+    not taken) of the live database: at_plan just before the plan's read transaction began, after_plan once
+    it had counted (the same: no commit during the count), at_stop once the app was stopped, before anything
+    moved. Only when nothing can have been written between: no prompt between the plan and the stop (--yes),
+    the plan's connection held open until the stop (so that no last connection of the app checkpoints and
+    removes the WAL meanwhile), a WAL index header to compare, and every part of the mark unchanged."""
+    if not without_prompt:
+        return False, "the plan asked for confirmation: the live database may have changed meanwhile"
+    if not held_open:
+        return False, "the plan did not keep its connection to the live database open until the stop"
+    if at_plan is None or after_plan is None or at_stop is None:
+        return False, "the live database's files were not looked at before and after"
+    if at_plan.header is None or at_plan.db is None or at_plan.wal is None:
+        return False, "the live database has no WAL index to compare (not in WAL mode, or caught mid-update)"
+    if after_plan != at_plan:
+        return False, "the live database was written while the plan counted"
+    if at_stop != at_plan:
+        return False, "the live database was written (or its files changed) between the plan and the stop"
+    return True, "nothing was written to the live database between the plan and the stop: the plan's count stands"
 
 
 # -- recovery ------------------------------------------------------------------------------------

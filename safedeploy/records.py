@@ -86,6 +86,7 @@ class RollbackRecord(Record):
     pre_rollback: str | None = None
     aside: str | None = None
     rows_lost: dict = field(default_factory=dict)
+    rows_counted: str = ""              # how the seal came by rows_lost: "plan: why" (the plan's count) or "seal: why"
     seal_problem: str = ""
     unit_restored: bool = False
     unit_why: str = ""

@@ -10,9 +10,12 @@ Nothing here writes the live database before the app is stopped (rows_only_in on
 rename is followed by an fsync of its folder.
 """
 
+import errno
 import hashlib
 import os
+import queue
 import sqlite3
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,8 +38,7 @@ def prepare_restore(backup, db_path):
                           f"{free / 2**20:.1f} MiB free, {need / 2**20:.1f} MiB needed; nothing was stopped or changed")
     tmp = folder / f".{db_path.name}.restore-{os.getpid()}"
     with removed_on_failure(tmp, target=db_path):
-        if copy_hashed(backup.path, tmp) != backup.sha256:
-            raise DeployError(f"the copy of {backup.path} does not match its sha256; the live database was not touched")
+        copy_checked(backup.path, tmp, backup.sha256)
         if not trusted_hash(backup):
             verdict = integrity_of(tmp)
             if verdict != "ok":
@@ -76,27 +78,119 @@ def trusted_hash(backup) -> bool:
     return isinstance(getattr(backup, "sha256", None), str) and len(backup.sha256) == 64
 
 
-def copy_hashed(src_path, dst_path, chunk: int = 2 << 20) -> str:
-    """Copy a file (new file, 0600) and return the sha256 of the bytes written, in one read of the source: each
-    chunk is hashed from the buffer it is written from, pushed to disk as it goes (see write_behind)."""
-    digest = hashlib.sha256()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    fd = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+COPY_CHUNK = 8 << 20         # bytes the kernel copies per call; the copy is checked as it goes, chunk by chunk
+_NOT_HERE = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.EPERM)
+
+
+def copy_checked(src_path, dst_path, sha256: str, chunk: int = COPY_CHUNK, method: str = "copy_file_range") -> None:
+    """Copy a file (a new file, 0600) by the kernel and check the copy against sha256: the kernel moves the bytes
+    (os.copy_file_range; os.sendfile, then read and write where the file system or kernel lacks it: method names
+    the first to try), chunk by chunk, each pushed to disk as it goes (see write_behind), while a second thread
+    reads the COPY back and hashes it (the bytes that will be the database, not the source's). A copy shorter or
+    longer than the source was when it started, or whose sha256 is not the one given: DeployError (the caller
+    removes what was written). Nothing is taken from a cached hash or an attribute of the file."""
+    src = os.open(src_path, os.O_RDONLY)
     try:
-        with open(src_path, "rb", buffering=0) as src:
-            offset = 0
-            while n := src.readinto(buf):
-                digest.update(view[:n])
-                out = view[:n]
-                while out:
-                    out = out[os.write(fd, out):]
-                write_behind(fd, offset, n, chunk)
-                offset += n
-        os.fsync(fd)
+        size = os.fstat(src).st_size
+        dst = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            back = os.open(dst_path, os.O_RDONLY)
+            try:
+                hasher = ReadBack(back, chunk)
+                try:
+                    offset = 0
+                    while offset < size:
+                        n, method = copy_chunk(src, dst, offset, min(chunk, size - offset), method)
+                        if n == 0:
+                            break           # the source is shorter than it was: the size check below says so
+                        write_behind(dst, offset, n, chunk)
+                        hasher.put(offset, n)
+                        offset += n
+                finally:
+                    digest, hashed = hasher.finish()
+                os.fsync(dst)
+                copied = os.fstat(dst).st_size
+            finally:
+                os.close(back)
+        finally:
+            os.close(dst)
     finally:
-        os.close(fd)
-    return digest.hexdigest()
+        os.close(src)
+    if offset != size or copied != size or hashed != size:
+        raise DeployError(f"the copy of {src_path} is {copied} bytes, not {size}: the backup file changed or could "
+                          "not be read whole; the live database was not touched")
+    if digest != sha256:
+        raise DeployError(f"the copy of {src_path} does not match its sha256; the live database was not touched")
+
+
+def copy_chunk(src: int, dst: int, offset: int, n: int, method: str) -> tuple[int, str]:
+    """(bytes copied from src at offset to dst at offset, at most n; the method that did it). A method the
+    kernel or the file system refuses gives way to the next: copy_file_range, sendfile, read and write."""
+    if method == "copy_file_range":
+        try:
+            return os.copy_file_range(src, dst, n, offset, offset), method
+        except OSError as exc:
+            if exc.errno not in _NOT_HERE:
+                raise
+            method = "sendfile"
+    if method == "sendfile":
+        try:
+            os.lseek(dst, offset, os.SEEK_SET)
+            return os.sendfile(dst, src, offset, n), method
+        except OSError as exc:
+            if exc.errno not in _NOT_HERE:
+                raise
+            method = "read"
+    data = os.pread(src, n, offset)
+    view = memoryview(data)
+    done = 0
+    while done < len(data):
+        done += os.pwrite(dst, view[done:], offset + done)
+    return len(data), "read"
+
+
+class ReadBack:
+    """A thread hashing what was written to a file, read back from it (fd) range by range, in the order given
+    (put), while the next range is copied: hashlib and os.preadv let go of the GIL. finish(): (the sha256 of
+    the ranges read, bytes read); a range that reads short stops the hash there (the caller's size check
+    fails)."""
+
+    def __init__(self, fd: int, chunk: int) -> None:
+        self.fd, self.buf = fd, bytearray(chunk)
+        self.todo: queue.Queue = queue.Queue()
+        self.digest, self.hashed = hashlib.sha256(), 0
+        self.error: OSError | None = None
+        self.thread = threading.Thread(target=self.run, name="restore-readback", daemon=True)
+        self.thread.start()
+
+    def put(self, offset: int, n: int) -> None:
+        self.todo.put((offset, n))
+
+    def run(self) -> None:
+        view = memoryview(self.buf)
+        short = False
+        while (job := self.todo.get()) is not None:
+            if short or self.error is not None:
+                continue
+            offset, n = job
+            try:
+                while n > 0:
+                    got = os.preadv(self.fd, [view[:min(n, len(view))]], offset)
+                    if got <= 0:
+                        short = True
+                        break
+                    self.digest.update(view[:got])
+                    self.hashed += got
+                    offset, n = offset + got, n - got
+            except OSError as exc:
+                self.error = exc
+
+    def finish(self) -> tuple[str, int]:
+        self.todo.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.digest.hexdigest(), self.hashed
 
 
 def set_aside(db_path, dest):

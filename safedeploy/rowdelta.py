@@ -64,28 +64,36 @@ def mixes_numbers(declared: str) -> bool:
     return "BLOB" in t or not t
 
 
-def differing_keys(conn: sqlite3.Connection, table: Table, a: str, b: str) -> tuple[set[int], set[int]]:
+def differing_keys(conn: sqlite3.Connection, table: Table, a: str, b: str,
+                   among: set[int] | None = None) -> tuple[set[int], set[int]]:
     """(keys of the table on side a whose row side b holds with another value in a column, keys side b lacks).
-    Values are compared bytewise and by type: 1 and 1.0, 'A' and 'a' under NOCASE, '1' and x'31' all differ."""
+    Values are compared bytewise and by type: 1 and 1.0, 'A' and 'a' under NOCASE, '1' and x'31' all differ.
+    among: only these keys of side a can differ (safedeploy.rowpages); None: every key."""
     k = key_of(table)
     q = quote(table.name)
     checks = " OR ".join(f"x.{quote(c)} IS NOT y.{quote(c)} COLLATE BINARY"
                          + (f" OR typeof(x.{quote(c)}) != typeof(y.{quote(c)})" if mixes_numbers(kind) else "")
                          for c, kind in zip(table.columns, table.types) if c != table.surrogate)
-    where = f"y.{k} IS NULL" + (f" OR {checks}" if checks else "")
+    where = f"(y.{k} IS NULL" + (f" OR {checks})" if checks else ")")
+    args: tuple = ()
+    if among is not None:
+        where += f" AND x.{k} IN (SELECT value FROM json_each(?))"
+        args = (json.dumps(sorted(among)),)
     changed: set[int] = set()
     only: set[int] = set()
     for key, missing in conn.execute(f"SELECT x.{k}, y.{k} IS NULL FROM {a}.{q} AS x LEFT JOIN {b}.{q} AS y "
-                                     f"ON y.{k} = x.{k} WHERE {where}"):
+                                     f"ON y.{k} = x.{k} WHERE {where}", args):
         (only if missing else changed).add(key)
     return changed, only
 
 
-def only_keys(conn: sqlite3.Connection, table: Table, a: str, b: str) -> list[int]:
-    """Keys of side a that side b does not have."""
+def only_keys(conn: sqlite3.Connection, table: Table, a: str, b: str, among: set[int] | None = None) -> list[int]:
+    """Keys of side a that side b does not have (among: only these keys of side a can be missing on side b)."""
     k, q = key_of(table), quote(table.name)
+    narrow, args = (f" AND x.{k} IN (SELECT value FROM json_each(?))", (json.dumps(sorted(among)),)) \
+        if among is not None else ("", ())
     return [r[0] for r in conn.execute(f"SELECT x.{k} FROM {a}.{q} AS x WHERE NOT EXISTS "
-                                       f"(SELECT 1 FROM {b}.{q} AS y WHERE y.{k} = x.{k})")]
+                                       f"(SELECT 1 FROM {b}.{q} AS y WHERE y.{k} = x.{k}){narrow}", args)]
 
 
 def parent_keys_differing(lookup_a: dict[tuple, int], lookup_b: dict[tuple, int]) -> set:
@@ -131,8 +139,11 @@ def parents_of(conn: sqlite3.Connection, side: str, schema: Schema, tables: list
     return parents
 
 
-def delta(conn: sqlite3.Connection, a: str, b: str, bookkeeping: tuple[str, ...]) -> dict[str, TableDelta] | None:
-    """See the module's contract. a and b: the names the two files are attached under."""
+def delta(conn: sqlite3.Connection, a: str, b: str, bookkeeping: tuple[str, ...],
+          among: dict[str, tuple[set[int], set[int], int]] | None = None) -> dict[str, TableDelta] | None:
+    """See the module's contract. a and b: the names the two files are attached under. among: per table (lower
+    case), the only keys of each side whose rows can differ (safedeploy.rowpages.candidates, for the same two
+    snapshots); a table it leaves out is compared whole."""
     schema_a = rowsets.read_schema(conn, a, bookkeeping)
     schema_b = rowsets.read_schema(conn, b, bookkeeping)
     users_a, users_b = schema_a.users, schema_b.users
@@ -145,8 +156,9 @@ def delta(conn: sqlite3.Connection, a: str, b: str, bookkeeping: tuple[str, ...]
     out: dict[str, TableDelta] = {}
     for t in users_a:
         other = schema_b.table(t.name)
-        changed, only_a = differing_keys(conn, t, a, b)
-        keys_a, keys_b = changed | only_a, changed | set(only_keys(conn, other, b, a))
+        narrow_a, narrow_b, _ = among.get(t.name.lower(), (None, None, 0)) if among is not None else (None, None, 0)
+        changed, only_a = differing_keys(conn, t, a, b, narrow_a)
+        keys_a, keys_b = changed | only_a, changed | set(only_keys(conn, other, b, a, narrow_b))
         for r in t.refs:
             bad = parent_keys_differing(parents_a.get((r.parent.lower(), r.parent_columns), {}),
                                         parents_b.get((r.parent.lower(), r.parent_columns), {}))

@@ -9,6 +9,9 @@ The contract:
   after the pre-deploy backup): ({table: n}, {table: n in no copy}).
 - `lost(env, copy_path)`: per table, the rows of a copy (a pre-rollback save) that the live database
   lacks by content, bookkeeping tables left out.
+- `leaving(env, backup, keep)`: the plan's count of the live rows a restore of backup takes out; with keep,
+  also what the seal counts, the live files held open until the stop (PlanView; see
+  decisions.plan_count_reusable for when the seal takes it).
 - `salvage_into_copy(env, damaged, reason)`: what the damaged file still holds, as a verified, held
   backup in the env's backup folder (safedeploy.salvage), with the rows it found; None when nothing
   could be read.
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote as url_quote
 
-from . import backups, dbfiles, ledger, rowcompare, rowdelta, rowsets, salvage
+from . import backups, dbfiles, ledger, rowcompare, rowdelta, rowpages, rowsets, salvage
 from .files import make_private_dir
 from .rowsets import TableRows
 
@@ -118,19 +121,56 @@ def lost_by_delta(env, copy_path: str) -> dict[str, int] | None:
         found = rowdelta.delta(conn, "main", "live", tuple(env.bookkeeping))
         if found is None:
             return None
-        mine = rowsets.read_schema(conn, "main", tuple(env.bookkeeping))
-        theirs = rowsets.read_schema(conn, "live", tuple(env.bookkeeping))
-        missing = {}
-        for name, d in found.items():
-            copy_table, live_table = mine.table(name), theirs.table(name)    # delta found it on both sides
-            diff = rowcompare.compare(d.a, d.b)
-            diff = rowcompare.classify(conn, copy_table, live_table, rowsets.pair_tables(copy_table, live_table),
-                                       d.a, d.b, diff, copy_db="main", live_db="live", same_top=d.same_top)
-            if diff.missing:
-                missing[copy_table.name] = len(diff.missing)
-        return missing
+        return missing_in(conn, found, "main", "live", tuple(env.bookkeeping))
     finally:
         conn.close()
+
+
+def missing_in(conn: sqlite3.Connection, found: dict[str, rowdelta.TableDelta], copy_db: str, live_db: str,
+               bookkeeping: tuple[str, ...]) -> dict[str, int]:
+    """Per table, the rows of copy_db that live_db lacks (rowcompare's rules, classify included), from a delta
+    of copy_db (its side a) against live_db."""
+    mine = rowsets.read_schema(conn, copy_db, bookkeeping)
+    theirs = rowsets.read_schema(conn, live_db, bookkeeping)
+    missing = {}
+    for name, d in found.items():
+        copy_table, live_table = mine.table(name), theirs.table(name)    # delta found it on both sides
+        diff = rowcompare.compare(d.a, d.b)
+        diff = rowcompare.classify(conn, copy_table, live_table, rowsets.pair_tables(copy_table, live_table),
+                                   d.a, d.b, diff, copy_db=copy_db, live_db=live_db, same_top=d.same_top)
+        if diff.missing:
+            missing[copy_table.name] = len(diff.missing)
+    return missing
+
+
+class PlanView:
+    """What a rollback's plan found in the live database, with a read-only connection held open until the app is
+    stopped (while it is open, no connection of the app that closes last checkpoints and removes the WAL: the
+    files stay as the plan saw them unless something commits). lost: the live rows the point's copy lacks, as
+    the seal counts them (missing_in: the set-aside file against the restored copy as it goes in); rows:
+    count_rows of the live database; integrity: its integrity_check verdict; at_plan, after_plan: its WalMark
+    before and after all three; at_stop: the mark once the app is stopped (stopped()). close() is idempotent."""
+
+    def __init__(self, conn: sqlite3.Connection, at_plan: dbfiles.WalMark | None, after_plan: dbfiles.WalMark,
+                 lost: dict[str, int], rows: dict[str, int], integrity: str) -> None:
+        self.conn: sqlite3.Connection | None = conn
+        self.at_plan, self.after_plan = at_plan, after_plan
+        self.at_stop: dbfiles.WalMark | None = None
+        self.lost, self.rows, self.integrity = lost, rows, integrity
+        self.held_open = True
+
+    def stopped(self, db_path) -> None:
+        """The app is stopped: take the mark, then let go of the live files."""
+        if self.conn is not None:
+            self.at_stop = dbfiles.wal_mark(db_path)
+        self.close()
+
+    def close(self) -> None:
+        if self.conn is not None:
+            if self.at_stop is None:
+                self.held_open = False      # closed before the stop: the plan's count cannot be vouched for
+            self.conn.close()
+            self.conn = None
 
 
 def hold(backup) -> None:
@@ -159,18 +199,20 @@ class Leaving:
     changed: dict[str, int] = field(default_factory=dict)    # live rows updated since the copy (same key)
     unreadable: bool = False                                 # the live database cannot be read: salvaged instead
     salvage: dict | None = None                              # datafacts.preview_salvage's findings
+    view: PlanView | None = None                             # leaving(keep=True): what the seal may take
+    seal: tuple[dict[str, int], dict[str, int]] | None = None    # leaving_by_delta(keep=True): lost, rows
+    narrowed: bool = False                                   # only the rows off the shared pages were compared
 
 
-def leaving(env, backup) -> Leaving:
-    """The rows a restore of backup takes out of the live database (all kept in the pre-rollback copy)."""
+def leaving(env, backup, keep: bool = False) -> Leaving:
+    """The rows a restore of backup takes out of the live database (all kept in the pre-rollback copy). keep: the
+    plan goes on to the stop without a prompt: count also what the seal would count (the rows per table, the
+    rows lost as the seal counts them) and run integrity_check rather than quick_check, between two marks of
+    the live files, which a connection held open keeps as they are (Leaving.view: a PlanView for the seal,
+    which the caller closes)."""
     from . import datafacts     # datafacts reads the ledger as this module does; imported where needed
-    with ThreadPoolExecutor(max_workers=1) as pool:     # SQLite lets go of the GIL: the check and the rows at once
-        check = pool.submit(dbfiles.integrity_of, env.db, True)
-        try:
-            quick = leaving_by_delta(env, backup)
-        except sqlite3.Error:
-            quick = None
-        readable = check.result() == "ok"
+    quick, verdict = compared(env, backup, keep)
+    readable = verdict == "ok"
     if readable and quick is not None:
         return quick
     if not readable:
@@ -198,21 +240,86 @@ def leaving(env, backup) -> Leaving:
     return out
 
 
-def leaving_by_delta(env, backup) -> Leaving | None:
-    """leaving(), reading only the rows that differ between the live database and the copy (safedeploy.rowdelta);
-    None where that cannot stand for the comparison of every row."""
-    conn = attached(backup.path, env.db)
+def compared(env, backup, keep: bool) -> tuple[Leaving | None, str]:
+    """(leaving_by_delta's answer, with its PlanView when keep; the live database's quick_check, or with keep
+    integrity_check, verdict), the two at once."""
+    holder, at_plan = hold_open(env.db) if keep else (None, None)
     try:
-        found = rowdelta.delta(conn, "live", "main", tuple(env.bookkeeping))
+        with ThreadPoolExecutor(max_workers=1) as pool:     # SQLite lets go of the GIL: the check and the rows at once
+            check = pool.submit(dbfiles.integrity_of, env.db, not keep)
+            try:
+                quick = leaving_by_delta(env, backup, keep, at_plan)
+            except sqlite3.Error:
+                quick = None
+            verdict = check.result()
+        after_plan = dbfiles.wal_mark(env.db) if holder is not None else None
+        if quick is not None and quick.narrowed and after_plan != at_plan:
+            try:        # a commit while the pages were read: they may be a mixture; compare every row instead
+                quick = leaving_by_delta(env, backup)
+            except sqlite3.Error:
+                quick = None
+        if holder is not None and after_plan is not None and verdict == "ok" and quick is not None \
+                and quick.seal is not None:
+            quick.view = PlanView(holder, at_plan, after_plan, *quick.seal, integrity=verdict)
+            holder = None
+    finally:
+        if holder is not None:
+            holder.close()
+    return quick, verdict
+
+
+def hold_open(db_path) -> tuple[sqlite3.Connection | None, dbfiles.WalMark | None]:
+    """(a read-only connection to the live database that has read it once: its files are held from here on,
+    so that no connection of the app, closing last, checkpoints and removes the WAL; the WalMark taken after
+    that read), or (None, None) when it cannot be opened."""
+    try:
+        conn = ledger.open_ro(db_path)
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error:
+        return None, None
+    return conn, dbfiles.wal_mark(db_path)
+
+
+def leaving_by_delta(env, backup, keep: bool = False, mark: dbfiles.WalMark | None = None) -> Leaving | None:
+    """leaving(), reading only the rows that differ between the live database and the copy (safedeploy.rowdelta);
+    None where that cannot stand for the comparison of every row. keep: also what the seal counts, in the same
+    read transaction (Leaving.seal: (the rows lost, the rows per table)). mark: the live database's WalMark
+    before this read (leaving(keep=True)): then only the rows off the pages the two files share are compared
+    (safedeploy.rowpages; Leaving.narrowed), and the caller checks the mark is unchanged after."""
+    conn = attached(backup.path, env.db)
+    bookkeeping = tuple(env.bookkeeping)
+    try:
+        among = pages_differing(conn, env.db, backup.path, mark) if mark is not None else None
+        found = rowdelta.delta(conn, "live", "main", bookkeeping, among)
+        if found is None:
+            return None
+        out = Leaving(narrowed=among is not None)
+        for table, d in found.items():
+            diff = rowcompare.compare(d.a, d.b)
+            if diff.missing:
+                out.rows[table] = len(diff.missing)
+            if diff.candidates:
+                out.changed[table] = len(diff.candidates)
+        if keep:
+            schema = rowsets.read_schema(conn, "live", bookkeeping)
+            rows = ({t.name: among[t.name.lower()][2] for t in schema.users} if among is not None
+                    else dbfiles.count_rows(conn, "live", bookkeeping))
+            out.seal = (missing_in(conn, found, "live", "main", bookkeeping), rows)
+        return out
     finally:
         conn.close()
-    if found is None:
-        return None
-    out = Leaving()
-    for table, d in found.items():
-        diff = rowcompare.compare(d.a, d.b)
-        if diff.missing:
-            out.rows[table] = len(diff.missing)
-        if diff.candidates:
-            out.changed[table] = len(diff.candidates)
-    return out
+
+
+def pages_differing(conn: sqlite3.Connection, live: Path, copy: str, mark: dbfiles.WalMark
+                    ) -> dict[str, tuple[set[int], set[int], int]] | None:
+    """rowpages.candidates for every table both sides hold (root pages read in conn's read transaction), or
+    None (then every row is compared)."""
+    roots: dict[str, dict[tuple[str, str], int]] = {}
+    for side in ("live", "main"):
+        roots[side] = {(kind, name.lower()): root for kind, name, root in conn.execute(
+            f"SELECT type, name, rootpage FROM {side}.sqlite_master WHERE type IN ('table', 'index') AND rootpage > 0")}
+    if set(roots["live"]) != set(roots["main"]):
+        return None         # a table or an index on one side only: every row is compared
+    tables = {name: (root, roots["main"][(kind, name)]) for (kind, name), root in roots["live"].items() if kind == "table"}
+    indexes = {name: (root, roots["main"][(kind, name)]) for (kind, name), root in roots["live"].items() if kind == "index"}
+    return rowpages.candidates(str(live), copy, mark, tables, indexes)

@@ -167,3 +167,30 @@ def test_the_503_listener_is_asked_for_only_past_what_clients_wait():
     assert decisions.maintenance(None)[0] is None            # not rehearsed: the queue
     assert decisions.maintenance(29.9)[0] is None
     assert decisions.maintenance(30.5)[0] == 35 and decisions.maintenance(41.0)[0] == 45
+
+
+# -- the seal of a database rollback: the plan's count or a new one ------------------------------------------
+def wal_mark(header=b"h" * 48, db=(1, 2, 4096, 10), wal=(1, 3, 8272, 11)):
+    from safedeploy.dbfiles import WalMark
+    return WalMark(header, db, wal)
+
+
+def test_the_seal_takes_the_plans_count_only_when_nothing_can_have_been_written():
+    same = wal_mark()
+    ok, why = decisions.plan_count_reusable(True, True, same, wal_mark(), wal_mark())
+    assert ok and "nothing was written" in why
+    refusals = {
+        "a prompt": (False, True, same, same, same),
+        "closed before the stop": (True, False, same, same, same),
+        "not looked at the stop": (True, True, same, same, None),
+        "not in WAL mode": (True, True, wal_mark(header=None), wal_mark(header=None), wal_mark(header=None)),
+        "no -wal file": (True, True, wal_mark(wal=None), wal_mark(wal=None), wal_mark(wal=None)),
+        "written during the plan": (True, True, same, wal_mark(header=b"i" * 48), wal_mark(header=b"i" * 48)),
+        "a commit after the plan": (True, True, same, same, wal_mark(header=b"i" * 48)),
+        "the WAL grew": (True, True, same, same, wal_mark(wal=(1, 3, 12400, 11))),
+        "the file touched": (True, True, same, same, wal_mark(db=(1, 2, 4096, 12))),
+        "another file": (True, True, same, same, wal_mark(db=(1, 9, 4096, 10))),
+        "the WAL replaced": (True, True, same, same, wal_mark(wal=(1, 4, 8272, 11))),
+    }
+    for what, facts in refusals.items():
+        assert decisions.plan_count_reusable(*facts)[0] is False, what

@@ -3,12 +3,13 @@ give the counts of the comparison of every row (safedeploy.ledger / rowcompare);
 that holds. Real SQLite files, no mocks."""
 
 import shutil
+import sqlite3
 import types
 from pathlib import Path
 
 import pytest
 
-from safedeploy import dbfiles, rowdelta, rowloss, rowsets
+from safedeploy import dbfiles, decisions, rowdelta, rowloss, rowpages, rowsets
 from tests.helpers import make_db, run_sql
 
 FLASKR = """
@@ -123,3 +124,205 @@ def test_which_columns_can_hold_1_and_1_0_apart():
     for declared in ("INTEGER", "int", "TEXT", "VARCHAR(20)", "REAL", "DOUBLE", "NUMERIC", "DECIMAL(10,2)", "BOOLEAN",
                      "TIMESTAMP", "CLOB", "BIGINT"):
         assert not rowdelta.mixes_numbers(declared)
+
+
+# -- the seal takes the plan's count when nothing was written between (decisions.plan_count_reusable) ----------
+@pytest.mark.parametrize("case", sorted(CHANGES))
+def test_the_plans_kept_count_is_what_the_seal_counts(tmp_path, case):
+    """leaving(keep=True) also counts what the seal counts: the live rows the copy lacks (by content, rowcompare's
+    rules), and the live rows per table, as the seal finds them once the live file is set aside and the copy is in;
+    and runs integrity_check (not quick_check)."""
+    old, new = pair(tmp_path, CHANGES[case])
+    copy = types.SimpleNamespace(path=str(old), sha256=dbfiles.sha256_file(old), reason="r", time="t")
+    app = sqlite3.connect(new, isolation_level=None)        # the app's connection: the WAL is there
+    app.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    leaving = rowloss.leaving(env_for(tmp_path, new), copy, keep=True)
+    view = leaving.view
+    assert view is not None and view.conn is not None
+    app.close()
+    view.stopped(new)
+    assert view.conn is None and view.held_open
+    assert view.rows == dbfiles.rows_of(new) and view.integrity == "ok"
+    assert view.lost == rowloss.lost_by_delta(env_for(tmp_path, old), str(new))
+    assert view.lost == full(rowloss.lost, env_for(tmp_path, old), str(new), dbfiles.sha256_file(new))
+    assert decisions.plan_count_reusable(True, view.held_open, view.at_plan, view.after_plan, view.at_stop)[0]
+
+
+def plan_with_app(tmp_path):
+    old, new = pair(tmp_path, CHANGES["inserts"])
+    copy = types.SimpleNamespace(path=str(old), sha256=dbfiles.sha256_file(old), reason="r", time="t")
+    app = sqlite3.connect(new, isolation_level=None)
+    app.execute("SELECT count(*) FROM post").fetchone()
+    return new, app, rowloss.leaving(env_for(tmp_path, new), copy, keep=True).view
+
+
+def reusable(view) -> bool:
+    return decisions.plan_count_reusable(True, view.held_open, view.at_plan, view.after_plan, view.at_stop)[0]
+
+
+def test_a_commit_after_the_plan_makes_the_seal_count_again(tmp_path):
+    new, app, view = plan_with_app(tmp_path)
+    app.execute("INSERT INTO plain VALUES (1000, 'written after the plan')")
+    app.close()
+    view.stopped(new)
+    assert view.at_stop != view.at_plan and not reusable(view)
+
+
+def test_an_update_in_place_after_the_plan_makes_the_seal_count_again(tmp_path):
+    """Same size, same row count: the WAL index header still changes."""
+    new, app, view = plan_with_app(tmp_path)
+    app.execute("UPDATE plain SET b = 'Z' WHERE a = 1")
+    view.stopped(new)
+    app.close()
+    assert view.at_stop.header != view.at_plan.header and not reusable(view)
+
+
+def test_the_apps_last_connection_closing_changes_nothing_while_the_plan_holds_its_own(tmp_path):
+    """Reads and the app's connections closing (flaskr opens one per request) leave the marks as they were:
+    the plan's connection, held open, keeps the last one to close from checkpointing and removing the WAL."""
+    new, app, view = plan_with_app(tmp_path)
+    for _ in range(3):
+        other = sqlite3.connect(new, isolation_level=None)
+        other.execute("SELECT count(*) FROM post").fetchone()
+        other.close()
+    app.close()
+    assert Path(f"{new}-wal").exists()
+    view.stopped(new)
+    assert view.at_stop == view.at_plan and reusable(view)
+
+
+def test_a_plan_closed_before_the_stop_is_never_reused(tmp_path):
+    new, app, view = plan_with_app(tmp_path)
+    view.close()
+    app.close()         # the last connection: checkpoints and removes the WAL
+    view.stopped(new)
+    assert not view.held_open and not reusable(view)
+
+
+# -- only the rows off the pages both files share are compared (safedeploy.rowpages) ------------------------
+FILLER = [f"INSERT INTO plain VALUES ({1000 + i}, '{'f' * 300}{i}')" for i in range(1500)] + \
+    ["INSERT INTO plain VALUES (9000, zeroblob(9000))"]           # ~120 leaf pages; a row on overflow pages
+ON_PAGES = {"a filler page": ["UPDATE plain SET b = 'changed in place' WHERE a = 1700"],
+            "an overflow tail": ["UPDATE plain SET b = zeroblob(8999) || x'01' WHERE a = 9000"],
+            "pages past the file's end": [f"INSERT INTO plain VALUES ({20000 + i}, '{'g' * 300}')" for i in range(300)]}
+
+
+def pair_in_wal(tmp_path: Path, changes: list[str]):
+    """(the copy, the live database, the app's connection): the live changes still in the WAL (no checkpoint),
+    so the pages are read through it."""
+    old = tmp_path / "old.sqlite3"
+    make_db(old, FLASKR, ROWS + FILLER)
+    run_sql(old, "PRAGMA wal_checkpoint(TRUNCATE)")
+    new = tmp_path / "new.sqlite3"
+    shutil.copy(old, new)
+    app = sqlite3.connect(new, isolation_level=None)
+    app.execute("PRAGMA wal_autocheckpoint = 0")
+    for sql in changes:
+        app.execute(sql)
+    return old, new, app
+
+
+@pytest.mark.parametrize("case", sorted(CHANGES) + sorted(ON_PAGES))
+def test_the_pages_both_files_share_are_left_out_and_the_counts_stay(tmp_path, case):
+    changes = CHANGES[case] if case in CHANGES else ON_PAGES[case]
+    old, new, app = pair_in_wal(tmp_path, changes)
+    assert not changes or Path(f"{new}-wal").stat().st_size > 0
+    copy = types.SimpleNamespace(path=str(old), sha256=dbfiles.sha256_file(old), reason="r", time="t")
+    env = env_for(tmp_path, new)
+    leaving = rowloss.leaving(env, copy, keep=True)
+    assert leaving.narrowed and leaving.view is not None
+    every = full(rowloss.leaving, env, copy)
+    assert (leaving.rows, leaving.changed) == (every.rows, every.changed)
+    assert leaving.view.rows == dbfiles.rows_of(new)
+    assert leaving.view.lost == rowloss.lost_by_delta(env_for(tmp_path, old), str(new))
+    leaving.view.close()
+    app.close()         # the last connection: the WAL goes into the file (the ledger caches digests by sha256)
+    assert leaving.view.lost == full(rowloss.lost, env_for(tmp_path, old), str(new), dbfiles.sha256_file(new))
+
+
+def test_few_rows_are_read_where_few_pages_differ(tmp_path):
+    old, new, app = pair_in_wal(tmp_path, ["UPDATE plain SET b = 'x' WHERE a = 1200"])
+    conn = rowloss.attached(str(old), new)
+    try:
+        among = rowloss.pages_differing(conn, new, str(old), dbfiles.wal_mark(new))
+    finally:
+        conn.close()
+        app.close()
+    keys_live, keys_copy, rows = among["plain"]
+    assert rows == 20 + 1501 and 0 < len(keys_live) < 40 and keys_live == keys_copy
+    assert among["post"][0] == set() and among["user"][0] == set()
+
+
+def test_a_commit_while_the_plan_reads_makes_it_compare_every_row(tmp_path, monkeypatch):
+    old, new, app = pair_in_wal(tmp_path, CHANGES["inserts"])
+    copy = types.SimpleNamespace(path=str(old), sha256=dbfiles.sha256_file(old), reason="r", time="t")
+    real = rowpages.candidates
+
+    def with_a_commit(*args):
+        found = real(*args)
+        app.execute("INSERT INTO plain VALUES (5000, 'between the pages and the rows')")
+        return found
+
+    monkeypatch.setattr(rowpages, "candidates", with_a_commit)
+    leaving = rowloss.leaving(env_for(tmp_path, new), copy, keep=True)
+    assert not leaving.narrowed and leaving.view is None
+    app.close()
+    assert leaving.rows == full(rowloss.leaving, env_for(tmp_path, new), copy).rows == {"post": 1, "plain": 2}
+
+
+def test_no_wal_no_narrowing(tmp_path):
+    old, new = pair(tmp_path, CHANGES["inserts"])
+    run_sql(new, "PRAGMA journal_mode = DELETE")
+    assert rowpages.candidates(str(new), str(old), dbfiles.wal_mark(new), {"plain": (2, 2)}) is None
+
+
+APP = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA wal_autocheckpoint = 0")
+conn.execute("INSERT INTO plain VALUES (7000, 'from the app')")
+print("ready", flush=True)
+sys.stdin.readline()
+conn.close()
+print("closed", flush=True)
+"""
+
+
+def test_the_plans_raw_reads_keep_its_locks_against_an_app_in_another_process(tmp_path):
+    """The raw reads of the live files (the -shm's header, the pages) never close a descriptor of them: that
+    would drop this process's SQLite locks, and the app's last connection, in its own process, would then
+    checkpoint and remove the WAL under the plan's held connection."""
+    import subprocess
+    import sys
+    old, new = pair(tmp_path, CHANGES["inserts"])
+    run_sql(old, "PRAGMA journal_mode = DELETE")        # a backup is self-contained
+    copy = types.SimpleNamespace(path=str(old), sha256=dbfiles.sha256_file(old), reason="r", time="t")
+    app = subprocess.Popen([sys.executable, "-c", APP, str(new)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           text=True)
+    try:
+        assert app.stdout.readline().strip() == "ready"
+        leaving = rowloss.leaving(env_for(tmp_path, new), copy, keep=True)
+        assert leaving.narrowed and leaving.view is not None
+        app.stdin.write("close\n")
+        app.stdin.flush()
+        assert app.stdout.readline().strip() == "closed"
+    finally:
+        app.wait(timeout=30)
+    assert Path(f"{new}-wal").exists() and Path(f"{new}-shm").exists()
+    leaving.view.stopped(new)
+    assert leaving.view.at_stop == leaving.view.at_plan and reusable(leaving.view)
+    assert leaving.rows == {"post": 1, "plain": 2}
+
+
+def test_pages_past_the_files_end_are_read_from_the_wal(tmp_path):
+    old, new, app = pair_in_wal(tmp_path, ON_PAGES["pages past the file's end"])
+    mark = dbfiles.wal_mark(new)
+    pages = rowpages.Pages(str(new), mark, held=True)
+    assert pages.pages * pages.page_size > new.stat().st_size      # the file has not grown: the WAL holds them
+    conn = rowloss.attached(str(old), new)
+    try:
+        among = rowloss.pages_differing(conn, new, str(old), mark)
+    finally:
+        conn.close()
+        app.close()
+    assert among is not None and among["plain"][2] == 20 + 1501 + 300 and len(among["plain"][0]) >= 300

@@ -31,6 +31,7 @@ import os
 from dataclasses import dataclass, field
 
 from .. import backups, dbfiles, marks, records, releases, replica, restart, restore, rowloss, unitenv, unitfiles, units
+from .. import decisions
 from ..commandline import script_command
 from ..decisions import failure_code
 from ..errors import EXIT_FAILED, EXIT_HUMAN, DeployError, after_undo, describe_failure
@@ -59,6 +60,9 @@ class RollbackRun(Run):
     kept: object = None                 # the point's kept release, found when planned
     prepared: object = None
     early: object = None                # a restore.EarlyPrepare the plan started, which prepare waits for
+    plan_view: object = None            # a rowloss.PlanView the plan kept open (--yes): the seal may take its count
+    without_prompt: bool = False        # nothing asked between the plan and the steps (rollback.py --yes)
+    seal_count: str = ""                # why the seal counted again or took the plan's count
     stopped: bool = False
     unit_action: str = "keep"           # "restore" or "keep", with unit_why
     unit_why: str = ""
@@ -177,8 +181,11 @@ def put_database(run):
 
 def save(run):
     """The pre-rollback save. Restoring: the stopped app's files renamed aside (see backups). Keeping
-    the database: an online backup while the app serves."""
+    the database: an online backup while the app serves. The plan's view of the live files (if any) takes
+    its last look first, the app stopped and nothing moved yet."""
     env = run.env
+    if run.plan_view is not None:
+        run.plan_view.stopped(env.db)
     if not env.db.exists():
         return
     if run.restore_db:
@@ -215,10 +222,18 @@ def restore_unit(run):
 
 def seal(run):
     """Once the app is back: the set-aside database becomes a verified backup; its rows that the restored
-    database lacks are counted. A file SQLite cannot read stays where it is, as evidence."""
+    database lacks are counted (or, with its rows per table and its integrity_check, taken from the plan, when
+    nothing can have been written between the plan and the stop: decisions.plan_count_reusable); its sha256 is
+    always computed from the file. A file SQLite cannot read stays where it is, as evidence."""
     env, record = run.env, run.record
     if record.aside is None:
         return              # there was no live database to set aside (or a killed run's save was sealed already)
+    view = run.plan_view
+    reuse = False
+    if view is not None:
+        view.close()
+        reuse, run.seal_count = decisions.plan_count_reusable(run.without_prompt, view.held_open, view.at_plan,
+                                                              view.after_plan, view.at_stop)
     counted: dict = {}
 
     def count():            # while the seal checks and hashes the file: only the rows that differ are read
@@ -226,15 +241,19 @@ def seal(run):
             counted["lost"] = rowloss.lost_quickly(env, record.aside)
         except Exception:   # a count is a report: the full comparison below then makes it, the seal goes on
             counted["lost"] = None
+    if reuse:
+        counted["lost"] = dict(view.lost)
     try:
         sealed = backups.seal(record.aside, env.backup_dir, env.name, run.running, current_unit_file(env),
-                              alongside=count)
+                              alongside=None if reuse else count, rows=dict(view.rows) if reuse else None,
+                              checked=view.integrity if reuse else None)
     except DeployError as exc:
         record.pre_rollback, record.seal_problem = None, str(exc)
         record.aside = exc.evidence or record.aside
         salvage_evidence(run)
         return
     record.pre_rollback = record.aside = record.backup = sealed.path
+    record.rows_counted = ("plan: " if reuse else "seal: ") + (run.seal_count or "no plan's count to take")
     lost = counted.get("lost")
     record.rows_lost = lost if lost is not None else rowloss.lost(env, sealed.path, sealed.sha256)
 
@@ -313,8 +332,8 @@ ROLLBACK = [
                                                 f"{r.stamp}", when=lambda r: not r.db_only),
     Step("build", BEFORE, rollback_build, build_rollback_detail, when=lambda r: r.converted and not r.db_only),
     Step("prepare", BEFORE, prepare,
-         lambda r: f"copy {r.point.backup.path} beside {r.env.db} and check its sha256 (hashed as it is copied) against "
-                   "the one recorded when the backup passed integrity_check, the app serving",
+         lambda r: f"copy {r.point.backup.path} beside {r.env.db} and check its sha256 (the copy read back and hashed as "
+                   "the kernel copies it) against the one recorded when the backup passed integrity_check, the app serving",
          when=lambda r: r.restore_db),
     Step("stop", BEFORE, stop_for_restore,
          lambda r: f"stop {r.env.unit} so that nothing opens the database" + (
@@ -386,6 +405,8 @@ def put_back_before_change(run):
     """A failure before `code`: what ran is put back (the prepared copy removed, the app started again if it
     was stopped). False when that cannot be done safely (the live database was being set aside)."""
     env = run.env
+    if run.plan_view is not None:
+        run.plan_view.close()
     if run.prepared:
         dbfiles.remove_temp(run.prepared)
     if run.restore_db and run.stopped and not env.db.exists():

@@ -1,0 +1,147 @@
+"""The restore's copy of a backup beside the live database (safedeploy.restore.copy_checked, prepare_restore):
+made by the kernel, checked by hashing the copy read back against the sha256 the backup's manifest records.
+A good copy is the backup byte for byte; a backup with one byte changed, or cut short, is refused with the
+partial copy removed and the live database untouched. Real SQLite files, every copy method."""
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from safedeploy import backups, restore
+from safedeploy.errors import DeployError
+
+METHODS = ["copy_file_range", "sendfile", "read"]
+
+
+def make_live(path: Path, rows: int = 3000) -> Path:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+    conn.execute(f"WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {rows}) "
+                 "INSERT INTO notes (body) SELECT hex(randomblob(300)) FROM s")
+    conn.close()
+    return path
+
+
+@pytest.fixture
+def point(tmp_path):
+    """(the live database, a verified backup of it, the live file's bytes), then a row written live after it."""
+    live = make_live(tmp_path / "app.db")
+    backup = backups.backup_database(live, tmp_path / "backups", "dev", "pre-deploy")
+    conn = sqlite3.connect(live, isolation_level=None)
+    conn.execute("INSERT INTO notes (body) VALUES ('after the point')")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return live, backup, live.read_bytes()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".restore-" in p.name)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("chunk", [restore.COPY_CHUNK, 12_345])
+def test_a_good_copy_is_the_backup_byte_for_byte(tmp_path, point, method, chunk):
+    _, backup, _ = point
+    out = tmp_path / "copy.db"
+    restore.copy_checked(backup.path, out, backup.sha256, chunk=chunk, method=method)
+    assert out.read_bytes() == Path(backup.path).read_bytes()
+    assert os.stat(out).st_mode & 0o777 == 0o600
+    conn = sqlite3.connect(out)
+    assert conn.execute("SELECT count(*) FROM notes").fetchone()[0] == 3000
+    conn.close()
+
+
+def test_prepare_restore_puts_the_checked_copy_beside_the_live_file(tmp_path, point):
+    live, backup, before = point
+    tmp = restore.prepare_restore(backup, live)
+    assert tmp.parent == live.parent and tmp.read_bytes() == Path(backup.path).read_bytes()
+    assert live.read_bytes() == before
+
+
+def corrupt_one_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    at = len(data) // 2 + 17            # inside a page of rows: integrity_check alone might not see it
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    size = path.stat().st_size
+    with open(path, "r+b") as fh:
+        fh.truncate(size - size // 3)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("damage", [corrupt_one_byte, truncate])
+def test_a_damaged_backup_is_refused_by_the_copy(tmp_path, point, method, damage):
+    _, backup, _ = point
+    damage(Path(backup.path))
+    with pytest.raises(DeployError, match="does not match its sha256"):
+        restore.copy_checked(backup.path, tmp_path / "copy.db", backup.sha256, chunk=65_536, method=method)
+
+
+@pytest.mark.parametrize("damage", [corrupt_one_byte, truncate])
+def test_a_damaged_backup_leaves_no_copy_and_the_live_database_untouched(tmp_path, point, damage):
+    live, backup, before = point
+    damage(Path(backup.path))
+    with pytest.raises(DeployError, match="live database was not touched"):
+        restore.prepare_restore(backup, live)
+    assert leftovers(live.parent) == []
+    assert live.read_bytes() == before
+
+
+def test_the_hash_is_of_the_copy_not_of_the_source(tmp_path, point, monkeypatch):
+    """A copy whose bytes differ from the source's (a fault between the two) is refused: the hash reads the copy."""
+    _, backup, _ = point
+    real = restore.copy_chunk
+
+    def faulty(src, dst, offset, n, method):
+        done, method = real(src, dst, offset, n, method)
+        if offset == 0:
+            os.pwrite(dst, b"\xff", 100)        # one byte of the copy changed after the kernel wrote it
+        return done, method
+
+    monkeypatch.setattr(restore, "copy_chunk", faulty)
+    with pytest.raises(DeployError, match="does not match its sha256"):
+        restore.copy_checked(backup.path, tmp_path / "copy.db", backup.sha256, chunk=65_536)
+
+
+def test_a_source_that_shrinks_while_copied_is_a_short_copy(tmp_path, point, monkeypatch):
+    _, backup, _ = point
+    real = restore.copy_chunk
+    calls = []
+
+    def shrinking(src, dst, offset, n, method):
+        calls.append(offset)
+        if len(calls) == 2:
+            with open(backup.path, "r+b") as fh:
+                fh.truncate(offset + 10)
+        return real(src, dst, offset, n, method)
+
+    monkeypatch.setattr(restore, "copy_chunk", shrinking)
+    with pytest.raises(DeployError, match="not .*bytes|could not be read whole"):
+        restore.copy_checked(backup.path, tmp_path / "copy.db", backup.sha256, chunk=65_536)
+
+
+def test_finish_copy_counts_rows_checks_and_hashes_at_once(tmp_path, point):
+    """The seal's and a backup's checks (dbfiles.finish_copy): the rows counted on their own connection while
+    integrity_check and the sha256 run; a file whose pages are damaged is refused by integrity_check."""
+    from safedeploy import dbfiles
+    live, backup, _ = point
+    assert backup.rows == {"notes": 3000}
+    copy = tmp_path / "aside.db"
+    copy.write_bytes(live.read_bytes())
+    seen = []
+    info = dbfiles.finish_copy(live, copy, alongside=lambda: seen.append(dbfiles.rows_of(copy)))
+    assert info["rows"] == {"notes": 3001} and seen == [{"notes": 3001}]
+    assert info["sha256"] == dbfiles.sha256_file(copy)
+    broken = tmp_path / "broken.db"
+    data = bytearray(live.read_bytes())
+    page = info["page_size"]
+    data[3 * page:4 * page] = bytes(range(256)) * (page // 256)      # a page of rows overwritten
+    broken.write_bytes(bytes(data))
+    with pytest.raises((DeployError, sqlite3.DatabaseError), match="fails integrity_check|malformed"):
+        dbfiles.finish_copy(broken, broken)     # the callers (backup_database, seal) take either as the refusal
