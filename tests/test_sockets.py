@@ -39,6 +39,11 @@ def test_install_units_shows_the_diff_saves_the_old_files_and_switches(in_place)
     sock = sb.unit("dev").replace(".service", ".socket")
     assert sb.manager.systemctl("is-active", sock).stdout.strip() == "active"
     assert sock in sb.manager.systemctl("show", sb.unit("dev"), "-p", "TriggeredBy", "--value").stdout
+    # the app started while the socket still activated the holder, which went afterwards: its files, its unit
+    holder = sb.unit("dev").replace(".service", "-port-holder.service")
+    assert sb.manager.systemctl("is-active", holder, check=False).stdout.strip() != "active"
+    assert not list((sb.manager.config_home / "systemd" / "user").glob("*port-holder*"))
+    assert summary(load.samples)["failed"] == 0
     saved = list((sb.root / "backups" / "dev").glob("units-*/" + sb.unit("dev")))
     assert len(saved) == 1 and saved[0].read_text() == old
     status = json.loads(sb.run("status.py", "dev", "--json").stdout)["envs"]["dev"]
@@ -99,6 +104,11 @@ def test_a_database_restore_behind_the_socket_is_not_raced_by_socket_activation(
     sock = sb.unit("dev").replace(".service", ".socket")
     assert sb.manager.systemctl("is-active", sock).stdout.strip() == "active"
     assert sock in sb.manager.systemctl("show", sb.unit("dev"), "-p", "TriggeredBy", "--value").stdout
+    # the app started while the socket still activated the holder, which went afterwards: its files, its unit
+    holder = sb.unit("dev").replace(".service", "-port-holder.service")
+    assert sb.manager.systemctl("is-active", holder, check=False).stdout.strip() != "active"
+    assert not list((sb.manager.config_home / "systemd" / "user").glob("*port-holder*"))
+    assert summary(load.samples)["failed"] == 0
     record = log_records(sb, "dev")[-1]
     assert record["steps"]["stop"] >= 0 and record["db_restored"]
     import sqlite3
