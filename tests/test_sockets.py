@@ -39,11 +39,6 @@ def test_install_units_shows_the_diff_saves_the_old_files_and_switches(in_place)
     sock = sb.unit("dev").replace(".service", ".socket")
     assert sb.manager.systemctl("is-active", sock).stdout.strip() == "active"
     assert sock in sb.manager.systemctl("show", sb.unit("dev"), "-p", "TriggeredBy", "--value").stdout
-    # the app started while the socket still activated the holder, which went afterwards: its files, its unit
-    holder = sb.unit("dev").replace(".service", "-port-holder.service")
-    assert sb.manager.systemctl("is-active", holder, check=False).stdout.strip() != "active"
-    assert not list((sb.manager.config_home / "systemd" / "user").glob("*port-holder*"))
-    assert summary(load.samples)["failed"] == 0
     saved = list((sb.root / "backups" / "dev").glob("units-*/" + sb.unit("dev")))
     assert len(saved) == 1 and saved[0].read_text() == old
     status = json.loads(sb.run("status.py", "dev", "--json").stdout)["envs"]["dev"]
@@ -98,7 +93,7 @@ def test_a_database_restore_behind_the_socket_is_not_raced_by_socket_activation(
     time.sleep(0.5)
     proc = sb.run("rollback.py", "dev", "--yes")
     time.sleep(0.5)
-    load.stop()
+    samples = load.stop()
     assert proc.returncode == 0, proc.stderr
     assert "a migration ran since" in proc.stdout
     sock = sb.unit("dev").replace(".service", ".socket")
@@ -108,7 +103,7 @@ def test_a_database_restore_behind_the_socket_is_not_raced_by_socket_activation(
     holder = sb.unit("dev").replace(".service", "-port-holder.service")
     assert sb.manager.systemctl("is-active", holder, check=False).stdout.strip() != "active"
     assert not list((sb.manager.config_home / "systemd" / "user").glob("*port-holder*"))
-    assert summary(load.samples)["failed"] == 0
+    assert summary(samples)["failed"] == 0
     record = log_records(sb, "dev")[-1]
     assert record["steps"]["stop"] >= 0 and record["db_restored"]
     import sqlite3
