@@ -231,12 +231,16 @@ def stop(unit):
 def stop_serving(unit):
     """Stop every slot that serves, never the socket: requests wait in its queue until a slot starts
     (a deploy whose migration the running release cannot live with stops it first). The slot that serves
-    stops last: the idle one's stop is not part of the stretch without an answer. A failed stop of the env's
-    own unit raises (what follows must not run beside the app); of its handover slot, not."""
+    stops last: the idle one's stop is not part of the stretch without an answer. Returns the slots whose stop
+    failed (a stop job canceled by a start queued meanwhile, say): a caller that must not go on beside the app
+    stops them again."""
     states = slot_states(unit)
     serving = serving_state(unit, states).name
+    failed = []
     for name in sorted((st.name for st in states), key=lambda name: name == serving):
-        systemctl("stop", name, timeout=RESTART_TIMEOUT, check=name == unit)
+        if systemctl("stop", name, timeout=RESTART_TIMEOUT, check=False).returncode != 0:
+            failed.append(name)
+    return failed
 
 
 def stop_for_restore(unit):
@@ -246,7 +250,9 @@ def stop_for_restore(unit):
     listening stops with the app (it would start the service on the first request)."""
     if restart_method(unit) != "plain":
         if state(socket_name(unit)).is_active:
-            hold(unit, why="while the database is restored")    # every slot stopped: no second stop
+            # every slot stopped by the hold: the env's own unit is stopped again (raising) only when its stop failed
+            if unit in hold(unit, why="while the database is restored"):
+                stop(unit)
             return
         systemctl("stop", socket_name(unit), timeout=RESTART_TIMEOUT)
         systemctl("stop", helper_name(unit), timeout=RESTART_TIMEOUT, check=False)
@@ -337,17 +343,18 @@ def install_unit_files(files, modes=None, reload=True):
 MAINTENANCE = Path(__file__).resolve().parent / "maintenance.py"
 
 
-def hold(unit, retry_after=None, page=None, why="while the app is stopped for a migration"):
+def hold(unit, retry_after=None, page=None, why="while the app is stopped for a migration") -> list[str]:
     """Stop every slot that serves, the socket kept, activating the holder instead of the app: requests
     wait in the socket's queue (none refused, none answered by the code that stopped), or, with
     retry_after, get a quick 503 with Retry-After (and page, when readable) from the tool's own listener
-    (safedeploy/maintenance.py). The restart step puts the socket back (release_holder) and starts the app."""
+    (safedeploy/maintenance.py). The restart step puts the socket back (release_holder) and starts the app.
+    Returns the slots whose stop failed (stop_serving)."""
     command = None
     if retry_after is not None:
         command = exec_line([sys.executable, str(MAINTENANCE), "--retry-after", str(int(retry_after))]
                             + (["--page", str(page)] if page else []))
     install_unit_files(port_holder_files(unit, command, why=why))
-    stop_serving(unit)
+    return stop_serving(unit)
 
 
 def hold_crashing(unit: str, started: dict[str, int] | None, seconds: float) -> bool:
