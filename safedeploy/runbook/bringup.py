@@ -77,8 +77,8 @@ def restart_detail(c):
             (getattr(c, "restore_db", False) and units.restart_method(c.env.unit) != "plain"
              and units.state(unitfiles.socket_name(c.env.unit)).is_active))
     if held:
-        return (f"start {c.env.unit} and give {unitfiles.socket_name(c.env.unit)} back to it: it answers the requests "
-                "that waited")
+        return (f"start {c.env.unit} (it answers the requests that waited), then give "
+                f"{unitfiles.socket_name(c.env.unit)} back to the app")
     return units.describe_restart(c.env.unit)
 
 
