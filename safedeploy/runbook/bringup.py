@@ -76,6 +76,8 @@ def restart_detail(c):
     held = ((plan is not None and plan.migration_mode == "stop-first") or
             (getattr(c, "restore_db", False) and units.restart_method(c.env.unit) != "plain"
              and units.state(unitfiles.socket_name(c.env.unit)).is_active))
+    if held and getattr(plan, "retry_after", None) is not None:       # the 503 listener goes first
+        return f"give {unitfiles.socket_name(c.env.unit)} back to the app and start {c.env.unit}"
     if held:
         return (f"start {c.env.unit} (it answers the requests that waited), then give "
                 f"{unitfiles.socket_name(c.env.unit)} back to the app")
