@@ -162,6 +162,7 @@ def restart_held(unit: str) -> dict[str, int]:
                 release_holder(unit)        # as if the holder had gone first: the socket activates the app
             raise
         counts = restart_counts(unit)
+        inject_fault("restart", "held")         # test-only: kill with the app started, the holder not yet gone
         release_holder(unit)
         return counts
     release_holder(unit)
