@@ -60,6 +60,9 @@ DROPS_WARNING = ("a restart closes the port until the new process listens, so re
                  "meanwhile: hold the port with a socket unit ({command})")
 
 
+HOLDER_SLEEP = "/bin/sleep infinity"
+
+
 def port_holder_files(unit: str, exec_start: str | None = None, why: str | None = None) -> dict[Path, str]:
     """{path: text}: the socket's drop-in that makes it activate the holder, and the holder. exec_start:
     what the holder runs when a connection starts it (default: a sleep, so connections wait in the queue)."""
@@ -71,7 +74,28 @@ def port_holder_files(unit: str, exec_start: str | None = None, why: str | None 
             folder / holder_name(unit):
             f"[Unit]\nDescription=holds {socket_name(unit)}'s connections {why} "
             "(written by safe-deploy, removed right after)\n\n"
-            f"[Service]\nExecStart={exec_start or '/bin/sleep infinity'}\n"}
+            f"[Service]\nExecStart={exec_start or HOLDER_SLEEP}\n"}
+
+
+def holder_sleeps(text: str) -> bool:
+    """Whether a holder unit's text (port_holder_files) only sleeps: it accepts no connection, so the app may
+    start on the socket beside it (a 503 listener, safedeploy/maintenance.py, would answer beside the app)."""
+    return [line.split("=", 1)[1].strip() for line in text.splitlines()
+            if line.strip().startswith("ExecStart=")] == [HOLDER_SLEEP]
+
+
+def names_socket(texts: list[str], unit: str) -> bool:
+    """Whether a service's unit file and drop-ins (texts, in the order systemd reads them) name its socket in
+    Sockets=: systemd then passes it the socket's listening fds whichever unit the socket activates (the holder
+    too). An empty Sockets= resets the list, as in systemd."""
+    named = False
+    for text in texts:
+        for line in text.splitlines():
+            stripped = line.strip()
+            if stripped.startswith("Sockets="):
+                value = stripped.split("=", 1)[1].split()
+                named = socket_name(unit) in value or (named and bool(value))
+    return named
 
 
 def render_socket(unit: str, port: int) -> str:

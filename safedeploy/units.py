@@ -16,8 +16,8 @@ from .errors import DeployError
 from .files import remove_quietly, write_atomic
 from .processes import alive, children_of, listening_inodes, wait_for_workers
 from .state import inject_fault
-from .unitfiles import (exec_line, helper_name, holder_name, port_holder_files, socket_name, unit_file_mode,
-                        user_unit_dir)
+from .unitfiles import (exec_line, helper_name, holder_name, holder_sleeps, names_socket, port_holder_files,
+                        socket_name, unit_file_mode, user_unit_dir)
 
 SYSTEMCTL_TIMEOUT = 30
 RESTART_TIMEOUT = 120
@@ -129,10 +129,7 @@ def restart(unit, quick_stop=None):
     rolled back: its graceful stop would wait out a request it never answers); None: its own
     TimeoutStopSec. Returns restart_counts() once started: health counts restarts from there."""
     if holding(unit):               # the app was stopped (a migration, a restore): the socket activates it again
-        release_holder(unit)        # (a queued request may start it at once: `start` then waits for that start)
-        systemctl("reset-failed", unit, check=False)
-        systemctl("start", unit, timeout=RESTART_TIMEOUT)
-        return restart_counts(unit)
+        return restart_held(unit)
     st = state(unit)
     if st.need_reload or state(helper_name(unit)).need_reload:
         daemon_reload()
@@ -146,6 +143,54 @@ def restart(unit, quick_stop=None):
     else:
         systemctl("restart", unit, timeout=RESTART_TIMEOUT)
     return restart_counts(unit)
+
+
+def restart_held(unit: str) -> dict[str, int]:
+    """Start the app the socket holds requests for (hold), and give the socket back to it (release_holder).
+    Requests wait in the socket's queue from the stop until the app answers, so this is the stretch users wait
+    through: when the holder only sleeps and the service names its socket in Sockets= (systemd passes it the
+    listening fds whichever unit the socket activates), the app starts first and the holder goes afterwards,
+    its daemon-reload and stop while the app answers. Otherwise (a 503 listener would answer beside the app, a
+    service without Sockets= would bind the port itself, unit files changed on disk) the holder goes first: a
+    queued request may then start the app at once, and `start` waits for that start. Returns restart_counts()."""
+    if start_beside_holder(unit):
+        systemctl("reset-failed", unit, check=False)
+        try:
+            systemctl("start", unit, timeout=RESTART_TIMEOUT)
+        except DeployError:
+            with contextlib.suppress(DeployError):
+                release_holder(unit)        # as if the holder had gone first: the socket activates the app
+            raise
+        counts = restart_counts(unit)
+        inject_fault("restart", "held")         # test-only: kill with the app started, the holder not yet gone
+        release_holder(unit)
+        return counts
+    release_holder(unit)
+    systemctl("reset-failed", unit, check=False)
+    systemctl("start", unit, timeout=RESTART_TIMEOUT)
+    return restart_counts(unit)
+
+
+def start_beside_holder(unit: str) -> bool:
+    """Whether the held app may start while its socket still activates the holder: the holder only sleeps,
+    the service's unit file (as loaded: none changed on disk since) names the socket in Sockets=."""
+    try:
+        holder = (user_unit_dir() / holder_name(unit)).read_text()
+    except OSError:
+        return False
+    if not holder_sleeps(holder):
+        return False
+    proc = systemctl("show", unit, "--property=FragmentPath,DropInPaths,NeedDaemonReload", check=False)
+    props = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    if proc.returncode != 0 or props.get("NeedDaemonReload") != "no" or not props.get("FragmentPath"):
+        return False
+    texts = []
+    for path in [props["FragmentPath"], *props.get("DropInPaths", "").split()]:
+        try:
+            texts.append(Path(path).read_text(errors="replace"))
+        except OSError:
+            return False
+    return names_socket(texts, unit)
 
 
 def restart_counts(unit: str) -> dict[str, int]:
@@ -186,9 +231,17 @@ def stop(unit):
 
 def stop_serving(unit):
     """Stop every slot that serves, never the socket: requests wait in its queue until a slot starts
-    (a deploy whose migration the running release cannot live with stops it first)."""
-    for name in reversed(slots(unit)):
-        systemctl("stop", name, timeout=RESTART_TIMEOUT, check=False)
+    (a deploy whose migration the running release cannot live with stops it first). The slot that serves
+    stops last: the idle one's stop is not part of the stretch without an answer. Returns the slots whose stop
+    failed (a stop job canceled by a start queued meanwhile, say): a caller that must not go on beside the app
+    stops them again."""
+    states = slot_states(unit)
+    serving = serving_state(unit, states).name
+    failed = []
+    for name in sorted((st.name for st in states), key=lambda name: name == serving):
+        if systemctl("stop", name, timeout=RESTART_TIMEOUT, check=False).returncode != 0:
+            failed.append(name)
+    return failed
 
 
 def stop_for_restore(unit):
@@ -198,10 +251,12 @@ def stop_for_restore(unit):
     listening stops with the app (it would start the service on the first request)."""
     if restart_method(unit) != "plain":
         if state(socket_name(unit)).is_active:
-            hold(unit, why="while the database is restored")
-        else:
-            systemctl("stop", socket_name(unit), timeout=RESTART_TIMEOUT)
-            systemctl("stop", helper_name(unit), timeout=RESTART_TIMEOUT, check=False)
+            # every slot stopped by the hold: the env's own unit is stopped again (raising) only when its stop failed
+            if unit in hold(unit, why="while the database is restored"):
+                stop(unit)
+            return
+        systemctl("stop", socket_name(unit), timeout=RESTART_TIMEOUT)
+        systemctl("stop", helper_name(unit), timeout=RESTART_TIMEOUT, check=False)
     stop(unit)
 
 
@@ -289,17 +344,18 @@ def install_unit_files(files, modes=None, reload=True):
 MAINTENANCE = Path(__file__).resolve().parent / "maintenance.py"
 
 
-def hold(unit, retry_after=None, page=None, why="while the app is stopped for a migration"):
+def hold(unit, retry_after=None, page=None, why="while the app is stopped for a migration") -> list[str]:
     """Stop every slot that serves, the socket kept, activating the holder instead of the app: requests
     wait in the socket's queue (none refused, none answered by the code that stopped), or, with
     retry_after, get a quick 503 with Retry-After (and page, when readable) from the tool's own listener
-    (safedeploy/maintenance.py). The restart step puts the socket back (release_holder) and starts the app."""
+    (safedeploy/maintenance.py). The restart step puts the socket back (release_holder) and starts the app.
+    Returns the slots whose stop failed (stop_serving)."""
     command = None
     if retry_after is not None:
         command = exec_line([sys.executable, str(MAINTENANCE), "--retry-after", str(int(retry_after))]
                             + (["--page", str(page)] if page else []))
     install_unit_files(port_holder_files(unit, command, why=why))
-    stop_serving(unit)
+    return stop_serving(unit)
 
 
 def hold_crashing(unit: str, started: dict[str, int] | None, seconds: float) -> bool:
@@ -379,10 +435,11 @@ def slots(unit):
     return [st.name for st in slot_states(unit)]
 
 
-def serving_state(unit):
+def serving_state(unit, states=None):
     """The state of the slot that serves (or is starting to): with a handover slot, a deploy leaves
-    whichever it started last serving. Both running (a deploy killed mid-swap): the newer."""
-    states = slot_states(unit)
+    whichever it started last serving. Both running (a deploy killed mid-swap): the newer. states: the
+    slot_states(unit) the caller has (default: asked now)."""
+    states = slot_states(unit) if states is None else states
     running = [st for st in states if st.is_active]
     if running:
         return min(running, key=lambda st: st.uptime if st.uptime is not None else 0.0)

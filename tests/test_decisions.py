@@ -163,6 +163,18 @@ def test_a_holder_command_line_escapes_what_systemd_would_expand():
     assert exec_line(["/usr/bin/python3", "/srv/a b/50%$HOME.py"]) == "/usr/bin/python3 '/srv/a b/50%%$$HOME.py'"
 
 
+def test_a_held_app_starts_beside_the_holder_only_when_it_takes_its_socket_and_the_holder_sleeps():
+    from safedeploy.unitfiles import holder_sleeps, names_socket, port_holder_files
+    sleeping, listener = (list(port_holder_files("app.service", command).values())[1]
+                          for command in (None, "/usr/bin/python3 /srv/maintenance.py --retry-after 35"))
+    assert holder_sleeps(sleeping) and not holder_sleeps(listener)
+    assert names_socket(["[Service]\nExecStart=/bin/app\nSockets=app.socket\n"], "app.service")
+    assert names_socket(["[Service]\nSockets=other.socket app.socket\n"], "app.service")
+    assert not names_socket(["[Service]\nRequires=app.socket\n"], "app.service")     # it would bind the port itself
+    assert not names_socket(["[Service]\nSockets=app.socket\n", "[Service]\nSockets=\n"], "app.service")
+    assert names_socket(["[Service]\nSockets=app.socket\n", "[Service]\nSockets=other.socket\n"], "app.service")
+
+
 def test_the_503_listener_is_asked_for_only_past_what_clients_wait():
     assert decisions.maintenance(None)[0] is None            # not rehearsed: the queue
     assert decisions.maintenance(29.9)[0] is None

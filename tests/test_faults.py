@@ -41,10 +41,11 @@ def test_fault_in_place(in_place, op, step):
 
 
 @pytest.mark.parametrize("op, fault_at", [("deploy", "restart:handover"), ("deploy", "deploy:health"),
-                                          ("rollback", "rollback:restart")])
+                                          ("rollback", "rollback:restart"), ("rollback", "restart:held")])
 def test_fault_with_the_handover_helper(sandbox, op, fault_at):
     """Killed in the middle of a handover (or just before): the next command recovers, one slot serves.
-    (The rollback here restores the database, so it restarts from stopped, without the helper.)"""
+    (The rollback here restores the database, so it restarts from stopped, without the helper; restart:held
+    kills it with the app started and the socket still activating the holder.)"""
     cell = run_cell(sandbox, op, fault_at.split(":")[1], "KILL", handover=True, fault_at=fault_at)
     assert cell.recovered, cell.problems
     helper = sandbox.unit("dev").replace(".service", "-handover.service")

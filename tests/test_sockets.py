@@ -93,12 +93,17 @@ def test_a_database_restore_behind_the_socket_is_not_raced_by_socket_activation(
     time.sleep(0.5)
     proc = sb.run("rollback.py", "dev", "--yes")
     time.sleep(0.5)
-    load.stop()
+    samples = load.stop()
     assert proc.returncode == 0, proc.stderr
     assert "a migration ran since" in proc.stdout
     sock = sb.unit("dev").replace(".service", ".socket")
     assert sb.manager.systemctl("is-active", sock).stdout.strip() == "active"
     assert sock in sb.manager.systemctl("show", sb.unit("dev"), "-p", "TriggeredBy", "--value").stdout
+    # the app started while the socket still activated the holder, which went afterwards: its files, its unit
+    holder = sb.unit("dev").replace(".service", "-port-holder.service")
+    assert sb.manager.systemctl("is-active", holder, check=False).stdout.strip() != "active"
+    assert not list((sb.manager.config_home / "systemd" / "user").glob("*port-holder*"))
+    assert summary(samples)["failed"] == 0
     record = log_records(sb, "dev")[-1]
     assert record["steps"]["stop"] >= 0 and record["db_restored"]
     import sqlite3

@@ -71,14 +71,16 @@ def stop_probe(run: BringingUp) -> dict | None:
 
 def restart_detail(c):
     """The restart as the dry run and the plans say it: after a stop-first stop or a restore's, the socket
-    is held (units.hold), and the restart gives it back to the app and starts it."""
+    is held (units.hold), and the restart starts the app and gives the socket back to it (units.restart_held)."""
     plan = getattr(c, "plan", None)
     held = ((plan is not None and plan.migration_mode == "stop-first") or
             (getattr(c, "restore_db", False) and units.restart_method(c.env.unit) != "plain"
              and units.state(unitfiles.socket_name(c.env.unit)).is_active))
+    if held and getattr(plan, "retry_after", None) is not None:       # the 503 listener goes first
+        return f"give {unitfiles.socket_name(c.env.unit)} back to the app and start {c.env.unit}"
     if held:
-        return (f"give {unitfiles.socket_name(c.env.unit)} back to the app and start {c.env.unit}: it answers the requests "
-                "that waited")
+        return (f"start {c.env.unit} (it answers the requests that waited), then give "
+                f"{unitfiles.socket_name(c.env.unit)} back to the app")
     return units.describe_restart(c.env.unit)
 
 
