@@ -314,12 +314,14 @@ def stat_mode(path):
 
 
 def install_units(run):
-    """The unit files (with, when the port still has to move, the holder: see unitfiles.holder_name) and the
-    socket enabled, while the app still serves: both reload the manager, which takes a few hundred
-    milliseconds that must not fall in the window where the port is closed."""
+    """The unit files with the holder (see unitfiles.holder_name) and the socket enabled, while the app still
+    serves: both reload the manager, which takes a few hundred milliseconds that must not fall in the window
+    where the port is closed. The holder also when the socket already listens: a request arriving while the
+    app stops would otherwise have the socket start the service, and systemd cancels the stop job for it
+    ("Job ... canceled", seen under load); with the holder the request waits in the queue."""
     env = run.env
     run.held_by_socket = units.state(unitfiles.socket_name(env.unit)).is_active   # then requests wait throughout
-    holder = {} if run.held_by_socket else unitfiles.port_holder_files(env.unit)
+    holder = unitfiles.port_holder_files(env.unit)
     write_secrets(run.conversion)
     units.install_unit_files({**run.conversion.files, **holder}, run.modes, reload=False)
     units.systemctl("enable", "--no-reload", unitfiles.socket_name(env.unit))
