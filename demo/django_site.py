@@ -26,7 +26,7 @@ Use (the lead's row-ledger tests too):
     from demo import django_site
     from demo.sandbox import Sandbox
 
-    venv = django_site.make_venv(tmp_path_factory.mktemp("django"))   # once per session: ~15 s
+    venv = django_site.make_venv(tmp_path_factory.mktemp("django"))   # once per session (uv: ~3 s of CPU)
     site = django_site.DjangoSite(venv)                 # or DjangoSite(wheels=folder): a venv per release
     sb = Sandbox(tmp_path / "host", user_manager, name="dj1", app=site)
     sb.root.mkdir()
