@@ -26,7 +26,7 @@ Use (the lead's row-ledger tests too):
     from demo import django_site
     from demo.sandbox import Sandbox
 
-    venv = django_site.make_venv(tmp_path_factory.mktemp("django"))   # once per session: ~15 s
+    venv = django_site.make_venv(tmp_path_factory.mktemp("django"))   # once per session (uv: ~3 s of CPU)
     site = django_site.DjangoSite(venv)                 # or DjangoSite(wheels=folder): a venv per release
     sb = Sandbox(tmp_path / "host", user_manager, name="dj1", app=site)
     sb.root.mkdir()
@@ -42,10 +42,9 @@ config) with the Django site: adopt.py's start. site.secret(env) is the env's se
 import json
 import secrets
 import subprocess
-import sys
 from pathlib import Path
 
-from demo.wheels import wheels_of_installed
+from demo.wheels import uv_build, wheels_of_installed
 
 REQUIREMENTS = ("django", "gunicorn")
 
@@ -323,10 +322,7 @@ def wheel_folder(root):
 
 def install_argv(python, wheels):
     """[argv, ...] that make a venv `python` names and install the site's requirements from wheels."""
-    venv = Path(python).parent.parent
-    return [[sys.executable, "-m", "venv", str(venv)],
-            [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-index",
-             "--find-links", str(wheels), *REQUIREMENTS]]
+    return uv_build(wheels, venv=Path(python).parent.parent, python=python, requirements=REQUIREMENTS)
 
 
 def make_venv(root):
@@ -367,9 +363,7 @@ class DjangoSite:
         """The config's `build`: none with a shared venv, else a venv from the wheel folder."""
         if self.venv:
             return []
-        return [[sys.executable, "-m", "venv", "venv"],
-                ["venv/bin/pip", "install", "--quiet", "--disable-pip-version-check", "--no-index", "--find-links",
-                 str(self.wheels), "-r", "requirements.txt"]]
+        return uv_build(self.wheels)
 
     def pre_restart(self):
         python = str(self.venv / "bin" / "python") if self.venv else "venv/bin/python"

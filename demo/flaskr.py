@@ -9,13 +9,12 @@ for a writer, and a migration script (pre_restart) whose shape the release names
 - "fail": the rename, then the migration fails (exit 1).
 
 The releases' venvs are installed from a wheel folder made from this python's own Flask and gunicorn
-(demo.wheels.wheels_of_installed): no network.
+(demo.wheels.wheels_of_installed), with uv (demo.wheels.uv_build): no network.
 """
 
 import json
-import sys
 
-from demo.wheels import wheels_of_installed
+from demo.wheels import uv_build, wheels_of_installed
 
 APP = '''\
 import json
@@ -72,7 +71,6 @@ def status():
 
 MIGRATE = '''\
 import sqlite3
-import sys
 import time
 from pathlib import Path
 
@@ -119,9 +117,8 @@ def wheel_folder(root):
 
 
 def build_argv(wheels):
-    return [[sys.executable, "-m", "venv", "venv"],
-            ["venv/bin/pip", "install", "--quiet", "--disable-pip-version-check", "--no-index",
-             "--find-links", str(wheels), "-r", "requirements.txt"]]
+    """The config's `build`: the release's venv from the wheel folder, with uv."""
+    return uv_build(wheels)
 
 
 def release_files(version, column, migration):
