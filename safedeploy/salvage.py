@@ -222,18 +222,24 @@ class Reader:
             kind = page[base]
             if kind == 0x0D:
                 rows += self.leaf_rows(number, page)
-            elif kind == 0x05:
-                todo += self.children(number, page)
+            elif kind == 0x05 and (kids := self.children(number, page)) is not None:
+                todo += kids
             else:
                 self.found.bad_pages += 1
         return rows
 
-    def children(self, number: int, page: bytes) -> list[int]:
+    def children(self, number: int, page: bytes) -> list[int] | None:
+        """The child pages an interior table page names, or None when the page cannot be one (its cell
+        pointers or cells reach past its end: damaged bytes that look like an interior page; counted bad)."""
         base = self.header_at(number)
         cells = struct.unpack(">H", page[base + 3:base + 5])[0]
+        if base + 12 + 2 * cells > len(page):
+            return None
         out = [struct.unpack(">I", page[base + 8:base + 12])[0]]
         for i in range(cells):
             at = struct.unpack(">H", page[base + 12 + 2 * i:base + 14 + 2 * i])[0]
+            if at + 4 > len(page):
+                return None
             out.append(struct.unpack(">I", page[at:at + 4])[0])
         return [c for c in out if 1 <= c <= self.pages.count]
 

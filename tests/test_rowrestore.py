@@ -320,3 +320,23 @@ def test_a_salvage_puts_the_rows_under_a_damaged_interior_page_back_in_their_tab
         fh.write(b"\x00" * 4096)
     found = salvage.salvage(db, tmp_path / "salvaged.db")
     assert found.lost_and_found == 0 and found.tables["notes"] == 400 and found.tables["django_migrations"] == 1
+
+
+def test_a_damaged_interior_page_whose_cells_reach_past_its_end_is_a_bad_page_not_a_crash(tmp_path):
+    """Random bytes can look like an interior page (kind 0x05) whose cell pointers name offsets at the page's
+    very end (seen: os.urandom damage, struct.error out of status.py): counted bad, its leaves read as orphans."""
+    from safedeploy import salvage
+    db = tmp_path / "app.db"
+    make_db(db, DJANGO_NOTES.replace(", words INTEGER NOT NULL", ", created TEXT NOT NULL"), [])
+    run_sql(db, *[f"INSERT INTO notes (author, body, created) VALUES ('w', 'n{i}-{'x' * 300}', 't{i}')"
+                  for i in range(400)], "PRAGMA wal_checkpoint(TRUNCATE)")
+    root = query(db, "SELECT rootpage FROM sqlite_schema WHERE name = 'notes'")[0][0]
+    with open(db, "r+b") as fh:                           # still kind 0x05, two cells, one at offset 4094
+        fh.seek(4096 * (root - 1))
+        page = bytearray(fh.read(4096))
+        page[3:5] = (2).to_bytes(2, "big")
+        page[12:16] = (100).to_bytes(2, "big") + (4094).to_bytes(2, "big")
+        fh.seek(4096 * (root - 1))
+        fh.write(bytes(page))
+    found = salvage.salvage(db, tmp_path / "salvaged.db")
+    assert found.bad_pages >= 1 and found.tables["notes"] == 400
