@@ -1,5 +1,6 @@
 # The two commands of the README: `make demo` and `make test`. Both set up .venv first.
-# `make install` is what an operator runs on a host (the scripts' requirements only, in .venv);
+# `make install` is what an operator runs on a host (the scripts' requirements only, in .venv; the package
+# compiled, so a script started by cron or a timer under PYTHONDONTWRITEBYTECODE does not compile it each time);
 # `make test-debian` runs the tests that build releases under Debian's own /usr/bin/python3.
 # `make docs` writes docs/cli.md from the scripts' --help and docs/config.md from safedeploy/config_keys.py
 # (tests/test_docs.py fails when either is stale).
@@ -26,6 +27,7 @@ $(DEBIAN_VENV)/.ready: requirements.txt requirements-dev.txt
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m compileall -q safedeploy
 
 system-packages:
 	bash .ci/system-packages
