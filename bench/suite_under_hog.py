@@ -6,7 +6,7 @@ seconds of pytest and everything it started (children's user+sys, the apps in th
 included: they are its descendants; not the hog), passed/failed/errors, the load average before and
 after; then the totals. The hog is started before each run and killed after it; a run's failures are listed by test id.
 
-    python3 bench/suite_under_hog.py [--runs 5] [--no-hog] [-- PYTEST-ARGS...]
+    python3 bench/suite_under_hog.py [--runs 5] [--no-hog] [--tail N] [-- PYTEST-ARGS...]   # e.g. -- --durations=30
 """
 
 import argparse
@@ -46,7 +46,7 @@ def stop_hog(hog):
         hog.wait(timeout=30)
 
 
-def one_run(number, hog_on, pytest_args):
+def one_run(number, hog_on, pytest_args, tail=0):
     hog = start_hog() if hog_on else None
     load_before = os.getloadavg()[0]
     cpu_before = children_cpu()
@@ -65,6 +65,8 @@ def one_run(number, hog_on, pytest_args):
           f"load {load_before:.1f} -> {os.getloadavg()[0]:.1f}, exit {proc.returncode}", flush=True)
     for test in failed:
         print(f"    {test}", flush=True)
+    if tail:
+        print("\n".join(proc.stdout.splitlines()[-tail:]), flush=True)
     if proc.returncode not in (0, 1):
         print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n", flush=True)
     return wall, proc.returncode == 0
@@ -74,11 +76,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--no-hog", action="store_true", help="without stress-ng beside it")
+    parser.add_argument("--tail", type=int, default=0, help="print the last N lines of each run's pytest output")
     parser.add_argument("pytest_args", nargs="*", help="after --: passed to pytest")
     args = parser.parse_args()
     walls, green = [], 0
     for number in range(1, args.runs + 1):
-        wall, ok = one_run(number, not args.no_hog, args.pytest_args)
+        wall, ok = one_run(number, not args.no_hog, args.pytest_args, args.tail)
         walls.append(wall)
         green += ok
     print(f"{green} of {args.runs} runs green; wall min {min(walls):.1f} s, max {max(walls):.1f} s "
