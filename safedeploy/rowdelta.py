@@ -74,11 +74,8 @@ def differing_keys(conn: sqlite3.Connection, table: Table, a: str, b: str,
     checks = " OR ".join(f"x.{quote(c)} IS NOT y.{quote(c)} COLLATE BINARY"
                          + (f" OR typeof(x.{quote(c)}) != typeof(y.{quote(c)})" if mixes_numbers(kind) else "")
                          for c, kind in zip(table.columns, table.types) if c != table.surrogate)
-    where = f"(y.{k} IS NULL" + (f" OR {checks})" if checks else ")")
-    args: tuple = ()
-    if among is not None:
-        where += f" AND x.{k} IN (SELECT value FROM json_each(?))"
-        args = (json.dumps(sorted(among)),)
+    narrow, args = among_clause(k, among)
+    where = f"(y.{k} IS NULL" + (f" OR {checks})" if checks else ")") + narrow
     changed: set[int] = set()
     only: set[int] = set()
     for key, missing in conn.execute(f"SELECT x.{k}, y.{k} IS NULL FROM {a}.{q} AS x LEFT JOIN {b}.{q} AS y "
@@ -87,11 +84,17 @@ def differing_keys(conn: sqlite3.Connection, table: Table, a: str, b: str,
     return changed, only
 
 
+def among_clause(k: str, among: set[int] | None) -> tuple[str, tuple]:
+    """(the SQL that keeps only side x's keys among the given ones, its argument); ("", ()) for every key."""
+    if among is None:
+        return "", ()
+    return f" AND x.{k} IN (SELECT value FROM json_each(?))", (json.dumps(sorted(among)),)
+
+
 def only_keys(conn: sqlite3.Connection, table: Table, a: str, b: str, among: set[int] | None = None) -> list[int]:
     """Keys of side a that side b does not have (among: only these keys of side a can be missing on side b)."""
     k, q = key_of(table), quote(table.name)
-    narrow, args = (f" AND x.{k} IN (SELECT value FROM json_each(?))", (json.dumps(sorted(among)),)) \
-        if among is not None else ("", ())
+    narrow, args = among_clause(k, among)
     return [r[0] for r in conn.execute(f"SELECT x.{k} FROM {a}.{q} AS x WHERE NOT EXISTS "
                                        f"(SELECT 1 FROM {b}.{q} AS y WHERE y.{k} = x.{k}){narrow}", args)]
 
