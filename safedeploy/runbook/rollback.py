@@ -62,7 +62,6 @@ class RollbackRun(Run):
     early: object = None                # a restore.EarlyPrepare the plan started, which prepare waits for
     plan_view: object = None            # a rowloss.PlanView the plan kept open (--yes): the seal may take its count
     without_prompt: bool = False        # nothing asked between the plan and the steps (rollback.py --yes)
-    seal_count: str = ""                # why the seal counted again or took the plan's count
     stopped: bool = False
     unit_action: str = "keep"           # "restore" or "keep", with unit_why
     unit_why: str = ""
@@ -229,10 +228,10 @@ def seal(run):
     if record.aside is None:
         return              # there was no live database to set aside (or a killed run's save was sealed already)
     view = run.plan_view
-    reuse = False
+    reuse, why = False, "no plan's count to take"
     if view is not None:
         view.close()
-        reuse, run.seal_count = decisions.plan_count_reusable(run.without_prompt, view.held_open, view.at_plan,
+        reuse, why = decisions.plan_count_reusable(run.without_prompt, view.held_open, view.at_plan,
                                                               view.after_plan, view.at_stop)
     counted: dict = {}
 
@@ -253,7 +252,7 @@ def seal(run):
         salvage_evidence(run)
         return
     record.pre_rollback = record.aside = record.backup = sealed.path
-    record.rows_counted = ("plan: " if reuse else "seal: ") + (run.seal_count or "no plan's count to take")
+    record.rows_counted = ("plan: " if reuse else "seal: ") + why
     lost = counted.get("lost")
     record.rows_lost = lost if lost is not None else rowloss.lost(env, sealed.path, sealed.sha256)
 
