@@ -26,6 +26,7 @@ import os
 import struct
 
 from .dbfiles import WalMark, held_fd
+from .salvage import varint
 
 WAL_MAGIC = (0x377F0682, 0x377F0683)
 READ_RUN = 2048         # pages read and compared at once (8 MB of 4 KiB pages)
@@ -108,17 +109,6 @@ class Pages:
     def close(self) -> None:
         if not self.held:
             os.close(self.fd)
-
-
-def varint(data: bytes, at: int) -> tuple[int, int]:
-    """SQLite's varint at data[at:]: (value, the offset after it)."""
-    value = 0
-    for i in range(8):
-        b = data[at + i]
-        value = (value << 7) | (b & 0x7F)
-        if b < 0x80:
-            return value, at + i + 1
-    return (value << 8) | data[at + 8], at + 9
 
 
 def btree(pages: Pages, root: int, leaf_kind: int, interior_kind: int) -> tuple[list[int], list[int]]:
