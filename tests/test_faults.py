@@ -4,21 +4,21 @@ layout users have (an env converted to releases): deploy, rollback, backup and r
 (demo.faults.cell_steps), and SIGTERM, SIGINT and SIGHUP at the steps where they matter. After each,
 the next command recovers; the env serves a known commit, the database passes integrity_check, no
 acknowledged write is missing from the live database plus the backups, and nothing is left half done.
-The in-place layout keeps the cells that are about it. bench/fault_matrix.py (CI) runs every step with
-every signal on both layouts. (The switch: SAFE_DEPLOY_FAULT.)"""
+The full matrix, every step with every signal on both layouts, is bench/fault_matrix.py, which CI runs
+after the suite (.ci/run) and which fails CI on a cell not recovered, a write lost or a step list that
+drifted; so the suite keeps one cell of each kind it has (a deploy killed at its switch, a rollback killed
+while its data moves, a rehearsal stopped by TERM, an env still in place) and the cells only it has (the
+handover helper). That cut 19 cells, about 200 s of the suite's test time (issue 32, item 7).
+(The switch: SAFE_DEPLOY_FAULT.)"""
 
 import pytest
 
 from demo.faults import cell_steps, run_cell
 
-# every step of a deploy; a rollback where its data moves; a rehearsal and a backup where something runs
-# (the whole matrix, every step and signal on both layouts, is bench/fault_matrix.py, which CI runs)
-ROLLBACK_DATA = ("prepare", "save", "code", "database", "seal")
-KILLS = ([("deploy", step, "KILL") for step in cell_steps("deploy")]
-         + [("rollback", step, "KILL") for step in cell_steps("rollback") if step in ROLLBACK_DATA]
-         + [("rehearse", "old_check", "KILL"), ("backup", "publish", "KILL")])
-SIGNALS = [("deploy", "switch", "TERM"), ("deploy", "pre_restart", "INT"), ("deploy", "restart", "HUP"),
-           ("rollback", "database", "TERM"), ("rehearse", "health", "TERM")]
+# one cell of each kind; every step with every signal is bench/fault_matrix.py's (CI)
+KILLS = [("deploy", "switch", "KILL"), ("rollback", "database", "KILL")]
+SIGNALS = [("rehearse", "health", "TERM")]
+assert all(step in cell_steps(op) for op, step, _ in KILLS + SIGNALS)     # a renamed step fails here, not quietly
 
 
 @pytest.mark.parametrize("op, step, sig", KILLS + SIGNALS, ids=[":".join(c) for c in KILLS + SIGNALS])
@@ -28,7 +28,7 @@ def test_fault_on_releases(sandbox, op, step, sig):
     assert cell.writes_lost == 0
 
 
-IN_PLACE = [("deploy", "revision"), ("rollback", "code")]
+IN_PLACE = [("rollback", "code")]
 
 
 @pytest.mark.parametrize("op, step", IN_PLACE, ids=[":".join(c) for c in IN_PLACE])
