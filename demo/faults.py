@@ -209,6 +209,7 @@ def run_cell(sb, op, step, sig, handover=False, fault_at=None, releases=True):
 
 
 def run(sb, extra_env, *args):
+    sb.ready_for(*args[1:])
     argv = [sys.executable, str(REPO_ROOT / args[0]), *args[1:], "--config", str(sb.config)]
     return subprocess.run(argv, env={**sb.env, **extra_env}, capture_output=True, text=True, timeout=120,
                           stdin=subprocess.DEVNULL)

@@ -4,6 +4,7 @@ and a fresh sandbox (bare origin, prod clone, dev worktree, sample app units) pe
 Tests that need the user manager fail, never skip, when it cannot start."""
 
 import compileall
+import inspect
 import itertools
 import os
 import sys
@@ -24,6 +25,8 @@ def pytest_configure(config):
     .pyc files but writes none, so each run compiled its ~90 modules from source again: 0.12 s of CPU a run
     (0.32 s against 0.20 s for `status.py --help`), about 170 s a suite. Each xdist worker runs this too:
     compileall skips what is up to date, and writes each file atomically."""
+    config.addinivalue_line("markers", "both_converted: the sandbox fixture converts prod too before the test "
+                                       "(it breaks what a conversion started later would read)")
     root = Path(__file__).resolve().parent.parent
     for folder in ("safedeploy", "demo"):
         compileall.compile_dir(str(root / folder), quiet=1)
@@ -48,11 +51,29 @@ def make_sandbox(user_manager, tmp_path, converted):
 
 
 @pytest.fixture
-def sandbox(user_manager, tmp_path):
-    """The layout users have: both envs converted to releases and socket units (as adopt.py leaves them)."""
-    sb = make_sandbox(user_manager, tmp_path, converted=True)
+def sandbox(user_manager, tmp_path, request):
+    """The layout users have: both envs converted to releases and socket units (as adopt.py leaves them).
+    A test whose text (or parameters) never names prod gets prod converted only when it runs a script that
+    may touch prod (Sandbox.convert_when_used): ~95 of ~140 tests never do, and each conversion is a
+    deploy.py run of ~1 s of CPU. A test that breaks the config or the state before its first such script
+    (which the conversion would then meet) is marked `both_converted`: both envs converted first."""
+    sb = make_sandbox(user_manager, tmp_path, converted=False)
+    if names_prod(request):
+        sb.convert()
+    else:
+        sb.convert("dev")
+        sb.convert_when_used("prod")
     yield sb
     sb.stop_units()
+
+
+def names_prod(request):
+    if request.node.get_closest_marker("both_converted"):
+        return True
+    text = inspect.getsource(request.function)
+    params = getattr(request.node, "callspec", None)
+    return any(word in text for word in ("prod", "promote")) or \
+        any("prod" in str(value) for value in (params.params.values() if params else ()))
 
 
 @pytest.fixture

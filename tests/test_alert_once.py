@@ -39,6 +39,7 @@ class SlowReceiver:
 
 
 def alert_runs(sb, n):
+    sb.ready_for()
     argv = [sb.python, str(REPO_ROOT / "status.py"), "--alert", "--quiet", "--config", str(sb.config)]
     procs = [subprocess.Popen(argv, env=sb.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               stdin=subprocess.DEVNULL) for _ in range(n)]

@@ -89,6 +89,7 @@ def test_borg_chunks_follow_the_database_page_size(sandbox):
     assert size > 5_000_000 and added < 200_000, (added, size)       # a few pages (and the manifest), not the file
 
 
+@pytest.mark.both_converted         # it breaks the config or the state first
 def test_borg_refuses_what_it_cannot_reach_and_secrets_in_options(sandbox):
     sb = sandbox
     for kw, key in (({"repository": "sftp:u@nas:/srv/x"}, "offsite.repository"),

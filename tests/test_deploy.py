@@ -172,6 +172,7 @@ def test_promoted_env_asks_for_its_name_on_a_terminal(sandbox):
 
 def run_on_terminal(sb, args, typed):
     """Run a script with a pseudo-terminal as stdin/stdout (util-linux `script`)."""
+    sb.ready_for(*args[1:])
     command = " ".join([sys.executable, str(REPO_ROOT / args[0]), *args[1:], "--config", str(sb.config)])
     return subprocess.run(["script", "-qec", command, "/dev/null"], input=typed, env=sb.env,
                           capture_output=True, text=True, timeout=120)

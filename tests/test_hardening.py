@@ -103,6 +103,7 @@ def test_every_malformed_config_is_refused_and_changes_nothing(watched):
     assert listing(*folders) == before
 
 
+@pytest.mark.both_converted         # it breaks the config or the state first
 def test_every_bad_argument_is_refused_and_changes_nothing(watched):
     sb, folders = watched
     before = listing(*folders)
@@ -115,6 +116,7 @@ def test_every_bad_argument_is_refused_and_changes_nothing(watched):
 
 
 # -- hardening ----------------------------------------------------------------------------------
+@pytest.mark.both_converted         # it breaks the config or the state first
 def test_config_or_state_writable_by_others_is_refused(watched):
     sb, _ = watched
     os.chmod(sb.config, 0o664)

@@ -76,6 +76,7 @@ def test_the_rollback_plan_is_the_steps_it_takes(sandbox):
 
 
 def run_killed(sb, fault, *args):
+    sb.ready_for(*args[1:])
     argv = [sys.executable, str(REPO_ROOT / args[0]), *args[1:], "--config", str(sb.config)]
     return subprocess.run(argv, env={**sb.env, "SAFE_DEPLOY_FAULT": fault}, capture_output=True, text=True,
                           timeout=120, stdin=subprocess.DEVNULL)

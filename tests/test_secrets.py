@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import requests
 
 from demo.sandbox import REPO_ROOT
@@ -79,6 +80,7 @@ def test_the_503_page_never_serves_a_file_outside_the_release(tmp_path):
     assert "flaskr is moving its posts" in body_served(page)
 
 
+@pytest.mark.both_converted         # it breaks the config or the state first
 def test_a_password_file_that_is_not_a_regular_file_is_refused_at_load(sandbox):
     sb = sandbox
     base = sb.config.read_text()
