@@ -15,7 +15,9 @@ import json
 import os
 import re
 import sqlite3
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -256,11 +258,12 @@ def aside_name(db_path, backup_folder, env, stamp):
     return db_path.parent / f"{db_path.name}.rolled-back-{stamp}"
 
 
-def seal(saved, folder, env, commit, unit_file=None, alongside=None, rows=None, checked=None):
+def seal(saved, folder, env, commit, unit_file=None, alongside=None, rows=None, checked=None, unit_text=None):
     """Make a database set aside by a restore a verified backup (manifest, sha256) in folder.
     A file already in folder is sealed where it lies; one outside is copied in (and stays).
     alongside: a function reading the saved file, run while it is checked; rows, checked: its row count and
-    integrity_check verdict when known (see finish_copy)."""
+    integrity_check verdict when known (see finish_copy). unit_text: unit_file's bytes as read by the caller
+    (a seal in a thread: read before anything could change the file), else read here."""
     saved, folder = Path(saved), Path(folder)
     if saved.parent != folder:
         backup = backup_database(saved, folder, env, "pre-rollback", commit=commit, unit_file=unit_file)
@@ -287,9 +290,39 @@ def seal(saved, folder, env, commit, unit_file=None, alongside=None, rows=None, 
                     commit=commit, seconds=round(time.monotonic() - start, 3), held=True, **info)
     if unit_file:
         backup.unit_file, backup.unit_backup = str(unit_file), str(saved.with_suffix(".unit"))
-        write_atomic(backup.unit_backup, Path(unit_file).read_bytes())
+        write_atomic(backup.unit_backup, unit_text if unit_text is not None else read_unit_file(unit_file))
     write_atomic(backup.manifest_path, json.dumps(backup.to_json(), indent=2) + "\n")
     return backup
+
+
+class EarlySeal:
+    """seal() started at once in a thread of the lowest CPU priority (a rollback starts it once the restored
+    database is in place, when the plan's count stands and only the file's own work is left: fold its WAL, hash
+    it, fsync it), so that it runs while the app restarts and answers its health check, and yields the CPU to
+    them. result(): the Backup, or the DeployError seal() raised. Touches only the set-aside files."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.future = self.pool.submit(self.lowly, seal, *args, **kwargs)
+        self.pool.shutdown(wait=False)
+
+    @staticmethod
+    def lowly(fn, *args, **kwargs):
+        try:        # this thread alone (Linux: a thread's id is a process id to setpriority); its own threads inherit it
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass
+        return fn(*args, **kwargs)
+
+    def result(self):
+        return self.future.result()
+
+    def wait(self) -> None:
+        """Until it is done, however it ended (a failed rollback, before it reports)."""
+        try:
+            self.future.result()
+        except BaseException:       # seal() left the file as it was, or kept it as evidence
+            pass
 
 
 def unsealed(folder):

@@ -5,11 +5,14 @@ partial copy removed and the live database untouched. Real SQLite files, every c
 
 import os
 import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from safedeploy import backups, restore
+from safedeploy.dbfiles import sha256_file
 from safedeploy.errors import DeployError
 
 METHODS = ["copy_file_range", "sendfile", "read"]
@@ -145,3 +148,40 @@ def test_finish_copy_counts_rows_checks_and_hashes_at_once(tmp_path, point):
     broken.write_bytes(bytes(data))
     with pytest.raises((DeployError, sqlite3.DatabaseError), match="fails integrity_check|malformed"):
         dbfiles.finish_copy(broken, broken)     # the callers (backup_database, seal) take either as the refusal
+
+
+def test_an_early_seal_seals_the_set_aside_file_at_the_lowest_priority(tmp_path):
+    """backups.EarlySeal (a rollback's seal started while the app restarts): the same sealed backup as seal()
+    in place (self-contained, its manifest's sha256 the file's), made by a thread at nice 19; an error is the
+    one seal() raises, and wait() returns after it."""
+    folder = tmp_path / "backups"
+    folder.mkdir(mode=0o700)
+    aside = make_live(folder / "dev-20260101-000000-pre-rollback.sqlite3")
+    conn = sqlite3.connect(aside)           # a WAL with frames in it beside the set-aside file, as a stop leaves
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute("INSERT INTO notes (body) VALUES ('after the plan')")
+    conn.commit()
+    held = sqlite3.connect(aside)           # holds the WAL open past the writer's close
+    conn.close()
+    held.close()
+    unit = tmp_path / "dev.service"
+    unit.write_text("[Service]\nExecStart=/bin/true\n")
+    early = backups.EarlySeal(aside, folder, "dev", "c0ffee", str(unit), rows={"notes": 3001}, checked="ok",
+                              unit_text=b"[Service]\nExecStart=/bin/false\n")
+    sealed = early.result()
+    assert sealed.sha256 == sha256_file(aside) and not Path(f"{aside}-wal").exists()
+    assert sealed.rows == {"notes": 3001} and os.stat(aside).st_mode & 0o777 == 0o600
+    assert Path(sealed.unit_backup).read_bytes() == b"[Service]\nExecStart=/bin/false\n"   # as read by the caller
+    assert Path(f"{aside}.json").is_file()
+
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with ThreadPoolExecutor(max_workers=1) as pool:     # in a thread of its own, as EarlySeal runs it
+        niceness = pool.submit(backups.EarlySeal.lowly,
+                               lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    assert niceness == 19 and os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine   # that thread only
+    bad = tmp_path / "backups" / "dev-20260101-000001-pre-rollback.sqlite3"
+    bad.write_bytes(b"not a database" * 100)
+    failing = backups.EarlySeal(bad, folder, "dev", "c0ffee", None, rows={}, checked="ok")
+    with pytest.raises(DeployError, match="not a readable SQLite database"):
+        failing.result()
+    failing.wait()

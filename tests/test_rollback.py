@@ -180,6 +180,10 @@ def test_with_db_restores_the_points_backup(sandbox):
     assert notes(sb, "dev") == 1 and "notes: 2 row(s)" in proc.stdout
     record = log_records(sb, "dev")[-1]     # counted by the seal, or taken from the plan: the same rows
     assert record["rows_lost"] == {"notes": 2} and record["rows_counted"].startswith(("plan: ", "seal: "))
+    saved = record["pre_rollback"]          # sealed (by the seal step, or started early and waited for)
+    manifest = json.loads(open(saved + ".json").read())
+    assert manifest["sha256"] == dbfiles.sha256_file(saved) and not os.path.exists(saved + "-wal")
+    assert os.stat(saved).st_mode & 0o777 == 0o600 and manifest["held"] is True
 
 
 def test_rollback_to_a_nightly_backup(sandbox):

@@ -22,6 +22,7 @@ A rollback, in order:
   database     rename the prepared copy into place                                               AFTER
   restart, health, watch (rollback.py, with `watch`), revision                                   AFTER
   seal         make the set-aside files a verified backup; count its rows the restore lacks      AFTER
+               (the plan's count standing: its hash, started when the database is in place)
   record                                                                                         AFTER
 A failure before `code` puts back what ran (the app restarted if it was stopped): exit 1. After it:
 exit 4, with the command to run.
@@ -61,6 +62,7 @@ class RollbackRun(Run):
     prepared: object = None
     early: object = None                # a restore.EarlyPrepare the plan started, which prepare waits for
     plan_view: object = None            # a rowloss.PlanView the plan kept open (--yes): the seal may take its count
+    sealing: object = None              # a backups.EarlySeal the database step started (the plan's count standing)
     without_prompt: bool = False        # nothing asked between the plan and the steps (rollback.py --yes)
     stopped: bool = False
     unit_action: str = "keep"           # "restore" or "keep", with unit_why
@@ -176,6 +178,33 @@ def stop_for_restore(run):
 def put_database(run):
     restore.put_in_place(run.prepared, run.env.db)
     replica.resume(run.env, swapped=True)       # the replica continues from the restored database
+    run.sealing = start_seal(run)
+
+
+def start_seal(run):
+    """When the plan's count stands, all the seal has left is the set-aside file's own work (fold its WAL, hash
+    it, fsync it): it starts now, at the lowest CPU priority, while the app restarts (1 GB: about a second of
+    the rollback's wall that no longer comes after health). The unit file is read now, as seal() would read it:
+    the point's, put back by the unit step. Else None: seal() does it all."""
+    env, record = run.env, run.record
+    reuse, _ = plan_count(run)
+    if record.aside is None or not reuse:
+        return None
+    unit_file = current_unit_file(env)
+    return backups.EarlySeal(record.aside, env.backup_dir, env.name, run.running, unit_file,
+                             rows=dict(run.plan_view.rows), checked=run.plan_view.integrity,
+                             unit_text=backups.read_unit_file(unit_file) if unit_file else None)
+
+
+def plan_count(run):
+    """(whether the seal may take the plan's count, why): decisions.plan_count_reusable on the plan's view,
+    closed first (close() is idempotent)."""
+    view = run.plan_view
+    if view is None:
+        return False, "no plan's count to take"
+    view.close()
+    return decisions.plan_count_reusable(run.without_prompt, view.held_open, view.at_plan, view.after_plan,
+                                         view.at_stop)
 
 
 def save(run):
@@ -225,14 +254,11 @@ def seal(run):
     nothing can have been written between the plan and the stop: decisions.plan_count_reusable); its sha256 is
     always computed from the file. A file SQLite cannot read stays where it is, as evidence."""
     env, record = run.env, run.record
+    early, run.sealing = run.sealing, None
     if record.aside is None:
         return              # there was no live database to set aside (or a killed run's save was sealed already)
     view = run.plan_view
-    reuse, why = False, "no plan's count to take"
-    if view is not None:
-        view.close()
-        reuse, why = decisions.plan_count_reusable(run.without_prompt, view.held_open, view.at_plan,
-                                                              view.after_plan, view.at_stop)
+    reuse, why = plan_count(run)
     counted: dict = {}
 
     def count():            # while the seal checks and hashes the file: only the rows that differ are read
@@ -243,9 +269,10 @@ def seal(run):
     if reuse:
         counted["lost"] = dict(view.lost)
     try:
-        sealed = backups.seal(record.aside, env.backup_dir, env.name, run.running, current_unit_file(env),
-                              alongside=None if reuse else count, rows=dict(view.rows) if reuse else None,
-                              checked=view.integrity if reuse else None)
+        sealed = early.result() if early is not None else backups.seal(
+            record.aside, env.backup_dir, env.name, run.running, current_unit_file(env),
+            alongside=None if reuse else count, rows=dict(view.rows) if reuse else None,
+            checked=view.integrity if reuse else None)
     except DeployError as exc:
         record.pre_rollback, record.seal_problem = None, str(exc)
         record.aside = exc.evidence or record.aside
@@ -350,7 +377,8 @@ ROLLBACK = [
     *bring_up_steps(),
     Step("seal", AFTER, seal,
          lambda r: "make the set-aside database a verified backup (held: prune keeps it) and count the rows it holds "
-                   "that the restored database lacks", when=lambda r: r.restore_db),
+                   "that the restored database lacks (with the plan's count standing, only its hash is left, started "
+                   "at the lowest CPU priority once the database is in place)", when=lambda r: r.restore_db),
     Step("record", AFTER, record_rollback,
          lambda r: f"record the rollback in {r.env.state_dir / (r.env.name + '.deploys.jsonl')}; mark the release it "
                    "leaves bad" if r.mark else f"record the rollback in {r.env.state_dir}"),
@@ -366,6 +394,9 @@ def again_command(config, env, point, restore_db, db_only=False):
 
 def rollback_failed(run, step, exc, changed):
     env, record = run.env, run.record
+    early, run.sealing = run.sealing, None
+    if early is not None:
+        early.wait()        # the set-aside file sealed or as it was, not half-way, before anything reports
     record.result, record.failed_step, record.error = "failed", step, describe_failure(exc)
     record.steps = run.clock.seconds
     record.probe = stop_probe(run)
