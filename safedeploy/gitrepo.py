@@ -1,5 +1,7 @@
 """git, through GitPython's command layer: every call an argv list with a timeout,
-never a prompt for a password."""
+never a prompt for a password. GitPython is imported by the first Repo, not with this module: its import
+(~0.15 s of CPU, and a `git version` it runs) is not paid by a script run that never opens a repository
+(--help, a refused config or argument, backup.py, --list)."""
 
 import contextlib
 import fcntl
@@ -7,8 +9,6 @@ import os
 import socket
 import time
 from pathlib import Path
-
-import git
 
 from .errors import DeployError
 
@@ -19,6 +19,7 @@ NO_PROMPT = {"GIT_TERMINAL_PROMPT": "0", "GIT_SSH_COMMAND": "ssh -o BatchMode=ye
 
 class Repo:
     def __init__(self, path):
+        import git         # here, not at the top: see above
         self.path = path
         try:
             self.repo = git.Repo(path)
@@ -29,6 +30,7 @@ class Repo:
         """Run `git ARGS` in the work tree; return stdout, or raise DeployError with git's words."""
         # reads never rewrite the index; the repository's hooks never run (post-merge, pre-push,
         # post-checkout would run the app's code from a tool that says what it ran: `build` is for that)
+        import git         # imported by __init__ already
         argv = ["git", "--no-optional-locks", "-c", "core.hooksPath=/dev/null", *args]
         try:
             status, out, err = self.repo.git.execute(
