@@ -85,13 +85,25 @@ class UnitState:
 
 
 def state(unit):
-    proc = systemctl("show", unit, "--property=" + ",".join(PROPS), check=False)
-    if proc.returncode != 0:
+    return states(unit)[0]
+
+
+def states(*names):
+    """The UnitState of each unit named, in that order, from one `systemctl show` (it prints one block of
+    properties per unit, blank lines between; a unit it does not know has LoadState=not-found)."""
+    proc = systemctl("show", *names, "--property=" + ",".join(PROPS), check=False)
+    blocks = proc.stdout.strip("\n").split("\n\n") if proc.returncode == 0 else []
+    if len(blocks) != len(names):
         why = (proc.stderr or "no answer").strip().splitlines()
-        raise DeployError(f"cannot ask the systemd user manager about {unit}: {why[-1] if why else ''}"
+        raise DeployError(f"cannot ask the systemd user manager about {names[0]}: {why[-1] if why else ''}"
                           " (is `systemctl --user` working for this user, with XDG_RUNTIME_DIR set? see README: "
                           "loginctl enable-linger)")
-    props = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    return [unit_state(unit, block) for unit, block in zip(names, blocks)]
+
+
+def unit_state(unit, block):
+    """A UnitState from the lines `systemctl show` printed for unit."""
+    props = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
     entered = int(props.get("ActiveEnterTimestampMonotonic") or 0)
     uptime = None
     if props.get("ActiveState") == "active" and entered:
@@ -130,8 +142,7 @@ def restart(unit, quick_stop=None):
     TimeoutStopSec. Returns restart_counts() once started: health counts restarts from there."""
     if holding(unit):               # the app was stopped (a migration, a restore): the socket activates it again
         return restart_held(unit)
-    st = state(unit)
-    if st.need_reload or state(helper_name(unit)).need_reload:
+    if any(st.need_reload for st in states(unit, helper_name(unit))):
         daemon_reload()
     systemctl("reset-failed", unit, check=False)
     start_socket_if_stopped(unit)
@@ -427,8 +438,8 @@ def start_socket_if_stopped(unit):
 
 def slot_states(unit):
     """The states of the units that may serve the env: the service, and its handover slot when it has one."""
-    helper = state(helper_name(unit))
-    return [state(unit), helper] if helper.known else [state(unit)]
+    own, helper = states(unit, helper_name(unit))
+    return [own, helper] if helper.known else [own]
 
 
 def slots(unit):
@@ -465,14 +476,15 @@ def handover_restart(unit, quick_stop=None):
     must signal readiness only once it can answer: gunicorn needs --preload), then the slot that
     served stops gracefully (it finishes the requests it has). Whichever slot started last serves
     from then on. A slot that cannot start fails while the other keeps serving."""
-    active = [u for u in slots(unit) if state(u).is_active]
+    now = slot_states(unit)
+    active = [st.name for st in now if st.is_active]
     if len(active) == 2:         # a deploy killed mid-swap: keep the newer, stop the other first
-        keep = serving_state(unit).name
+        keep = serving_state(unit, now).name
         systemctl("stop", next(u for u in active if u != keep), timeout=RESTART_TIMEOUT, check=False)
         active = [keep]
     old = active[0]
-    new = next(u for u in slots(unit) if u != old)
-    old_workers = len(children_of(state(old).main_pid))
+    new = next(st.name for st in now if st.name != old)
+    old_workers = len(children_of(next(st.main_pid for st in now if st.name == old)))
     systemctl("reset-failed", new, check=False)
     inject_fault("restart", "handover")        # test-only: kill before the new slot is up
     if systemctl("start", new, timeout=RESTART_TIMEOUT, check=False).returncode != 0:

@@ -146,3 +146,15 @@ def test_a_release_that_cannot_start_under_handover_keeps_the_old_one_serving(sa
     assert sb.head("dev") == good
     result = summary(samples)
     assert result["failed"] == 0 and result["max"] < 1000, result
+
+
+def test_the_states_of_several_units_come_from_one_systemctl_show_in_the_order_asked(sandbox):
+    """units.states: one `systemctl show` for several units (a slot and its handover helper, say), each state
+    its own unit's, a unit the manager does not know among them (LoadState=not-found), in the order asked."""
+    from safedeploy import units
+    service, sock = sandbox.unit("dev"), sandbox.unit("dev").replace(".service", ".socket")
+    got = units.states(service, "t-nosuch-slot.service", sock)
+    assert [st.name for st in got] == [service, "t-nosuch-slot.service", sock]
+    assert got[0].known and got[0].is_active and got[0].main_pid > 0 and got[0].fragment_path.endswith(service)
+    assert not got[1].known and got[1].load == "not-found" and not got[1].is_active
+    assert got[2].known and got[2].is_active and got[2].main_pid == 0
