@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from demo.faults import OPS, Cell, cell_steps, prepare, run_cell  # noqa: E402
-from demo.sandbox import Sandbox, scratch_host  # noqa: E402
+from demo.sandbox import Sandbox, scratch_host, signals_as_on_a_terminal  # noqa: E402
 
 COUNTER = itertools.count(1)
 PRINT = threading.Lock()
@@ -81,6 +81,7 @@ def main():
     p.add_argument("--layouts", default="releases,in-place")
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args()
+    signals_as_on_a_terminal()          # the INT cells send SIGINT: it must not be ignored from the start
     ops, layouts = args.ops.split(","), args.layouts.split(",")
     with scratch_host("fault-matrix-") as (root, manager):
         drift = []

@@ -119,6 +119,15 @@ def scratch_host(prefix):
         shutil.rmtree(root, ignore_errors=True)
 
 
+def signals_as_on_a_terminal():
+    """Ctrl-C (SIGINT) handled by this process again when it started with it ignored, as a process started in
+    the background by a shell without job control does (`cmd &` in a script, nohup, some CI runners): the
+    scripts it starts then get SIGINT's default at exec, as from a terminal, and a test or a fault cell that
+    sends a script SIGINT tests what it says (a script whose SIGINT is ignored, as Python leaves it, runs on)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def remove_cgroup(path):
     if not path.exists():
         return

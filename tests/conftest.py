@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from demo.sandbox import Sandbox, UserManager  # noqa: E402
+from demo.sandbox import Sandbox, UserManager, signals_as_on_a_terminal  # noqa: E402
 
 _count = itertools.count(1)
 
@@ -27,6 +27,7 @@ def pytest_configure(config):
     compileall skips what is up to date, and writes each file atomically."""
     config.addinivalue_line("markers", "both_converted: the sandbox fixture converts prod too before the test "
                                        "(it breaks what a conversion started later would read)")
+    signals_as_on_a_terminal()
     root = Path(__file__).resolve().parent.parent
     for folder in ("safedeploy", "demo"):
         compileall.compile_dir(str(root / folder), quiet=1)
