@@ -184,8 +184,10 @@ def test_a_release_that_deleted_rows_gives_them_back_from_the_moment_before_it_s
         assert sb.run("deploy.py", "dev").returncode == 0
         time.sleep(1)
     record = [json.loads(line) for line in (sb.root / "state" / "dev.deploys.jsonl").read_text().splitlines()][-1]
-    after = list(record["steps"])[list(record["steps"]).index("restart"):]
-    started = datetime.fromisoformat(record["time"]).timestamp() - sum(record["steps"][name] for name in after)
+    # the record's time is the deploy's start: the release started when its restart step began, after the steps
+    # before it (under load, restart and health take seconds: counting back from the end landed before the replica)
+    before = list(record["steps"])[:list(record["steps"]).index("restart")]
+    started = datetime.fromisoformat(record["time"]).timestamp() + sum(record["steps"][name] for name in before)
     proc = sb.run("backup.py", "dev", "--at", datetime.fromtimestamp(started, timezone.utc).isoformat())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     copy = proc.stdout.split(": ", 1)[1].split(" (")[0]
