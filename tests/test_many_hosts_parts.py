@@ -103,6 +103,20 @@ def test_an_operation_changed_something_when_it_left_a_record():
 
 
 # -- haproxy's runtime API: a drain that does not end in time puts the server back ------------------------
+def wait_for_admin(admin: Path, seconds: float = 10) -> None:
+    """Until haproxy's admin socket takes a connection: the socket's file appears at its bind, a moment before it
+    listens (a connect in between is refused: seen under load)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(str(admin))
+                return
+            except OSError:
+                time.sleep(0.05)
+    raise AssertionError(f"haproxy's admin socket {admin} took no connection within {seconds} s")
+
+
 def test_a_server_whose_connection_does_not_end_is_put_back_as_it_was_and_the_module_fails(tmp_path):
     hap = haproxy_module()
     hold = socket.socket()                    # a backend that accepts and never answers: one session stays open
@@ -115,9 +129,7 @@ def test_a_server_whose_connection_does_not_end_is_put_back_as_it_was_and_the_mo
     proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = None
     try:
-        deadline = time.monotonic() + 10
-        while not admin.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for_admin(admin)
         params = {"socket": str(admin), "backend": "app", "server": "s1", "timeout": 5.0}
         assert hap.run({**params, "state": "show", "wait": 0})["status"] == "no check"
         client = socket.create_connection(("127.0.0.1", front), timeout=5)
