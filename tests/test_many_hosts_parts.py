@@ -218,3 +218,32 @@ def test_a_prod_only_host_may_promote_from_an_env_of_another_host_when_it_has_a_
     f.write_text(text + 'remote = ""\n')
     with pytest.raises(DeployError, match="no env named 'dev' here, and no remote to read another host's"):
         config.load(str(f))
+
+
+def test_the_module_waits_for_an_admin_socket_that_is_not_listening_yet_and_fails_past_its_timeout(tmp_path):
+    """haproxy starting (or reloading: its new process binds the socket a moment before it listens): the module's
+    command waits for the socket, within its timeout, rather than failing a rolling deploy on that moment; past
+    the timeout it fails, naming the socket. A real haproxy, started after the module's call began."""
+    import threading
+    hap = haproxy_module()
+    backend = socket.socket()
+    backend.bind(("127.0.0.1", 0))
+    backend.listen(8)
+    admin, cfg = tmp_path / "admin.sock", tmp_path / "haproxy.cfg"
+    cfg.write_text(HAPROXY.format(socket=admin, port=free_port(), servers=f"    server s1 127.0.0.1:{backend.getsockname()[1]}")
+                   .replace("    option httpchk GET /health\n", ""))
+    params = {"socket": str(admin), "backend": "app", "server": "s1", "wait": 0}
+    with pytest.raises(hap.HaproxyError, match="admin socket"):
+        hap.run({**params, "state": "show", "timeout": 0.3})          # nothing there within the timeout
+    result: dict = {}
+    call = threading.Thread(target=lambda: result.update(hap.run({**params, "state": "show", "timeout": 10.0})))
+    call.start()
+    time.sleep(0.5)                                                    # the call is waiting: nothing listens yet
+    proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        call.join(15)
+        assert result.get("status") == "no check", result
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        backend.close()

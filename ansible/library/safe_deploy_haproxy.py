@@ -15,12 +15,14 @@ Python's standard library there: no socat, no collection.
 - state=show: only reads.
 
 Returns `status` and `scur` (after), `before` (the status found), and `changed`. Each command is one
-connection to the socket (haproxy's non-interactive mode), bounded by `timeout` seconds.
+connection to the socket (haproxy's non-interactive mode), bounded by `timeout` seconds; a socket that
+refuses or is missing (haproxy reloading) is tried again within that bound, never a command sent twice.
 """
 
 from __future__ import annotations      # the balancer's python may be older than the tool's
 
 import csv
+import errno
 import io
 import socket
 import time
@@ -43,6 +45,8 @@ options:
 """
 
 POLL = 0.2
+CONNECT_RETRY = 0.05
+NOT_LISTENING = (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN)
 RESTORE = {"DRAIN": "drain", "MAINT": "maint"}     # a status haproxy reports -> the state that sets it again
 
 
@@ -51,21 +55,31 @@ class HaproxyError(Exception):
 
 
 def command(path: str, line: str, timeout: float) -> str:
-    """Send one command to the runtime API; return haproxy's answer (the socket closes after it)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        try:
-            s.connect(path)
-            s.sendall(line.encode() + b"\n")
-            chunks = []
-            while True:
-                data = s.recv(65536)
-                if not data:
-                    break
-                chunks.append(data)
-        except OSError as exc:
-            raise HaproxyError(f"haproxy's admin socket {path}: {exc}") from None
-    return b"".join(chunks).decode("utf-8", "replace")
+    """Send one command to the runtime API; return haproxy's answer (the socket closes after it). A socket that
+    refuses the connection or is not there (haproxy starting, or reloading: its new process binds the socket a
+    moment before it listens) is tried again until `timeout`; the command itself is sent once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            try:
+                s.connect(path)
+            except OSError as exc:
+                if exc.errno in NOT_LISTENING and time.monotonic() < deadline:
+                    time.sleep(CONNECT_RETRY)
+                    continue
+                raise HaproxyError(f"haproxy's admin socket {path}: {exc}") from None
+            try:
+                s.sendall(line.encode() + b"\n")
+                chunks = []
+                while True:
+                    data = s.recv(65536)
+                    if not data:
+                        break
+                    chunks.append(data)
+            except OSError as exc:
+                raise HaproxyError(f"haproxy's admin socket {path}: {exc}") from None
+        return b"".join(chunks).decode("utf-8", "replace")
 
 
 def server_row(stat_csv: str, backend: str, server: str) -> dict | None:
