@@ -20,7 +20,6 @@ p99 during a deploy or a rollback at most 1.5 x steady + 5 ms, no request failed
 """
 
 import argparse
-import hashlib
 import json
 import os
 import sqlite3
@@ -36,6 +35,7 @@ from demo import flaskr  # noqa: E402
 from demo.load import Load, summary  # noqa: E402
 from demo.sandbox import Sandbox, scratch_host  # noqa: E402
 from safedeploy import restore, units  # noqa: E402
+from safedeploy.dbfiles import sha256_file  # noqa: E402
 
 ROW = 1000          # bytes of text per row
 
@@ -87,11 +87,7 @@ def durable_copy_seconds(db: Path) -> float:
     """The restore's own copy of the same file, alone (safedeploy.restore.copy_checked: the kernel copies, the copy
     is read back and hashed, every chunk pushed to disk as it goes, then fsync): what the disk takes to hold a
     second copy of the file, the floor of any restore that writes one."""
-    digest = hashlib.sha256()
-    with open(db, "rb") as fh:
-        while block := fh.read(8 << 20):
-            digest.update(block)
-    sha = digest.hexdigest()
+    sha = sha256_file(db)
     with tempfile.TemporaryDirectory(prefix="copy-", dir=db.parent.parent) as scratch:
         start = time.monotonic()
         restore.copy_checked(db, Path(scratch) / "copy", sha)

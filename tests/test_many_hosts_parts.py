@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -103,20 +104,6 @@ def test_an_operation_changed_something_when_it_left_a_record():
 
 
 # -- haproxy's runtime API: a drain that does not end in time puts the server back ------------------------
-def wait_for_admin(admin: Path, seconds: float = 10) -> None:
-    """Until haproxy's admin socket takes a connection: the socket's file appears at its bind, a moment before it
-    listens (a connect in between is refused: seen under load)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            try:
-                s.connect(str(admin))
-                return
-            except OSError:
-                time.sleep(0.05)
-    raise AssertionError(f"haproxy's admin socket {admin} took no connection within {seconds} s")
-
-
 def test_a_server_whose_connection_does_not_end_is_put_back_as_it_was_and_the_module_fails(tmp_path):
     hap = haproxy_module()
     hold = socket.socket()                    # a backend that accepts and never answers: one session stays open
@@ -128,8 +115,7 @@ def test_a_server_whose_connection_does_not_end_is_put_back_as_it_was_and_the_mo
                    .replace("    option httpchk GET /health\n", ""))
     proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = None
-    try:
-        wait_for_admin(admin)
+    try:        # haproxy may not listen yet: the module's command waits for its socket, within its timeout
         params = {"socket": str(admin), "backend": "app", "server": "s1", "timeout": 5.0}
         assert hap.run({**params, "state": "show", "wait": 0})["status"] == "no check"
         client = socket.create_connection(("127.0.0.1", front), timeout=5)
@@ -224,7 +210,6 @@ def test_the_module_waits_for_an_admin_socket_that_is_not_listening_yet_and_fail
     """haproxy starting (or reloading: its new process binds the socket a moment before it listens): the module's
     command waits for the socket, within its timeout, rather than failing a rolling deploy on that moment; past
     the timeout it fails, naming the socket. A real haproxy, started after the module's call began."""
-    import threading
     hap = haproxy_module()
     backend = socket.socket()
     backend.bind(("127.0.0.1", 0))
