@@ -2,10 +2,13 @@
 
 prepare_restore() copies and checks the backup beside the live file (a temp name) while the app still
 serves, and fails before anything is stopped (out of room, a copy that does not match its sha256 or fails
-integrity_check); EarlyPrepare starts it in a thread. set_aside() renames the stopped app's files away (that
-rename IS the pre-rollback save: no copy is made while the app is down; backups.aside_name says where);
-put_in_place() renames the prepared copy in; backups.seal() makes the set-aside files a verified backup with
-a manifest once the app is back. rows_only_in() counts the rows a copy holds that another lacks.
+integrity_check); EarlyPrepare starts it in a thread. A deploy leaves a spare (make_spare): a checked copy of
+its point's backup beside the live file, which prepare_restore takes by a rename and checks by its sha256
+instead of writing the file while the operator waits; one that does not match is removed and the backup
+copied. set_aside() renames the stopped app's files away (that rename IS the pre-rollback save: no copy is
+made while the app is down; backups.aside_name says where); put_in_place() renames the prepared copy in;
+backups.seal() makes the set-aside files a verified backup with a manifest once the app is back.
+rows_only_in() counts the rows a copy holds that another lacks.
 Nothing here writes the live database before the app is stopped (rows_only_in only reads it), and every
 rename is followed by an fsync of its folder.
 """
@@ -13,6 +16,7 @@ rename is followed by an fsync of its folder.
 import errno
 import hashlib
 import os
+import stat
 import queue
 import sqlite3
 import threading
@@ -21,24 +25,33 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
-from .dbfiles import NOT_TOOLS, free_bytes, integrity_of, remove_temp, removed_on_failure, write_behind
+from .dbfiles import NOT_TOOLS, free_bytes, integrity_of, remove_temp, removed_on_failure, sha256_file, write_behind
 from .errors import DeployError
-from .files import fsync_dir
+from .files import fsync_dir, remove_quietly
 
 
 def prepare_restore(backup, db_path):
     """Copy backup beside db_path (a temp name) and check its sha256 (integrity too, unless trusted_hash); return the
-    temp path. Runs while the app serves; out of room, it fails before anything is stopped."""
+    temp path. The deploy's spare of backup, where one lies there, is taken instead of a copy (take_spare). Runs
+    while the app serves; out of room, it fails before anything is stopped."""
+    return prepare_restore_taking(backup, db_path)[0]
+
+
+def prepare_restore_taking(backup, db_path) -> tuple[Path, bool]:
+    """prepare_restore(): (the temp path, whether it is the deploy's spare, taken: EarlyPrepare gives it back)."""
     db_path = Path(db_path)
     folder = db_path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    need, free = int(backup.bytes or 0) + (1 << 20), free_bytes(folder)
-    if free < need:
-        raise DeployError(f"not enough free disk in {folder} to prepare the restore of {backup.path}: "
-                          f"{free / 2**20:.1f} MiB free, {need / 2**20:.1f} MiB needed; nothing was stopped or changed")
-    tmp = folder / f".{db_path.name}.restore-{os.getpid()}"
+    tmp = db_path.parent / f".{db_path.name}.restore-{os.getpid()}"
     with removed_on_failure(tmp, target=db_path):
-        copy_checked(backup.path, tmp, backup.sha256)
+        spare = take_spare(backup, db_path, tmp)
+        if not spare:
+            need, free = int(backup.bytes or 0) + (1 << 20), free_bytes(folder)
+            if free < need:
+                raise DeployError(f"not enough free disk in {folder} to prepare the restore of {backup.path}: "
+                                  f"{free / 2**20:.1f} MiB free, {need / 2**20:.1f} MiB needed; nothing was stopped "
+                                  "or changed")
+            copy_checked(backup.path, tmp, backup.sha256)
         if not trusted_hash(backup):
             verdict = integrity_of(tmp)
             if verdict != "ok":
@@ -48,7 +61,76 @@ def prepare_restore(backup, db_path):
             st = db_path.stat()
             os.chmod(tmp, stat_mode(st.st_mode))
             os.chown(tmp, st.st_uid, st.st_gid)
-    return tmp
+    return tmp, spare
+
+
+SPARE_ROOM = 64 << 20        # bytes a spare leaves free beyond another copy of the database (the next backup)
+
+
+def spare_name(db_path, sha256: str) -> Path:
+    """Where the spare of the backup with this sha256 lies: beside the live database, on its file system, so
+    that a restore takes it by a rename."""
+    db_path = Path(db_path)
+    return db_path.parent / f".{db_path.name}.spare-{sha256[:16]}"
+
+
+def spares(db_path) -> list[Path]:
+    """The spares beside db_path (at most one, unless a crash came between making one and removing the old)."""
+    db_path = Path(db_path)
+    if not db_path.parent.is_dir():
+        return []
+    return sorted(p for p in db_path.parent.iterdir() if p.name.startswith(f".{db_path.name}.spare-"))
+
+
+def make_spare(backup, db_path) -> Path | None:
+    """Leave a checked copy of backup (a deploy's point) beside the live database, for a rollback to that point
+    to take by a rename (take_spare). Any other spare of the database is removed first: at most one, the last
+    deploy's. Made only when the disk keeps room for another copy of the database after it (SPARE_ROOM); None
+    when it is not made. A copy that fails its sha256 is removed (DeployError). Changes nothing live."""
+    db_path = Path(db_path)
+    final = spare_name(db_path, backup.sha256) if trusted_hash(backup) else None
+    for old in spares(db_path):
+        if old != final:
+            remove_quietly(old)
+    size = int(backup.bytes or 0)
+    if final is None or size <= 0 or not db_path.parent.is_dir():
+        return None
+    if final.exists():
+        return final            # the same backup's: its sha256 is checked when it is taken
+    if free_bytes(db_path.parent) < 2 * size + SPARE_ROOM:
+        return None
+    tmp = db_path.parent / f".{db_path.name}.restore-spare-{os.getpid()}"
+    with removed_on_failure(tmp, target=db_path):
+        copy_checked(backup.path, tmp, backup.sha256)
+        os.replace(tmp, final)
+    fsync_dir(db_path.parent)
+    return final
+
+
+def take_spare(backup, db_path: Path, tmp: Path) -> bool:
+    """Whether the spare of backup is now tmp, checked: renamed to tmp (so that nothing else takes it), then a
+    regular file of the backup's size whose sha256, read whole, is the backup's. One that is not is removed
+    (False: the caller copies the backup)."""
+    if not trusted_hash(backup):
+        return False
+    try:
+        os.rename(spare_name(db_path, backup.sha256), tmp)
+    except FileNotFoundError:
+        return False
+    try:
+        st = os.lstat(tmp)
+        if stat.S_ISREG(st.st_mode) and st.st_size == int(backup.bytes or -1) and sha256_file(tmp) == backup.sha256:
+            return True
+    except OSError:         # unreadable: as good as a wrong one
+        pass
+    remove_temp(tmp)
+    return False
+
+
+def give_back(tmp: Path, backup, db_path) -> None:
+    """A taken spare (a plan not confirmed) is the spare again."""
+    os.replace(tmp, spare_name(db_path, backup.sha256))
+    fsync_dir(Path(db_path).parent)
 
 
 class EarlyPrepare:
@@ -57,18 +139,27 @@ class EarlyPrepare:
     discard(): wait for it and remove what it made (a plan not confirmed). Changes nothing live."""
 
     def __init__(self, backup, db_path) -> None:
+        self.backup, self.db_path = backup, Path(db_path)
         self.pool = ThreadPoolExecutor(max_workers=1)
-        self.future = self.pool.submit(prepare_restore, backup, db_path)
+        self.future = self.pool.submit(prepare_restore_taking, backup, self.db_path)
         self.pool.shutdown(wait=False)
 
     def result(self):
-        return self.future.result()
+        return self.future.result()[0]
 
     def discard(self) -> None:
+        """Wait for it; a spare it took is the spare again, a copy it made is removed."""
         try:
-            remove_temp(self.future.result())
+            tmp, spare = self.future.result()
         except BaseException:       # it failed: it removed what it made itself
+            return
+        try:
+            if spare:
+                give_back(tmp, self.backup, self.db_path)
+                return
+        except OSError:
             pass
+        remove_temp(tmp)
 
 
 def trusted_hash(backup) -> bool:

@@ -185,3 +185,63 @@ def test_an_early_seal_seals_the_set_aside_file_at_the_lowest_priority(tmp_path)
     with pytest.raises(DeployError, match="not a readable SQLite database"):
         failing.result()
     failing.wait()
+
+
+# -- the deploy's spare ---------------------------------------------------------------------
+def test_a_spare_is_a_checked_copy_beside_the_live_file_and_the_only_one(tmp_path, point):
+    live, backup, before = point
+    old = restore.spare_name(live, "0" * 64)
+    old.write_bytes(b"an earlier deploy's spare")
+    spare = restore.make_spare(backup, live)
+    assert spare == restore.spare_name(live, backup.sha256) and restore.spares(live) == [spare]
+    assert spare.read_bytes() == Path(backup.path).read_bytes() and os.stat(spare).st_mode & 0o777 == 0o600
+    assert live.read_bytes() == before and leftovers(tmp_path) == []
+
+
+def test_no_spare_where_the_disk_would_keep_no_room_for_another_copy(tmp_path, point, monkeypatch):
+    live, backup, _ = point
+    monkeypatch.setattr(restore, "free_bytes", lambda folder: 2 * backup.bytes + restore.SPARE_ROOM - 1)
+    assert restore.make_spare(backup, live) is None and restore.spares(live) == []
+
+
+def test_prepare_restore_takes_the_spare_by_a_rename(tmp_path, point):
+    live, backup, before = point
+    spare = restore.make_spare(backup, live)
+    inode = spare.stat().st_ino
+    tmp, taken = restore.prepare_restore_taking(backup, live)
+    assert taken and tmp.stat().st_ino == inode and not spare.exists()
+    assert tmp.read_bytes() == Path(backup.path).read_bytes() and live.read_bytes() == before
+
+
+@pytest.mark.parametrize("bad", ["one byte", "short", "fifo", "symlink"])
+def test_a_bad_spare_is_removed_and_the_backup_copied(tmp_path, point, bad):
+    live, backup, before = point
+    spare = restore.spare_name(live, backup.sha256)
+    if bad == "one byte":
+        restore.make_spare(backup, live)
+        corrupt_one_byte(spare)
+    elif bad == "short":
+        restore.make_spare(backup, live)
+        truncate(spare)
+    elif bad == "fifo":
+        os.mkfifo(spare)
+    else:
+        spare.symlink_to(backup.path)
+    tmp, taken = restore.prepare_restore_taking(backup, live)
+    assert not taken and tmp.read_bytes() == Path(backup.path).read_bytes()
+    assert not os.path.lexists(spare) and live.read_bytes() == before
+
+
+def test_a_plan_not_confirmed_gives_the_spare_back(tmp_path, point):
+    live, backup, _ = point
+    spare = restore.make_spare(backup, live)
+    inode = spare.stat().st_ino
+    early = restore.EarlyPrepare(backup, live)
+    assert early.result().stat().st_ino == inode
+    early.discard()
+    assert restore.spares(live) == [spare] and spare.stat().st_ino == inode and leftovers(tmp_path) == []
+    spare.unlink()
+    early = restore.EarlyPrepare(backup, live)      # no spare: a copy, removed when discarded
+    early.result()
+    early.discard()
+    assert leftovers(tmp_path) == [] and restore.spares(live) == []

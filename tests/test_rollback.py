@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from demo.sandbox import REPO_ROOT, git
-from safedeploy import dbfiles
+from safedeploy import dbfiles, restore
 
 from helpers import log_records, one_line_error
 
@@ -200,15 +200,21 @@ def test_rollback_to_a_nightly_backup(sandbox):
     assert sb.head("dev") == first and notes(sb, "dev") == 1
 
 
+def damage(path, at=300):
+    with open(path, "r+b") as fh:
+        fh.seek(at)
+        fh.write(b"\xde\xad")
+
+
 def test_a_corrupt_backup_is_refused_naming_the_next_best_point(sandbox):
     sb = sandbox
     assert sb.run("backup.py", "dev", "--reason", "nightly").returncode == 0
     time.sleep(1.1)
     deploy_v2(sb)
     record = log_records(sb, "dev")[-1]
-    with open(record["backup"], "r+b") as fh:
-        fh.seek(300)
-        fh.write(b"\xde\xad")
+    for spare in restore.spares(sb.db_path("dev")):     # without it the backup is what the restore reads
+        spare.unlink()
+    damage(record["backup"])
     pid = sb.manager.systemctl("show", sb.unit("dev"), "-p", "MainPID", "--value").stdout
     proc = sb.run("rollback.py", "dev", "--with-db", "--yes")
     assert proc.returncode == 1
@@ -217,6 +223,43 @@ def test_a_corrupt_backup_is_refused_naming_the_next_best_point(sandbox):
     assert "nightly" in line
     assert sb.head("dev") == record["to"]
     assert sb.manager.systemctl("show", sb.unit("dev"), "-p", "MainPID", "--value").stdout == pid
+
+
+def test_a_rollback_takes_the_deploys_spare_and_checks_it_by_its_sha256(sandbox):
+    """The deploy leaves a checked copy of its point's backup beside the live file; the rollback to that point
+    takes it by a rename (no copy), having hashed it: a damaged spare is removed and the backup copied instead.
+    Either way the live database is, byte for byte, the backup its manifest describes."""
+    sb = sandbox
+    db = sb.db_path("dev")
+    for damaged_spare in (False, True):
+        if damaged_spare:
+            deploy_v3(sb)
+        else:
+            deploy_v2(sb)
+        record = log_records(sb, "dev")[-1]
+        sha = json.loads(open(record["backup"] + ".json").read())["sha256"]
+        spares = restore.spares(db)
+        assert spares == [restore.spare_name(db, sha)]          # one: an earlier deploy's was replaced
+        assert os.stat(spares[0]).st_mode & 0o777 == 0o600 and dbfiles.sha256_file(spares[0]) == sha
+        inode = spares[0].stat().st_ino
+        if damaged_spare:
+            damage(spares[0], at=spares[0].stat().st_size // 2)
+        else:
+            damage(record["backup"])        # the backup is not read: its spare is the point's bytes
+        before = notes(sb, "dev")
+        write_notes(sb, "dev", 2)
+        proc = sb.run("rollback.py", "dev", "--with-db", "--yes")
+        assert proc.returncode == 0, proc.stderr
+        if not damaged_spare:
+            assert db.stat().st_ino == inode            # the spare itself is the live file
+        assert notes(sb, "dev") == before and db_ok(sb, "dev")
+        assert restore.spares(db) == [] and not [p for p in db.parent.iterdir() if ".restore-" in p.name]
+
+
+def deploy_v3(sb):
+    sb.release("dev", {"VERSION": "3\n"}, "v3")
+    proc = sb.run("deploy.py", "dev")
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_rollback_restores_a_changed_unit_file(sandbox):

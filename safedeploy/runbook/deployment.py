@@ -8,7 +8,8 @@ A deploy, in order (`when` skips a step that does not apply; BEFORE steps change
   build        (releases) build the target beside the running release, the shared paths linked to
                stand-ins while `build` runs, or reuse a kept release of it built the same way   BEFORE
   tag          tag what runs ENV-before-deploy-<stamp>, push the tag                             BEFORE
-  backup       back up the database and the unit file (online, verified)                          BEFORE
+  backup       back up the database and the unit file (online, verified); its spare beside the live
+               file, which a rollback to this point takes by a rename (room permitting)          BEFORE
   stop         (migration_mode stop-first) stop the old release; requests wait in the socket     AFTER
   switch       `current` to the new release in one rename; the work tree to the target           AFTER
   pre_restart  the migration, in the new release                                                 AFTER
@@ -20,7 +21,7 @@ A failure in a BEFORE step: recorded, exit 1, nothing live changed. After: the a
 import json
 from dataclasses import dataclass, field
 
-from .. import (backups, commands, probe, records, redaction, releases, retention, rowloss, unitenv, unitfiles, units,
+from .. import (backups, commands, probe, records, redaction, releases, restore, retention, rowloss, unitenv, unitfiles, units,
                verified_notes)
 from ..commandline import script_command
 from ..decisions import Blame, DatabaseMode, FailureFacts, judge_failure
@@ -127,6 +128,21 @@ def back_up(run):
     run.record.backup = run.backup.path
     run.journal.backup = run.backup.path
     run.journal.save()
+    leave_spare(run)
+
+
+def leave_spare(run):
+    """The backup's spare beside the live database, for a rollback to this point to take instead of copying the
+    file while the operator waits (restore.make_spare). Not made (no room, a copy that fails its check): a
+    warning, and the deploy goes on; such a rollback copies the backup, as without one."""
+    try:
+        spare = restore.make_spare(run.backup, run.env.db)
+    except DeployError as exc:
+        run.out.warn(f"no spare copy of {run.backup.path} for a fast rollback (the deploy goes on): {exc}")
+        return
+    if spare is None:
+        run.out.say(f"note: no spare copy of the backup beside {run.env.db} (the disk would keep less than room for "
+                    "another copy of the database): a rollback to this point copies the backup")
 
 
 def switch(run):
@@ -193,7 +209,8 @@ def backup_detail(run):
     if not env.db.exists():
         return f"no database at {env.db} yet: no backup"
     return (f"back up {env.db} (SQLite online copy, integrity_check, sha256) to {run.backup_path}, and the unit file "
-            f"{run.plan.unit_file}")
+            f"{run.plan.unit_file}; leave a spare copy of it beside {env.db} (checked by its sha256) that a rollback to "
+            "this point takes instead of copying, where the disk keeps room for another copy after it")
 
 
 def stop_old(run):

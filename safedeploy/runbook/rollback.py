@@ -10,9 +10,9 @@ A rollback, in order:
 A rollback, in order:
   tag          tag the commit it leaves ENV-rolled-back-<stamp>                                  BEFORE
   build        (releases) the point's kept release, or rebuild it when retention removed it      BEFORE
-  prepare      (database) copy the point's backup beside the live file, check its sha256 against
-               the one recorded with its integrity_check, while the app still serves: a bad
-               backup or a full disk stops here                                                  BEFORE
+  prepare      (database) take the deploy's spare of the point's backup (a rename), else copy the
+               backup beside the live file; check its sha256 against the one recorded with its
+               integrity_check, while the app still serves: a bad backup or a full disk stops here BEFORE
   stop         (database) stop the app (its socket and handover slot too)                        BEFORE
   save         database restored: rename the stopped app's files aside (that rename is the
                pre-rollback save); kept: an online backup, the app serving                       BEFORE
@@ -358,8 +358,9 @@ ROLLBACK = [
                                                 f"{r.stamp}", when=lambda r: not r.db_only),
     Step("build", BEFORE, rollback_build, build_rollback_detail, when=lambda r: r.converted and not r.db_only),
     Step("prepare", BEFORE, prepare,
-         lambda r: f"copy {r.point.backup.path} beside {r.env.db} and check its sha256 (the copy read back and hashed as "
-                   "the kernel copies it) against the one recorded when the backup passed integrity_check, the app serving",
+         lambda r: f"take the deploy's spare of {r.point.backup.path} beside {r.env.db} by a rename, else copy the backup "
+                   "there; check its sha256 (the spare read whole, the copy read back and hashed as the kernel copies it) "
+                   "against the one recorded when the backup passed integrity_check, the app serving",
          when=lambda r: r.restore_db),
     Step("stop", BEFORE, stop_for_restore,
          lambda r: f"stop {r.env.unit} so that nothing opens the database" + (
