@@ -16,9 +16,9 @@ rename is followed by an fsync of its folder.
 import errno
 import hashlib
 import os
-import stat
 import queue
 import sqlite3
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +42,7 @@ def prepare_restore_taking(backup, db_path) -> tuple[Path, bool]:
     db_path = Path(db_path)
     folder = db_path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = db_path.parent / f".{db_path.name}.restore-{os.getpid()}"
+    tmp = folder / f".{db_path.name}.restore-{os.getpid()}"
     with removed_on_failure(tmp, target=db_path):
         spare = take_spare(backup, db_path, tmp)
         if not spare:
@@ -153,12 +153,12 @@ class EarlyPrepare:
             tmp, spare = self.future.result()
         except BaseException:       # it failed: it removed what it made itself
             return
-        try:
-            if spare:
+        if spare:
+            try:
                 give_back(tmp, self.backup, self.db_path)
                 return
-        except OSError:
-            pass
+            except OSError:         # not given back: removed like a copy
+                pass
         remove_temp(tmp)
 
 
