@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import adoption, backups, offsite, retention
+from . import adoption, backups, offsite, restore, retention
 from .commandline import script_command
 from .errors import EXIT_FAILED, DeployError
 from .output import Output
@@ -48,9 +48,23 @@ def prune_local(env, found, policy, protected, dry_run: bool, quiet: bool, out: 
             backups.remove_backup(b)
         if not quiet or dry_run:
             out.say(f"{'would remove' if dry_run else 'removed'} {b.path} ({b.reason}, {b.time})")
+    drop_stale_spares(env, [b for b in found if b.path in keep], dry_run, quiet, out)
     if not quiet:
         out.say(f"{env.name}: kept {len(keep)}, {'would remove' if dry_run else 'removed'} {len(remove)}")
     return keep, remove
+
+
+def drop_stale_spares(env, kept, dry_run: bool, quiet: bool, out: Output) -> None:
+    """A deploy's spare (restore.make_spare) whose backup is not kept goes with it: no rollback can take it."""
+    for spare in restore.stale_spares(env.db, {b.sha256 for b in kept}):
+        if not dry_run:
+            try:
+                restore.remove_spare(spare)
+            except DeployError as exc:
+                out.warn(str(exc))
+                continue
+        if not quiet or dry_run:
+            out.say(f"{'would remove' if dry_run else 'removed'} {spare} (the deploy's spare of a backup not kept)")
 
 
 def prune_offsite(config, plans, dry_run: bool, quiet: bool, out: Output) -> bool:

@@ -5,8 +5,9 @@ serves, and fails before anything is stopped (out of room, a copy that does not 
 integrity_check); EarlyPrepare starts it in a thread. A deploy leaves a spare (make_spare): a checked copy of
 its point's backup beside the live file, which prepare_restore takes by a rename and checks by its sha256
 instead of writing the file while the operator waits; one that does not match is removed and the backup
-copied. set_aside() renames the stopped app's files away (that rename IS the pre-rollback save: no copy is
-made while the app is down; backups.aside_name says where); put_in_place() renames the prepared copy in;
+copied; prune removes a spare whose backup it removed (stale_spares). set_aside() renames the stopped
+app's files away (that rename IS the pre-rollback save: no copy is made while the app is down;
+backups.aside_name says where); put_in_place() renames the prepared copy in;
 backups.seal() makes the set-aside files a verified backup with a manifest once the app is back.
 rows_only_in() counts the rows a copy holds that another lacks.
 Nothing here writes the live database before the app is stopped (rows_only_in only reads it), and every
@@ -82,6 +83,21 @@ def spares(db_path) -> list[Path]:
     return sorted(p for p in db_path.parent.iterdir() if p.name.startswith(f".{db_path.name}.spare-"))
 
 
+def stale_spares(db_path, kept_sha256: set[str]) -> list[Path]:
+    """The spares beside db_path whose backup is none of the kept ones (by sha256): a rollback can no longer take
+    them (the backup was pruned or removed), so they are a database's worth of disk for nothing."""
+    prefixes = {s[:16] for s in kept_sha256 if isinstance(s, str)}
+    return [p for p in spares(db_path) if p.name.rsplit(".spare-", 1)[1] not in prefixes]
+
+
+def remove_spare(path: Path) -> None:
+    """A spare removed, or DeployError (a folder or an unwritable one in its place: said, never a traceback)."""
+    try:
+        remove_quietly(path)
+    except OSError as exc:
+        raise DeployError(f"cannot remove {path}: {exc.strerror or exc}") from None
+
+
 def make_spare(backup, db_path) -> Path | None:
     """Leave a checked copy of backup (a deploy's point) beside the live database, for a rollback to that point
     to take by a rename (take_spare). Any other spare of the database is removed first: at most one, the last
@@ -91,7 +107,7 @@ def make_spare(backup, db_path) -> Path | None:
     final = spare_name(db_path, backup.sha256) if trusted_hash(backup) else None
     for old in spares(db_path):
         if old != final:
-            remove_quietly(old)
+            remove_spare(old)
     size = int(backup.bytes or 0)
     if final is None or size <= 0 or not db_path.parent.is_dir():
         return None

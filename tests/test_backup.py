@@ -15,7 +15,7 @@ import pytest
 
 from demo import writer
 from demo.sandbox import REPO_ROOT
-from safedeploy import backups, dbfiles, retention
+from safedeploy import backups, dbfiles, restore, retention
 from safedeploy.errors import DeployError
 from safedeploy.state import EnvLock
 
@@ -321,6 +321,30 @@ def test_prune_removes_what_retention_drops_but_never_the_newest_verified(tmp_pa
     assert left == {found[0].path, found[1].path}
     assert f"removed {found[2].path}" in proc.stdout
     assert not Path(found[2].path).exists() and not Path(found[2].path + ".json").exists()
+
+
+def test_prune_removes_the_spare_of_a_backup_it_removes_and_keeps_the_others(tmp_path):
+    cfg = make_host(tmp_path, daily=1, weekly=0, monthly=0)
+    live = tmp_path / "app" / "live.db"
+    writer.create(live)
+    for _ in range(2):
+        writer.fill(live, 1)                          # two backups of different bytes
+        assert run_backup(cfg, "live").returncode == 0
+    newest, oldest = backups.list_backups(tmp_path / "backups" / "live")
+    assert newest.sha256 != oldest.sha256
+    stale = restore.make_spare(oldest, live)          # a deploy's spare of a point retention drops
+    proc = run_backup(cfg, "--prune", "--dry-run")
+    assert proc.returncode == 0 and f"would remove {stale} (the deploy's spare of a backup not kept)" in proc.stdout
+    assert stale.exists()
+    proc = run_backup(cfg, "--prune")
+    assert proc.returncode == 0, proc.stderr
+    assert f"removed {stale}" in proc.stdout and restore.spares(live) == []
+    kept = restore.make_spare(newest, live)           # the kept point's spare stays
+    assert run_backup(cfg, "--prune").returncode == 0 and restore.spares(live) == [kept]
+    kept.unlink()
+    restore.spare_name(live, "f" * 64).mkdir()        # a folder in a spare's place: said, the prune goes on
+    proc = run_backup(cfg, "--prune")
+    assert proc.returncode == 0 and one_line_error(proc).startswith("warning: cannot remove ")
 
 
 def test_prune_never_removes_a_backup_the_last_deploys_refer_to(tmp_path):

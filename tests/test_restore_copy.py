@@ -198,6 +198,14 @@ def test_a_spare_is_a_checked_copy_beside_the_live_file_and_the_only_one(tmp_pat
     assert live.read_bytes() == before and leftovers(tmp_path) == []
 
 
+def test_a_folder_in_an_old_spare_s_place_is_a_one_line_error_and_no_spare(tmp_path, point):
+    live, backup, before = point
+    restore.spare_name(live, "0" * 64).mkdir()
+    with pytest.raises(DeployError, match="cannot remove .*spare-0000000000000000"):
+        restore.make_spare(backup, live)        # the deploy says it as a warning and goes on (leave_spare)
+    assert not restore.spare_name(live, backup.sha256).exists() and live.read_bytes() == before
+
+
 def test_no_spare_where_the_disk_would_keep_no_room_for_another_copy(tmp_path, point, monkeypatch):
     live, backup, _ = point
     monkeypatch.setattr(restore, "free_bytes", lambda folder: 2 * backup.bytes + restore.SPARE_ROOM - 1)
