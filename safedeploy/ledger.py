@@ -17,7 +17,10 @@ The contract:
 - Cost: each copy's digests are computed once and kept beside the state (`STATE_DIR/ledger/`, 0600, a
   checksum detects a torn file, which is then computed again), keyed by the copy's sha256; the live
   database's, keyed by the identity of its files (device, inode, size, mtime of the file and its WAL),
-  so a look at an unchanged database reads no row. A copy only off-site, with no digests here, is
+  so a look at an unchanged database reads no row. After a write, the live digests are the newest local
+  copy's kept ones with only the rows that differ between the two files read again (rows_from_base:
+  the pages the files share are skipped, see safedeploy.rowpages and rowdelta), or every row where that
+  cannot stand (another schema, a natural key). A copy only off-site, with no digests here, is
   compared by count: what it holds beyond the live count is a lower bound of what is missing.
 - Nothing here prints or writes to a database; the live database is opened read-only.
 """
@@ -30,12 +33,13 @@ import os
 import sqlite3
 import time
 from array import array
+from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote as url_quote
 
-from . import rowcompare, rowsets
+from . import dbfiles, rowcompare, rowdelta, rowpages, rowsets
 from .files import make_private_dir, remove_quietly, write_atomic
 from .rowsets import Schema, TableRows
 
@@ -171,10 +175,14 @@ def rows_of(path: str | Path, bookkeeping: tuple[str, ...], deadline: float | No
 
 
 def cached_rows(cache: Path | None, name: str, identity: str, path: str | Path, bookkeeping: tuple[str, ...],
-                deadline: float | None = None) -> dict[str, TableRows]:
+                deadline: float | None = None,
+                quicker: Callable[[], dict[str, TableRows] | None] | None = None) -> dict[str, TableRows]:
+    """The rows kept for identity, else quicker()'s (None: it cannot say), else every row read; kept."""
     kept = cache / f"{name}.rows" if cache is not None else None
     identity = f"{identity}|{','.join(sorted(bookkeeping))}"
     found = load_rows(kept, identity) if kept is not None else None
+    if found is None and quicker is not None:
+        found = quicker()
     if found is None:
         _, found = rows_of(path, bookkeeping, deadline)
         if kept is not None:
@@ -185,9 +193,52 @@ def cached_rows(cache: Path | None, name: str, identity: str, path: str | Path, 
     return found
 
 
-def live_rows(env, deadline: float | None = None) -> dict[str, TableRows]:
-    return cached_rows(cache_dir(env.state_dir), f"live-{env.name}", file_identity(env.db), env.db,
-                       tuple(env.bookkeeping), deadline)
+def live_rows(env, deadline: float | None = None, base: Known | None = None) -> dict[str, TableRows]:
+    """The live database's digests: kept ones while its files are unchanged; else, with base (a local copy whose
+    digests are kept), the copy's digests with only the rows that differ read again (rows_from_base); else
+    every row read."""
+    cache = cache_dir(env.state_dir)
+    quicker = (lambda: rows_from_base(env, cache, base, deadline)) if base is not None and cache is not None else None
+    return cached_rows(cache, f"live-{env.name}", file_identity(env.db), env.db, tuple(env.bookkeeping), deadline,
+                       quicker)
+
+
+def rows_from_base(env, cache: Path, base: Known, deadline: float | None) -> dict[str, TableRows] | None:
+    """The live database's digests from a copy's kept ones and the rows that differ between the two files
+    (safedeploy.rowdelta): the same as reading every live row, in a time that grows with what changed. The rows
+    that can differ are first narrowed by the pages the two files share (safedeploy.rowpages), which holds
+    only when nothing was committed from before the read transaction began to after the pages were read (the
+    WalMark the same); else the delta compares every row, in C, in that same read transaction. None where this
+    cannot stand for reading every row (another schema, a key or a reference rowdelta cannot follow, the copy's
+    digests not kept, a file that cannot be read)."""
+    bookkeeping = tuple(env.bookkeeping)
+    rows = load_rows(cache / f"copy-{base.sha256}.rows", f"{base.sha256}|{','.join(sorted(bookkeeping))}")
+    if rows is None or not base.path:
+        return None
+    try:
+        conn = open_ro(base.path)
+    except sqlite3.Error:
+        return None
+    try:
+        if deadline is not None:
+            conn.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 20000)
+        conn.execute("ATTACH DATABASE ? AS live", (f"file:{url_quote(str(env.db))}?mode=ro",))
+        before = dbfiles.wal_mark(env.db)
+        conn.execute("BEGIN")       # one read transaction: every statement sees the same moment of both files
+        conn.execute("SELECT count(*) FROM live.sqlite_master").fetchone()
+        among = rowpages.pages_differing(conn, env.db, base.path, before)
+        if among is not None and dbfiles.wal_mark(env.db) != before:
+            among = None            # a commit while the pages were read: they may be a mixture
+        found = rowdelta.delta(conn, "live", "main", bookkeeping, among)
+    except sqlite3.OperationalError as exc:
+        if "interrupt" in str(exc):
+            raise
+        return None
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+    return rowdelta.rows_after(rows, found) if found is not None else None
 
 
 def copy_rows(env, copy: Known, deadline: float | None = None) -> dict[str, TableRows]:
@@ -314,6 +365,18 @@ def heads(env, copies: list[Known], known_rows: dict[str, dict[str, TableRows]])
     return [c for c in reversed(ordered) if c.id not in superseded], superseded
 
 
+def kept_digests(env, copies: list[Known]) -> dict[str, dict[str, TableRows]]:
+    """{copy id: its digests} for the copies on this host whose digests are kept (none is computed here)."""
+    cache = cache_dir(env.state_dir)
+    out = {}
+    for c in copies:
+        if c.path and c.sha256 and cache is not None:
+            rows = load_rows(cache / f"copy-{c.sha256}.rows", f"{c.sha256}|{','.join(sorted(env.bookkeeping))}")
+            if rows is not None:
+                out[c.id] = rows
+    return out
+
+
 def look(env, copies: list[Known], dismissed: AbstractSet[str] = frozenset(), seconds: float = 60.0) -> Ledger:
     """The ledger of env (see the module's contract). copies: local and off-site, deduplicated by the caller."""
     start = time.monotonic()
@@ -321,9 +384,12 @@ def look(env, copies: list[Known], dismissed: AbstractSet[str] = frozenset(), se
     ledger = Ledger(live=None)
     kept = [c for c in copies if not (c.sha256 and c.sha256 in dismissed) and c.id not in dismissed]
     ledger.dismissed = [c.id for c in copies if c not in kept]
+    known_rows = kept_digests(env, kept)
+    base = max((c for c in kept if c.id in known_rows and c.path and os.path.exists(c.path)),
+               key=lambda c: c.time, default=None)      # the newest copy here with its digests kept
     live: dict[str, TableRows] | None = None
     try:
-        live = live_rows(env, deadline)
+        live = live_rows(env, deadline, base)
         ledger.live = {k: len(v.digests) for k, v in live.items()}
     except sqlite3.OperationalError as exc:
         if "interrupt" in str(exc):
@@ -331,14 +397,8 @@ def look(env, copies: list[Known], dismissed: AbstractSet[str] = frozenset(), se
             return ledger
     except sqlite3.Error:
         pass                    # unreadable: every copy's rows are outside it
-    known_rows = {}
-    for c in kept:
-        if c.path and c.sha256 and live is not None:
-            cache = cache_dir(env.state_dir)
-            kept_rows = load_rows(cache / f"copy-{c.sha256}.rows",
-                                  f"{c.sha256}|{','.join(sorted(env.bookkeeping))}") if cache is not None else None
-            if kept_rows is not None:
-                known_rows[c.id] = kept_rows
+    if live is None:
+        known_rows = {}
     counting, ledger.superseded = heads(env, kept, known_rows)
     for c in counting:
         try:

@@ -14,6 +14,10 @@ The contract:
   key identical on both (rowcompare's rule 3); or None where this cannot stand for the full comparison
   (a schema that differs, a natural key, a foreign key over several columns): the caller then digests
   every row, as before.
+- `rows_after(base, found)`: side a's full rows, from side b's full rows (base: every row, as digested by
+  rowsets.digests) and the delta: b's rows with a key the delta names on either side dropped, a's rows of
+  the delta added, in key order. The same as digesting every row of side a (what the ledger keeps of the
+  live database, from a copy's kept digests: see safedeploy.ledger.live_rows).
 - Nothing here writes to a database or prints.
 """
 
@@ -170,4 +174,21 @@ def delta(conn: sqlite3.Connection, a: str, b: str, bookkeeping: tuple[str, ...]
         rows_a = read_keys(conn, a, t, sorted(keys_a), parents_a)
         rows_b = read_keys(conn, b, other, sorted(keys_b), parents_b)
         out[t.name.lower()] = TableDelta(rows_a, rows_b, top_same(conn, t, a, keys_a))
+    return out
+
+
+def rows_after(base: dict[str, TableRows], found: dict[str, TableDelta]) -> dict[str, TableRows] | None:
+    """See the module's contract; None when the two name different tables."""
+    if set(base) != set(found):
+        return None
+    out: dict[str, TableRows] = {}
+    for name, d in found.items():
+        rows = base[name]
+        drop = set(d.a.keys) | set(d.b.keys)
+        pairs = [(k, g) for k, g in zip(rows.keys, rows.digests) if k not in drop] if drop else \
+            list(zip(rows.keys, rows.digests))
+        if d.a.keys:
+            pairs += zip(d.a.keys, d.a.digests)
+            pairs.sort(key=lambda kg: kg[0])
+        out[name] = TableRows([k for k, _ in pairs], [g for _, g in pairs], rows.ordered)
     return out

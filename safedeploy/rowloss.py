@@ -289,7 +289,7 @@ def leaving_by_delta(env, backup, keep: bool = False, mark: dbfiles.WalMark | No
     conn = attached(backup.path, env.db)
     bookkeeping = tuple(env.bookkeeping)
     try:
-        among = pages_differing(conn, env.db, backup.path, mark) if mark is not None else None
+        among = rowpages.pages_differing(conn, env.db, backup.path, mark) if mark is not None else None
         found = rowdelta.delta(conn, "live", "main", bookkeeping, among)
         if found is None:
             return None
@@ -308,18 +308,3 @@ def leaving_by_delta(env, backup, keep: bool = False, mark: dbfiles.WalMark | No
         return out
     finally:
         conn.close()
-
-
-def pages_differing(conn: sqlite3.Connection, live: Path, copy: str, mark: dbfiles.WalMark
-                    ) -> dict[str, tuple[set[int], set[int], int]] | None:
-    """rowpages.candidates for every table both sides hold (root pages read in conn's read transaction), or
-    None (then every row is compared)."""
-    roots: dict[str, dict[tuple[str, str], int]] = {}
-    for side in ("live", "main"):
-        roots[side] = {(kind, name.lower()): root for kind, name, root in conn.execute(
-            f"SELECT type, name, rootpage FROM {side}.sqlite_master WHERE type IN ('table', 'index') AND rootpage > 0")}
-    if set(roots["live"]) != set(roots["main"]):
-        return None         # a table or an index on one side only: every row is compared
-    tables = {name: (root, roots["main"][(kind, name)]) for (kind, name), root in roots["live"].items() if kind == "table"}
-    indexes = {name: (root, roots["main"][(kind, name)]) for (kind, name), root in roots["live"].items() if kind == "index"}
-    return rowpages.candidates(str(live), copy, mark, tables, indexes)

@@ -16,6 +16,8 @@ The contract:
   WAL whose header is not the one its index names, a page that is not what a table b-tree holds). mark: the
   live database's dbfiles.WalMark, taken before and checked unchanged after by the caller (a commit between
   would make the pages read a mixture: the caller then throws the answer away).
+- `pages_differing(conn, live, copy, mark)`: candidates() for every table, the two files attached to conn
+  (the live one as "live", the copy as "main"); None where a table or an index is on one side only.
 - Reads only; nothing here writes to a file or prints.
 """
 
@@ -23,7 +25,9 @@ from __future__ import annotations
 
 import bisect
 import os
+import sqlite3
 import struct
+from pathlib import Path
 
 from .dbfiles import WalMark, held_fd
 from .salvage import varint
@@ -261,3 +265,18 @@ def differing_pages(a: Pages, b: Pages, leaf_of: dict[int, str]) -> tuple[set[in
             raise ValueError(f"page {n} is not a leaf of {leaf_of[n]}")
         cells[n] = struct.unpack_from(">H", data, 3)[0]
     return differ, cells
+
+
+def pages_differing(conn: sqlite3.Connection, live: str | Path, copy: str, mark: WalMark
+                    ) -> dict[str, tuple[set[int], set[int], int]] | None:
+    """candidates() for every table both sides hold, the live database attached to conn as "live" and the copy
+    as "main" (root pages read in conn's read transaction), or None (then every row is compared)."""
+    roots: dict[str, dict[tuple[str, str], int]] = {}
+    for side in ("live", "main"):
+        roots[side] = {(kind, name.lower()): root for kind, name, root in conn.execute(
+            f"SELECT type, name, rootpage FROM {side}.sqlite_master WHERE type IN ('table', 'index') AND rootpage > 0")}
+    if set(roots["live"]) != set(roots["main"]):
+        return None         # a table or an index on one side only: every row is compared
+    tables = {name: (root, roots["main"][(kind, name)]) for (kind, name), root in roots["live"].items() if kind == "table"}
+    indexes = {name: (root, roots["main"][(kind, name)]) for (kind, name), root in roots["live"].items() if kind == "index"}
+    return candidates(str(live), copy, mark, tables, indexes)

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from helpers import make_db, run_sql
-from safedeploy import ledger
+from safedeploy import dbfiles, ledger, rowpages
 from safedeploy.rowsets import DEFAULT_BOOKKEEPING
 
 
@@ -145,3 +145,78 @@ def test_a_cache_folder_that_cannot_be_made_costs_the_cache_not_the_look(tmp_pat
     book = ledger.look(env, [nightly])
     assert [o.missing_total for o in book.outstanding] == [1]
     assert (env.state_dir / "ledger").read_text() == "not a folder"
+
+
+# -- the live rows from a copy's kept digests (ledger.rows_from_base) --------------------------------
+SHOP = ("CREATE TABLE owners (id INTEGER PRIMARY KEY, name TEXT);"
+        "CREATE TABLE notes (id INTEGER PRIMARY KEY, owner INTEGER REFERENCES owners(id), body TEXT);"
+        "CREATE TABLE tags (name TEXT, weight REAL);")      # a rowid table without a declared key
+
+
+def shop(env):
+    make_db(env.db, SHOP, [
+        "INSERT INTO owners (name) VALUES ('ann'), ('bob'), ('cy')",
+        "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 3000) "
+        "INSERT INTO notes (owner, body) SELECT 1 + i % 3, hex(randomblob(100 + (i % 7) * 900)) FROM s",
+        "INSERT INTO tags VALUES ('x', 1), ('y', 2.5)"])
+
+
+CHANGES = [
+    "UPDATE notes SET body = 'short now' WHERE id = 17",                       # a row with overflow pages
+    "UPDATE notes SET body = hex(randomblob(3000)) WHERE id = 1500",           # a small row grows overflow
+    "DELETE FROM notes WHERE id BETWEEN 200 AND 260",
+    "INSERT INTO notes (owner, body) VALUES (2, 'written since the copy')",
+    "UPDATE owners SET name = 'bobby' WHERE id = 2",       # every note of bob's digests another parent now
+    "DELETE FROM tags WHERE name = 'x'",
+    "INSERT INTO tags VALUES ('x', 1)",                    # the same content back under another rowid
+]
+
+
+def test_the_live_rows_from_a_copy_s_kept_digests_are_every_live_row_read(tmp_path):
+    env = env_at(tmp_path)
+    shop(env)
+    nightly = copy_of(env, "nightly")
+    cache = ledger.cache_dir(env.state_dir)
+    ledger.copy_rows(env, nightly)                        # its digests kept, as a backup run leaves them
+    app = sqlite3.connect(env.db, isolation_level=None)    # the app's connection: the WAL stays, with frames
+    for statement in CHANGES:
+        app.execute(statement)
+    assert dbfiles.wal_mark(env.db).header is not None
+    conn = sqlite3.connect(f"file:{nightly.path}?mode=ro", uri=True)
+    conn.execute("ATTACH DATABASE ? AS live", (f"file:{env.db}?mode=ro",))
+    assert rowpages.pages_differing(conn, env.db, nightly.path, dbfiles.wal_mark(env.db)) is not None   # narrowed
+    conn.close()
+    _, every = ledger.rows_of(env.db, tuple(env.bookkeeping))
+    assert ledger.rows_from_base(env, cache, nightly, None) == every
+    app.close()                                            # the last connection: checkpointed, no WAL to name
+    _, every = ledger.rows_of(env.db, tuple(env.bookkeeping))
+    assert ledger.rows_from_base(env, cache, nightly, None) == every
+
+
+def test_a_look_after_a_write_reads_only_the_rows_that_differ_from_the_newest_copy(tmp_path, monkeypatch):
+    env = env_at(tmp_path)
+    shop(env)
+    older = copy_of(env, "older", time_="2026-11-30T03:00:00+00:00")
+    run_sql(env.db, "DELETE FROM notes WHERE id = 5")
+    nightly = copy_of(env, "nightly")
+    for c in (older, nightly):
+        ledger.copy_rows(env, c)
+    run_sql(env.db, "DELETE FROM notes WHERE id = 9", "INSERT INTO notes (owner, body) VALUES (1, 'new')")
+    _, every = ledger.rows_of(env.db, tuple(env.bookkeeping))
+    read_whole = []
+    real_rows_of = ledger.rows_of
+    monkeypatch.setattr(ledger, "rows_of", lambda path, *a, **k: read_whole.append(path) or real_rows_of(path, *a, **k))
+    book = ledger.look(env, [older, nightly])
+    assert read_whole == [] and [o.missing for o in book.outstanding] == [{"notes": 1}]
+    assert ledger.live_rows(env) == every                  # what the look kept
+
+
+def test_another_schema_live_is_read_whole(tmp_path):
+    env = env_at(tmp_path)
+    shop(env)
+    nightly = copy_of(env, "nightly")
+    ledger.copy_rows(env, nightly)
+    run_sql(env.db, "ALTER TABLE notes ADD COLUMN pinned INTEGER DEFAULT 0")
+    assert ledger.rows_from_base(env, ledger.cache_dir(env.state_dir), nightly, None) is None
+    another = ledger.Known(id="gone", time="", reason="nightly", path=nightly.path, sha256="0" * 64)
+    assert ledger.rows_from_base(env, ledger.cache_dir(env.state_dir), another, None) is None   # no digests kept

@@ -244,7 +244,7 @@ def test_few_rows_are_read_where_few_pages_differ(tmp_path):
     old, new, app = pair_in_wal(tmp_path, ["UPDATE plain SET b = 'x' WHERE a = 1200"])
     conn = rowloss.attached(str(old), new)
     try:
-        among = rowloss.pages_differing(conn, new, str(old), dbfiles.wal_mark(new))
+        among = rowpages.pages_differing(conn, new, str(old), dbfiles.wal_mark(new))
     finally:
         conn.close()
         app.close()
@@ -321,7 +321,7 @@ def test_pages_past_the_files_end_are_read_from_the_wal(tmp_path):
     assert pages.pages * pages.page_size > new.stat().st_size      # the file has not grown: the WAL holds them
     conn = rowloss.attached(str(old), new)
     try:
-        among = rowloss.pages_differing(conn, new, str(old), mark)
+        among = rowpages.pages_differing(conn, new, str(old), mark)
     finally:
         conn.close()
         app.close()
