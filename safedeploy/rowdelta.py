@@ -23,6 +23,7 @@ The contract:
 
 from __future__ import annotations
 
+import heapq
 import json
 import sqlite3
 from dataclasses import dataclass
@@ -178,17 +179,24 @@ def delta(conn: sqlite3.Connection, a: str, b: str, bookkeeping: tuple[str, ...]
 
 
 def rows_after(base: dict[str, TableRows], found: dict[str, TableDelta]) -> dict[str, TableRows] | None:
-    """See the module's contract; None when the two name different tables."""
+    """See the module's contract; None when the two name different tables. base's keys are in key order (a
+    rowid table's rows as read); the rows of the delta are merged in (no list of pairs the size of the table)."""
     if set(base) != set(found):
         return None
     out: dict[str, TableRows] = {}
     for name, d in found.items():
         rows = base[name]
         drop = set(d.a.keys) | set(d.b.keys)
-        pairs = [(k, g) for k, g in zip(rows.keys, rows.digests) if k not in drop] if drop else \
-            list(zip(rows.keys, rows.digests))
+        if drop:
+            at = [i for i, k in enumerate(rows.keys) if k not in drop]
+            keys, digests = [rows.keys[i] for i in at], [rows.digests[i] for i in at]
+        else:
+            keys, digests = list(rows.keys), list(rows.digests)
         if d.a.keys:
-            pairs += zip(d.a.keys, d.a.digests)
-            pairs.sort(key=lambda kg: kg[0])
-        out[name] = TableRows([k for k, _ in pairs], [g for _, g in pairs], rows.ordered)
+            merged = heapq.merge(zip(keys, digests), sorted(zip(d.a.keys, d.a.digests)), key=lambda kg: kg[0])
+            keys, digests = [], []
+            for k, g in merged:
+                keys.append(k)
+                digests.append(g)
+        out[name] = TableRows(keys, digests, rows.ordered)
     return out

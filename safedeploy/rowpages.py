@@ -17,7 +17,7 @@ The contract:
   live database's dbfiles.WalMark, taken before and checked unchanged after by the caller (a commit between
   would make the pages read a mixture: the caller then throws the answer away).
 - `pages_differing(conn, live, copy, mark)`: candidates() for every table, the two files attached to conn
-  (the live one as "live", the copy as "main"); None where a table or an index is on one side only.
+  (by default the live one as "live", the copy as "main"); None where a table or an index is on one side only.
 - Reads only; nothing here writes to a file or prints.
 """
 
@@ -267,16 +267,17 @@ def differing_pages(a: Pages, b: Pages, leaf_of: dict[int, str]) -> tuple[set[in
     return differ, cells
 
 
-def pages_differing(conn: sqlite3.Connection, live: str | Path, copy: str, mark: WalMark
-                    ) -> dict[str, tuple[set[int], set[int], int]] | None:
-    """candidates() for every table both sides hold, the live database attached to conn as "live" and the copy
-    as "main" (root pages read in conn's read transaction), or None (then every row is compared)."""
+def pages_differing(conn: sqlite3.Connection, live: str | Path, copy: str, mark: WalMark, live_as: str = "live",
+                    copy_as: str = "main") -> dict[str, tuple[set[int], set[int], int]] | None:
+    """candidates() for every table both sides hold, the live database attached to conn as live_as and the copy
+    as copy_as (root pages read in conn's read transaction), or None (then every row is compared)."""
     roots: dict[str, dict[tuple[str, str], int]] = {}
-    for side in ("live", "main"):
+    for side in (live_as, copy_as):
         roots[side] = {(kind, name.lower()): root for kind, name, root in conn.execute(
             f"SELECT type, name, rootpage FROM {side}.sqlite_master WHERE type IN ('table', 'index') AND rootpage > 0")}
-    if set(roots["live"]) != set(roots["main"]):
+    if set(roots[live_as]) != set(roots[copy_as]):
         return None         # a table or an index on one side only: every row is compared
-    tables = {name: (root, roots["main"][(kind, name)]) for (kind, name), root in roots["live"].items() if kind == "table"}
-    indexes = {name: (root, roots["main"][(kind, name)]) for (kind, name), root in roots["live"].items() if kind == "index"}
+    theirs = roots[copy_as]
+    tables = {name: (root, theirs[(kind, name)]) for (kind, name), root in roots[live_as].items() if kind == "table"}
+    indexes = {name: (root, theirs[(kind, name)]) for (kind, name), root in roots[live_as].items() if kind == "index"}
     return candidates(str(live), copy, mark, tables, indexes)

@@ -11,13 +11,18 @@ The contract:
   column is recognised by its place and type, see rowsets.pair_tables).
 - `apply(env, copy_path, sha256)` does it in one `BEGIN IMMEDIATE` transaction on the live database: the
   plan is made again inside it (the rows the app wrote meanwhile count; with the copy's verified sha256 its
-  digests come from the row ledger's cache and the live rows read for the check serve the plan too), every row is inserted with its final
+  digests come from the row ledger's cache, computed before the lock, and the live rows read for the check
+  serve the plan too), every row is inserted with its final
   key and its references already pointing at the right rows (`INSERT OR ABORT`: a table's `ON CONFLICT
   REPLACE` cannot delete a live row), under an authorizer that refuses any UPDATE or DELETE (a trigger's
   too) outside virtual tables' shadow tables. Then, before COMMIT, every users' and bookkeeping table is
   read again: every row that was there is there with the same content, the rows added are exactly the
   rows planned, with their references to the same rows by content. Any difference: ROLLBACK, nothing
-  changed, RestoreRefused naming the table and the reason.
+  changed, RestoreRefused naming the table and the reason. The two reads of the live database (before
+  and after the inserts) are of every row's content, but where the schemas are the same only the rows
+  that differ from the copy's are digested again (quick_rows): before the inserts, only the rows off the
+  pages the live file shares with the copy are compared (safedeploy.rowpages); after, every row, in C
+  (safedeploy.rowdelta). So the app's writers wait for what changed, not for the whole database.
 - `sql(plan)` is the same inserts as text, for review: nothing applies it.
 The plan itself is made in safedeploy.rowplan.
 Callers hold the env's lock. Nothing here prints.
@@ -31,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote as url_quote
 
-from . import rowsets
+from . import dbfiles, rowdelta, rowpages, rowsets
 from .errors import DeployError
 from .rowplan import Plan, Side, TablePlan, make_plan, sides
 from .rowsets import quote
@@ -110,14 +115,16 @@ def apply(env, copy_path: str | Path, sha256: str | None = None) -> Applied:
     """Put the rows back (see the module's contract); RestoreRefused when it cannot, nothing changed.
     sha256: the copy's (its manifest's, verified), so the copy's digests come from the row ledger's cache
     and, the schemas being the same, the plan uses the live rows read for the check: inside the write
-    transaction the live database is read twice (before and after the inserts), the copy not at all."""
+    transaction the live database is read twice (before and after the inserts, quick_rows), the copy only
+    where it differs."""
     bookkeeping = tuple(env.bookkeeping)
+    copy_rows = kept_copy_rows(env, copy_path, sha256)      # read before the lock, when not kept yet
     conn = connect(env, write=True)
     try:
         attach_copy(conn, copy_path)
         conn.execute("BEGIN IMMEDIATE")
         try:
-            live_rows, before = snapshot_rows(conn, bookkeeping)
+            live_rows, before = snapshot_rows(conn, bookkeeping, quick_rows(conn, env, copy_path, copy_rows, True))
             known = kept_sides(env, conn, str(copy_path), sha256, live_rows) if sha256 else None
             the_plan = make_plan(conn, str(copy_path), bookkeeping, known)
             if the_plan.refused and not the_plan.total:
@@ -126,7 +133,7 @@ def apply(env, copy_path: str | Path, sha256: str | None = None) -> Applied:
             conn.set_authorizer(guard(shadow))
             rowids = insert_all(conn, the_plan)
             conn.set_authorizer(None)
-            verify(conn, bookkeeping, before, the_plan, rowids)
+            verify(conn, bookkeeping, before, the_plan, rowids, quick_rows(conn, env, copy_path, copy_rows, False))
             conn.execute("COMMIT")
         except BaseException:
             conn.set_authorizer(None)
@@ -157,16 +164,55 @@ def insert_all(conn: sqlite3.Connection, the_plan: Plan) -> dict[str, list[int]]
     return rowids
 
 
-def snapshot(conn: sqlite3.Connection, bookkeeping: tuple[str, ...]) -> dict[str, Counter]:
+def kept_copy_rows(env, copy_path: str | Path, sha256: str | None) -> dict[str, rowsets.TableRows] | None:
+    """The copy's digests (the row ledger's, computed and kept now if they are not), or None without a sha256."""
+    if not sha256:
+        return None
+    from . import ledger
+    return ledger.copy_rows(env, ledger.Known(id="", time="", reason="", path=str(copy_path), sha256=sha256))
+
+
+def quick_rows(conn: sqlite3.Connection, env, copy_path: str | Path, copy_rows: dict[str, rowsets.TableRows] | None,
+               narrow: bool) -> dict[str, rowsets.TableRows] | None:
+    """The live users' tables' digests as conn sees them (its own inserts included), from the copy's kept digests
+    and the rows that differ between the two (safedeploy.rowdelta): the same as reading every row (the rows
+    that cannot differ are not digested again). narrow: before any insert of this transaction, so the raw
+    pages are what it sees: only the rows off the pages the two files share are compared (safedeploy.rowpages;
+    a checkpoint by another connection while they are read: every row is, in C). None where this cannot
+    stand for reading every row (then every row is read)."""
+    if copy_rows is None:
+        return None
+    bookkeeping = tuple(env.bookkeeping)
+    among = None
+    if narrow:
+        mark = dbfiles.wal_mark(env.db)
+        try:
+            among = rowpages.pages_differing(conn, env.db, str(copy_path), mark, live_as="main", copy_as="copy")
+        except sqlite3.Error:
+            among = None
+        if among is not None and dbfiles.wal_mark(env.db) != mark:
+            among = None
+    try:
+        found = rowdelta.delta(conn, "main", "copy", bookkeeping, among)
+    except sqlite3.Error:
+        return None
+    return rowdelta.rows_after(copy_rows, found) if found is not None else None
+
+
+def snapshot(conn: sqlite3.Connection, bookkeeping: tuple[str, ...],
+             users: dict[str, rowsets.TableRows] | None = None) -> dict[str, Counter]:
     """Every users' and bookkeeping table's rows, as digests (full shape), sqlite_sequence aside."""
-    return snapshot_rows(conn, bookkeeping)[1]
+    return snapshot_rows(conn, bookkeeping, users)[1]
 
 
-def snapshot_rows(conn: sqlite3.Connection, bookkeeping: tuple[str, ...]
+def snapshot_rows(conn: sqlite3.Connection, bookkeeping: tuple[str, ...],
+                  users: dict[str, rowsets.TableRows] | None = None
                   ) -> tuple[dict[str, rowsets.TableRows], dict[str, Counter]]:
-    """The users' tables' rows as read (full shape), and snapshot()'s counters of them: one read."""
+    """The users' tables' rows as read (full shape), and snapshot()'s counters of them: one read. users: their
+    digests already known (quick_rows): only the bookkeeping tables are read."""
     schema = rowsets.read_schema(conn, "main", bookkeeping)
-    users = rowsets.digests(conn, schema, "main")
+    if users is None:
+        users = rowsets.digests(conn, schema, "main")
     out = {name: Counter(rows.digests) for name, rows in users.items()}
     for t in schema.of_kind(rowsets.BOOKKEEPING):
         if t.name.lower() != "sqlite_sequence":
@@ -175,10 +221,11 @@ def snapshot_rows(conn: sqlite3.Connection, bookkeeping: tuple[str, ...]
 
 
 def verify(conn: sqlite3.Connection, bookkeeping: tuple[str, ...], before: dict[str, Counter], the_plan: Plan,
-           rowids: dict[str, list[int]]) -> None:
+           rowids: dict[str, list[int]], users: dict[str, rowsets.TableRows] | None = None) -> None:
     """Before COMMIT: every live row still there with its content; the rows added are the rows planned, with
-    their references to the same rows (by content)."""
-    after = snapshot(conn, bookkeeping)
+    their references to the same rows (by content). users: the users' tables' digests now (quick_rows), else
+    every row is read."""
+    after = snapshot(conn, bookkeeping, users)
     expected = expected_digests(conn, the_plan, bookkeeping, rowids)
     for name, rows in before.items():
         gone = rows - after.get(name, Counter())

@@ -31,15 +31,17 @@ def dump(db):
         conn.close()
 
 
-@pytest.fixture(params=["read", "kept"])
+@pytest.fixture(params=["read", "kept", "kept-app-open"])
 def pair(tmp_path, request, monkeypatch):
     """(env, copy path): make_db(schema, rows) writes the copy; then the test changes the live database.
-    Every test runs twice: the copy read whole inside the transaction ("read"), and the copy's digests
+    Every test runs three times: the copy read whole inside the transaction ("read"); the copy's digests
     from the row ledger's cache by its sha256, the plan using the live rows read for the check ("kept",
-    as backup.py --restore-rows runs it)."""
+    as backup.py --restore-rows runs it: only the rows that differ from the copy's are digested, the live
+    database here without a WAL); and the same with the app's connection open, the changes since the
+    copy still in its WAL ("kept-app-open": the rows compared are narrowed by the pages the files share)."""
     env = SimpleNamespace(db=tmp_path / "live.db", bookkeeping=list(DEFAULT_BOOKKEEPING), name="t",
                           state_dir=tmp_path / "state")
-    if request.param == "kept":
+    if request.param.startswith("kept"):
         apply, plan = rowrestore.apply, rowrestore.plan
 
         def sha(path):
@@ -51,7 +53,14 @@ def pair(tmp_path, request, monkeypatch):
     def build(script, rows, since):
         make_db(copy, script, rows)
         shutil.copy(copy, env.db)
-        run_sql(env.db, *since)
+        if request.param == "kept-app-open":
+            app = sqlite3.connect(env.db, isolation_level=None)
+            request.addfinalizer(app.close)
+            app.execute("PRAGMA journal_mode = WAL")
+            for statement in since:
+                app.execute(statement)
+        else:
+            run_sql(env.db, *since)
         return env, copy
     return build
 
@@ -340,3 +349,32 @@ def test_a_damaged_interior_page_whose_cells_reach_past_its_end_is_a_bad_page_no
         fh.write(bytes(page))
     found = salvage.salvage(db, tmp_path / "salvaged.db")
     assert found.bad_pages >= 1 and found.tables["notes"] == 400
+
+
+def test_inside_the_lock_only_the_rows_that_differ_from_the_copy_are_digested(tmp_path, monkeypatch):
+    """backup.py --restore-rows holds the app's writers while it checks every live row: with the copy's digests
+    kept and the app's WAL open, the check before the inserts compares only the rows off the pages the two
+    files share, and neither check digests every live row; the rows come back all the same."""
+    from safedeploy import rowpages, rowsets
+    env = SimpleNamespace(db=tmp_path / "live.db", bookkeeping=list(DEFAULT_BOOKKEEPING), name="t",
+                          state_dir=tmp_path / "state")
+    copy = tmp_path / "copy.db"
+    make_db(copy, "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT);",
+            ["WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 3000) "
+             "INSERT INTO notes (body) SELECT hex(randomblob(200)) FROM s"])
+    shutil.copy(copy, env.db)
+    app = sqlite3.connect(env.db, isolation_level=None)
+    app.execute("DELETE FROM notes WHERE id IN (10, 2000)")
+    app.execute("INSERT INTO notes (body) VALUES ('written since')")
+    narrowed, digested = [], []
+    real_pages, real_digests = rowpages.pages_differing, rowsets.digests
+    monkeypatch.setattr(rowpages, "pages_differing", lambda *a, **k: narrowed.append(real_pages(*a, **k)) or narrowed[-1])
+    monkeypatch.setattr(rowsets, "digests", lambda conn, schema, attached="main", *a: digested.append(attached) or
+                        real_digests(conn, schema, attached, *a))
+    rowrestore.kept_copy_rows(env, copy, hashlib.sha256(copy.read_bytes()).hexdigest())    # as a backup run keeps them
+    digested.clear()
+    done = rowrestore.apply(env, copy, hashlib.sha256(copy.read_bytes()).hexdigest())
+    assert done.restored == {"notes": 2} and query(env.db, "SELECT count(*) FROM notes") == [(3001,)]
+    assert narrowed and narrowed[0] is not None and len(narrowed[0]["notes"][0]) < 100
+    assert "main" not in digested
+    app.close()
