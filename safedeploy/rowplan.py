@@ -6,10 +6,11 @@ writes or prints.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from dataclasses import dataclass, field
 
-from . import rowcompare, rowsets
+from . import rowcompare, rowdelta, rowsets
 from .rowsets import Pairing, Schema, Table, TableRows, quote
 
 
@@ -166,9 +167,16 @@ class Resolver:
         self.blocked: dict[str, dict[object, str]] = {}        # table -> copy key -> why it stays out
         self.needs: dict[tuple[str, object], list[tuple[str, object]]] = {}   # (parent, key) -> its restored children
         self.resolved: dict[tuple[str, object], dict] = {}     # (table, key) -> its values live
-        self.matched = {name: self.match_by_content(name) for name in pairs}
+        self._matched: dict[str, dict[object, object]] = {}      # matched(): only for the parents of a row coming back
         for name in pairs:
             self.assign(name)
+
+    def matched(self, name: str) -> dict[object, object]:
+        """match_by_content(name), worked out once, when a reference first needs it (a table no row coming back
+        points at is never matched row by row: at a million rows that is seconds the app's writers wait)."""
+        if name not in self._matched:
+            self._matched[name] = self.match_by_content(name)
+        return self._matched[name]
 
     def match_by_content(self, name: str) -> dict[object, object]:
         """copy key -> live key for the copy's rows live in any form (same content, or updated under their key)."""
@@ -200,8 +208,8 @@ class Resolver:
         rows = self.missing_rows(name)
         assigned, rekeyed = self.assigned.setdefault(name, {}), self.rekeyed.setdefault(name, {})
         surrogate = bool(ltable.surrogate and ctable.surrogate)
-        taken = self.live_keys(ltable) if surrogate else set()
-        next_key = max([k for k in taken if isinstance(k, int)] + [0]) + 1
+        taken, top = self.live_keys(ltable, [key for key, _ in rows]) if surrogate else (set(), 0)
+        next_key = top + 1
         used = set(taken)
         for key, _ in rows:             # first every row whose key is free keeps it
             if not surrogate or key not in used:
@@ -278,21 +286,37 @@ class Resolver:
         return out if out.rows or out.changed or out.left_out else None
 
     def fetch(self, table: Table, pairing: Pairing, keys: list) -> list[tuple[object, dict]]:
+        """The copy's rows with these keys (as the ledger keys rows): a rowid-keyed table's picked by SQLite,
+        any other's (a natural key, an INTEGER PRIMARY KEY DESC that may hold text) found by reading them all."""
         cols = [c for c, _ in pairing.columns] + list(pairing.dropped)
         wanted = set(keys)
         out: list[tuple[object, dict]] = []
         kcols = rowsets.key_columns(table)
         natural = rowsets.natural_key(table)
         select = ", ".join(kcols + [quote(c) for c in cols])
-        for r in self.conn.execute(f"SELECT {select} FROM copy.{quote(table.name)}"):
+        where = ""
+        args: tuple = ()
+        if rowdelta.rowid_keyed(table):         # its key is an integer on every row: the rows are picked by it
+            where = f" WHERE {kcols[0]} IN (SELECT value FROM json_each(?))"
+            args = (json.dumps(sorted(wanted)),)
+        for r in self.conn.execute(f"SELECT {select} FROM copy.{quote(table.name)}{where}", args):
             k = rowsets.digest(r[:len(kcols)]) if natural or not isinstance(r[0], int) else r[0]
             if k in wanted:
                 out.append((k, dict(zip(cols, r[len(kcols):]))))
         return out
 
-    def live_keys(self, table: Table) -> set:
+    def live_keys(self, table: Table, among: list) -> tuple[set, int]:
+        """(the keys among these that a live row holds, the largest integer key live, 0 for none). A rowid alias
+        is an integer on every row and SQLite answers both from the key; any other surrogate is read whole."""
         assert table.surrogate, table.name          # called for tables with a surrogate key only
-        return {r[0] for r in self.conn.execute(f"SELECT {quote(table.surrogate)} FROM main.{quote(table.name)}")}
+        q, k = quote(table.name), quote(table.surrogate)
+        if table.alias:
+            top = self.conn.execute(f"SELECT max({k}) FROM main.{q}").fetchone()[0] or 0
+            held = {r[0] for r in self.conn.execute(f"SELECT {k} FROM main.{q} WHERE {k} IN (SELECT value FROM json_each(?))",
+                                                    (json.dumps(sorted(k_ for k_ in among if isinstance(k_, int))),))}
+            return held, top
+        every = {r[0] for r in self.conn.execute(f"SELECT {k} FROM main.{q}")}
+        return every & set(among), max([v for v in every if isinstance(v, int)] + [0])
 
     def copy_name(self, pairing: Pairing, live_col: str) -> str:
         return next((c for c, twin in pairing.columns if twin.lower() == live_col.lower()), live_col)
@@ -328,7 +352,7 @@ class Resolver:
             if ltable.surrogate and [c.lower() for c in lcols] == [ltable.surrogate.lower()]:
                 return (self.assigned[parent][ckey],)
             return value            # a restored parent keeps its other values
-        lkey = self.matched[parent].get(ckey)
+        lkey = self.matched(parent).get(ckey)
         if lkey is None:
             return None
         if rowsets.natural_key(ltable):
