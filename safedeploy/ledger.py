@@ -181,15 +181,16 @@ def cached_rows(cache: Path | None, name: str, identity: str, path: str | Path, 
     kept = cache / f"{name}.rows" if cache is not None else None
     identity = f"{identity}|{','.join(sorted(bookkeeping))}"
     found = load_rows(kept, identity) if kept is not None else None
-    if found is None and quicker is not None:
-        found = quicker()
+    if found is not None:
+        return found
+    found = quicker() if quicker is not None else None
     if found is None:
         _, found = rows_of(path, bookkeeping, deadline)
-        if kept is not None:
-            try:
-                save_rows(kept, found, identity)
-            except Exception:           # a full state disk costs the cache, never the look
-                remove_quietly(kept)
+    if kept is not None:
+        try:
+            save_rows(kept, found, identity)
+        except Exception:           # a full state disk costs the cache, never the look
+            remove_quietly(kept)
     return found
 
 
