@@ -85,8 +85,9 @@ def kept_sides(env, conn: sqlite3.Connection, copy_path: str, sha256: str,
     theirs = rowsets.read_schema(conn, "main", bookkeeping)
     if not mine.same_users_as(theirs):
         return None
-    copy_rows = ledger.copy_rows(env, ledger.Known(id="", time="", reason="", path=copy_path, sha256=sha256))
-    live_rows = ledger.live_rows(env) if live is None else live
+    known = ledger.Known(id="", time="", reason="", path=copy_path, sha256=sha256)
+    copy_rows = ledger.copy_rows(env, known)
+    live_rows = ledger.live_rows(env, base=known) if live is None else live     # the rows that differ read again
     pairs = {t.name.lower(): rowsets.pair_tables(t, twin) for t, twin in mine.users_also_in(theirs)}
     return Side(mine, copy_rows), Side(theirs, live_rows), pairs
 
