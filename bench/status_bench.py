@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: `status.py ENV` with the row ledger, by database size: cold (no digests kept yet), warm
 (nothing changed since the last look: the cache answers, no row is read), after one row was written
-(the live database is read again, the copy's digests are kept), and `backup.py ENV --restore-rows` of
+(the copy's digests are kept: only the live rows that differ from them are read again), and `backup.py ENV --restore-rows` of
 one row (its lock holds the app's writers while it checks every live row; a writer inserting every 50 ms
 meanwhile says for how long). The database holds rows of
 about 1 KB (a notes table, as users write them): 1 GB is about a million rows.
