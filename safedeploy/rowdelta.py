@@ -18,14 +18,20 @@ The contract:
   rowsets.digests) and the delta: b's rows with a key the delta names on either side dropped, a's rows of
   the delta added, in key order. The same as digesting every row of side a (what the ledger keeps of the
   live database, from a copy's kept digests: see safedeploy.ledger.live_rows).
+- `counters_between(base, d1, d2)`: for two deltas of side a against the same side b (base: b's full rows),
+  side a's rows at each as counters of digests, holding only the rows either delta names: b's rows that
+  neither names are on side a unchanged at both, so what one counter has that the other lacks is the same
+  as between counters of every row.
 - Nothing here writes to a database or prints.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import json
 import sqlite3
+from collections import Counter
 from dataclasses import dataclass
 
 from . import rowsets
@@ -42,16 +48,21 @@ class TableDelta:
 def same_digest_when_equal(table: Table, other: Table) -> bool:
     """Whether a row stored identically (same key, same values, same types) on both sides has the same digest
     on both: the digest is of the row's own columns and its parents' identity, so the tables must have the
-    same shape, a rowid key (a natural key's digest is of its key columns: fine, but rowcompare's classify
+    same shape and the same declared types (SQL compares 5 and 5.0, or '5' and 5, across two affinities as
+    equal), a rowid key (a natural key's digest is of its key columns: fine, but rowcompare's classify
     then needs every key), and foreign keys of one column each (a parent that differs is then looked up by
     that column: see `parent_keys_differing`)."""
     return (rowsets.same_shape(table, other) and rowid_keyed(table) and rowid_keyed(other)
+            and [t.upper() for t in table.types] == [t.upper() for t in other.types]
             and all(len(r.columns) == 1 for r in table.refs) and all(len(r.columns) == 1 for r in other.refs))
 
 
 def rowid_keyed(table: Table) -> bool:
-    """The table's key is its rowid (or an alias of it): an integer on every row, never NULL."""
-    return not table.without_rowid and (table.surrogate is None and not table.key or table.alias)
+    """The table's key is its rowid (or an alias of it): an integer on every row, never NULL. Not a table with a
+    column of its own named rowid (or oid, _rowid_): "rowid" in SQL then names that column."""
+    if table.without_rowid or any(c.lower() in ("rowid", "oid", "_rowid_") for c in table.columns if c != table.surrogate):
+        return False
+    return bool(table.surrogate is None and not table.key or table.alias)
 
 
 def key_of(table: Table) -> str:
@@ -69,6 +80,14 @@ def mixes_numbers(declared: str) -> bool:
     return "BLOB" in t or not t
 
 
+def mixed_checks(c: str) -> str:
+    """What else tells two values of a column of no affinity apart for the digest: their types (1 and 1.0), and
+    the sign of a zero (-0.0 and 0.0 are equal to SQL, and printed alike; atan2 tells them apart: where SQLite
+    has no math functions, the query fails and the caller compares every row)."""
+    return (f" OR typeof(x.{c}) != typeof(y.{c})"
+            f" OR (typeof(x.{c}) = 'real' AND x.{c} = 0 AND atan2(x.{c}, -1) IS NOT atan2(y.{c}, -1))")
+
+
 def differing_keys(conn: sqlite3.Connection, table: Table, a: str, b: str,
                    among: set[int] | None = None) -> tuple[set[int], set[int]]:
     """(keys of the table on side a whose row side b holds with another value in a column, keys side b lacks).
@@ -77,7 +96,7 @@ def differing_keys(conn: sqlite3.Connection, table: Table, a: str, b: str,
     k = key_of(table)
     q = quote(table.name)
     checks = " OR ".join(f"x.{quote(c)} IS NOT y.{quote(c)} COLLATE BINARY"
-                         + (f" OR typeof(x.{quote(c)}) != typeof(y.{quote(c)})" if mixes_numbers(kind) else "")
+                         + (mixed_checks(quote(c)) if mixes_numbers(kind) else "")
                          for c, kind in zip(table.columns, table.types) if c != table.surrogate)
     narrow, args = among_clause(k, among)
     where = f"(y.{k} IS NULL" + (f" OR {checks})" if checks else ")") + narrow
@@ -111,11 +130,18 @@ def parent_keys_differing(lookup_a: dict[tuple, int], lookup_b: dict[tuple, int]
 
 
 def keys_pointing_at(conn: sqlite3.Connection, table: Table, side: str, column: str, values: set) -> list[int]:
+    """The keys of the rows whose column holds one of values (a few more at most: 1 and 1.0 are one value to
+    SQL; a blob's bytes are matched by hex, which a text of the same bytes matches too)."""
     if not values:
         return []
-    return [r[0] for r in conn.execute(
-        f"SELECT {key_of(table)} FROM {side}.{quote(table.name)} WHERE {quote(column)} IN "
-        "(SELECT value FROM json_each(?))", (json.dumps(sorted(values, key=repr)),))]
+    blobs = [v for v in values if isinstance(v, bytes)]
+    plain = [v for v in values if not isinstance(v, bytes)]
+    where = f"{quote(column)} IN (SELECT value FROM json_each(?))"
+    args = [json.dumps(sorted(plain, key=repr))]
+    if blobs:
+        where += f" OR hex({quote(column)}) IN (SELECT value FROM json_each(?))"
+        args.append(json.dumps(sorted(b.hex().upper() for b in blobs)))
+    return [r[0] for r in conn.execute(f"SELECT {key_of(table)} FROM {side}.{quote(table.name)} WHERE {where}", args)]
 
 
 def top_same(conn: sqlite3.Connection, table: Table, side: str, differing: set[int]) -> int | None:
@@ -200,3 +226,21 @@ def rows_after(base: dict[str, TableRows], found: dict[str, TableDelta]) -> dict
                 digests.append(g)
         out[name] = TableRows(keys, digests, rows.ordered)
     return out
+
+
+def counters_between(base: dict[str, TableRows], d1: dict[str, TableDelta], d2: dict[str, TableDelta]
+                     ) -> tuple[dict[str, Counter], dict[str, Counter]]:
+    """See the module's contract. base's keys are in key order (a rowid table's rows as read)."""
+    then: dict[str, Counter] = {}
+    now: dict[str, Counter] = {}
+    for name, rows in base.items():
+        k1 = set(d1[name].a.keys) | set(d1[name].b.keys)
+        k2 = set(d2[name].a.keys) | set(d2[name].b.keys)
+        held: dict[int, int] = {}           # base's digest of each key either delta names
+        for k in k1 | k2:
+            i = bisect.bisect_left(rows.keys, k)
+            if i < len(rows.keys) and rows.keys[i] == k:
+                held[k] = rows.digests[i]
+        then[name] = Counter(g for k, g in held.items() if k not in k1) + Counter(d1[name].a.digests)
+        now[name] = Counter(g for k, g in held.items() if k not in k2) + Counter(d2[name].a.digests)
+    return then, now

@@ -160,7 +160,7 @@ def leaf_cells(data: bytes, n: int, usable: int) -> tuple[list[int], bool]:
     for p in cell_offsets(data, off, 8, cells):
         size, p = varint(data, p)
         key, _ = varint(data, p)
-        keys.append(key)
+        keys.append(key - (1 << 64) if key >= 1 << 63 else key)        # a rowid is a signed 64-bit integer
         if size > max_local:
             local = False
     return keys, local

@@ -311,7 +311,7 @@ class Resolver:
         assert table.surrogate, table.name          # called for tables with a surrogate key only
         q, k = quote(table.name), quote(table.surrogate)
         if table.alias:
-            top = self.conn.execute(f"SELECT max({k}) FROM main.{q}").fetchone()[0] or 0
+            top = max(self.conn.execute(f"SELECT max({k}) FROM main.{q}").fetchone()[0] or 0, 0)
             held = {r[0] for r in self.conn.execute(f"SELECT {k} FROM main.{q} WHERE {k} IN (SELECT value FROM json_each(?))",
                                                     (json.dumps(sorted(k_ for k_ in among if isinstance(k_, int))),))}
             return held, top

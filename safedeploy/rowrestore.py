@@ -20,7 +20,8 @@ The contract:
   rows planned, with their references to the same rows by content. Any difference: ROLLBACK, nothing
   changed, RestoreRefused naming the table and the reason. The two reads of the live database (before
   and after the inserts) are of every row's content, but where the schemas are the same only the rows
-  that differ from the copy's are digested again (quick_rows): before the inserts, only the rows off the
+  that differ from the copy's are digested again (quick_delta), and only they are compared (look_after):
+  before the inserts, only the rows off the
   pages the live file shares with the copy are compared (safedeploy.rowpages); after, every row, in C
   (safedeploy.rowdelta). So the app's writers wait for what changed, not for the whole database.
 - `sql(plan)` is the same inserts as text, for review: nothing applies it.
@@ -116,7 +117,7 @@ def apply(env, copy_path: str | Path, sha256: str | None = None) -> Applied:
     """Put the rows back (see the module's contract); RestoreRefused when it cannot, nothing changed.
     sha256: the copy's (its manifest's, verified), so the copy's digests come from the row ledger's cache
     and, the schemas being the same, the plan uses the live rows read for the check: inside the write
-    transaction the live database is read twice (before and after the inserts, quick_rows), the copy only
+    transaction the live database is read twice (before and after the inserts, look_before and look_after), the copy only
     where it differs."""
     bookkeeping = tuple(env.bookkeeping)
     copy_rows = kept_copy_rows(env, copy_path, sha256)      # read before the lock, when not kept yet
@@ -125,7 +126,7 @@ def apply(env, copy_path: str | Path, sha256: str | None = None) -> Applied:
         attach_copy(conn, copy_path)
         conn.execute("BEGIN IMMEDIATE")
         try:
-            live_rows, before = snapshot_rows(conn, bookkeeping, quick_rows(conn, env, copy_path, copy_rows, True))
+            live_rows, before, before_delta = look_before(conn, env, copy_path, copy_rows)
             known = kept_sides(env, conn, str(copy_path), sha256, live_rows) if sha256 else None
             the_plan = make_plan(conn, str(copy_path), bookkeeping, known)
             if the_plan.refused and not the_plan.total:
@@ -134,7 +135,8 @@ def apply(env, copy_path: str | Path, sha256: str | None = None) -> Applied:
             conn.set_authorizer(guard(shadow))
             rowids = insert_all(conn, the_plan)
             conn.set_authorizer(None)
-            verify(conn, bookkeeping, before, the_plan, rowids, quick_rows(conn, env, copy_path, copy_rows, False))
+            before, after = look_after(conn, env, copy_path, copy_rows, (live_rows, before, before_delta))
+            verify(conn, bookkeeping, before, after, the_plan, rowids)
             conn.execute("COMMIT")
         except BaseException:
             conn.set_authorizer(None)
@@ -173,17 +175,16 @@ def kept_copy_rows(env, copy_path: str | Path, sha256: str | None) -> dict[str, 
     return ledger.copy_rows(env, ledger.Known(id="", time="", reason="", path=str(copy_path), sha256=sha256))
 
 
-def quick_rows(conn: sqlite3.Connection, env, copy_path: str | Path, copy_rows: dict[str, rowsets.TableRows] | None,
-               narrow: bool) -> dict[str, rowsets.TableRows] | None:
-    """The live users' tables' digests as conn sees them (its own inserts included), from the copy's kept digests
-    and the rows that differ between the two (safedeploy.rowdelta): the same as reading every row (the rows
-    that cannot differ are not digested again). narrow: before any insert of this transaction, so the raw
-    pages are what it sees: only the rows off the pages the two files share are compared (safedeploy.rowpages;
-    a checkpoint by another connection while they are read: every row is, in C). None where this cannot
-    stand for reading every row (then every row is read)."""
+def quick_delta(conn: sqlite3.Connection, env, copy_path: str | Path, copy_rows: dict[str, rowsets.TableRows] | None,
+                narrow: bool) -> dict[str, rowdelta.TableDelta] | None:
+    """The live users' tables' rows that differ from the copy's, as conn sees them (its own inserts included):
+    with the copy's kept digests, every live row's digest follows (rowdelta.rows_after), the same as reading
+    every row. narrow: before any insert of this transaction, so the raw pages are what it sees: only the rows
+    off the pages the two files share are compared (safedeploy.rowpages; a checkpoint by another connection
+    while they are read: every row is, in C). None where this cannot stand for reading every row (then every
+    row is read)."""
     if copy_rows is None:
         return None
-    bookkeeping = tuple(env.bookkeeping)
     among = None
     if narrow:
         mark = dbfiles.wal_mark(env.db)
@@ -194,39 +195,70 @@ def quick_rows(conn: sqlite3.Connection, env, copy_path: str | Path, copy_rows: 
         if among is not None and dbfiles.wal_mark(env.db) != mark:
             among = None
     try:
-        found = rowdelta.delta(conn, "main", "copy", bookkeeping, among)
+        found = rowdelta.delta(conn, "main", "copy", tuple(env.bookkeeping), among)
     except sqlite3.Error:
         return None
-    return rowdelta.rows_after(copy_rows, found) if found is not None else None
+    return found if found is not None and set(found) == set(copy_rows) else None
 
 
-def snapshot(conn: sqlite3.Connection, bookkeeping: tuple[str, ...],
-             users: dict[str, rowsets.TableRows] | None = None) -> dict[str, Counter]:
+Before = tuple[dict[str, rowsets.TableRows], dict[str, Counter], "dict[str, rowdelta.TableDelta] | None"]
+
+
+def look_before(conn: sqlite3.Connection, env, copy_path: str | Path,
+                copy_rows: dict[str, rowsets.TableRows] | None) -> Before:
+    """The check before the inserts: (every live users' row's digest, which the plan uses; the counters of the
+    rows to compare after the inserts; the delta they stand for, or None). With a delta (quick_delta), the
+    users' tables' counters are left to look_after, which compares only the rows either delta names."""
+    bookkeeping = tuple(env.bookkeeping)
+    found = quick_delta(conn, env, copy_path, copy_rows, True)
+    live = rowdelta.rows_after(copy_rows, found) if found is not None and copy_rows is not None else None
+    if live is None:
+        rows, counters = snapshot_rows(conn, bookkeeping)
+        return rows, counters, None
+    return live, bookkeeping_counters(conn, bookkeeping), found
+
+
+def look_after(conn: sqlite3.Connection, env, copy_path: str | Path, copy_rows: dict[str, rowsets.TableRows] | None,
+               before: Before) -> tuple[dict[str, Counter], dict[str, Counter]]:
+    """(the counters before the inserts, after them), per users' and bookkeeping table. Where both checks have a
+    delta from the copy, a users' table's counters hold only the rows either delta names (the copy's rows
+    neither names are live, unchanged, on both sides: they cancel, so what went and what was added are the
+    same as between counters of every row); else every live row is read again."""
+    live, counters, before_delta = before
+    bookkeeping = tuple(env.bookkeeping)
+    after_delta = quick_delta(conn, env, copy_path, copy_rows, False) if before_delta is not None else None
+    if before_delta is not None and after_delta is not None and copy_rows is not None:
+        then, now = rowdelta.counters_between(copy_rows, before_delta, after_delta)
+        return {**counters, **then}, {**bookkeeping_counters(conn, bookkeeping), **now}
+    if before_delta is not None:
+        counters = {**counters, **{name: Counter(rows.digests) for name, rows in live.items()}}
+    return counters, snapshot(conn, bookkeeping)
+
+
+def snapshot(conn: sqlite3.Connection, bookkeeping: tuple[str, ...]) -> dict[str, Counter]:
     """Every users' and bookkeeping table's rows, as digests (full shape), sqlite_sequence aside."""
-    return snapshot_rows(conn, bookkeeping, users)[1]
+    return snapshot_rows(conn, bookkeeping)[1]
 
 
-def snapshot_rows(conn: sqlite3.Connection, bookkeeping: tuple[str, ...],
-                  users: dict[str, rowsets.TableRows] | None = None
+def snapshot_rows(conn: sqlite3.Connection, bookkeeping: tuple[str, ...]
                   ) -> tuple[dict[str, rowsets.TableRows], dict[str, Counter]]:
-    """The users' tables' rows as read (full shape), and snapshot()'s counters of them: one read. users: their
-    digests already known (quick_rows): only the bookkeeping tables are read."""
+    """The users' tables' rows as read (full shape), and snapshot()'s counters of them: one read."""
     schema = rowsets.read_schema(conn, "main", bookkeeping)
-    if users is None:
-        users = rowsets.digests(conn, schema, "main")
-    out = {name: Counter(rows.digests) for name, rows in users.items()}
-    for t in schema.of_kind(rowsets.BOOKKEEPING):
-        if t.name.lower() != "sqlite_sequence":
-            out[t.name.lower()] = Counter(rowsets.digest(r) for r in conn.execute(f"SELECT * FROM main.{quote(t.name)}"))
-    return users, out
+    users = rowsets.digests(conn, schema, "main")
+    return users, {**{name: Counter(rows.digests) for name, rows in users.items()}, **bookkeeping_counters(conn, bookkeeping)}
 
 
-def verify(conn: sqlite3.Connection, bookkeeping: tuple[str, ...], before: dict[str, Counter], the_plan: Plan,
-           rowids: dict[str, list[int]], users: dict[str, rowsets.TableRows] | None = None) -> None:
+def bookkeeping_counters(conn: sqlite3.Connection, bookkeeping: tuple[str, ...]) -> dict[str, Counter]:
+    """The bookkeeping tables' rows as digests, sqlite_sequence aside (read whole: a framework's few rows)."""
+    schema = rowsets.read_schema(conn, "main", bookkeeping)
+    return {t.name.lower(): Counter(rowsets.digest(r) for r in conn.execute(f"SELECT * FROM main.{quote(t.name)}"))
+            for t in schema.of_kind(rowsets.BOOKKEEPING) if t.name.lower() != "sqlite_sequence"}
+
+
+def verify(conn: sqlite3.Connection, bookkeeping: tuple[str, ...], before: dict[str, Counter],
+           after: dict[str, Counter], the_plan: Plan, rowids: dict[str, list[int]]) -> None:
     """Before COMMIT: every live row still there with its content; the rows added are the rows planned, with
-    their references to the same rows (by content). users: the users' tables' digests now (quick_rows), else
-    every row is read."""
-    after = snapshot(conn, bookkeeping, users)
+    their references to the same rows (by content). before, after: the counters look_after gives."""
     expected = expected_digests(conn, the_plan, bookkeeping, rowids)
     for name, rows in before.items():
         gone = rows - after.get(name, Counter())

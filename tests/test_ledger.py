@@ -220,3 +220,71 @@ def test_another_schema_live_is_read_whole(tmp_path):
     assert ledger.rows_from_base(env, ledger.cache_dir(env.state_dir), nightly, None) is None
     another = ledger.Known(id="gone", time="", reason="nightly", path=nightly.path, sha256="0" * 64)
     assert ledger.rows_from_base(env, ledger.cache_dir(env.state_dir), another, None) is None   # no digests kept
+
+
+def kept_copy(env):
+    """A copy of the live database (the backup API) with its digests kept, as a backup run leaves them."""
+    path = env.db.parent / "copy.sqlite3"
+    src, dst = sqlite3.connect(env.db), sqlite3.connect(path)
+    src.backup(dst)
+    src.close()
+    dst.close()
+    known = ledger.Known(id="copy", time="2026-12-01T03:00:00+00:00", reason="nightly", path=str(path), sha256=sha(path))
+    ledger.copy_rows(env, known)
+    return known
+
+
+def same_as_every_row(env, known):
+    got = ledger.rows_from_base(env, ledger.cache_dir(env.state_dir), known, None)
+    return got is None or got == ledger.rows_of(env.db, tuple(env.bookkeeping))[1]
+
+
+def test_a_negative_rowid_deleted_since_the_copy_is_missing_and_comes_back(tmp_path):
+    """A rowid is a signed 64-bit integer: read from the pages as unsigned, -1 was a key no row has, so the row's
+    deletion went unseen by the ledger and the restore's check refused a good restore."""
+    from safedeploy import rowrestore
+    env = env_at(tmp_path)
+    make_db(env.db, "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);", ["INSERT INTO t VALUES (-1, 'lost'), (5, 'b')"])
+    known = kept_copy(env)
+    app = sqlite3.connect(env.db, isolation_level=None)         # the app's connection: the WAL stays, with frames
+    app.execute("DELETE FROM t WHERE id = -1")
+    assert same_as_every_row(env, known)
+    assert [o.missing for o in ledger.look(env, [known]).outstanding] == [{"t": 1}]
+    assert rowrestore.apply(env, known.path, known.sha256).restored == {"t": 1}
+    app.close()
+
+
+def test_a_blob_key_a_reference_points_at_changed_since_the_copy_is_compared_not_a_crash(tmp_path):
+    env = env_at(tmp_path)
+    make_db(env.db, "CREATE TABLE p (id INTEGER PRIMARY KEY, code BLOB UNIQUE, n TEXT);"
+                    "CREATE TABLE ch (id INTEGER PRIMARY KEY, pc REFERENCES p(code));",
+            ["INSERT INTO p (code, n) VALUES (x'01', 'a')", "INSERT INTO ch (pc) VALUES (x'01')"])
+    known = kept_copy(env)
+    run_sql(env.db, "UPDATE p SET code = x'02' WHERE id = 1")
+    assert same_as_every_row(env, known) and ledger.look(env, [known]).live == {"ch": 1, "p": 1}
+
+
+def test_a_column_whose_type_changed_or_a_signed_zero_is_never_taken_for_the_copy_s_value(tmp_path):
+    """5.0 in a REAL column and 5 in the INTEGER column a migration rebuilt it as are equal to SQL, and so are
+    -0.0 and 0.0 in an untyped one; their digests differ, so the live rows must be read."""
+    env = env_at(tmp_path)
+    make_db(env.db, "CREATE TABLE t (id INTEGER PRIMARY KEY, v REAL); CREATE TABLE u (id INTEGER PRIMARY KEY, w);",
+            ["INSERT INTO t VALUES (1, 5.0)", "INSERT INTO u VALUES (1, 0.0), (2, 1)"])
+    known = kept_copy(env)
+    app = sqlite3.connect(env.db, isolation_level=None)
+    app.execute("UPDATE u SET w = -0.0 WHERE id = 1")
+    assert same_as_every_row(env, known)
+    app.executescript("CREATE TABLE new__t (id INTEGER PRIMARY KEY, v INTEGER); INSERT INTO new__t SELECT * FROM t;"
+                      "DROP TABLE t; ALTER TABLE new__t RENAME TO t;")
+    assert same_as_every_row(env, known)
+    app.close()
+
+
+def test_a_column_of_its_own_named_rowid_is_not_taken_for_the_key(tmp_path):
+    env = env_at(tmp_path)
+    make_db(env.db, "CREATE TABLE r (rowid INTEGER, v TEXT);", ["INSERT INTO r VALUES (7, 'a'), (7, 'b'), (9, 'c')"])
+    known = kept_copy(env)
+    app = sqlite3.connect(env.db, isolation_level=None)
+    app.execute("UPDATE r SET v = 'changed' WHERE v = 'b'")
+    assert same_as_every_row(env, known)
+    app.close()

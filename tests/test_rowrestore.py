@@ -378,3 +378,11 @@ def test_inside_the_lock_only_the_rows_that_differ_from_the_copy_are_digested(tm
     assert narrowed and narrowed[0] is not None and len(narrowed[0]["notes"][0]) < 100
     assert "main" not in digested
     app.close()
+
+
+def test_a_row_whose_negative_key_a_newer_row_took_comes_back_under_the_first_key_above_zero(pair):
+    env, copy = pair("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);", ["INSERT INTO t VALUES (-5, 'old'), (-1, 'lost')"],
+                     ["DELETE FROM t WHERE id = -1", "INSERT INTO t VALUES (-1, 'newer')"])
+    done = rowrestore.apply(env, copy)
+    assert done.restored == {"t": 1} and sorted(query(env.db, "SELECT id, v FROM t")) == \
+        [(-5, "old"), (-1, "newer"), (1, "lost")]
