@@ -253,6 +253,27 @@ def test_few_rows_are_read_where_few_pages_differ(tmp_path):
     assert among["post"][0] == set() and among["user"][0] == set()
 
 
+def test_a_negative_rowid_on_a_page_that_differs_is_a_candidate_as_the_signed_key(tmp_path):
+    """A rowid is a signed 64-bit integer; read unsigned from the page, -1 named no row, and a rollback's plan
+    missed the row it said was leaving."""
+    old, new = tmp_path / "old.db", tmp_path / "new.db"
+    conn = sqlite3.connect(old, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+    conn.execute("INSERT INTO t VALUES (-1, 'written'), (-9223372036854775808, 'lowest'), (3, 'c')")
+    conn.close()
+    shutil.copy(old, new)
+    app = sqlite3.connect(new, isolation_level=None)
+    app.execute("UPDATE t SET v = 'changed' WHERE id = -1")
+    conn = rowloss.attached(str(old), new)
+    try:
+        among = rowpages.pages_differing(conn, new, str(old), dbfiles.wal_mark(new))
+    finally:
+        conn.close()
+        app.close()
+    assert among is not None and among["t"][0] == {-9223372036854775808, -1, 3} == among["t"][1]
+
+
 def test_a_commit_while_the_plan_reads_makes_it_compare_every_row(tmp_path, monkeypatch):
     old, new, app = pair_in_wal(tmp_path, CHANGES["inserts"])
     copy = types.SimpleNamespace(path=str(old), sha256=dbfiles.sha256_file(old), reason="r", time="t")
