@@ -240,14 +240,20 @@ def test_the_pages_both_files_share_are_left_out_and_the_counts_stay(tmp_path, c
     assert leaving.view.lost == full(rowloss.lost, env_for(tmp_path, old), str(new), dbfiles.sha256_file(new))
 
 
-def test_few_rows_are_read_where_few_pages_differ(tmp_path):
-    old, new, app = pair_in_wal(tmp_path, ["UPDATE plain SET b = 'x' WHERE a = 1200"])
+def candidates_then_close(old, new, app):
+    """rowpages.pages_differing of the live file new against the copy old, as a rollback's plan reads them (the
+    app's connection still open); then the app's connection closed."""
     conn = rowloss.attached(str(old), new)
     try:
-        among = rowpages.pages_differing(conn, new, str(old), dbfiles.wal_mark(new))
+        return rowpages.pages_differing(conn, new, str(old), dbfiles.wal_mark(new))
     finally:
         conn.close()
         app.close()
+
+
+def test_few_rows_are_read_where_few_pages_differ(tmp_path):
+    old, new, app = pair_in_wal(tmp_path, ["UPDATE plain SET b = 'x' WHERE a = 1200"])
+    among = candidates_then_close(old, new, app)
     keys_live, keys_copy, rows = among["plain"]
     assert rows == 20 + 1501 and 0 < len(keys_live) < 40 and keys_live == keys_copy
     assert among["post"][0] == set() and among["user"][0] == set()
@@ -265,12 +271,7 @@ def test_a_negative_rowid_on_a_page_that_differs_is_a_candidate_as_the_signed_ke
     shutil.copy(old, new)
     app = sqlite3.connect(new, isolation_level=None)
     app.execute("UPDATE t SET v = 'changed' WHERE id = -1")
-    conn = rowloss.attached(str(old), new)
-    try:
-        among = rowpages.pages_differing(conn, new, str(old), dbfiles.wal_mark(new))
-    finally:
-        conn.close()
-        app.close()
+    among = candidates_then_close(old, new, app)
     assert among is not None and among["t"][0] == {-9223372036854775808, -1, 3} == among["t"][1]
 
 
