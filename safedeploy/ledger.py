@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote as url_quote
 
-from . import dbfiles, rowcompare, rowdelta, rowpages, rowsets
+from . import dbfiles, rowcompare, rowdelta, rowsets
 from .files import make_private_dir, remove_quietly, write_atomic
 from .rowsets import Schema, TableRows
 
@@ -194,27 +194,28 @@ def cached_rows(cache: Path | None, name: str, identity: str, path: str | Path, 
     return found
 
 
-def live_rows(env, deadline: float | None = None, base: Known | None = None) -> dict[str, TableRows]:
-    """The live database's digests: kept ones while its files are unchanged; else, with base (a local copy whose
-    digests are kept), the copy's digests with only the rows that differ read again (rows_from_base); else
-    every row read."""
+def live_rows(env, deadline: float | None = None,
+              base: tuple[Known, dict[str, TableRows]] | None = None) -> dict[str, TableRows]:
+    """The live database's digests: kept ones while its files are unchanged; else, with base (a local copy and
+    its digests), the copy's digests with only the rows that differ read again (rows_from_base); else every
+    row read."""
     cache = cache_dir(env.state_dir)
-    quicker = (lambda: rows_from_base(env, cache, base, deadline)) if base is not None and cache is not None else None
+    quicker = (lambda: rows_from_base(env, *base, deadline)) if base is not None else None
     return cached_rows(cache, f"live-{env.name}", file_identity(env.db), env.db, tuple(env.bookkeeping), deadline,
                        quicker)
 
 
-def rows_from_base(env, cache: Path, base: Known, deadline: float | None) -> dict[str, TableRows] | None:
+def rows_from_base(env, base: Known, rows: dict[str, TableRows], deadline: float | None
+                   ) -> dict[str, TableRows] | None:
     """The live database's digests from a copy's kept ones and the rows that differ between the two files
     (safedeploy.rowdelta): the same as reading every live row, in a time that grows with what changed. The rows
     that can differ are first narrowed by the pages the two files share (safedeploy.rowpages), which holds
     only when nothing was committed from before the read transaction began to after the pages were read (the
     WalMark the same); else the delta compares every row, in C, in that same read transaction. None where this
-    cannot stand for reading every row (another schema, a key or a reference rowdelta cannot follow, the copy's
-    digests not kept, a file that cannot be read)."""
+    cannot stand for reading every row (another schema, a key or a reference rowdelta cannot follow, a file
+    that cannot be read). rows: the copy's digests."""
     bookkeeping = tuple(env.bookkeeping)
-    rows = load_rows(cache / f"copy-{base.sha256}.rows", f"{base.sha256}|{','.join(sorted(bookkeeping))}")
-    if rows is None or not base.path:
+    if not base.path:
         return None
     try:
         conn = open_ro(base.path)
@@ -224,13 +225,10 @@ def rows_from_base(env, cache: Path, base: Known, deadline: float | None) -> dic
         if deadline is not None:
             conn.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 20000)
         conn.execute("ATTACH DATABASE ? AS live", (f"file:{url_quote(str(env.db))}?mode=ro",))
-        before = dbfiles.wal_mark(env.db)
+        mark = dbfiles.wal_mark(env.db)
         conn.execute("BEGIN")       # one read transaction: every statement sees the same moment of both files
         conn.execute("SELECT count(*) FROM live.sqlite_master").fetchone()
-        among = rowpages.pages_differing(conn, env.db, base.path, before)
-        if among is not None and dbfiles.wal_mark(env.db) != before:
-            among = None            # a commit while the pages were read: they may be a mixture
-        found = rowdelta.delta(conn, "live", "main", bookkeeping, among)
+        found = rowdelta.narrowed(conn, env.db, base.path, bookkeeping, mark)
     except sqlite3.OperationalError as exc:
         if "interrupt" in str(exc):
             raise
@@ -390,7 +388,7 @@ def look(env, copies: list[Known], dismissed: AbstractSet[str] = frozenset(), se
                key=lambda c: c.time, default=None)      # the newest copy here with its digests kept
     live: dict[str, TableRows] | None = None
     try:
-        live = live_rows(env, deadline, base)
+        live = live_rows(env, deadline, (base, known_rows[base.id]) if base is not None else None)
         ledger.live = {k: len(v.digests) for k, v in live.items()}
     except sqlite3.OperationalError as exc:
         if "interrupt" in str(exc):

@@ -14,6 +14,10 @@ The contract:
   key identical on both (rowcompare's rule 3); or None where this cannot stand for the full comparison
   (a schema that differs, a natural key, a foreign key over several columns): the caller then digests
   every row, as before.
+- `narrowed(conn, live, copy, bookkeeping, mark, live_as, copy_as)`: delta() of the live database against the
+  copy, the rows compared first narrowed by the pages the two files share (safedeploy.rowpages) when the live
+  database's WalMark after the pages were read is still mark (taken before conn's read transaction began:
+  nothing was committed in between); else every row compared, in the same transaction.
 - `rows_after(base, found)`: side a's full rows, from side b's full rows (base: every row, as digested by
   rowsets.digests) and the delta: b's rows with a key the delta names on either side dropped, a's rows of
   the delta added, in key order. The same as digesting every row of side a (what the ledger keeps of the
@@ -33,8 +37,9 @@ import json
 import sqlite3
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
-from . import rowsets
+from . import dbfiles, rowpages, rowsets
 from .rowsets import Schema, Table, TableRows, quote
 
 
@@ -202,6 +207,15 @@ def delta(conn: sqlite3.Connection, a: str, b: str, bookkeeping: tuple[str, ...]
         rows_b = read_keys(conn, b, other, sorted(keys_b), parents_b)
         out[t.name.lower()] = TableDelta(rows_a, rows_b, top_same(conn, t, a, keys_a))
     return out
+
+
+def narrowed(conn: sqlite3.Connection, live: Path, copy: str, bookkeeping: tuple[str, ...], mark: dbfiles.WalMark,
+             live_as: str = "live", copy_as: str = "main") -> dict[str, TableDelta] | None:
+    """See the module's contract."""
+    among = rowpages.pages_differing(conn, live, copy, mark, live_as, copy_as)
+    if among is not None and dbfiles.wal_mark(live) != mark:
+        among = None            # a commit while the pages were read: they may be a mixture
+    return delta(conn, live_as, copy_as, bookkeeping, among)
 
 
 def rows_after(base: dict[str, TableRows], found: dict[str, TableDelta]) -> dict[str, TableRows] | None:

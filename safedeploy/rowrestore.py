@@ -35,9 +35,10 @@ import sqlite3
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import quote as url_quote
 
-from . import dbfiles, rowdelta, rowpages, rowsets
+from . import dbfiles, rowdelta, rowsets
 from .errors import DeployError
 from .rowplan import Plan, Side, TablePlan, make_plan, sides
 from .rowsets import quote
@@ -77,9 +78,10 @@ def plan(env, copy_path: str | Path, sha256: str | None = None) -> Plan:
 
 
 def kept_sides(env, conn: sqlite3.Connection, copy_path: str, sha256: str,
-               live: dict[str, rowsets.TableRows] | None = None):
+               live: dict[str, rowsets.TableRows] | None = None, copy_rows: dict[str, rowsets.TableRows] | None = None):
     """(copy, live, pairs) from the ledger's cache, or None when the schemas differ. live: the live rows as
-    just read (apply's snapshot inside its transaction) instead of the ledger's."""
+    just read (apply's snapshot inside its transaction) instead of the ledger's; copy_rows: the copy's digests
+    as already loaded (kept_copy_rows)."""
     from . import ledger
     bookkeeping = tuple(env.bookkeeping)
     mine = rowsets.read_schema(conn, "copy", bookkeeping)
@@ -87,8 +89,8 @@ def kept_sides(env, conn: sqlite3.Connection, copy_path: str, sha256: str,
     if not mine.same_users_as(theirs):
         return None
     known = ledger.Known(id="", time="", reason="", path=copy_path, sha256=sha256)
-    copy_rows = ledger.copy_rows(env, known)
-    live_rows = ledger.live_rows(env, base=known) if live is None else live     # the rows that differ read again
+    copy_rows = ledger.copy_rows(env, known) if copy_rows is None else copy_rows
+    live_rows = ledger.live_rows(env, base=(known, copy_rows)) if live is None else live    # what differs read again
     pairs = {t.name.lower(): rowsets.pair_tables(t, twin) for t, twin in mine.users_also_in(theirs)}
     return Side(mine, copy_rows), Side(theirs, live_rows), pairs
 
@@ -126,8 +128,8 @@ def apply(env, copy_path: str | Path, sha256: str | None = None) -> Applied:
         attach_copy(conn, copy_path)
         conn.execute("BEGIN IMMEDIATE")
         try:
-            live_rows, before, before_delta = look_before(conn, env, copy_path, copy_rows)
-            known = kept_sides(env, conn, str(copy_path), sha256, live_rows) if sha256 else None
+            seen = look_before(conn, env, copy_path, copy_rows)
+            known = kept_sides(env, conn, str(copy_path), sha256, seen.live, copy_rows) if sha256 else None
             the_plan = make_plan(conn, str(copy_path), bookkeeping, known)
             if the_plan.refused and not the_plan.total:
                 raise RestoreRefused("; ".join(the_plan.refused.values()))
@@ -135,7 +137,7 @@ def apply(env, copy_path: str | Path, sha256: str | None = None) -> Applied:
             conn.set_authorizer(guard(shadow))
             rowids = insert_all(conn, the_plan)
             conn.set_authorizer(None)
-            before, after = look_after(conn, env, copy_path, copy_rows, (live_rows, before, before_delta))
+            before, after = look_after(conn, env, copy_path, copy_rows, seen)
             verify(conn, bookkeeping, before, after, the_plan, rowids)
             conn.execute("COMMIT")
         except BaseException:
@@ -185,37 +187,32 @@ def quick_delta(conn: sqlite3.Connection, env, copy_path: str | Path, copy_rows:
     row is read)."""
     if copy_rows is None:
         return None
-    among = None
-    if narrow:
-        mark = dbfiles.wal_mark(env.db)
-        try:
-            among = rowpages.pages_differing(conn, env.db, str(copy_path), mark, live_as="main", copy_as="copy")
-        except sqlite3.Error:
-            among = None
-        if among is not None and dbfiles.wal_mark(env.db) != mark:
-            among = None
+    bookkeeping = tuple(env.bookkeeping)
     try:
-        found = rowdelta.delta(conn, "main", "copy", tuple(env.bookkeeping), among)
+        found = (rowdelta.narrowed(conn, env.db, str(copy_path), bookkeeping, dbfiles.wal_mark(env.db), "main", "copy")
+                 if narrow else rowdelta.delta(conn, "main", "copy", bookkeeping))
     except sqlite3.Error:
         return None
     return found if found is not None and set(found) == set(copy_rows) else None
 
 
-Before = tuple[dict[str, rowsets.TableRows], dict[str, Counter], "dict[str, rowdelta.TableDelta] | None"]
+class Before(NamedTuple):
+    """What the check before the inserts saw (look_before)."""
+    live: dict[str, rowsets.TableRows]          # every live users' row's digest: the plan uses them
+    counters: dict[str, Counter]                # what look_after compares with (users' tables: unless delta)
+    delta: dict[str, rowdelta.TableDelta] | None    # the rows that differ from the copy's, or None: every row read
 
 
 def look_before(conn: sqlite3.Connection, env, copy_path: str | Path,
                 copy_rows: dict[str, rowsets.TableRows] | None) -> Before:
-    """The check before the inserts: (every live users' row's digest, which the plan uses; the counters of the
-    rows to compare after the inserts; the delta they stand for, or None). With a delta (quick_delta), the
-    users' tables' counters are left to look_after, which compares only the rows either delta names."""
+    """The check before the inserts (see Before). With a delta (quick_delta), the users' tables' counters are
+    left to look_after, which compares only the rows either delta names."""
     bookkeeping = tuple(env.bookkeeping)
     found = quick_delta(conn, env, copy_path, copy_rows, True)
     live = rowdelta.rows_after(copy_rows, found) if found is not None and copy_rows is not None else None
     if live is None:
-        rows, counters = snapshot_rows(conn, bookkeeping)
-        return rows, counters, None
-    return live, bookkeeping_counters(conn, bookkeeping), found
+        return Before(*snapshot_rows(conn, bookkeeping), None)
+    return Before(live, bookkeeping_counters(conn, bookkeeping), found)
 
 
 def look_after(conn: sqlite3.Connection, env, copy_path: str | Path, copy_rows: dict[str, rowsets.TableRows] | None,
@@ -224,7 +221,7 @@ def look_after(conn: sqlite3.Connection, env, copy_path: str | Path, copy_rows: 
     delta from the copy, a users' table's counters hold only the rows either delta names (the copy's rows
     neither names are live, unchanged, on both sides: they cancel, so what went and what was added are the
     same as between counters of every row); else every live row is read again."""
-    live, counters, before_delta = before
+    live, counters, before_delta = before.live, before.counters, before.delta
     bookkeeping = tuple(env.bookkeeping)
     after_delta = quick_delta(conn, env, copy_path, copy_rows, False) if before_delta is not None else None
     if before_delta is not None and after_delta is not None and copy_rows is not None:

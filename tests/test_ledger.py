@@ -176,8 +176,7 @@ def test_the_live_rows_from_a_copy_s_kept_digests_are_every_live_row_read(tmp_pa
     env = env_at(tmp_path)
     shop(env)
     nightly = copy_of(env, "nightly")
-    cache = ledger.cache_dir(env.state_dir)
-    ledger.copy_rows(env, nightly)                        # its digests kept, as a backup run leaves them
+    kept = ledger.copy_rows(env, nightly)                 # its digests kept, as a backup run leaves them
     app = sqlite3.connect(env.db, isolation_level=None)    # the app's connection: the WAL stays, with frames
     for statement in CHANGES:
         app.execute(statement)
@@ -187,10 +186,10 @@ def test_the_live_rows_from_a_copy_s_kept_digests_are_every_live_row_read(tmp_pa
     assert rowpages.pages_differing(conn, env.db, nightly.path, dbfiles.wal_mark(env.db)) is not None   # narrowed
     conn.close()
     _, every = ledger.rows_of(env.db, tuple(env.bookkeeping))
-    assert ledger.rows_from_base(env, cache, nightly, None) == every
+    assert ledger.rows_from_base(env, nightly, kept, None) == every
     app.close()                                            # the last connection: checkpointed, no WAL to name
     _, every = ledger.rows_of(env.db, tuple(env.bookkeeping))
-    assert ledger.rows_from_base(env, cache, nightly, None) == every
+    assert ledger.rows_from_base(env, nightly, kept, None) == every
 
 
 def test_a_look_after_a_write_reads_only_the_rows_that_differ_from_the_newest_copy(tmp_path, monkeypatch):
@@ -215,11 +214,11 @@ def test_another_schema_live_is_read_whole(tmp_path):
     env = env_at(tmp_path)
     shop(env)
     nightly = copy_of(env, "nightly")
-    ledger.copy_rows(env, nightly)
+    kept = ledger.copy_rows(env, nightly)
     run_sql(env.db, "ALTER TABLE notes ADD COLUMN pinned INTEGER DEFAULT 0")
-    assert ledger.rows_from_base(env, ledger.cache_dir(env.state_dir), nightly, None) is None
+    assert ledger.rows_from_base(env, nightly, kept, None) is None
     another = ledger.Known(id="gone", time="", reason="nightly", path=nightly.path, sha256="0" * 64)
-    assert ledger.rows_from_base(env, ledger.cache_dir(env.state_dir), another, None) is None   # no digests kept
+    assert ledger.kept_digests(env, [another]) == {}      # no digests kept: never a base, the look reads every row
 
 
 def kept_copy(env):
@@ -235,7 +234,7 @@ def kept_copy(env):
 
 
 def same_as_every_row(env, known):
-    got = ledger.rows_from_base(env, ledger.cache_dir(env.state_dir), known, None)
+    got = ledger.rows_from_base(env, known, ledger.copy_rows(env, known), None)
     return got is None or got == ledger.rows_of(env.db, tuple(env.bookkeeping))[1]
 
 
