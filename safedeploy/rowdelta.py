@@ -49,6 +49,10 @@ class TableDelta:
     b: TableRows                 # and the other way round
     same_top: int | None         # the largest key whose row is identical on both sides
 
+    def keys(self) -> set[int]:
+        """The keys the delta names, on either side."""
+        return set(self.a.keys) | set(self.b.keys)
+
 
 def same_digest_when_equal(table: Table, other: Table) -> bool:
     """Whether a row stored identically (same key, same values, same types) on both sides has the same digest
@@ -113,11 +117,18 @@ def differing_keys(conn: sqlite3.Connection, table: Table, a: str, b: str,
     return changed, only
 
 
+def in_json(expr: str, values: list) -> tuple[str, tuple]:
+    """(SQL that holds where expr is one of values, its argument): the values passed as one JSON array, so any
+    number of them is one parameter."""
+    return f"{expr} IN (SELECT value FROM json_each(?))", (json.dumps(values),)
+
+
 def among_clause(k: str, among: set[int] | None) -> tuple[str, tuple]:
     """(the SQL that keeps only side x's keys among the given ones, its argument); ("", ()) for every key."""
     if among is None:
         return "", ()
-    return f" AND x.{k} IN (SELECT value FROM json_each(?))", (json.dumps(sorted(among)),)
+    sql, args = in_json(f"x.{k}", sorted(among))
+    return f" AND {sql}", args
 
 
 def only_keys(conn: sqlite3.Connection, table: Table, a: str, b: str, among: set[int] | None = None) -> list[int]:
@@ -140,12 +151,10 @@ def keys_pointing_at(conn: sqlite3.Connection, table: Table, side: str, column: 
     if not values:
         return []
     blobs = [v for v in values if isinstance(v, bytes)]
-    plain = [v for v in values if not isinstance(v, bytes)]
-    where = f"{quote(column)} IN (SELECT value FROM json_each(?))"
-    args = [json.dumps(sorted(plain, key=repr))]
+    where, args = in_json(quote(column), sorted((v for v in values if not isinstance(v, bytes)), key=repr))
     if blobs:
-        where += f" OR hex({quote(column)}) IN (SELECT value FROM json_each(?))"
-        args.append(json.dumps(sorted(b.hex().upper() for b in blobs)))
+        by_hex, hex_args = in_json(f"hex({quote(column)})", sorted(b.hex().upper() for b in blobs))
+        where, args = f"{where} OR {by_hex}", args + hex_args
     return [r[0] for r in conn.execute(f"SELECT {key_of(table)} FROM {side}.{quote(table.name)} WHERE {where}", args)]
 
 
@@ -163,7 +172,7 @@ def read_keys(conn: sqlite3.Connection, side: str, table: Table, keys: list[int]
     if not keys:
         return TableRows()
     return rowsets.read_rows(conn, side, table, rowsets.full_shape(table), parents,
-                             where=f"{key_of(table)} IN (SELECT value FROM json_each(?))", args=(json.dumps(keys),))
+                             *in_json(key_of(table), keys))
 
 
 def parents_of(conn: sqlite3.Connection, side: str, schema: Schema, tables: list[Table]) -> dict[tuple[str, tuple], dict]:
@@ -226,7 +235,7 @@ def rows_after(base: dict[str, TableRows], found: dict[str, TableDelta]) -> dict
     out: dict[str, TableRows] = {}
     for name, d in found.items():
         rows = base[name]
-        drop = set(d.a.keys) | set(d.b.keys)
+        drop = d.keys()
         if drop:
             at = [i for i, k in enumerate(rows.keys) if k not in drop]
             keys, digests = [rows.keys[i] for i in at], [rows.digests[i] for i in at]
@@ -248,8 +257,7 @@ def counters_between(base: dict[str, TableRows], d1: dict[str, TableDelta], d2: 
     then: dict[str, Counter] = {}
     now: dict[str, Counter] = {}
     for name, rows in base.items():
-        k1 = set(d1[name].a.keys) | set(d1[name].b.keys)
-        k2 = set(d2[name].a.keys) | set(d2[name].b.keys)
+        k1, k2 = d1[name].keys(), d2[name].keys()
         held: dict[int, int] = {}           # base's digest of each key either delta names
         for k in k1 | k2:
             i = bisect.bisect_left(rows.keys, k)

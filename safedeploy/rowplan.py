@@ -6,7 +6,6 @@ writes or prints.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from dataclasses import dataclass, field
 
@@ -294,11 +293,10 @@ class Resolver:
         kcols = rowsets.key_columns(table)
         natural = rowsets.natural_key(table)
         select = ", ".join(kcols + [quote(c) for c in cols])
-        where = ""
-        args: tuple = ()
+        where, args = "", ()
         if rowdelta.rowid_keyed(table):         # its key is an integer on every row: the rows are picked by it
-            where = f" WHERE {kcols[0]} IN (SELECT value FROM json_each(?))"
-            args = (json.dumps(sorted(wanted)),)
+            where, args = rowdelta.in_json(kcols[0], sorted(wanted))
+            where = f" WHERE {where}"
         for r in self.conn.execute(f"SELECT {select} FROM copy.{quote(table.name)}{where}", args):
             k = rowsets.digest(r[:len(kcols)]) if natural or not isinstance(r[0], int) else r[0]
             if k in wanted:
@@ -312,8 +310,8 @@ class Resolver:
         q, k = quote(table.name), quote(table.surrogate)
         if table.alias:
             top = max(self.conn.execute(f"SELECT max({k}) FROM main.{q}").fetchone()[0] or 0, 0)
-            held = {r[0] for r in self.conn.execute(f"SELECT {k} FROM main.{q} WHERE {k} IN (SELECT value FROM json_each(?))",
-                                                    (json.dumps(sorted(k_ for k_ in among if isinstance(k_, int))),))}
+            where, args = rowdelta.in_json(k, sorted(key for key in among if isinstance(key, int)))
+            held = {r[0] for r in self.conn.execute(f"SELECT {k} FROM main.{q} WHERE {where}", args)}
             return held, top
         every = {r[0] for r in self.conn.execute(f"SELECT {k} FROM main.{q}")}
         return every & set(among), max([v for v in every if isinstance(v, int)] + [0])
