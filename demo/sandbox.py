@@ -264,6 +264,7 @@ class Sandbox:
         self.ports = dict(zip(("prod", "dev"), free_ports(2)))
         self.config = self.root / "config.toml"
         self.convert_on_use: set[str] = set()      # envs converted only when a script may touch them (run())
+        self.preloaded = None       # tests.preloaded.Preloaded: the fixture's conversions forked from it
 
     @property
     def env(self):
@@ -299,13 +300,18 @@ class Sandbox:
         """Convert envs (default both) to releases and socket units with the tool itself, as an operator
         would: the layout every adopted env has."""
         self.convert_on_use.difference_update(envs or ("prod", "dev"))
-        procs = {env: subprocess.Popen([self.python, str(REPO_ROOT / "deploy.py"), env, "--install-units", "--yes",
-                                        "--config", str(self.config)], env=self.env, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+        argvs = {env: [str(REPO_ROOT / "deploy.py"), env, "--install-units", "--yes", "--config", str(self.config)]
                  for env in envs or ("prod", "dev")}                # the envs are independent: both at once
-        for env, proc in procs.items():
-            out = proc.communicate(timeout=180)[0]
-            if proc.returncode != 0:
+        if self.preloaded is not None and self.preloaded.python == self.python:
+            results = self.preloaded.run_all([(argv, self.env, os.getcwd()) for argv in argvs.values()])
+        else:
+            procs = [subprocess.Popen([self.python, *argv], env=self.env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+                     for argv in argvs.values()]
+            outs = [proc.communicate(timeout=180)[0] for proc in procs]
+            results = [(proc.returncode, out) for proc, out in zip(procs, outs)]
+        for env, (code, out) in zip(argvs, results):
+            if code != 0:
                 raise RuntimeError(f"deploy.py {env} --install-units failed: {out}")
         return self
 

@@ -39,9 +39,10 @@ def site(django_venv):
 
 
 @pytest.fixture
-def host(user_manager, tmp_path, site):
+def host(user_manager, preloaded, tmp_path, site):
     """The Django site in dev and prod, both converted to releases and socket units."""
     sb = Sandbox(tmp_path / "host", user_manager, health_timeout=30, name=f"dj{next(_count)}", app=site)
+    sb.preloaded = preloaded
     sb.root.mkdir()
     sb.build()
     sb.convert()
