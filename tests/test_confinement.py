@@ -24,6 +24,7 @@ from safedeploy import alerts, backups, commands, config, offsite, unitfiles
 from safedeploy.config import Alerts
 from safedeploy.errors import DeployError
 from safedeploy.state import EnvLock
+from tests import cheap_restic
 from tests.helpers import listing, one_line_error
 
 HOST_CONFIG = """
@@ -249,6 +250,8 @@ def with_offsite(sb, repository=None, options=(), extra="", webhook=None, file=N
     pw = sb.root / "restic-password"
     pw.write_text(PASSWORD + "\n")
     pw.chmod(0o600)
+    if repository is None:
+        cheap_restic.premade(sb.root / "offsite-repo", PASSWORD)     # made ahead, with a cheap key
     repository = repository or str(sb.root / "offsite-repo")
     text = file.read_text().split("\n[offsite]")[0]
     text += f'\n[offsite]\nrepository = "{repository}"\npassword_file = "{pw}"\n{extra}\n'

@@ -16,6 +16,7 @@ import pytest
 
 from demo.sandbox import free_port
 from safedeploy import backups, config, offsite, retention
+from tests import cheap_restic
 from tests.helpers import one_line_error
 
 PASSWORD = "correct horse battery staple 7f3a"
@@ -59,10 +60,15 @@ def receiver():
     r.close()
 
 
-def enable_offsite(sb, repository=None, options=(), webhook=None, command=None, password=PASSWORD, engine=None):
+def enable_offsite(sb, repository=None, options=(), webhook=None, command=None, password=PASSWORD, engine=None,
+                   premade=True):
+    """[offsite] in the sandbox's config. A restic repository of the sandbox's own (repository None) is made
+    ahead with a cheap key (tests/cheap_restic.py) unless premade=False: the tool's first use makes it then."""
     pw = sb.root / "restic-password"
     pw.write_text(password + "\n")
     pw.chmod(0o600)
+    if repository is None and premade and engine in (None, "restic"):
+        cheap_restic.premade(sb.root / "offsite-repo", password)
     repository = repository or str(sb.root / "offsite-repo")
     text = sb.config.read_text().split("\n[offsite]")[0] + f'\n[offsite]\nrepository = "{repository}"\npassword_file = "{pw}"\n'
     text += f'engine = "{engine}"\n' if engine else ""
@@ -86,7 +92,7 @@ def no_password(*procs):
 
 # -- local repository --------------------------------------------------------------------------------
 def test_a_backup_goes_offsite_tagged_and_is_listed_in_both_places(sandbox):
-    off = enable_offsite(sandbox)
+    off = enable_offsite(sandbox, premade=False)        # the first push makes the repository
     proc = sandbox.run("backup.py", "prod")
     assert proc.returncode == 0, proc.stderr
     assert "off-site: snapshot" in proc.stdout
@@ -329,7 +335,7 @@ def lose_local_copies_then_verify(sb, env, pushed):
 
 
 def test_prune_before_any_copy_went_off_site_exits_0_and_makes_no_repository(sandbox):
-    off = enable_offsite(sandbox)
+    off = enable_offsite(sandbox, premade=False)
     proc = sandbox.run("backup.py", "--prune")
     assert proc.returncode == 0, proc.stderr
     assert not Path(off.repository).exists()
