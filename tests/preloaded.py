@@ -9,9 +9,10 @@ Only the fixture's setup runs this way: every script a test is about still runs 
 How: one server per pytest worker (`python -c SERVER`, single-threaded, its modules imported) listens on a
 Unix socket in a private folder. Each connection is one run: the server forks; the child reads the request
 (argv, environment, working folder, output file), points fds 0/1/2 at /dev/null and the output file, runs
-the script as __main__ (runpy) and sends its exit status back on the connection. The server never waits:
-SIGCHLD is ignored, so the kernel reaps its children. A child that dies without a status (killed, or the
-script exec'd itself) is an error for the caller, never a success.
+the script as __main__ (runpy) and sends its exit status back on the connection. The server reaps its children
+from a SIGCHLD handler (never SIG_IGN: a child would inherit it, and Python's subprocess reads a status it
+cannot get then as 0); the child puts SIGCHLD back to the default first. A child that dies without a
+status (killed, or the script exec'd itself) is an error for the caller, never a success.
 """
 
 import json
@@ -59,7 +60,14 @@ def serve(conn):
     conn.sendall(b"%d\n" % code)
     os._exit(0)
 
-signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+def reap(signum, frame):
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+
+signal.signal(signal.SIGCHLD, reap)
 listener = socket.socket(socket.AF_UNIX)
 listener.bind(sys.argv[2])
 listener.listen(16)
@@ -67,6 +75,7 @@ print("ready", flush=True)
 while True:
     conn, _ = listener.accept()
     if os.fork() == 0:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)     # the script waits for its own children
         listener.close()
         try:
             serve(conn)

@@ -42,3 +42,12 @@ def test_a_child_killed_before_its_status_is_an_error(server, tmp_path):
         server.run_all([([script], {}, tmp_path)])
     [(code, _)] = server.run_all([([script.with_name("ok.py")], {}, tmp_path)])   # the server still serves
     assert code == 1        # no such file: runpy's error, a traceback and 1
+
+
+def test_a_script_sees_the_exit_status_of_its_own_children(server, tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text("import signal, subprocess, sys\n"
+                      "assert signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL\n"
+                      "sys.exit(subprocess.run([sys.executable, '-c', 'raise SystemExit(7)']).returncode)\n")
+    [(code, out)] = server.run_all([([script], {}, tmp_path)])
+    assert code == 7, out
