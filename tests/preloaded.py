@@ -24,7 +24,7 @@ from pathlib import Path
 
 SERVER = r"""
 import json, os, runpy, signal, socket, sys, traceback
-sys.path.insert(0, sys.argv[1])
+sys.path[0] = sys.argv[1]     # not '' (the working folder), as for `python script.py`: the script's folder
 import requests, git  # noqa: F401  (what the scripts import when they run)
 import safedeploy.cli, safedeploy.convert, safedeploy.recovery, safedeploy.planning, safedeploy.probe  # noqa: F401
 import safedeploy.rehearsal, safedeploy.replica, safedeploy.runbook, safedeploy.gitrepo  # noqa: F401
@@ -46,6 +46,7 @@ def serve(conn):
     os.environ.clear()
     os.environ.update(req["env"])
     sys.argv = list(req["argv"])
+    sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
     sys.stdin = open(os.devnull)
     code = 0
     try:

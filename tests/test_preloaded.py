@@ -20,13 +20,13 @@ def server():
 
 def test_a_script_gets_its_argv_environment_folder_and_exit_status(server, tmp_path):
     script = tmp_path / "show.py"
-    script.write_text("import os, sys\nprint(sys.argv[1:], os.environ.get('ONLY_HERE'), os.getcwd())\n"
+    script.write_text("import os, sys\nprint(sys.argv[1:], os.environ.get('ONLY_HERE'), os.getcwd(), sys.path[0])\n"
                       "print('to stderr', file=sys.stderr)\nsys.exit(int(sys.argv[1]))\n")
     (code3, out3), (code0, out0) = server.run_all([([script, "3"], {"ONLY_HERE": "yes"}, tmp_path),
                                                    ([script, "0"], {}, REPO_ROOT)])
     assert (code3, code0) == (3, 0)
-    assert out3 == f"['3'] yes {tmp_path}\nto stderr\n"
-    assert out0 == f"['0'] None {REPO_ROOT}\nto stderr\n"
+    assert out3 == f"['3'] yes {tmp_path} {tmp_path}\nto stderr\n"
+    assert out0 == f"['0'] None {REPO_ROOT} {tmp_path}\nto stderr\n"     # imports from the script's folder
 
 
 def test_the_tools_own_error_boundary_answers_as_from_a_new_process(server, tmp_path):
