@@ -6,7 +6,9 @@ test's repository is made once per pytest worker by `restic init` (real restic),
 with N=1024, r=8, p=1 (the same master key, encrypted as restic does: AES-256-CTR and Poly1305-AES,
 https://restic.readthedocs.io/en/stable/100_references.html#keys-encryption-and-mac), and copied for each
 test that asks. restic reads the parameters from the key file, so everything else is restic's own path;
-the tests of a first use (a repository the tool initialises, or must not) keep making their own.
+the tests of a first use (a repository the tool initialises, or must not) keep making their own. The copies
+of one worker share the template's repository id and master key (and so restic's cache folder): the tool
+never reads the id, and each test has its own copy.
 """
 
 import base64
@@ -85,8 +87,11 @@ class Template:
     def copy_to(self, destination, password):
         if password not in self.made:
             repository = self.folder / f"repo-{len(self.made)}"
-            subprocess.run(["restic", "init", "--repo", str(repository), "--quiet"], check=True, timeout=120,
-                           env={**os.environ, "RESTIC_PASSWORD": password}, capture_output=True)
+            env = {k: v for k, v in os.environ.items() if k not in ("RESTIC_PASSWORD_FILE", "RESTIC_PASSWORD_COMMAND")}
+            init = subprocess.run(["restic", "init", "--repo", str(repository), "--quiet"], timeout=120, text=True,
+                                  env={**env, "RESTIC_PASSWORD": password}, capture_output=True)
+            if init.returncode != 0:
+                raise RuntimeError(f"restic init failed: {init.stderr.strip()}")
             rekey_cheaply(repository, password)
             self.made[password] = repository
         shutil.copytree(self.made[password], destination)

@@ -46,7 +46,11 @@ def user_manager(tmp_path_factory):
 @pytest.fixture(scope="session")
 def preloaded():
     """The fixtures' conversions (deploy.py --install-units) forked from a process that imported the
-    package once (tests/preloaded.py): ~0.6 s of CPU less each. What a test runs itself is a new process."""
+    package once (tests/preloaded.py): ~0.6 s of CPU less each. What a test runs itself is a new process.
+    Only from a venv's python: from another, a new process would re-run itself in .venv, a forked one not."""
+    if sys.prefix == sys.base_prefix:
+        yield None
+        return
     server = Preloaded(sys.executable, REPO_ROOT).start()
     yield server
     server.stop()

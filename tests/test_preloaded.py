@@ -2,6 +2,7 @@
 own argv, environment, working folder and output, and its exit status is the script's; a child that dies
 without one is an error, never a success."""
 
+import os
 import sys
 
 import pytest
@@ -38,10 +39,46 @@ def test_the_tools_own_error_boundary_answers_as_from_a_new_process(server, tmp_
 def test_a_child_killed_before_its_status_is_an_error(server, tmp_path):
     script = tmp_path / "die.py"
     script.write_text("import os, signal\nprint('dying')\nos.kill(os.getpid(), signal.SIGKILL)\n")
-    with pytest.raises(RuntimeError, match="without an exit status"):
+    with pytest.raises(RuntimeError, match="killed by signal 9"):
         server.run_all([([script], {}, tmp_path)])
-    [(code, _)] = server.run_all([([script.with_name("ok.py")], {}, tmp_path)])   # the server still serves
-    assert code == 1        # no such file: runpy's error, a traceback and 1
+    [(code, out)] = server.run_all([([script.with_name("ok.py")], {}, tmp_path)])   # the server still serves
+    assert code == 1 and "No such file" in out       # runpy's error: a traceback and 1, as python would
+
+
+def test_the_exit_is_pythons_own_message_code_threads_and_atexit(server, tmp_path):
+    script = tmp_path / "ends.py"
+    script.write_text("import atexit, sys, threading, time\n"
+                      "atexit.register(print, 'atexit ran')\n"
+                      "threading.Thread(target=lambda: (time.sleep(0.3), print('thread done'))).start()\n"
+                      "sys.exit(sys.argv[1] if sys.argv[1] != '256' else 256)\n")
+    (message, m), (wrapped, w) = server.run_all([([script, "fatal: the message"], {}, tmp_path),
+                                                 ([script, "256"], {}, tmp_path)])
+    assert (message, wrapped) == (1, 0)         # a string exits 1; 256 is 0 to the kernel
+    assert m.splitlines() == ["fatal: the message", "thread done", "atexit ran"] and w.endswith("atexit ran\n")
+
+
+def test_a_process_the_script_forks_cannot_answer_for_it(server, tmp_path):
+    script = tmp_path / "forker.py"
+    script.write_text("import os, sys, time\n"
+                      "if os.fork() == 0:\n    sys.exit(0)\n"
+                      "time.sleep(0.3)\nprint('parent fails')\nsys.exit(5)\n")
+    [(code, out)] = server.run_all([([script], {}, tmp_path)])
+    assert (code, out) == (5, "parent fails\n")
+
+
+def test_a_failed_run_is_raised_only_after_the_others_ended(server, tmp_path):
+    (tmp_path / "die.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    (tmp_path / "slow.py").write_text("import time\ntime.sleep(1)\nopen('done', 'w').write('yes')\n")
+    with pytest.raises(RuntimeError, match="die.py was killed"):
+        server.run_all([([tmp_path / "die.py"], {}, tmp_path), ([tmp_path / "slow.py"], {}, tmp_path)])
+    assert (tmp_path / "done").read_text() == "yes"
+
+
+def test_only_an_environment_python_starts_with_alike_is_forked(server, tmp_path):
+    assert server.fits(dict(os.environ)) and not server.fits({**os.environ, "PYTHONHASHSEED": "1234"})
+    assert server.fits({**os.environ, "TZ": "Asia/Tokyo"})      # re-read by the child:
+    (tmp_path / "zone.py").write_text("import time\nprint(time.strftime('%Z'))\n")
+    assert server.run_all([([tmp_path / "zone.py"], {"TZ": "Asia/Tokyo"}, tmp_path)]) == [(0, "JST\n")]
 
 
 def test_a_script_sees_the_exit_status_of_its_own_children(server, tmp_path):
