@@ -302,7 +302,7 @@ class Sandbox:
         self.convert_on_use.difference_update(envs or ("prod", "dev"))
         argvs = {env: [str(REPO_ROOT / "deploy.py"), env, "--install-units", "--yes", "--config", str(self.config)]
                  for env in envs or ("prod", "dev")}                # the envs are independent: both at once
-        if self.preloaded is not None and self.preloaded.python == self.python and self.preloaded.fits(self.env):
+        if self.preloaded is not None and self.preloaded.fits(self.python, self.env):
             results = self.preloaded.run_all([(argv, self.env, os.getcwd()) for argv in argvs.values()])
         else:
             procs = [subprocess.Popen([self.python, *argv], env=self.env, stdout=subprocess.PIPE,

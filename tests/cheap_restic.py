@@ -11,12 +11,15 @@ of one worker share the template's repository id and master key (and so restic's
 never reads the id, and each test has its own copy.
 """
 
+import atexit
 import base64
+import functools
 import hashlib
 import json
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -68,8 +71,7 @@ def rekey_cheaply(repository, password):
                      base64.b64decode(key["data"]))
     salt = os.urandom(64)
     key.update(CHEAP, salt=base64.b64encode(salt).decode(),
-               data=base64.b64encode(encrypt(derive(password, salt, **{k.lower(): v for k, v in CHEAP.items()}),
-                                             master)).decode())
+               data=base64.b64encode(encrypt(derive(password, salt, CHEAP["N"], CHEAP["r"], CHEAP["p"]), master)).decode())
     text = json.dumps(key).encode()
     new = old.with_name(hashlib.sha256(text).hexdigest())      # a file's name is its content's sha256
     new.write_bytes(text)
@@ -98,17 +100,15 @@ class Template:
         return destination
 
 
-_TEMPLATE = []
+@functools.cache
+def template():
+    """This worker's Template, in a private folder removed at exit."""
+    folder = tempfile.mkdtemp(prefix="restic-template-")
+    atexit.register(shutil.rmtree, folder, True)
+    return Template(folder)
 
 
 def premade(destination, password):
     """A cheaply keyed repository at destination (from this worker's template), unless one is there."""
-    if Path(destination).exists():
-        return
-    if not _TEMPLATE:
-        import atexit
-        import tempfile
-        folder = tempfile.mkdtemp(prefix="restic-template-")
-        atexit.register(shutil.rmtree, folder, True)
-        _TEMPLATE.append(Template(folder))
-    _TEMPLATE[0].copy_to(destination, password)
+    if not Path(destination).exists():
+        template().copy_to(destination, password)

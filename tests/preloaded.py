@@ -125,9 +125,10 @@ class Preloaded:
     def startup_of(env):
         return {k: v for k, v in env.items() if k.startswith(("PYTHON", "LC_")) or k == "LANG"}
 
-    def fits(self, env):
-        """True when a run with env starts as a new process would (what Python reads at start-up is the same)."""
-        return self.startup_of(env) == self.startup
+    def fits(self, python, env):
+        """True when a run of python with env starts as a new process would: the server's python, and what
+        Python reads at start-up the same."""
+        return python == self.python and self.startup_of(env) == self.startup
 
     def start(self, timeout=60):
         self.proc = subprocess.Popen([self.python, "-c", SERVER, self.repo_root, self.address],

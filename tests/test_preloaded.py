@@ -75,8 +75,10 @@ def test_a_failed_run_is_raised_only_after_the_others_ended(server, tmp_path):
 
 
 def test_only_an_environment_python_starts_with_alike_is_forked(server, tmp_path):
-    assert server.fits(dict(os.environ)) and not server.fits({**os.environ, "PYTHONHASHSEED": "1234"})
-    assert server.fits({**os.environ, "TZ": "Asia/Tokyo"})      # re-read by the child:
+    py = sys.executable
+    assert server.fits(py, dict(os.environ)) and not server.fits(py, {**os.environ, "PYTHONHASHSEED": "1234"})
+    assert not server.fits("/usr/bin/python3", dict(os.environ))     # another python: a new process
+    assert server.fits(py, {**os.environ, "TZ": "Asia/Tokyo"})      # re-read by the child:
     (tmp_path / "zone.py").write_text("import time\nprint(time.strftime('%Z'))\n")
     assert server.run_all([([tmp_path / "zone.py"], {"TZ": "Asia/Tokyo"}, tmp_path)]) == [(0, "JST\n")]
 
