@@ -6,7 +6,10 @@ seconds of pytest and everything it started (children's user+sys, the apps in th
 included: they are its descendants; not the hog), passed/failed/errors, the load average before and
 after; then the totals. The hog is started before each run and killed after it; a run's failures are listed by test id.
 
-    python3 bench/suite_under_hog.py [--runs 5] [--no-hog] [--tail N] [-- PYTEST-ARGS...]   # e.g. -- --durations=30
+With --cpu-top N, each run also prints the N tests that took the most CPU (set-up and teardown, the scripts
+they ran and their user manager's apps included: tests/conftest.py's cpu_per_test) and the sum over all tests.
+
+    python3 bench/suite_under_hog.py [--runs 5] [--no-hog] [--tail N] [--cpu-top N] [-- PYTEST-ARGS...]
 """
 
 import argparse
@@ -16,6 +19,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,13 +50,15 @@ def stop_hog(hog):
         hog.wait(timeout=30)
 
 
-def one_run(number, hog_on, pytest_args, tail=0):
+def one_run(number, hog_on, pytest_args, tail=0, cpu_top=0):
     hog = start_hog() if hog_on else None
+    per_test = Path(tempfile.mkdtemp(prefix="suite-cpu-")) / "tests.txt"
+    env = {**os.environ, "SAFEDEPLOY_TEST_CPU": str(per_test)} if cpu_top else None
     load_before = os.getloadavg()[0]
     cpu_before = children_cpu()
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=3600)
+                          cwd=ROOT, capture_output=True, text=True, timeout=3600, env=env)
     wall = time.monotonic() - start
     cpu = children_cpu() - cpu_before       # pytest and its descendants; the hog is not reaped yet: not counted
     stop_hog(hog)
@@ -67,9 +73,23 @@ def one_run(number, hog_on, pytest_args, tail=0):
         print(f"    {test}", flush=True)
     if tail:
         print("\n".join(proc.stdout.splitlines()[-tail:]), flush=True)
+    if cpu_top:
+        print_cpu_top(per_test, cpu_top)
+    shutil.rmtree(per_test.parent, ignore_errors=True)
     if proc.returncode not in (0, 1):
         print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n", flush=True)
     return wall, proc.returncode == 0
+
+
+def print_cpu_top(per_test, top):
+    rows = []
+    for line in per_test.read_text().splitlines() if per_test.exists() else []:
+        cpu, wall, test = line.split(" ", 2)
+        rows.append((float(cpu), float(wall), test))
+    rows.sort(reverse=True)
+    print(f"    CPU of {len(rows)} tests: {sum(r[0] for r in rows):.1f} s; the {top} that took most (CPU s, wall s):")
+    for cpu, wall, test in rows[:top]:
+        print(f"    {cpu:7.1f} {wall:7.1f}  {test}")
 
 
 def main():
@@ -77,11 +97,12 @@ def main():
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--no-hog", action="store_true", help="without stress-ng beside it")
     parser.add_argument("--tail", type=int, default=0, help="print the last N lines of each run's pytest output")
+    parser.add_argument("--cpu-top", type=int, default=0, help="print the N tests that took the most CPU")
     parser.add_argument("pytest_args", nargs="*", help="after --: passed to pytest")
     args = parser.parse_args()
     walls, green = [], 0
     for number in range(1, args.runs + 1):
-        wall, ok = one_run(number, not args.no_hog, args.pytest_args, args.tail)
+        wall, ok = one_run(number, not args.no_hog, args.pytest_args, args.tail, args.cpu_top)
         walls.append(wall)
         green += ok
     print(f"{green} of {args.runs} runs green; wall min {min(walls):.1f} s, max {max(walls):.1f} s "

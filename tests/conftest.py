@@ -7,7 +7,9 @@ import compileall
 import inspect
 import itertools
 import os
+import resource
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,13 +36,47 @@ def pytest_configure(config):
         compileall.compile_dir(str(root / folder), quiet=1)
 
 
+_managers: list[UserManager] = []      # this worker's user manager, once started: its cgroup's CPU per test
+
+
 @pytest.fixture(scope="session")
 def user_manager(tmp_path_factory):
     manager = UserManager(tmp_path_factory.mktemp("systemd-user"))
     manager.start()         # raises: a test that needs it fails, never skips
     os.environ.update(manager.env)
+    _managers.append(manager)
     yield manager
+    _managers.remove(manager)
     manager.stop()
+
+
+def cpu_seconds():
+    """This worker's CPU, its reaped children's (the scripts a test ran, a hog it killed) and its user
+    manager's cgroup (the manager, the apps and everything it started, counted live)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    for manager in _managers:
+        stat = (manager.cgroup / "cpu.stat").read_text().split()
+        total += int(stat[stat.index("usage_usec") + 1]) / 1e6
+    return total
+
+
+@pytest.fixture(autouse=True)
+def cpu_per_test(request):
+    """With SAFEDEPLOY_TEST_CPU=FILE: one line per test appended to FILE (CPU seconds, wall seconds, test id),
+    set-up and teardown included: where a suite's CPU goes (bench/suite_under_hog.py --cpu-top N sums it)."""
+    out = os.environ.get("SAFEDEPLOY_TEST_CPU")
+    if not out:
+        yield
+        return
+    cpu, wall = cpu_seconds(), time.monotonic()
+    yield
+    line = f"{cpu_seconds() - cpu:.2f} {time.monotonic() - wall:.2f} {request.node.nodeid}\n"
+    fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture(scope="session")
