@@ -9,7 +9,9 @@ after; then the totals. The hog is started before each run and killed after it; 
 With --cpu-top N, each run also prints the N tests that took the most CPU (set-up and teardown, the scripts
 they ran and their user manager's apps included: tests/conftest.py's cpu_per_test) and the sum over all tests.
 
-    python3 bench/suite_under_hog.py [--runs 5] [--no-hog] [--tail N] [--cpu-top N] [-- PYTEST-ARGS...]
+    python3 bench/suite_under_hog.py [--runs 5] [--no-hog] [--tail N] [--cpu-top N [--cpu-file F]] [-- PYTEST-ARGS...]
+
+--cpu-file F keeps every test's line (CPU s, wall s, test id; the last run's) in F, to compare two runs.
 """
 
 import argparse
@@ -50,7 +52,7 @@ def stop_hog(hog):
         hog.wait(timeout=30)
 
 
-def one_run(number, hog_on, pytest_args, tail=0, cpu_top=0):
+def one_run(number, hog_on, pytest_args, tail=0, cpu_top=0, cpu_file=None):
     hog = start_hog() if hog_on else None
     per_test = Path(tempfile.mkdtemp(prefix="suite-cpu-")) / "tests.txt"
     env = {**os.environ, "SAFEDEPLOY_TEST_CPU": str(per_test)} if cpu_top else None
@@ -75,6 +77,8 @@ def one_run(number, hog_on, pytest_args, tail=0, cpu_top=0):
         print("\n".join(proc.stdout.splitlines()[-tail:]), flush=True)
     if cpu_top:
         print_cpu_top(per_test, cpu_top)
+        if cpu_file and per_test.exists():
+            shutil.copyfile(per_test, cpu_file)
     shutil.rmtree(per_test.parent, ignore_errors=True)
     if proc.returncode not in (0, 1):
         print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n", flush=True)
@@ -98,11 +102,12 @@ def main():
     parser.add_argument("--no-hog", action="store_true", help="without stress-ng beside it")
     parser.add_argument("--tail", type=int, default=0, help="print the last N lines of each run's pytest output")
     parser.add_argument("--cpu-top", type=int, default=0, help="print the N tests that took the most CPU")
+    parser.add_argument("--cpu-file", help="with --cpu-top: keep each test's CPU line in this file")
     parser.add_argument("pytest_args", nargs="*", help="after --: passed to pytest")
     args = parser.parse_args()
     walls, green = [], 0
     for number in range(1, args.runs + 1):
-        wall, ok = one_run(number, not args.no_hog, args.pytest_args, args.tail, args.cpu_top)
+        wall, ok = one_run(number, not args.no_hog, args.pytest_args, args.tail, args.cpu_top, args.cpu_file)
         walls.append(wall)
         green += ok
     print(f"{green} of {args.runs} runs green; wall min {min(walls):.1f} s, max {max(walls):.1f} s "
