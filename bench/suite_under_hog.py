@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark: the test suite (the README's `make test` command: pytest with its configured workers), run N
+"""Benchmark: the test suite (the README's `make test` command: .venv's pytest with its configured workers), run N
 times in a row while `stress-ng --cpu 1` keeps one core busy beside it (issue 32's bar: at most 6 min on
 this 2-core machine, 0 failures in 5 consecutive runs under a hog). Prints per run: wall seconds, the CPU
 seconds of pytest and everything it started (children's user+sys, the apps in the tests' user managers
@@ -7,11 +7,11 @@ included: they are its descendants; not the hog), passed/failed/errors, the load
 after; then the totals. The hog is started before each run and killed after it; a run's failures are listed by test id.
 
 With --cpu-top N, each run also prints the N tests that took the most CPU (set-up and teardown, the scripts
-they ran and their user manager's apps included: tests/conftest.py's cpu_per_test) and the sum over all tests.
+they ran and their user managers' apps included: tests/conftest.py's pytest_runtest_protocol) and the sum
+over all tests; --cpu-file F keeps every test's line (CPU s, wall s, test id; the last run's) in F, to
+compare two runs.
 
-    python3 bench/suite_under_hog.py [--runs 5] [--no-hog] [--tail N] [--cpu-top N [--cpu-file F]] [-- PYTEST-ARGS...]
-
---cpu-file F keeps every test's line (CPU s, wall s, test id; the last run's) in F, to compare two runs.
+    python3 bench/suite_under_hog.py [--runs 5] [--no-hog] [--tail N] [--cpu-top N] [--cpu-file F] [-- PYTEST-ARGS...]
 """
 
 import argparse
@@ -53,17 +53,37 @@ def stop_hog(hog):
 
 
 def one_run(number, hog_on, pytest_args, tail=0, cpu_top=0, cpu_file=None):
-    hog = start_hog() if hog_on else None
-    per_test = Path(tempfile.mkdtemp(prefix="suite-cpu-")) / "tests.txt"
-    env = {**os.environ, "SAFEDEPLOY_TEST_CPU": str(per_test)} if cpu_top else None
+    with tempfile.TemporaryDirectory(prefix="suite-cpu-") as folder:
+        per_test = Path(folder) / "tests.txt"
+        env = {**os.environ, "SAFEDEPLOY_TEST_CPU": str(per_test)} if cpu_top or cpu_file else None
+        hog = start_hog() if hog_on else None
+        try:
+            proc, wall, cpu, load_before = run_suite(pytest_args, env)
+        finally:
+            stop_hog(hog)
+        report(number, proc, wall, cpu, load_before, tail)
+        if cpu_top:
+            print_cpu_top(per_test, cpu_top)
+        if cpu_file:        # the last run's lines, none if it wrote none: never an earlier run's
+            Path(cpu_file).write_text(per_test.read_text() if per_test.exists() else "")
+    return wall, proc.returncode == 0
+
+
+def run_suite(pytest_args, env):
+    """The suite, as `make test` runs it (.venv's python; this one where there is no .venv)."""
+    python = ROOT / ".venv" / "bin" / "python"
     load_before = os.getloadavg()[0]
     cpu_before = children_cpu()
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args],
+    proc = subprocess.run([str(python) if python.exists() else sys.executable, "-m", "pytest", "-q", "-p",
+                           "no:cacheprovider", *pytest_args],
                           cwd=ROOT, capture_output=True, text=True, timeout=3600, env=env)
     wall = time.monotonic() - start
     cpu = children_cpu() - cpu_before       # pytest and its descendants; the hog is not reaped yet: not counted
-    stop_hog(hog)
+    return proc, wall, cpu, load_before
+
+
+def report(number, proc, wall, cpu, load_before, tail):
     counts = {kind.rstrip("s"): int(n) for n, kind in SUMMARY.findall(proc.stdout.strip().splitlines()[-1])} \
         if proc.stdout.strip() else {}
     failed = [line.split(" ", 2)[1] for line in proc.stdout.splitlines()
@@ -75,14 +95,8 @@ def one_run(number, hog_on, pytest_args, tail=0, cpu_top=0, cpu_file=None):
         print(f"    {test}", flush=True)
     if tail:
         print("\n".join(proc.stdout.splitlines()[-tail:]), flush=True)
-    if cpu_top:
-        print_cpu_top(per_test, cpu_top)
-        if cpu_file and per_test.exists():
-            shutil.copyfile(per_test, cpu_file)
-    shutil.rmtree(per_test.parent, ignore_errors=True)
     if proc.returncode not in (0, 1):
         print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n", flush=True)
-    return wall, proc.returncode == 0
 
 
 def print_cpu_top(per_test, top):
@@ -102,7 +116,7 @@ def main():
     parser.add_argument("--no-hog", action="store_true", help="without stress-ng beside it")
     parser.add_argument("--tail", type=int, default=0, help="print the last N lines of each run's pytest output")
     parser.add_argument("--cpu-top", type=int, default=0, help="print the N tests that took the most CPU")
-    parser.add_argument("--cpu-file", help="with --cpu-top: keep each test's CPU line in this file")
+    parser.add_argument("--cpu-file", help="keep each test's CPU line (the last run's) in this file")
     parser.add_argument("pytest_args", nargs="*", help="after --: passed to pytest")
     args = parser.parse_args()
     walls, green = [], 0

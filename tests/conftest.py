@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from demo.sandbox import REPO_ROOT, Sandbox, UserManager, signals_as_on_a_terminal  # noqa: E402
+from demo.sandbox import CGROUP_ROOT, REPO_ROOT, Sandbox, UserManager, signals_as_on_a_terminal  # noqa: E402
 from preloaded import Preloaded  # noqa: E402
 
 _count = itertools.count(1)
@@ -36,43 +36,54 @@ def pytest_configure(config):
         compileall.compile_dir(str(root / folder), quiet=1)
 
 
-_managers: list[UserManager] = []      # this worker's user manager, once started: its cgroup's CPU per test
-
-
 @pytest.fixture(scope="session")
 def user_manager(tmp_path_factory):
     manager = UserManager(tmp_path_factory.mktemp("systemd-user"))
     manager.start()         # raises: a test that needs it fails, never skips
     os.environ.update(manager.env)
-    _managers.append(manager)
     yield manager
-    _managers.remove(manager)
     manager.stop()
 
 
+_servers: list[Preloaded] = []          # this worker's preloaded server, once started: what its forks cost
+
+
 def cpu_seconds():
-    """This worker's CPU, its reaped children's (the scripts a test ran, a hog it killed) and its user
-    manager's cgroup (the manager, the apps and everything it started, counted live)."""
+    """This worker's CPU so far: its own, its reaped children's (the scripts a test ran, a hog it killed), and,
+    counted live, every user manager it started (each one's cgroup: the manager, the apps and all they
+    started) and the preloaded server with the runs it forked and reaped. A manager or server stopped and
+    reaped moves from the live count into the children's."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     total = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-    for manager in _managers:
-        stat = (manager.cgroup / "cpu.stat").read_text().split()
-        total += int(stat[stat.index("usage_usec") + 1]) / 1e6
+    for stat in CGROUP_ROOT.glob(f"safedeploy-{os.getpid()}-*/cpu.stat"):
+        try:
+            words = stat.read_text().split()
+        except FileNotFoundError:         # removed by a manager's stop since the glob
+            continue
+        total += int(words[words.index("usage_usec") + 1]) / 1e6
+    for server in _servers:
+        try:
+            fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += sum(int(ticks) for ticks in fields[11:15]) / os.sysconf("SC_CLK_TCK")    # utime, stime, cutime, cstime
     return total
 
 
-@pytest.fixture(autouse=True)
-def cpu_per_test(request):
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
     """With SAFEDEPLOY_TEST_CPU=FILE: one line per test appended to FILE (CPU seconds, wall seconds, test id),
-    set-up and teardown included: where a suite's CPU goes (bench/suite_under_hog.py --cpu-top N sums it)."""
+    its set-up and teardown included, and so a module's or session's fixtures in its first or last test:
+    where a suite's CPU goes (bench/suite_under_hog.py --cpu-top N). Not counted: a process a test leaves
+    running for its parent to reap elsewhere (the children of a killed stress-ng)."""
     out = os.environ.get("SAFEDEPLOY_TEST_CPU")
     if not out:
         yield
         return
     cpu, wall = cpu_seconds(), time.monotonic()
     yield
-    line = f"{cpu_seconds() - cpu:.2f} {time.monotonic() - wall:.2f} {request.node.nodeid}\n"
-    fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    line = f"{cpu_seconds() - cpu:.2f} {time.monotonic() - wall:.2f} {item.nodeid}\n"
+    fd = os.open(os.path.abspath(out), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         os.write(fd, line.encode())
     finally:
@@ -88,7 +99,9 @@ def preloaded():
         yield None
         return
     server = Preloaded(sys.executable, REPO_ROOT).start()
+    _servers.append(server)
     yield server
+    _servers.remove(server)
     server.stop()
 
 
