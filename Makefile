@@ -20,9 +20,11 @@ NEWER_TESTS ?= tests/test_pythons.py tests/test_releases.py tests/test_adopt.py 
 # each stamp names its python: a venv another python made (an older checkout's) is set up again
 READY := $(VENV)/.ready-$(subst /,_,$(PYTHON))
 NEWER_READY := $(NEWER_VENV)/.ready-$(subst /,_,$(NEWER_PYTHON))
+# $(call runs,FOLDER,PYTHON): a shell test, true when the venv FOLDER runs PYTHON's interpreter
+runs = test "$$(readlink -f $(1)/bin/python)" = "$$(readlink -f "$$(command -v $(2))")"
 # $(call make_venv,FOLDER,PYTHON): FOLDER made a venv of PYTHON, emptied first (--clear) only where it runs
 # another interpreter; a working one (an operator's .venv, which cron's scripts run) keeps what it has
-make_venv = $(2) -m venv $$(test "$$(readlink -f $(1)/bin/python)" = "$$(readlink -f "$$(command -v $(2))")" || echo --clear) $(1)
+make_venv = $(2) -m venv $$($(call runs,$(1),$(2)) || echo --clear) $(1)
 
 .PHONY: demo test test-newer lint install bench clean system-packages docs
 
@@ -52,7 +54,7 @@ test: system-packages $(READY)
 	$(PY) -m pytest
 
 test-newer: system-packages $(NEWER_READY)
-	@if [ "$$(readlink -f $(NEWER_VENV)/bin/python)" = "$$(readlink -f "$$(command -v $(PYTHON))")" ]; then \
+	@if $(call runs,$(NEWER_VENV),$(PYTHON)); then \
 	    echo "make test-newer: NEWER_PYTHON ($(NEWER_PYTHON)) is PYTHON ($(PYTHON)) itself; name a newer one, e.g. make test-newer NEWER_PYTHON=python3.12" >&2; \
 	    exit 1; fi
 	$(NEWER_VENV)/bin/python -m pytest $(NEWER_TESTS)
