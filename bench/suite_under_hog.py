@@ -8,8 +8,8 @@ after; then the totals. The hog is started before each run and killed after it; 
 
 With --cpu-top N, each run also prints the N tests that took the most CPU (set-up and teardown, the scripts
 they ran and their user managers' apps included: tests/conftest.py's pytest_runtest_protocol) and the sum
-over all tests; --cpu-file F keeps every test's line (CPU s, wall s, test id; the last run's) in F, to
-compare two runs.
+over all tests; --cpu-file F keeps every test's line (CPU s, wall s, the CPU's parts: the worker, the scripts it reaped, the
+user managers, the preloaded server; test id; the last run's) in F, to compare two runs.
 
     python3 bench/suite_under_hog.py [--runs 5] [--no-hog] [--tail N] [--cpu-top N] [--cpu-file F] [-- PYTEST-ARGS...]
 """
@@ -99,14 +99,19 @@ def report(number, proc, wall, cpu, load_before, tail):
         print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n", flush=True)
 
 
+PARTS = ("the workers", "the scripts they ran", "the user managers", "the preloaded servers")
+
+
 def print_cpu_top(per_test, top):
     rows = []
     for line in per_test.read_text().splitlines() if per_test.exists() else []:
-        cpu, wall, test = line.split(" ", 2)
-        rows.append((float(cpu), float(wall), test))
+        cpu, wall, *parts, test = line.split(" ", 2 + len(PARTS))
+        rows.append((float(cpu), float(wall), [float(part) for part in parts], test))
     rows.sort(reverse=True)
-    print(f"    CPU of {len(rows)} tests: {sum(r[0] for r in rows):.1f} s; the {top} that took most (CPU s, wall s):")
-    for cpu, wall, test in rows[:top]:
+    sums = ", ".join(f"{name} {sum(r[2][i] for r in rows):.1f}" for i, name in enumerate(PARTS))
+    print(f"    CPU of {len(rows)} tests: {sum(r[0] for r in rows):.1f} s ({sums}); "
+          f"the {top} that took most (CPU s, wall s):")
+    for cpu, wall, _, test in rows[:top]:
         print(f"    {cpu:7.1f} {wall:7.1f}  {test}")
 
 

@@ -36,7 +36,12 @@ class UserManagerError(RuntimeError):
 
 
 class UserManager:
-    """A private `systemd --user`, started in a cgroup it may write."""
+    """A private `systemd --user`, started in a cgroup it may write.
+
+    It runs no generators (SYSTEMD_GENERATOR_PATH and SYSTEMD_ENVIRONMENT_GENERATOR_PATH name an empty
+    folder): a host's (xdg autostart, environment.d, gpg-agent's) run at every daemon-reload, 0.055 s of
+    CPU a reload against 0.015 s without, and a suite reloads some 1,200 times. The tool reads nothing
+    they make (no autostart unit, no manager environment)."""
 
     def __init__(self, root):
         self.root = Path(root)
@@ -61,10 +66,14 @@ class UserManager:
             self.cgroup.mkdir()
         except OSError as exc:
             raise UserManagerError(f"cannot prepare a cgroup for systemd --user ({exc}); run as root") from exc
+        no_generators = self.root / "no-generators"
+        no_generators.mkdir(exist_ok=True)
         log = open(self.root / "systemd-user.log", "wb")
         script = 'echo $$ > "$1/cgroup.procs" && exec "$2" --user'
         self.proc = subprocess.Popen(["sh", "-c", script, "sh", str(self.cgroup), systemd],
-                                     env={**os.environ, **self.env}, stdout=log, stderr=log,
+                                     env={**os.environ, **self.env, "SYSTEMD_GENERATOR_PATH": str(no_generators),
+                                          "SYSTEMD_ENVIRONMENT_GENERATOR_PATH": str(no_generators)},
+                                     stdout=log, stderr=log,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout

@@ -49,40 +49,43 @@ _servers: list[Preloaded] = []          # this worker's preloaded server, once s
 
 
 def cpu_seconds():
-    """This worker's CPU so far: its own, its reaped children's (the scripts a test ran, a hog it killed), and,
-    counted live, every user manager it started (each one's cgroup: the manager, the apps and all they
-    started) and the preloaded server with the runs it forked and reaped. A manager or server stopped and
-    reaped moves from the live count into the children's."""
+    """This worker's CPU so far, in four parts (seconds): its own (the tests' code, their writers and probes);
+    its reaped children's (the scripts a test ran and what they started, a hog it killed); counted live,
+    every user manager it started (each one's cgroup: the manager, the apps and all they started); and the
+    preloaded server with the runs it forked and reaped. A manager or server stopped and reaped moves from
+    the live count into the children's."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    total = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    managers = server = 0.0
     for stat in CGROUP_ROOT.glob(f"safedeploy-{os.getpid()}-*/cpu.stat"):
         try:
             words = stat.read_text().split()
         except FileNotFoundError:         # removed by a manager's stop since the glob
             continue
-        total += int(words[words.index("usage_usec") + 1]) / 1e6
-    for server in _servers:
+        managers += int(words[words.index("usage_usec") + 1]) / 1e6
+    for preloaded_server in _servers:
         try:
-            fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = Path(f"/proc/{preloaded_server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         except (FileNotFoundError, ProcessLookupError):
             continue
-        total += sum(int(ticks) for ticks in fields[11:15]) / os.sysconf("SC_CLK_TCK")    # utime, stime, cutime, cstime
-    return total
+        server += sum(int(ticks) for ticks in fields[11:15]) / os.sysconf("SC_CLK_TCK")    # utime, stime, cutime, cstime
+    return (own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime, managers, server)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    """With SAFEDEPLOY_TEST_CPU=FILE: one line per test appended to FILE (CPU seconds, wall seconds, test id),
-    its set-up and teardown included, and so a module's or session's fixtures in its first or last test:
-    where a suite's CPU goes (bench/suite_under_hog.py --cpu-top N). Not counted: a process a test leaves
-    running for its parent to reap elsewhere (the children of a killed stress-ng)."""
+    """With SAFEDEPLOY_TEST_CPU=FILE: one line per test appended to FILE: its CPU seconds, its wall seconds,
+    the CPU's four parts (cpu_seconds: the worker, the scripts it reaped, the user managers, the preloaded
+    server) and the test's id. Set-up and teardown are included, and so a module's or session's fixtures in
+    its first or last test: where a suite's CPU goes (bench/suite_under_hog.py --cpu-top N). Not counted: a
+    process a test leaves running for its parent to reap elsewhere (the children of a killed stress-ng)."""
     out = os.environ.get("SAFEDEPLOY_TEST_CPU")
     if not out:
         yield
         return
     cpu, wall = cpu_seconds(), time.monotonic()
     yield
-    line = f"{cpu_seconds() - cpu:.2f} {time.monotonic() - wall:.2f} {item.nodeid}\n"
+    parts = [after - before for before, after in zip(cpu, cpu_seconds())]
+    line = f"{sum(parts):.2f} {time.monotonic() - wall:.2f} {' '.join(f'{p:.2f}' for p in parts)} {item.nodeid}\n"
     fd = os.open(os.path.abspath(out), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         os.write(fd, line.encode())
