@@ -85,6 +85,7 @@ def tag_base(config, env, day):
 # -- Phase 1: back up everything -----------------------------------------------------------------
 @dataclass
 class EnvFacts:
+    """One env as Phase 1 found it: its tree, commit, branch and unit file, and the tag and backup made for it."""
     env: object
     repo: Repo
     commit: str
@@ -97,6 +98,7 @@ class EnvFacts:
 
 @dataclass
 class PhaseOne:
+    """Phase 1's plan: every env's facts, and the tags each remote already has."""
     facts: list
     remote_tags: dict = field(default_factory=dict)      # remote -> {tag name: sha}
 
@@ -217,6 +219,7 @@ def phase_one_record(f):
 # -- Phase 2: one env onto its branch and the tool -----------------------------------------------
 @dataclass
 class EnvPlan:
+    """Phase 2 for one env: the commit it runs, where its branch is locally and on the remote, its conversion."""
     env: object
     repo: Repo
     commit: str
@@ -319,6 +322,7 @@ def undo_branch(plan):
 # -- the checklist ---------------------------------------------------------------------------------
 @dataclass
 class Item:
+    """One line of the seed's checklist: whether it holds, and what was checked."""
     ok: bool
     text: str
     detail: str

@@ -33,6 +33,7 @@ from .unitfiles import user_unit_dir
 
 @dataclass
 class Backup:
+    """One database copy in the env's backups folder, as its catalogue line describes it."""
     env: str
     path: str
     time: str

@@ -38,6 +38,7 @@ class FailureKind(Enum):
 
 @dataclass(frozen=True)
 class CommandFailure:
+    """Why a command failed: its argv, the reason, its output, and how it ended."""
     argv: list
     why: str
     output: str
@@ -46,6 +47,7 @@ class CommandFailure:
 
 @dataclass
 class Finished:
+    """A command that ended: its exit code (None: timed out and killed), output and seconds."""
     returncode: int | None      # None: it timed out, and its process group was killed
     stdout: bytes               # all of it, its tail, or b"" (see run)
     stderr: bytes

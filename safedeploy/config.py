@@ -52,6 +52,7 @@ OWN_CONFIG = Path("safe-deploy") / "config.toml"     # under $XDG_CONFIG_HOME (~
 
 @dataclass
 class Offsite:
+    """The [offsite] table: where copies go, with which program, under which identity."""
     repository: str           # a local folder resolved against the config's folder; else as written
     password_file: Path
     options: list
@@ -86,6 +87,7 @@ class Offsite:
 
 @dataclass
 class Alerts:
+    """The [alerts] table: the webhook URL and the command an alert is sent to."""
     webhook: str
     command: list
 
@@ -145,6 +147,7 @@ Env.__doc__ = "One [env.NAME], its [defaults] applied: a field per key of config
 
 @dataclass
 class Config:
+    """A loaded config.toml: its envs, retention, and the [offsite], [alerts] and [replica] tables."""
     file: Path
     envs: dict
     retention: dict = field(default_factory=lambda: dict(RETENTION_KEYS))

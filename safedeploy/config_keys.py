@@ -52,6 +52,7 @@ def as_argv_lists(value: Any, base: Path, name: str) -> list:
 
 @dataclass(frozen=True)
 class Key:
+    """One config key: its default, the check of its value, and what docs/config.md says of it."""
     name: str
     default: Any                # REQUIRED: the key must be given
     expect: str                 # what an error says is expected: "expected EXPECT, got VALUE"

@@ -56,6 +56,7 @@ class Outstanding:
 
 @dataclass
 class DataFacts:
+    """What status knows of an env's data: the live database, its rows, and the copies that hold rows it lacks."""
     db_exists: bool = True
     db_check: str = "ok"
     live_rows: int | None = None            # users' rows live (None: not counted)

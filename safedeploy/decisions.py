@@ -38,6 +38,7 @@ class Gate:
 
 @dataclass
 class Gates:
+    """The gates a deploy met, in order; the first that did not pass refuses it."""
     verdicts: list = field(default_factory=list)
 
     @property
@@ -148,6 +149,7 @@ def backup_names(path):
 # -- the database decision of a rollback ----------------------------------------------------------
 @dataclass
 class DatabaseFacts:
+    """What a rollback's database decision reads: the point's copy, the live database and both schemas."""
     point_id: str
     has_backup: bool
     backup_path: str = ""
@@ -280,6 +282,7 @@ class Blame(Enum):
 
 @dataclass(frozen=True)
 class FailureFacts:
+    """A failed step as the blame decision reads it: the step, its message and output."""
     step: str                   # the step that failed
     message: str                # the error's one line
     output: str = ""            # the command's output, or the unit's last log lines
@@ -289,6 +292,7 @@ class FailureFacts:
 
 @dataclass(frozen=True)
 class Judgement:
+    """Whose fault a failure is (the release's or the host's), and why."""
     blame: Blame
     why: str                    # what failed, named: the step, and the cause when it is the host's
 
@@ -355,6 +359,7 @@ class RehearsalFacts:
 
 @dataclass(frozen=True)
 class MigrationFacts:
+    """What decides how pre_restart meets the running release: the setting, a rehearsal, the files changed."""
     has_pre_restart: bool
     configured: str                     # migration_mode: "auto", "online" or "stop-first"
     rehearsal: RehearsalFacts | None    # None: this tree was never rehearsed here
@@ -363,6 +368,7 @@ class MigrationFacts:
 
 @dataclass(frozen=True)
 class MigrationDecision:
+    """How pre_restart runs (online or stop-first), and why."""
     mode: MigrationMode
     why: str
 

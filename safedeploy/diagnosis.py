@@ -46,6 +46,7 @@ Cmd = Callable[..., str]
 
 @dataclass
 class Facts:
+    """One env's report, flattened into what the findings read."""
     env: str
     db: str
     unit: str
@@ -89,6 +90,7 @@ class Facts:
 
 @dataclass(frozen=True)
 class Finding:
+    """One problem, with the commands that fix it in order."""
     problem: str
     advice: tuple[tuple[str, str], ...] = ()       # (why, command), in order
     quiet_after_advice: bool = False               # its command only when nothing before advised one
@@ -97,6 +99,7 @@ class Finding:
 
 @dataclass
 class Diagnosis:
+    """An env's problems and the advice, the commands to run in order."""
     problems: list = field(default_factory=list)
     advice: list = field(default_factory=list)      # [{"why": str, "command": str}]
 

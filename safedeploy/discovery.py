@@ -66,6 +66,7 @@ class Found:
 
 @dataclass
 class Proposal:
+    """The envs adopt.py proposes from the user manager, and the units it skipped with why."""
     envs: list
     skipped: list         # (unit, why)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Holder:
+    """The process holding an env's lock: its pid, operation, command and since when."""
     pid: int | None
     operation: str          # the tool's own operation ("deploy", "backup (nightly)", ...); "" when not the tool's
     command: str

@@ -47,6 +47,7 @@ class Damage:
 
 @dataclass(frozen=True)
 class Scan:
+    """A record file read whole: the records that are whole, and the damage found."""
     records: list
     damage: list
 

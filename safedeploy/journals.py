@@ -146,6 +146,7 @@ class OpJournal:
 
 @dataclass
 class DeployJournal(OpJournal):
+    """A deploy's journal: its target, the release and tag and backup each step made."""
     OP = Op.DEPLOY
     target: str | None = None           # the commit it deploys
     from_: str | None = None            # the commit that ran (None: nothing known ran)
@@ -160,6 +161,7 @@ class DeployJournal(OpJournal):
 
 @dataclass
 class RollbackJournal(OpJournal):
+    """A rollback's journal: the point it goes to, its database decision, the release it switches to."""
     OP = Op.ROLLBACK
     REQUIRED = ("commit",)
     point: str | None = None
@@ -178,6 +180,7 @@ class RollbackJournal(OpJournal):
 
 @dataclass
 class ConversionJournal(OpJournal):
+    """A conversion's journal: where the old unit files are, and the data it moved."""
     OP = Op.CONVERT
     REQUIRED = ("saved",)
     saved: str = ""                     # the folder holding the old unit files
@@ -200,6 +203,7 @@ class ScratchJournal(OpJournal):
 
 @dataclass
 class RehearsalJournal(ScratchJournal):
+    """A rehearsal's journal: the commit it rehearses in its scratch copy."""
     OP = Op.REHEARSE
     commit: str | None = None
 
@@ -209,12 +213,14 @@ class RehearsalJournal(ScratchJournal):
 
 @dataclass
 class DrillJournal(ScratchJournal):
+    """A drill's journal: the point it boots in its scratch copy."""
     OP = Op.DRILL
     point: str | None = None
 
 
 @dataclass
 class BackupJournal(OpJournal):
+    """A backup's journal: why it was taken."""
     OP = Op.BACKUP
     reason: str = ""
 

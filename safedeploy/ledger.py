@@ -86,6 +86,7 @@ class Outside:
 
 @dataclass
 class Ledger:
+    """Every copy's rows compared with the live database by content: what lies outside it, per copy."""
     live: dict[str, int] | None             # users' rows per table live (None: the live database unreadable)
     compared: list[Outside] = field(default_factory=list)
     superseded: dict[str, str] = field(default_factory=dict)      # copy id -> the copy that continues it

@@ -35,6 +35,7 @@ EPOCH = datetime.min.replace(tzinfo=timezone.utc)
 
 @dataclass(frozen=True)
 class TagMark:
+    """A rollback's tag ENV-rolled-back-STAMP: the commit and tree it names, and whether it meant to mark them."""
     name: str
     env: str
     commit: str

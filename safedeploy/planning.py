@@ -25,6 +25,7 @@ STATE_ROOM = 1 << 20      # the deploy log, the journal and the lock need little
 
 @dataclass
 class DeployPlan:
+    """What a deploy found before it asks: what runs, the target, the gates, the migration decision."""
     repo: Repo
     running: str            # what the env runs: its last deploy's commit, else HEAD
     head: str

@@ -15,6 +15,7 @@ from .state import parse_time
 
 @dataclass
 class Point:
+    """A point a rollback can go to: a before-deploy tag or a backup, its commit, copy and release."""
     id: str
     kind: str                 # "before-deploy" or "backup"
     commit: str

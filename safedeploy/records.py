@@ -23,6 +23,7 @@ VERSION = 2         # records and journals carry it as "v"
 
 @dataclass
 class Record:
+    """What every record of the deploy log holds: its kind, env, time, result and steps."""
     kind: str = ""
     env: str = ""
     time: str = field(default_factory=now_iso)
@@ -48,6 +49,7 @@ class Record:
 
 @dataclass
 class DeployRecord(Record):
+    """A deploy's record: from what to what, the release, and the rollback it made when it failed."""
     kind: str = "deploy"
     from_: str | None = None
     to: str | None = None
@@ -73,6 +75,7 @@ class DeployRecord(Record):
 
 @dataclass
 class RollbackRecord(Record):
+    """A rollback's record: the point, the release it went back to, and its database decision."""
     kind: str = "rollback"
     from_: str | None = None
     to: str | None = None
@@ -99,6 +102,7 @@ class RollbackRecord(Record):
 
 @dataclass
 class RecoveryRecord(Record):
+    """A recovery's record: what was interrupted and what the recovery did."""
     kind: str = "recovery"
     interrupted: dict = field(default_factory=dict)
     did: str = ""
@@ -107,6 +111,7 @@ class RecoveryRecord(Record):
 
 @dataclass
 class DrillRecord(Record):
+    """A drill's record: the point it booted, and how its health and problems were."""
     kind: str = "drill"
     point: str | None = None
     release: str | None = None          # the kept release it booted, or None (rebuilt)
@@ -117,6 +122,7 @@ class DrillRecord(Record):
 
 @dataclass
 class RehearsalRecord(Record):
+    """A rehearsal's record: the commit and tree it rehearsed, the migration's time and schema changes."""
     kind: str = "rehearsal"
     commit: str = ""
     tree: str = ""

@@ -40,6 +40,7 @@ from .state import now_iso, utc_stamp
 
 @dataclass
 class Release:
+    """One built release: its id, folder, commit and build time."""
     id: str
     path: Path
     commit: str

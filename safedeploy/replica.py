@@ -55,6 +55,7 @@ Command = Callable[..., str]      # cli.script_command bound to the config: (scr
 
 @dataclass(frozen=True)
 class Decision:
+    """Whether an env's database is replicated, and why."""
     env: str
     db: str
     replicating: bool

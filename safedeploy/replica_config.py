@@ -30,6 +30,7 @@ Fail = Callable[[str, str], None]
 
 @dataclass(frozen=True)
 class ReplicaSettings:
+    """The [replica] table: where continuous copies go, for which envs, with which keys."""
     url: str                      # as written (never holds a password)
     scheme: str                   # "file", "sftp" or "s3"
     envs: tuple[str, ...]         # the envs replicated, in config order

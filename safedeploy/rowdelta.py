@@ -45,6 +45,7 @@ from .rowsets import Schema, Table, TableRows, quote
 
 @dataclass
 class TableDelta:
+    """One table's rows that differ between two sides, compared by key and content."""
     a: TableRows                 # rows of side a not identical (same key, same content) on side b
     b: TableRows                 # and the other way round
     same_top: int | None         # the largest key whose row is identical on both sides

@@ -15,6 +15,7 @@ from .rowsets import Pairing, Schema, Table, TableRows, quote
 
 @dataclass
 class TablePlan:
+    """The rows of one table to put back: their final values and digests, and what is left out."""
     table: str                                  # the live table's name
     rows: list[dict] = field(default_factory=list)       # {live column: value}, keys and references final
     digests: list[int] = field(default_factory=list)     # what each row's digest must be once in
@@ -25,6 +26,7 @@ class TablePlan:
 
 @dataclass
 class Plan:
+    """Every table's rows to put back from one copy, in insert order, and what cannot come back."""
     copy: str
     tables: list[TablePlan] = field(default_factory=list)        # in insert order (parents first)
     refused: dict[str, str] = field(default_factory=dict)       # table -> why none of its rows can come back

@@ -110,6 +110,7 @@ def guard(shadow: set[str]):
 
 @dataclass
 class Applied:
+    """A plan put back and committed: rows restored and re-keyed per table."""
     plan: Plan
     restored: dict[str, int]
     rekeyed: dict[str, int]

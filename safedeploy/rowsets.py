@@ -41,6 +41,7 @@ class Ref:
 
 @dataclass(frozen=True)
 class Table:
+    """One table as the row comparison reads it: its stored columns, types and key."""
     name: str
     columns: tuple[str, ...]            # every stored column, in order (generated columns left out)
     types: tuple[str, ...]              # their declared types
@@ -69,6 +70,7 @@ class Table:
 
 @dataclass
 class Schema:
+    """The tables of a database the row comparison reads, by lower-cased name."""
     tables: dict[str, Table] = field(default_factory=dict)     # by lower-cased name
 
     def get(self, name: str) -> Table | None:

@@ -29,6 +29,7 @@ BEFORE, AFTER = "before", "after"
 
 @dataclass(frozen=True)
 class Step:
+    """One step of an operation: its phase, what it runs, and what the plan says of it."""
     name: str
     phase: str
     run: Callable                   # run(ctx)
@@ -41,6 +42,7 @@ class Step:
 
 @dataclass
 class Operation:
+    """An operation's steps, what undoes a failure before and after the switch, and its journal."""
     name: str                       # the journal's "op" and the fault switch's OP
     steps: list
     before_failed: Callable         # before_failed(ctx, step name, exc): raises (exit 1)

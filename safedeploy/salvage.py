@@ -35,6 +35,7 @@ class Unsalvageable(Exception):
 
 @dataclass
 class Salvaged:
+    """What a salvage recovered from a damaged database: rows per table, and what it could not place."""
     tables: dict[str, int] = field(default_factory=dict)       # rows recovered per table
     lost_and_found: int = 0                                     # rows whose table could not be told
     bad_pages: int = 0                                          # pages that were not what they should be

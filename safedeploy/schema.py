@@ -24,6 +24,7 @@ from .errors import DeployError
 
 @dataclass(frozen=True)
 class Column:
+    """One column of a table as PRAGMA table_info shows it."""
     name: str
     type: str
     notnull: bool
@@ -38,6 +39,7 @@ class Column:
 
 @dataclass(frozen=True)
 class Table:
+    """One table: its columns, unique sets and foreign keys."""
     name: str
     columns: tuple[Column, ...]
     unique: frozenset                   # frozensets of column-name tuples, one per unique index or constraint
@@ -49,6 +51,7 @@ class Table:
 
 @dataclass(frozen=True)
 class Schema:
+    """A database's tables, as the migration rules compare them."""
     tables: tuple[Table, ...]
 
     def table(self, name: str) -> Table | None:
@@ -57,6 +60,7 @@ class Schema:
 
 @dataclass(frozen=True)
 class Changes:
+    """A schema change split into what the running release cannot live with and what it can."""
     breaking: tuple[str, ...]           # what the running release cannot live with
     compatible: tuple[str, ...]
 

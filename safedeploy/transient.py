@@ -209,6 +209,7 @@ def check_paths(env, port: int, found: dict) -> list[str]:
 
 @dataclass(frozen=True)
 class ProbeResult:
+    """One path a scratch copy answered (or not), with the app's log lines when it failed."""
     path: str
     ok: bool
     answer: str                         # "HTTP 200 in 12 ms", "HTTP 500 in 30 ms", "no answer: ..."

@@ -43,6 +43,7 @@ class ServiceSettings:
 
 @dataclass(frozen=True)
 class UnitEnvironment:
+    """A unit's environment: its Environment= settings and what its EnvironmentFile= files set."""
     settings: ServiceSettings
     from_files: tuple[tuple[str, str], ...]         # what the EnvironmentFile= files set, in order
 

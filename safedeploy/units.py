@@ -65,6 +65,7 @@ def manager_env(root: str = "/run/user") -> dict[str, str] | None:
 
 @dataclass
 class UnitState:
+    """One unit as systemctl show reports it: load and active state, restarts, uptime."""
     name: str
     load: str
     active: str

@@ -42,6 +42,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 @dataclass(frozen=True)
 class Verification:
+    """A note that a commit was verified in an env: by verify.py or a healthy deploy."""
     env: str
     host: str
     commit: str

@@ -18,6 +18,7 @@ from .bringup import Run, bring_up_steps, start_probe, stop_probe
 # -- conversion: an env that runs from its work tree, onto releases and socket units ----------------
 @dataclass
 class ConversionRun(Run):
+    """What a conversion carries from step to step."""
     env: object
     conversion: object
     saved: object = None

@@ -39,6 +39,7 @@ from .rollback import roll_back
 # -- deploy ---------------------------------------------------------------------------------------
 @dataclass
 class DeployRun(Run):
+    """What a deploy carries from step to step."""
     config: object
     env: object
     plan: object

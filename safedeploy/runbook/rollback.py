@@ -48,6 +48,7 @@ from .bringup import Run, bring_up_steps, current_unit_file, start_probe, stop_p
 # -- rollback ----------------------------------------------------------------------------------
 @dataclass
 class RollbackRun(Run):
+    """What a rollback carries from step to step."""
     config: object
     env: object
     repo: object
