@@ -43,6 +43,8 @@ class UserManager:
     CPU a reload against 0.015 s without, and a suite reloads some 1,200 times. The tool reads nothing
     they make (no autostart unit, no manager environment)."""
 
+    stopped_cpu = 0.0       # CPU seconds of the managers this process stopped (each cgroup's usage at its stop)
+
     def __init__(self, root):
         self.root = Path(root)
         self.runtime = self.root / "run"
@@ -93,7 +95,17 @@ class UserManager:
         return subprocess.run(["systemctl", "--user", *args], env={**os.environ, **self.env},
                               capture_output=True, text=True, check=check, timeout=timeout)
 
+    def cpu(self):
+        """CPU seconds the manager's cgroup has used so far: the manager, its apps and all they started (0.0
+        when there is no cgroup)."""
+        try:
+            words = (self.cgroup / "cpu.stat").read_text().split()
+        except FileNotFoundError:
+            return 0.0
+        return int(words[words.index("usage_usec") + 1]) / 1e6
+
     def stop(self):
+        UserManager.stopped_cpu += self.cpu()       # its cgroup goes below: what it used is its parent's now
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

@@ -15,7 +15,6 @@ The deploy records it as "probe": {"requests": N, "refused": N, "errors": N, "sl
 """
 
 import errno
-import http.client
 import signal
 import socket
 import threading
@@ -27,6 +26,8 @@ INTERVAL = 0.25         # seconds from one request's start to the next (4 a seco
 TIMEOUT = 2.0           # seconds a request may take before it counts as an error
 STOP_WAIT = 1.0         # seconds stop() waits for a request in flight (it then ends on its own, uncounted)
 USER_AGENT = "safe-deploy probe"
+# http.client (with ssl and email) is imported by the first request: 20 ms of a script's start that only the
+# runs which switch an env need (see health.py)
 REFUSED_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE}
 
 
@@ -40,6 +41,7 @@ class Outcome:
 def classify(status: int | None, error: BaseException | None) -> str:
     """A request's kind: "refused" when the connection was refused or reset (before or during the answer),
     "error" when it timed out or the answer was a 5xx (or anything else went wrong), else "ok"."""
+    import http.client
     if error is not None:
         if isinstance(error, (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError,
                               http.client.RemoteDisconnected)):
@@ -76,6 +78,7 @@ def plural(n: int, word: str) -> str:
 
 def request_once(url: str, timeout: float) -> Outcome:
     """One GET of url: its Outcome. Never raises."""
+    import http.client
     parts = urllib.parse.urlsplit(url)
     start = time.monotonic()
     status, error = None, None

@@ -46,29 +46,35 @@ def user_manager(tmp_path_factory):
 
 
 _servers: list[Preloaded] = []          # this worker's preloaded server, once started: what its forks cost
+_stopped_server_cpu = 0.0               # what it had cost when it was stopped
+
+
+def server_cpu(server):
+    """CPU seconds of a preloaded server and the runs it forked and reaped (0.0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return sum(int(ticks) for ticks in fields[11:15]) / os.sysconf("SC_CLK_TCK")    # utime, stime, cutime, cstime
 
 
 def cpu_seconds():
     """This worker's CPU so far, in four parts (seconds): its own (the tests' code, their writers and probes);
-    its reaped children's (the scripts a test ran and what they started, a hog it killed); counted live,
-    every user manager it started (each one's cgroup: the manager, the apps and all they started); and the
-    preloaded server with the runs it forked and reaped. A manager or server stopped and reaped moves from
-    the live count into the children's."""
+    its reaped children's (the scripts a test ran and what they started, a hog it killed); every user manager
+    it started (each one's cgroup: the manager, the apps and all they started); and the preloaded server with
+    the runs it forked and reaped. A manager or server counts live while it runs and by what it had used when
+    it was stopped (UserManager.stopped_cpu, _stopped_server_cpu), which then leaves the children's part."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    managers = server = 0.0
+    managers = UserManager.stopped_cpu
     for stat in CGROUP_ROOT.glob(f"safedeploy-{os.getpid()}-*/cpu.stat"):
         try:
             words = stat.read_text().split()
         except FileNotFoundError:         # removed by a manager's stop since the glob
             continue
         managers += int(words[words.index("usage_usec") + 1]) / 1e6
-    for preloaded_server in _servers:
-        try:
-            fields = Path(f"/proc/{preloaded_server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        server += sum(int(ticks) for ticks in fields[11:15]) / os.sysconf("SC_CLK_TCK")    # utime, stime, cutime, cstime
-    return (own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime, managers, server)
+    server = _stopped_server_cpu + sum(server_cpu(s) for s in _servers)
+    reaped = children.ru_utime + children.ru_stime - UserManager.stopped_cpu - _stopped_server_cpu
+    return (own.ru_utime + own.ru_stime, reaped, managers, server)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -104,7 +110,9 @@ def preloaded():
     server = Preloaded(sys.executable, REPO_ROOT).start()
     _servers.append(server)
     yield server
+    global _stopped_server_cpu
     _servers.remove(server)
+    _stopped_server_cpu += server_cpu(server)
     server.stop()
 
 
