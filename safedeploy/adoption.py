@@ -322,7 +322,7 @@ def undo_branch(plan):
 # -- the checklist ---------------------------------------------------------------------------------
 @dataclass
 class Item:
-    """One line of the seed's checklist: whether it holds, and what was checked."""
+    """One line of the seed's checklist: whether it holds, what it checks, and what was found."""
     ok: bool
     text: str
     detail: str

@@ -33,7 +33,7 @@ from .unitfiles import user_unit_dir
 
 @dataclass
 class Backup:
-    """One database copy in the env's backups folder, as its catalogue line describes it."""
+    """One database copy in a backups folder, as its manifest (NAME.sqlite3.json beside it) records it."""
     env: str
     path: str
     time: str

@@ -20,7 +20,7 @@ KEYS = ("env", "path", "time", "bytes", "sha256", "reason", "commit", "schema", 
 
 @dataclass
 class Listing:
-    """The backups a listing shows, newest first, with the off-site identity or why it is missing."""
+    """backup.py --list's rows (local and off-site copies, newest first), and why off-site ones could not be listed."""
     rows: list[dict] = field(default_factory=list)     # newest first
     identity: dict | None = None        # which of the off-site repository's copies are this config's
     problem: str | None = None          # why the off-site copies could not be listed

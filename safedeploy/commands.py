@@ -38,7 +38,7 @@ class FailureKind(Enum):
 
 @dataclass(frozen=True)
 class CommandFailure:
-    """Why a command failed: its argv, the reason, its output, and how it ended."""
+    """Why a command failed: its argv, the reason, its output, and its kind (could not start, timed out, exit)."""
     argv: list
     why: str
     output: str

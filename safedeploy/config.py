@@ -140,9 +140,10 @@ class EnvPlaces:
 
 Env = make_dataclass("Env", [("name", str), *[(key.field, key.type) for key in ENV],
                             # key -> where it was set ("env.prod.db", "defaults.db")
-                            ("keys", dict, field(default_factory=dict, repr=False))], bases=(EnvPlaces,))
+                            ("keys", dict, field(default_factory=dict, repr=False))], bases=(EnvPlaces,),
+                     namespace={"__doc__": "One [env.NAME], its [defaults] applied: a field per key of "
+                                           "config_keys.ENV (db as db_setting)."})
 Env.__module__ = __name__
-Env.__doc__ = "One [env.NAME], its [defaults] applied: a field per key of config_keys.ENV (db as db_setting)."
 
 
 @dataclass

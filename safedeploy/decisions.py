@@ -292,7 +292,7 @@ class FailureFacts:
 
 @dataclass(frozen=True)
 class Judgement:
-    """Whose fault a failure is (the release's or the host's), and why."""
+    """Whose fault a failure is (the release's or the host's; or interrupted: nothing judged), and why."""
     blame: Blame
     why: str                    # what failed, named: the step, and the cause when it is the host's
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 @dataclass
 class Health:
-    """One answer (or none) of a health URL: its status, how long it took, the error, the body."""
+    """One HTTP GET's outcome: its status, how long it took, the error, the body."""
     ok: bool
     status: int | None
     ms: float | None

@@ -86,7 +86,8 @@ class Outside:
 
 @dataclass
 class Ledger:
-    """Every copy's rows compared with the live database by content: what lies outside it, per copy."""
+    """The row ledger: for each copy compared (held copies and heads; off-site-only ones by count), the rows it
+    holds that the live database lacks; the copies superseded or dismissed; why not every copy was compared."""
     live: dict[str, int] | None             # users' rows per table live (None: the live database unreadable)
     compared: list[Outside] = field(default_factory=list)
     superseded: dict[str, str] = field(default_factory=dict)      # copy id -> the copy that continues it

@@ -40,7 +40,7 @@ HOST_KEY_ORDER = ("ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nist
 
 @dataclass(frozen=True)
 class DbEntry:
-    """One database the replicator copies: its env, its path, and Litestream's local state for it."""
+    """One database the replicator may copy: its env, its path, and Litestream's local state for it."""
     env: str
     db: Path
     meta: Path            # Litestream's local state for this database
@@ -48,7 +48,7 @@ class DbEntry:
 
 @dataclass(frozen=True)
 class LtxFile:
-    """One LTX file of a replica: its level, the transactions it holds, and when they were read."""
+    """One LTX file of a replica: its level, its transactions, and when its newest change was read from the WAL."""
     level: int
     min_txid: int
     max_txid: int

@@ -230,7 +230,7 @@ def prune(log_folder: Path, env: str, keep: int = KEEP_PER_ENV) -> list[Path]:
 
 @dataclass(frozen=True)
 class Ending:
-    """How one operation's log ended: its result and time."""
+    """Where one operation's log stands: its result (or running) and time."""
     path: str
     op: str
     result: str         # "ok", "failed", "refused" (exit 2: nothing attempted), "running", "interrupted"

@@ -49,7 +49,7 @@ def no_log(env: str | None = None) -> str:
 
 @dataclass(frozen=True)
 class Output:
-    """Where the package's words go: the run's one output object (the scripts' printers, or none)."""
+    """Where an operation's lines go: the scripts' cli.output(), or PLAIN (redacted prints, no log)."""
     say: Callable[[str], None] = plain_say
     err: Callable[[str], None] = plain_err
     countdown: Callable[[str], Show | None] = no_countdown

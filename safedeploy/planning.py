@@ -25,7 +25,7 @@ STATE_ROOM = 1 << 20      # the deploy log, the journal and the lock need little
 
 @dataclass
 class DeployPlan:
-    """What a deploy found before it asks: what runs, the target, the gates, the migration decision."""
+    """What a deploy decided before it changes anything: what runs, the target, the gates forced, the migration mode."""
     repo: Repo
     running: str            # what the env runs: its last deploy's commit, else HEAD
     head: str

@@ -42,7 +42,7 @@ class Step:
 
 @dataclass
 class Operation:
-    """An operation's steps, what undoes a failure before and after the switch, and its journal."""
+    """An operation's steps, what undoes a failure before anything live changed and after, and its journal."""
     name: str                       # the journal's "op" and the fault switch's OP
     steps: list
     before_failed: Callable         # before_failed(ctx, step name, exc): raises (exit 1)

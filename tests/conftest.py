@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from demo.sandbox import CGROUP_ROOT, REPO_ROOT, Sandbox, UserManager, signals_as_on_a_terminal  # noqa: E402
+from demo.sandbox import REPO_ROOT, Sandbox, UserManager, signals_as_on_a_terminal  # noqa: E402
 from preloaded import Preloaded  # noqa: E402
 
 _count = itertools.count(1)
@@ -53,9 +53,9 @@ def server_cpu(server):
     """CPU seconds of a preloaded server and the runs it forked and reaped (0.0 once it is gone)."""
     try:
         fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
+        return sum(int(ticks) for ticks in fields[11:15]) / os.sysconf("SC_CLK_TCK")    # utime, stime, cutime, cstime
+    except (OSError, ValueError, IndexError):
         return 0.0
-    return sum(int(ticks) for ticks in fields[11:15]) / os.sysconf("SC_CLK_TCK")    # utime, stime, cutime, cstime
 
 
 def cpu_seconds():
@@ -65,13 +65,7 @@ def cpu_seconds():
     the runs it forked and reaped. A manager or server counts live while it runs and by what it had used when
     it was stopped (UserManager.stopped_cpu, _stopped_server_cpu), which then leaves the children's part."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    managers = UserManager.stopped_cpu
-    for stat in CGROUP_ROOT.glob(f"safedeploy-{os.getpid()}-*/cpu.stat"):
-        try:
-            words = stat.read_text().split()
-        except FileNotFoundError:         # removed by a manager's stop since the glob
-            continue
-        managers += int(words[words.index("usage_usec") + 1]) / 1e6
+    managers = UserManager.stopped_cpu + sum(m.cpu() for m in UserManager.started if not m.counted)
     server = _stopped_server_cpu + sum(server_cpu(s) for s in _servers)
     reaped = children.ru_utime + children.ru_stime - UserManager.stopped_cpu - _stopped_server_cpu
     return (own.ru_utime + own.ru_stime, reaped, managers, server)
@@ -104,16 +98,18 @@ def preloaded():
     """The fixtures' conversions (deploy.py --install-units) forked from a process that imported the
     package once (tests/preloaded.py): ~0.6 s of CPU less each. What a test runs itself is a new process.
     Only from a venv's python: from another, a new process would re-run itself in .venv, a forked one not."""
+    global _stopped_server_cpu
     if sys.prefix == sys.base_prefix:
         yield None
         return
     server = Preloaded(sys.executable, REPO_ROOT).start()
     _servers.append(server)
     yield server
-    global _stopped_server_cpu
     _servers.remove(server)
-    _stopped_server_cpu += server_cpu(server)
-    server.stop()
+    try:
+        _stopped_server_cpu += server_cpu(server)
+    finally:
+        server.stop()
 
 
 def make_sandbox(user_manager, tmp_path, converted, preloaded=None):
