@@ -58,6 +58,7 @@ def human_age(seconds):
     return f"{seconds}s ago"
 
 
+UNSEEN_RETRIES = 20                      # looks at a lock held by no one visible before it counts as unknown
 HELD_LOCKS: list["EnvLock"] = []         # the EnvLocks this process holds; every step checks they still hold (check_locks)
 
 
@@ -84,12 +85,17 @@ class EnvLock:
             raise disk_error(exc, self.path) from exc
         start = time.monotonic()
         told = None
+        unseen = 0
         while True:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 holder = holders.identify(self.path)
+                unseen = unseen + 1 if holder.pid is None else 0
+                if holder.pid is None and unseen <= UNSEEN_RETRIES:
+                    time.sleep(0.01)        # no one holds it by now: it was released after our try; try again
+                    continue
                 limit = max(self.wait, self.backup_wait) if self.backup_wait and holder.is_backup else self.wait
                 if time.monotonic() >= start + limit:
                     os.close(self.fd)

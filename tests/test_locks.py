@@ -2,6 +2,7 @@
 named (pid, command line, since when) from the kernel's view, never taken for a backup; status still
 reports everything else about the env; a wait says that it waits, for whom, and how long at most."""
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -101,3 +102,42 @@ def test_a_wait_says_for_whom_and_how_long(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_lock_let_go_while_its_holder_is_looked_up_is_taken(tmp_path, monkeypatch):
+    """CI at stop 45: a backup let go of dev's lock between a deploy's try and its look at /proc/locks; the
+    deploy saw no holder, said "a process this host does not show" and exit 3. A lock no one visible holds
+    was released after the try: try again. The holder here is a real flock on a second open of the file,
+    let go at the very moment the other looks it up; a holder that stays unseen is still an error."""
+    from safedeploy import holders
+    from safedeploy.errors import DeployError
+    from safedeploy.state import EnvLock, UNSEEN_RETRIES
+
+    real_identify = holders.identify
+    backup = EnvLock(tmp_path, "dev", "backup (manual)", wait=5)
+    backup.__enter__()
+
+    def let_go_then_look(path):
+        backup.__exit__(None, None, None)
+        return real_identify(path)
+
+    monkeypatch.setattr(holders, "identify", let_go_then_look)
+    with EnvLock(tmp_path, "dev", "deploy", backup_wait=30) as deploy:
+        assert deploy.fd is not None and json.loads((tmp_path / "dev.lock").read_text())["operation"] == "deploy"
+
+    looks = []
+
+    def never_seen(path):
+        looks.append(path)
+        return holders.Holder(None, "", "", "", False)
+
+    backup.__enter__()
+    monkeypatch.setattr(holders, "identify", never_seen)
+    start = time.monotonic()
+    try:
+        with EnvLock(tmp_path, "dev", "deploy", backup_wait=30):
+            raise AssertionError("took a held lock")
+    except DeployError as exc:
+        assert exc.code == 3 and "does not show" in str(exc)
+    assert len(looks) == UNSEEN_RETRIES + 1 and time.monotonic() - start < 2
+    backup.__exit__(None, None, None)
