@@ -72,12 +72,30 @@ def kernel_holders(path: Path) -> list:
     return exact or by_inode                # overlay file systems show the lower device: the inode still tells
 
 
-def process_command(pid: int) -> str:
+OUR_SCRIPTS = ("deploy.py", "rollback.py", "backup.py", "adopt.py", "status.py")
+
+
+def process_argv(pid: int) -> list[str]:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return ""
-    return " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)[:300]
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def our_script(argv: list[str]) -> str:
+    """The tool's script an interpreter's command line runs ("backup.py"), or "": the first argument
+    after the interpreter's options (`python3 -u backup.py dev`, `/usr/bin/python3 /srv/app/backup.py`)."""
+    args = iter(argv[1:])
+    for arg in args:
+        if arg in ("-c", "-m"):
+            return ""                   # a command or a module, not a script
+        if arg in ("-X", "-W"):
+            next(args, None)            # an option with its value apart
+        elif not arg.startswith("-"):
+            name = Path(arg).name
+            return name if name in OUR_SCRIPTS else ""
+    return ""
 
 
 def process_start(pid: int) -> str:
@@ -103,9 +121,10 @@ def identify(path: Path) -> Holder:
     if not pids:
         return Holder(None, "", "", "", False)
     pid = pids[0]
-    command = process_command(pid)
-    own = Path(command.split(" ")[1]).name if command.count(" ") >= 1 else ""
-    if own in ("deploy.py", "rollback.py", "backup.py", "adopt.py", "status.py") and not info:
+    argv = process_argv(pid)
+    command = " ".join(argv)[:300]
+    own = our_script(argv)
+    if own and not info:
         operation = "backup" if own == "backup.py" and "--prune" not in command else ("prune" if own == "backup.py" else "")
         if operation:       # one of ours that has not written its name yet: its command line says what it is
             return Holder(pid, operation, command, process_start(pid), True)

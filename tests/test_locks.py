@@ -141,3 +141,15 @@ def test_a_lock_let_go_while_its_holder_is_looked_up_is_taken(tmp_path, monkeypa
         assert exc.code == 3 and "does not show" in str(exc)
     assert len(looks) == UNSEEN_RETRIES + 1 and time.monotonic() - start < 2
     backup.__exit__(None, None, None)
+
+
+def test_our_scripts_are_known_by_their_command_line_whatever_the_interpreter_options():
+    from safedeploy.holders import our_script
+
+    assert our_script(["/usr/bin/python3", "/srv/app/backup.py", "prod", "--quiet"]) == "backup.py"
+    assert our_script(["python3", "-u", "backup.py", "dev"]) == "backup.py"
+    assert our_script(["python3", "-X", "dev", "-W", "ignore", "/a/deploy.py", "prod"]) == "deploy.py"
+    assert our_script(["python3", "-c", "import x", "backup.py"]) == ""
+    assert our_script(["python3", "/srv/other.py", "backup.py"]) == ""
+    assert our_script(["flock", "state/prod.lock", "sleep", "120"]) == ""
+    assert our_script([]) == ""
