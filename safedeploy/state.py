@@ -85,26 +85,16 @@ class EnvLock:
             raise disk_error(exc, self.path) from exc
         start = time.monotonic()
         told = None
-        unseen = 0
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                holder = holders.identify(self.path)
-                unseen = unseen + 1 if holder.pid is None else 0
-                if holder.pid is None and unseen <= UNSEEN_RETRIES:
-                    time.sleep(0.01)        # no one holds it by now: it was released after our try; try again
-                    continue
-                limit = max(self.wait, self.backup_wait) if self.backup_wait and holder.is_backup else self.wait
-                if time.monotonic() >= start + limit:
-                    os.close(self.fd)
-                    self.fd = None
-                    raise DeployError(f"env {self.env} is locked: {holder.describe()}", EXIT_LOCKED) from None
-                if self.on_wait and told != holder:
-                    self.on_wait(holders.waiting_text(self.env, holder, limit))
-                    told = holder
-                time.sleep(0.2)
+        while (holder := take_or_name(self.fd, self.path, fcntl.LOCK_EX)) is not None:
+            limit = max(self.wait, self.backup_wait) if self.backup_wait and holder.is_backup else self.wait
+            if time.monotonic() >= start + limit:
+                os.close(self.fd)
+                self.fd = None
+                raise DeployError(f"env {self.env} is locked: {holder.describe()}", EXIT_LOCKED)
+            if self.on_wait and told != holder:
+                self.on_wait(holders.waiting_text(self.env, holder, limit))
+                told = holder
+            time.sleep(0.2)
         info = {"pid": os.getpid(), "operation": self.operation,
                 "command": " ".join(sys.argv), "since": now_iso()}
         try:
@@ -133,6 +123,23 @@ class EnvLock:
             self.fd = None
 
 
+def take_or_name(fd: int, path: Path, mode: int) -> holders.Holder | None:
+    """Take the flock (mode) on fd without waiting: None when taken, else who holds it. A lock that no one
+    visible holds when the kernel is asked was let go after the try (a backup ending as a deploy starts):
+    try again, up to UNSEEN_RETRIES looks 10 ms apart, before the holder is unknown."""
+    looks = 0
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            holder = holders.identify(path)
+            looks += 1
+            if holder.pid is not None or looks > UNSEEN_RETRIES:
+                return holder
+            time.sleep(0.01)
+
+
 def open_lock_file(path, flags):
     """Open a lock file without following a link (a link planted at state/ENV.lock must never make
     this tool write, or truncate, the file it points at); refuse anything but a regular file."""
@@ -153,11 +160,6 @@ def read_holder(path):
     return holders.written_holder(path)
 
 
-def describe_holder(path):
-    """Who holds the lock at path, whoever it is (holders.identify)."""
-    return holders.identify(path).describe()
-
-
 def lock_holder(state_dir, env):
     """Who holds the env's lock now, or None. Reads only; creates nothing."""
     path = Path(state_dir) / f"{env}.lock"
@@ -166,11 +168,11 @@ def lock_holder(state_dir, env):
     except (OSError, DeployError):
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    except BlockingIOError:
-        return describe_holder(path)
+        holder = take_or_name(fd, path, fcntl.LOCK_SH)
+        if holder is None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        return holder.describe()
     finally:
         os.close(fd)
 

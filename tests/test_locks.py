@@ -106,12 +106,12 @@ def test_a_wait_says_for_whom_and_how_long(tmp_path):
 
 def test_a_lock_let_go_while_its_holder_is_looked_up_is_taken(tmp_path, monkeypatch):
     """CI at stop 45: a backup let go of dev's lock between a deploy's try and its look at /proc/locks; the
-    deploy saw no holder, said "a process this host does not show" and exit 3. A lock no one visible holds
-    was released after the try: try again. The holder here is a real flock on a second open of the file,
+    deploy saw no holder, said "a process this host does not show" and exit 3 (status would have said to wait
+    for it). A lock no one visible holds was released after the try: try again. The holder here is a real flock on a second open of the file,
     let go at the very moment the other looks it up; a holder that stays unseen is still an error."""
     from safedeploy import holders
     from safedeploy.errors import DeployError
-    from safedeploy.state import EnvLock, UNSEEN_RETRIES
+    from safedeploy.state import EnvLock, UNSEEN_RETRIES, lock_holder
 
     real_identify = holders.identify
     backup = EnvLock(tmp_path, "dev", "backup (manual)", wait=5)
@@ -124,6 +124,8 @@ def test_a_lock_let_go_while_its_holder_is_looked_up_is_taken(tmp_path, monkeypa
     monkeypatch.setattr(holders, "identify", let_go_then_look)
     with EnvLock(tmp_path, "dev", "deploy", backup_wait=30) as deploy:
         assert deploy.fd is not None and json.loads((tmp_path / "dev.lock").read_text())["operation"] == "deploy"
+    backup.__enter__()
+    assert lock_holder(tmp_path, "dev") is None         # status: free, not "a process this host does not show"
 
     looks = []
 
