@@ -4,6 +4,7 @@ reports everything else about the env; a wait says that it waits, for whom, and 
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import threading
@@ -23,14 +24,21 @@ def corrupt(db):
 
 def outside_flock(path):
     """`flock FILE sleep 120`, as an operator (or another script) holds a lock: returns the process once
-    the lock is held."""
-    proc = subprocess.Popen(["flock", str(path), "sleep", "120"], stdin=subprocess.DEVNULL)
+    the lock is held. `-o`: flock holds it, not its sleep, so that let_go(proc) lets go of it."""
+    proc = subprocess.Popen(["flock", "-o", str(path), "sleep", "120"], stdin=subprocess.DEVNULL,
+                            start_new_session=True)
     for _ in range(100):
         if f" {proc.pid} " in open("/proc/locks").read():
             return proc
         time.sleep(0.05)
-    proc.kill()
+    let_go(proc)
     raise RuntimeError("flock did not take the lock")
+
+
+def let_go(proc):
+    """Stop an outside_flock, its sleep as well."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def test_an_outside_holder_is_named_and_hides_nothing(sandbox):
@@ -56,8 +64,7 @@ def test_an_outside_holder_is_named_and_hides_nothing(sandbox):
         assert f"pid {holder.pid}" in line and "sleep 120" in line
         assert took < 20, took                                           # not taken for a backup: no 300 s wait
     finally:
-        holder.kill()
-        holder.wait()
+        let_go(holder)
 
 
 def test_a_wait_says_for_whom_and_how_long(tmp_path):
@@ -100,8 +107,7 @@ def test_a_wait_says_for_whom_and_how_long(tmp_path):
             pass
         assert len(told) == 1 and f"pid {holder.pid}" in told[0] and "up to 0.6s" in told[0]
     finally:
-        holder.kill()
-        holder.wait()
+        let_go(holder)
 
 
 def test_a_lock_let_go_while_its_holder_is_looked_up_is_taken(tmp_path, monkeypatch):
