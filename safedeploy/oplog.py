@@ -19,11 +19,15 @@ bytes dropped: the head (what ran) and the tail (how it ended, the error) both s
 cap keeps the head only (its log reads as interrupted, as any killed run's).
 
 Reading (last_failed, last_operation): a log with no `# end` line is a run still going (its file is
-flock'ed by the run) or one that was killed (an interrupted operation: counted as failed).
+flock'ed by the run) or one that was killed (an interrupted operation: counted as failed). A log gets its
+name already locked and with its first line (made under a `.PID-THREAD.opening` name, then linked), and a
+reader that finds it unlocked reads its end again under the lock: a run that starts or ends as status
+looks is never read as a killed one.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -44,6 +48,7 @@ TAIL_LINES = 20             # what an alert carries of the log
 MAX_BYTES = 32 << 20        # a log's cap: past it only the last TAIL_KEPT bytes are kept (see above)
 TAIL_KEPT = 1 << 20
 END = "# end "
+OPENING = ".opening"        # a log being opened (OpLog): a name readers skip, removed once it is linked
 ANSI_RE = re.compile(r"\033\[[0-9;]*m")
 NAME_RE = re.compile(r"^(?P<env>.+)-(?P<stamp>\d{8}-\d{6})(?:-\d+)?-(?P<op>[a-z-]+)\.log$")
 
@@ -63,17 +68,37 @@ class OpLog:
         self.over_size = self.dropped = 0
         self.folder = make_private_dir(folder(state_dir))
         stamp, n = utc_stamp(), 0
-        while True:
-            name = f"{env}-{stamp}{'-' + str(n) if n else ''}-{op}.log"
+        # made under a name no reader lists, locked and with its first line, then given its name: a reader
+        # never finds it unlocked without its end (which would read as a killed run)
+        opening = self.folder / f".{os.getpid()}-{threading.get_ident()}{OPENING}"
+        self.fd = os.open(opening, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)     # held while it runs: readers know it is going
+            self.write_line(f"# {op} of {env}, started {now_iso()}, pid {os.getpid()}")
+            while True:
+                name = f"{env}-{stamp}{'-' + str(n) if n else ''}-{op}.log"
+                try:
+                    os.link(opening, self.folder / name)
+                    break
+                except FileExistsError:
+                    n += 1
+                except OSError as exc:
+                    if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+                        raise
+                    if not os.path.lexists(self.folder / name):     # no hard links here (FAT, some FUSE)
+                        os.rename(opening, self.folder / name)
+                        break
+                    n += 1
+        except BaseException:
+            os.close(self.fd)
+            raise
+        finally:
             try:
-                self.fd = os.open(self.folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-                break
-            except FileExistsError:
-                n += 1
+                os.unlink(opening)
+            except OSError:
+                pass
         self.path = self.folder / name
-        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)     # held while it runs: readers know it is going
         self.result: bool | None = None                         # set by the run for a multi-env run
-        self.write_line(f"# {op} of {env}, started {now_iso()}, pid {os.getpid()}")
         prune(self.folder, env)
 
     def write_line(self, text: str) -> None:
@@ -213,16 +238,28 @@ def env_logs(state_dir, env: str) -> list[Path]:
     for path in entries:
         m = NAME_RE.match(path.name)
         if m and m.group("env") == env:
-            found.append((m.group("stamp"), path.stat().st_mtime if path.exists() else 0, path.name, path))
+            try:
+                mtime = path.stat().st_mtime
+            except OSError:
+                continue            # pruned since the listing, by a run starting now
+            found.append((m.group("stamp"), mtime, path.name, path))
     return [p for *_, p in sorted(found)]
 
 
 def prune(log_folder: Path, env: str, keep: int = KEEP_PER_ENV) -> list[Path]:
+    """env's logs past the newest keep, and any log left half-opened (its run killed as it opened it) an
+    hour ago or more."""
     removed = []
     for path in env_logs(log_folder.parent, env)[:-keep]:
         try:
             path.unlink()
             removed.append(path)
+        except OSError:
+            pass
+    for path in log_folder.glob(f".*{OPENING}"):
+        try:
+            if time.time() - path.stat(follow_symlinks=False).st_mtime > 3600:
+                path.unlink()
         except OSError:
             pass
     return removed
@@ -252,13 +289,16 @@ def ending(path: Path) -> Ending:
             fh.seek(0, os.SEEK_END)
             fh.seek(max(0, fh.tell() - 4096))
             last = fh.read().decode(errors="replace").splitlines()
+            if not (last and last[-1].startswith(END)):
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except OSError:
+                    return Ending(str(path), op, "running", None)
+                fh.seek(max(0, os.fstat(fh.fileno()).st_size - 4096))    # it may have ended since the read
+                last = fh.read().decode(errors="replace").splitlines()
             if last and last[-1].startswith(END):
                 data = json.loads(last[-1][len(END):])
                 return Ending(str(path), op, data.get("result", "failed"), data.get("time"))
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                return Ending(str(path), op, "running", None)
             return Ending(str(path), op, "interrupted", None)
     except (OSError, ValueError):
         return Ending(str(path), op, "interrupted", None)

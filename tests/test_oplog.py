@@ -212,3 +212,29 @@ def test_the_status_timer_writes_the_metrics_file(sandbox, tmp_path):
         assert {"safe_deploy_up", "safe_deploy_healthy", "safe_deploy_commit_info"} <= names, names
     finally:
         sb.manager.systemctl("disable", "--now", "safe-deploy-status.timer", check=False)
+
+
+def test_a_run_that_starts_or_ends_as_status_looks_is_not_read_as_killed(tmp_path):
+    """Backups starting and ending in a loop (another process, as cron's would), status reading their logs
+    all the while: never "interrupted" (metrics' last_operation_failed, an alert), never a traceback when a
+    new run prunes a log being listed. Before: 28 of 17,192 looks in 10 s read "interrupted", and a pruned
+    log made env_logs raise FileNotFoundError."""
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+sys.path.insert(0, {str(REPO_ROOT)!r})
+from safedeploy import oplog
+end = time.monotonic() + 3
+while time.monotonic() < end:
+    log = oplog.OpLog({str(tmp_path)!r}, "dev", "backup", tail_kept=64)
+    log.write_line("backed up")
+    log.close(0)
+"""])
+    looks, read_as = 0, set()
+    while writer.poll() is None:
+        for path in oplog.env_logs(tmp_path, "dev")[-2:]:
+            looks += 1
+            read_as.add(oplog.ending(path).result)
+    assert writer.returncode == 0
+    assert looks > 1000 and read_as <= {"ok", "running"}, (looks, read_as)
+    assert len(oplog.env_logs(tmp_path, "dev")) == oplog.KEEP_PER_ENV
+    assert not list((tmp_path / "logs").glob(".*"))          # no half-opened log left behind
