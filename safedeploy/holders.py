@@ -25,6 +25,12 @@ class Holder:
     ours: bool              # named by the tool's own holder file
 
     @property
+    def passing(self) -> bool:
+        """Held by no one this host shows, or by one of the tool's scripts that has not written its name (a
+        status look at the lock, an operation in its first instant): it lets go, or names itself, at once."""
+        return self.pid is None or (self.ours and not self.operation)
+
+    @property
     def is_backup(self) -> bool:
         """A backup or a prune of this tool: it ends by itself and changes nothing that runs."""
         return self.ours and self.operation.startswith(("backup", "prune"))
@@ -124,10 +130,9 @@ def identify(path: Path) -> Holder:
     argv = process_argv(pid)
     command = " ".join(argv)[:300]
     own = our_script(argv)
-    if own and not info:
-        operation = "backup" if own == "backup.py" and "--prune" not in command else ("prune" if own == "backup.py" else "")
-        if operation:       # one of ours that has not written its name yet: its command line says what it is
-            return Holder(pid, operation, command, process_start(pid), True)
+    if own and not info:    # one of ours that has not written its name (yet): a backup says so by its command line
+        operation = ("prune" if "--prune" in argv else "backup") if own == "backup.py" else ""
+        return Holder(pid, operation, command, process_start(pid), True)
     return Holder(pid, "", command, process_start(pid), False)
 
 

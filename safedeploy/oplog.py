@@ -20,9 +20,9 @@ cap keeps the head only (its log reads as interrupted, as any killed run's).
 
 Reading (last_failed, last_operation): a log with no `# end` line is a run still going (its file is
 flock'ed by the run) or one that was killed (an interrupted operation: counted as failed). A log gets its
-name already locked and with its first line (made under a `.PID-THREAD.opening` name, then linked), and a
-reader that finds it unlocked reads its end again under the lock: a run that starts or ends as status
-looks is never read as a killed one.
+name already locked and with its first line (an unnamed file, O_TMPFILE, linked into the folder), a reader
+that finds it unlocked reads its end again under the lock, and a log pruned as it is read is skipped: a
+run that starts, ends or prunes as status looks is never read as a killed one.
 """
 
 from __future__ import annotations
@@ -32,11 +32,13 @@ import fcntl
 import json
 import os
 import re
+import stat
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from . import redaction
 from .errors import EXIT_USAGE
@@ -48,7 +50,6 @@ TAIL_LINES = 20             # what an alert carries of the log
 MAX_BYTES = 32 << 20        # a log's cap: past it only the last TAIL_KEPT bytes are kept (see above)
 TAIL_KEPT = 1 << 20
 END = "# end "
-OPENING = ".opening"        # a log being opened (OpLog): a name readers skip, removed once it is linked
 ANSI_RE = re.compile(r"\033\[[0-9;]*m")
 NAME_RE = re.compile(r"^(?P<env>.+)-(?P<stamp>\d{8}-\d{6})(?:-\d+)?-(?P<op>[a-z-]+)\.log$")
 
@@ -67,39 +68,51 @@ class OpLog:
         self.over: deque[bytes] | None = None       # past the cap: the last bytes, kept for the close
         self.over_size = self.dropped = 0
         self.folder = make_private_dir(folder(state_dir))
-        stamp, n = utc_stamp(), 0
-        # made under a name no reader lists, locked and with its first line, then given its name: a reader
-        # never finds it unlocked without its end (which would read as a killed run)
-        opening = self.folder / f".{os.getpid()}-{threading.get_ident()}{OPENING}"
-        self.fd = os.open(opening, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)     # held while it runs: readers know it is going
-            self.write_line(f"# {op} of {env}, started {now_iso()}, pid {os.getpid()}")
-            while True:
-                name = f"{env}-{stamp}{'-' + str(n) if n else ''}-{op}.log"
-                try:
-                    os.link(opening, self.folder / name)
-                    break
-                except FileExistsError:
-                    n += 1
-                except OSError as exc:
-                    if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
-                        raise
-                    if not os.path.lexists(self.folder / name):     # no hard links here (FAT, some FUSE)
-                        os.rename(opening, self.folder / name)
-                        break
-                    n += 1
-        except BaseException:
-            os.close(self.fd)
-            raise
-        finally:
-            try:
-                os.unlink(opening)
-            except OSError:
-                pass
-        self.path = self.folder / name
+        self.fd = -1
+        self.path = self._open_named(env, op, utc_stamp())
         self.result: bool | None = None                         # set by the run for a multi-env run
         prune(self.folder, env)
+
+    def _open_named(self, env: str, op: str, stamp: str) -> Path:
+        """Open the log locked and with its first line, and only then give it its name: a reader never finds
+        it unlocked without its end (a killed run's). An unnamed file (O_TMPFILE) linked into the folder;
+        where the folder's file system has none, the name is made first (O_EXCL), as before: a reader looking
+        in that instant reads a killed run. Never a temp name that could be left behind or planted."""
+        header = f"# {op} of {env}, started {now_iso()}, pid {os.getpid()}"
+        names = [f"{env}-{stamp}{'-' + str(n) if n else ''}-{op}.log" for n in range(1000)]
+        dir_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            try:
+                self.fd = os.open(self.folder, os.O_TMPFILE | os.O_WRONLY | os.O_APPEND, 0o600)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+            if self.fd >= 0:
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)     # held while it runs
+                    self.write_line(header)
+                    for name in names:
+                        try:
+                            os.link(f"/proc/self/fd/{self.fd}", name, dst_dir_fd=dir_fd)
+                            return self.folder / name
+                        except FileExistsError:
+                            continue
+                except OSError:
+                    pass            # no link from /proc here: named first, below
+                os.close(self.fd)
+                self.fd, self.written = -1, 0
+            for name in names:
+                try:
+                    self.fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW,
+                                      0o600, dir_fd=dir_fd)
+                except FileExistsError:
+                    continue
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.write_line(header)
+                return self.folder / name
+            raise FileExistsError(f"{self.folder}: 1,000 logs of {env} named for {stamp}")
+        finally:
+            os.close(dir_fd)
 
     def write_line(self, text: str) -> None:
         if self.fd < 0:
@@ -247,19 +260,12 @@ def env_logs(state_dir, env: str) -> list[Path]:
 
 
 def prune(log_folder: Path, env: str, keep: int = KEEP_PER_ENV) -> list[Path]:
-    """env's logs past the newest keep, and any log left half-opened (its run killed as it opened it) an
-    hour ago or more."""
+    """env's logs past the newest keep."""
     removed = []
     for path in env_logs(log_folder.parent, env)[:-keep]:
         try:
             path.unlink()
             removed.append(path)
-        except OSError:
-            pass
-    for path in log_folder.glob(f".*{OPENING}"):
-        try:
-            if time.time() - path.stat(follow_symlinks=False).st_mtime > 3600:
-                path.unlink()
         except OSError:
             pass
     return removed
@@ -281,11 +287,28 @@ class Ending:
         return {"op": self.op, "result": self.result, "time": self.time, "log": self.path}
 
 
-def ending(path: Path) -> Ending:
+def open_log(path: Path) -> BinaryIO:
+    """The log at path for reading: a regular file, never followed through a link nor waited on (a FIFO
+    planted under a log's name would hang status)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return os.fdopen(fd, "rb")
+
+
+def ending(path: Path) -> Ending | None:
+    """Where the log at path stands; None when it is gone (pruned since it was listed)."""
     m = NAME_RE.match(path.name)
     op = m.group("op") if m else "?"
     try:
-        with open(path, "rb") as fh:
+        fh = open_log(path)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return Ending(str(path), op, "interrupted", None)
+    try:
+        with fh:
             fh.seek(0, os.SEEK_END)
             fh.seek(max(0, fh.tell() - 4096))
             last = fh.read().decode(errors="replace").splitlines()
@@ -308,7 +331,7 @@ def last_operation(state_dir, env: str) -> Ending | None:
     """The newest finished (or killed) operation's log of env; a run still going is skipped."""
     for path in reversed(env_logs(state_dir, env)):
         e = ending(path)
-        if e.result != "running":
+        if e is not None and e.result != "running":
             return e
     return None
 
@@ -316,14 +339,15 @@ def last_operation(state_dir, env: str) -> Ending | None:
 def last_failed(state_dir, env: str) -> str | None:
     """The path of env's last failed operation's log, or None."""
     for path in reversed(env_logs(state_dir, env)):
-        if ending(path).failed:
+        e = ending(path)
+        if e is not None and e.failed:
             return str(path)
     return None
 
 
 def tail(path, lines: int = TAIL_LINES) -> list[str]:
     try:
-        with open(path, "rb") as fh:
+        with open_log(path) as fh:
             fh.seek(0, os.SEEK_END)
             fh.seek(max(0, fh.tell() - 16384))
             return [ln for ln in fh.read().decode(errors="replace").splitlines() if not ln.startswith(END)][-lines:]

@@ -58,7 +58,7 @@ def human_age(seconds):
     return f"{seconds}s ago"
 
 
-UNSEEN_RETRIES = 20                      # looks at a lock held by no one visible before it counts as unknown
+UNSEEN_RETRIES = 20                      # looks again at a passing holder (take_or_name) before it is named
 HELD_LOCKS: list["EnvLock"] = []         # the EnvLocks this process holds; every step checks they still hold (check_locks)
 
 
@@ -124,20 +124,27 @@ class EnvLock:
 
 
 def take_or_name(fd: int, path: Path, mode: int) -> holders.Holder | None:
-    """Take the flock (mode) on fd without waiting: None when taken, else who holds it. A lock that no one
-    visible holds when the kernel is asked was let go after the try (a backup ending as a deploy starts):
-    try again, up to UNSEEN_RETRIES looks 10 ms apart, before the holder is unknown."""
+    """Take the flock (mode) on fd without waiting: None when taken, else who holds it. A holder may let go
+    while it is looked up (a backup ending as a deploy starts): the lock is tried again after each look. A
+    passing holder (no one visible, or one of the tool's scripts not yet named: a status look) is looked at
+    again, up to UNSEEN_RETRIES more times 10 ms apart, before it is named."""
     looks = 0
     while True:
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
             return None
         except BlockingIOError:
-            holder = holders.identify(path)
-            looks += 1
-            if holder.pid is not None or looks > UNSEEN_RETRIES:
-                return holder
-            time.sleep(0.01)
+            pass
+        holder = holders.identify(path)
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return None                 # let go while we looked
+        except BlockingIOError:
+            pass
+        looks += 1
+        if not holder.passing or looks > UNSEEN_RETRIES:
+            return holder
+        time.sleep(0.01)
 
 
 def open_lock_file(path, flags):
