@@ -279,3 +279,14 @@ def test_each_window_of_that_race_one_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setattr(oplog, "env_logs", lambda state_dir, env: listed + [later])
     assert oplog.last_failed(tmp_path, "prod") == str(killed.path)
     assert oplog.last_operation(tmp_path, "prod").path in map(str, listed)
+
+
+def test_a_fifo_or_a_link_under_a_logs_name_is_read_as_nothing_and_hangs_nothing(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o700)
+    fifo = logs / "prod-20260101-000000-deploy.log"
+    os.mkfifo(fifo, 0o600)
+    (logs / "prod-20260101-000001-backup.log").symlink_to("/etc/passwd")
+    start = time.monotonic()
+    assert [oplog.ending(p).result for p in oplog.env_logs(tmp_path, "prod")] == ["interrupted", "interrupted"]
+    assert oplog.tail(fifo) == [] and time.monotonic() - start < 2
