@@ -22,6 +22,8 @@ import fcntl
 import json
 import os
 import re
+import stat
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ from .errors import DeployError
 from .files import disk_error, fsync_dir, make_private_dir, write_atomic
 
 CHECKSUM_KEY = "_crc32"
+READ_LOCK_WAIT = 5.0        # seconds a reader waits for an appender's flock (scan)
 _SUFFIX = re.compile(r'(?:, )?"' + CHECKSUM_KEY + r'": "([0-9a-f]{8})"\}$')
 
 
@@ -111,14 +114,41 @@ def scan_text(path: Path, data: bytes) -> Scan:
 
 
 def scan(path: Path) -> Scan:
-    """Every record of the log at path and every damaged line; a missing log is empty."""
+    """Every record of the log at path and every damaged line; a missing log is empty. Read under a shared
+    flock of the log: an appender holds it exclusively while it writes, and a line longer than what is
+    left of a page reaches the file in parts, so a reader without it could find half a line, a record
+    being appended, and call it damaged. Waited for up to READ_LOCK_WAIT s (held that long, it is not an
+    append: the log is read as it is); anything but a regular file is an error, never waited on."""
     try:
-        data = Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return Scan([], [])
     except OSError as exc:
         raise DeployError(f"cannot read {path}: {exc.strerror}") from None
-    return scan_text(Path(path), data)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DeployError(f"cannot read {path}: not a regular file")
+        deadline = time.monotonic() + READ_LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.01)
+        return scan_text(Path(path), read_all(fd))
+    except OSError as exc:
+        raise DeployError(f"cannot read {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def aside_path(path: Path) -> Path:
@@ -129,36 +159,47 @@ def set_aside(path: Path) -> list:
     """Move the damaged lines of the log at path to LOG.damaged (appended, kept), under the log's flock,
     the log rewritten atomically with the good lines as they were. Returns the Damage moved."""
     path = Path(path)
-    if not path.exists():
-        return []
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise disk_error(exc, path) from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        found = scan(path)
-        if not found.damage:
-            return []
-        bad_lines = {d.line for d in found.damage}
-        data = path.read_bytes().split(b"\n")
-        kept = [raw for n, raw in enumerate(data, 1) if n not in bad_lines and raw.strip()]
-        moved = [raw for n, raw in enumerate(data, 1) if n in bad_lines]
-        aside = aside_path(path)
-        make_private_dir(aside.parent)
-        afd = os.open(aside, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    while True:
         try:
-            os.write(afd, b"".join(raw + b"\n" for raw in moved))
-            os.fsync(afd)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise disk_error(exc, path) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.fstat(fd).st_ino != os.stat(path, follow_symlinks=False).st_ino:
+                    continue            # set aside by another while this waited: the log that is there now
+            except FileNotFoundError:
+                return []
+            whole = read_all(fd)
+            return moved_aside(path, whole, scan_text(path, whole))
+        except OSError as exc:
+            raise disk_error(exc, path) from exc
         finally:
-            os.close(afd)
-        write_atomic(path, b"".join(raw + b"\n" for raw in kept))
-        fsync_dir(path.parent)
-        return found.damage
-    except OSError as exc:
-        raise disk_error(exc, path) from exc
+            os.close(fd)
+
+
+def moved_aside(path: Path, whole: bytes, found: Scan) -> list:
+    """set_aside's work, the log's exclusive flock held and whole its content."""
+    if not found.damage:
+        return []
+    bad_lines = {d.line for d in found.damage}
+    data = whole.split(b"\n")
+    kept = [raw for n, raw in enumerate(data, 1) if n not in bad_lines and raw.strip()]
+    moved = [raw for n, raw in enumerate(data, 1) if n in bad_lines]
+    aside = aside_path(path)
+    make_private_dir(aside.parent)
+    afd = os.open(aside, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(afd, b"".join(raw + b"\n" for raw in moved))
+        os.fsync(afd)
     finally:
-        os.close(fd)
+        os.close(afd)
+    write_atomic(path, b"".join(raw + b"\n" for raw in kept))
+    fsync_dir(path.parent)
+    return found.damage
 
 
 _FIELD = r'"{key}": "([^"\\]*)"'

@@ -3,6 +3,7 @@ log and the journal, torn as a full disk or a crash tears them, on the real sand
 format's rules directly."""
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -50,6 +51,42 @@ def test_a_torn_last_line_and_a_changed_line_are_damage_named_by_file_and_line(t
     assert not log.scan().damage and [r["tree"] for r in log.read()] == ["old", "c" * 40]
     assert integrity.aside_path(path).read_text().count("\n") == 2
     assert ("b" * 40) in [t for t, _ in integrity.salvaged_trees(path)]    # still read as a possible mark
+
+
+def test_a_record_being_appended_is_not_read_as_damage(tmp_path, monkeypatch):
+    """A line longer than what is left of a page reaches the file in parts: a reader without the log's
+    flock could read half of it and call it damaged (status saying a journal is damaged while a deploy
+    writes it). The append is held half-way here, under its exclusive flock, as a page boundary holds it:
+    the reader waits and reads it whole. A holder that keeps the flock past READ_LOCK_WAIT does not stop
+    the read, and a set-aside under the flock sees the log as it is."""
+    import fcntl
+    import threading
+    import time
+    from safedeploy import integrity
+    log = JsonLog(tmp_path / "prod.deploys.jsonl")
+    log.append({"env": "prod", "tag": "v1"})
+    line = integrity.encode({"env": "prod", "tag": "v2", "pad": "x" * 6000})
+    fd = os.open(log.path, os.O_WRONLY | os.O_APPEND)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, line[:3000])
+    found = []
+    reader = threading.Thread(target=lambda: found.append(log.scan()))
+    reader.start()
+    time.sleep(0.3)
+    assert not found                            # it waits for the append
+    os.write(fd, line[3000:])
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    reader.join(5)
+    assert [r["tag"] for r in found[0].records] == ["v1", "v2"] and not found[0].damage
+    monkeypatch.setattr(integrity, "READ_LOCK_WAIT", 0.5)
+    fcntl.flock(fd, fcntl.LOCK_EX)              # a holder that does not let go: read as it is, after the wait
+    os.write(fd, b'{"torn')
+    start = time.monotonic()
+    assert len(log.scan().damage) == 1
+    assert integrity.READ_LOCK_WAIT <= time.monotonic() - start < integrity.READ_LOCK_WAIT + 3
+    os.close(fd)
+    assert [d.line for d in integrity.set_aside(log.path)] == [3] and len(log.read()) == 2
+    assert not log.scan().damage
 
 
 def test_a_damaged_journal_is_never_read_as_nothing(tmp_path):
