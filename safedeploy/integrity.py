@@ -161,12 +161,14 @@ def set_aside(path: Path) -> list:
     path = Path(path)
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             return []
         except OSError as exc:
             raise disk_error(exc, path) from exc
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise DeployError(f"cannot set aside the damage of {path}: not a regular file")
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 if os.fstat(fd).st_ino != os.stat(path, follow_symlinks=False).st_ino:

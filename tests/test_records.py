@@ -87,6 +87,14 @@ def test_a_record_being_appended_is_not_read_as_damage(tmp_path, monkeypatch):
     os.close(fd)
     assert [d.line for d in integrity.set_aside(log.path)] == [3] and len(log.read()) == 2
     assert not log.scan().damage
+    fifo = tmp_path / "dev.deploys.jsonl"      # a FIFO where a log should be: an error at once, never a hang
+    os.mkfifo(fifo, 0o600)
+    for read in (integrity.scan, integrity.set_aside):
+        try:
+            read(fifo)
+            raise AssertionError(f"{read.__name__} read a FIFO")
+        except integrity.DeployError as exc:
+            assert "not a regular file" in str(exc)
 
 
 def test_a_damaged_journal_is_never_read_as_nothing(tmp_path):
