@@ -19,10 +19,10 @@ from pathlib import Path
 class Holder:
     """The process holding an env's lock: its pid, operation, command and since when."""
     pid: int | None
-    operation: str          # the tool's own operation ("deploy", "backup (nightly)", ...); "" when not the tool's
+    operation: str          # the tool's own operation ("deploy", "backup (nightly)", ...); "" when not known
     command: str
     since: str
-    ours: bool              # named by the tool's own holder file
+    ours: bool              # the tool's: named by its holder file, or one of its scripts by the command line
 
     @property
     def passing(self) -> bool:
@@ -36,8 +36,12 @@ class Holder:
         return self.ours and self.operation.startswith(("backup", "prune"))
 
     def describe(self) -> str:
+        if self.ours and not self.operation:
+            script = our_script(self.command.split(" ")) or "a script"
+            return (f"safe-deploy's {script} by pid {self.pid or '?'} ({self.command or '?'}), its name not written "
+                    f"(a look at the lock, or an operation in its first instant), since {self.since or '?'}")
         if self.ours:
-            return (f"{self.operation or 'an operation'} by pid {self.pid or '?'} ({self.command or '?'}) "
+            return (f"{self.operation} by pid {self.pid or '?'} ({self.command or '?'}) "
                     f"since {self.since or '?'}")
         if self.pid:
             return (f"pid {self.pid} ({self.command or 'command line not readable'}), not a safe-deploy operation, "
@@ -126,6 +130,8 @@ def identify(path: Path) -> Holder:
                       str(info.get("since") or ""), True)
     if not pids:
         return Holder(None, "", "", "", False)
+    if info.get("pid"):
+        info = {}           # a name left by a holder that was killed: not who holds it now
     pid = pids[0]
     argv = process_argv(pid)
     command = " ".join(argv)[:300]

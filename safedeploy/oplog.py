@@ -22,7 +22,8 @@ Reading (last_failed, last_operation): a log with no `# end` line is a run still
 flock'ed by the run) or one that was killed (an interrupted operation: counted as failed). A log gets its
 name already locked and with its first line (an unnamed file, O_TMPFILE, linked into the folder), a reader
 that finds it unlocked reads its end again under the lock, and a log pruned as it is read is skipped: a
-run that starts, ends or prunes as status looks is never read as a killed one.
+run that starts, ends or prunes as status looks is not read as a killed one (where no unnamed file can be
+made or linked, a log is named before it is locked, as before, and a look in that instant still can).
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ class OpLog:
     def _open_named(self, env: str, op: str, stamp: str) -> Path:
         """Open the log locked and with its first line, and only then give it its name: a reader never finds
         it unlocked without its end (a killed run's). An unnamed file (O_TMPFILE) linked into the folder;
-        where the folder's file system has none, the name is made first (O_EXCL), as before: a reader looking
-        in that instant reads a killed run. Never a temp name that could be left behind or planted."""
+        where none can be made or linked (a file system without them, no /proc), the name is made first
+        (O_EXCL), as before: a reader looking in that instant reads a killed run. Never a temp name that
+        could be left behind or planted."""
         header = f"# {op} of {env}, started {now_iso()}, pid {os.getpid()}"
         names = [f"{env}-{stamp}{'-' + str(n) if n else ''}-{op}.log" for n in range(1000)]
         dir_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
@@ -98,16 +100,21 @@ class OpLog:
                         except FileExistsError:
                             continue
                 except OSError:
-                    pass            # no link from /proc here: named first, below
+                    pass            # no link from /proc here (none mounted, a refusal): named first, below
                 os.close(self.fd)
-                self.fd, self.written = -1, 0
+                self.fd, self.written, self.over, self.over_size, self.dropped = -1, 0, None, 0, 0
             for name in names:
                 try:
                     self.fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW,
                                       0o600, dir_fd=dir_fd)
                 except FileExistsError:
                     continue
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_EX)     # a reader may hold it shared for its look: wait
+                except BaseException:
+                    os.close(self.fd)
+                    self.fd = -1
+                    raise
                 self.write_line(header)
                 return self.folder / name
             raise FileExistsError(f"{self.folder}: 1,000 logs of {env} named for {stamp}")
@@ -252,7 +259,7 @@ def env_logs(state_dir, env: str) -> list[Path]:
         m = NAME_RE.match(path.name)
         if m and m.group("env") == env:
             try:
-                mtime = path.stat().st_mtime
+                mtime = path.lstat().st_mtime
             except OSError:
                 continue            # pruned since the listing, by a run starting now
             found.append((m.group("stamp"), mtime, path.name, path))

@@ -281,12 +281,49 @@ def test_each_window_of_that_race_one_at_a_time(tmp_path, monkeypatch):
     assert oplog.last_operation(tmp_path, "prod").path in map(str, listed)
 
 
-def test_a_fifo_or_a_link_under_a_logs_name_is_read_as_nothing_and_hangs_nothing(tmp_path):
+def test_a_fifo_or_a_link_under_a_logs_name_is_read_as_an_interrupted_run_at_once(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir(mode=0o700)
     fifo = logs / "prod-20260101-000000-deploy.log"
     os.mkfifo(fifo, 0o600)
     (logs / "prod-20260101-000001-backup.log").symlink_to("/etc/passwd")
+    (logs / "prod-20260101-000002-backup.log").symlink_to(logs / "nowhere")
     start = time.monotonic()
-    assert [oplog.ending(p).result for p in oplog.env_logs(tmp_path, "prod")] == ["interrupted", "interrupted"]
+    assert [oplog.ending(p).result for p in oplog.env_logs(tmp_path, "prod")] == ["interrupted"] * 3
     assert oplog.tail(fifo) == [] and time.monotonic() - start < 2
+
+
+def test_where_no_unnamed_file_can_be_linked_a_log_is_named_first(tmp_path, monkeypatch):
+    """No /proc, or a file system without O_TMPFILE: the log is made under its name (O_EXCL), then locked,
+    waiting for a reader's instant shared look rather than failing the operation."""
+    import errno
+    import fcntl
+    import threading
+
+    def no_link(*args, **kwargs):
+        raise OSError(errno.ENOENT, "no /proc")
+
+    monkeypatch.setattr(oplog.os, "link", no_link)
+    first = oplog.OpLog(tmp_path, "prod", "deploy", max_bytes=10)
+    assert oplog.ending(first.path).result == "running"
+    first.close(0)
+    lines = first.path.read_text().splitlines()
+    assert "reached its cap of 10 bytes" in lines[0] and lines[-1].startswith("# end "), lines
+
+    real_open = os.open
+    looked = threading.Event()
+
+    def open_then_look(path, flags, mode=0o777, *, dir_fd=None):
+        fd = real_open(path, flags, mode, dir_fd=dir_fd)
+        if flags & os.O_EXCL:               # a reader's look in the instant before the writer's lock
+            reader = real_open(path, os.O_RDONLY, dir_fd=dir_fd)
+            fcntl.flock(reader, fcntl.LOCK_SH)
+            threading.Timer(0.2, lambda: (os.close(reader), looked.set())).start()
+        return fd
+
+    monkeypatch.setattr(oplog.os, "open", open_then_look)
+    second = oplog.OpLog(tmp_path, "prod", "backup")
+    monkeypatch.undo()
+    assert looked.is_set() and oplog.ending(second.path).result == "running"
+    second.close(0)
+    assert oplog.last_operation(tmp_path, "prod").result == "ok"
