@@ -162,6 +162,10 @@ def scan_backups(folder):
     for manifest in manifests:
         try:
             data = json.loads(manifest.read_text())
+        except FileNotFoundError as exc:
+            if os.path.lexists(manifest):       # a link to nowhere: said
+                problems.append(f"{manifest}: unreadable ({exc})")
+            continue                            # pruned since the listing (a backup running now)
         except (OSError, ValueError) as exc:
             problems.append(f"{manifest}: unreadable ({exc})")
             continue

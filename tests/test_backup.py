@@ -304,6 +304,19 @@ def test_retention_keeps_the_oldest_when_there_are_too_few():
     assert len(retention.retention_keep(found, {"daily": 7, "weekly": 0, "monthly": 0})) == 3
 
 
+def test_a_copy_pruned_while_the_copies_are_listed_is_no_problem(tmp_path, monkeypatch):
+    """A backup prunes its oldest copies while status lists them: a manifest gone since the listing is not
+    "unreadable" (status would report a problem with the copies); a link to nowhere still is."""
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    (folder / "dangling.sqlite3.json").symlink_to(folder / "nowhere")
+    real_glob = Path.glob
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: [*real_glob(self, pattern),
+                                                             folder / "pruned.sqlite3.json"])
+    found, problems = backups.scan_backups(folder)
+    assert found == [] and len(problems) == 1 and "dangling" in problems[0], problems
+
+
 def test_prune_removes_what_retention_drops_but_never_the_newest_verified(tmp_path):
     cfg = make_host(tmp_path, daily=1, weekly=0, monthly=0)
     writer.create(tmp_path / "app" / "live.db")
