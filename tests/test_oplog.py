@@ -318,7 +318,7 @@ def test_where_no_unnamed_file_can_be_linked_a_log_is_named_first(tmp_path, monk
         if flags & os.O_EXCL:               # a reader's look in the instant before the writer's lock
             reader = real_open(path, os.O_RDONLY, dir_fd=dir_fd)
             fcntl.flock(reader, fcntl.LOCK_SH)
-            threading.Timer(0.2, lambda: (os.close(reader), looked.set())).start()
+            threading.Timer(0.2, lambda: (looked.set(), os.close(reader))).start()   # said, then let go
         return fd
 
     monkeypatch.setattr(oplog.os, "open", open_then_look)
