@@ -76,7 +76,7 @@ def test_a_record_being_appended_is_not_read_as_damage(tmp_path, monkeypatch):
     assert not found                            # it waits for the append
     os.write(fd, line[3000:])
     fcntl.flock(fd, fcntl.LOCK_UN)
-    reader.join(5)
+    reader.join(60)
     assert [r["tag"] for r in found[0].records] == ["v1", "v2"] and not found[0].damage
     monkeypatch.setattr(integrity, "READ_LOCK_WAIT", 0.5)
     fcntl.flock(fd, fcntl.LOCK_EX)              # a holder that does not let go: read as it is, after the wait
