@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from .files import disk_error, make_private_dir
+from .files import disk_error, flock_by, make_private_dir
 from .state import open_lock_file
 
 ALERT_WAIT = 20.0           # seconds: longer than one delivery (8 s webhook + 10 s command) takes
@@ -39,15 +39,9 @@ def one_at_a_time(config, wait: float = ALERT_WAIT):
             except OSError as exc:
                 raise disk_error(exc, path) from exc
             fds.append(fd)
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        yield False
-                        return
-                    time.sleep(0.1)
+            if not flock_by(fd, fcntl.LOCK_EX, deadline):
+                yield False
+                return
         yield True
     finally:
         for fd in fds:

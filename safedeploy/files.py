@@ -1,7 +1,9 @@
 """Durable file writes: temp file, fsync, atomic rename, fsync of the folder."""
 
 import errno
+import fcntl
 import os
+import time
 from pathlib import Path
 
 from .errors import DeployError
@@ -105,3 +107,16 @@ def existing_ancestor(path):
 def same_disk(a, b):
     """Whether a and b (or, where they do not exist yet, their nearest existing folders) share a file system."""
     return os.stat(existing_ancestor(a)).st_dev == os.stat(existing_ancestor(b)).st_dev
+
+
+def flock_by(fd: int, mode: int, deadline: float, step: float = 0.1) -> bool:
+    """Take the flock (fcntl.LOCK_SH or LOCK_EX) on fd, trying every step seconds until the monotonic
+    deadline: whether it was taken."""
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(step)

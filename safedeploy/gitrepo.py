@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from .errors import DeployError
+from .files import flock_by
 
 GIT_TIMEOUT = 60          # local operations
 NETWORK_TIMEOUT = 120     # fetch and push
@@ -120,15 +121,8 @@ class Repo:
         path = os.path.join(self.common_dir(), "safe-deploy.lock")
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise DeployError(f"another operation kept {path} locked for {timeout}s") from None
-                    time.sleep(0.1)
+            if not flock_by(fd, fcntl.LOCK_EX, time.monotonic() + timeout):
+                raise DeployError(f"another operation kept {path} locked for {timeout}s")
             yield
         finally:
             os.close(fd)

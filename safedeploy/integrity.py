@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DeployError
-from .files import disk_error, fsync_dir, make_private_dir, write_atomic
+from .files import disk_error, flock_by, fsync_dir, make_private_dir, write_atomic
 
 CHECKSUM_KEY = "_crc32"
 READ_LOCK_WAIT = 5.0        # seconds a reader waits for an appender's flock (scan)
@@ -128,15 +128,7 @@ def scan(path: Path) -> Scan:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise DeployError(f"cannot read {path}: not a regular file")
-        deadline = time.monotonic() + READ_LOCK_WAIT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    break
-                time.sleep(0.01)
+        flock_by(fd, fcntl.LOCK_SH, time.monotonic() + READ_LOCK_WAIT, 0.01)    # not taken: read as it is
         return scan_text(Path(path), read_all(fd))
     except OSError as exc:
         raise DeployError(f"cannot read {path}: {exc.strerror}") from None
