@@ -117,9 +117,10 @@ def look_at(config, env) -> EnvReport:
 def add_record_problems(config, env, report: EnvReport, facts: diagnosis.Facts) -> None:
     """Damaged records and bad marks that only a tag holds (damaged.record_problems): said, and repaired by
     the recovery the next deploy runs first (given the commit that runs, it has nothing more to do)."""
-    damaged_records = damaged.record_problems(env)
+    running_now = bool(facts.lock or lock_holder(env.state_dir, env.name))
+    damaged_records = damaged.record_problems(env, marks_too=not running_now)
     report.problems += damaged_records
-    if damaged_records and facts.running:
+    if damaged_records and facts.running and not running_now:     # no command while an operation holds the lock
         report.advice.append({"why": "set the damaged records aside (kept beside them) and write back the marks "
                                      "the rolled-back tags hold: the next deploy does that first",
                               "command": script_command(config, "deploy.py", env.name, "--ref", facts.running, "--yes")})
@@ -160,7 +161,7 @@ def running_commit(env, repo: Repo, logged: str, current, facts: diagnosis.Facts
     st = units.serving_state(env.unit)
     serving = releases.serving(env, st.main_pid) if st.is_active else None
     facts.dangling = releases.dangling_current(env)
-    if serving and current and serving.id != current.id:
+    if serving and current and serving.id != current.id and not (facts.lock or lock_holder(env.state_dir, env.name)):
         facts.mismatch = (f"{env.current_link} points at {current.id} ({current.commit[:12]}), but {serving.id} "
                           f"({serving.commit[:12]}) serves: an operation was interrupted between the switch and "
                           "the restart")

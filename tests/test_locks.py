@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+from demo.sandbox import REPO_ROOT
 from helpers import one_line_error
 
 
@@ -206,3 +207,26 @@ def test_our_scripts_are_known_by_their_command_line_whatever_the_interpreter_op
     assert our_script(["python3", "/srv/other.py", "backup.py"]) == ""
     assert our_script(["flock", "state/prod.lock", "sleep", "120"]) == ""
     assert our_script([]) == ""
+
+
+def test_status_in_the_middle_of_a_rollback_says_wait_with_no_false_cause_and_no_command(sandbox):
+    """Status looked at dev while a rollback held its lock (stop 45, an operator's session): it said "an
+    operation was interrupted between the switch and the restart" (it was not: still running), that the
+    rollback's tag had no mark (the rollback records it last), and gave a deploy command. The rollback here
+    is killed as it enters its restart, and its lock held again as it would be under way."""
+    from safedeploy.state import EnvLock
+
+    sb = sandbox
+    sb.release("dev", {"VERSION": "2\n"}, "v2")
+    assert sb.run("deploy.py", "dev").returncode == 0
+    argv = [sb.python, str(REPO_ROOT / "rollback.py"), "dev", "--yes", "--config", str(sb.config)]
+    killed = subprocess.run(argv, env={**sb.env, "SAFE_DEPLOY_FAULT": "rollback:restart:KILL"}, capture_output=True,
+                            text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert killed.returncode != 0
+    with EnvLock(sb.root / "state", "dev", "rollback"):
+        status = sb.run("status.py", "dev")
+    assert status.returncode == 1 and "holds dev's lock" in status.stdout, status.stdout
+    for said in ("interrupted between the switch", "holds no mark", "do 1."):
+        assert said not in status.stdout, status.stdout
+    after = sb.run("status.py", "dev")          # let go: the killed rollback is said, with what to run
+    assert after.returncode == 1 and "do 1." in after.stdout, after.stdout
