@@ -4,8 +4,10 @@ The tool's own holders write who they are into the lock file (pid, operation, co
 lock can also be held by something else (an operator's `flock state/prod.lock ...`, a script), or by
 one of ours in the instant before it wrote its name. The kernel knows in every case: /proc/locks
 lists each flock with the pid that took it and the file's device and inode; /proc/PID/cmdline and
-/proc/PID/stat give its command line and start time. A holder this module cannot name is said to be
-unknown, never taken for a backup (a deploy waits for a backup, and for nothing else).
+/proc/PID/stat give its command line and start time; /proc/PID/cwd where a relative script path
+lies. One of the tool's scripts is a name of ours in a folder with the tool's package beside it; an
+operator's own `backup.py` is not. A holder this module cannot name is said to be unknown, never
+taken for a backup (a deploy waits for a backup, and for nothing else).
 """
 
 import json
@@ -37,7 +39,7 @@ class Holder:
 
     def describe(self) -> str:
         if self.ours and not self.operation:
-            script = our_script(self.command.split(" ")) or "a script"
+            script = Path(script_arg(self.command.split(" "))).name or "a script"
             return (f"safe-deploy's {script} by pid {self.pid or '?'} ({self.command or '?'}), its name not written "
                     f"(a look at the lock, or an operation in its first instant), since {self.since or '?'}")
         if self.ours:
@@ -93,9 +95,9 @@ def process_argv(pid: int) -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
-def our_script(argv: list[str]) -> str:
-    """The tool's script an interpreter's command line runs ("backup.py"), or "": the first argument
-    after the interpreter's options (`python3 -u backup.py dev`, `/usr/bin/python3 /srv/app/backup.py`)."""
+def script_arg(argv: list[str]) -> str:
+    """The script an interpreter's command line runs, as written (`python3 -u backup.py dev` -> "backup.py"),
+    or "": the first argument after the interpreter's options; none with -c or -m."""
     args = iter(argv[1:])
     for arg in args:
         if arg in ("-c", "-m"):
@@ -103,9 +105,32 @@ def our_script(argv: list[str]) -> str:
         if arg in ("-X", "-W"):
             next(args, None)            # an option with its value apart
         elif not arg.startswith("-"):
-            name = Path(arg).name
-            return name if name in OUR_SCRIPTS else ""
+            return arg
     return ""
+
+
+def our_script(argv: list[str], cwd: Path | None) -> str:
+    """The tool's script a command line runs ("backup.py"), or "": one of its names, in a folder that holds
+    the tool's package beside it (a checkout of the tool, whichever). An operator's own `backup.py` is not
+    the tool's. A relative path is taken from cwd, the process's working folder; without one, not ours."""
+    arg = script_arg(argv)
+    name = Path(arg).name
+    if name not in OUR_SCRIPTS:
+        return ""
+    script = Path(arg) if os.path.isabs(arg) else (cwd / arg if cwd is not None else None)
+    try:
+        beside = script is not None and (script.parent / "safedeploy" / "__init__.py").is_file()
+    except OSError:
+        beside = False
+    return name if beside else ""
+
+
+def process_cwd(pid: int) -> Path | None:
+    """A process's working folder, or None where /proc does not show it (another user's process)."""
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return None
 
 
 def process_start(pid: int) -> str:
@@ -135,7 +160,7 @@ def identify(path: Path) -> Holder:
     pid = pids[0]
     argv = process_argv(pid)
     command = " ".join(argv)[:300]
-    own = our_script(argv)
+    own = our_script(argv, process_cwd(pid))
     if own and not info:    # one of ours that has not written its name (yet): a backup says so by its command line
         operation = ("prune" if "--prune" in argv else "backup") if own == "backup.py" else ""
         return Holder(pid, operation, command, process_start(pid), True)

@@ -174,7 +174,10 @@ def test_a_status_look_at_the_lock_is_looked_at_again_then_named_as_ours(tmp_pat
 
     lock = tmp_path / "dev.lock"
     lock.touch(mode=0o600)
-    script = tmp_path / "status.py"
+    tool = tmp_path / "checkout"                # a checkout of the tool: its scripts beside its package
+    (tool / "safedeploy").mkdir(parents=True)
+    (tool / "safedeploy" / "__init__.py").touch()
+    script = tool / "status.py"
     script.write_text("import fcntl, sys, time\nfd = open(sys.argv[1])\nfcntl.flock(fd, fcntl.LOCK_SH)\n"
                       "print('held', flush=True)\ntime.sleep(60)\n")
     looker = subprocess.Popen([sys.executable, "-u", str(script), str(lock)], stdout=subprocess.PIPE, text=True)
@@ -197,16 +200,54 @@ def test_a_status_look_at_the_lock_is_looked_at_again_then_named_as_ours(tmp_pat
         looker.wait()
 
 
-def test_our_scripts_are_known_by_their_command_line_whatever_the_interpreter_options():
+def test_our_scripts_are_known_by_their_command_line_whatever_the_interpreter_options(tmp_path):
+    """One of the tool's script names, in a folder with the tool's package beside it: the real checkout here,
+    by its full path or from its folder, whatever the interpreter's options. The same name elsewhere (an
+    operator's own backup.py) is not the tool's."""
     from safedeploy.holders import our_script
 
-    assert our_script(["/usr/bin/python3", "/srv/app/backup.py", "prod", "--quiet"]) == "backup.py"
-    assert our_script(["python3", "-u", "backup.py", "dev"]) == "backup.py"
-    assert our_script(["python3", "-X", "dev", "-W", "ignore", "/a/deploy.py", "prod"]) == "deploy.py"
-    assert our_script(["python3", "-c", "import x", "backup.py"]) == ""
-    assert our_script(["python3", "/srv/other.py", "backup.py"]) == ""
-    assert our_script(["flock", "state/prod.lock", "sleep", "120"]) == ""
-    assert our_script([]) == ""
+    tool = str(REPO_ROOT)
+    assert our_script(["/usr/bin/python3", f"{tool}/backup.py", "prod", "--quiet"], None) == "backup.py"
+    assert our_script(["python3", "-u", "backup.py", "dev"], REPO_ROOT) == "backup.py"
+    assert our_script(["python3", "-X", "dev", "-W", "ignore", f"{tool}/deploy.py", "prod"], tmp_path) == "deploy.py"
+    assert our_script(["python3", "-u", "backup.py", "dev"], None) == ""            # cwd not readable: not known
+    assert our_script(["python3", "-u", "backup.py", "dev"], tmp_path) == ""        # an operator's own backup.py
+    assert our_script(["/usr/bin/python3", "/srv/app/backup.py", "prod"], None) == ""
+    assert our_script(["python3", "-c", "import x", f"{tool}/backup.py"], None) == ""
+    assert our_script(["python3", "/srv/other.py", f"{tool}/backup.py"], None) == ""
+    assert our_script(["flock", "state/prod.lock", "sleep", "120"], None) == ""
+    assert our_script([], None) == ""
+
+
+def test_an_operators_own_backup_py_holding_the_lock_is_not_waited_for_as_a_backup(tmp_path):
+    """A deploy waits up to backup_wait for the tool's backup, and for nothing else. An operator's own
+    script that happens to be called backup.py (a cron job's, in its own folder) holding the env's lock is
+    an unknown holder: exit 3 at once, named, never a wait of minutes."""
+    from safedeploy import holders
+    from safedeploy.errors import DeployError
+    from safedeploy.state import EnvLock
+
+    lock = tmp_path / "dev.lock"
+    lock.touch(mode=0o600)
+    theirs = tmp_path / "cron"
+    theirs.mkdir()
+    (theirs / "backup.py").write_text("import fcntl, sys, time\nfd = open(sys.argv[1])\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+                                      "print('held', flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-u", "backup.py", str(lock)], cwd=theirs, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "held\n"
+        seen = holders.identify(lock)
+        assert seen.pid == proc.pid and not seen.ours and not seen.is_backup, seen
+        start = time.monotonic()
+        try:
+            with EnvLock(tmp_path, "dev", "deploy", backup_wait=30):
+                raise AssertionError("took a held lock")
+        except DeployError as exc:
+            assert exc.code == 3 and f"pid {proc.pid}" in str(exc) and "not a safe-deploy operation" in str(exc), exc
+        assert time.monotonic() - start < 5
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_status_in_the_middle_of_a_rollback_says_wait_with_no_false_cause_and_no_command(sandbox):
