@@ -288,4 +288,4 @@ def test_a_deploy_lock_waits_for_a_backup_but_not_for_another_deploy(tmp_path):
         if waits:
             assert told and "waiting for a backup" in told[0] and took >= 0.5
         else:
-            assert took < 0.5
+            assert took < 0.9      # refused before its holder lets go (1.0 s): not a wait (and not acquired, above)
