@@ -127,8 +127,10 @@ class Preloaded:
 
     def fits(self, python, env):
         """True when a run of python with env starts as a new process would: the server's python, and what
-        Python reads at start-up the same."""
-        return python == self.python and self.startup_of(env) == self.startup
+        Python reads at start-up the same; and the server still runs (one that died, killed by a test or by
+        the kernel, leaves the fixtures to new processes, as without it)."""
+        return python == self.python and self.startup_of(env) == self.startup and \
+            self.proc is not None and self.proc.poll() is None
 
     def start(self, timeout=60):
         self.proc = subprocess.Popen([self.python, "-c", SERVER, self.repo_root, self.address],

@@ -90,3 +90,16 @@ def test_a_script_sees_the_exit_status_of_its_own_children(server, tmp_path):
                       "sys.exit(subprocess.run([sys.executable, '-c', 'raise SystemExit(7)']).returncode)\n")
     [(code, out)] = server.run_all([([script], {}, tmp_path)])
     assert code == 7, out
+
+
+def test_a_server_that_died_fits_no_run(tmp_path):
+    """The fixtures fork from the server only while it runs: one that died (killed by the kernel, by a test)
+    leaves them to new processes, as without it, instead of failing every test after it."""
+    server = Preloaded(sys.executable, REPO_ROOT).start()
+    try:
+        assert server.fits(sys.executable, dict(os.environ))
+        server.proc.kill()
+        server.proc.wait(timeout=30)
+        assert not server.fits(sys.executable, dict(os.environ))
+    finally:
+        server.stop()
