@@ -61,6 +61,7 @@ class Facts:
     healthy: bool = True
     health: str = ""
     lock: str | None = None
+    mid_operation: bool = False       # one of the tool's operations that changes the env holds the lock (not a backup)
     interrupted: Interrupted | None = None   # the journal's op, pid, step, from, commit
     running: str = ""                 # the commit that serves (what status reports)
     dangling: bool = False            # `current` names a folder that is gone
@@ -171,6 +172,8 @@ def salvage_text(f: Facts) -> str:
 
 
 def database_rule(f: Facts, cmd: Cmd) -> list[Finding]:
+    if not f.db_exists and f.mid_operation:      # a rollback with the database renames the live file aside, then the copy in
+        return [Finding(f"the database {f.db} is not in place now: the operation under way may be replacing it")]
     if not f.db_exists:
         return [Finding(f"the database {f.db} is missing", restore_advice(f, cmd, "the database is missing"))]
     if f.db_check != "ok":
@@ -278,6 +281,9 @@ def bad_release_rule(f: Facts, cmd: Cmd) -> list[Finding]:
 
 # -- 7: the service ---------------------------------------------------------------------------------
 def service_rule(f: Facts, cmd: Cmd) -> list[Finding]:
+    if f.held and f.mid_operation:
+        return one(f"{f.socket or 'the socket'} holds requests for safe-deploy's holder while the operation under way "
+                   "has the app stopped (a migration or a restore)")
     if f.held:
         return one(f"{f.socket or 'the socket'} holds requests for safe-deploy's holder, not the app: an operation "
                    "stopped the app for a migration or a restore and did not finish",

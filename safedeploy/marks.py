@@ -137,13 +137,17 @@ def _env_marks(e, own, tree, own_cleared):
     return found
 
 
-def bad_mark(config, env, tree):
-    """The record that makes tree a bad release for env, or None (the newest of its marks; see the module)."""
+def bad_mark(config, env, tree, tags_too=True):
+    """The record that makes tree a bad release for env, or None (the newest of its marks; see the module).
+    tags_too=False: a mark that only a tag holds does not count (while a rollback runs, its tag is made first
+    and its mark written last: the tag alone is a rollback under way, not one that was made)."""
     own_records = [r for r in bad_log(env).scan().records if r.get("tree") == tree]
     own_cleared = [_when(r) for r in own_records if not r.get("bad")]
     marks = []
     for e in config.envs.values():
         marks += _env_marks(e, env, tree, own_cleared)
+    if not tags_too:
+        marks = [m for m in marks if not m.get("tag")]
     if not marks:
         return None
     logged = [m for m in marks if not m.get("tag") and not m.get("damaged")]

@@ -21,7 +21,7 @@ from .errors import DeployError
 from .gitrepo import Repo
 from .marks import bad_mark
 from .points import list_points
-from .state import age_seconds, lock_holder
+from .state import age_seconds, lock_holder_of
 
 HEALTH_TIMEOUT = 2.0
 
@@ -74,11 +74,40 @@ class EnvReport:
 
 
 def look_at(config, env) -> EnvReport:
-    """Everything status shows about one env; a part that cannot be read says why."""
-    report = EnvReport(lock=lock_holder(env.state_dir, env.name), log=oplog.last_failed(env.state_dir, env.name))
+    """Everything status shows about one env; a part that cannot be read says why. Each look reads one state:
+    one that an operation started or ended during (the lock's holder, or the newest operation log, not the
+    same after it as before) read facts from before and from the middle of that operation at once, and is
+    taken again, up to LOOKS times; a look in the middle of one sees its lock, says wait and gives no command."""
+    seen = settled(env)
+    for _ in range(LOOKS):
+        report = look_once(config, env, seen[0])
+        now = settled(env)
+        if now == seen:
+            return report
+        seen = now
+    report.problems.insert(0, f"operations started or ended on {env.name} during each of {LOOKS} looks: what is "
+                              "said here may mix states; look again")
+    report.advice, report.ok = [], False
+    return report
+
+
+LOOKS = 3
+
+
+def settled(env) -> tuple[Any, str]:
+    """What a look must find the same at its end as at its start: who holds the lock, and the newest
+    operation log (a run that started and ended within the look leaves one)."""
+    logs_now = oplog.env_logs(env.state_dir, env.name)
+    return lock_holder_of(env.state_dir, env.name), logs_now[-1].name if logs_now else ""
+
+
+def look_once(config, env, holder) -> EnvReport:
+    """One look, with the lock's holder as found at its start (holders.Holder or None)."""
+    report = EnvReport(lock=holder.describe() if holder else None, log=oplog.last_failed(env.state_dir, env.name))
     last_op = oplog.last_operation(env.state_dir, env.name)
     report.last_operation = last_op.to_json() if last_op else None
     facts = diagnosis.Facts(env=env.name, db=str(env.db), unit=env.unit, lock=report.lock,
+                            mid_operation=bool(holder and holder.ours and not holder.is_backup),
                             health_timeout=env.health_timeout)
     if not report.lock:
         j = recovery.interrupted_any(env)
@@ -116,11 +145,11 @@ def look_at(config, env) -> EnvReport:
 
 def add_record_problems(config, env, report: EnvReport, facts: diagnosis.Facts) -> None:
     """Damaged records and bad marks that only a tag holds (damaged.record_problems): said, and repaired by
-    the recovery the next deploy runs first (given the commit that runs, it has nothing more to do)."""
-    running_now = bool(facts.lock or lock_holder(env.state_dir, env.name))
-    damaged_records = damaged.record_problems(env, marks_too=not running_now)
+    the recovery the next deploy runs first (given the commit that runs, it has nothing more to do). While an
+    operation holds the lock, a tag without its mark is that operation's (a rollback records its mark last)."""
+    damaged_records = damaged.record_problems(env, marks_too=not facts.lock)
     report.problems += damaged_records
-    if damaged_records and facts.running and not running_now:     # no command while an operation holds the lock
+    if damaged_records and facts.running and not facts.lock:     # no command while an operation holds the lock
         report.advice.append({"why": "set the damaged records aside (kept beside them) and write back the marks "
                                      "the rolled-back tags hold: the next deploy does that first",
                               "command": script_command(config, "deploy.py", env.name, "--ref", facts.running, "--yes")})
@@ -135,8 +164,7 @@ def unit_part(config, env, records, local, facts: diagnosis.Facts, report: EnvRe
     facts.held = [str(path) for path in unitfiles.port_holder_files(env.unit) if path.exists()]
     facts.unit_state, facts.serving_unit, facts.uptime = st.active, st.name, st.uptime
     facts.unit_failed = st.active == "failed" or (st.is_active and units.is_restart_looping(st)) or st.sub == "auto-restart"
-    if method == "handover" and all(units.state(u).is_active for u in units.slots(env.unit)) \
-            and not lock_holder(env.state_dir, env.name):
+    if method == "handover" and all(units.state(u).is_active for u in units.slots(env.unit)) and not facts.lock:
         facts.mismatch = (f"both {env.unit} and {unitfiles.helper_name(env.unit)} run outside a deploy (one was killed "
                           "mid-swap); the next deploy.py or rollback.py stops the older")
     report.restart_method = method
@@ -161,7 +189,7 @@ def running_commit(env, repo: Repo, logged: str, current, facts: diagnosis.Facts
     st = units.serving_state(env.unit)
     serving = releases.serving(env, st.main_pid) if st.is_active else None
     facts.dangling = releases.dangling_current(env)
-    if serving and current and serving.id != current.id and not (facts.lock or lock_holder(env.state_dir, env.name)):
+    if serving and current and serving.id != current.id and not facts.lock:
         facts.mismatch = (f"{env.current_link} points at {current.id} ({current.commit[:12]}), but {serving.id} "
                           f"({serving.commit[:12]}) serves: an operation was interrupted between the switch and "
                           "the restart")
@@ -181,7 +209,7 @@ def code_part(config, env, records, local, facts: diagnosis.Facts, report: EnvRe
     report.commit, report.subject, report.branch = commit, repo.subject(commit), repo.current_branch()
     report.head, report.release = head, current.id if current else None
     if repo.resolve(commit):
-        facts.bad_running = bad_mark(config, env, repo.tree_of(commit))
+        facts.bad_running = bad_mark(config, env, repo.tree_of(commit), tags_too=not facts.mid_operation)
     points = list_points(env, repo)
     safe = planning.safe_points(config, env, repo, points, commit)     # the rollback line only moves forward in safety
     if safe:
@@ -190,7 +218,7 @@ def code_part(config, env, records, local, facts: diagnosis.Facts, report: EnvRe
         facts.rollback = script_command(config, "rollback.py", env.name, "--to", safe[0].id, "--yes")
     undo_part(config, env, repo, records, points, report)
     tip = repo.resolve(f"refs/remotes/{env.remote}/{env.branch}") if env.remote else None
-    if tip and tip != commit and bad_mark(config, env, repo.tree_of(tip)):
+    if tip and tip != commit and bad_mark(config, env, repo.tree_of(tip), tags_too=not facts.mid_operation):
         facts.tip_bad = (f"{env.remote}/{env.branch} is still at {tip[:12]} (as last fetched), a release that was "
                          "rolled back: deploy.py refuses it; push a fix")
 

@@ -167,8 +167,8 @@ def read_holder(path):
     return holders.written_holder(path)
 
 
-def lock_holder(state_dir, env):
-    """Who holds the env's lock now, or None. Reads only; creates nothing."""
+def lock_holder_of(state_dir, env) -> holders.Holder | None:
+    """Who holds the env's lock now (holders.Holder), or None. Reads only; creates nothing."""
     path = Path(state_dir) / f"{env}.lock"
     try:
         fd = open_lock_file(path, os.O_RDONLY)
@@ -178,10 +178,15 @@ def lock_holder(state_dir, env):
         holder = take_or_name(fd, path, fcntl.LOCK_SH)
         if holder is None:
             fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
-        return holder.describe()
+        return holder
     finally:
         os.close(fd)
+
+
+def lock_holder(state_dir, env):
+    """Who holds the env's lock now, said in a line (holders.Holder.describe), or None."""
+    holder = lock_holder_of(state_dir, env)
+    return holder.describe() if holder else None
 
 
 class JsonLog:

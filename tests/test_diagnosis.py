@@ -33,6 +33,21 @@ def test_a_held_lock_says_wait_first_and_still_says_the_rest_with_no_command():
     assert "holds prod's lock" in d.problems[0] and "quick_check" in d.problems[1]
 
 
+def test_what_an_operation_under_way_does_is_said_as_such_and_only_while_it_holds_the_lock():
+    """A database renamed aside and a socket held for the holder are what a rollback with the database does
+    in its middle: said as that while one of the tool's operations holds the lock; as a failure without it."""
+    held = ["/run/user/0/systemd/user/app-port-holder.service"]
+    d = diagnose(facts(lock="rollback (pid 7)", mid_operation=True, db_exists=False, held=held, socket="app.socket"), cmd)
+    assert d.advice == [] and "holds prod's lock" in d.problems[0], d.problems
+    assert "is not in place now: the operation under way may be replacing it" in d.problems[1]
+    assert "while the operation under way has the app stopped" in d.problems[2]
+    assert not any("missing" in p or "did not finish" in p for p in d.problems)
+    d = diagnose(facts(lock="pid 9 (flock ...), not a safe-deploy operation", db_exists=False, held=held), cmd)
+    assert "is missing" in d.problems[1] and "did not finish" in d.problems[2] and d.advice == []
+    d = diagnose(facts(db_exists=False, held=held), cmd)
+    assert "is missing" in d.problems[0] and first(d)
+
+
 def test_an_interrupted_deploy_is_finished_by_a_deploy_of_the_commit_it_left():
     d = diagnose(facts(interrupted=Interrupted(op="deploy", pid=9, step="switch", from_="b" * 40)), cmd)
     assert first(d) == f"py deploy.py prod --ref {'b' * 40} --yes"

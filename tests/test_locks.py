@@ -271,3 +271,58 @@ def test_status_in_the_middle_of_a_rollback_says_wait_with_no_false_cause_and_no
         assert said not in status.stdout, status.stdout
     after = sb.run("status.py", "dev")          # let go: the killed rollback is said, with what to run
     assert after.returncode == 1 and "do 1." in after.stdout, after.stdout
+
+
+def frozen_at(sb, script, *args, step):
+    """script run until it enters step, then stopped there (SAFE_DEPLOY_FAULT=OP:STEP:STOP): an operation under
+    way, held still. Returns the process; os.kill(proc.pid, SIGCONT) lets it go on."""
+    op = script.removesuffix(".py")
+    argv = [sb.python, str(REPO_ROOT / script), *args, "--config", str(sb.config)]
+    proc = subprocess.Popen(argv, env={**sb.env, "SAFE_DEPLOY_FAULT": f"{op}:{step}:STOP"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T":
+            return proc
+        time.sleep(0.02)
+    raise AssertionError(f"{script} did not reach {step}: {proc.communicate()[0] if proc.poll() is not None else ''}")
+
+
+def test_status_in_the_middle_of_a_rollback_with_its_database_states_no_false_cause(sandbox, monkeypatch):
+    """A rollback with the database, held still at its database step (stop 46, a helper's attack): its app is
+    stopped, its socket held for the holder, the live database renamed aside, its tag made and its mark not yet
+    written. Status said "did not finish", "the database is missing", "a release that was rolled back", and a
+    status whose one read of the lock came just before the rollback took it gave `do 1.` commands (a restore, a
+    rollback) or read the backup's journal as interrupted. Now: wait, what is so, no cause that is not, and no
+    command; a look that an operation started during is taken again."""
+    from safedeploy import config, report
+
+    sb = sandbox
+    sb.release("dev", {"VERSION": "2\n"}, "v2")
+    assert sb.run("deploy.py", "dev").returncode == 0
+    cfg = config.load(str(sb.config))
+    env = cfg.envs["dev"]
+    before = report.settled(env)                # what a status read just before the rollback took the lock
+    proc = frozen_at(sb, "rollback.py", "dev", "--with-db", "--yes", step="database")
+    try:
+        status = sb.run("status.py", "dev")
+        shown = json.loads(sb.run("status.py", "dev", "--json").stdout)["envs"]["dev"]
+        calls = []
+        real = report.settled
+        monkeypatch.setattr(report, "settled", lambda e: before if not calls.append(e) and len(calls) == 1 else real(e))
+        raced = report.look_at(cfg, env)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        out = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0, out
+    assert status.returncode == 1 and "holds dev's lock" in status.stdout, status.stdout
+    assert "is not in place now: the operation under way may be replacing it" in status.stdout, status.stdout
+    assert "while the operation under way has the app stopped" in status.stdout, status.stdout
+    for said in ("did not finish", "is missing", "a release that was rolled back", "holds no mark", "interrupted",
+                 "do 1."):
+        assert said not in status.stdout, status.stdout
+    assert shown["lock"] and shown["advice"] == [] and shown["interrupted"] is None, shown
+    assert len(calls) >= 2 and raced.lock and raced.advice == [] and raced.interrupted is None, raced
+    assert not any("is missing" in p or "was rolled back" in p for p in raced.problems), raced.problems
+    after = sb.run("status.py", "dev")
+    assert "holds dev's lock" not in after.stdout and "is not in place" not in after.stdout, after.stdout

@@ -51,3 +51,30 @@ def test_a_database_turning_damaged_is_news_at_once():
     assert change_event("prod", damaged, was, False)["event"] == "database-corrupt"
     assert as_news(damaged, False, True) is False         # said already
     assert change_event("prod", damaged, False, True) is None
+
+
+def test_a_look_that_operations_keep_changing_under_is_taken_again_then_said_unsettled(monkeypatch):
+    """report.look_at takes a look again when the lock's holder or the newest operation log changed during
+    it; after LOOKS looks that each changed, it says so and gives no command."""
+    import itertools
+    from types import SimpleNamespace
+
+    from safedeploy import report
+
+    ticks = itertools.count()
+    looks = []
+
+    def look_once(config, env, holder):
+        looks.append(holder)
+        return report.EnvReport(problems=[], advice=[{"why": "w", "command": "c"}], ok=True)
+
+    monkeypatch.setattr(report, "look_once", look_once)
+    monkeypatch.setattr(report, "settled", lambda env: (None, f"log-{next(ticks)}"))
+    r = report.look_at(None, SimpleNamespace(name="dev"))
+    assert len(looks) == report.LOOKS and r.advice == [] and r.ok is False
+    assert r.problems[0].startswith("operations started or ended on dev during each of 3 looks"), r.problems
+    steady = iter([(None, "a"), (None, "b"), (None, "b")])      # one change, then a settled look
+    monkeypatch.setattr(report, "settled", lambda env: next(steady))
+    looks.clear()
+    r = report.look_at(None, SimpleNamespace(name="dev"))
+    assert len(looks) == 2 and r.ok and r.advice
