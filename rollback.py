@@ -163,14 +163,12 @@ def show_points(config, env, repo, points, as_json, problem=None):
     marks = planning.point_marks(config, env, repo, points)     # a release rolled back in any env: said
     rows = [{**p.to_json(repo.subject(p.commit), (p.backup.schema != live) if p.backup and live else None),
              "rolled_back_in": (marks[p.commit] or {}).get("env")} for p in points]
-    if as_json:
-        if problem:     # not listed: whether a point's copy is off-site is not known, and said so
-            rows = [{**r, "offsite": None} for r in rows]
+    if as_json:     # a listing that failed is said (offsite_problem: "offsite" is then only what this host knows),
+        # and exits 0: the local points are right, and a rolling rollback (ansible/rollback.yml) goes on with them
         cli.say(json.dumps({"env": env.name, "points": rows, **({"offsite_problem": problem} if problem else {})},
                            indent=2))
         if problem:
             cli.err(f"error: the off-site copies could not be listed ({problem}); the points are local only")
-            return EXIT_FAILED
         return 0
     if not rows:
         cli.say(f"{env.name} has no rollback points yet (a deploy or a backup makes one)")
