@@ -118,8 +118,8 @@ def our_script(argv: list[str], cwd: Path | None) -> str:
     if name not in OUR_SCRIPTS:
         return ""
     script = Path(arg) if os.path.isabs(arg) else (cwd / arg if cwd is not None else None)
-    try:
-        beside = script is not None and (script.parent / "safedeploy" / "__init__.py").is_file()
+    try:        # through a link (/usr/local/bin/backup.py), as Python itself finds the package: the real file's folder
+        beside = script is not None and (Path(os.path.realpath(script)).parent / "safedeploy" / "__init__.py").is_file()
     except OSError:
         beside = False
     return name if beside else ""

@@ -212,6 +212,10 @@ def test_our_scripts_are_known_by_their_command_line_whatever_the_interpreter_op
     assert our_script(["python3", "-X", "dev", "-W", "ignore", f"{tool}/deploy.py", "prod"], tmp_path) == "deploy.py"
     assert our_script(["python3", "-u", "backup.py", "dev"], None) == ""            # cwd not readable: not known
     assert our_script(["python3", "-u", "backup.py", "dev"], tmp_path) == ""        # an operator's own backup.py
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "backup.py").symlink_to(REPO_ROOT / "backup.py")           # the tool's, through a link
+    assert our_script(["python3", str(tmp_path / "bin" / "backup.py"), "dev"], None) == "backup.py"
+    assert our_script(["python3", "bin/backup.py", "dev"], tmp_path) == "backup.py"
     assert our_script(["/usr/bin/python3", "/srv/app/backup.py", "prod"], None) == ""
     assert our_script(["python3", "-c", "import x", f"{tool}/backup.py"], None) == ""
     assert our_script(["python3", "/srv/other.py", f"{tool}/backup.py"], None) == ""
