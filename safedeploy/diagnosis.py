@@ -61,7 +61,7 @@ class Facts:
     healthy: bool = True
     health: str = ""
     lock: str | None = None
-    mid_operation: bool = False       # one of the tool's operations that changes the env holds the lock (not a backup)
+    mid_operation: bool = False       # a deploy, rollback or conversion of the tool holds the lock (Holder.changes_live)
     interrupted: Interrupted | None = None   # the journal's op, pid, step, from, commit
     running: str = ""                 # the commit that serves (what status reports)
     dangling: bool = False            # `current` names a folder that is gone

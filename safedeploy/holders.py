@@ -33,6 +33,12 @@ class Holder:
         return self.pid is None or (self.ours and not self.operation)
 
     @property
+    def changes_live(self) -> bool:
+        """A deploy, a rollback or a conversion of this tool: it stops the app, holds its socket, moves the
+        database, tags what it leaves, in steps of its own (after finishing or undoing a killed one first)."""
+        return self.ours and self.operation in CHANGING_OPERATIONS
+
+    @property
     def is_backup(self) -> bool:
         """A backup or a prune of this tool: it ends by itself and changes nothing that runs."""
         return self.ours and self.operation.startswith(("backup", "prune"))
@@ -85,6 +91,7 @@ def kernel_holders(path: Path) -> list:
 
 
 OUR_SCRIPTS = ("deploy.py", "rollback.py", "backup.py", "adopt.py", "status.py")
+CHANGING_OPERATIONS = ("deploy", "rollback", "install units")     # Holder.changes_live
 
 
 def process_argv(pid: int) -> list[str]:

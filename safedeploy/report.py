@@ -85,8 +85,9 @@ def look_at(config, env) -> EnvReport:
         if now == seen:
             return report
         seen = now
-    report.problems.insert(0, f"operations started or ended on {env.name} during each of {LOOKS} looks: what is "
-                              "said here may mix states; look again")
+    report.problems.insert(1 if report.lock else 0,        # after the lock's line, which is said first
+                           f"operations started or ended on {env.name} during each of {LOOKS} looks: what is "
+                           "said here may mix states; look again")
     report.advice, report.ok = [], False
     return report
 
@@ -94,11 +95,12 @@ def look_at(config, env) -> EnvReport:
 LOOKS = 3
 
 
-def settled(env) -> tuple[Any, str]:
-    """What a look must find the same at its end as at its start: who holds the lock, and the newest
-    operation log (a run that started and ended within the look leaves one)."""
-    logs_now = oplog.env_logs(env.state_dir, env.name)
-    return lock_holder_of(env.state_dir, env.name), logs_now[-1].name if logs_now else ""
+def settled(env) -> tuple[Any, tuple[str, ...]]:
+    """What a look must find the same at its end as at its start: who holds the lock, and the names of the
+    operation logs (a run that started and ended within the look leaves one; names, not their order, which
+    two logs of one second take from their times)."""
+    names = tuple(sorted(p.name for p in oplog.env_logs(env.state_dir, env.name)))
+    return lock_holder_of(env.state_dir, env.name), names
 
 
 def look_once(config, env, holder) -> EnvReport:
@@ -107,7 +109,7 @@ def look_once(config, env, holder) -> EnvReport:
     last_op = oplog.last_operation(env.state_dir, env.name)
     report.last_operation = last_op.to_json() if last_op else None
     facts = diagnosis.Facts(env=env.name, db=str(env.db), unit=env.unit, lock=report.lock,
-                            mid_operation=bool(holder and holder.ours and not holder.is_backup),
+                            mid_operation=bool(holder and holder.changes_live),
                             health_timeout=env.health_timeout)
     if not report.lock:
         j = recovery.interrupted_any(env)
@@ -146,8 +148,9 @@ def look_once(config, env, holder) -> EnvReport:
 def add_record_problems(config, env, report: EnvReport, facts: diagnosis.Facts) -> None:
     """Damaged records and bad marks that only a tag holds (damaged.record_problems): said, and repaired by
     the recovery the next deploy runs first (given the commit that runs, it has nothing more to do). While an
-    operation holds the lock, a tag without its mark is that operation's (a rollback records its mark last)."""
-    damaged_records = damaged.record_problems(env, marks_too=not facts.lock)
+    operation that changes the env holds the lock, a tag without its mark is that operation's (a rollback
+    records its mark last); held by anything else (a backup), a lost mark is said as ever."""
+    damaged_records = damaged.record_problems(env, marks_too=not facts.mid_operation)
     report.problems += damaged_records
     if damaged_records and facts.running and not facts.lock:     # no command while an operation holds the lock
         report.advice.append({"why": "set the damaged records aside (kept beside them) and write back the marks "

@@ -330,3 +330,22 @@ def test_status_in_the_middle_of_a_rollback_with_its_database_states_no_false_ca
     assert not any("is missing" in p or "was rolled back" in p for p in raced.problems), raced.problems
     after = sb.run("status.py", "dev")
     assert "holds dev's lock" not in after.stdout and "is not in place" not in after.stdout, after.stdout
+
+
+def test_a_lost_mark_is_still_said_while_a_backup_holds_the_lock(sandbox):
+    """Only a deploy, a rollback or a conversion holding the lock makes a tag without its mark that operation's
+    middle. While a backup holds it (minutes, with an off-site push), a mark really lost (here: the bad log
+    emptied after a rollback) is said as ever, with no command while the lock is held."""
+    from safedeploy import config
+    from safedeploy.marks import bad_log
+    from safedeploy.state import EnvLock
+
+    sb = sandbox
+    sb.release("dev", {"VERSION": "2\n"}, "v2")
+    assert sb.run("deploy.py", "dev").returncode == 0
+    assert sb.run("rollback.py", "dev", "--yes").returncode == 0
+    bad_log(config.load(str(sb.config)).envs["dev"]).path.write_text("")
+    with EnvLock(sb.root / "state", "dev", "backup (nightly)"):
+        status = sb.run("status.py", "dev")
+    assert "holds dev's lock" in status.stdout and "holds no mark" in status.stdout, status.stdout
+    assert "do 1." not in status.stdout, status.stdout
