@@ -127,8 +127,8 @@ def human_needed(config, env, where: str, why: str) -> DeployError:
 def record_problems(env, marks_too: bool = True) -> list:
     """What status reports about env's records: damaged lines of its logs (file and line), and the
     disagreements of its bad log with its rolled-back tags (marks.disagreements). marks_too=False while
-    an operation holds the env's lock: a rollback tags first and records its mark last, so in between a
-    tag without its mark is the rollback under way, not a lost mark."""
+    a deploy, rollback or conversion holds the env's lock (Holder.changes_live): a rollback tags first and
+    records its mark last, so in between a tag without its mark is the rollback under way, not a lost mark."""
     said = []
     for log in (deploy_log(env), verified_log(env.name, env.state_dir)):
         said += [f"{d.describe()}: it is not read; the records around it are" for d in log.scan().damage]

@@ -75,8 +75,8 @@ class EnvReport:
 
 def look_at(config, env) -> EnvReport:
     """Everything status shows about one env; a part that cannot be read says why. Each look reads one state:
-    one that an operation started or ended during (the lock's holder, or the newest operation log, not the
-    same after it as before) read facts from before and from the middle of that operation at once, and is
+    one that an operation started or ended during (the lock's holder, or the names of the operation logs, not
+    the same after it as before) read facts from before and from the middle of that operation at once, and is
     taken again, up to LOOKS times; a look in the middle of one sees its lock, says wait and gives no command."""
     seen = settled(env)
     for _ in range(LOOKS):
